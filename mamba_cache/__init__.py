@@ -1,0 +1,41 @@
+"""mamba_cache: recurrent-state caching for hybrid Mamba / linear-attention LLMs.
+
+A Python implementation of NVIDIA TensorRT-Edge-LLM's C++ ``MambaCacheManager``:
+
+- :class:`NumpyMambaCacheManager`, the NumPy reference that defines the exact semantics;
+- :class:`NumbaMambaCacheManager`, the same interface on CUDA device arrays through Numba
+  (imported lazily: ``import mamba_cache`` needs NumPy only).
+
+Both take a :class:`Config`. See ``docs/`` for the state layouts and the MTP scatter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._config import Config, ConfigError, format_bytes
+from ._manager import MambaCacheManagerBase
+from .numpy_backend import NumpyMambaCacheManager
+
+if TYPE_CHECKING:
+    from .numba_backend import NumbaMambaCacheManager
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "MambaCacheManagerBase",
+    "NumbaMambaCacheManager",
+    "NumpyMambaCacheManager",
+    "format_bytes",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Numba backend pulls in numba and the CUDA bindings: load it only when asked for.
+    if name == "NumbaMambaCacheManager":
+        from .numba_backend import NumbaMambaCacheManager
+
+        return NumbaMambaCacheManager
+    raise AttributeError(f"module 'mamba_cache' has no attribute {name!r}")

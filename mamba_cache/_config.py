@@ -1,0 +1,228 @@
+"""Cache configuration: the fields, their validation and the byte accounting.
+
+Dimension letters used throughout the package:
+
+    L  num_recurrent_layers       number of recurrent (Mamba / linear-attention) layers
+    B  max_batch_size             slots per layer
+    H  recurrent_state_num_heads  SSM heads
+    D  recurrent_state_head_dim   channels per head
+    N  recurrent_state_size       SSM state size per channel
+    C  conv_dim                   conv1d channels
+    K  conv_kernel                conv1d kernel width
+    S  max_intermediate_seq_len   MTP verify length the intermediate buffers hold (0 = MTP off)
+
+This module is backend-neutral and imports nothing but the standard library and NumPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Config", "ConfigError", "format_bytes"]
+
+#: The state dtypes both backends support. The kernels copy raw words, so any fixed-size
+#: floating type works; these are the ones an engine stores recurrent state in.
+SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+_DIMENSION_FIELDS = (
+    "max_batch_size",
+    "recurrent_state_num_heads",
+    "recurrent_state_head_dim",
+    "recurrent_state_size",
+    "conv_dim",
+    "conv_kernel",
+)
+
+
+class ConfigError(ValueError):
+    """A :class:`Config` field holds a value the cache cannot be built from.
+
+    The message names the field, the value given and the allowed range.
+    """
+
+
+def _as_int(name: str, value: Any) -> int:
+    """Return ``value`` as a Python int, refusing bools, floats and strings."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(
+            f"{name} must be an integer, got {value!r} of type {type(value).__name__}"
+        ) from None
+
+
+def _as_state_dtype(name: str, value: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a NumPy dtype, got {value!r}") from None
+    if dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        raise ConfigError(f"{name} must be one of {allowed}, got {dtype.name}")
+    return dtype
+
+
+def format_bytes(n: int) -> str:
+    """Format a byte count with a binary prefix, e.g. ``1536 -> '1.50 KiB'``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Shape and dtype of every state buffer of a :class:`MambaCacheManager`.
+
+    Mirrors the C++ ``MambaCacheManager::Config``. When ``num_recurrent_layers`` is 0 the manager
+    is a no-op and the other fields are not validated (the C++ returns before validating them).
+    Otherwise every dimension must be a positive integer and ``max_intermediate_seq_len`` a
+    non-negative one (0 turns the MTP intermediate buffers off).
+
+    Attributes:
+        num_recurrent_layers: L, the number of recurrent layers; 0 makes the manager a no-op.
+        max_batch_size: B, slots per layer.
+        recurrent_state_num_heads: H.
+        recurrent_state_head_dim: D.
+        recurrent_state_size: N.
+        conv_dim: C, conv1d channels.
+        conv_kernel: K, conv1d kernel width.
+        max_intermediate_seq_len: S, the MTP verify length; 0 disables the intermediate buffers.
+        recurrent_state_dtype: dtype of the recurrent and intermediate recurrent states
+            (``float16``, ``float32`` or ``float64``; normalised to a ``numpy.dtype``).
+        conv_state_dtype: dtype of the conv and intermediate conv states (same choices).
+
+    Raises:
+        ConfigError: a field is invalid; the message names it, its value and the allowed range.
+    """
+
+    num_recurrent_layers: int = 0
+    max_batch_size: int = 0
+    recurrent_state_num_heads: int = 0
+    recurrent_state_head_dim: int = 0
+    recurrent_state_size: int = 0
+    conv_dim: int = 0
+    conv_kernel: int = 0
+    max_intermediate_seq_len: int = 0
+    recurrent_state_dtype: Any = "float16"
+    conv_state_dtype: Any = "float16"
+
+    def __post_init__(self) -> None:
+        layers = _as_int("num_recurrent_layers", self.num_recurrent_layers)
+        if layers < 0:
+            raise ConfigError(f"num_recurrent_layers must be >= 0, got {layers}")
+        object.__setattr__(self, "num_recurrent_layers", layers)
+        if layers == 0:
+            return
+        for name in _DIMENSION_FIELDS:
+            value = _as_int(name, getattr(self, name))
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+            object.__setattr__(self, name, value)
+        seq = _as_int("max_intermediate_seq_len", self.max_intermediate_seq_len)
+        if seq < 0:
+            raise ConfigError(f"max_intermediate_seq_len must be >= 0 (0 = MTP off), got {seq}")
+        object.__setattr__(self, "max_intermediate_seq_len", seq)
+        for name in ("recurrent_state_dtype", "conv_state_dtype"):
+            object.__setattr__(self, name, _as_state_dtype(name, getattr(self, name)))
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def enabled(self) -> bool:
+        """True when the manager allocates anything (``num_recurrent_layers > 0``)."""
+        return self.num_recurrent_layers > 0
+
+    @property
+    def has_intermediate_states(self) -> bool:
+        """True when the MTP intermediate buffers are allocated (layers and ``S > 0``)."""
+        return self.enabled and self.max_intermediate_seq_len > 0
+
+    @property
+    def recurrent_state_shape(self) -> tuple[int, int, int, int]:
+        """Per-layer recurrent state shape ``[B, H, D, N]``."""
+        return (
+            self.max_batch_size,
+            self.recurrent_state_num_heads,
+            self.recurrent_state_head_dim,
+            self.recurrent_state_size,
+        )
+
+    @property
+    def conv_state_shape(self) -> tuple[int, int, int]:
+        """Per-layer conv state shape ``[B, C, K]``."""
+        return (self.max_batch_size, self.conv_dim, self.conv_kernel)
+
+    @property
+    def intermediate_recurrent_state_shape(self) -> tuple[int, ...]:
+        """Per-layer intermediate recurrent shape ``[B, S, H, D, N]`` (full size)."""
+        return (self.max_batch_size, self.max_intermediate_seq_len, *self.recurrent_state_shape[1:])
+
+    @property
+    def intermediate_conv_state_shape(self) -> tuple[int, ...]:
+        """Per-layer intermediate conv shape ``[B, S, C, K]`` (full size)."""
+        return (self.max_batch_size, self.max_intermediate_seq_len, *self.conv_state_shape[1:])
+
+    @property
+    def recurrent_slot_elems(self) -> int:
+        """Elements of one slot of one layer's recurrent state, ``H * D * N``."""
+        return self.recurrent_state_num_heads * self.recurrent_state_head_dim * self.recurrent_state_size
+
+    @property
+    def conv_slot_elems(self) -> int:
+        """Elements of one slot of one layer's conv state, ``C * K``."""
+        return self.conv_dim * self.conv_kernel
+
+    # ------------------------------------------------------------------ bytes
+    def pool_bytes(self) -> dict[str, int]:
+        """Bytes of each pool, all layers together.
+
+        Returns:
+            ``{"recurrent", "conv", "intermediate_recurrent", "intermediate_conv"}`` to byte
+            counts; all 0 when ``num_recurrent_layers == 0``, the intermediate ones 0 when MTP is off.
+        """
+        if not self.enabled:
+            return dict.fromkeys(_POOLS, 0)
+        layers, slots, seq = self.num_recurrent_layers, self.max_batch_size, self.max_intermediate_seq_len
+        rec = layers * slots * self.recurrent_slot_elems * self.recurrent_state_dtype.itemsize
+        conv = layers * slots * self.conv_slot_elems * self.conv_state_dtype.itemsize
+        return {
+            "recurrent": rec,
+            "conv": conv,
+            "intermediate_recurrent": rec * seq,
+            "intermediate_conv": conv * seq,
+        }
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all pools together: what the manager allocates."""
+        return sum(self.pool_bytes().values())
+
+    def memory_table(self) -> str:
+        """A plain-text table of each pool's per-layer shape, dtype and bytes, with the total."""
+        rows = [("pool", "per-layer shape", "dtype", "bytes")]
+        shapes = {
+            "recurrent": (self.recurrent_state_shape, self.recurrent_state_dtype),
+            "conv": (self.conv_state_shape, self.conv_state_dtype),
+            "intermediate_recurrent": (self.intermediate_recurrent_state_shape, self.recurrent_state_dtype),
+            "intermediate_conv": (self.intermediate_conv_state_shape, self.conv_state_dtype),
+        }
+        for pool, nbytes in self.pool_bytes().items():
+            shape, dtype = shapes[pool]
+            if nbytes:
+                rows.append((pool, "[" + ", ".join(map(str, shape)) + "]", np.dtype(dtype).name, format_bytes(nbytes)))
+        rows.append((f"total ({self.num_recurrent_layers} layers)", "", "", format_bytes(self.total_bytes)))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")

@@ -1,0 +1,105 @@
+"""Prepared kernel launches: marshal a Numba kernel's arguments once, launch it many times.
+
+A Numba dispatcher call (``kernel[grid, block, stream](*args)``) re-types and re-marshals every
+argument on every launch, which costs tens of microseconds of host time -- more than the
+scatter itself on a small batch. The state pools never move, so :class:`PreparedLaunch` compiles
+the kernel for the pools' types once, keeps the marshalled parameter block in ctypes storage,
+patches only what changes between calls (the ``accept_lengths`` pointer and length, ``V``) and
+hands the block to ``cuLaunchKernel`` from ``cuda.bindings``. The launch neither allocates nor
+synchronises, so it can be captured into a CUDA graph.
+
+Under the CUDA simulator there is no driver; :class:`DispatcherLaunch` offers the same interface
+on top of the ordinary dispatcher call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from numba import cuda
+
+# Numba passes an array argument as: meminfo, parent, nitems, itemsize, data, *shape, *strides.
+_ARRAY_NITEMS, _ARRAY_DATA, _ARRAY_SHAPE = 2, 4, 5
+
+
+class DispatcherLaunch:
+    """The plain Numba launch, behind the interface of :class:`PreparedLaunch`."""
+
+    def __init__(self, dispatcher: Any, args: tuple, threads: int) -> None:
+        self._dispatcher = dispatcher
+        self._args = list(args)
+        self._threads = threads
+
+    def set_array(self, position: int, array: Any, pointer: int, length: int | None = None) -> None:
+        """Replace array argument ``position`` by ``array`` (``pointer``/``length`` unused)."""
+        self._args[position] = array
+
+    def set_scalar(self, position: int, value: int) -> None:
+        """Replace integer argument ``position``."""
+        self._args[position] = value
+
+    def launch(self, grid: tuple, stream: Any) -> None:
+        """Launch on ``grid`` blocks of ``threads`` threads on the Numba ``stream``."""
+        self._dispatcher[grid, self._threads, stream](*self._args)
+
+
+class PreparedLaunch:
+    """One compiled kernel with its parameter block marshalled once (see the module docstring).
+
+    Args:
+        dispatcher: a ``@cuda.jit`` kernel.
+        args: example arguments that fix the compiled signature and fill the parameter block;
+            array arguments must stay alive as long as this object launches with them.
+        threads: threads per block.
+    """
+
+    def __init__(self, dispatcher: Any, args: tuple, threads: int) -> None:
+        from cuda.bindings import driver
+
+        self._driver = driver
+        kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
+        values: list = []
+        self._offsets = []
+        for ty, value in zip(kernel.argument_types, args):
+            self._offsets.append(len(values))
+            kernel._prepare_args(ty, value, 0, [], values)
+        # Plain Python ints are pointer-sized in Numba's calling convention.
+        self._values = [v if isinstance(v, ctypes._SimpleCData) else ctypes.c_int64(v) for v in values]
+        self._block = (ctypes.c_void_p * len(self._values))(*(ctypes.addressof(v) for v in self._values))
+        self._params = ctypes.addressof(self._block)
+        self._function = driver.CUfunction(int(kernel._codelibrary.get_cufunc().handle))
+        self._threads = threads
+        self._keep = args  # the parameter block points into these arrays
+
+    def set_array(self, position: int, array: Any, pointer: int, length: int | None = None) -> None:
+        """Point array argument ``position`` at device ``pointer``.
+
+        With ``length`` (1-D arrays only) its length changes too; without, the new array must
+        have the shape and strides of the one it replaces. ``array`` itself is not used.
+        """
+        base = self._offsets[position]
+        self._values[base + _ARRAY_DATA].value = pointer
+        if length is not None:
+            self._values[base + _ARRAY_NITEMS].value = length
+            self._values[base + _ARRAY_SHAPE].value = length
+
+    def set_scalar(self, position: int, value: int) -> None:
+        """Replace integer argument ``position``."""
+        self._values[self._offsets[position]].value = value
+
+    def launch(self, grid: tuple, stream: Any) -> None:
+        """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a Numba stream)."""
+        gx, gy, gz = grid
+        (err,) = self._driver.cuLaunchKernel(
+            self._function, gx, gy, gz, self._threads, 1, 1, 0, int(stream), self._params, 0
+        )
+        if err:
+            if err == self._driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:
+                # A thread that has not used Numba yet has no current context: make it so, retry.
+                cuda.current_context()
+                (err,) = self._driver.cuLaunchKernel(
+                    self._function, gx, gy, gz, self._threads, 1, 1, 0, int(stream), self._params, 0
+                )
+            if err:
+                raise RuntimeError(f"cuLaunchKernel failed: {err!r}")

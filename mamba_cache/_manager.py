@@ -1,0 +1,420 @@
+"""Backend-neutral MambaCacheManager: the public interface, argument checks, views and ownership.
+
+A backend subclasses :class:`MambaCacheManagerBase` and binds five hooks to its arrays and
+streams (``_stream``, ``_zeros``, ``_zero_fill``, ``_capture``, ``_scatter``) plus
+``_as_accept_lengths``. Everything else -- config validation, index and range checks, the
+reshape reinterpretation, logging, copy/move/close -- lives here once, so the NumPy reference
+and the Numba backend cannot drift apart.
+
+Storage, per state kind, is ONE allocation holding all layers (see ``docs/concepts``):
+
+    recurrent               [L, B, H, D, N]
+    conv                    [L, B, C, K]
+    intermediate recurrent  [L, B*S*H*D*N]   flat per layer: the verify pass writes it as
+    intermediate conv       [L, B*S*C*K]     [active, V, ...] from the start of the layer
+
+Layer tensors handed out are views of these allocations.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._config import Config, format_bytes
+
+logger = logging.getLogger("mamba_cache")
+
+INT32_MAX = 2**31 - 1
+
+
+class StatePools(NamedTuple):
+    """The four stacked allocations of a manager (the intermediate ones ``None`` without MTP)."""
+
+    recurrent: Any
+    conv: Any
+    intermediate_recurrent: Any
+    intermediate_conv: Any
+
+
+def check_index(name: str, value: Any, stop: int) -> int:
+    """Return ``value`` as an int in ``[0, stop)`` or raise ``IndexError``/``TypeError`` naming it."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not 0 <= index < stop:
+        raise IndexError(f"{name} must be in [0, {stop}), got {index}")
+    return index
+
+
+def check_size(name: str, value: Any, low: int, high: int) -> int:
+    """Return ``value`` as an int in ``[low, high]`` or raise ``ValueError``/``TypeError`` naming it."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not low <= size <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {size}")
+    return size
+
+
+def check_accept_lengths(dtype: Any, shape: tuple, contiguous: bool, max_batch_size: int) -> int:
+    """Check an ``accept_lengths`` array's description; return its length (the active batch).
+
+    Args:
+        dtype: its dtype (anything ``numpy.dtype`` accepts; a CUDA array interface typestr too).
+        shape: its shape.
+        contiguous: whether its elements are adjacent (stride of 4 bytes, or a single element).
+        max_batch_size: B of the manager.
+
+    Raises:
+        TypeError: the dtype is not int32.
+        ValueError: it is not 1-D, not contiguous, or longer than ``max_batch_size``.
+    """
+    if np.dtype(dtype) != np.int32:
+        raise TypeError(f"accept_lengths must have dtype int32, got {np.dtype(dtype).name}")
+    if len(shape) != 1:
+        raise ValueError(f"accept_lengths must be 1-D [active], got shape {tuple(shape)}")
+    if not 0 <= shape[0] <= max_batch_size:
+        raise ValueError(
+            f"accept_lengths must have length in [0, {max_batch_size}] (max_batch_size), got {shape[0]}"
+        )
+    if not contiguous:
+        raise ValueError("accept_lengths must be contiguous")
+    return int(shape[0])
+
+
+class MambaCacheManagerBase:
+    """Per-layer Mamba (recurrent + conv) state manager; see :class:`NumpyMambaCacheManager`.
+
+    Not instantiated directly: the backends subclass it.
+    """
+
+    #: Short name of the backend, used in logs and reprs.
+    backend = "base"
+
+    def __init__(self, config: Config | None = None, stream: Any = None) -> None:
+        if config is None:
+            config = Config()
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a mamba_cache.Config, got {type(config).__name__}")
+        self._become_empty()
+        if not config.enabled:
+            self._config = config
+            return
+        self._check_config(config)
+        stream = self._stream(stream)
+        layers = config.num_recurrent_layers
+        rec_dtype, conv_dtype = config.recurrent_state_dtype, config.conv_state_dtype
+        rec = self._zeros((layers, *config.recurrent_state_shape), rec_dtype, stream)
+        conv = self._zeros((layers, *config.conv_state_shape), conv_dtype, stream)
+        inter_rec = inter_conv = None
+        if config.has_intermediate_states:
+            slots_steps = config.max_batch_size * config.max_intermediate_seq_len
+            inter_rec = self._zeros((layers, slots_steps * config.recurrent_slot_elems), rec_dtype, stream)
+            inter_conv = self._zeros((layers, slots_steps * config.conv_slot_elems), conv_dtype, stream)
+        self._config = config
+        self._pools = StatePools(rec, conv, inter_rec, inter_conv)
+        self._verify_shape = (config.max_batch_size, config.max_intermediate_seq_len)
+        logger.info(
+            "MambaCacheManager (%s): %d recurrent layers, %s allocated (%d bytes)",
+            self.backend,
+            layers,
+            format_bytes(config.total_bytes),
+            config.total_bytes,
+        )
+
+    # ------------------------------------------------------------ backend hooks
+    def _check_config(self, config: Config) -> None:
+        """Refuse a config the backend cannot serve (raise ``ConfigError``). Default: accept."""
+
+    def _stream(self, stream: Any) -> Any:
+        """Turn the user's ``stream`` argument into what the other hooks take."""
+        raise NotImplementedError
+
+    def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
+        """Allocate a zeroed C-contiguous array."""
+        raise NotImplementedError
+
+    def _zero_fill(self, pool: Any, stream: Any) -> None:
+        """Zero a whole stacked pool."""
+        raise NotImplementedError
+
+    def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
+        """Return a new ``[L, 1, ...]`` array holding slot ``slot`` of every layer of ``pool``."""
+        raise NotImplementedError
+
+    def _as_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
+        """Check ``accept_lengths``; return (what ``_scatter`` takes, the active batch)."""
+        raise NotImplementedError
+
+    def _scatter(self, accept_lengths: Any, active: int, seq_len: int, stream: Any) -> None:
+        """Commit the accepted intermediate states (SEMANTICS.md) for both state kinds."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ state
+    def _become_empty(self) -> None:
+        self._config = Config()
+        self._pools: StatePools | None = None
+        self._verify_shape = (0, 0)
+        self._view_cache: dict = {}
+        self._closed = False
+
+    def _require_pools(self, what: str) -> StatePools:
+        if self._pools is None:
+            if self._closed:
+                raise IndexError(f"{what}: this manager was closed or moved from and holds no layers")
+            raise IndexError(f"{what}: this manager has no recurrent layers (num_recurrent_layers == 0)")
+        return self._pools
+
+    def _layer(self, kind: str, layer: Any) -> Any:
+        pools = self._require_pools(f"get_{kind}_state")
+        index = check_index("recurrent_layer_idx", layer, self._config.num_recurrent_layers)
+        key = (kind, index)
+        view = self._view_cache.get(key)
+        if view is None:
+            view = getattr(pools, kind)[index]
+            self._view_cache[key] = view
+        return view
+
+    def _intermediate_layer(self, kind: str, layer: Any) -> Any:
+        pools = self._require_pools(f"get_intermediate_{kind}_state")
+        index = check_index("recurrent_layer_idx", layer, self._config.num_recurrent_layers)
+        flat = getattr(pools, f"intermediate_{kind}")
+        if flat is None:
+            raise RuntimeError(
+                f"get_intermediate_{kind}_state: intermediate states are not allocated "
+                "(max_intermediate_seq_len == 0, MTP off)"
+            )
+        key = (f"intermediate_{kind}", index)
+        view = self._view_cache.get(key)
+        if view is None:
+            active, seq = self._verify_shape
+            per_layer = getattr(self._config, f"{kind}_state_shape")[1:]
+            elems = int(np.prod(per_layer))
+            view = flat[index, : active * seq * elems].reshape((active, seq, *per_layer))
+            self._view_cache[key] = view
+        return view
+
+    # ------------------------------------------------------------ queries
+    def num_layers(self) -> int:
+        """Number of recurrent layers (0 for an empty, closed or moved-from manager)."""
+        return self._config.num_recurrent_layers
+
+    def get_config(self) -> Config:
+        """The cache configuration (the default, empty one after ``close``/``move``)."""
+        return self._config
+
+    def has_intermediate_recurrent_states(self) -> bool:
+        """True when the MTP intermediate recurrent buffers are allocated."""
+        return self._pools is not None and self._pools.intermediate_recurrent is not None
+
+    def has_intermediate_conv_states(self) -> bool:
+        """True when the MTP intermediate conv buffers are allocated."""
+        return self._pools is not None and self._pools.intermediate_conv is not None
+
+    @property
+    def intermediate_shape(self) -> tuple[int, int]:
+        """``(active, V)``: the leading dims of the intermediate views after the latest reshape.
+
+        ``(B, S)`` until the first reshape; ``(0, 0)`` without intermediate buffers.
+        """
+        return self._verify_shape if self.has_intermediate_recurrent_states() else (0, 0)
+
+    def get_recurrent_state(self, recurrent_layer_idx: int) -> Any:
+        """The recurrent state of one layer: a view of the pool, ``[B, H, D, N]``, recurrent dtype.
+
+        Writes through the view change the cache.
+
+        Raises:
+            IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers.
+        """
+        return self._layer("recurrent", recurrent_layer_idx)
+
+    def get_conv_state(self, recurrent_layer_idx: int) -> Any:
+        """The conv state of one layer: a view of the pool, ``[B, C, K]``, conv dtype.
+
+        Raises:
+            IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers.
+        """
+        return self._layer("conv", recurrent_layer_idx)
+
+    def get_intermediate_recurrent_state(self, recurrent_layer_idx: int) -> Any:
+        """MTP intermediate recurrent states of one layer, ``[active, V, H, D, N]``, recurrent dtype.
+
+        ``(active, V)`` is ``(B, S)`` until :meth:`reshape_intermediate_states` changes it; the view
+        always starts at the beginning of the layer's buffer (a reinterpretation, not a slice of
+        the full-size view).
+
+        Raises:
+            IndexError: ``recurrent_layer_idx`` out of range, or no layers.
+            RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
+        """
+        return self._intermediate_layer("recurrent", recurrent_layer_idx)
+
+    def get_intermediate_conv_state(self, recurrent_layer_idx: int) -> Any:
+        """MTP intermediate conv states of one layer, ``[active, V, C, K]``, conv dtype.
+
+        Raises:
+            IndexError: ``recurrent_layer_idx`` out of range, or no layers.
+            RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
+        """
+        return self._intermediate_layer("conv", recurrent_layer_idx)
+
+    # ------------------------------------------------------------ operations
+    def clear_states(self, stream: Any = None) -> None:
+        """Zero every main recurrent and conv buffer (all layers, all slots).
+
+        The intermediate buffers are left as they are (as in the C++). No-op with no layers.
+
+        Args:
+            stream: the stream to run on (ignored by the NumPy backend).
+        """
+        stream = self._stream(stream)
+        if self._pools is None:
+            return
+        self._zero_fill(self._pools.recurrent, stream)
+        self._zero_fill(self._pools.conv, stream)
+
+    def capture_recurrent_states(self, batch_idx: int, stream: Any = None) -> list:
+        """Copy one slot's recurrent state of every layer into new arrays.
+
+        Args:
+            batch_idx: the slot, in ``[0, B)``.
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Returns:
+            One array per layer, ``[1, H, D, N]``, recurrent dtype, independent of the pool;
+            ``[]`` with no layers.
+
+        Raises:
+            IndexError: ``batch_idx`` outside ``[0, B)``.
+        """
+        return self._capture_kind("recurrent", batch_idx, stream)
+
+    def capture_conv_states(self, batch_idx: int, stream: Any = None) -> list:
+        """Copy one slot's conv state of every layer into new arrays.
+
+        Args:
+            batch_idx: the slot, in ``[0, B)``.
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Returns:
+            One array per layer, ``[1, C, K]``, conv dtype; ``[]`` with no layers.
+
+        Raises:
+            IndexError: ``batch_idx`` outside ``[0, B)``.
+        """
+        return self._capture_kind("conv", batch_idx, stream)
+
+    def _capture_kind(self, kind: str, batch_idx: Any, stream: Any) -> list:
+        stream = self._stream(stream)
+        if self._pools is None:
+            return []
+        slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
+        stacked = self._capture(getattr(self._pools, kind), slot, stream)
+        return [stacked[layer] for layer in range(self._config.num_recurrent_layers)]
+
+    def reshape_intermediate_states(self, active_batch_size: int, seq_len: int) -> None:
+        """Reinterpret every intermediate buffer as ``[active_batch_size, seq_len, ...]``.
+
+        The verify pass writes its per-token states contiguously from the start of each layer's
+        buffer; afterwards each intermediate tensor is a view of the first
+        ``active_batch_size * seq_len * elems`` elements. No data moves. No-op without
+        intermediate buffers.
+
+        Args:
+            active_batch_size: in ``[1, B]``.
+            seq_len: the verify length V, in ``[1, S]``.
+
+        Raises:
+            ValueError: an argument outside its range (nothing changes).
+            TypeError: an argument is not an integer.
+        """
+        if not self.has_intermediate_recurrent_states():
+            return
+        config = self._config
+        active = check_size("active_batch_size", active_batch_size, 1, config.max_batch_size)
+        seq = check_size("seq_len", seq_len, 1, config.max_intermediate_seq_len)
+        if (active, seq) != self._verify_shape:
+            self._verify_shape = (active, seq)
+            for key in [k for k in self._view_cache if k[0].startswith("intermediate_")]:
+                del self._view_cache[key]
+
+    def scatter_mtp_states(self, accept_lengths: Any, stream: Any = None) -> None:
+        """Commit each row's last accepted intermediate state into the main pools.
+
+        For every layer and every row ``b < len(accept_lengths)``, with ``V`` the current second
+        dimension of the intermediate views and ``step = accept_lengths[b] - 1``: if
+        ``0 <= step < V - 1`` slot ``b`` of the recurrent and conv pools receives
+        ``intermediate[b, step]``; otherwise (padding ``<= 0``, or a full accept ``>= V`` whose final
+        state the verify pass already left in the pool) slot ``b`` is untouched. Slots
+        ``>= len(accept_lengths)`` are never touched; any int32 value is safe.
+
+        Args:
+            accept_lengths: ``[active]`` int32, ``active <= B``: accepted tokens per row (NumPy
+                backend: a host ``numpy.ndarray``; Numba backend: on the device, see there).
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            TypeError: ``accept_lengths`` is of the wrong kind or dtype.
+            ValueError: ``accept_lengths`` is not 1-D, not contiguous or longer than B.
+        """
+        stream = self._stream(stream)
+        if not self.has_intermediate_recurrent_states():
+            return
+        accept_lengths, active = self._as_accept_lengths(accept_lengths, stream)
+        if active:
+            self._scatter(accept_lengths, active, self._verify_shape[1], stream)
+
+    # ------------------------------------------------------------ ownership
+    def __copy__(self):
+        raise TypeError(f"{type(self).__name__} cannot be copied (the buffers are large); use move()")
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"{type(self).__name__} cannot be copied (the buffers are large); use move()")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self).__name__} cannot be pickled")
+
+    def move(self):
+        """Return a new manager that owns this one's buffers; this one becomes empty.
+
+        Returns:
+            A manager of the same backend; views handed out before remain valid.
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        self._become_empty()
+        self._closed = True
+        return new
+
+    def close(self) -> None:
+        """Release the buffers; the manager then behaves as an empty one. Idempotent."""
+        self._become_empty()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        config = self._config
+        if self._pools is None:
+            state = "closed" if self._closed else "empty"
+            return f"{type(self).__name__}({state})"
+        return (
+            f"{type(self).__name__}(layers={config.num_recurrent_layers}, "
+            f"batch={config.max_batch_size}, mtp={config.max_intermediate_seq_len}, "
+            f"{format_bytes(config.total_bytes)})"
+        )

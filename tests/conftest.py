@@ -1,0 +1,134 @@
+"""Test set-up: pick the Numba target before numba is imported, and share helpers.
+
+Without a GPU the Numba backend runs under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), so its
+tests run everywhere and are never skipped; with a GPU they run on it. Set
+``NUMBA_ENABLE_CUDASIM`` yourself to force either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+
+def _gpu_present() -> bool:
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return libcuda.cuInit(0) == 0 and libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if _gpu_present() else "1"
+
+ON_GPU = os.environ["NUMBA_ENABLE_CUDASIM"] == "0"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
+
+BACKENDS = {"numpy": NumpyMambaCacheManager, "numba": NumbaMambaCacheManager}
+POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+
+
+def pytest_report_header(config):
+    return f"mamba_cache numba target: {'GPU' if ON_GPU else 'CUDA simulator'}"
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request):
+    """The name of each backend in turn."""
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded fresh each run; the seed is printed when a test fails."""
+    seed = int(os.environ.get("MAMBA_CACHE_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"MAMBA_CACHE_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def small_config(**overrides) -> Config:
+    fields = dict(
+        num_recurrent_layers=3,
+        max_batch_size=5,
+        recurrent_state_num_heads=2,
+        recurrent_state_head_dim=3,
+        recurrent_state_size=5,
+        conv_dim=7,
+        conv_kernel=3,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype="float32",
+        conv_state_dtype="float16",
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def to_host(array) -> np.ndarray:
+    """A host copy of a NumPy or Numba array."""
+    if isinstance(array, np.ndarray):
+        return array.copy()
+    return array.copy_to_host()
+
+
+def random_bits(rng, shape, dtype) -> np.ndarray:
+    """Random, non-zero bit patterns of ``dtype`` (NaN payloads included: copies must keep them)."""
+    dtype = np.dtype(dtype)
+    words = rng.integers(1, 2 ** (8 * dtype.itemsize), size=shape, dtype=np.uint64 if dtype.itemsize == 8 else np.int64)
+    return words.astype(f"u{dtype.itemsize}").view(dtype)
+
+
+def write_pool(manager, pool: str, values: np.ndarray) -> None:
+    """Overwrite a whole stacked pool of ``manager`` with ``values``."""
+    target = getattr(manager._pools, pool)
+    if isinstance(target, np.ndarray):
+        target[...] = values
+    else:
+        target.copy_to_device(np.ascontiguousarray(values))
+
+
+def fill_random(managers, rng) -> None:
+    """Write the same random bits into every pool of each manager."""
+    for pool in POOLS:
+        target = getattr(managers[0]._pools, pool)
+        if target is None:
+            continue
+        values = random_bits(rng, target.shape, target.dtype)
+        for manager in managers:
+            write_pool(manager, pool, values)
+
+
+def snapshot(manager) -> dict:
+    """Host copies of every pool (the whole buffers, untouched slots included)."""
+    if manager._pools is None:
+        return {}
+    return {pool: to_host(getattr(manager._pools, pool)) for pool in POOLS if getattr(manager._pools, pool) is not None}
+
+
+def assert_same_bits(a: dict, b: dict, context: str = "") -> None:
+    assert a.keys() == b.keys(), context
+    for pool in a:
+        if a[pool].tobytes() != b[pool].tobytes():
+            diff = np.flatnonzero(a[pool].view(f"u{a[pool].itemsize}") != b[pool].view(f"u{b[pool].itemsize}"))
+            raise AssertionError(f"{context}: pool {pool} differs at {diff.size} elements, first flat index {diff[0]}")
+
+
+def device_int32(backend: str, values) -> object:
+    """``values`` as an int32 array the backend's scatter takes (on the device for Numba)."""
+    host = np.asarray(values, dtype=np.int32)
+    if backend == "numpy":
+        return host
+    from numba import cuda
+
+    return cuda.to_device(host)
+
+
+def sync() -> None:
+    from numba import cuda
+
+    cuda.synchronize()

@@ -5,7 +5,8 @@ argument on every launch, which costs tens of microseconds of host time -- more 
 scatter itself on a small batch. The state pools never move, so :class:`PreparedLaunch` compiles
 the kernel for the pools' types once, keeps the marshalled parameter block in ctypes storage,
 patches only what changes between calls (the ``accept_lengths`` pointer and length, ``V``) and
-hands the block to ``cuLaunchKernel`` from ``cuda.bindings``. The launch neither allocates nor
+hands the block to ``cuLaunchKernel`` from ``cuda.bindings`` (on an H100 host this measured
+faster than calling libcuda through ctypes; benchmarks/NOTES.md). The launch neither allocates nor
 synchronises, so it can be captured into a CUDA graph.
 
 Under the CUDA simulator there is no driver; :class:`DispatcherLaunch` offers the same interface
@@ -40,8 +41,8 @@ class DispatcherLaunch:
         self._args[position] = value
 
     def launch(self, grid: tuple, stream: Any) -> None:
-        """Launch on ``grid`` blocks of ``threads`` threads on the Numba ``stream``."""
-        self._dispatcher[grid, self._threads, stream](*self._args)
+        """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a ``StreamRef``)."""
+        self._dispatcher[grid, self._threads, stream.stream](*self._args)
 
 
 class PreparedLaunch:
@@ -89,17 +90,20 @@ class PreparedLaunch:
         self._values[self._offsets[position]].value = value
 
     def launch(self, grid: tuple, stream: Any) -> None:
-        """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a Numba stream)."""
-        gx, gy, gz = grid
-        (err,) = self._driver.cuLaunchKernel(
-            self._function, gx, gy, gz, self._threads, 1, 1, 0, int(stream), self._params, 0
-        )
+        """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a ``StreamRef``)."""
+        err = self._launch(grid, stream.handle)
+        if err == _CUDA_ERROR_INVALID_CONTEXT:
+            # A thread that has not used Numba yet has no current context: make it so, retry.
+            cuda.current_context()
+            err = self._launch(grid, stream.handle)
         if err:
-            if err == self._driver.CUresult.CUDA_ERROR_INVALID_CONTEXT:
-                # A thread that has not used Numba yet has no current context: make it so, retry.
-                cuda.current_context()
-                (err,) = self._driver.cuLaunchKernel(
-                    self._function, gx, gy, gz, self._threads, 1, 1, 0, int(stream), self._params, 0
-                )
-            if err:
-                raise RuntimeError(f"cuLaunchKernel failed: {err!r}")
+            name = self._driver.cuGetErrorName(self._driver.CUresult(err))[1]
+            raise RuntimeError(f"cuLaunchKernel failed: {err} ({name.decode() if name else '?'})")
+
+    def _launch(self, grid: tuple, handle: int) -> int:
+        gx, gy, gz = grid
+        (err,) = self._driver.cuLaunchKernel(self._function, gx, gy, gz, self._threads, 1, 1, 0, handle, self._params, 0)
+        return int(err)
+
+
+_CUDA_ERROR_INVALID_CONTEXT = 201

@@ -144,13 +144,17 @@ class MambaCacheManagerBase:
         """Allocate a zeroed C-contiguous array."""
         raise NotImplementedError
 
-    def _zero_fill(self, pool: Any, stream: Any) -> None:
-        """Zero a whole stacked pool."""
+    def _zero_fill(self, pool_a: Any, pool_b: Any, stream: Any) -> None:
+        """Zero two whole stacked pools (the same one twice is allowed)."""
         raise NotImplementedError
 
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         """Return a new ``[L, 1, ...]`` array holding slot ``slot`` of every layer of ``pool``."""
         raise NotImplementedError
+
+    def _split_layers(self, stacked: Any) -> list:
+        """One view per layer of a stacked ``[L, ...]`` array."""
+        return [stacked[layer] for layer in range(stacked.shape[0])]
 
     def _as_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
         """Check ``accept_lengths``; return (what ``_scatter`` takes, the active batch)."""
@@ -281,8 +285,7 @@ class MambaCacheManagerBase:
         stream = self._stream(stream)
         if self._pools is None:
             return
-        self._zero_fill(self._pools.recurrent, stream)
-        self._zero_fill(self._pools.conv, stream)
+        self._zero_fill(self._pools.recurrent, self._pools.conv, stream)
 
     def capture_recurrent_states(self, batch_idx: int, stream: Any = None) -> list:
         """Copy one slot's recurrent state of every layer into new arrays.
@@ -320,8 +323,7 @@ class MambaCacheManagerBase:
         if self._pools is None:
             return []
         slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
-        stacked = self._capture(getattr(self._pools, kind), slot, stream)
-        return [stacked[layer] for layer in range(self._config.num_recurrent_layers)]
+        return self._split_layers(self._capture(getattr(self._pools, kind), slot, stream))
 
     def reshape_intermediate_states(self, active_batch_size: int, seq_len: int) -> None:
         """Reinterpret every intermediate buffer as ``[active_batch_size, seq_len, ...]``.

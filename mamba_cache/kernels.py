@@ -11,13 +11,17 @@ allocations described in :mod:`mamba_cache._manager`:
 
 Launch shape, shared by the slot kernels (``WORDS_PER_THREAD`` words per thread):
 
-    grid  = (ceil(W / (threads * WORDS_PER_THREAD)), rows, L)   rows = active batch (<= 65535)
-    block = (threads,)                                          threads = 32..256, see below
+    grid  = (sum over kinds of ceil(W / (threads * WORDS_PER_THREAD)), rows, L)
+    block = (threads,)           rows = active batch (<= 65535), threads = 32..256, see below
 
     blockIdx.z -> layer, blockIdx.y -> batch row, blockIdx.x -> a chunk of the slot:
 
     slot row (W words) |<- chunk 0 ---------------->|<- chunk 1 ...
                        | t0 t1 .. tT | t0 t1 .. tT |  (WORDS_PER_THREAD strides of `threads` words)
+
+The scatter and the clear each cover BOTH state kinds in one launch (the x blocks of the
+recurrent slot first, then those of the conv slot): the C++ launches once per kind, but a launch
+costs several microseconds of host time and the two kinds share every index but the pool.
 
 Why this shape: one block never straddles two slots, so the accept test is one load per block
 and a skipped row costs only an early exit; consecutive threads touch consecutive 8-byte words
@@ -37,33 +41,39 @@ WORDS_PER_THREAD = 4
 MAX_THREADS = 256
 
 
-def launch_shape(words: int) -> tuple[int, int]:
-    """Return ``(chunks, threads)`` covering ``words`` words of one slot.
+def launch_shape(*words: int) -> tuple[tuple[int, ...], int]:
+    """Return ``((chunks, ...), threads)`` covering slots of ``words`` words each, in one launch.
 
     ``threads`` is the smallest multiple of 32 (at most :data:`MAX_THREADS`) such that one chunk
-    of ``threads * WORDS_PER_THREAD`` words covers the slot, so tiny states do not launch idle
-    warps; ``chunks`` is the number of such chunks per slot.
+    of ``threads * WORDS_PER_THREAD`` words covers the largest slot, so tiny states do not launch
+    idle warps; ``chunks[i]`` is the number of such chunks per slot of ``words[i]`` words.
     """
-    per_thread_words = -(-words // WORDS_PER_THREAD)
+    per_thread_words = -(-max(words) // WORDS_PER_THREAD)
     threads = min(MAX_THREADS, max(32, -(-per_thread_words // 32) * 32))
     chunk = threads * WORDS_PER_THREAD
-    return -(-words // chunk), threads
+    return tuple(-(-w // chunk) for w in words), threads
 
 
 @cuda.jit(cache=False)
-def scatter_accepted(dst, src, accept_lengths, seq_len):
-    """Copy each row's last accepted intermediate state into its main-pool slot.
+def scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, seq_len):
+    """Copy each row's last accepted intermediate state into its main-pool slot, both state kinds.
 
     For layer ``l = blockIdx.z``, row ``b = blockIdx.y`` and ``a = accept_lengths[b]``:
-    if ``1 <= a < seq_len`` then ``dst[l, b, :] = src[l, b * seq_len + a - 1, :]``, else nothing.
+    if ``1 <= a < seq_len`` then ``dst[l, b, :] = src[l, b * seq_len + a - 1, :]`` for both state
+    kinds, else nothing. The x blocks ``[0, chunks_a)`` copy kind a (the recurrent state), the
+    rest kind b (the conv state), so one launch commits both::
+
+        blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
+                     recurrent slot  | conv slot
 
     Args:
-        dst: ``[L, B, W]`` words, the main pool (written).
-        src: ``[L, B*S, W]`` words, the intermediate pool (read).
+        dst_a, dst_b: ``[L, B, W]`` words, the main pools (written).
+        src_a, src_b: ``[L, B*S, W]`` words, the intermediate pools (read).
+        chunks_a: x blocks that cover one slot of kind a.
         accept_lengths: ``[rows]`` int32; any value is safe.
         seq_len: V, the current verify length (``1 <= V <= S``).
 
-    Grid ``(chunks, rows, L)``, block ``(threads,)``; see the module docstring.
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``; see the module docstring.
     """
     layer = cuda.blockIdx.z
     row = cuda.blockIdx.y
@@ -72,7 +82,11 @@ def scatter_accepted(dst, src, accept_lengths, seq_len):
     if accepted < 1 or accepted >= seq_len:
         return
     src_row = row * seq_len + (accepted - 1)
-    _copy_chunk(dst, layer, row, src, layer, src_row)
+    chunk = cuda.blockIdx.x
+    if chunk < chunks_a:
+        _copy_chunk(dst_a, layer, row, src_a, layer, src_row, chunk)
+    else:
+        _copy_chunk(dst_b, layer, row, src_b, layer, src_row, chunk - chunks_a)
 
 
 @cuda.jit(cache=False)
@@ -87,21 +101,33 @@ def copy_slot(dst, src, slot):
     Grid ``(chunks, 1, L)``, block ``(threads,)``.
     """
     layer = cuda.blockIdx.z
-    _copy_chunk(dst, layer, 0, src, layer, slot)
+    _copy_chunk(dst, layer, 0, src, layer, slot, cuda.blockIdx.x)
 
 
 @cuda.jit(cache=False)
-def zero_words(dst):
-    """Zero a flat word array: ``dst[:] = 0``.
+def zero_words(dst_a, dst_b, blocks_a):
+    """Zero two flat word arrays in one launch: ``dst_a[:] = 0; dst_b[:] = 0``.
+
+    Blocks ``[0, blocks_a)`` zero ``dst_a``, the rest ``dst_b``.
 
     Args:
-        dst: ``[n]`` words (written).
+        dst_a, dst_b: ``[n]`` words (written).
+        blocks_a: blocks that cover ``dst_a``.
 
-    Grid ``(ceil(n / (threads * WORDS_PER_THREAD)),)``, block ``(threads,)``; each thread stores
+    Grid ``(blocks_a + blocks_b,)``, block ``(threads,)``; each thread stores
     ``WORDS_PER_THREAD`` words ``threads`` apart, so a warp writes whole 256-byte segments.
     """
+    block = cuda.blockIdx.x
+    if block < blocks_a:
+        _zero_chunk(dst_a, block)
+    else:
+        _zero_chunk(dst_b, block - blocks_a)
+
+
+@cuda.jit(device=True, inline="always")
+def _zero_chunk(dst, chunk):
     threads = cuda.blockDim.x
-    base = cuda.blockIdx.x * threads * WORDS_PER_THREAD + cuda.threadIdx.x
+    base = chunk * threads * WORDS_PER_THREAD + cuda.threadIdx.x
     n = dst.shape[0]
     for i in range(WORDS_PER_THREAD):
         w = base + i * threads
@@ -110,10 +136,10 @@ def zero_words(dst):
 
 
 @cuda.jit(device=True, inline="always")
-def _copy_chunk(dst, dst_layer, dst_row, src, src_layer, src_row):
-    """Copy chunk ``blockIdx.x`` of one slot: all loads first, then all stores."""
+def _copy_chunk(dst, dst_layer, dst_row, src, src_layer, src_row, chunk):
+    """Copy chunk ``chunk`` of one slot: all loads first, then all stores."""
     threads = cuda.blockDim.x
-    base = cuda.blockIdx.x * threads * WORDS_PER_THREAD + cuda.threadIdx.x
+    base = chunk * threads * WORDS_PER_THREAD + cuda.threadIdx.x
     words = dst.shape[2]
     buf = cuda.local.array(WORDS_PER_THREAD, dst.dtype)
     for i in range(WORDS_PER_THREAD):

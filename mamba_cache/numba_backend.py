@@ -13,7 +13,7 @@ allocation, no host synchronisation, so both can be captured into a CUDA graph.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -41,8 +41,21 @@ else:
 
     _Launch = PreparedLaunch
 
-_ACCEPT_ARG, _SEQ_LEN_ARG = 2, 3  # positions in kernels.scatter_accepted(dst, src, accept_lengths, seq_len)
+# positions in kernels.scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, seq_len)
+_ACCEPT_ARG, _SEQ_LEN_ARG = 5, 6
 _CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # positions in kernels.copy_slot(dst, src, slot)
+
+
+class StreamRef(NamedTuple):
+    """A resolved ``stream`` argument: the Numba stream, its raw handle, and the object given."""
+
+    stream: Any
+    handle: int
+    owner: Any
+
+
+def _stream_ref(stream: Any) -> StreamRef:
+    return StreamRef(stream, 0 if SIMULATOR else int(stream.handle), stream)
 
 
 def _word_dtype(nbytes: int) -> np.dtype:
@@ -95,6 +108,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         super()._become_empty()
         self._launches: dict = {}
         self._staging = None
+        self._last_accept = None
 
     def _check_config(self, config: Config) -> None:
         for name in ("num_recurrent_layers", "max_batch_size"):
@@ -103,33 +117,41 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
 
     # ------------------------------------------------------------ streams
-    def _stream(self, stream: Any) -> Any:
+    def _stream(self, stream: Any) -> StreamRef:
         if stream is None:
-            return cuda.default_stream()
+            ref = self._streams.get(None)
+            if ref is None:
+                ref = self._streams[None] = _stream_ref(cuda.default_stream())
+            return ref
+        ref = self._streams.get(id(stream))
+        if ref is not None and ref.owner is stream:
+            return ref
         if SIMULATOR or hasattr(stream, "auto_synchronize"):  # a numba.cuda stream
-            return stream
-        if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
-            handle = int(stream)
-        elif hasattr(stream, "__cuda_stream__"):
-            handle = int(stream.__cuda_stream__()[1])
-        elif hasattr(stream, "cuda_stream"):
-            handle = int(stream.cuda_stream)
+            ref = _stream_ref(stream)
         else:
-            raise TypeError(
-                "stream must be None, a numba.cuda stream, an int CUstream handle or an object with "
-                f"__cuda_stream__ / cuda_stream, got {type(stream).__name__}"
-            )
-        wrapped = self._streams.get(handle)
-        if wrapped is None:
-            wrapped = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
-            self._streams[handle] = wrapped
-        return wrapped
+            if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
+                handle = int(stream)
+            elif hasattr(stream, "__cuda_stream__"):
+                handle = int(stream.__cuda_stream__()[1])
+            elif hasattr(stream, "cuda_stream"):
+                handle = int(stream.cuda_stream)
+            else:
+                raise TypeError(
+                    "stream must be None, a numba.cuda stream, an int CUstream handle or an object with "
+                    f"__cuda_stream__ / cuda_stream, got {type(stream).__name__}"
+                )
+            numba_stream = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
+            ref = StreamRef(numba_stream, handle, stream)
+        if len(self._streams) > 64:  # a long-lived manager fed many short-lived streams
+            self._streams.clear()
+        self._streams[id(stream)] = ref
+        return ref
 
     # ------------------------------------------------------------ hooks
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
         nbytes = math.prod(shape) * dtype.itemsize
         try:
-            array = cuda.device_array(shape, dtype=dtype, stream=stream)
+            array = cuda.device_array(shape, dtype=dtype)  # not bound to a stream: see _device_empty
         except Exception as exc:  # numba raises CudaAPIError / its own OOM errors
             if "OUT_OF_MEMORY" not in repr(exc) and "out of memory" not in str(exc).lower():
                 raise
@@ -138,32 +160,35 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 f"could not allocate {format_bytes(nbytes)} ({nbytes} bytes) of device memory for a "
                 f"{list(shape)} {dtype.name} pool; {format_bytes(free)} of {format_bytes(total)} free"
             ) from exc
-        self._zero_fill(array, stream)
+        words = array.reshape(array.size).view(_word_dtype(array.nbytes))
+        (blocks,), threads = kernels.launch_shape(words.shape[0])
+        # blocks_a covers the whole grid, so the second pool argument is never touched
+        _Launch(kernels.zero_words, (words, words, blocks), threads).launch((blocks, 1, 1), stream)
         return array
 
-    def _zero_launch(self, pool: Any) -> tuple:
-        """(prepared launch, grid) zeroing the whole of ``pool`` as flat words."""
-        key = ("zero", id(pool))
+    def _zero_launch(self, pool_a: Any, pool_b: Any) -> tuple:
+        """(prepared launch, grid) zeroing the whole of two pools as flat words, in one launch."""
+        key = ("zero", id(pool_a), id(pool_b))
         entry = self._launches.get(key)
         if entry is None:
-            words = pool.reshape(pool.size).view(_word_dtype(pool.nbytes))
-            blocks, threads = kernels.launch_shape(words.shape[0])
-            entry = (_Launch(kernels.zero_words, (words,), threads), (blocks, 1, 1))
+            words = [p.reshape(p.size).view(_word_dtype(p.nbytes)) for p in (pool_a, pool_b)]
+            (blocks_a, blocks_b), threads = kernels.launch_shape(words[0].shape[0], words[1].shape[0])
+            entry = (_Launch(kernels.zero_words, (*words, blocks_a), threads), (blocks_a + blocks_b, 1, 1))
             self._launches[key] = entry
         return entry
 
-    def _zero_fill(self, pool: Any, stream: Any) -> None:
-        launch, grid = self._zero_launch(pool)
+    def _zero_fill(self, pool_a: Any, pool_b: Any, stream: Any) -> None:
+        launch, grid = self._zero_launch(pool_a, pool_b)
         launch.launch(grid, stream)
 
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         layers = pool.shape[0]
-        out = cuda.device_array((layers, 1, *pool.shape[2:]), dtype=pool.dtype, stream=stream)
+        out = _device_empty((layers, 1, *pool.shape[2:]), pool.dtype, stream)
         key = ("capture", id(pool))
         entry = self._launches.get(key)
         if entry is None:
             src, dst = _slot_words(pool, pool.shape[1]), _slot_words(out, 1)
-            chunks, threads = kernels.launch_shape(dst.shape[2])
+            (chunks,), threads = kernels.launch_shape(dst.shape[2])
             entry = (_Launch(kernels.copy_slot, (dst, src, 0), threads), (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
@@ -172,16 +197,38 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.launch(grid, stream)
         return out
 
+    def _split_layers(self, stacked: Any) -> list:
+        if SIMULATOR:
+            return super()._split_layers(stacked)
+        # DeviceNDArray.__getitem__ costs tens of microseconds; a layer of a C-contiguous stack is
+        # just a byte range of it, so build the views from the memory directly.
+        memory, step = stacked.gpu_data, stacked.strides[0]
+        shape, strides, dtype = stacked.shape[1:], stacked.strides[1:], stacked.dtype
+        return [
+            _DeviceArray(shape, strides, dtype, gpu_data=memory.view(i * step, (i + 1) * step))
+            for i in range(stacked.shape[0])
+        ]
+
     def _as_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
+        # A Numba device array cannot change its pointer, shape or dtype: once checked, reuse it.
+        last = self._last_accept
+        if last is not None and last[0] is accept_lengths:
+            return last[1]
+        checked = self._check_accept_lengths(accept_lengths, stream)
+        if type(accept_lengths) is _DeviceArray and not SIMULATOR:
+            self._last_accept = (accept_lengths, checked)
+        return checked
+
+    def _check_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
         slots = self._config.max_batch_size
         if isinstance(accept_lengths, np.ndarray):
             contiguous = accept_lengths.ndim != 1 or accept_lengths.shape[0] <= 1 or accept_lengths.strides[0] == 4
             active = check_accept_lengths(accept_lengths.dtype, accept_lengths.shape, contiguous, slots)
             if self._staging is None:
-                self._staging = cuda.device_array(slots, dtype=np.int32, stream=stream)
+                self._staging = cuda.device_array(slots, dtype=np.int32)
             staged = self._staging[:active] if active else self._staging
             if active:
-                staged.copy_to_device(accept_lengths, stream=stream)
+                staged.copy_to_device(accept_lengths, stream=stream.stream)
             return (staged, _device_pointer(staged)), active
         if isinstance(accept_lengths, _DeviceArray) and SIMULATOR:
             active = check_accept_lengths(accept_lengths.dtype, accept_lengths.shape, True, slots)
@@ -198,30 +245,58 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         active = check_accept_lengths(interface["typestr"], shape, contiguous, slots)
         return (accept_lengths, int(interface["data"][0])), active
 
-    def _scatter_launch(self, kind: str) -> tuple:
-        """(prepared launch, chunks per slot, layers) of the scatter of one state kind."""
-        key = ("scatter", kind)
-        entry = self._launches.get(key)
+    def _scatter_launch(self) -> tuple:
+        """(prepared launch, x blocks, layers) of the scatter of both state kinds."""
+        entry = self._launches.get("scatter")
         if entry is None:
             pools, config = self._pools, self._config
             slots = config.max_batch_size
-            dst = _slot_words(getattr(pools, kind), slots)
-            src = _slot_words(getattr(pools, f"intermediate_{kind}"), slots * config.max_intermediate_seq_len)
+            steps = slots * config.max_intermediate_seq_len
+            words = []
+            for kind in ("recurrent", "conv"):
+                words += [_slot_words(getattr(pools, kind), slots), _slot_words(getattr(pools, f"intermediate_{kind}"), steps)]
             if self._staging is None:
                 self._staging = cuda.device_array(slots, dtype=np.int32)
-            chunks, threads = kernels.launch_shape(dst.shape[2])
-            launch = _Launch(kernels.scatter_accepted, (dst, src, self._staging, 1), threads)
-            entry = (launch, chunks, dst.shape[0])
-            self._launches[key] = entry
+            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+            launch = _Launch(kernels.scatter_accepted, (*words, chunks_a, self._staging, 1), threads)
+            entry = self._launches["scatter"] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
         return entry
 
     def _scatter(self, accept_lengths: Any, active: int, seq_len: int, stream: Any) -> None:
         array, pointer = accept_lengths
-        for kind in ("recurrent", "conv"):
-            launch, chunks, layers = self._scatter_launch(kind)
-            launch.set_array(_ACCEPT_ARG, array, pointer, active)
-            launch.set_scalar(_SEQ_LEN_ARG, seq_len)
-            launch.launch((chunks, active, layers), stream)
+        launch, blocks, layers = self._scatter_launch()
+        launch.set_array(_ACCEPT_ARG, array, pointer, active)
+        launch.set_scalar(_SEQ_LEN_ARG, seq_len)
+        launch.launch((blocks, active, layers), stream)
+
+
+def _device_empty(shape: tuple, dtype: np.dtype, stream: StreamRef) -> Any:
+    """An uninitialised C-contiguous device array from CUDA's stream-ordered allocator.
+
+    ``cuMemAllocAsync`` on ``stream`` costs a few microseconds and never synchronises, where a
+    plain ``cuMemAlloc``/``cuMemFree`` pair (Numba's default) stalls the whole device on the free.
+    The memory goes back with ``cuMemFreeAsync`` on the same stream once the array is
+    garbage-collected (on the legacy default stream if that stream is gone). The array is not
+    bound to a stream, so its ``__cuda_array_interface__`` names none.
+    """
+    if SIMULATOR:
+        return cuda.device_array(shape, dtype=dtype)
+    from cuda.bindings import driver
+    from numba.cuda.cudadrv.driver import MemoryPointer
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    err, pointer = driver.cuMemAllocAsync(nbytes, stream.handle)
+    if err:
+        raise MemoryError(f"cuMemAllocAsync of {nbytes} bytes failed: {err!r}")
+
+    def free(pointer=pointer, handle=stream.handle):
+        (err,) = driver.cuMemFreeAsync(pointer, handle)
+        if err:
+            driver.cuMemFreeAsync(pointer, 0)
+
+    memory = MemoryPointer(cuda.current_context(), pointer, nbytes, finalizer=free)
+    strides = tuple(int(np.prod(shape[i + 1 :])) * dtype.itemsize for i in range(len(shape)))
+    return _DeviceArray(shape, strides, dtype, gpu_data=memory)
 
 
 def _device_pointer(array: Any) -> int:

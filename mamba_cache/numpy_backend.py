@@ -55,8 +55,9 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
-    def _zero_fill(self, pool: np.ndarray, stream: Any) -> None:
-        pool[...] = 0
+    def _zero_fill(self, pool_a: np.ndarray, pool_b: np.ndarray, stream: Any) -> None:
+        pool_a[...] = 0
+        pool_b[...] = 0
 
     def _capture(self, pool: np.ndarray, slot: int, stream: Any) -> np.ndarray:
         return pool[:, slot : slot + 1].copy()

@@ -23,10 +23,15 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the
     (1, (1, 32)), (128, (1, 32)), (129, (1, 64)), (1024, (1, 256)), (1025, (2, 256)), (4096, (4, 256)),
 ])
 def test_launch_shape_covers_the_slot(words, shape):
-    chunks, threads = launch_shape(words)
+    (chunks,), threads = launch_shape(words)
     assert (chunks, threads) == shape
     assert chunks * threads * WORDS_PER_THREAD >= words > (chunks - 1) * threads * WORDS_PER_THREAD
     assert threads % 32 == 0 and threads <= MAX_THREADS
+
+
+def test_launch_shape_of_two_kinds_sizes_threads_for_the_larger():
+    assert launch_shape(1025, 3) == ((2, 1), 256)
+    assert launch_shape(3, 129) == ((1, 1), 64)
 
 
 def test_grid_limits_checked():
@@ -86,8 +91,10 @@ def test_foreign_cuda_array_interface_accept_lengths(rng):
 def test_zero_copy_with_torch(rng):
     torch = pytest.importorskip("torch")
     cache = NumbaMambaCacheManager(small_config())
-    view = torch.as_tensor(cache.get_recurrent_state(1), device="cuda")
+    state = cache.get_recurrent_state(1)
+    view = torch.as_tensor(state, device="cuda")
     assert view.shape == (5, 2, 3, 5) and view.dtype == torch.float32
+    assert view.data_ptr() == state.__cuda_array_interface__["data"][0]  # shared, not copied
     view.fill_(3.0)
     torch.cuda.synchronize()
     assert (to_host(cache.get_recurrent_state(1)) == 3.0).all()
@@ -106,7 +113,9 @@ def test_zero_copy_with_torch(rng):
 def test_zero_copy_with_cupy():
     cupy = pytest.importorskip("cupy")
     cache = NumbaMambaCacheManager(small_config())
-    conv = cupy.asarray(cache.get_conv_state(2))
+    state = cache.get_conv_state(2)
+    conv = cupy.asarray(state)
+    assert conv.data.ptr == state.__cuda_array_interface__["data"][0]  # shared, not copied
     conv[4] = 1.5
     cupy.cuda.runtime.deviceSynchronize()
     host = to_host(cache.get_conv_state(2))
@@ -160,17 +169,18 @@ def test_kernels_compile_to_wide_loads_without_local_memory():
         from mamba_cache import kernels
         w3 = types.uint64[:, :, ::1]
         sigs = {
-            "scatter_accepted": (w3, w3, types.int32[::1], types.int64),
+            "scatter_accepted": (w3, w3, w3, w3, types.int64, types.int32[::1], types.int64),
             "copy_slot": (w3, w3, types.int64),
-            "zero_words": (types.uint64[::1],),
+            "zero_words": (types.uint64[::1], types.uint64[::1], types.int64),
         }
         for name, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, sig, cc=(9, 0))
             body = ptx[ptx.index(".entry"):]
             assert ".local" not in body, name + " uses local memory"
+            paths = {"scatter_accepted": 2, "copy_slot": 1, "zero_words": 2}[name]  # kinds per launch
             if name != "zero_words":
-                assert body.count("ld.global.u64") == kernels.WORDS_PER_THREAD, name
-            assert body.count("st.global.u64") == kernels.WORDS_PER_THREAD, name
+                assert body.count("ld.global.u64") == paths * kernels.WORDS_PER_THREAD, name
+            assert body.count("st.global.u64") == paths * kernels.WORDS_PER_THREAD, name
             print(name, "ok")
     """)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")

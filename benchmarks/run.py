@@ -12,8 +12,8 @@ For each config (ISSUE 4: edge, mid, large) it
 3. times each operation's device time with CUDA events around many queued calls (a sleep kernel
    first, so host dispatch never shows up as device time), rotating among several caches where one
    would fit in L2, median of several repeats; and from CUDA-graph replays;
-4. times host overhead: each eager call from the Python call to its return (the queue drained
-   between calls), and each graph replay's ``cuGraphLaunch``.
+4. times host overhead: each eager call from the Python call to its return (queued behind a
+   sleep kernel, see ``host_time_us``), and each graph replay's ``cuGraphLaunch``.
 
 It prints one table and writes ``<out>/results-<card>-<date>.json`` (one record per config and op).
 """
@@ -151,14 +151,22 @@ def device_time_us(calls, stream: torch.cuda.Stream, n: int, host_us: float = 0.
     return statistics.median(samples)
 
 
-def host_time_us(call, n: int = 300) -> float:
-    """Median host time of one call, from the Python call to its return, queue drained between."""
+def host_time_us(call, stream: torch.cuda.Stream, n: int = 200) -> float:
+    """Median host time of one call, from the Python call to its return.
+
+    The calls queue behind a long sleep kernel on ``stream``, so the device neither throttles the
+    host (a full launch queue) nor sits idle between calls (the first launch after a long wait
+    costs more): what is left is the host's own work per call.
+    """
     samples = []
-    for _ in range(n):
+    for _ in range(3):
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
+        sleep_then(stream, 50_000)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
     return statistics.median(samples) * 1e6
 
 
@@ -305,7 +313,7 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
     ours = [lambda m=m: m.scatter_mtp_states(acc_numba, stream=handle) for m in managers]
     n_scatter = max(20, min(2000, int(4e10 // max(scatter_bytes, 1) // 10)))
     scatter_us = device_time_us(ours, stream, n_scatter)
-    host_us = host_time_us(ours[0])
+    host_us = host_time_us(ours[0], stream)
     graph = capture_graph(ours, stream)
     graph_us = graph_times_us(graph, len(ours), stream)
     views = [torch_pools(m) for m in managers]
@@ -334,12 +342,12 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
     clear_calls = [lambda m=m: m.clear_states(stream=handle) for m in managers]
     clear_us = device_time_us(clear_calls, stream, max(10, min(500, int(2e10 // clear_bytes))))
     clear_graph = graph_times_us(capture_graph(clear_calls, stream), len(clear_calls), stream, n=50)
-    record("clear_states", clear_bytes, clear_us, host_time_us(clear_calls[0], 100), memset, clear_graph, ceiling_kind="memset")
+    record("clear_states", clear_bytes, clear_us, host_time_us(clear_calls[0], stream), memset, clear_graph, ceiling_kind="memset")
 
     # capture: a fresh allocation per call, so the device time is timed behind a sleep kernel
     capture_bytes = useful_bytes(config, "capture", accept)
     capture_calls = [lambda m=m: (m.capture_recurrent_states(0, stream=handle), m.capture_conv_states(0, stream=handle)) for m in managers]
-    capture_host = host_time_us(capture_calls[0], 100)
+    capture_host = host_time_us(capture_calls[0], stream, 20)
     capture_us = device_time_us(capture_calls, stream, min(40, 8 * rotations), host_us=capture_host)
     record("capture_states", capture_bytes, capture_us, capture_host, copy_ceiling,
            copy_same_bytes_gbps=round(copy_gbps(capture_bytes, stream), 1))

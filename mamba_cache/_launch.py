@@ -27,7 +27,7 @@ _ARRAY_NITEMS, _ARRAY_DATA, _ARRAY_SHAPE = 2, 4, 5
 class DispatcherLaunch:
     """The plain Numba launch, behind the interface of :class:`PreparedLaunch`."""
 
-    def __init__(self, dispatcher: Any, args: tuple, threads: int) -> None:
+    def __init__(self, dispatcher: Any, args: tuple, threads: int, keep_alive: bool = True) -> None:
         self._dispatcher = dispatcher
         self._args = list(args)
         self._threads = threads
@@ -53,9 +53,11 @@ class PreparedLaunch:
         args: example arguments that fix the compiled signature and fill the parameter block;
             array arguments must stay alive as long as this object launches with them.
         threads: threads per block.
+        keep_alive: hold references to ``args`` (off only where every launch first re-points the
+            arrays that would otherwise dangle, with :meth:`set_array`).
     """
 
-    def __init__(self, dispatcher: Any, args: tuple, threads: int) -> None:
+    def __init__(self, dispatcher: Any, args: tuple, threads: int, keep_alive: bool = True) -> None:
         from cuda.bindings import driver
 
         self._driver = driver
@@ -71,7 +73,7 @@ class PreparedLaunch:
         self._params = ctypes.addressof(self._block)
         self._function = driver.CUfunction(int(kernel._codelibrary.get_cufunc().handle))
         self._threads = threads
-        self._keep = args  # the parameter block points into these arrays
+        self._keep = args if keep_alive else None  # the parameter block points into these arrays
 
     def set_array(self, position: int, array: Any, pointer: int, length: int | None = None) -> None:
         """Point array argument ``position`` at device ``pointer``.

@@ -189,7 +189,10 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         if entry is None:
             src, dst = _slot_words(pool, pool.shape[1]), _slot_words(out, 1)
             (chunks,), threads = kernels.launch_shape(dst.shape[2])
-            entry = (_Launch(kernels.copy_slot, (dst, src, 0), threads), (chunks, 1, layers))
+            # The first output only fixes the signature; every launch re-points dst, so the
+            # launch need not keep that capture alive (the pool, src, lives with the manager).
+            launch = _Launch(kernels.copy_slot, (dst, src, 0), threads, keep_alive=SIMULATOR)
+            entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
         launch.set_array(_CAPTURE_DST_ARG, _slot_words(out, 1) if SIMULATOR else None, _device_pointer(out))

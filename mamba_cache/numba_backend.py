@@ -191,7 +191,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             (chunks,), threads = kernels.launch_shape(dst.shape[2])
             # The first output only fixes the signature; every launch re-points dst, so the
             # launch need not keep that capture alive (the pool, src, lives with the manager).
-            launch = _Launch(kernels.copy_slot, (dst, src, 0), threads, keep_alive=SIMULATOR)
+            launch = _Launch(kernels.copy_slot, (dst, src, 0), threads, keep_alive=False)
             entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry

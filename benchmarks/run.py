@@ -5,8 +5,8 @@
 Needs a CUDA GPU and PyTorch (for the ceilings and the baselines a user would otherwise write).
 For each config (ISSUE 4: edge, mid, large) it
 
-1. validates ``scatter_mtp_states``, ``clear_states``, ``capture_*`` and the two PyTorch baselines
-   against the NumPy reference on random data, at the config's slot sizes and batch (2 layers);
+1. validates ``scatter_mtp_states``, ``clear_states``, ``capture_*`` and the baselines (two in
+   PyTorch, one in CuPy where it is installed) against the NumPy reference on random data, at the config's slot sizes and batch (2 layers);
 2. measures the ceilings in the same run: an eager device-to-device copy (torch ``copy_``,
    event-timed, of 2 GiB and of the op's own byte count) and a ``cuMemsetD32Async`` of the pools;
 3. times each operation's device time with CUDA events around many queued calls (a sleep kernel
@@ -124,6 +124,32 @@ def torch_per_layer_scatter(view, accept: torch.Tensor, seq_len: int) -> None:
     for main, inter in view.values():
         for layer in range(main.shape[0]):
             main[layer, :active] = torch.where(valid[:, None], inter[layer, src_rows], main[layer, :active])
+
+
+def cupy_pools(manager):
+    import cupy
+
+    return {kind: tuple(cupy.asarray(t) for t in pair) for kind, pair in torch_pools(manager).items()}
+
+
+def cupy_stacked_scatter(view, accept, seq_len: int) -> None:
+    """The stacked advanced-indexing baseline written with CuPy (``accept``: a CuPy int32 array)."""
+    import cupy
+
+    active = accept.shape[0]
+    step = accept.astype(cupy.int64) - 1
+    valid = (step >= 0) & (step < seq_len - 1)
+    src_rows = cupy.arange(active) * seq_len + cupy.clip(step, 0, seq_len - 1)
+    for main, inter in view.values():
+        main[:, :active] = cupy.where(valid[None, :, None], inter[:, src_rows], main[:, :active])
+
+
+def have_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- timing
@@ -259,6 +285,14 @@ def validate(config: Config, accept: list[int], rng) -> None:
         baseline(torch_pools(base), torch.tensor(accept, dtype=torch.int32, device="cuda"), small.max_intermediate_seq_len)
         torch.cuda.synchronize()
         same(base, baseline.__name__)
+    if have_cupy():
+        import cupy
+
+        fill()
+        ref.scatter_mtp_states(acc)
+        cupy_stacked_scatter(cupy_pools(base), cupy.asarray(acc), small.max_intermediate_seq_len)
+        cupy.cuda.runtime.deviceSynchronize()
+        same(base, "cupy_stacked_scatter")
     fill()
     slot = len(accept) - 1
     for kind in ("recurrent", "conv"):
@@ -323,6 +357,14 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
             calls = [lambda v=v, fn=fn: fn(v, acc, seq) for v in views]
             n = max(5, n_scatter // (20 if fn is torch_per_layer_scatter else 4))
             baselines[fn.__name__] = device_time_us(calls, stream, n)
+    if have_cupy():
+        import cupy
+
+        cupy_views = [cupy_pools(m) for m in managers]
+        cupy_acc = cupy.asarray(acc)
+        with cupy.cuda.ExternalStream(handle):
+            calls = [lambda v=v: cupy_stacked_scatter(v, cupy_acc, seq) for v in cupy_views]
+            baselines["cupy_stacked_scatter"] = device_time_us(calls, stream, max(5, n_scatter // 4))
     floor_us = scatter_bytes / copy_ceiling / 1e3
     record(
         "scatter_mtp_states", scatter_bytes, scatter_us, host_us, copy_ceiling, graph_us,
@@ -333,6 +375,11 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
         torch_stacked_us=round(baselines["torch_stacked_scatter"], 2),
         torch_per_layer_us=round(baselines["torch_per_layer_scatter"], 2),
         rotations=rotations,
+        **(
+            {"speedup_vs_cupy_stacked": round(baselines["cupy_stacked_scatter"] / scatter_us, 2),
+             "cupy_stacked_us": round(baselines["cupy_stacked_scatter"], 2)}
+            if "cupy_stacked_scatter" in baselines else {}
+        ),
     )
 
     # clear: ours against a memset of the same pools
@@ -352,6 +399,11 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
     record("capture_states", capture_bytes, capture_us, capture_host, copy_ceiling,
            copy_same_bytes_gbps=round(copy_gbps(capture_bytes, stream), 1))
     del managers, views
+    if have_cupy():
+        import cupy
+
+        del cupy_views
+        cupy.get_default_memory_pool().free_all_blocks()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return records
@@ -372,12 +424,14 @@ def main(argv=None) -> int:
         config, accept = CONFIGS[name]
         records += bench_config(name, config, accept, copy_ceiling, rng)
         print(f"  {name}: done", flush=True)
-    header = f"{'config':<6} {'op':<20} {'device us':>10} {'GB/s':>7} {'ceiling':>8} {'ratio':>6} {'host us':>8} {'graph us':>9} {'graph host':>10}  vs torch stacked / per-layer"
+    header = f"{'config':<6} {'op':<20} {'device us':>10} {'GB/s':>7} {'ceiling':>8} {'ratio':>6} {'host us':>8} {'graph us':>9} {'graph host':>10}  vs torch stacked / per-layer / cupy"
     print(header)
     for r in records:
         extra = ""
         if "speedup_vs_torch_stacked" in r:
             extra = f"  {r['speedup_vs_torch_stacked']:.1f}x / {r['speedup_vs_torch_per_layer']:.1f}x"
+            if "speedup_vs_cupy_stacked" in r:
+                extra += f" / {r['speedup_vs_cupy_stacked']:.1f}x"
         print(
             f"{r['config']:<6} {r['op']:<20} {r['device_us']:>10.1f} {r['useful_gbps']:>7.0f} {r['ceiling_gbps']:>8.0f}"
             f" {r['ratio_to_ceiling']:>6.2f} {r['host_us_per_call'] or 0:>8.1f} {r.get('graph_device_us', 0):>9.1f}"

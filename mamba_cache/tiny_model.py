@@ -1,0 +1,176 @@
+"""A small Mamba2-style model that uses the cache the way an inference engine does.
+
+Random weights, no downloads. Dimension letters as in :mod:`mamba_cache._config`, plus
+
+    n  tokens in this step (one per batch row)      M  model width, = H * D here
+    V  verify length (draft tokens per row)
+
+Each layer is one Mamba2 mixer (ngroups = 1) with a residual connection; per token and layer:
+
+    z          = u @ in_proj                          [n, C + H]   C = H*D + 2N
+    xBC_raw    = z[:, :C];  dt_raw = z[:, C:]
+    conv state : shift left by one token, append xBC_raw          [B, C, K] (in place)
+    xBC        = silu(sum_k(conv_state * conv_weight) + conv_bias) [n, C]
+    x, B, C    = xBC[:, :H*D] as [n, H, D],  xBC[:, H*D:H*D+N],  xBC[:, H*D+N:]
+    dt         = softplus(dt_raw + dt_bias);  dA = exp(dt * A)     [n, H]   (A < 0)
+    h          = dA * h + dt * x (outer) B                         [B, H, D, N] (in place)
+    y          = h . C + D * x                                     [n, H, D]
+    u          = u + y.reshape(n, H*D) @ out_proj                  [n, M]
+
+Arithmetic is float32; the states are stored in the cache's dtypes. The conv output is computed
+from the stored (rounded) window and ``y`` from the float32 ``h`` before it is stored, identically
+in both backends. :meth:`TinyMamba2.verify` runs V tokens and writes the state after each token
+into the intermediate buffers and the state after all V into the main pool, as the C++ verify pass
+does; ``scatter_mtp_states`` then commits each row's accepted prefix.
+
+The NumPy decode step is here; the Numba one (same function, on device arrays, in place) is in
+:mod:`mamba_cache.tiny_model_kernels`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._config import Config
+
+__all__ = ["TinyMamba2"]
+
+F32 = np.float32
+
+
+def silu(v: np.ndarray) -> np.ndarray:
+    """``v * sigmoid(v)`` in float32."""
+    return v / (F32(1) + np.exp(-v))
+
+
+def matvec(u: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``u @ weight`` row by row, summed in input order: ``[n, I] x [I, O] -> [n, O]``.
+
+    Unlike BLAS, the result of a row does not depend on how many rows there are, so decoding a
+    row alone and inside a batch give the same bits (the sequential-equals-speculative check
+    depends on it).
+    """
+    return (u[:, :, None] * weight[None]).sum(axis=1, dtype=F32)
+
+
+def softplus(v: np.ndarray) -> np.ndarray:
+    """``log(1 + exp(v))`` in float32, linear above 20 as in Mamba's kernels."""
+    return np.where(v > F32(20), v, np.log1p(np.exp(np.minimum(v, F32(20))))).astype(F32)
+
+
+class TinyMamba2:
+    """A random-weight Mamba2 stack whose recurrent and conv states live in a cache manager.
+
+    Args:
+        config: the cache configuration; ``conv_dim`` must be ``H * D + 2 * N``.
+        vocab_size: number of token ids.
+        seed: seed of the random weights.
+
+    Raises:
+        ValueError: ``conv_dim`` does not match the heads, head dim and state size.
+    """
+
+    def __init__(self, config: Config, vocab_size: int = 64, seed: int = 0) -> None:
+        layers, heads, dim, state = (
+            config.num_recurrent_layers,
+            config.recurrent_state_num_heads,
+            config.recurrent_state_head_dim,
+            config.recurrent_state_size,
+        )
+        if config.conv_dim != heads * dim + 2 * state:
+            raise ValueError(
+                f"conv_dim must be H * D + 2 * N = {heads * dim + 2 * state} for TinyMamba2, got {config.conv_dim}"
+            )
+        self.config = config
+        self.vocab_size = vocab_size
+        width, channels = heads * dim, config.conv_dim
+        rng = np.random.default_rng(seed)
+
+        def normal(*shape, scale):
+            return (rng.standard_normal(shape) * scale).astype(F32)
+
+        self.weights = {
+            "embedding": normal(vocab_size, width, scale=1.0),                      # [vocab, M]
+            "in_proj": normal(layers, width, channels + heads, scale=width**-0.5),  # [L, M, C + H]
+            "conv_weight": normal(layers, channels, config.conv_kernel, scale=0.5),  # [L, C, K]
+            "conv_bias": normal(layers, channels, scale=0.1),                        # [L, C]
+            "dt_bias": normal(layers, heads, scale=0.5) - F32(1),                    # [L, H]
+            "A": -np.exp(normal(layers, heads, scale=0.5)),                          # [L, H], < 0
+            "D": normal(layers, heads, scale=1.0),                                   # [L, H]
+            "out_proj": normal(layers, width, width, scale=0.5 * width**-0.5),      # [L, H*D, M]
+        }
+        self._device = None  # the Numba runner, made on first use
+
+    # ------------------------------------------------------------ dispatch
+    def _runner(self, cache: Any):
+        if cache.backend == "numpy":
+            return self
+        if self._device is None:
+            from .tiny_model_kernels import NumbaTinyMamba2
+
+            self._device = NumbaTinyMamba2(self)
+        return self._device
+
+    def decode_step(self, cache: Any, tokens: Any, slots: Any = None, step: int | None = None) -> Any:
+        """Advance the state of each given slot by one token, in place in ``cache``.
+
+        Args:
+            cache: a Numpy- or NumbaMambaCacheManager built with this model's config.
+            tokens: ``[n]`` int token ids (host array; the Numba runner copies it over).
+            slots: ``[n]`` int slot of each token; ``None`` means ``0 .. n-1``.
+            step: when given, also write the state after this token into the intermediate
+                buffers at ``[slot, step]`` (of the current ``[active, V]`` view).
+
+        Returns:
+            ``[n, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
+        """
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        slots = np.arange(tokens.shape[0]) if slots is None else np.asarray(slots, dtype=np.int64)
+        return self._runner(cache)._decode(cache, tokens, slots, step)
+
+    def prefill(self, cache: Any, tokens: Any) -> None:
+        """Run ``tokens`` ``[active, T]`` through slots ``0 .. active-1``, one token at a time."""
+        tokens = np.asarray(tokens)
+        for t in range(tokens.shape[1]):
+            self.decode_step(cache, tokens[:, t])
+
+    def verify(self, cache: Any, draft_tokens: Any) -> None:
+        """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
+
+        Reshapes the intermediate buffers to ``[active, V]``, writes the state after each draft
+        token there, and leaves the state after all V tokens in the main pool.
+        """
+        draft_tokens = np.asarray(draft_tokens)
+        active, verify_len = draft_tokens.shape
+        cache.reshape_intermediate_states(active, verify_len)
+        for t in range(verify_len):
+            self.decode_step(cache, draft_tokens[:, t], step=t)
+
+    # ------------------------------------------------------------ the NumPy decode step
+    def _decode(self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None) -> np.ndarray:
+        w, config = self.weights, self.config
+        heads, dim, state = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
+        channels, width = config.conv_dim, heads * dim
+        n = tokens.shape[0]
+        u = w["embedding"][tokens]                                          # [n, M]
+        for layer in range(config.num_recurrent_layers):
+            z = matvec(u, w["in_proj"][layer])                             # [n, C + H]
+            conv = cache.get_conv_state(layer)                              # [B, C, K]
+            window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
+            conv[slots] = window
+            xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
+            x = xbc[:, :width].reshape(n, heads, dim)
+            b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
+            dt = softplus(z[:, channels:] + w["dt_bias"][layer])            # [n, H]
+            decay = np.exp(dt * w["A"][layer])                              # [n, H]
+            rec = cache.get_recurrent_state(layer)                          # [B, H, D, N]
+            h = decay[:, :, None, None] * rec[slots].astype(F32) + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
+            rec[slots] = h
+            y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["D"][layer][None, :, None] * x
+            u = u + matvec(y.reshape(n, width), w["out_proj"][layer])
+            if step is not None:
+                cache.get_intermediate_conv_state(layer)[slots, step] = window
+                cache.get_intermediate_recurrent_state(layer)[slots, step] = h
+        return u

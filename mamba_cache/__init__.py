@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ._config import Config, ConfigError, format_bytes
 from ._manager import MambaCacheManagerBase
+from ._target import gpu_present, select_numba_target
 from .numpy_backend import NumpyMambaCacheManager
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ __all__ = [
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
     "format_bytes",
+    "gpu_present",
+    "select_numba_target",
 ]
 
 __version__ = "0.1.0"

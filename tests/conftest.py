@@ -7,23 +7,11 @@ tests run everywhere and are never skipped; with a GPU they run on it. Set
 
 from __future__ import annotations
 
-import ctypes
 import os
 
+from mamba_cache import select_numba_target
 
-def _gpu_present() -> bool:
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return libcuda.cuInit(0) == 0 and libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
-
-
-if "NUMBA_ENABLE_CUDASIM" not in os.environ:
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if _gpu_present() else "1"
-
-ON_GPU = os.environ["NUMBA_ENABLE_CUDASIM"] == "0"
+ON_GPU = select_numba_target()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

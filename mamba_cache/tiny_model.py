@@ -7,7 +7,7 @@ Random weights, no downloads. Dimension letters as in :mod:`mamba_cache._config`
 
 Each layer is one Mamba2 mixer (ngroups = 1) with a residual connection; per token and layer:
 
-    z          = u @ in_proj                          [n, C + H]   C = H*D + 2N
+    z          = rmsnorm(u) @ in_proj                 [n, C + H]   C = H*D + 2N
     xBC_raw    = z[:, :C];  dt_raw = z[:, C:]
     conv state : shift left by one token, append xBC_raw          [B, C, K] (in place)
     xBC        = silu(sum_k(conv_state * conv_weight) + conv_bias) [n, C]
@@ -53,6 +53,12 @@ def matvec(u: np.ndarray, weight: np.ndarray) -> np.ndarray:
     depends on it).
     """
     return (u[:, :, None] * weight[None]).sum(axis=1, dtype=F32)
+
+
+def rmsnorm(u: np.ndarray) -> np.ndarray:
+    """``u / sqrt(mean(u**2) + 1e-5)`` per row, float32 (no learned scale)."""
+    mean_square = (u * u).sum(axis=1, dtype=F32) / F32(u.shape[1])
+    return u * (F32(1) / np.sqrt(mean_square + F32(1e-5)))[:, None]
 
 
 def softplus(v: np.ndarray) -> np.ndarray:
@@ -156,7 +162,7 @@ class TinyMamba2:
         n = tokens.shape[0]
         u = w["embedding"][tokens]                                          # [n, M]
         for layer in range(config.num_recurrent_layers):
-            z = matvec(u, w["in_proj"][layer])                             # [n, C + H]
+            z = matvec(rmsnorm(u), w["in_proj"][layer])                    # [n, C + H]
             conv = cache.get_conv_state(layer)                              # [B, C, K]
             window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window

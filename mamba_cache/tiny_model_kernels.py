@@ -5,6 +5,7 @@ writing the cache manager's tensors in place. One thread per output element; the
 for correctness and for showing the cache in use, not tuned. Grids:
 
     embed        (n, M)            u[i, :] = embedding[tokens[i], :]
+    rmsnorm      (n / 32,)         one thread per row
     matvec       (n, O)            out[i, o] (+)= sum_k u[i, k] * w[k, o], k in order
     conv_step    (n, C)            shift slot's conv window, append xBC_raw, xBC = silu(conv)
     ssm_step     (n, H*D)          h = dA h + dt x B over N, y = h.C + D x
@@ -33,6 +34,21 @@ def embed(tokens, table, u):
     j = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     if j < u.shape[1]:
         u[i, j] = table[tokens[i], j]
+
+
+@cuda.jit
+def rmsnorm(u, out):
+    """``out[i, :] = u[i, :] / sqrt(mean(u[i, :]**2) + 1e-5)``; one thread per row, grid ``(ceil(n / 32),)``."""
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i >= u.shape[0]:
+        return
+    width = u.shape[1]
+    acc = float32(0.0)
+    for k in range(width):
+        acc += u[i, k] * u[i, k]
+    scale = float32(1.0) / math.sqrt(acc / float32(width) + float32(1e-5))
+    for k in range(width):
+        out[i, k] = u[i, k] * scale
 
 
 @cuda.jit
@@ -124,6 +140,7 @@ class NumbaTinyMamba2:
         channels = config.conv_dim
         d_tokens, d_slots = cuda.to_device(tokens), cuda.to_device(slots)
         u = cuda.device_array((n, width), dtype=np.float32)
+        normed = cuda.device_array((n, width), dtype=np.float32)
         z = cuda.device_array((n, channels + config.recurrent_state_num_heads), dtype=np.float32)
         xbc = cuda.device_array((n, channels), dtype=np.float32)
         y = cuda.device_array((n, width), dtype=np.float32)
@@ -131,8 +148,9 @@ class NumbaTinyMamba2:
         embed[grid, threads](d_tokens, w["embedding"], u)
         with_step = step is not None
         for layer in range(config.num_recurrent_layers):
+            rmsnorm[-(-n // 32), 32](u, normed)
             grid, threads = _grid(n, z.shape[1])
-            matvec[grid, threads](u, w["in_proj"][layer], z, False)
+            matvec[grid, threads](normed, w["in_proj"][layer], z, False)
             # without a step the kernels never touch `inter`; any array of the right rank will do
             conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
             inter_conv = cache.get_intermediate_conv_state(layer) if with_step else conv_state.reshape((1, *conv_state.shape))

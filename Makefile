@@ -5,12 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test docs bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cuda,test]'
+	$(PY) -m pip install --quiet -e '.[cuda,test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,8 +21,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+docs: $(STAMP)  # strict build (tutorials executed), then serve on http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
 bench: $(STAMP)  # needs a GPU and PyTorch
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache site .cache

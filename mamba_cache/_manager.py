@@ -387,7 +387,7 @@ class MambaCacheManagerBase:
     def __reduce_ex__(self, protocol):
         raise TypeError(f"{type(self).__name__} cannot be pickled")
 
-    def move(self):
+    def move(self) -> MambaCacheManagerBase:
         """Return a new manager that owns this one's buffers; this one becomes empty.
 
         Returns:

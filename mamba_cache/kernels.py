@@ -67,11 +67,13 @@ def scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, seq_l
                      recurrent slot  | conv slot
 
     Args:
-        dst_a, dst_b: ``[L, B, W]`` words, the main pools (written).
-        src_a, src_b: ``[L, B*S, W]`` words, the intermediate pools (read).
-        chunks_a: x blocks that cover one slot of kind a.
-        accept_lengths: ``[rows]`` int32; any value is safe.
-        seq_len: V, the current verify length (``1 <= V <= S``).
+        dst_a (DeviceNDArray): ``[L, B, W]`` words, the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, W]`` words, the intermediate recurrent pool (read).
+        dst_b (DeviceNDArray): ``[L, B, W']`` words, the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, W']`` words, the intermediate conv pool (read).
+        chunks_a (int): x blocks that cover one slot of kind a.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+        seq_len (int): V, the current verify length (``1 <= V <= S``).
 
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``; see the module docstring.
     """
@@ -94,9 +96,9 @@ def copy_slot(dst, src, slot):
     """Gather one slot of every layer: ``dst[l, 0, :] = src[l, slot, :]``.
 
     Args:
-        dst: ``[L, 1, W]`` words (written).
-        src: ``[L, B, W]`` words, the main pool (read).
-        slot: the slot, ``0 <= slot < B``.
+        dst (DeviceNDArray): ``[L, 1, W]`` words (written).
+        src (DeviceNDArray): ``[L, B, W]`` words, the main pool (read).
+        slot (int): the slot, ``0 <= slot < B``.
 
     Grid ``(chunks, 1, L)``, block ``(threads,)``.
     """
@@ -111,8 +113,9 @@ def zero_words(dst_a, dst_b, blocks_a):
     Blocks ``[0, blocks_a)`` zero ``dst_a``, the rest ``dst_b``.
 
     Args:
-        dst_a, dst_b: ``[n]`` words (written).
-        blocks_a: blocks that cover ``dst_a``.
+        dst_a (DeviceNDArray): ``[n]`` words (written).
+        dst_b (DeviceNDArray): ``[n']`` words (written).
+        blocks_a (int): blocks that cover ``dst_a``.
 
     Grid ``(blocks_a + blocks_b,)``, block ``(threads,)``; each thread stores
     ``WORDS_PER_THREAD`` words ``threads`` apart, so a warp writes whole 256-byte segments.

@@ -1,0 +1,141 @@
+"""The documentation site: a strict build, internal links, offline assets, and a browser look.
+
+The build executes every tutorial (mkdocs-jupyter) and renders the API reference from the
+docstrings (mkdocstrings); ``mkdocs build --strict`` fails on a broken link, a missing anchor or a
+docstring the reference cannot render. Headless Chromium (Debian's ``chromium``, which ``.ci/run``
+installs) then renders the main pages.
+"""
+
+import functools
+import http.server
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAIN_PAGES = ["index.html", "concepts/layouts/index.html", "concepts/mtp/index.html",
+              "tutorials/03-speculative-decoding/index.html", "api/index.html"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    return out
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.ids = [], set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        for key in ("href", "src"):
+            if attrs.get(key):
+                self.refs.append((tag, attrs[key], attrs.get("rel") or ""))
+
+
+def parse(path):
+    parser = _Refs()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_every_internal_link_resolves(site):
+    broken = []
+    for page in site.rglob("*.html"):
+        refs = parse(page)
+        for tag, ref, _ in refs.refs:
+            if re.match(r"^[a-z]+:", ref) or ref.startswith("//"):
+                continue
+            path, _, anchor = ref.partition("#")
+            path = path.partition("?")[0]
+            if path.startswith("/"):  # 404.html links from the site root
+                target = site / path.lstrip("/")
+            else:
+                target = (page.parent / path).resolve() if path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{page.relative_to(site)}: {ref}")
+            elif anchor and target.suffix == ".html" and anchor not in parse(target).ids:
+                broken.append(f"{page.relative_to(site)}: {ref} (no such anchor)")
+    assert not broken, "\n".join(broken[:20])
+
+
+def test_nothing_is_fetched_from_the_internet(site):
+    """Air-gapped GPU boxes: no fonts, scripts, styles or images from a CDN."""
+    external = []
+    for page in site.rglob("*.html"):
+        for tag, ref, rel in parse(page).refs:
+            loads = tag in ("script", "img", "iframe", "source") or (tag == "link" and rel in ("stylesheet", "preload", "icon"))
+            if loads and re.match(r"^(https?:)?//", ref):
+                external.append(f"{page.relative_to(site)}: <{tag}> {ref}")
+    css = "\n".join(p.read_text(errors="ignore") for p in site.rglob("*.css"))
+    assert "fonts.googleapis" not in css
+    assert not external, "\n".join(external[:20])
+
+
+def test_diagrams_tutorial_output_and_api_reference_are_built(site):
+    layouts = (site / "concepts/layouts/index.html").read_text()
+    assert "layouts.svg" in layouts and (site / "img/layouts.svg").exists()
+    assert "mtp-cycle.svg" in (site / "concepts/mtp/index.html").read_text()
+    tutorial = (site / "tutorials/03-speculative-decoding/index.html").read_text()
+    assert "speculative == sequential, bit for bit: True" in tutorial  # executed output, not just code
+    api = (site / "api/index.html").read_text()
+    for name in ("NumpyMambaCacheManager", "NumbaMambaCacheManager", "scatter_mtp_states", "ConfigError", "TinyMamba2"):
+        assert name in api, name
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_pages_render_in_headless_chromium(site, tmp_path):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    chromium = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=3000"]
+    try:
+        for page in MAIN_PAGES:
+            dom = subprocess.run([*chromium, "--dump-dom", base + page], capture_output=True, text=True, timeout=120)
+            assert dom.returncode == 0, dom.stderr[-2000:]
+            assert "<article" in dom.stdout and "mamba_cache" in dom.stdout, page
+            shot = tmp_path / (page.replace("/", "_") + ".png")
+            subprocess.run([*chromium, "--window-size=1280,1600", f"--screenshot={shot}", base + page],
+                           capture_output=True, timeout=120, check=True)
+            assert shot.stat().st_size > 10_000, page
+        dom = subprocess.run([*chromium, "--dump-dom", base + "concepts/layouts/index.html"], capture_output=True, text=True, timeout=120).stdout
+        assert re.search(r'<img[^>]+layouts\.svg', dom)
+        dom = subprocess.run([*chromium, "--dump-dom", base + "tutorials/03-speculative-decoding/index.html"], capture_output=True, text=True, timeout=120).stdout
+        assert "bit for bit: True" in dom
+        if os.environ.get("MAMBA_CACHE_SCREENSHOTS"):
+            dest = pathlib.Path(os.environ["MAMBA_CACHE_SCREENSHOTS"])
+            dest.mkdir(parents=True, exist_ok=True)
+            for png in tmp_path.glob("*.png"):
+                shutil.copy(png, dest / png.name)
+    finally:
+        server.shutdown()
+        server.server_close()

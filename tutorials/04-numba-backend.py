@@ -1,0 +1,92 @@
+# %% [markdown]
+# # 04 · The Numba backend: device arrays, streams, zero-copy, CUDA graphs
+#
+# What you will learn: the same cache on a GPU through Numba, with work queued on a CUDA stream;
+# sharing its tensors with PyTorch and CuPy without copies; capturing the scatter in a CUDA graph.
+# Without a GPU this tutorial runs on Numba's CUDA simulator and skips the GPU-only parts.
+
+# %%
+from mamba_cache import select_numba_target
+
+on_gpu = select_numba_target()  # before numba is imported: the GPU, or the simulator
+import numpy as np
+from numba import cuda
+
+from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
+
+print("running on", "the GPU" if on_gpu else "the CUDA simulator")
+config = Config(3, 4, 2, 4, 8, 24, 4, 3, recurrent_state_dtype="float32")
+stream = cuda.stream()
+cache = NumbaMambaCacheManager(config, stream=stream)
+state = cache.get_recurrent_state(0)
+print(type(state).__name__, state.shape, state.dtype)
+
+# %% [markdown]
+# Every method takes `stream=`; work is asynchronous, so synchronise before reading on the host.
+# `accept_lengths` lives on the device (a host array is copied over on the stream).
+
+# %%
+rng = np.random.default_rng(0)
+reference = NumpyMambaCacheManager(config)
+for layer in range(3):
+    for kind in ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv"):
+        values = rng.standard_normal(getattr(reference, f"get_{kind}_state")(layer).shape)
+        getattr(reference, f"get_{kind}_state")(layer)[...] = values
+        getattr(cache, f"get_{kind}_state")(layer).copy_to_device(
+            np.ascontiguousarray(getattr(reference, f"get_{kind}_state")(layer)), stream=stream
+        )
+accept = np.array([1, 2, 3, 0], dtype=np.int32)
+cache.scatter_mtp_states(cuda.to_device(accept, stream=stream), stream=stream)
+reference.scatter_mtp_states(accept)
+stream.synchronize()
+same = all(
+    np.array_equal(cache.get_recurrent_state(i).copy_to_host(), reference.get_recurrent_state(i)) for i in range(3)
+)
+print("device scatter == NumPy reference:", same)
+assert same
+
+# %% [markdown]
+# ## Zero-copy with PyTorch and CuPy (GPU only)
+# The tensors expose `__cuda_array_interface__`: `torch.as_tensor(view, device="cuda")` and
+# `cupy.asarray(view)` share the cache's memory.
+
+# %%
+if on_gpu:
+    try:
+        import torch
+
+        t = torch.as_tensor(cache.get_conv_state(1), device="cuda")
+        t.zero_()
+        torch.cuda.synchronize()
+        print("torch wrote the cache:", not cache.get_conv_state(1).copy_to_host().any())
+    except ImportError:
+        print("torch not installed")
+else:
+    print("(skipped: no GPU)")
+
+# %% [markdown]
+# ## A CUDA graph of the scatter (GPU only)
+# The scatter launches a prepared kernel: no allocation, no synchronisation. Capture it once, then
+# each step only writes new accept lengths into the same device array and replays the graph.
+
+# %%
+if on_gpu:
+    from cuda.bindings import driver
+
+    d_accept = cuda.to_device(np.zeros(4, dtype=np.int32), stream=stream)
+    cache.scatter_mtp_states(d_accept, stream=stream)  # prepares the launch
+    stream.synchronize()
+    handle = int(stream.handle)
+    driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
+    cache.scatter_mtp_states(d_accept, stream=stream)
+    _, graph = driver.cuStreamEndCapture(handle)
+    _, exec_graph = driver.cuGraphInstantiate(graph, 0)
+    d_accept.copy_to_device(np.array([2, 2, 2, 2], dtype=np.int32), stream=stream)
+    driver.cuGraphLaunch(exec_graph, handle)
+    reference.scatter_mtp_states(np.array([2, 2, 2, 2], dtype=np.int32))
+    stream.synchronize()
+    replayed = np.array_equal(cache.get_recurrent_state(2).copy_to_host(), reference.get_recurrent_state(2))
+    print("graph replay == reference:", replayed)
+    assert replayed
+else:
+    print("(skipped: no GPU)")

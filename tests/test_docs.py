@@ -19,6 +19,8 @@ from html.parser import HTMLParser
 
 import pytest
 
+pytest.importorskip("mkdocs_jupyter", reason="the docs extra is not installed (pip install -e '.[docs]')")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN_PAGES = ["index.html", "concepts/layouts/index.html", "concepts/mtp/index.html",
               "tutorials/03-speculative-decoding/index.html", "api/index.html"]

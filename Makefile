@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs bench install clean
+.PHONY: demo test test-long docs bench sanitize install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-long: $(STAMP)  # the differential property tests with 2000 examples
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py --hypothesis-show-statistics
+
+sanitize: $(STAMP)  # GPU only: kernel tests under compute-sanitizer memcheck
+	.ci/sanitize $(PY)
 
 docs: $(STAMP)  # strict build (tutorials executed), then serve on http://127.0.0.1:8000
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -112,15 +112,33 @@ class MambaCacheManagerBase:
             return
         self._check_config(config)
         stream = self._stream(stream)
+        available, where = self._available_bytes()
+        if config.total_bytes > available:
+            raise MemoryError(
+                f"the cache needs {format_bytes(config.total_bytes)} ({config.total_bytes} bytes) but only "
+                f"{format_bytes(available)} ({available} bytes) of {where} is available; nothing was allocated"
+            )
         layers = config.num_recurrent_layers
         rec_dtype, conv_dtype = config.recurrent_state_dtype, config.conv_state_dtype
-        rec = self._zeros((layers, *config.recurrent_state_shape), rec_dtype, stream)
-        conv = self._zeros((layers, *config.conv_state_shape), conv_dtype, stream)
-        inter_rec = inter_conv = None
+        shapes = [
+            ((layers, *config.recurrent_state_shape), rec_dtype),
+            ((layers, *config.conv_state_shape), conv_dtype),
+        ]
         if config.has_intermediate_states:
             slots_steps = config.max_batch_size * config.max_intermediate_seq_len
-            inter_rec = self._zeros((layers, slots_steps * config.recurrent_slot_elems), rec_dtype, stream)
-            inter_conv = self._zeros((layers, slots_steps * config.conv_slot_elems), conv_dtype, stream)
+            shapes += [
+                ((layers, slots_steps * config.recurrent_slot_elems), rec_dtype),
+                ((layers, slots_steps * config.conv_slot_elems), conv_dtype),
+            ]
+        pools: list = []
+        try:
+            for shape, dtype in shapes:
+                pools.append(self._zeros(shape, dtype, stream))
+        except BaseException:
+            pools.clear()  # leave no partial allocation behind
+            self._release_partial()
+            raise
+        rec, conv, inter_rec, inter_conv = pools + [None] * (4 - len(pools))
         self._config = config
         self._pools = StatePools(rec, conv, inter_rec, inter_conv)
         self._verify_shape = (config.max_batch_size, config.max_intermediate_seq_len)
@@ -135,6 +153,13 @@ class MambaCacheManagerBase:
     # ------------------------------------------------------------ backend hooks
     def _check_config(self, config: Config) -> None:
         """Refuse a config the backend cannot serve (raise ``ConfigError``). Default: accept."""
+
+    def _available_bytes(self) -> tuple[int, str]:
+        """(bytes the pools may take, what memory that is), checked before allocating."""
+        raise NotImplementedError
+
+    def _release_partial(self) -> None:
+        """Return memory of pools dropped after a failed allocation. Default: nothing to do."""
 
     def _stream(self, stream: Any) -> Any:
         """Turn the user's ``stream`` argument into what the other hooks take."""
@@ -239,7 +264,9 @@ class MambaCacheManagerBase:
         Writes through the view change the cache.
 
         Raises:
-            IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers.
+            IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers (also
+                after ``close()``/``move()``).
+            TypeError: ``recurrent_layer_idx`` is not an integer.
         """
         return self._layer("recurrent", recurrent_layer_idx)
 
@@ -247,7 +274,9 @@ class MambaCacheManagerBase:
         """The conv state of one layer: a view of the pool, ``[B, C, K]``, conv dtype.
 
         Raises:
-            IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers.
+            IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers (also
+                after ``close()``/``move()``).
+            TypeError: ``recurrent_layer_idx`` is not an integer.
         """
         return self._layer("conv", recurrent_layer_idx)
 
@@ -281,6 +310,9 @@ class MambaCacheManagerBase:
 
         Args:
             stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            TypeError: ``stream`` is of an unknown kind (Numba backend).
         """
         stream = self._stream(stream)
         if self._pools is None:
@@ -300,6 +332,7 @@ class MambaCacheManagerBase:
 
         Raises:
             IndexError: ``batch_idx`` outside ``[0, B)``.
+            TypeError: ``batch_idx`` is not an integer, or ``stream`` is of an unknown kind.
         """
         return self._capture_kind("recurrent", batch_idx, stream)
 
@@ -315,6 +348,7 @@ class MambaCacheManagerBase:
 
         Raises:
             IndexError: ``batch_idx`` outside ``[0, B)``.
+            TypeError: ``batch_idx`` is not an integer, or ``stream`` is of an unknown kind.
         """
         return self._capture_kind("conv", batch_idx, stream)
 
@@ -367,7 +401,8 @@ class MambaCacheManagerBase:
             stream: the stream to run on (ignored by the NumPy backend).
 
         Raises:
-            TypeError: ``accept_lengths`` is of the wrong kind or dtype.
+            TypeError: ``accept_lengths`` is of the wrong kind (a device array for the NumPy
+                backend, a list, ...) or not int32; or ``stream`` is of an unknown kind.
             ValueError: ``accept_lengths`` is not 1-D, not contiguous or longer than B.
         """
         stream = self._stream(stream)

@@ -39,11 +39,9 @@ def pick_backend(name: str):
             from numba import cuda
 
             if cuda.is_available() or name == "numba":
-                from mamba_cache import NumbaMambaCacheManager
+                from mamba_cache.numba_backend import NumbaMambaCacheManager, device_name
 
-                gpu = cuda.get_current_device().name if cuda.is_available() else "CUDA simulator"
-                gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
-                return NumbaMambaCacheManager, f"Numba CUDA backend on {gpu}"
+                return NumbaMambaCacheManager, f"Numba CUDA backend on {device_name()}"
         except ImportError:
             if name == "numba":
                 raise

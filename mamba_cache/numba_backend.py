@@ -95,7 +95,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             unknown kind.
         ConfigError: ``max_batch_size`` or ``num_recurrent_layers`` exceeds 65535 (a CUDA grid
             dimension).
-        MemoryError: the device has too little free memory; nothing stays allocated.
+        MemoryError: the device has too little free memory (the message gives the bytes asked for
+            and free); checked before allocating, and nothing stays allocated.
     """
 
     backend = "numba"
@@ -148,6 +149,17 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         return ref
 
     # ------------------------------------------------------------ hooks
+    def _available_bytes(self) -> tuple[int, str]:
+        if SIMULATOR:
+            return 2**63 - 1, "simulated device memory"
+        free, _ = cuda.current_context().get_memory_info()
+        return int(free), f"free device memory on {device_name()}"
+
+    def _release_partial(self) -> None:
+        if not SIMULATOR:
+            # Numba defers frees; return the dropped pools' memory now
+            cuda.current_context().deallocations.clear()
+
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
         nbytes = math.prod(shape) * dtype.itemsize
         try:
@@ -271,6 +283,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_array(_ACCEPT_ARG, array, pointer, active)
         launch.set_scalar(_SEQ_LEN_ARG, seq_len)
         launch.launch((blocks, active, layers), stream)
+
+
+def device_name() -> str:
+    """The current CUDA device's name ("CUDA simulator" under the simulator)."""
+    if SIMULATOR:
+        return "CUDA simulator"
+    name = cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def _device_empty(shape: tuple, dtype: np.dtype, stream: StreamRef) -> Any:

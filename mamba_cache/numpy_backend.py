@@ -6,6 +6,7 @@ so the whole contract reads in one sitting. The Numba backend must match it bit 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
 
     Raises:
         TypeError: ``config`` is not a :class:`mamba_cache.Config`.
+        MemoryError: the pools would not fit in physical RAM (checked before allocating).
 
     Example:
         >>> import numpy as np
@@ -51,6 +53,14 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
 
     def _stream(self, stream: Any) -> Any:
         return None
+
+    def _available_bytes(self) -> tuple[int, str]:
+        # np.zeros only reserves address space; a config larger than RAM would fail at first touch
+        try:
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not POSIX: let NumPy decide
+            return 2**63 - 1, "host memory"
+        return physical, "host memory (physical RAM)"
 
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)

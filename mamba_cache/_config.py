@@ -99,6 +99,10 @@ class Config:
         recurrent_state_dtype: dtype of the recurrent and intermediate recurrent states
             (``float16``, ``float32`` or ``float64``; normalised to a ``numpy.dtype``).
         conv_state_dtype: dtype of the conv and intermediate conv states (same choices).
+        verify_writes_main_pool: True (the seed's behaviour) when the MTP verify pass also writes
+            the state after all ``V`` tokens into the main pool, so a full accept needs no copy;
+            False when it leaves the main pool untouched, so ``accept_lengths[b] == V`` commits
+            step ``V - 1`` too.
 
     Raises:
         ConfigError: a field is invalid; the message names it, its value and the allowed range.
@@ -114,8 +118,12 @@ class Config:
     max_intermediate_seq_len: int = 0
     recurrent_state_dtype: Any = "float16"
     conv_state_dtype: Any = "float16"
+    verify_writes_main_pool: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.verify_writes_main_pool, (bool, np.bool_)):
+            raise ConfigError(f"verify_writes_main_pool must be a bool, got {self.verify_writes_main_pool!r}")
+        object.__setattr__(self, "verify_writes_main_pool", bool(self.verify_writes_main_pool))
         layers = _as_int("num_recurrent_layers", self.num_recurrent_layers)
         if layers < 0:
             raise ConfigError(f"num_recurrent_layers must be >= 0, got {layers}")
@@ -204,6 +212,58 @@ class Config:
     def total_bytes(self) -> int:
         """Bytes of all pools together: what the manager allocates."""
         return sum(self.pool_bytes().values())
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one slot (one sequence) takes across every pool; every pool scales with B."""
+        if not self.enabled:
+            return 0
+        return self.total_bytes // self.max_batch_size
+
+    def max_batch_size_for(self, budget_bytes: int) -> int:
+        """The largest ``max_batch_size`` whose pools fit in ``budget_bytes`` (0 if none fits).
+
+        Raises:
+            ConfigError: ``budget_bytes`` is negative or the config has no layers.
+        """
+        budget = _as_int("budget_bytes", budget_bytes)
+        if budget < 0:
+            raise ConfigError(f"budget_bytes must be >= 0, got {budget}")
+        if not self.enabled:
+            raise ConfigError("num_recurrent_layers must be >= 1 to size a batch")
+        return budget // self.slot_bytes
+
+    def shard(self, tp_size: int, replicated_conv_channels: int = 0) -> Config:
+        """The config of one tensor-parallel rank: heads and conv channels split ``tp_size`` ways.
+
+        Args:
+            tp_size: ranks; must divide ``recurrent_state_num_heads`` and the split conv channels.
+            replicated_conv_channels: conv channels every rank keeps whole (Mamba2's B and C
+                channels, ``2 * n_groups * N``, when ``n_groups`` does not divide by ``tp_size``).
+
+        Returns:
+            A config with ``H / tp_size`` heads and
+            ``(C - replicated) / tp_size + replicated`` conv channels; the rest unchanged.
+
+        Raises:
+            ConfigError: ``tp_size`` < 1, or it does not divide the heads or the split channels.
+        """
+        tp = _as_int("tp_size", tp_size)
+        if tp < 1:
+            raise ConfigError(f"tp_size must be >= 1, got {tp}")
+        replicated = _as_int("replicated_conv_channels", replicated_conv_channels)
+        if not 0 <= replicated <= self.conv_dim:
+            raise ConfigError(f"replicated_conv_channels must be in [0, {self.conv_dim}], got {replicated}")
+        if self.recurrent_state_num_heads % tp:
+            raise ConfigError(f"tp_size {tp} must divide recurrent_state_num_heads ({self.recurrent_state_num_heads})")
+        split = self.conv_dim - replicated
+        if split % tp:
+            raise ConfigError(f"tp_size {tp} must divide the split conv channels ({split} of {self.conv_dim})")
+        return dataclasses.replace(
+            self,
+            recurrent_state_num_heads=self.recurrent_state_num_heads // tp,
+            conv_dim=split // tp + replicated,
+        )
 
     def memory_table(self) -> str:
         """A plain-text table of each pool's per-layer shape, dtype and bytes, with the total."""

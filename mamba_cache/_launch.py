@@ -16,12 +16,13 @@ on top of the ordinary dispatcher call.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any
 
 from numba import cuda
 
 # Numba passes an array argument as: meminfo, parent, nitems, itemsize, data, *shape, *strides.
-_ARRAY_NITEMS, _ARRAY_DATA, _ARRAY_SHAPE = 2, 4, 5
+_ARRAY_NITEMS, _ARRAY_ITEMSIZE, _ARRAY_DATA, _ARRAY_SHAPE = 2, 3, 4, 5
 
 
 class DispatcherLaunch:
@@ -32,8 +33,8 @@ class DispatcherLaunch:
         self._args = list(args)
         self._threads = threads
 
-    def set_array(self, position: int, array: Any, pointer: int, length: int | None = None) -> None:
-        """Replace array argument ``position`` by ``array`` (``pointer``/``length`` unused)."""
+    def set_array(self, position: int, array: Any, pointer: int, shape: tuple | None = None) -> None:
+        """Replace array argument ``position`` by ``array`` (``pointer``/``shape`` unused)."""
         self._args[position] = array
 
     def set_scalar(self, position: int, value: int) -> None:
@@ -75,17 +76,24 @@ class PreparedLaunch:
         self._threads = threads
         self._keep = args if keep_alive else None  # the parameter block points into these arrays
 
-    def set_array(self, position: int, array: Any, pointer: int, length: int | None = None) -> None:
+    def set_array(self, position: int, array: Any, pointer: int, shape: tuple | None = None) -> None:
         """Point array argument ``position`` at device ``pointer``.
 
-        With ``length`` (1-D arrays only) its length changes too; without, the new array must
-        have the shape and strides of the one it replaces. ``array`` itself is not used.
+        With ``shape`` (a C-contiguous array of the same rank) its shape and strides change too;
+        without, the new array must have the shape and strides of the one it replaces. ``array``
+        itself is not used.
         """
         base = self._offsets[position]
-        self._values[base + _ARRAY_DATA].value = pointer
-        if length is not None:
-            self._values[base + _ARRAY_NITEMS].value = length
-            self._values[base + _ARRAY_SHAPE].value = length
+        values = self._values
+        values[base + _ARRAY_DATA].value = pointer
+        if shape is not None:
+            ndim = len(shape)
+            stride = values[base + _ARRAY_ITEMSIZE].value
+            values[base + _ARRAY_NITEMS].value = math.prod(shape)
+            for axis in range(ndim - 1, -1, -1):
+                values[base + _ARRAY_SHAPE + axis].value = shape[axis]
+                values[base + _ARRAY_SHAPE + ndim + axis].value = stride
+                stride *= shape[axis]
 
     def set_scalar(self, position: int, value: int) -> None:
         """Replace integer argument ``position``."""

@@ -1,8 +1,8 @@
 """Backend-neutral MambaCacheManager: the public interface, argument checks, views and ownership.
 
-A backend subclasses :class:`MambaCacheManagerBase` and binds five hooks to its arrays and
-streams (``_stream``, ``_zeros``, ``_zero_fill``, ``_capture``, ``_scatter``) plus
-``_as_accept_lengths``. Everything else -- config validation, index and range checks, the
+A backend subclasses :class:`MambaCacheManagerBase` and binds a few hooks to its arrays and
+streams (``_stream``, ``_zeros``, ``_zero_fill``, ``_capture``, ``_scatter``, ``_scatter_tree``,
+``_zero_slot``, ``_restore`` and the argument checks ``_int32_array`` and ``_state_array``). Everything else -- config validation, index and range checks, the
 reshape reinterpretation, logging, copy/move/close -- lives here once, so the NumPy reference
 and the Numba backend cannot drift apart.
 
@@ -66,30 +66,40 @@ def check_size(name: str, value: Any, low: int, high: int) -> int:
     return size
 
 
-def check_accept_lengths(dtype: Any, shape: tuple, contiguous: bool, max_batch_size: int) -> int:
-    """Check an ``accept_lengths`` array's description; return its length (the active batch).
+def check_int32_array(name: str, dtype: Any, shape: tuple, contiguous: bool, layout: str) -> tuple:
+    """Check the description of an int32 index array argument; return its shape.
 
     Args:
+        name: the argument's name, for the message.
         dtype: its dtype (anything ``numpy.dtype`` accepts; a CUDA array interface typestr too).
         shape: its shape.
-        contiguous: whether its elements are adjacent (stride of 4 bytes, or a single element).
-        max_batch_size: B of the manager.
+        contiguous: whether it is C-contiguous.
+        layout: the expected layout, e.g. ``"[active]"``; its rank is the number of commas + 1.
 
     Raises:
         TypeError: the dtype is not int32.
-        ValueError: it is not 1-D, not contiguous, or longer than ``max_batch_size``.
+        ValueError: wrong rank, or not contiguous.
     """
     if np.dtype(dtype) != np.int32:
-        raise TypeError(f"accept_lengths must have dtype int32, got {np.dtype(dtype).name}")
-    if len(shape) != 1:
-        raise ValueError(f"accept_lengths must be 1-D [active], got shape {tuple(shape)}")
-    if not 0 <= shape[0] <= max_batch_size:
-        raise ValueError(
-            f"accept_lengths must have length in [0, {max_batch_size}] (max_batch_size), got {shape[0]}"
-        )
+        raise TypeError(f"{name} must have dtype int32, got {np.dtype(dtype).name}")
+    ndim = layout.count(",") + 1
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(shape)}")
     if not contiguous:
-        raise ValueError("accept_lengths must be contiguous")
-    return int(shape[0])
+        raise ValueError(f"{name} must be contiguous")
+    return tuple(int(n) for n in shape)
+
+
+def is_c_contiguous(shape: tuple, strides: tuple | None, itemsize: int) -> bool:
+    """Whether ``strides`` (bytes; ``None`` = C-contiguous) describe a C-contiguous array."""
+    if strides is None:
+        return True
+    expected = itemsize
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class MambaCacheManagerBase:
@@ -181,12 +191,40 @@ class MambaCacheManagerBase:
         """One view per layer of a stacked ``[L, ...]`` array."""
         return [stacked[layer] for layer in range(stacked.shape[0])]
 
-    def _as_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
-        """Check ``accept_lengths``; return (what ``_scatter`` takes, the active batch)."""
+    def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[Any, tuple]:
+        """Check an int32 index array argument (kind, device, dtype, rank, contiguity).
+
+        Returns (what the scatter hooks take, its shape); raises before touching any state.
+        """
         raise NotImplementedError
 
-    def _scatter(self, accept_lengths: Any, active: int, seq_len: int, stream: Any) -> None:
-        """Commit the accepted intermediate states (SEMANTICS.md) for both state kinds."""
+    def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
+        """Row ``b`` commits step ``accept[b] - 1`` when ``1 <= accept[b] <= max_accept``, both kinds,
+        into slot ``indices[b]`` (``b`` when ``indices`` is None) when that slot is in ``[0, B)``."""
+        raise NotImplementedError
+
+    def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+        """Row ``b`` commits its last accepted tree node (see ``scatter_accepted_tree_states``)."""
+        raise NotImplementedError
+
+    def _zero_slot(self, slot: int, stream: Any) -> None:
+        """Zero slot ``slot`` of every layer of the main recurrent and conv pools."""
+        raise NotImplementedError
+
+    def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
+        """Check one captured state against a pool slot (kind, device, dtype, shape); return a handle."""
+        raise NotImplementedError
+
+    def _restore(self, slot: int, recurrent: list, conv: list, stream: Any) -> None:
+        """Zero slot ``slot`` of every layer, then copy the given per-layer states into it."""
+        raise NotImplementedError
+
+    def _from_host(self, array: np.ndarray, stream: Any) -> Any:
+        """A host array as the backend's array (a device copy for the Numba backend)."""
+        raise NotImplementedError
+
+    def _to_host(self, array: Any, stream: Any) -> np.ndarray:
+        """A backend array as a host array."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state
@@ -385,32 +423,170 @@ class MambaCacheManagerBase:
             for key in [k for k in self._view_cache if k[0].startswith("intermediate_")]:
                 del self._view_cache[key]
 
-    def scatter_mtp_states(self, accept_lengths: Any, stream: Any = None) -> None:
+    def _max_accept(self, seq_len: int) -> int:
+        # The verify pass either left the final state in the main pool (a full accept needs no
+        # copy: commit steps 0 .. V-2) or left the pool untouched (commit steps 0 .. V-1).
+        return seq_len - 1 if self._config.verify_writes_main_pool else seq_len
+
+    def _accept_and_indices(self, accept_lengths: Any, state_indices: Any, stream: Any) -> tuple:
+        """Check ``accept_lengths`` ``[active]`` and the optional ``state_indices`` ``[active]``."""
+        accept, (active,) = self._int32_array("accept_lengths", accept_lengths, "[active]", stream)
+        slots = self._config.max_batch_size
+        if active > slots:
+            raise ValueError(f"accept_lengths must have length in [0, {slots}] (max_batch_size), got {active}")
+        indices = None
+        if state_indices is not None:
+            indices, (count,) = self._int32_array("state_indices", state_indices, "[active]", stream)
+            if count != active:
+                raise ValueError(f"state_indices must have the length of accept_lengths ({active}), got {count}")
+        return accept, indices, active
+
+    def scatter_mtp_states(self, accept_lengths: Any, stream: Any = None, *, state_indices: Any = None) -> None:
         """Commit each row's last accepted intermediate state into the main pools.
 
         For every layer and every row ``b < len(accept_lengths)``, with ``V`` the current second
-        dimension of the intermediate views and ``step = accept_lengths[b] - 1``: if
-        ``0 <= step < V - 1`` slot ``b`` of the recurrent and conv pools receives
-        ``intermediate[b, step]``; otherwise (padding ``<= 0``, or a full accept ``>= V`` whose final
-        state the verify pass already left in the pool) slot ``b`` is untouched. Slots
-        ``>= len(accept_lengths)`` are never touched; any int32 value is safe.
+        dimension of the intermediate views and ``a = accept_lengths[b]``: if ``1 <= a <= V - 1``
+        (``1 <= a <= V`` when ``Config.verify_writes_main_pool`` is False) the slot receives
+        ``intermediate[b, a - 1]`` of both state kinds; otherwise (padding ``<= 0``, or a full
+        accept whose final state the verify pass already left in the pool, or out of range) it is
+        untouched. The slot is ``b``, or ``state_indices[b]`` when given; a row whose index is
+        outside ``[0, B)`` is skipped. Slots no row commits to are never touched; any int32 value
+        is safe. Committing rows must name distinct slots.
 
         Args:
             accept_lengths: ``[active]`` int32, ``active <= B``: accepted tokens per row (NumPy
                 backend: a host ``numpy.ndarray``; Numba backend: on the device, see there).
             stream: the stream to run on (ignored by the NumPy backend).
+            state_indices: optional ``[active]`` int32, the pool slot of each row (keyword only).
 
         Raises:
-            TypeError: ``accept_lengths`` is of the wrong kind (a device array for the NumPy
-                backend, a list, ...) or not int32; or ``stream`` is of an unknown kind.
-            ValueError: ``accept_lengths`` is not 1-D, not contiguous or longer than B.
+            TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
+                list, ...) or not int32; or ``stream`` is of an unknown kind.
+            ValueError: an array is not 1-D or not contiguous, ``accept_lengths`` is longer than B,
+                or ``state_indices`` has another length.
         """
         stream = self._stream(stream)
         if not self.has_intermediate_recurrent_states():
             return
-        accept_lengths, active = self._as_accept_lengths(accept_lengths, stream)
+        accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
         if active:
-            self._scatter(accept_lengths, active, self._verify_shape[1], stream)
+            seq_len = self._verify_shape[1]
+            self._scatter(accept, indices, active, seq_len, self._max_accept(seq_len), stream)
+
+    def scatter_accepted_tree_states(
+        self, accepted_node_ids: Any, accept_lengths: Any, state_indices: Any = None, stream: Any = None
+    ) -> None:
+        """Tree verification: commit each row's last accepted node into the main pools.
+
+        The verify pass wrote the state after each of the ``V`` tree nodes into the intermediate
+        buffers (``[b, node]`` of the current ``[active, V]`` view). For row ``b``, the committed
+        node is the last non-negative id among the first ``min(accept_lengths[b], max_accept_len)``
+        entries of ``accepted_node_ids[b]``; a row with none, or whose node is ``>= V``, is skipped,
+        as is a row whose ``state_indices[b]`` is outside ``[0, B)``. The node's state is always
+        copied: a tree's verify pass cannot leave "the" final state in the main pool. One launch
+        covers every layer and both state kinds.
+
+        Args:
+            accepted_node_ids: ``[active, max_accept_len]`` int32 node ids in acceptance order.
+            accept_lengths: ``[active]`` int32, ``active <= B``.
+            state_indices: optional ``[active]`` int32 pool slot of each row (default: row ``b``).
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
+            ValueError: wrong rank, not contiguous, ``accept_lengths`` longer than B, or the rows of
+                ``accepted_node_ids`` / ``state_indices`` differ from ``len(accept_lengths)``.
+        """
+        stream = self._stream(stream)
+        if not self.has_intermediate_recurrent_states():
+            return
+        accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
+        if shape[0] != active:
+            raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
+        if active and shape[1]:
+            self._scatter_tree(nodes, accept, indices, active, self._verify_shape[1], stream)
+
+    # ------------------------------------------------------------ slots
+    def clear_slot(self, slot: int, stream: Any = None) -> None:
+        """Zero one slot of every layer's recurrent and conv state (a finished sequence).
+
+        Args:
+            slot: in ``[0, B)``.
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            IndexError: ``slot`` outside ``[0, B)``; TypeError: not an integer, or a bad ``stream``.
+        """
+        stream = self._stream(stream)
+        if self._pools is None:
+            return
+        self._zero_slot(check_index("slot", slot, self._config.max_batch_size), stream)
+
+    def restore_slot(self, slot: int, recurrent_states: Any, conv_states: Any, stream: Any = None) -> None:
+        """Copy captured states (e.g. a system-prompt snapshot) back into one slot of every layer.
+
+        Args:
+            slot: in ``[0, B)``.
+            recurrent_states: a list of at most L arrays, ``[1, H, D, N]`` of the recurrent dtype, as
+                ``capture_recurrent_states`` returns them (host arrays for NumPy, device arrays for
+                Numba). Layers past the end of the list are zero-filled.
+            conv_states: likewise, ``[1, C, K]`` of the conv dtype.
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            IndexError: ``slot`` outside ``[0, B)``.
+            TypeError: a list is not a list/tuple, or an array has the wrong dtype or lives on the
+                wrong device for this backend.
+            ValueError: a list is longer than the layer count, or an array has the wrong shape.
+        """
+        stream = self._stream(stream)
+        pools = self._require_pools("restore_slot")
+        config = self._config
+        slot = check_index("slot", slot, config.max_batch_size)
+        checked = []
+        for name, states, pool in (("recurrent_states", recurrent_states, pools.recurrent), ("conv_states", conv_states, pools.conv)):
+            if not isinstance(states, (list, tuple)):
+                raise TypeError(f"{name} must be a list of per-layer arrays, got {type(states).__name__}")
+            if len(states) > config.num_recurrent_layers:
+                raise ValueError(
+                    f"{name} has {len(states)} arrays but the cache has {config.num_recurrent_layers} layers"
+                )
+            shape = (1, *pool.shape[2:])
+            checked.append([self._state_array(f"{name}[{i}]", a, shape, pool.dtype) for i, a in enumerate(states)])
+        self._restore(slot, checked[0], checked[1], stream)
+
+    def save_slot(self, path: Any, slot: int, stream: Any = None) -> None:
+        """Save one slot of every layer, with the config and a checksum, to ``path`` (``.npz``).
+
+        Raises:
+            IndexError: ``slot`` outside ``[0, B)``, or no layers.
+        """
+        from .snapshot import save_snapshot
+
+        self._require_pools("save_slot")
+        recurrent = self.capture_recurrent_states(slot, stream=stream)
+        conv = self.capture_conv_states(slot, stream=stream)
+        resolved = self._stream(stream)
+        save_snapshot(path, self._config, [self._to_host(a, resolved) for a in recurrent], [self._to_host(a, resolved) for a in conv])
+
+    def load_slot(self, path: Any, slot: int, stream: Any = None) -> None:
+        """Load a snapshot written by :meth:`save_slot` (by either backend) into one slot.
+
+        Raises:
+            mamba_cache.snapshot.SnapshotError: the file is corrupted, not a snapshot, or was saved
+                from a config with other layer counts, shapes or dtypes (nothing is changed).
+            IndexError: ``slot`` outside ``[0, B)``, or no layers.
+        """
+        from .snapshot import load_snapshot
+
+        self._require_pools("load_slot")
+        check_index("slot", slot, self._config.max_batch_size)
+        recurrent, conv = load_snapshot(path, self._config)
+        resolved = self._stream(stream)
+        self.restore_slot(
+            slot, [self._from_host(a, resolved) for a in recurrent], [self._from_host(a, resolved) for a in conv], stream=stream
+        )
 
     # ------------------------------------------------------------ ownership
     def __copy__(self):

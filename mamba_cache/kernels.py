@@ -55,13 +55,15 @@ def launch_shape(*words: int) -> tuple[tuple[int, ...], int]:
 
 
 @cuda.jit(cache=False)
-def scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, seq_len):
+def scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, state_indices, use_indices, seq_len, max_accept):
     """Copy each row's last accepted intermediate state into its main-pool slot, both state kinds.
 
-    For layer ``l = blockIdx.z``, row ``b = blockIdx.y`` and ``a = accept_lengths[b]``:
-    if ``1 <= a < seq_len`` then ``dst[l, b, :] = src[l, b * seq_len + a - 1, :]`` for both state
-    kinds, else nothing. The x blocks ``[0, chunks_a)`` copy kind a (the recurrent state), the
-    rest kind b (the conv state), so one launch commits both::
+    For layer ``l = blockIdx.z``, row ``b = blockIdx.y``, ``a = accept_lengths[b]`` and slot
+    ``s = state_indices[b]`` if ``use_indices`` else ``b``: if ``1 <= a <= max_accept`` and
+    ``0 <= s < B`` then ``dst[l, s, :] = src[l, b * seq_len + a - 1, :]`` for both state kinds, else
+    nothing. ``max_accept`` is ``V - 1`` when the verify pass wrote the final state into the main
+    pool, ``V`` when it did not. The x blocks ``[0, chunks_a)`` copy kind a (the recurrent state),
+    the rest kind b (the conv state), so one launch commits both::
 
         blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
                      recurrent slot  | conv slot
@@ -73,22 +75,58 @@ def scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, seq_l
         src_b (DeviceNDArray): ``[L, B*S, W']`` words, the intermediate conv pool (read).
         chunks_a (int): x blocks that cover one slot of kind a.
         accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+        state_indices (DeviceNDArray): ``[rows]`` int32 slots (read only if ``use_indices``); any
+            value is safe.
+        use_indices (int): 1 to read ``state_indices``, 0 for slot = row.
         seq_len (int): V, the current verify length (``1 <= V <= S``).
+        max_accept (int): ``V - 1`` or ``V``.
 
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``; see the module docstring.
     """
-    layer = cuda.blockIdx.z
     row = cuda.blockIdx.y
     accepted = accept_lengths[row]
     # Compare the int32 before subtracting: INT32_MIN - 1 must not wrap to a valid step.
-    if accepted < 1 or accepted >= seq_len:
+    if accepted < 1 or accepted > max_accept:
         return
-    src_row = row * seq_len + (accepted - 1)
-    chunk = cuda.blockIdx.x
-    if chunk < chunks_a:
-        _copy_chunk(dst_a, layer, row, src_a, layer, src_row, chunk)
-    else:
-        _copy_chunk(dst_b, layer, row, src_b, layer, src_row, chunk - chunks_a)
+    _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + (accepted - 1))
+
+
+@cuda.jit(cache=False)
+def scatter_tree(dst_a, src_a, dst_b, src_b, chunks_a, node_ids, accept_lengths, state_indices, use_indices, seq_len):
+    """Copy each row's last accepted tree node's state into its main-pool slot, both state kinds.
+
+    For row ``b = blockIdx.y``: ``n = min(accept_lengths[b], M)``; ``node`` is the last
+    non-negative entry of ``node_ids[b, :n]``; if there is one, ``node < seq_len`` and the slot is
+    in ``[0, B)``: ``dst[l, slot, :] = src[l, b * seq_len + node, :]``. Every block of the row
+    scans the row's ``M`` ids itself (M is a handful), so no block waits on another.
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, W]`` words, the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, W]`` words, the intermediate recurrent pool (read).
+        dst_b (DeviceNDArray): ``[L, B, W']`` words, the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, W']`` words, the intermediate conv pool (read).
+        chunks_a (int): x blocks that cover one slot of kind a.
+        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted node ids; any value is safe.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+        state_indices (DeviceNDArray): ``[rows]`` int32 slots (read only if ``use_indices``).
+        use_indices (int): 1 to read ``state_indices``, 0 for slot = row.
+        seq_len (int): V, the number of tree nodes the verify pass wrote per row.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    width = node_ids.shape[1]
+    count = accept_lengths[row]
+    if count > width:
+        count = width
+    node = -1
+    for j in range(count):  # count <= 0: no iterations
+        candidate = node_ids[row, j]
+        if candidate >= 0:
+            node = candidate
+    if node < 0 or node >= seq_len:
+        return
+    _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + node)
 
 
 @cuda.jit(cache=False)
@@ -136,6 +174,51 @@ def _zero_chunk(dst, chunk):
         w = base + i * threads
         if w < n:
             dst[w] = 0
+
+
+@cuda.jit(device=True, inline="always")
+def _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, src_row):
+    """Copy this block's chunk of intermediate row ``src_row`` into the row's slot, if in range."""
+    slot = state_indices[row] if use_indices else row
+    if slot < 0 or slot >= dst_a.shape[1]:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < chunks_a:
+        _copy_chunk(dst_a, layer, slot, src_a, layer, src_row, chunk)
+    else:
+        _copy_chunk(dst_b, layer, slot, src_b, layer, src_row, chunk - chunks_a)
+
+
+@cuda.jit(cache=False)
+def zero_slot(dst_a, dst_b, chunks_a, slot):
+    """Zero one slot of every layer of two pools: ``dst_a[l, slot, :] = 0; dst_b[l, slot, :] = 0``.
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, W]`` words (written).
+        dst_b (DeviceNDArray): ``[L, B, W']`` words (written).
+        chunks_a (int): x blocks that cover one slot of ``dst_a``.
+        slot (int): the slot, ``0 <= slot < B``.
+
+    Grid ``(chunks_a + chunks_b, 1, L)``, block ``(threads,)``.
+    """
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < chunks_a:
+        _zero_row(dst_a, layer, slot, chunk)
+    else:
+        _zero_row(dst_b, layer, slot, chunk - chunks_a)
+
+
+@cuda.jit(device=True, inline="always")
+def _zero_row(dst, layer, row, chunk):
+    threads = cuda.blockDim.x
+    base = chunk * threads * WORDS_PER_THREAD + cuda.threadIdx.x
+    words = dst.shape[2]
+    for i in range(WORDS_PER_THREAD):
+        w = base + i * threads
+        if w < words:
+            dst[layer, row, w] = 0
 
 
 @cuda.jit(device=True, inline="always")

@@ -22,7 +22,7 @@ from numba.cuda.core import config as numba_config
 from . import kernels
 from ._config import Config, ConfigError, format_bytes
 from ._launch import DispatcherLaunch, PreparedLaunch
-from ._manager import MambaCacheManagerBase, check_accept_lengths
+from ._manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
 
 __all__ = ["NumbaMambaCacheManager"]
 
@@ -41,8 +41,6 @@ else:
 
     _Launch = PreparedLaunch
 
-# positions in kernels.scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, seq_len)
-_ACCEPT_ARG, _SEQ_LEN_ARG = 5, 6
 _CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # positions in kernels.copy_slot(dst, src, slot)
 
 
@@ -108,8 +106,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     def _become_empty(self) -> None:
         super()._become_empty()
         self._launches: dict = {}
-        self._staging = None
-        self._last_accept = None
+        self._staging: dict = {}
+        self._last_arrays: dict = {}
 
     def _check_config(self, config: Config) -> None:
         for name in ("num_recurrent_layers", "max_batch_size"):
@@ -224,65 +222,141 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             for i in range(stacked.shape[0])
         ]
 
-    def _as_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
+    def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[Any, tuple]:
         # A Numba device array cannot change its pointer, shape or dtype: once checked, reuse it.
-        last = self._last_accept
-        if last is not None and last[0] is accept_lengths:
+        last = self._last_arrays.get(name)
+        if last is not None and last[0] is array:
             return last[1]
-        checked = self._check_accept_lengths(accept_lengths, stream)
-        if type(accept_lengths) is _DeviceArray and not SIMULATOR:
-            self._last_accept = (accept_lengths, checked)
+        checked = self._check_int32_array(name, array, layout, stream)
+        if type(array) is _DeviceArray and not SIMULATOR:
+            self._last_arrays[name] = (array, checked)
         return checked
 
-    def _check_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[Any, int]:
-        slots = self._config.max_batch_size
-        if isinstance(accept_lengths, np.ndarray):
-            contiguous = accept_lengths.ndim != 1 or accept_lengths.shape[0] <= 1 or accept_lengths.strides[0] == 4
-            active = check_accept_lengths(accept_lengths.dtype, accept_lengths.shape, contiguous, slots)
-            if self._staging is None:
-                self._staging = cuda.device_array(slots, dtype=np.int32)
-            staged = self._staging[:active] if active else self._staging
-            if active:
-                staged.copy_to_device(accept_lengths, stream=stream.stream)
-            return (staged, _device_pointer(staged)), active
-        if isinstance(accept_lengths, _DeviceArray) and SIMULATOR:
-            active = check_accept_lengths(accept_lengths.dtype, accept_lengths.shape, True, slots)
-            return (accept_lengths, 0), active
-        interface = getattr(accept_lengths, "__cuda_array_interface__", None)
+    def _check_int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[Any, tuple]:
+        if isinstance(array, np.ndarray):
+            shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
+            return ((*self._stage(name, array, stream), shape), shape)
+        if SIMULATOR and isinstance(array, _DeviceArray):
+            shape = check_int32_array(name, array.dtype, array.shape, array.is_c_contiguous(), layout)
+            return ((array, 0, shape), shape)
+        interface = getattr(array, "__cuda_array_interface__", None)
         if interface is None:
             raise TypeError(
-                "accept_lengths must be a device array (numba, or any object with "
-                f"__cuda_array_interface__) or a numpy.ndarray of int32, got {type(accept_lengths).__name__}"
+                f"{name} must be a device array (numba, or any object with __cuda_array_interface__) "
+                f"or a numpy.ndarray of int32, got {type(array).__name__}"
             )
         shape = tuple(interface["shape"])
-        strides = interface.get("strides")
-        contiguous = strides is None or len(shape) != 1 or shape[0] <= 1 or tuple(strides) == (4,)
-        active = check_accept_lengths(interface["typestr"], shape, contiguous, slots)
-        return (accept_lengths, int(interface["data"][0])), active
+        contiguous = is_c_contiguous(shape, interface.get("strides"), np.dtype(interface["typestr"]).itemsize)
+        shape = check_int32_array(name, interface["typestr"], shape, contiguous, layout)
+        return ((array, int(interface["data"][0]), shape), shape)
 
-    def _scatter_launch(self) -> tuple:
-        """(prepared launch, x blocks, layers) of the scatter of both state kinds."""
+    def _stage(self, name: str, host: np.ndarray, stream: Any) -> tuple[Any, int]:
+        """Copy a host index array into this manager's device staging buffer for ``name``."""
+        staging = self._staging.get(name)
+        if staging is None or staging.size < max(host.size, 1):
+            staging = self._staging[name] = cuda.device_array(max(host.size, self._config.max_batch_size), dtype=np.int32)
+        staged = staging[: host.size].reshape(host.shape) if host.size else staging
+        if host.size:
+            staged.copy_to_device(host, stream=stream.stream)
+        return staged, _device_pointer(staged)
+
+    def _placeholder(self) -> Any:
+        """An int32 device array that stands in for an unused or not-yet-given index argument."""
+        if "placeholder" not in self._staging:
+            self._staging["placeholder"] = cuda.device_array(max(self._config.max_batch_size, 1), dtype=np.int32)
+        return self._staging["placeholder"]
+
+    def _commit_words(self) -> tuple:
+        """Word views (recurrent, intermediate recurrent, conv, intermediate conv), chunks and threads."""
+        pools, config = self._pools, self._config
+        slots = config.max_batch_size
+        steps = slots * config.max_intermediate_seq_len
+        words = []
+        for kind in ("recurrent", "conv"):
+            words += [_slot_words(getattr(pools, kind), slots), _slot_words(getattr(pools, f"intermediate_{kind}"), steps)]
+        (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+        return words, chunks_a, chunks_b, threads
+
+    def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
         entry = self._launches.get("scatter")
         if entry is None:
-            pools, config = self._pools, self._config
-            slots = config.max_batch_size
-            steps = slots * config.max_intermediate_seq_len
-            words = []
-            for kind in ("recurrent", "conv"):
-                words += [_slot_words(getattr(pools, kind), slots), _slot_words(getattr(pools, f"intermediate_{kind}"), steps)]
-            if self._staging is None:
-                self._staging = cuda.device_array(slots, dtype=np.int32)
-            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
-            launch = _Launch(kernels.scatter_accepted, (*words, chunks_a, self._staging, 1), threads)
-            entry = self._launches["scatter"] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
-        return entry
-
-    def _scatter(self, accept_lengths: Any, active: int, seq_len: int, stream: Any) -> None:
-        array, pointer = accept_lengths
-        launch, blocks, layers = self._scatter_launch()
-        launch.set_array(_ACCEPT_ARG, array, pointer, active)
-        launch.set_scalar(_SEQ_LEN_ARG, seq_len)
+            words, chunks_a, chunks_b, threads = self._commit_words()
+            placeholder = self._placeholder()
+            launch = _Launch(kernels.scatter_accepted, (*words, chunks_a, placeholder, placeholder, 0, 1, 1), threads)
+            entry = self._launches["scatter"] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
+        launch, blocks, layers = entry
+        self._set_indices(launch, 6, indices)
+        launch.set_array(5, *accept)
+        launch.set_scalar(8, seq_len)
+        launch.set_scalar(9, max_accept)
         launch.launch((blocks, active, layers), stream)
+
+    def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+        entry = self._launches.get("tree")
+        if entry is None:
+            words, chunks_a, chunks_b, threads = self._commit_words()
+            placeholder = self._placeholder()
+            node_ids = placeholder.reshape((placeholder.size, 1))
+            launch = _Launch(kernels.scatter_tree, (*words, chunks_a, node_ids, placeholder, placeholder, 0, 1), threads)
+            entry = self._launches["tree"] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
+        launch, blocks, layers = entry
+        self._set_indices(launch, 7, indices)
+        launch.set_array(5, *nodes)
+        launch.set_array(6, *accept)
+        launch.set_scalar(9, seq_len)
+        launch.launch((blocks, active, layers), stream)
+
+    def _set_indices(self, launch: Any, position: int, indices: Any) -> None:
+        """Point the state_indices argument at ``indices``, or at the placeholder with the flag off."""
+        if indices is None:
+            placeholder = self._placeholder()
+            launch.set_array(position, placeholder, _device_pointer(placeholder), (placeholder.size,))
+            launch.set_scalar(position + 1, 0)
+        else:
+            launch.set_array(position, *indices)
+            launch.set_scalar(position + 1, 1)
+
+    def _zero_slot(self, slot: int, stream: Any) -> None:
+        entry = self._launches.get("zero_slot")
+        if entry is None:
+            pools, slots = self._pools, self._config.max_batch_size
+            rec, conv = _slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)
+            (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
+            launch = _Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
+            entry = self._launches["zero_slot"] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
+        launch, grid = entry
+        launch.set_scalar(3, slot)
+        launch.launch(grid, stream)
+
+    def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
+        if isinstance(array, np.ndarray):
+            raise TypeError(f"{name} must be a device array for the Numba backend, got a host numpy.ndarray")
+        if not isinstance(array, _DeviceArray):
+            if SIMULATOR or not hasattr(array, "__cuda_array_interface__"):
+                raise TypeError(f"{name} must be a device array for the Numba backend, got {type(array).__name__}")
+            array = cuda.as_cuda_array(array, sync=False)
+        if array.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype.name} (the pool's), got {array.dtype.name}")
+        if tuple(array.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(array.shape)}")
+        if not array.is_c_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        return array
+
+    def _restore(self, slot: int, recurrent: list, conv: list, stream: Any) -> None:
+        self._zero_slot(slot, stream)
+        for pool, states in ((self._pools.recurrent, recurrent), (self._pools.conv, conv)):
+            for layer, state in enumerate(states):
+                target = pool[layer, slot]
+                target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
+
+    def _from_host(self, array: np.ndarray, stream: Any) -> Any:
+        return cuda.to_device(np.ascontiguousarray(array), stream=stream.stream)
+
+    def _to_host(self, array: Any, stream: Any) -> np.ndarray:
+        host = array.copy_to_host(stream=stream.stream)
+        stream.stream.synchronize()
+        return host
 
 
 def device_name() -> str:

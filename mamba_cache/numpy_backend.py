@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._manager import MambaCacheManagerBase, check_accept_lengths
+from ._manager import MambaCacheManagerBase, check_int32_array
 
 __all__ = ["NumpyMambaCacheManager"]
 
@@ -72,28 +72,68 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     def _capture(self, pool: np.ndarray, slot: int, stream: Any) -> np.ndarray:
         return pool[:, slot : slot + 1].copy()
 
-    def _as_accept_lengths(self, accept_lengths: Any, stream: Any) -> tuple[np.ndarray, int]:
-        if hasattr(accept_lengths, "__cuda_array_interface__"):
+    def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[np.ndarray, tuple]:
+        if hasattr(array, "__cuda_array_interface__"):
             raise TypeError(
-                "accept_lengths must be a host numpy.ndarray for the NumPy backend, got a device array "
-                f"({type(accept_lengths).__name__}); copy it to the host first"
+                f"{name} must be a host numpy.ndarray for the NumPy backend, got a device array "
+                f"({type(array).__name__}); copy it to the host first"
             )
-        if not isinstance(accept_lengths, np.ndarray):
-            raise TypeError(f"accept_lengths must be a numpy.ndarray of int32, got {type(accept_lengths).__name__}")
-        contiguous = accept_lengths.ndim != 1 or accept_lengths.shape[0] <= 1 or accept_lengths.strides[0] == 4
-        active = check_accept_lengths(accept_lengths.dtype, accept_lengths.shape, contiguous, self._config.max_batch_size)
-        return accept_lengths, active
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray of int32, got {type(array).__name__}")
+        shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
+        return array, shape
 
-    def _scatter(self, accept_lengths: np.ndarray, active: int, seq_len: int, stream: Any) -> None:
-        # Row b commits step accept_lengths[b] - 1 when that is a partial accept (0 <= step < V-1).
-        # The intermediate buffer of a layer is [active, V, elems] from its start, so (b, step) is
-        # row b * V + step of it seen as [B * S, elems]. int64 keeps INT32_MIN - 1 from wrapping.
-        step = accept_lengths.astype(np.int64) - 1
-        rows = np.flatnonzero((step >= 0) & (step < seq_len - 1))
-        src_rows = rows * seq_len + step[rows]
+    def _scatter(self, accept: np.ndarray, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
+        # Row b commits step accept[b] - 1 when 0 <= step < max_accept. The intermediate buffer of
+        # a layer is [active, V, elems] from its start, so (b, step) is row b * V + step of it seen
+        # as [B * S, elems]. int64 keeps INT32_MIN - 1 from wrapping.
+        step = accept.astype(np.int64) - 1
+        self._commit(step, (step >= 0) & (step < max_accept), indices, seq_len)
+
+    def _scatter_tree(self, nodes: np.ndarray, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+        # The committed node is the last non-negative id among the first min(accept, M) entries.
+        width = nodes.shape[1]
+        considered = (np.arange(width) < np.clip(accept.astype(np.int64), 0, width)[:, None]) & (nodes >= 0)
+        last = width - 1 - np.argmax(considered[:, ::-1], axis=1)
+        node = nodes[np.arange(active), last].astype(np.int64)
+        self._commit(node, considered.any(axis=1) & (node < seq_len), indices, seq_len)
+
+    def _commit(self, step: np.ndarray, ok: np.ndarray, indices: Any, seq_len: int) -> None:
+        """``pool[:, slot[b]] = intermediate[:, b * V + step[b]]`` for the rows where ``ok``, both kinds."""
+        active = step.shape[0]
         pools = self._pools
+        slots = np.arange(active) if indices is None else indices.astype(np.int64)
+        ok = ok & (slots >= 0) & (slots < self._config.max_batch_size)
+        rows = np.flatnonzero(ok)
+        src_rows = rows * seq_len + step[rows]
         for pool, inter in ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv)):
-            layers, slots = pool.shape[:2]
-            dst = pool.reshape(layers, slots, -1)
+            layers, count = pool.shape[:2]
+            dst = pool.reshape(layers, count, -1)
             src = inter.reshape(layers, -1, dst.shape[2])
-            dst[:, rows] = src[:, src_rows]
+            dst[:, slots[rows]] = src[:, src_rows]
+
+    def _zero_slot(self, slot: int, stream: Any) -> None:
+        self._pools.recurrent[:, slot] = 0
+        self._pools.conv[:, slot] = 0
+
+    def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        if not isinstance(array, np.ndarray):
+            kind = "a device array" if hasattr(array, "__cuda_array_interface__") else type(array).__name__
+            raise TypeError(f"{name} must be a host numpy.ndarray for the NumPy backend, got {kind}")
+        if array.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype.name} (the pool's), got {array.dtype.name}")
+        if array.shape != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(array.shape)}")
+        return array
+
+    def _restore(self, slot: int, recurrent: list, conv: list, stream: Any) -> None:
+        self._zero_slot(slot, stream)
+        for pool, states in ((self._pools.recurrent, recurrent), (self._pools.conv, conv)):
+            for layer, state in enumerate(states):
+                pool[layer, slot] = state[0]
+
+    def _from_host(self, array: np.ndarray, stream: Any) -> np.ndarray:
+        return array
+
+    def _to_host(self, array: np.ndarray, stream: Any) -> np.ndarray:
+        return array

@@ -40,7 +40,7 @@ def test_defaults_match_cpp_and_are_a_no_op():
 
 def test_field_order_is_the_documented_one():
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["num_recurrent_layers", *DIMENSIONS, "max_intermediate_seq_len", "recurrent_state_dtype", "conv_state_dtype"]
+    assert names == ["num_recurrent_layers", *DIMENSIONS, "max_intermediate_seq_len", "recurrent_state_dtype", "conv_state_dtype", "verify_writes_main_pool"]
 
 
 def test_frozen():

@@ -168,17 +168,20 @@ def test_kernels_compile_to_wide_loads_without_local_memory():
         from numba import cuda, types
         from mamba_cache import kernels
         w3 = types.uint64[:, :, ::1]
+        i1 = types.int32[::1]
         sigs = {
-            "scatter_accepted": (w3, w3, w3, w3, types.int64, types.int32[::1], types.int64),
+            "scatter_accepted": (w3, w3, w3, w3, types.int64, i1, i1, types.int64, types.int64, types.int64),
+            "scatter_tree": (w3, w3, w3, w3, types.int64, types.int32[:, ::1], i1, i1, types.int64, types.int64),
             "copy_slot": (w3, w3, types.int64),
             "zero_words": (types.uint64[::1], types.uint64[::1], types.int64),
+            "zero_slot": (w3, w3, types.int64, types.int64),
         }
         for name, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, sig, cc=(9, 0))
             body = ptx[ptx.index(".entry"):]
             assert ".local" not in body, name + " uses local memory"
-            paths = {"scatter_accepted": 2, "copy_slot": 1, "zero_words": 2}[name]  # kinds per launch
-            if name != "zero_words":
+            paths = {"scatter_accepted": 2, "scatter_tree": 2, "copy_slot": 1, "zero_words": 2, "zero_slot": 2}[name]
+            if not name.startswith("zero"):
                 assert body.count("ld.global.u64") == paths * kernels.WORDS_PER_THREAD, name
             assert body.count("st.global.u64") == paths * kernels.WORDS_PER_THREAD, name
             print(name, "ok")
@@ -188,4 +191,4 @@ def test_kernels_compile_to_wide_loads_without_local_memory():
     if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
         pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("ok") == 3
+    assert result.stdout.count("ok") == 5

@@ -59,6 +59,7 @@ def random_config(rng) -> Config:
         max_intermediate_seq_len=int(rng.integers(1, 6)),
         recurrent_state_dtype=str(rng.choice(["float16", "float32", "float64"])),
         conv_state_dtype=str(rng.choice(["float16", "float32"])),
+        verify_writes_main_pool=bool(rng.random() < 0.5),
     )
 
 
@@ -87,7 +88,8 @@ def run_sequence(config, rng, steps):
     assert_same_bits(snapshot(ref), snapshot(dev), "construction")
     fill_random([ref, dev], rng)
     for step in range(steps):
-        op = rng.choice(["write", "clear", "capture", "reshape", "scatter", "scatter", "scatter", "bad"])
+        op = rng.choice(["write", "clear", "capture", "reshape", "scatter", "scatter", "scatter", "bad",
+                         "clear_slot", "restore", "indices", "tree"])
         if op == "write":
             what = write_through_view([ref, dev], rng)
         elif op == "clear":
@@ -116,6 +118,37 @@ def run_sequence(config, rng, steps):
             from numba import cuda
 
             dev.scatter_mtp_states(cuda.to_device(acc) if rng.random() < 0.7 else acc)
+        elif op == "clear_slot":
+            slot = int(rng.integers(config.max_batch_size))
+            what = f"clear_slot({slot})"
+            ref.clear_slot(slot)
+            dev.clear_slot(slot)
+        elif op == "restore":
+            source, target = (int(x) for x in rng.integers(config.max_batch_size, size=2))
+            rec_layers, conv_layers = (int(x) for x in rng.integers(config.num_recurrent_layers + 1, size=2))
+            what = f"restore_slot({target}) from slot {source}, {rec_layers}/{conv_layers} layers"
+            for manager in (ref, dev):
+                rec, conv = manager.capture_recurrent_states(source), manager.capture_conv_states(source)
+                manager.restore_slot(target, rec[:rec_layers], conv[:conv_layers])
+        elif op == "indices":
+            from numba import cuda
+
+            acc = accept_lengths(rng, config, ref.intermediate_shape[1])
+            slots = rng.permutation(config.max_batch_size + 2)[: acc.size] - 1  # distinct, some out of range
+            indices = slots.astype(np.int32)
+            what = f"scatter {acc.tolist()} -> slots {indices.tolist()}"
+            ref.scatter_mtp_states(acc, state_indices=indices)
+            dev.scatter_mtp_states(cuda.to_device(acc), state_indices=cuda.to_device(indices))
+        elif op == "tree":
+            from numba import cuda
+
+            seq_len = ref.intermediate_shape[1]
+            acc = accept_lengths(rng, config, seq_len)
+            width = int(rng.integers(1, 5))
+            nodes = rng.choice([INT32_MIN, -1, 0, 1, seq_len - 1, seq_len, INT32_MAX, 2], size=(acc.size, width)).astype(np.int32)
+            what = f"tree nodes {nodes.tolist()} accept {acc.tolist()}"
+            ref.scatter_accepted_tree_states(nodes, acc)
+            dev.scatter_accepted_tree_states(cuda.to_device(nodes), cuda.to_device(acc))
         else:
             what = "bad call"
             bad = int(config.max_batch_size + 1)

@@ -1,0 +1,117 @@
+"""Model presets with published recurrent-layer dimensions, for memory planning.
+
+Each preset describes one model's recurrent layers (only the Mamba / linear-attention layers of a
+hybrid: attention layers keep a KV cache instead, which this library does not manage). The conv
+state of a Mamba2 layer covers the channels of x (``H * D``) and of B and C
+(``2 * n_groups * N``); Gated DeltaNet's covers q, k (``2 * key_heads * key_dim``) and v. Under
+tensor parallelism the heads split across ranks, and so do the group channels when ``n_groups``
+divides by the TP size; otherwise every rank keeps all of them (as vLLM does for Mamba2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ._config import Config, ConfigError
+
+__all__ = ["ModelPreset", "PRESETS", "parse_bytes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """The recurrent-layer dimensions of one published model.
+
+    Attributes:
+        name: the preset's key in :data:`PRESETS`.
+        description: the model, and which of its layers are recurrent.
+        num_recurrent_layers: L.
+        num_heads: H, heads of the recurrent state (value heads for Gated DeltaNet).
+        head_dim: D.
+        state_size: N.
+        conv_dim: conv channels on one GPU.
+        n_groups: groups of the group channels (Mamba2 B/C groups; GDN key heads).
+        group_channels: the conv channels that belong to the groups (``2 * n_groups * N`` for Mamba2).
+        conv_kernel: K.
+        recurrent_state_dtype: dtype of the recurrent state.
+        conv_state_dtype: dtype of the conv state.
+    """
+
+    name: str
+    description: str
+    num_recurrent_layers: int
+    num_heads: int
+    head_dim: int
+    state_size: int
+    conv_dim: int
+    n_groups: int
+    group_channels: int
+    conv_kernel: int = 4
+    recurrent_state_dtype: str = "float16"
+    conv_state_dtype: str = "float16"
+
+    def config(self, batch: int, mtp: int = 0, tp: int = 1) -> Config:
+        """The cache config of one tensor-parallel rank for ``batch`` slots and MTP verify length ``mtp``.
+
+        Raises:
+            ConfigError: a bad batch, mtp or tp (tp must divide the heads).
+        """
+        config = Config(
+            num_recurrent_layers=self.num_recurrent_layers,
+            max_batch_size=batch,
+            recurrent_state_num_heads=self.num_heads,
+            recurrent_state_head_dim=self.head_dim,
+            recurrent_state_size=self.state_size,
+            conv_dim=self.conv_dim,
+            conv_kernel=self.conv_kernel,
+            max_intermediate_seq_len=mtp,
+            recurrent_state_dtype=self.recurrent_state_dtype,
+            conv_state_dtype=self.conv_state_dtype,
+        )
+        if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1:
+            replicated = 0 if self.n_groups % tp == 0 else self.group_channels
+            return config.shard(tp, replicated_conv_channels=replicated)
+        if tp != 1:
+            raise ConfigError(f"tp must be an integer >= 1, got {tp!r}")
+        return config
+
+
+def _mamba2(name, description, layers, heads, head_dim, state, groups, **kw) -> ModelPreset:
+    return ModelPreset(name, description, layers, heads, head_dim, state,
+                       conv_dim=heads * head_dim + 2 * groups * state, n_groups=groups,
+                       group_channels=2 * groups * state, **kw)
+
+
+#: The presets, by name.
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        _mamba2("mamba2-130m", "Mamba2-130M: 24 Mamba2 layers, d_inner 1536 = 24 heads x 64, d_state 128", 24, 24, 64, 128, 1),
+        _mamba2("mamba2-2.7b", "Mamba2-2.7B: 64 Mamba2 layers, d_inner 5120 = 80 heads x 64, d_state 128", 64, 80, 64, 128, 1),
+        _mamba2("nemotron-h-8b", "Nemotron-H-8B: 24 Mamba2 layers of 52, 128 heads x 64, d_state 128, 8 groups", 24, 128, 64, 128, 8),
+        _mamba2("falcon-h1-7b", "Falcon-H1-7B: 44 layers, each with a Mamba2 mixer of 24 heads x 128, d_state 256", 44, 24, 128, 256, 1),
+        ModelPreset(
+            "qwen3-next-80b-a3b",
+            "Qwen3-Next-80B-A3B-style Gated DeltaNet: 36 linear-attention layers of 48, 32 value heads, "
+            "state [key dim 128, value dim 128] per head (float32), conv over q, k (16 key heads x 128) and v",
+            num_recurrent_layers=36, num_heads=32, head_dim=128, state_size=128,
+            conv_dim=2 * 16 * 128 + 32 * 128, n_groups=16, group_channels=2 * 16 * 128,
+            recurrent_state_dtype="float32",
+        ),
+    )
+}
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"20GiB"`` -> 21474836480; ``"1.5GB"``, ``"512MiB"``, ``"1000"`` likewise.
+
+    Raises:
+        ValueError: not a number followed by an optional unit (B, KB, MB, GB, TB, KiB ... TiB).
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"budget must look like 20GiB, 1.5GB or 1000000 (bytes), got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])

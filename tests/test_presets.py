@@ -1,0 +1,92 @@
+"""Memory planner: preset byte counts against figures worked out by hand, sharding, the CLI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mamba_cache import Config, ConfigError
+from mamba_cache.cli import main
+from mamba_cache.presets import PRESETS, parse_bytes
+
+
+def test_mamba2_130m_by_hand():
+    # 24 layers x 8 slots x (24 heads x 64 x 128 = 196,608) fp16 = 75,497,472 B;
+    # conv: 1536 + 2 x 128 = 1792 channels x 4 x 2 B x 8 slots x 24 layers = 2,752,512 B.
+    config = PRESETS["mamba2-130m"].config(batch=8)
+    assert config.pool_bytes() == {"recurrent": 75_497_472, "conv": 2_752_512,
+                                   "intermediate_recurrent": 0, "intermediate_conv": 0}
+    assert config.total_bytes == 78_249_984
+
+
+def test_nemotron_h_8b_mtp_tp2_by_hand():
+    # per rank: 128 / 2 = 64 heads; 8 groups split too: (8192 + 2 x 8 x 128) / 2 = 5120 channels.
+    # recurrent 24 x 8 x 64 x 64 x 128 x 2 = 201,326,592; conv 24 x 8 x 5120 x 4 x 2 = 7,864,320;
+    # MTP x4: 805,306,368 + 31,457,280.  Sum 1,045,954,560 = 997.5 MiB.
+    config = PRESETS["nemotron-h-8b"].config(batch=8, mtp=4, tp=2)
+    assert (config.recurrent_state_num_heads, config.conv_dim) == (64, 5120)
+    assert config.pool_bytes() == {"recurrent": 201_326_592, "conv": 7_864_320,
+                                   "intermediate_recurrent": 805_306_368, "intermediate_conv": 31_457_280}
+    assert config.total_bytes == 1_045_954_560
+    assert config.max_batch_size_for(20 * 2**30) == 164  # 21,474,836,480 // 130,744,320
+
+
+def test_mamba2_2p7b_tp2_replicates_the_single_group():
+    # 1 group cannot split 2 ways: each rank keeps B and C (2 x 128) and half of x (5120 / 2).
+    config = PRESETS["mamba2-2.7b"].config(batch=1, tp=2)
+    assert (config.recurrent_state_num_heads, config.conv_dim) == (40, 2560 + 256)
+
+
+def test_falcon_h1_and_qwen3_next():
+    falcon = PRESETS["falcon-h1-7b"].config(batch=1)
+    # 44 x 24 x 128 x 256 x 2 B = 69,206,016; conv (3072 + 512) x 4 x 2 x 44 = 1,261,568
+    assert falcon.pool_bytes()["recurrent"] == 69_206_016 and falcon.pool_bytes()["conv"] == 1_261_568
+    qwen = PRESETS["qwen3-next-80b-a3b"].config(batch=2, tp=4)
+    # per rank 8 value heads x 128 x 128 fp32 x 36 layers x 2 slots = 37,748,736; conv 8192 / 4 = 2048 channels
+    assert qwen.pool_bytes()["recurrent"] == 37_748_736 and qwen.conv_dim == 2048
+
+
+def test_shard_checks_divisibility():
+    config = Config(2, 1, 6, 4, 4, 30, 4)
+    assert config.shard(3).recurrent_state_num_heads == 2 and config.shard(3).conv_dim == 10
+    with pytest.raises(ConfigError, match="tp_size 4 must divide recurrent_state_num_heads"):
+        config.shard(4)
+    with pytest.raises(ConfigError, match="tp_size 2 must divide the split conv channels"):
+        Config(2, 1, 6, 4, 4, 31, 4).shard(2)
+    with pytest.raises(ConfigError, match="tp_size must be >= 1"):
+        config.shard(0)
+
+
+def test_max_batch_for_budget():
+    config = Config(2, 4, 2, 2, 2, 2, 2)  # slot: 2 layers x (8 + 4 elems) x 2 B = 48 B
+    assert config.slot_bytes == 48
+    assert config.max_batch_size_for(47) == 0 and config.max_batch_size_for(480) == 10
+    with pytest.raises(ConfigError, match="budget_bytes must be >= 0"):
+        config.max_batch_size_for(-1)
+
+
+@pytest.mark.parametrize(("text", "value"), [("20GiB", 20 * 2**30), ("1.5GB", 1_500_000_000), ("512 MiB", 2**29), ("1000", 1000)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_refuses_nonsense():
+    with pytest.raises(ValueError, match="budget must look like 20GiB"):
+        parse_bytes("twenty gigs")
+
+
+def test_cli_plan_prints_the_table(capsys):
+    assert main(["plan", "--preset", "nemotron-h-8b", "--batch", "8", "--mtp", "4", "--tp", "2", "--budget", "20GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "997.50 MiB" in out and "64 heads, 5120 conv channels" in out and "per rank: 164" in out
+
+
+def test_cli_refuses_a_bad_tp(capsys):
+    assert main(["plan", "--preset", "mamba2-130m", "--tp", "5"]) == 2
+    assert "tp_size 5 must divide recurrent_state_num_heads (24)" in capsys.readouterr().err
+
+
+def test_cli_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "mamba_cache.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("plan", "presets", "demo"):
+        assert command in result.stdout

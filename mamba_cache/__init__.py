@@ -17,6 +17,7 @@ from ._config import Config, ConfigError, format_bytes
 from ._manager import MambaCacheManagerBase
 from ._target import gpu_present, select_numba_target
 from .numpy_backend import NumpyMambaCacheManager
+from .snapshot import SnapshotError, load_snapshot, save_snapshot
 
 if TYPE_CHECKING:
     from .numba_backend import NumbaMambaCacheManager
@@ -27,8 +28,11 @@ __all__ = [
     "MambaCacheManagerBase",
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
+    "SnapshotError",
     "format_bytes",
     "gpu_present",
+    "load_snapshot",
+    "save_snapshot",
     "select_numba_target",
 ]
 

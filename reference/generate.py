@@ -1,0 +1,133 @@
+"""Regenerate the golden vectors in reference/ from the NumPy reference.
+
+    python reference/generate.py [--out reference]
+
+Each case is a small config, initial pools of fixed random bits, and a sequence of operations;
+after every operation the expected contents of all four pools (and any captured arrays) are
+recorded. The format is described in reference/README.md. Everything is deterministic (fixed
+seeds), so running this again reproduces the committed files byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
+
+POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+CASES = {
+    "linear-fp16": (
+        Config(2, 4, 2, 3, 4, 5, 3, 3),
+        [
+            ("reshape_intermediate_states", {"active_batch_size": 3, "seq_len": 3}),
+            ("scatter_mtp_states", {"accept_lengths": [2, 3, 0]}),
+            ("reshape_intermediate_states", {"active_batch_size": 4, "seq_len": 2}),
+            ("scatter_mtp_states", {"accept_lengths": [1, INT32_MIN, 2, INT32_MAX]}),
+            ("capture_recurrent_states", {"batch_idx": 1}),
+            ("capture_conv_states", {"batch_idx": 3}),
+            ("clear_states", {}),
+        ],
+    ),
+    "indirection-readonly-fp32": (
+        Config(3, 5, 1, 4, 5, 6, 2, 4, recurrent_state_dtype="float32", conv_state_dtype="float32",
+               verify_writes_main_pool=False),
+        [
+            ("scatter_mtp_states", {"accept_lengths": [4, 1, 0, 3, 2], "state_indices": [2, 0, 1, 5, -1]}),
+            ("reshape_intermediate_states", {"active_batch_size": 2, "seq_len": 3}),
+            ("scatter_mtp_states", {"accept_lengths": [3, 2], "state_indices": [4, 3]}),
+            ("clear_slot", {"slot": 0}),
+        ],
+    ),
+    "tree-fp32-fp16": (
+        Config(2, 3, 2, 2, 3, 4, 4, 4, recurrent_state_dtype="float32"),
+        [
+            ("scatter_accepted_tree_states", {"accepted_node_ids": [[0, 2, 3], [1, -1, -1], [3, 0, 9]],
+                                              "accept_lengths": [3, 1, 2]}),
+            ("scatter_accepted_tree_states", {"accepted_node_ids": [[-1, -1], [0, 1], [2, 2]],
+                                              "accept_lengths": [2, INT32_MIN, 5], "state_indices": [1, 2, 0]}),
+        ],
+    ),
+    "slots-fp64": (
+        Config(2, 3, 1, 2, 2, 3, 2, 2, recurrent_state_dtype="float64", conv_state_dtype="float64"),
+        [
+            ("capture_recurrent_states", {"batch_idx": 0}),
+            ("capture_conv_states", {"batch_idx": 0}),
+            ("restore_slot", {"slot": 2, "recurrent_states": "step0", "conv_states": "step1", "layers": [2, 1]}),
+            ("clear_slot", {"slot": 1}),
+        ],
+    ),
+}
+
+
+def initial_pools(config: Config, seed: int) -> dict[str, np.ndarray]:
+    manager = NumpyMambaCacheManager(config)
+    rng = np.random.default_rng(seed)
+    pools = {}
+    for pool in POOLS:
+        target = getattr(manager._pools, pool)
+        pools[pool] = rng.integers(1, 256, size=target.nbytes, dtype=np.uint8).view(target.dtype).reshape(target.shape)
+    return pools
+
+
+def apply(manager, op: str, args: dict, captured: dict, as_array=np.asarray):
+    """Run one golden-vector step on ``manager``; return any captured arrays."""
+    if op in ("capture_recurrent_states", "capture_conv_states"):
+        return getattr(manager, op)(args["batch_idx"])
+    if op == "restore_slot":
+        rec_layers, conv_layers = args["layers"]
+        manager.restore_slot(args["slot"], captured[args["recurrent_states"]][:rec_layers], captured[args["conv_states"]][:conv_layers])
+        return None
+    call = {k: (as_array(np.asarray(v, dtype=np.int32)) if isinstance(v, list) else v) for k, v in args.items()}
+    getattr(manager, op)(**call)
+    return None
+
+
+def build(out: pathlib.Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "mamba_cache.golden", "version": 1, "pools": list(POOLS), "cases": []}
+    for index, (name, (config, steps)) in enumerate(CASES.items()):
+        manager = NumpyMambaCacheManager(config)
+        arrays = {}
+        for pool, values in initial_pools(config, seed=1000 + index).items():
+            getattr(manager._pools, pool)[...] = values
+            arrays[f"initial_{pool}"] = values.copy()
+        captured = {}
+        for i, (op, args) in enumerate(steps):
+            result = apply(manager, op, args, captured)
+            if result is not None:
+                captured[f"step{i}"] = result
+                for layer, array in enumerate(result):
+                    arrays[f"step{i}_captured_{layer}"] = array
+            for pool in POOLS:
+                arrays[f"step{i}_{pool}"] = getattr(manager._pools, pool).copy()
+        file = f"{name}.npz"
+        np.savez(out / file, **arrays)
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        fields["recurrent_state_dtype"] = config.recurrent_state_dtype.name
+        fields["conv_state_dtype"] = config.conv_state_dtype.name
+        manifest["cases"].append({"name": name, "file": file, "config": fields,
+                                  "steps": [{"op": op, "args": args} for op, args in steps]})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
+    manifest = build(pathlib.Path(parser.parse_args().out))
+    print(f"wrote {len(manifest['cases'])} cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -565,6 +565,7 @@ class MambaCacheManagerBase:
         from .snapshot import save_snapshot
 
         self._require_pools("save_slot")
+        slot = check_index("slot", slot, self._config.max_batch_size)
         recurrent = self.capture_recurrent_states(slot, stream=stream)
         conv = self.capture_conv_states(slot, stream=stream)
         resolved = self._stream(stream)

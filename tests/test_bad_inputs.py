@@ -109,6 +109,33 @@ for method, call in [
         CASES.append((f"{method}(stream={type(bad).__name__})", ["numba-gpu"], lambda m, c=call, b=bad: c(m, b),
                       TypeError, "stream must be None, a numba.cuda stream"))
 
+for bad, exc, msg in [
+    (-1, IndexError, r"slot must be in \[0, 5\), got -1"),
+    (5, IndexError, r"slot must be in \[0, 5\), got 5"),
+    ("1", TypeError, "slot must be an integer"),
+]:
+    CASES.append((f"clear_slot({bad!r})", None, lambda m, b=bad: m.clear_slot(b), exc, msg))
+    CASES.append((f"restore_slot({bad!r}, [], [])", None, lambda m, b=bad: m.restore_slot(b, [], []), exc, msg))
+    CASES.append((f"save_slot(..., {bad!r})", None, lambda m, b=bad: m.save_slot("unused.npz", b), exc, msg))
+    CASES.append((f"load_slot(..., {bad!r})", None, lambda m, b=bad: m.load_slot("unused.npz", b), exc, msg))
+CASES += [
+    ("restore_slot(0, 'x', [])", None, lambda m: m.restore_slot(0, "x", []), TypeError, "recurrent_states must be a list"),
+    ("restore_slot(0, [], [None] * 4)", None, lambda m: m.restore_slot(0, [], [None] * 4), ValueError,
+     "conv_states has 4 arrays but the cache has 3 layers"),
+    ("restore_slot(0, [None], [])", None, lambda m: m.restore_slot(0, [None], []), TypeError, r"recurrent_states\[0\] must be a"),
+    ("scatter_mtp_states(state_indices int64)", None,
+     lambda m: m.scatter_mtp_states(host([1]), state_indices=host([0], np.int64)), TypeError, "state_indices must have dtype int32"),
+    ("scatter_mtp_states(state_indices short)", None,
+     lambda m: m.scatter_mtp_states(host([1, 2]), state_indices=host([0])), ValueError, "state_indices must have the length"),
+    ("scatter_accepted_tree_states(1-D ids)", None,
+     lambda m: m.scatter_accepted_tree_states(host([0, 1]), host([1, 1])), ValueError, "accepted_node_ids must be 2-D"),
+    ("scatter_accepted_tree_states(ids rows)", None,
+     lambda m: m.scatter_accepted_tree_states(host([[0], [1], [2]]), host([1, 1])), ValueError, "accepted_node_ids must have len"),
+    ("scatter_accepted_tree_states(accept float)", None,
+     lambda m: m.scatter_accepted_tree_states(host([[0]]), host([1], np.float32)), TypeError, "accept_lengths must have dtype int32"),
+    ("load_slot(missing file)", None, lambda m: m.load_slot("/nonexistent/file.npz", 0), ValueError, "not a readable mamba_cache snapshot"),
+]
+
 for how in ("closed", "moved from"):
     for getter in LAYER_GETTERS:
         CASES.append((f"{getter}(0) on a {how} manager", None, (how, getter), IndexError, "closed or moved from"))

@@ -74,6 +74,7 @@ class PreparedLaunch:
         self._params = ctypes.addressof(self._block)
         self._function = driver.CUfunction(int(kernel._codelibrary.get_cufunc().handle))
         self._threads = threads
+        self._bound: dict = {}  # what each patched argument points at now
         self._keep = args if keep_alive else None  # the parameter block points into these arrays
 
     def set_array(self, position: int, array: Any, pointer: int, shape: tuple | None = None) -> None:
@@ -83,6 +84,10 @@ class PreparedLaunch:
         without, the new array must have the shape and strides of the one it replaces. ``array``
         itself is not used.
         """
+        key = (pointer, shape)
+        if self._bound.get(position) == key:  # already points there: a decode loop reuses its arrays
+            return
+        self._bound[position] = key
         base = self._offsets[position]
         values = self._values
         values[base + _ARRAY_DATA].value = pointer
@@ -97,7 +102,9 @@ class PreparedLaunch:
 
     def set_scalar(self, position: int, value: int) -> None:
         """Replace integer argument ``position``."""
-        self._values[self._offsets[position]].value = value
+        if self._bound.get(position) != value:
+            self._bound[position] = value
+            self._values[self._offsets[position]].value = value
 
     def launch(self, grid: tuple, stream: Any) -> None:
         """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a ``StreamRef``)."""

@@ -260,10 +260,11 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             staged.copy_to_device(host, stream=stream.stream)
         return staged, _device_pointer(staged)
 
-    def _placeholder(self) -> Any:
-        """An int32 device array that stands in for an unused or not-yet-given index argument."""
+    def _placeholder(self) -> tuple[Any, int]:
+        """(array, pointer): an int32 device array standing in for an unused index argument."""
         if "placeholder" not in self._staging:
-            self._staging["placeholder"] = cuda.device_array(max(self._config.max_batch_size, 1), dtype=np.int32)
+            array = cuda.device_array(max(self._config.max_batch_size, 1), dtype=np.int32)
+            self._staging["placeholder"] = (array, _device_pointer(array))
         return self._staging["placeholder"]
 
     def _commit_words(self) -> tuple:
@@ -281,7 +282,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         entry = self._launches.get("scatter")
         if entry is None:
             words, chunks_a, chunks_b, threads = self._commit_words()
-            placeholder = self._placeholder()
+            placeholder, _ = self._placeholder()
             launch = _Launch(kernels.scatter_accepted, (*words, chunks_a, placeholder, placeholder, 0, 1, 1), threads)
             entry = self._launches["scatter"] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
         launch, blocks, layers = entry
@@ -295,7 +296,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         entry = self._launches.get("tree")
         if entry is None:
             words, chunks_a, chunks_b, threads = self._commit_words()
-            placeholder = self._placeholder()
+            placeholder, _ = self._placeholder()
             node_ids = placeholder.reshape((placeholder.size, 1))
             launch = _Launch(kernels.scatter_tree, (*words, chunks_a, node_ids, placeholder, placeholder, 0, 1), threads)
             entry = self._launches["tree"] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
@@ -309,8 +310,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     def _set_indices(self, launch: Any, position: int, indices: Any) -> None:
         """Point the state_indices argument at ``indices``, or at the placeholder with the flag off."""
         if indices is None:
-            placeholder = self._placeholder()
-            launch.set_array(position, placeholder, _device_pointer(placeholder), (placeholder.size,))
+            placeholder, pointer = self._placeholder()
+            launch.set_array(position, placeholder, pointer, (placeholder.size,))
             launch.set_scalar(position + 1, 0)
         else:
             launch.set_array(position, *indices)

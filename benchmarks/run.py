@@ -104,12 +104,17 @@ def torch_pools(manager):
     return view
 
 
-def torch_stacked_scatter(view, accept: torch.Tensor, seq_len: int) -> None:
-    """What a user would write: advanced indexing over the stacked layers, no host sync."""
+def torch_accept_rows(accept: torch.Tensor, seq_len: int) -> tuple:
+    """(active, valid [active] bool, source row of each row in the [B*S] intermediate view)."""
     active = accept.shape[0]
     step = accept.long() - 1
     valid = (step >= 0) & (step < seq_len - 1)
-    src_rows = torch.arange(active, device=accept.device) * seq_len + step.clamp(0, seq_len - 1)
+    return active, valid, torch.arange(active, device=accept.device) * seq_len + step.clamp(0, seq_len - 1)
+
+
+def torch_stacked_scatter(view, accept: torch.Tensor, seq_len: int) -> None:
+    """What a user would write: advanced indexing over the stacked layers, no host sync."""
+    active, valid, src_rows = torch_accept_rows(accept, seq_len)
     for main, inter in view.values():
         gathered = inter[:, src_rows]
         main[:, :active] = torch.where(valid[None, :, None], gathered, main[:, :active])
@@ -117,10 +122,7 @@ def torch_stacked_scatter(view, accept: torch.Tensor, seq_len: int) -> None:
 
 def torch_per_layer_scatter(view, accept: torch.Tensor, seq_len: int) -> None:
     """The same, one layer at a time."""
-    active = accept.shape[0]
-    step = accept.long() - 1
-    valid = (step >= 0) & (step < seq_len - 1)
-    src_rows = torch.arange(active, device=accept.device) * seq_len + step.clamp(0, seq_len - 1)
+    active, valid, src_rows = torch_accept_rows(accept, seq_len)
     for main, inter in view.values():
         for layer in range(main.shape[0]):
             main[layer, :active] = torch.where(valid[:, None], inter[layer, src_rows], main[layer, :active])

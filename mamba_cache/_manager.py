@@ -2,7 +2,7 @@
 
 A backend subclasses :class:`MambaCacheManagerBase` and binds a few hooks to its arrays and
 streams (``_stream``, ``_zeros``, ``_zero_fill``, ``_capture``, ``_scatter``, ``_scatter_tree``,
-``_zero_slot``, ``_restore`` and the argument checks ``_int32_array`` and ``_state_array``). Everything else -- config validation, index and range checks, the
+``_zero_slot``, ``_write_slot`` and the argument checks ``_int32_array`` and ``_state_array``). Everything else -- config validation, index and range checks, the
 reshape reinterpretation, logging, copy/move/close -- lives here once, so the NumPy reference
 and the Numba backend cannot drift apart.
 
@@ -215,8 +215,8 @@ class MambaCacheManagerBase:
         """Check one captured state against a pool slot (kind, device, dtype, shape); return a handle."""
         raise NotImplementedError
 
-    def _restore(self, slot: int, recurrent: list, conv: list, stream: Any) -> None:
-        """Zero slot ``slot`` of every layer, then copy the given per-layer states into it."""
+    def _write_slot(self, pool: Any, layer: int, slot: int, state: Any, stream: Any) -> None:
+        """Copy one checked ``[1, ...]`` state into ``pool[layer, slot]``."""
         raise NotImplementedError
 
     def _from_host(self, array: np.ndarray, stream: Any) -> Any:
@@ -553,8 +553,11 @@ class MambaCacheManagerBase:
                     f"{name} has {len(states)} arrays but the cache has {config.num_recurrent_layers} layers"
                 )
             shape = (1, *pool.shape[2:])
-            checked.append([self._state_array(f"{name}[{i}]", a, shape, pool.dtype) for i, a in enumerate(states)])
-        self._restore(slot, checked[0], checked[1], stream)
+            checked.append((pool, [self._state_array(f"{name}[{i}]", a, shape, pool.dtype) for i, a in enumerate(states)]))
+        self._zero_slot(slot, stream)  # the layers a short list leaves out
+        for pool, states in checked:
+            for layer, state in enumerate(states):
+                self._write_slot(pool, layer, slot, state, stream)
 
     def save_slot(self, path: Any, slot: int, stream: Any = None) -> None:
         """Save one slot of every layer, with the config and a checksum, to ``path`` (``.npz``).

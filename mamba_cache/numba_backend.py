@@ -41,7 +41,13 @@ else:
 
     _Launch = PreparedLaunch
 
-_CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # positions in kernels.copy_slot(dst, src, slot)
+# Positions of the arguments a call patches, in the kernels' signatures (see mamba_cache.kernels).
+_CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # copy_slot(dst, src, slot)
+_ZERO_SLOT_SLOT = 3  # zero_slot(dst_a, dst_b, chunks_a, slot)
+# scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, state_indices, use_indices, seq_len, max_accept)
+_SCATTER_ACCEPT, _SCATTER_INDICES, _SCATTER_SEQ_LEN, _SCATTER_MAX_ACCEPT = 5, 6, 8, 9
+# scatter_tree(dst_a, src_a, dst_b, src_b, chunks_a, node_ids, accept_lengths, state_indices, use_indices, seq_len)
+_TREE_NODES, _TREE_ACCEPT, _TREE_INDICES, _TREE_SEQ_LEN = 5, 6, 7, 9
 
 
 class StreamRef(NamedTuple):
@@ -107,6 +113,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         super()._become_empty()
         self._launches: dict = {}
         self._staging: dict = {}
+        self._placeholder_array = None
         self._last_arrays: dict = {}
 
     def _check_config(self, config: Config) -> None:
@@ -262,53 +269,56 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _placeholder(self) -> tuple[Any, int]:
         """(array, pointer): an int32 device array standing in for an unused index argument."""
-        if "placeholder" not in self._staging:
+        if self._placeholder_array is None:
             array = cuda.device_array(max(self._config.max_batch_size, 1), dtype=np.int32)
-            self._staging["placeholder"] = (array, _device_pointer(array))
-        return self._staging["placeholder"]
+            self._placeholder_array = (array, _device_pointer(array))
+        return self._placeholder_array
 
-    def _commit_words(self) -> tuple:
-        """Word views (recurrent, intermediate recurrent, conv, intermediate conv), chunks and threads."""
-        pools, config = self._pools, self._config
-        slots = config.max_batch_size
-        steps = slots * config.max_intermediate_seq_len
-        words = []
-        for kind in ("recurrent", "conv"):
-            words += [_slot_words(getattr(pools, kind), slots), _slot_words(getattr(pools, f"intermediate_{kind}"), steps)]
-        (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
-        return words, chunks_a, chunks_b, threads
+    def _commit_launch(self, key: str, kernel: Any) -> tuple:
+        """(prepared launch, x blocks, layers) of a commit kernel over both state kinds.
+
+        Its arguments start with the four word views and ``chunks_a``; the index arrays after
+        them are bound to the placeholder until a call points them at its own.
+        """
+        entry = self._launches.get(key)
+        if entry is None:
+            pools, config = self._pools, self._config
+            slots = config.max_batch_size
+            steps = slots * config.max_intermediate_seq_len
+            words = []
+            for kind in ("recurrent", "conv"):
+                words += [_slot_words(getattr(pools, kind), slots), _slot_words(getattr(pools, f"intermediate_{kind}"), steps)]
+            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+            placeholder, _ = self._placeholder()
+            if kernel is kernels.scatter_tree:  # node_ids, accept_lengths, state_indices, use_indices, seq_len
+                rest = (placeholder.reshape((placeholder.size, 1)), placeholder, placeholder, 0, 1)
+            else:  # accept_lengths, state_indices, use_indices, seq_len, max_accept
+                rest = (placeholder, placeholder, 0, 1, 1)
+            launch = _Launch(kernel, (*words, chunks_a, *rest), threads)
+            entry = self._launches[key] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
+        return entry
 
     def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
-        entry = self._launches.get("scatter")
-        if entry is None:
-            words, chunks_a, chunks_b, threads = self._commit_words()
-            placeholder, _ = self._placeholder()
-            launch = _Launch(kernels.scatter_accepted, (*words, chunks_a, placeholder, placeholder, 0, 1, 1), threads)
-            entry = self._launches["scatter"] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
-        launch, blocks, layers = entry
-        self._set_indices(launch, 6, indices)
-        launch.set_array(5, *accept)
-        launch.set_scalar(8, seq_len)
-        launch.set_scalar(9, max_accept)
+        launch, blocks, layers = self._commit_launch("scatter", kernels.scatter_accepted)
+        launch.set_array(_SCATTER_ACCEPT, *accept)
+        self._set_indices(launch, _SCATTER_INDICES, indices)
+        launch.set_scalar(_SCATTER_SEQ_LEN, seq_len)
+        launch.set_scalar(_SCATTER_MAX_ACCEPT, max_accept)
         launch.launch((blocks, active, layers), stream)
 
     def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
-        entry = self._launches.get("tree")
-        if entry is None:
-            words, chunks_a, chunks_b, threads = self._commit_words()
-            placeholder, _ = self._placeholder()
-            node_ids = placeholder.reshape((placeholder.size, 1))
-            launch = _Launch(kernels.scatter_tree, (*words, chunks_a, node_ids, placeholder, placeholder, 0, 1), threads)
-            entry = self._launches["tree"] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
-        launch, blocks, layers = entry
-        self._set_indices(launch, 7, indices)
-        launch.set_array(5, *nodes)
-        launch.set_array(6, *accept)
-        launch.set_scalar(9, seq_len)
+        launch, blocks, layers = self._commit_launch("tree", kernels.scatter_tree)
+        launch.set_array(_TREE_NODES, *nodes)
+        launch.set_array(_TREE_ACCEPT, *accept)
+        self._set_indices(launch, _TREE_INDICES, indices)
+        launch.set_scalar(_TREE_SEQ_LEN, seq_len)
         launch.launch((blocks, active, layers), stream)
 
     def _set_indices(self, launch: Any, position: int, indices: Any) -> None:
-        """Point the state_indices argument at ``indices``, or at the placeholder with the flag off."""
+        """Point the state_indices argument at ``indices``, or at the placeholder with the flag off.
+
+        ``use_indices`` is the argument right after ``state_indices`` in both commit kernels.
+        """
         if indices is None:
             placeholder, pointer = self._placeholder()
             launch.set_array(position, placeholder, pointer, (placeholder.size,))
@@ -326,7 +336,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             launch = _Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
             entry = self._launches["zero_slot"] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
         launch, grid = entry
-        launch.set_scalar(3, slot)
+        launch.set_scalar(_ZERO_SLOT_SLOT, slot)
         launch.launch(grid, stream)
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
@@ -344,12 +354,9 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             raise ValueError(f"{name} must be contiguous")
         return array
 
-    def _restore(self, slot: int, recurrent: list, conv: list, stream: Any) -> None:
-        self._zero_slot(slot, stream)
-        for pool, states in ((self._pools.recurrent, recurrent), (self._pools.conv, conv)):
-            for layer, state in enumerate(states):
-                target = pool[layer, slot]
-                target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
+    def _write_slot(self, pool: Any, layer: int, slot: int, state: Any, stream: Any) -> None:
+        target = pool[layer, slot]
+        target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
 
     def _from_host(self, array: np.ndarray, stream: Any) -> Any:
         return cuda.to_device(np.ascontiguousarray(array), stream=stream.stream)

@@ -126,11 +126,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(array.shape)}")
         return array
 
-    def _restore(self, slot: int, recurrent: list, conv: list, stream: Any) -> None:
-        self._zero_slot(slot, stream)
-        for pool, states in ((self._pools.recurrent, recurrent), (self._pools.conv, conv)):
-            for layer, state in enumerate(states):
-                pool[layer, slot] = state[0]
+    def _write_slot(self, pool: np.ndarray, layer: int, slot: int, state: np.ndarray, stream: Any) -> None:
+        pool[layer, slot] = state[0]
 
     def _from_host(self, array: np.ndarray, stream: Any) -> np.ndarray:
         return array

@@ -80,9 +80,7 @@ def model_check(manager_class, rng) -> bool:
             from numba import cuda
 
             spec.scatter_mtp_states(cuda.to_device(accept))
-        for row in range(4):
-            for t in range(accept[row]):
-                model.decode_step(seq, [drafts[row, t]], slots=[row])
+        model.decode_accepted(seq, drafts, accept)
         print(f"  TinyMamba2 verify of 4 drafts x 4 rows, accept_lengths={accept.tolist()} -> scatter")
     return all(
         _host(getattr(spec, f"get_{kind}_state")(layer)).tobytes() == _host(getattr(seq, f"get_{kind}_state")(layer)).tobytes()

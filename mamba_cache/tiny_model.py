@@ -142,6 +142,19 @@ class TinyMamba2:
         for t in range(tokens.shape[1]):
             self.decode_step(cache, tokens[:, t])
 
+    def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any) -> None:
+        """Plain decoding of only the accepted drafts: row ``b`` decodes ``draft_tokens[b, :accept_lengths[b]]``
+        one token at a time in slot ``b`` -- the state speculative decoding must reproduce.
+
+        Args:
+            draft_tokens: ``[active, V]`` host token ids.
+            accept_lengths: ``[active]`` host ints.
+        """
+        draft_tokens = np.asarray(draft_tokens)
+        for row, accepted in enumerate(np.asarray(accept_lengths)):
+            for t in range(int(accepted)):
+                self.decode_step(cache, [draft_tokens[row, t]], slots=[row])
+
     def verify(self, cache: Any, draft_tokens: Any) -> None:
         """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
 

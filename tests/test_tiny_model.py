@@ -47,9 +47,7 @@ def run_both_paths(backend, config, rng, rounds=3, active=None):
         accept = rng.integers(1, verify + 1, size=active)  # every row live: 1..V tokens accepted
         model.verify(spec, drafts)
         spec.scatter_mtp_states(accept_array(backend, accept))
-        for row in range(active):
-            for t in range(accept[row]):
-                model.decode_step(seq, [drafts[row, t]], slots=[row])
+        model.decode_accepted(seq, drafts, accept)
         history.append((drafts, accept))
     return spec, seq, history
 

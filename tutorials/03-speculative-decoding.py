@@ -72,9 +72,7 @@ for round_ in range(4):
     accept = rng.integers(1, 4, size=4).astype(np.int32)
     model.verify(spec, drafts)
     spec.scatter_mtp_states(accept)
-    for row in range(4):
-        for t in range(accept[row]):
-            model.decode_step(seq, [drafts[row, t]], slots=[row])
+    model.decode_accepted(seq, drafts, accept)  # row b decodes drafts[b, :accept[b]] one by one
     print(f"round {round_}: accept_lengths {accept.tolist()}")
 
 same = all(

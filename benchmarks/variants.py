@@ -1,8 +1,8 @@
-"""Kernel design experiments behind the choices in mamba_cache/kernels.py (see NOTES.md).
+"""Kernel design experiments behind the choices in mamba_cache/core/kernels.py (see NOTES.md).
 
     python benchmarks/variants.py
 
-Each variant is the scatter kernel of ``mamba_cache.kernels`` with one choice changed: the word
+Each variant is the scatter kernel of ``mamba_cache.core.kernels`` with one choice changed: the word
 width (8- or 4-byte words), the words each thread copies (1, 2, 4, 8), and the grid shape (the
 3-D (chunk, row, layer) grid against a 1-D grid-stride loop). Each is validated against the
 shipped kernel's result, then timed with CUDA events on the mid and large configs of run.py.

@@ -14,13 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._config import Config, ConfigError, format_bytes
-from ._manager import MambaCacheManagerBase
+from .core.manager import MambaCacheManagerBase
 from ._target import gpu_present, select_numba_target
-from .numpy_backend import NumpyMambaCacheManager
+from .core.numpy_backend import NumpyMambaCacheManager
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
 
 if TYPE_CHECKING:
-    from .numba_backend import NumbaMambaCacheManager
+    from .core.numba_backend import NumbaMambaCacheManager
 
 __all__ = [
     "Config",
@@ -42,7 +42,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The Numba backend pulls in numba and the CUDA bindings: load it only when asked for.
     if name == "NumbaMambaCacheManager":
-        from .numba_backend import NumbaMambaCacheManager
+        from .core.numba_backend import NumbaMambaCacheManager
 
         return NumbaMambaCacheManager
     raise AttributeError(f"module 'mamba_cache' has no attribute {name!r}")

@@ -4,7 +4,7 @@ Builds a cache for a Mamba2-370M-sized model on the best available backend (the 
 on a GPU, else the NumPy reference), plays one speculative-decoding verify step through the
 intermediate states and commits it with ``scatter_mtp_states``, prints the layouts and the memory
 table, and checks every slot of every layer against the rule computed independently, row by row.
-Then a small Mamba2 model (:mod:`mamba_cache.tiny_model`) decodes speculatively on the same
+Then a small Mamba2 model (:mod:`mamba_cache.models.mamba2`) decodes speculatively on the same
 backend, and the committed states are checked against decoding only the accepted tokens.
 """
 
@@ -39,7 +39,7 @@ def pick_backend(name: str):
             from numba import cuda
 
             if cuda.is_available() or name == "numba":
-                from mamba_cache.numba_backend import NumbaMambaCacheManager, device_name
+                from mamba_cache.core.numba_backend import NumbaMambaCacheManager, device_name
 
                 return NumbaMambaCacheManager, f"Numba CUDA backend on {device_name()}"
         except ImportError:
@@ -61,7 +61,7 @@ def _host(view):
 
 def model_check(manager_class, rng) -> bool:
     """TinyMamba2 on the cache: verify + scatter must leave the bits sequential decoding leaves."""
-    from mamba_cache.tiny_model import TinyMamba2
+    from mamba_cache.models.mamba2 import TinyMamba2
 
     heads, dim, state = 8, 32, 32
     config = Config(4, 4, heads, dim, state, heads * dim + 2 * state, 4, 4)

@@ -14,7 +14,7 @@ from conftest import ON_GPU, assert_same_bits, fill_random, small_config, snapsh
 from numba import cuda
 
 from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
-from mamba_cache.kernels import MAX_THREADS, WORDS_PER_THREAD, launch_shape
+from mamba_cache.core.kernels import MAX_THREADS, WORDS_PER_THREAD, launch_shape
 
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
@@ -166,7 +166,7 @@ def test_kernels_compile_to_wide_loads_without_local_memory():
     """Compile every kernel to PTX for sm_90 (needs NVVM, not a GPU) and read the code."""
     script = textwrap.dedent("""
         from numba import cuda, types
-        from mamba_cache import kernels
+        from mamba_cache.core import kernels
         w3 = types.uint64[:, :, ::1]
         i1 = types.int32[::1]
         sigs = {

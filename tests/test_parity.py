@@ -18,7 +18,7 @@ from conftest import (
 )
 
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
-from mamba_cache.kernels import MAX_THREADS, WORDS_PER_THREAD
+from mamba_cache.core.kernels import MAX_THREADS, WORDS_PER_THREAD
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 KINDS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")

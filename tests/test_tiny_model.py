@@ -11,7 +11,7 @@ import pytest
 from conftest import BACKENDS, snapshot
 
 from mamba_cache import Config
-from mamba_cache.tiny_model import TinyMamba2
+from mamba_cache.models.mamba2 import TinyMamba2
 
 TOLERANCE = {"float16": dict(rtol=4e-3, atol=4e-3), "float32": dict(rtol=2e-5, atol=2e-5)}
 

@@ -9,7 +9,7 @@
 import numpy as np
 
 from mamba_cache import Config, NumpyMambaCacheManager
-from mamba_cache.tiny_model import TinyMamba2
+from mamba_cache.models.mamba2 import TinyMamba2
 
 heads, dim, state = 4, 16, 16
 config = Config(4, 2, heads, dim, state, heads * dim + 2 * state, 4, 0, recurrent_state_dtype="float32")

@@ -58,7 +58,7 @@ assert short[1, 0] == full[0, 2]
 # commits with `scatter_mtp_states`; the other decodes only the accepted tokens one by one.
 
 # %%
-from mamba_cache.tiny_model import TinyMamba2
+from mamba_cache.models.mamba2 import TinyMamba2
 
 config = Config(2, 4, 2, 8, 8, 2 * 8 + 2 * 8, 4, 3)
 model = TinyMamba2(config, vocab_size=50, seed=3)

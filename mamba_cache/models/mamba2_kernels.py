@@ -1,6 +1,6 @@
-"""CUDA kernels of :class:`mamba_cache.tiny_model.TinyMamba2`: its decode step on device arrays.
+"""CUDA kernels of :class:`mamba_cache.models.mamba2.TinyMamba2`: its decode step on device arrays.
 
-The same function as the NumPy decode step in :mod:`mamba_cache.tiny_model`, reading and
+The same function as the NumPy decode step in :mod:`mamba_cache.models.mamba2`, reading and
 writing the cache manager's tensors in place. One thread per output element; these kernels are
 for correctness and for showing the cache in use, not tuned. Grids:
 
@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 from numba import cuda, float32
 
-from .numba_backend import SIMULATOR
+from ..core.numba_backend import SIMULATOR
 
 
 def _grid(rows: int, cols: int) -> tuple:
@@ -128,7 +128,7 @@ def ssm_step(rec, xbc, z, dt_bias, a_log, d_skip, slots, y, inter, step):
 
 
 class NumbaTinyMamba2:
-    """The device side of a :class:`~mamba_cache.tiny_model.TinyMamba2`: weights and decode step."""
+    """The device side of a :class:`~mamba_cache.models.mamba2.TinyMamba2`: weights and decode step."""
 
     def __init__(self, model) -> None:
         self.model = model

@@ -24,7 +24,7 @@ into the intermediate buffers and the state after all V into the main pool, as t
 does; ``scatter_mtp_states`` then commits each row's accepted prefix.
 
 The NumPy decode step is here; the Numba one (same function, on device arrays, in place) is in
-:mod:`mamba_cache.tiny_model_kernels`.
+:mod:`mamba_cache.models.mamba2_kernels`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ._config import Config
+from .._config import Config
 
 __all__ = ["TinyMamba2"]
 
@@ -114,7 +114,7 @@ class TinyMamba2:
         if cache.backend == "numpy":
             return self
         if self._device is None:
-            from .tiny_model_kernels import NumbaTinyMamba2
+            from .mamba2_kernels import NumbaTinyMamba2
 
             self._device = NumbaTinyMamba2(self)
         return self._device

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._config import Config, format_bytes
+from .._config import Config, format_bytes
 
 logger = logging.getLogger("mamba_cache")
 
@@ -565,7 +565,7 @@ class MambaCacheManagerBase:
         Raises:
             IndexError: ``slot`` outside ``[0, B)``, or no layers.
         """
-        from .snapshot import save_snapshot
+        from ..snapshot import save_snapshot
 
         self._require_pools("save_slot")
         slot = check_index("slot", slot, self._config.max_batch_size)
@@ -582,7 +582,7 @@ class MambaCacheManagerBase:
                 from a config with other layer counts, shapes or dtypes (nothing is changed).
             IndexError: ``slot`` outside ``[0, B)``, or no layers.
         """
-        from .snapshot import load_snapshot
+        from ..snapshot import load_snapshot
 
         self._require_pools("load_slot")
         check_index("slot", slot, self._config.max_batch_size)

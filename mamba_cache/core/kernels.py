@@ -3,7 +3,7 @@
 Every kernel moves raw words (``uint64`` where a slot's byte count allows it, else ``uint32``,
 ``uint16``): a copy is then bit-exact for any state dtype, and the kernels compile once per word
 type rather than once per state dtype. The pools they see are word views of the stacked
-allocations described in :mod:`mamba_cache._manager`:
+allocations described in :mod:`mamba_cache.core.manager`:
 
     dst   [L, B, W]        main pool, W words per slot
     src   [L, B*S, W]      intermediate pool; the verify pass wrote it as [active, V, W]

@@ -1,12 +1,12 @@
 """The Numba CUDA backend: the reference semantics on device arrays and CUDA streams.
 
-It binds :class:`mamba_cache._manager.MambaCacheManagerBase` to ``numba.cuda`` device arrays.
+It binds :class:`mamba_cache.core.manager.MambaCacheManagerBase` to ``numba.cuda`` device arrays.
 Each state kind is one device allocation holding all layers; the layer tensors are
 ``DeviceNDArray`` views of it and expose ``__cuda_array_interface__``, so PyTorch
 (``torch.as_tensor(view, device="cuda")``) and CuPy (``cupy.asarray(view)``) use them zero-copy.
 
-The kernels are in :mod:`mamba_cache.kernels`. ``clear_states`` and ``scatter_mtp_states`` launch
-prepared kernels (:mod:`mamba_cache._launch`): one launch per state kind covering every layer, no
+The kernels are in :mod:`mamba_cache.core.kernels`. ``clear_states`` and ``scatter_mtp_states`` launch
+prepared kernels (:mod:`mamba_cache.core.launch`): one launch per state kind covering every layer, no
 allocation, no host synchronisation, so both can be captured into a CUDA graph.
 """
 
@@ -20,9 +20,9 @@ from numba import cuda
 from numba.cuda.core import config as numba_config
 
 from . import kernels
-from ._config import Config, ConfigError, format_bytes
-from ._launch import DispatcherLaunch, PreparedLaunch
-from ._manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
+from .._config import Config, ConfigError, format_bytes
+from .launch import DispatcherLaunch, PreparedLaunch
+from .manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
 
 __all__ = ["NumbaMambaCacheManager"]
 
@@ -41,7 +41,7 @@ else:
 
     _Launch = PreparedLaunch
 
-# Positions of the arguments a call patches, in the kernels' signatures (see mamba_cache.kernels).
+# Positions of the arguments a call patches, in the kernels' signatures (see mamba_cache.core.kernels).
 _CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # copy_slot(dst, src, slot)
 _ZERO_SLOT_SLOT = 3  # zero_slot(dst_a, dst_b, chunks_a, slot)
 # scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, state_indices, use_indices, seq_len, max_accept)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._manager import MambaCacheManagerBase, check_int32_array
+from .manager import MambaCacheManagerBase, check_int32_array
 
 __all__ = ["NumpyMambaCacheManager"]
 

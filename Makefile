@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long docs bench sanitize install clean
+.PHONY: demo test lint test-long docs bench sanitize install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)  # ruff with the settings in pyproject.toml: lint rules and formatting
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-long: $(STAMP)  # the differential property tests with 2000 examples
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py --hypothesis-show-statistics

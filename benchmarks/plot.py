@@ -40,8 +40,18 @@ def main() -> None:
     left.set_ylim(0, 1.25)
     left.legend(fontsize=8, loc="lower right")
     scatter = [next(r for r in records if r["config"] == c and r["op"] == "scatter_mtp_states") for c in configs]
-    stacked = right.bar([x - 0.2 for x in range(len(configs))], [r["speedup_vs_torch_stacked"] for r in scatter], 0.4, label="torch stacked indexing")
-    per_layer = right.bar([x + 0.2 for x in range(len(configs))], [r["speedup_vs_torch_per_layer"] for r in scatter], 0.4, label="torch per-layer loop")
+    stacked = right.bar(
+        [x - 0.2 for x in range(len(configs))],
+        [r["speedup_vs_torch_stacked"] for r in scatter],
+        0.4,
+        label="torch stacked indexing",
+    )
+    per_layer = right.bar(
+        [x + 0.2 for x in range(len(configs))],
+        [r["speedup_vs_torch_per_layer"] for r in scatter],
+        0.4,
+        label="torch per-layer loop",
+    )
     right.bar_label(stacked, fmt="%.1fx", fontsize=8)
     right.bar_label(per_layer, fmt="%.1fx", fontsize=8)
     right.set_yscale("log")

@@ -6,7 +6,8 @@ Needs a CUDA GPU and PyTorch (for the ceilings and the baselines a user would ot
 For each config (ISSUE 4: edge, mid, large) it
 
 1. validates ``scatter_mtp_states``, ``clear_states``, ``capture_*`` and the baselines (two in
-   PyTorch, one in CuPy where it is installed) against the NumPy reference on random data, at the config's slot sizes and batch (2 layers);
+   PyTorch, one in CuPy where it is installed) against the NumPy reference on random data, at the
+   config's slot sizes and batch (2 layers);
 2. measures the ceilings in the same run: an eager device-to-device copy (torch ``copy_``,
    event-timed, of 2 GiB and of the op's own byte count) and a ``cuMemsetD32Async`` of the pools;
 3. times each operation's device time with CUDA events around many queued calls (a sleep kernel
@@ -21,8 +22,8 @@ It prints one table and writes ``<out>/results-<card>-<date>.json`` (one record 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import datetime
+import importlib.metadata
 import json
 import math
 import pathlib
@@ -49,12 +50,46 @@ REPEATS = 7
 
 CONFIGS = {
     # 24 layers, 32 heads x 64 x 128 fp16, conv 4096 x 4, batch 1, verify 4: latency-bound
-    "edge": (Config(24, 1, 32, 64, 128, 4096, 4, 4), [2]),
+    "edge": (
+        Config(
+            num_recurrent_layers=24,
+            max_batch_size=1,
+            recurrent_state_num_heads=32,
+            recurrent_state_head_dim=64,
+            recurrent_state_size=128,
+            conv_dim=4096,
+            conv_kernel=4,
+            max_intermediate_seq_len=4,
+        ),
+        [2],
+    ),
     # Mamba2-2.7B-like: 64 layers, 80 heads x 64 x 128, conv 5376 x 4, batch 8, verify 4
-    "mid": (Config(64, 8, 80, 64, 128, 5376, 4, 4), [1, 2, 3, 4, 0, 2, 3, 1]),
+    "mid": (
+        Config(
+            num_recurrent_layers=64,
+            max_batch_size=8,
+            recurrent_state_num_heads=80,
+            recurrent_state_head_dim=64,
+            recurrent_state_size=128,
+            conv_dim=5376,
+            conv_kernel=4,
+            max_intermediate_seq_len=4,
+        ),
+        [1, 2, 3, 4, 0, 2, 3, 1],
+    ),
     # 24 layers, 128 heads x 64 x 128 fp32 recurrent, batch 64, verify 4
     "large": (
-        Config(24, 64, 128, 64, 128, 8448, 4, 4, recurrent_state_dtype="float32"),
+        Config(
+            num_recurrent_layers=24,
+            max_batch_size=64,
+            recurrent_state_num_heads=128,
+            recurrent_state_head_dim=64,
+            recurrent_state_size=128,
+            conv_dim=8448,
+            conv_kernel=4,
+            max_intermediate_seq_len=4,
+            recurrent_state_dtype="float32",
+        ),
         [(0, 1, 2, 3, 4, 3, 2, 1)[i % 8] for i in range(64)],
     ),
 }
@@ -99,7 +134,9 @@ def torch_pools(manager):
     view = {}
     for kind in ("recurrent", "conv"):
         main = torch.as_tensor(getattr(pools, kind), device="cuda").reshape(layers, slots, -1)
-        inter = torch.as_tensor(getattr(pools, f"intermediate_{kind}"), device="cuda").reshape(layers, -1, main.shape[2])
+        inter = torch.as_tensor(getattr(pools, f"intermediate_{kind}"), device="cuda").reshape(
+            layers, -1, main.shape[2]
+        )
         view[kind] = (main, inter)
     return view
 
@@ -234,7 +271,10 @@ def copy_gbps(nbytes: int, stream: torch.cuda.Stream) -> float:
     """Eager device-to-device copy bandwidth (bytes read + written), rotating buffers under L2."""
     nbytes = max(nbytes // 2, 1 << 20)
     pairs = max(1, min(8, math.ceil(4 * L2_BYTES / (2 * nbytes))))
-    bufs = [(torch.empty(nbytes, dtype=torch.uint8, device="cuda"), torch.empty(nbytes, dtype=torch.uint8, device="cuda")) for _ in range(pairs)]
+    bufs = [
+        (torch.empty(nbytes, dtype=torch.uint8, device="cuda"), torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
+        for _ in range(pairs)
+    ]
     calls = [lambda d=d, s=s: d.copy_(s) for d, s in bufs]
     n = max(8, min(400, int(2e9 // nbytes)))
     with torch.cuda.stream(stream):
@@ -284,7 +324,9 @@ def validate(config: Config, accept: list[int], rng) -> None:
     for baseline in (torch_stacked_scatter, torch_per_layer_scatter):
         fill()
         ref.scatter_mtp_states(acc)
-        baseline(torch_pools(base), torch.tensor(accept, dtype=torch.int32, device="cuda"), small.max_intermediate_seq_len)
+        baseline(
+            torch_pools(base), torch.tensor(accept, dtype=torch.int32, device="cuda"), small.max_intermediate_seq_len
+        )
         torch.cuda.synchronize()
         same(base, baseline.__name__)
     if have_cupy():
@@ -300,7 +342,7 @@ def validate(config: Config, accept: list[int], rng) -> None:
     for kind in ("recurrent", "conv"):
         got = getattr(dev, f"capture_{kind}_states")(slot)
         want = getattr(ref, f"capture_{kind}_states")(slot)
-        if any(g.copy_to_host().tobytes() != w.tobytes() for g, w in zip(got, want)):
+        if any(g.copy_to_host().tobytes() != w.tobytes() for g, w in zip(got, want, strict=True)):
             raise AssertionError(f"capture_{kind}_states differs from the NumPy reference")
     ref.clear_states()
     dev.clear_states()
@@ -369,7 +411,12 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
             baselines["cupy_stacked_scatter"] = device_time_us(calls, stream, max(5, n_scatter // 4))
     floor_us = scatter_bytes / copy_ceiling / 1e3
     record(
-        "scatter_mtp_states", scatter_bytes, scatter_us, host_us, copy_ceiling, graph_us,
+        "scatter_mtp_states",
+        scatter_bytes,
+        scatter_us,
+        host_us,
+        copy_ceiling,
+        graph_us,
         copy_same_bytes_gbps=round(same_bytes_ceiling, 1),
         bytes_over_ceiling_us=round(floor_us, 2),
         speedup_vs_torch_stacked=round(baselines["torch_stacked_scatter"] / scatter_us, 2),
@@ -378,9 +425,12 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
         torch_per_layer_us=round(baselines["torch_per_layer_scatter"], 2),
         rotations=rotations,
         **(
-            {"speedup_vs_cupy_stacked": round(baselines["cupy_stacked_scatter"] / scatter_us, 2),
-             "cupy_stacked_us": round(baselines["cupy_stacked_scatter"], 2)}
-            if "cupy_stacked_scatter" in baselines else {}
+            {
+                "speedup_vs_cupy_stacked": round(baselines["cupy_stacked_scatter"] / scatter_us, 2),
+                "cupy_stacked_us": round(baselines["cupy_stacked_scatter"], 2),
+            }
+            if "cupy_stacked_scatter" in baselines
+            else {}
         ),
     )
 
@@ -391,15 +441,32 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
     clear_calls = [lambda m=m: m.clear_states(stream=handle) for m in managers]
     clear_us = device_time_us(clear_calls, stream, max(10, min(500, int(2e10 // clear_bytes))))
     clear_graph = graph_times_us(capture_graph(clear_calls, stream), len(clear_calls), stream, n=50)
-    record("clear_states", clear_bytes, clear_us, host_time_us(clear_calls[0], stream), memset, clear_graph, ceiling_kind="memset")
+    record(
+        "clear_states",
+        clear_bytes,
+        clear_us,
+        host_time_us(clear_calls[0], stream),
+        memset,
+        clear_graph,
+        ceiling_kind="memset",
+    )
 
     # capture: a fresh allocation per call, so the device time is timed behind a sleep kernel
     capture_bytes = useful_bytes(config, "capture", accept)
-    capture_calls = [lambda m=m: (m.capture_recurrent_states(0, stream=handle), m.capture_conv_states(0, stream=handle)) for m in managers]
+    capture_calls = [
+        lambda m=m: (m.capture_recurrent_states(0, stream=handle), m.capture_conv_states(0, stream=handle))
+        for m in managers
+    ]
     capture_host = host_time_us(capture_calls[0], stream, 20)
     capture_us = device_time_us(capture_calls, stream, min(40, 8 * rotations), host_us=capture_host)
-    record("capture_states", capture_bytes, capture_us, capture_host, copy_ceiling,
-           copy_same_bytes_gbps=round(copy_gbps(capture_bytes, stream), 1))
+    record(
+        "capture_states",
+        capture_bytes,
+        capture_us,
+        capture_host,
+        copy_ceiling,
+        copy_same_bytes_gbps=round(copy_gbps(capture_bytes, stream), 1),
+    )
     del managers, views
     if have_cupy():
         import cupy
@@ -426,7 +493,10 @@ def main(argv=None) -> int:
         config, accept = CONFIGS[name]
         records += bench_config(name, config, accept, copy_ceiling, rng)
         print(f"  {name}: done", flush=True)
-    header = f"{'config':<6} {'op':<20} {'device us':>10} {'GB/s':>7} {'ceiling':>8} {'ratio':>6} {'host us':>8} {'graph us':>9} {'graph host':>10}  vs torch stacked / per-layer / cupy"
+    header = (
+        f"{'config':<6} {'op':<20} {'device us':>10} {'GB/s':>7} {'ceiling':>8} {'ratio':>6} {'host us':>8} "
+        f"{'graph us':>9} {'graph host':>10}  vs torch stacked / per-layer / cupy"
+    )
     print(header)
     for r in records:
         extra = ""

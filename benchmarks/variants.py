@@ -14,8 +14,6 @@ import pathlib
 import statistics
 import sys
 
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -105,7 +103,9 @@ def main() -> int:
             for wpt in (1, 2, 4, 8):
                 kernel = make_3d(wpt)
                 chunks = -(-words // (256 * wpt))
-                variants[f"3-D grid, {word}B words, {wpt}/thread"] = lambda k=kernel, c=chunks: k[(c, len(accept), layers), 256, stream](dst, src, acc, seq)
+                variants[f"3-D grid, {word}B words, {wpt}/thread"] = lambda k=kernel, c=chunks: k[
+                    (c, len(accept), layers), 256, stream
+                ](dst, src, acc, seq)
             if word == 8:
                 variants["1-D grid-stride, 8B words"] = lambda: grid_stride[sms * 8, 256, stream](dst, src, acc, seq)
             for label, fn in variants.items():

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._config import Config, ConfigError, format_bytes
-from .core.manager import MambaCacheManagerBase
 from ._target import gpu_present, select_numba_target
+from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
 

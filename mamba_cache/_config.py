@@ -10,6 +10,9 @@ Dimension letters used throughout the package:
     C  conv_dim                   conv1d channels
     K  conv_kernel                conv1d kernel width
     S  max_intermediate_seq_len   MTP verify length the intermediate buffers hold (0 = MTP off)
+    V  (per call)                 the current verify length, 1 <= V <= S
+    G  n_groups                   Mamba2's B/C groups, or Gated DeltaNet's key heads (H % G == 0)
+    P  (prefix store)             entries of a prefix-state store
 
 This module is backend-neutral and imports nothing but the standard library and NumPy.
 """
@@ -17,6 +20,7 @@ This module is backend-neutral and imports nothing but the standard library and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any
 
@@ -27,6 +31,11 @@ __all__ = ["Config", "ConfigError", "format_bytes"]
 #: The state dtypes both backends support. The kernels copy raw words, so any fixed-size
 #: floating type works; these are the ones an engine stores recurrent state in.
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+#: ``Config.commit_mode`` values: keep every per-step state and copy one, or replay the accepted steps.
+COMMIT_MODES = ("scatter", "replay")
+#: ``Config.mixer`` values: the recurrence a replay commit recomputes.
+MIXERS = ("mamba2", "gdn")
 
 _DIMENSION_FIELDS = (
     "max_batch_size",
@@ -52,9 +61,7 @@ def _as_int(name: str, value: Any) -> int:
     try:
         return operator.index(value)
     except TypeError:
-        raise ConfigError(
-            f"{name} must be an integer, got {value!r} of type {type(value).__name__}"
-        ) from None
+        raise ConfigError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}") from None
 
 
 def _as_state_dtype(name: str, value: Any) -> np.dtype:
@@ -78,7 +85,7 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Shape and dtype of every state buffer of a :class:`MambaCacheManager`.
 
@@ -102,7 +109,18 @@ class Config:
         verify_writes_main_pool: True (the seed's behaviour) when the MTP verify pass also writes
             the state after all ``V`` tokens into the main pool, so a full accept needs no copy;
             False when it leaves the main pool untouched, so ``accept_lengths[b] == V`` commits
-            step ``V - 1`` too.
+            step ``V - 1`` too. Normalised to False in replay mode (the verify pass never writes
+            the main pools there).
+        intermediate_recurrent_state_dtype: dtype of the per-step recurrent states; ``None`` (the
+            default) means ``recurrent_state_dtype``. Commits convert in the same launch.
+        intermediate_conv_state_dtype: likewise for the per-step conv states.
+        stochastic_rounding: round stochastically (instead of to nearest even) wherever a float32
+            value, or a wider state, is stored into a 16-bit state.
+        rounding_seed: the seed of the stochastic-rounding bits (an int in ``[0, 2**64)``).
+        commit_mode: ``"scatter"`` (keep every per-step state, copy the accepted one) or
+            ``"replay"`` (keep a small per-step stash, recompute the accepted state).
+        mixer: ``"mamba2"`` or ``"gdn"`` (Gated DeltaNet): the recurrence a replay commit runs.
+        n_groups: G, Mamba2's B/C groups or Gated DeltaNet's key heads; must divide H.
 
     Raises:
         ConfigError: a field is invalid; the message names it, its value and the allowed range.
@@ -119,11 +137,29 @@ class Config:
     recurrent_state_dtype: Any = "float16"
     conv_state_dtype: Any = "float16"
     verify_writes_main_pool: bool = True
+    intermediate_recurrent_state_dtype: Any = None
+    intermediate_conv_state_dtype: Any = None
+    stochastic_rounding: bool = False
+    rounding_seed: int = 0
+    commit_mode: str = "scatter"
+    mixer: str = "mamba2"
+    n_groups: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.verify_writes_main_pool, (bool, np.bool_)):
-            raise ConfigError(f"verify_writes_main_pool must be a bool, got {self.verify_writes_main_pool!r}")
-        object.__setattr__(self, "verify_writes_main_pool", bool(self.verify_writes_main_pool))
+        for name in ("verify_writes_main_pool", "stochastic_rounding"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"{name} must be a bool, got {value!r}")
+            object.__setattr__(self, name, bool(value))
+        for name, allowed in (("commit_mode", COMMIT_MODES), ("mixer", MIXERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if self.commit_mode == "replay":
+            object.__setattr__(self, "verify_writes_main_pool", False)
+        seed = _as_int("rounding_seed", self.rounding_seed)
+        if not 0 <= seed < 2**64:
+            raise ConfigError(f"rounding_seed must be in [0, 2**64), got {seed}")
+        object.__setattr__(self, "rounding_seed", seed)
         layers = _as_int("num_recurrent_layers", self.num_recurrent_layers)
         if layers < 0:
             raise ConfigError(f"num_recurrent_layers must be >= 0, got {layers}")
@@ -141,6 +177,18 @@ class Config:
         object.__setattr__(self, "max_intermediate_seq_len", seq)
         for name in ("recurrent_state_dtype", "conv_state_dtype"):
             object.__setattr__(self, name, _as_state_dtype(name, getattr(self, name)))
+        for kind in ("recurrent", "conv"):
+            name = f"intermediate_{kind}_state_dtype"
+            value = getattr(self, name)
+            dtype = getattr(self, f"{kind}_state_dtype") if value is None else _as_state_dtype(name, value)
+            object.__setattr__(self, name, dtype)
+        groups = _as_int("n_groups", self.n_groups)
+        if groups < 1 or self.recurrent_state_num_heads % groups:
+            raise ConfigError(
+                f"n_groups must be >= 1 and divide recurrent_state_num_heads ({self.recurrent_state_num_heads}), "
+                f"got {groups}"
+            )
+        object.__setattr__(self, "n_groups", groups)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -150,8 +198,40 @@ class Config:
 
     @property
     def has_intermediate_states(self) -> bool:
-        """True when the MTP intermediate buffers are allocated (layers and ``S > 0``)."""
-        return self.enabled and self.max_intermediate_seq_len > 0
+        """True when the per-step MTP state buffers are allocated (layers, ``S > 0``, scatter mode)."""
+        return self.enabled and self.max_intermediate_seq_len > 0 and self.commit_mode == "scatter"
+
+    @property
+    def has_replay_stash(self) -> bool:
+        """True when the replay stash is allocated (layers, ``S > 0``, replay mode)."""
+        return self.enabled and self.max_intermediate_seq_len > 0 and self.commit_mode == "replay"
+
+    @property
+    def replay_stash_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The replay stash of one row and one draft step: field name to (shape, dtype).
+
+        Mamba2: ``dA [H]`` (``exp(dt * A)``), ``u [H, D]`` (``dt * x``), ``B [G, N]``, float32, and
+        the conv input column ``conv [C]`` in the conv dtype. Gated DeltaNet: ``g [H]`` (the decay
+        factor), ``beta [H]``, ``k [G, D]``, ``v [H, N]``, float32, and ``conv [C]``.
+        """
+        f32 = np.dtype(np.float32)
+        heads, dim, size, groups = (
+            self.recurrent_state_num_heads,
+            self.recurrent_state_head_dim,
+            self.recurrent_state_size,
+            self.n_groups,
+        )
+        if self.mixer == "mamba2":
+            fields = {"dA": ((heads,), f32), "u": ((heads, dim), f32), "B": ((groups, size), f32)}
+        else:
+            fields = {
+                "g": ((heads,), f32),
+                "beta": ((heads,), f32),
+                "k": ((groups, dim), f32),
+                "v": ((heads, size), f32),
+            }
+        fields["conv"] = ((self.conv_dim,), self.conv_state_dtype)
+        return fields
 
     @property
     def recurrent_state_shape(self) -> tuple[int, int, int, int]:
@@ -193,20 +273,29 @@ class Config:
         """Bytes of each pool, all layers together.
 
         Returns:
-            ``{"recurrent", "conv", "intermediate_recurrent", "intermediate_conv"}`` to byte
-            counts; all 0 when ``num_recurrent_layers == 0``, the intermediate ones 0 when MTP is off.
+            ``{"recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash"}``
+            to byte counts; all 0 when ``num_recurrent_layers == 0``; the intermediate ones 0 when
+            MTP is off or in replay mode, the stash 0 unless in replay mode.
         """
         if not self.enabled:
             return dict.fromkeys(_POOLS, 0)
         layers, slots, seq = self.num_recurrent_layers, self.max_batch_size, self.max_intermediate_seq_len
-        rec = layers * slots * self.recurrent_slot_elems * self.recurrent_state_dtype.itemsize
-        conv = layers * slots * self.conv_slot_elems * self.conv_state_dtype.itemsize
-        return {
-            "recurrent": rec,
-            "conv": conv,
-            "intermediate_recurrent": rec * seq,
-            "intermediate_conv": conv * seq,
+        rec = layers * slots * self.recurrent_slot_elems
+        conv = layers * slots * self.conv_slot_elems
+        pools = {
+            "recurrent": rec * self.recurrent_state_dtype.itemsize,
+            "conv": conv * self.conv_state_dtype.itemsize,
+            "intermediate_recurrent": 0,
+            "intermediate_conv": 0,
+            "replay_stash": 0,
         }
+        if self.has_intermediate_states:
+            pools["intermediate_recurrent"] = rec * seq * self.intermediate_recurrent_state_dtype.itemsize
+            pools["intermediate_conv"] = conv * seq * self.intermediate_conv_state_dtype.itemsize
+        if self.has_replay_stash:
+            per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
+            pools["replay_stash"] = layers * slots * seq * per_step
+        return pools
 
     @property
     def total_bytes(self) -> int:
@@ -259,10 +348,16 @@ class Config:
         split = self.conv_dim - replicated
         if split % tp:
             raise ConfigError(f"tp_size {tp} must divide the split conv channels ({split} of {self.conv_dim})")
+        groups = self.n_groups
+        if groups % tp == 0:
+            groups //= tp
+        elif groups != 1:  # one group is replicated on every rank; other counts must split
+            raise ConfigError(f"tp_size {tp} must divide n_groups ({groups}) unless n_groups is 1")
         return dataclasses.replace(
             self,
             recurrent_state_num_heads=self.recurrent_state_num_heads // tp,
             conv_dim=split // tp + replicated,
+            n_groups=groups,
         )
 
     def memory_table(self) -> str:
@@ -271,18 +366,23 @@ class Config:
         shapes = {
             "recurrent": (self.recurrent_state_shape, self.recurrent_state_dtype),
             "conv": (self.conv_state_shape, self.conv_state_dtype),
-            "intermediate_recurrent": (self.intermediate_recurrent_state_shape, self.recurrent_state_dtype),
-            "intermediate_conv": (self.intermediate_conv_state_shape, self.conv_state_dtype),
+            "intermediate_recurrent": (
+                self.intermediate_recurrent_state_shape,
+                self.intermediate_recurrent_state_dtype,
+            ),
+            "intermediate_conv": (self.intermediate_conv_state_shape, self.intermediate_conv_state_dtype),
+            "replay_stash": ((self.max_batch_size, self.max_intermediate_seq_len, "fields"), "mixed"),
         }
         for pool, nbytes in self.pool_bytes().items():
             shape, dtype = shapes[pool]
             if nbytes:
-                rows.append((pool, "[" + ", ".join(map(str, shape)) + "]", np.dtype(dtype).name, format_bytes(nbytes)))
+                name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+                rows.append((pool, "[" + ", ".join(map(str, shape)) + "]", name, format_bytes(nbytes)))
         rows.append((f"total ({self.num_recurrent_layers} layers)", "", "", format_bytes(self.total_bytes)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
 
-_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash")

@@ -17,8 +17,10 @@ def _plan(args) -> int:
         print(f"mamba-cache plan: {error}", file=sys.stderr)
         return 2
     print(f"{preset.description}")
-    print(f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp} "
-          f"(per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels)\n")
+    print(
+        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp} "
+        f"(per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels)\n"
+    )
     print(config.memory_table())
     print(f"\nper sequence (one slot, every pool): {format_bytes(config.slot_bytes)} ({config.slot_bytes} bytes)")
     if args.budget is not None:

@@ -64,7 +64,16 @@ def model_check(manager_class, rng) -> bool:
     from mamba_cache.models.mamba2 import TinyMamba2
 
     heads, dim, state = 8, 32, 32
-    config = Config(4, 4, heads, dim, state, heads * dim + 2 * state, 4, 4)
+    config = Config(
+        num_recurrent_layers=4,
+        max_batch_size=4,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=state,
+        conv_dim=heads * dim + 2 * state,
+        conv_kernel=4,
+        max_intermediate_seq_len=4,
+    )
     model = TinyMamba2(config, vocab_size=256, seed=int(rng.integers(1 << 30)))
     spec, seq = manager_class(config), manager_class(config)
     prompt = rng.integers(0, 256, size=(4, 8))
@@ -83,13 +92,15 @@ def model_check(manager_class, rng) -> bool:
         model.decode_accepted(seq, drafts, accept)
         print(f"  TinyMamba2 verify of 4 drafts x 4 rows, accept_lengths={accept.tolist()} -> scatter")
     return all(
-        _host(getattr(spec, f"get_{kind}_state")(layer)).tobytes() == _host(getattr(seq, f"get_{kind}_state")(layer)).tobytes()
+        _host(getattr(spec, f"get_{kind}_state")(layer)).tobytes()
+        == _host(getattr(seq, f"get_{kind}_state")(layer)).tobytes()
         for layer in range(config.num_recurrent_layers)
         for kind in ("recurrent", "conv")
     )
 
 
 def main(argv=None) -> int:
+    """Run the demo (``--backend``, ``--check`` ...); return the process exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["auto", "numpy", "numba"], default="auto")
     parser.add_argument("--layers", type=int, default=DEMO_CONFIG.num_recurrent_layers)

@@ -77,32 +77,88 @@ class ModelPreset:
 
 
 def _mamba2(name, description, layers, heads, head_dim, state, groups, **kw) -> ModelPreset:
-    return ModelPreset(name, description, layers, heads, head_dim, state,
-                       conv_dim=heads * head_dim + 2 * groups * state, n_groups=groups,
-                       group_channels=2 * groups * state, **kw)
+    return ModelPreset(
+        name,
+        description,
+        layers,
+        heads,
+        head_dim,
+        state,
+        conv_dim=heads * head_dim + 2 * groups * state,
+        n_groups=groups,
+        group_channels=2 * groups * state,
+        **kw,
+    )
 
 
 #: The presets, by name.
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
-        _mamba2("mamba2-130m", "Mamba2-130M: 24 Mamba2 layers, d_inner 1536 = 24 heads x 64, d_state 128", 24, 24, 64, 128, 1),
-        _mamba2("mamba2-2.7b", "Mamba2-2.7B: 64 Mamba2 layers, d_inner 5120 = 80 heads x 64, d_state 128", 64, 80, 64, 128, 1),
-        _mamba2("nemotron-h-8b", "Nemotron-H-8B: 24 Mamba2 layers of 52, 128 heads x 64, d_state 128, 8 groups", 24, 128, 64, 128, 8),
-        _mamba2("falcon-h1-7b", "Falcon-H1-7B: 44 layers, each with a Mamba2 mixer of 24 heads x 128, d_state 256", 44, 24, 128, 256, 1),
+        _mamba2(
+            "mamba2-130m",
+            "Mamba2-130M: 24 Mamba2 layers, d_inner 1536 = 24 heads x 64, d_state 128",
+            24,
+            24,
+            64,
+            128,
+            1,
+        ),
+        _mamba2(
+            "mamba2-2.7b",
+            "Mamba2-2.7B: 64 Mamba2 layers, d_inner 5120 = 80 heads x 64, d_state 128",
+            64,
+            80,
+            64,
+            128,
+            1,
+        ),
+        _mamba2(
+            "nemotron-h-8b",
+            "Nemotron-H-8B: 24 Mamba2 layers of 52, 128 heads x 64, d_state 128, 8 groups",
+            24,
+            128,
+            64,
+            128,
+            8,
+        ),
+        _mamba2(
+            "falcon-h1-7b",
+            "Falcon-H1-7B: 44 layers, each with a Mamba2 mixer of 24 heads x 128, d_state 256",
+            44,
+            24,
+            128,
+            256,
+            1,
+        ),
         ModelPreset(
             "qwen3-next-80b-a3b",
             "Qwen3-Next-80B-A3B-style Gated DeltaNet: 36 linear-attention layers of 48, 32 value heads, "
             "state [key dim 128, value dim 128] per head (float32), conv over q, k (16 key heads x 128) and v",
-            num_recurrent_layers=36, num_heads=32, head_dim=128, state_size=128,
-            conv_dim=2 * 16 * 128 + 32 * 128, n_groups=16, group_channels=2 * 16 * 128,
+            num_recurrent_layers=36,
+            num_heads=32,
+            head_dim=128,
+            state_size=128,
+            conv_dim=2 * 16 * 128 + 32 * 128,
+            n_groups=16,
+            group_channels=2 * 16 * 128,
             recurrent_state_dtype="float32",
         ),
     )
 }
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:

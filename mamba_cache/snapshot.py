@@ -73,14 +73,22 @@ def save_snapshot(path: Any, config: Config, recurrent_states: list, conv_states
     ] * layers
     arrays = [np.asarray(a) for a in (*recurrent_states, *conv_states)]
     if len(recurrent_states) != layers or len(conv_states) != layers:
-        raise ValueError(f"a snapshot needs {layers} recurrent and {layers} conv arrays, got "
-                         f"{len(recurrent_states)} and {len(conv_states)}")
-    for array, (shape, dtype) in zip(arrays, expected):
+        raise ValueError(
+            f"a snapshot needs {layers} recurrent and {layers} conv arrays, got "
+            f"{len(recurrent_states)} and {len(conv_states)}"
+        )
+    for array, (shape, dtype) in zip(arrays, expected, strict=True):
         if array.shape != shape or array.dtype != dtype:
             raise ValueError(f"snapshot array {array.shape} {array.dtype} does not match the config's {shape} {dtype}")
-    names = [f"recurrent_{l}" for l in range(layers)] + [f"conv_{l}" for l in range(layers)]
-    meta = {"format": FORMAT, "version": VERSION, "config": _describe(config), "layers": layers, "sha256": _digest(arrays)}
-    np.savez(path, meta=np.array(json.dumps(meta)), **dict(zip(names, arrays)))
+    names = [f"recurrent_{i}" for i in range(layers)] + [f"conv_{i}" for i in range(layers)]
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": _describe(config),
+        "layers": layers,
+        "sha256": _digest(arrays),
+    }
+    np.savez(path, meta=np.array(json.dumps(meta)), **dict(zip(names, arrays, strict=True)))
 
 
 def load_snapshot(path: Any, config: Config) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -98,17 +106,23 @@ def load_snapshot(path: Any, config: Config) -> tuple[list[np.ndarray], list[np.
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"][()]))
             layers = int(meta["layers"])
-            names = [f"recurrent_{l}" for l in range(layers)] + [f"conv_{l}" for l in range(layers)]
+            names = [f"recurrent_{i}" for i in range(layers)] + [f"conv_{i}" for i in range(layers)]
             arrays = [data[name] for name in names]
     except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:
         raise SnapshotError(f"not a readable mamba_cache snapshot: {error}") from error
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise SnapshotError(f"not a {FORMAT} version {VERSION} file (format {meta.get('format')!r}, version {meta.get('version')!r})")
+        raise SnapshotError(
+            f"not a {FORMAT} version {VERSION} file (format {meta.get('format')!r}, version {meta.get('version')!r})"
+        )
+    missing = [key for key in ("config", "sha256") if key not in meta]
+    if missing or not isinstance(meta["config"], dict):
+        raise SnapshotError(f"not a complete {FORMAT} file: its metadata lacks {', '.join(missing) or 'a config'}")
     ours = _describe(config)
     for field in SHAPE_FIELDS:
         if meta["config"].get(field) != ours[field]:
+            theirs = meta["config"].get(field)
             raise SnapshotError(
-                f"snapshot was saved from another config: {field} is {meta['config'].get(field)!r} there, {ours[field]!r} here"
+                f"snapshot was saved from another config: {field} is {theirs!r} there, {ours[field]!r} here"
             )
     if _digest(arrays) != meta["sha256"]:
         raise SnapshotError("snapshot checksum mismatch: the file is corrupted")

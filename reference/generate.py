@@ -27,7 +27,16 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 CASES = {
     "linear-fp16": (
-        Config(2, 4, 2, 3, 4, 5, 3, 3),
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=4,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=3,
+            recurrent_state_size=4,
+            conv_dim=5,
+            conv_kernel=3,
+            max_intermediate_seq_len=3,
+        ),
         [
             ("reshape_intermediate_states", {"active_batch_size": 3, "seq_len": 3}),
             ("scatter_mtp_states", {"accept_lengths": [2, 3, 0]}),
@@ -39,8 +48,19 @@ CASES = {
         ],
     ),
     "indirection-readonly-fp32": (
-        Config(3, 5, 1, 4, 5, 6, 2, 4, recurrent_state_dtype="float32", conv_state_dtype="float32",
-               verify_writes_main_pool=False),
+        Config(
+            num_recurrent_layers=3,
+            max_batch_size=5,
+            recurrent_state_num_heads=1,
+            recurrent_state_head_dim=4,
+            recurrent_state_size=5,
+            conv_dim=6,
+            conv_kernel=2,
+            max_intermediate_seq_len=4,
+            recurrent_state_dtype="float32",
+            conv_state_dtype="float32",
+            verify_writes_main_pool=False,
+        ),
         [
             ("scatter_mtp_states", {"accept_lengths": [4, 1, 0, 3, 2], "state_indices": [2, 0, 1, 5, -1]}),
             ("reshape_intermediate_states", {"active_batch_size": 2, "seq_len": 3}),
@@ -49,16 +69,45 @@ CASES = {
         ],
     ),
     "tree-fp32-fp16": (
-        Config(2, 3, 2, 2, 3, 4, 4, 4, recurrent_state_dtype="float32"),
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=2,
+            recurrent_state_size=3,
+            conv_dim=4,
+            conv_kernel=4,
+            max_intermediate_seq_len=4,
+            recurrent_state_dtype="float32",
+        ),
         [
-            ("scatter_accepted_tree_states", {"accepted_node_ids": [[0, 2, 3], [1, -1, -1], [3, 0, 9]],
-                                              "accept_lengths": [3, 1, 2]}),
-            ("scatter_accepted_tree_states", {"accepted_node_ids": [[-1, -1], [0, 1], [2, 2]],
-                                              "accept_lengths": [2, INT32_MIN, 5], "state_indices": [1, 2, 0]}),
+            (
+                "scatter_accepted_tree_states",
+                {"accepted_node_ids": [[0, 2, 3], [1, -1, -1], [3, 0, 9]], "accept_lengths": [3, 1, 2]},
+            ),
+            (
+                "scatter_accepted_tree_states",
+                {
+                    "accepted_node_ids": [[-1, -1], [0, 1], [2, 2]],
+                    "accept_lengths": [2, INT32_MIN, 5],
+                    "state_indices": [1, 2, 0],
+                },
+            ),
         ],
     ),
     "slots-fp64": (
-        Config(2, 3, 1, 2, 2, 3, 2, 2, recurrent_state_dtype="float64", conv_state_dtype="float64"),
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=1,
+            recurrent_state_head_dim=2,
+            recurrent_state_size=2,
+            conv_dim=3,
+            conv_kernel=2,
+            max_intermediate_seq_len=2,
+            recurrent_state_dtype="float64",
+            conv_state_dtype="float64",
+        ),
         [
             ("capture_recurrent_states", {"batch_idx": 0}),
             ("capture_conv_states", {"batch_idx": 0}),
@@ -70,6 +119,7 @@ CASES = {
 
 
 def initial_pools(config: Config, seed: int) -> dict[str, np.ndarray]:
+    """Random non-zero pools for ``config`` from ``seed`` (every byte of every pool filled)."""
     manager = NumpyMambaCacheManager(config)
     rng = np.random.default_rng(seed)
     pools = {}
@@ -85,7 +135,9 @@ def apply(manager, op: str, args: dict, captured: dict, as_array=np.asarray):
         return getattr(manager, op)(args["batch_idx"])
     if op == "restore_slot":
         rec_layers, conv_layers = args["layers"]
-        manager.restore_slot(args["slot"], captured[args["recurrent_states"]][:rec_layers], captured[args["conv_states"]][:conv_layers])
+        manager.restore_slot(
+            args["slot"], captured[args["recurrent_states"]][:rec_layers], captured[args["conv_states"]][:conv_layers]
+        )
         return None
     call = {k: (as_array(np.asarray(v, dtype=np.int32)) if isinstance(v, list) else v) for k, v in args.items()}
     getattr(manager, op)(**call)
@@ -93,6 +145,7 @@ def apply(manager, op: str, args: dict, captured: dict, as_array=np.asarray):
 
 
 def build(out: pathlib.Path) -> dict:
+    """Run every case on the NumPy reference, write its ``.npz`` into ``out``; return the manifest."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "mamba_cache.golden", "version": 1, "pools": list(POOLS), "cases": []}
     for index, (name, (config, steps)) in enumerate(CASES.items()):
@@ -113,15 +166,18 @@ def build(out: pathlib.Path) -> dict:
         file = f"{name}.npz"
         np.savez(out / file, **arrays)
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        fields["recurrent_state_dtype"] = config.recurrent_state_dtype.name
-        fields["conv_state_dtype"] = config.conv_state_dtype.name
-        manifest["cases"].append({"name": name, "file": file, "config": fields,
-                                  "steps": [{"op": op, "args": args} for op, args in steps]})
+        for name in fields:
+            if name.endswith("_dtype"):
+                fields[name] = fields[name].name
+        manifest["cases"].append(
+            {"name": name, "file": file, "config": fields, "steps": [{"op": op, "args": args} for op, args in steps]}
+        )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
 def main() -> int:
+    """Regenerate (or ``--check``) the golden vectors; return the process exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent))
     manifest = build(pathlib.Path(parser.parse_args().out))

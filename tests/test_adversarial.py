@@ -15,7 +15,17 @@ from conftest import assert_same_bits, fill_random, snapshot, to_host
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-CONFIG = Config(3, 5, 2, 3, 5, 7, 3, 4, recurrent_state_dtype="float32")
+CONFIG = Config(
+    num_recurrent_layers=3,
+    max_batch_size=5,
+    recurrent_state_num_heads=2,
+    recurrent_state_head_dim=3,
+    recurrent_state_size=5,
+    conv_dim=7,
+    conv_kernel=3,
+    max_intermediate_seq_len=4,
+    recurrent_state_dtype="float32",
+)
 B, S = CONFIG.max_batch_size, CONFIG.max_intermediate_seq_len
 
 
@@ -37,11 +47,15 @@ def test_scatter_with_every_special_accept_length(rng, active, seq_len):
         ref.scatter_mtp_states(accept)
         dev.scatter_mtp_states(cuda.to_device(accept))
         assert_same_bits(snapshot(ref), snapshot(dev), f"accept {accept.tolist()}")
-    # accept_lengths longer than the reshaped batch (up to B rows) still stays inside the buffers
-    accept = np.array([INT32_MAX, seq_len - 1, 1, INT32_MIN, seq_len][:B], dtype=np.int32)
-    ref.scatter_mtp_states(accept)
-    dev.scatter_mtp_states(cuda.to_device(accept))
-    assert_same_bits(snapshot(ref), snapshot(dev), "accept longer than the reshaped batch")
+    # accept_lengths longer than the reshaped batch names rows this verify pass never wrote: refused
+    if active < B:
+        before = snapshot(ref)
+        accept = np.array([INT32_MAX, seq_len - 1, 1, INT32_MIN, seq_len][: active + 1], dtype=np.int32)
+        for manager, arg in ((ref, accept), (dev, cuda.to_device(accept))):
+            with pytest.raises(ValueError, match=rf"accept_lengths must have length in \[0, {active}\]"):
+                manager.scatter_mtp_states(arg)
+        assert_same_bits(before, snapshot(ref), "refused scatter (reference)")
+        assert_same_bits(before, snapshot(dev), "refused scatter (numba)")
 
 
 @pytest.mark.parametrize("slot", [0, B - 1])

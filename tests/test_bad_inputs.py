@@ -29,10 +29,21 @@ class ForeignArray:
     """A device array from some other library, as seen through __cuda_array_interface__ only."""
 
     def __init__(self, typestr, shape, strides=None):
-        self.__cuda_array_interface__ = {"typestr": typestr, "shape": shape, "strides": strides, "data": (0, False), "version": 3}
+        self.__cuda_array_interface__ = {
+            "typestr": typestr,
+            "shape": shape,
+            "strides": strides,
+            "data": (0, False),
+            "version": 3,
+        }
 
 
-LAYER_GETTERS = ["get_recurrent_state", "get_conv_state", "get_intermediate_recurrent_state", "get_intermediate_conv_state"]
+LAYER_GETTERS = [
+    "get_recurrent_state",
+    "get_conv_state",
+    "get_intermediate_recurrent_state",
+    "get_intermediate_conv_state",
+]
 
 # (id, backends or None for both, call(manager), exception, message regex)
 CASES = []
@@ -57,7 +68,15 @@ for kind in ("recurrent", "conv"):
         (5, IndexError, r"batch_idx must be in \[0, 5\), got 5"),
         (-(2**31), IndexError, r"batch_idx must be in \[0, 5\)"),
     ]:
-        CASES.append((f"capture_{kind}_states({bad!r})", None, lambda m, k=kind, b=bad: getattr(m, f"capture_{k}_states")(b), exc, msg))
+        CASES.append(
+            (
+                f"capture_{kind}_states({bad!r})",
+                None,
+                lambda m, k=kind, b=bad: getattr(m, f"capture_{k}_states")(b),
+                exc,
+                msg,
+            )
+        )
 
 for args, exc, msg in [
     ((0, 2), ValueError, r"active_batch_size must be in \[1, 5\], got 0"),
@@ -69,7 +88,9 @@ for args, exc, msg in [
     ((2, 2.5), TypeError, "seq_len must be an integer"),
     ((True, 2), TypeError, "active_batch_size must be an integer"),
 ]:
-    CASES.append((f"reshape_intermediate_states{args!r}", None, lambda m, a=args: m.reshape_intermediate_states(*a), exc, msg))
+    CASES.append(
+        (f"reshape_intermediate_states{args!r}", None, lambda m, a=args: m.reshape_intermediate_states(*a), exc, msg)
+    )
 
 for name, make, exc, msg in [
     ("int64", lambda: host([1, 2], np.int64), TypeError, "accept_lengths must have dtype int32, got int64"),
@@ -77,7 +98,12 @@ for name, make, exc, msg in [
     ("float32", lambda: host([1, 2], np.float32), TypeError, "accept_lengths must have dtype int32, got float32"),
     ("2-D", lambda: host([[1, 2], [3, 4]]), ValueError, r"accept_lengths must be 1-D \[active\], got shape \(2, 2\)"),
     ("0-D", lambda: host(1), ValueError, r"accept_lengths must be 1-D \[active\], got shape \(\)"),
-    ("too long", lambda: host([1] * 6), ValueError, r"accept_lengths must have length in \[0, 5\] \(max_batch_size\), got 6"),
+    (
+        "too long",
+        lambda: host([1] * 6),
+        ValueError,
+        r"accept_lengths must have length in \[0, 5\] \(the active batch of the latest reshape",
+    ),
     ("strided", lambda: host([1] * 8)[::2], ValueError, "accept_lengths must be contiguous"),
     ("list", lambda: [1, 2], TypeError, "accept_lengths must be a"),
     ("None", lambda: None, TypeError, "accept_lengths must be a"),
@@ -86,18 +112,48 @@ for name, make, exc, msg in [
     CASES.append((f"scatter_mtp_states(host {name})", None, lambda m, f=make: m.scatter_mtp_states(f()), exc, msg))
 
 CASES += [
-    ("scatter_mtp_states(device array) on NumPy", ["numpy"],
-     lambda m: m.scatter_mtp_states(ForeignArray("<i4", (2,))), TypeError, "host numpy.ndarray for the NumPy backend"),
-    ("scatter_mtp_states(device int64)", ["numba"], lambda m: m.scatter_mtp_states(device([1, 2], np.int64)),
-     TypeError, "accept_lengths must have dtype int32, got int64"),
-    ("scatter_mtp_states(device 2-D)", ["numba"], lambda m: m.scatter_mtp_states(device([[1, 2]])),
-     ValueError, r"accept_lengths must be 1-D"),
-    ("scatter_mtp_states(device too long)", ["numba"], lambda m: m.scatter_mtp_states(device([1] * 6)),
-     ValueError, r"accept_lengths must have length in \[0, 5\]"),
-    ("scatter_mtp_states(foreign float32)", ["numba-gpu"], lambda m: m.scatter_mtp_states(ForeignArray("<f4", (2,))),
-     TypeError, "accept_lengths must have dtype int32, got float32"),
-    ("scatter_mtp_states(foreign strided)", ["numba-gpu"], lambda m: m.scatter_mtp_states(ForeignArray("<i4", (2,), (8,))),
-     ValueError, "accept_lengths must be contiguous"),
+    (
+        "scatter_mtp_states(device array) on NumPy",
+        ["numpy"],
+        lambda m: m.scatter_mtp_states(ForeignArray("<i4", (2,))),
+        TypeError,
+        "host numpy.ndarray for the NumPy backend",
+    ),
+    (
+        "scatter_mtp_states(device int64)",
+        ["numba"],
+        lambda m: m.scatter_mtp_states(device([1, 2], np.int64)),
+        TypeError,
+        "accept_lengths must have dtype int32, got int64",
+    ),
+    (
+        "scatter_mtp_states(device 2-D)",
+        ["numba"],
+        lambda m: m.scatter_mtp_states(device([[1, 2]])),
+        ValueError,
+        r"accept_lengths must be 1-D",
+    ),
+    (
+        "scatter_mtp_states(device too long)",
+        ["numba"],
+        lambda m: m.scatter_mtp_states(device([1] * 6)),
+        ValueError,
+        r"accept_lengths must have length in \[0, 5\]",
+    ),
+    (
+        "scatter_mtp_states(foreign float32)",
+        ["numba-gpu"],
+        lambda m: m.scatter_mtp_states(ForeignArray("<f4", (2,))),
+        TypeError,
+        "accept_lengths must have dtype int32, got float32",
+    ),
+    (
+        "scatter_mtp_states(foreign strided)",
+        ["numba-gpu"],
+        lambda m: m.scatter_mtp_states(ForeignArray("<i4", (2,), (8,))),
+        ValueError,
+        "accept_lengths must be contiguous",
+    ),
 ]
 
 for method, call in [
@@ -106,8 +162,15 @@ for method, call in [
     ("scatter_mtp_states", lambda m, s: m.scatter_mtp_states(host([1, 2]), stream=s)),
 ]:
     for bad in ("default", 1.5, object()):
-        CASES.append((f"{method}(stream={type(bad).__name__})", ["numba-gpu"], lambda m, c=call, b=bad: c(m, b),
-                      TypeError, "stream must be None, a numba.cuda stream"))
+        CASES.append(
+            (
+                f"{method}(stream={type(bad).__name__})",
+                ["numba-gpu"],
+                lambda m, c=call, b=bad: c(m, b),
+                TypeError,
+                "stream must be None, a numba.cuda stream",
+            )
+        )
 
 for bad, exc, msg in [
     (-1, IndexError, r"slot must be in \[0, 5\), got -1"),
@@ -119,26 +182,86 @@ for bad, exc, msg in [
     CASES.append((f"save_slot(..., {bad!r})", None, lambda m, b=bad: m.save_slot("unused.npz", b), exc, msg))
     CASES.append((f"load_slot(..., {bad!r})", None, lambda m, b=bad: m.load_slot("unused.npz", b), exc, msg))
 CASES += [
-    ("restore_slot(0, 'x', [])", None, lambda m: m.restore_slot(0, "x", []), TypeError, "recurrent_states must be a list"),
-    ("restore_slot(0, [], [None] * 4)", None, lambda m: m.restore_slot(0, [], [None] * 4), ValueError,
-     "conv_states has 4 arrays but the cache has 3 layers"),
-    ("restore_slot(0, [None], [])", None, lambda m: m.restore_slot(0, [None], []), TypeError, r"recurrent_states\[0\] must be a"),
-    ("scatter_mtp_states(state_indices int64)", None,
-     lambda m: m.scatter_mtp_states(host([1]), state_indices=host([0], np.int64)), TypeError, "state_indices must have dtype int32"),
-    ("scatter_mtp_states(state_indices short)", None,
-     lambda m: m.scatter_mtp_states(host([1, 2]), state_indices=host([0])), ValueError, "state_indices must have the length"),
-    ("scatter_accepted_tree_states(1-D ids)", None,
-     lambda m: m.scatter_accepted_tree_states(host([0, 1]), host([1, 1])), ValueError, "accepted_node_ids must be 2-D"),
-    ("scatter_accepted_tree_states(ids rows)", None,
-     lambda m: m.scatter_accepted_tree_states(host([[0], [1], [2]]), host([1, 1])), ValueError, "accepted_node_ids must have len"),
-    ("scatter_accepted_tree_states(accept float)", None,
-     lambda m: m.scatter_accepted_tree_states(host([[0]]), host([1], np.float32)), TypeError, "accept_lengths must have dtype int32"),
-    ("load_slot(missing file)", None, lambda m: m.load_slot("/nonexistent/file.npz", 0), ValueError, "not a readable mamba_cache snapshot"),
+    (
+        "restore_slot(0, 'x', [])",
+        None,
+        lambda m: m.restore_slot(0, "x", []),
+        TypeError,
+        "recurrent_states must be a list",
+    ),
+    (
+        "restore_slot(0, [], [None] * 4)",
+        None,
+        lambda m: m.restore_slot(0, [], [None] * 4),
+        ValueError,
+        "conv_states has 4 arrays but the cache has 3 layers",
+    ),
+    (
+        "restore_slot(0, [None], [])",
+        None,
+        lambda m: m.restore_slot(0, [None], []),
+        TypeError,
+        r"recurrent_states\[0\] must be a",
+    ),
+    (
+        "scatter_mtp_states(state_indices int64)",
+        None,
+        lambda m: m.scatter_mtp_states(host([1]), state_indices=host([0], np.int64)),
+        TypeError,
+        "state_indices must have dtype int32",
+    ),
+    (
+        "scatter_mtp_states(state_indices short)",
+        None,
+        lambda m: m.scatter_mtp_states(host([1, 2]), state_indices=host([0])),
+        ValueError,
+        "state_indices must have the length",
+    ),
+    (
+        "scatter_accepted_tree_states(1-D ids)",
+        None,
+        lambda m: m.scatter_accepted_tree_states(host([0, 1]), host([1, 1])),
+        ValueError,
+        "accepted_node_ids must be 2-D",
+    ),
+    (
+        "scatter_accepted_tree_states(ids rows)",
+        None,
+        lambda m: m.scatter_accepted_tree_states(host([[0], [1], [2]]), host([1, 1])),
+        ValueError,
+        "accepted_node_ids must have len",
+    ),
+    (
+        "scatter_accepted_tree_states(accept float)",
+        None,
+        lambda m: m.scatter_accepted_tree_states(host([[0]]), host([1], np.float32)),
+        TypeError,
+        "accept_lengths must have dtype int32",
+    ),
+    (
+        "load_slot(missing file)",
+        None,
+        lambda m: m.load_slot("/nonexistent/file.npz", 0),
+        ValueError,
+        "not a readable mamba_cache snapshot",
+    ),
 ]
 
+# A closed or moved-from manager answers queries as an empty one, but every layer access and
+# every state operation raises ValueError (as a closed file does): silently doing nothing hides bugs.
+CLOSED_CALLS = [(f"{getter}(0)", lambda m, g=getter: getattr(m, g)(0)) for getter in LAYER_GETTERS] + [
+    ("clear_states()", lambda m: m.clear_states()),
+    ("capture_recurrent_states(0)", lambda m: m.capture_recurrent_states(0)),
+    ("capture_conv_states(0)", lambda m: m.capture_conv_states(0)),
+    ("reshape_intermediate_states(1, 1)", lambda m: m.reshape_intermediate_states(1, 1)),
+    ("scatter_mtp_states([1])", lambda m: m.scatter_mtp_states(host([1]))),
+    ("scatter_accepted_tree_states", lambda m: m.scatter_accepted_tree_states(host([[0]]), host([1]))),
+    ("clear_slot(0)", lambda m: m.clear_slot(0)),
+    ("restore_slot(0, [], [])", lambda m: m.restore_slot(0, [], [])),
+]
 for how in ("closed", "moved from"):
-    for getter in LAYER_GETTERS:
-        CASES.append((f"{getter}(0) on a {how} manager", None, (how, getter), IndexError, "closed or moved from"))
+    for label, call in CLOSED_CALLS:
+        CASES.append((f"{label} on a {how} manager", None, (how, call), ValueError, "closed or moved from"))
 
 
 def applies(backends, backend):
@@ -150,16 +273,20 @@ def applies(backends, backend):
 @pytest.mark.parametrize(("case_id", "backends", "call", "exc", "msg"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_and_changes_nothing(backend, rng, case_id, backends, call, exc, msg):
     if not applies(backends, backend):
-        pytest.skip(f"not a bad input for the {backend} backend" + (" under the simulator" if backend == "numba" and not ON_GPU else ""))
+        pytest.skip(
+            f"not a bad input for the {backend} backend"
+            + (" under the simulator" if backend == "numba" and not ON_GPU else "")
+        )
     manager = BACKENDS[backend](small_config())
     fill_random([manager], rng)
     if isinstance(call, tuple):  # a closed or moved-from manager
-        how, getter = call
+        how, closed_call = call
         other = manager.move() if how == "moved from" else None
         if other is None:
             manager.close()
         with pytest.raises(exc, match=msg):
-            getattr(manager, getter)(0)
+            closed_call(manager)
+        assert manager.num_layers() == 0 and not manager.has_intermediate_recurrent_states()  # queries: empty
         if other is not None:
             assert other.num_layers() == 3
         return
@@ -171,15 +298,26 @@ def test_bad_input_is_refused_and_changes_nothing(backend, rng, case_id, backend
     assert manager.intermediate_shape == shape
 
 
-CONFIG_FIELDS = ["max_batch_size", "recurrent_state_num_heads", "recurrent_state_head_dim", "recurrent_state_size",
-                 "conv_dim", "conv_kernel"]
+CONFIG_FIELDS = [
+    "max_batch_size",
+    "recurrent_state_num_heads",
+    "recurrent_state_head_dim",
+    "recurrent_state_size",
+    "conv_dim",
+    "conv_kernel",
+]
 CONFIG_CASES = (
     [(f"{f}={v!r}", {f: v}, f"{f} must be >= 1, got {v}") for f in CONFIG_FIELDS for v in (0, -3)]
-    + [(f"{f}=2.0", {f: 2.0}, f"{f} must be an integer") for f in [*CONFIG_FIELDS, "num_recurrent_layers", "max_intermediate_seq_len"]]
-    + [("num_recurrent_layers=-1", {"num_recurrent_layers": -1}, "num_recurrent_layers must be >= 0, got -1"),
-       ("max_intermediate_seq_len=-1", {"max_intermediate_seq_len": -1}, "max_intermediate_seq_len must be >= 0"),
-       ("recurrent_state_dtype=int8", {"recurrent_state_dtype": "int8"}, "recurrent_state_dtype must be one of"),
-       ("conv_state_dtype=bogus", {"conv_state_dtype": "bogus"}, "conv_state_dtype must be a NumPy dtype")]
+    + [
+        (f"{f}=2.0", {f: 2.0}, f"{f} must be an integer")
+        for f in [*CONFIG_FIELDS, "num_recurrent_layers", "max_intermediate_seq_len"]
+    ]
+    + [
+        ("num_recurrent_layers=-1", {"num_recurrent_layers": -1}, "num_recurrent_layers must be >= 0, got -1"),
+        ("max_intermediate_seq_len=-1", {"max_intermediate_seq_len": -1}, "max_intermediate_seq_len must be >= 0"),
+        ("recurrent_state_dtype=int8", {"recurrent_state_dtype": "int8"}, "recurrent_state_dtype must be one of"),
+        ("conv_state_dtype=bogus", {"conv_state_dtype": "bogus"}, "conv_state_dtype must be a NumPy dtype"),
+    ]
 )
 
 
@@ -200,14 +338,21 @@ def test_absurd_config_refused_before_allocating(backend):
     """More memory than exists: a clear error with the bytes asked for, and nothing allocated."""
     if backend == "numba" and not ON_GPU:
         pytest.skip("the simulator has no device memory to run out of")
-    huge = small_config(num_recurrent_layers=64, max_batch_size=4096, recurrent_state_num_heads=128,
-                        recurrent_state_head_dim=128, recurrent_state_size=256)
+    huge = small_config(
+        num_recurrent_layers=64,
+        max_batch_size=4096,
+        recurrent_state_num_heads=128,
+        recurrent_state_head_dim=128,
+        recurrent_state_size=256,
+    )
     free_before = None
     if backend == "numba":
         from numba import cuda
 
         free_before = cuda.current_context().get_memory_info()[0]
-    with pytest.raises(MemoryError, match=rf"needs .* \({huge.total_bytes} bytes\) but only .* available; nothing was allocated"):
+    with pytest.raises(
+        MemoryError, match=rf"needs .* \({huge.total_bytes} bytes\) but only .* available; nothing was allocated"
+    ):
         BACKENDS[backend](huge)
     if free_before is not None:
         assert cuda.current_context().get_memory_info()[0] == free_before

@@ -40,7 +40,21 @@ def test_defaults_match_cpp_and_are_a_no_op():
 
 def test_field_order_is_the_documented_one():
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["num_recurrent_layers", *DIMENSIONS, "max_intermediate_seq_len", "recurrent_state_dtype", "conv_state_dtype", "verify_writes_main_pool"]
+    assert names == [
+        "num_recurrent_layers",
+        *DIMENSIONS,
+        "max_intermediate_seq_len",
+        "recurrent_state_dtype",
+        "conv_state_dtype",
+        "verify_writes_main_pool",
+        "intermediate_recurrent_state_dtype",
+        "intermediate_conv_state_dtype",
+        "stochastic_rounding",
+        "rounding_seed",
+        "commit_mode",
+        "mixer",
+        "n_groups",
+    ]
 
 
 def test_frozen():
@@ -108,15 +122,31 @@ def test_byte_accounting_by_hand():
         "conv": 704,
         "intermediate_recurrent": 5040,
         "intermediate_conv": 2112,
+        "replay_stash": 0,
     }
     assert config.total_bytes == 9536
     fp32 = Config(**{**VALID, "recurrent_state_dtype": "float32", "max_intermediate_seq_len": 0})
-    assert fp32.pool_bytes() == {"recurrent": 3360, "conv": 704, "intermediate_recurrent": 0, "intermediate_conv": 0}
+    assert fp32.pool_bytes() == {
+        "recurrent": 3360,
+        "conv": 704,
+        "intermediate_recurrent": 0,
+        "intermediate_conv": 0,
+        "replay_stash": 0,
+    }
 
 
 def test_mamba2_2p7b_like_bytes():
     # 64 layers, 80 heads x 64 x 128 fp16 = 1,310,720 bytes a slot; 8 slots -> 640 MiB.
-    config = Config(64, 8, 80, 64, 128, 5376, 4, 4)
+    config = Config(
+        num_recurrent_layers=64,
+        max_batch_size=8,
+        recurrent_state_num_heads=80,
+        recurrent_state_head_dim=64,
+        recurrent_state_size=128,
+        conv_dim=5376,
+        conv_kernel=4,
+        max_intermediate_seq_len=4,
+    )
     assert config.pool_bytes()["recurrent"] == 64 * 8 * 80 * 64 * 128 * 2 == 640 * 2**20
     assert config.pool_bytes()["conv"] == 64 * 8 * 5376 * 4 * 2
     assert config.pool_bytes()["intermediate_recurrent"] == 4 * 640 * 2**20

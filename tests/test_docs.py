@@ -22,8 +22,13 @@ import pytest
 pytest.importorskip("mkdocs_jupyter", reason="the docs extra is not installed (pip install -e '.[docs]')")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MAIN_PAGES = ["index.html", "concepts/layouts/index.html", "concepts/mtp/index.html",
-              "tutorials/03-speculative-decoding/index.html", "api/index.html"]
+MAIN_PAGES = [
+    "index.html",
+    "concepts/layouts/index.html",
+    "concepts/mtp/index.html",
+    "tutorials/03-speculative-decoding/index.html",
+    "api/index.html",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,11 @@ def site(tmp_path_factory):
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-6000:]
     return out
@@ -62,7 +71,7 @@ def test_every_internal_link_resolves(site):
     broken = []
     for page in site.rglob("*.html"):
         refs = parse(page)
-        for tag, ref, _ in refs.refs:
+        for _tag, ref, _ in refs.refs:
             if re.match(r"^[a-z]+:", ref) or ref.startswith("//"):
                 continue
             path, _, anchor = ref.partition("#")
@@ -85,7 +94,9 @@ def test_nothing_is_fetched_from_the_internet(site):
     external = []
     for page in site.rglob("*.html"):
         for tag, ref, rel in parse(page).refs:
-            loads = tag in ("script", "img", "iframe", "source") or (tag == "link" and rel in ("stylesheet", "preload", "icon"))
+            loads = tag in ("script", "img", "iframe", "source") or (
+                tag == "link" and rel in ("stylesheet", "preload", "icon")
+            )
             if loads and re.match(r"^(https?:)?//", ref):
                 external.append(f"{page.relative_to(site)}: <{tag}> {ref}")
     css = "\n".join(p.read_text(errors="ignore") for p in site.rglob("*.css"))
@@ -119,19 +130,37 @@ def test_pages_render_in_headless_chromium(site, tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
-    chromium = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=3000"]
+    chromium = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=3000",
+    ]
     try:
         for page in MAIN_PAGES:
             dom = subprocess.run([*chromium, "--dump-dom", base + page], capture_output=True, text=True, timeout=120)
             assert dom.returncode == 0, dom.stderr[-2000:]
             assert "<article" in dom.stdout and "mamba_cache" in dom.stdout, page
             shot = tmp_path / (page.replace("/", "_") + ".png")
-            subprocess.run([*chromium, "--window-size=1280,1600", f"--screenshot={shot}", base + page],
-                           capture_output=True, timeout=120, check=True)
+            subprocess.run(
+                [*chromium, "--window-size=1280,1600", f"--screenshot={shot}", base + page],
+                capture_output=True,
+                timeout=120,
+                check=True,
+            )
             assert shot.stat().st_size > 10_000, page
-        dom = subprocess.run([*chromium, "--dump-dom", base + "concepts/layouts/index.html"], capture_output=True, text=True, timeout=120).stdout
-        assert re.search(r'<img[^>]+layouts\.svg', dom)
-        dom = subprocess.run([*chromium, "--dump-dom", base + "tutorials/03-speculative-decoding/index.html"], capture_output=True, text=True, timeout=120).stdout
+        dom = subprocess.run(
+            [*chromium, "--dump-dom", base + "concepts/layouts/index.html"], capture_output=True, text=True, timeout=120
+        ).stdout
+        assert re.search(r"<img[^>]+layouts\.svg", dom)
+        dom = subprocess.run(
+            [*chromium, "--dump-dom", base + "tutorials/03-speculative-decoding/index.html"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         assert "bit for bit: True" in dom
         if os.environ.get("MAMBA_CACHE_SCREENSHOTS"):
             dest = pathlib.Path(os.environ["MAMBA_CACHE_SCREENSHOTS"])

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, write_pool, to_host
+from conftest import BACKENDS, to_host, write_pool
 
 from mamba_cache import Config
 
@@ -43,7 +43,9 @@ def test_backend_matches_golden_vectors(backend, case):
                 assert to_host(array).tobytes() == expected[f"step{i}_captured_{layer}"].tobytes(), (case["name"], i)
         for pool in MANIFEST["pools"]:
             got = to_host(getattr(manager._pools, pool))
-            assert got.tobytes() == expected[f"step{i}_{pool}"].tobytes(), f"{case['name']} step {i} ({step['op']}): {pool}"
+            assert got.tobytes() == expected[f"step{i}_{pool}"].tobytes(), (
+                f"{case['name']} step {i} ({step['op']}): {pool}"
+            )
 
 
 def test_generator_reproduces_the_committed_files(tmp_path):
@@ -58,5 +60,13 @@ def test_generator_reproduces_the_committed_files(tmp_path):
 
 def test_the_cases_cover_every_operation():
     ops = {step["op"] for case in MANIFEST["cases"] for step in case["steps"]}
-    assert ops == {"reshape_intermediate_states", "scatter_mtp_states", "scatter_accepted_tree_states",
-                   "capture_recurrent_states", "capture_conv_states", "clear_states", "clear_slot", "restore_slot"}
+    assert ops == {
+        "reshape_intermediate_states",
+        "scatter_mtp_states",
+        "scatter_accepted_tree_states",
+        "capture_recurrent_states",
+        "capture_conv_states",
+        "clear_states",
+        "clear_slot",
+        "restore_slot",
+    }

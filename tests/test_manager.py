@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import (
     BACKENDS,
+    assert_same_bits,
     device_int32,
     fill_random,
-    snapshot,
-    assert_same_bits,
     small_config,
+    snapshot,
     to_host,
 )
 
@@ -91,7 +91,10 @@ def test_config_type_checked(backend):
         make(backend, {"num_recurrent_layers": 1})
 
 
-@pytest.mark.parametrize("getter", ["get_recurrent_state", "get_conv_state", "get_intermediate_recurrent_state", "get_intermediate_conv_state"])
+@pytest.mark.parametrize(
+    "getter",
+    ["get_recurrent_state", "get_conv_state", "get_intermediate_recurrent_state", "get_intermediate_conv_state"],
+)
 @pytest.mark.parametrize("bad", [3, -1, 2**40])
 def test_layer_index_out_of_range(backend, getter, bad):
     cache = make(backend, small_config())
@@ -113,8 +116,11 @@ def test_clear_zeroes_main_pools_only(backend, rng):
     cache.clear_states()
     after = snapshot(cache)
     assert not after["recurrent"].any() and not after["conv"].any()
-    assert_same_bits({k: before[k] for k in ("intermediate_recurrent", "intermediate_conv")},
-                     {k: after[k] for k in ("intermediate_recurrent", "intermediate_conv")}, "clear")
+    assert_same_bits(
+        {k: before[k] for k in ("intermediate_recurrent", "intermediate_conv")},
+        {k: after[k] for k in ("intermediate_recurrent", "intermediate_conv")},
+        "clear",
+    )
 
 
 # ---------------------------------------------------------------- capture
@@ -160,12 +166,15 @@ def test_reshape_reinterprets_the_start_of_the_buffer(backend, rng):
     assert to_host(cache.get_intermediate_recurrent_state(1)).tobytes() == flat[1].tobytes()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((0, 2), r"active_batch_size must be in \[1, 5\], got 0"),
-    ((6, 2), r"active_batch_size must be in \[1, 5\], got 6"),
-    ((2, 0), r"seq_len must be in \[1, 4\], got 0"),
-    ((2, 5), r"seq_len must be in \[1, 4\], got 5"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((0, 2), r"active_batch_size must be in \[1, 5\], got 0"),
+        ((6, 2), r"active_batch_size must be in \[1, 5\], got 6"),
+        ((2, 0), r"seq_len must be in \[1, 4\], got 0"),
+        ((2, 5), r"seq_len must be in \[1, 4\], got 5"),
+    ],
+)
 def test_reshape_out_of_range_changes_nothing(backend, args, message):
     cache = make(backend, small_config())
     cache.reshape_intermediate_states(2, 3)
@@ -197,13 +206,16 @@ def expected_after_scatter(before, accept, seq_len):
     return expected
 
 
-@pytest.mark.parametrize(("active", "seq_len", "accept"), [
-    (5, 4, [1, 2, 3, 4, 0]),                         # partial accepts, a full accept, padding
-    (3, 2, [2, 1, -7]),                              # V = 2: only step 0 is ever copied
-    (4, 3, [2**31 - 1, -(2**31), 3, 2]),             # extreme values are skipped
-    (2, 1, [1, 1]),                                  # V = 1: nothing is ever copied
-    (5, 4, [3, 3, 3, 3, 3]),
-])
+@pytest.mark.parametrize(
+    ("active", "seq_len", "accept"),
+    [
+        (5, 4, [1, 2, 3, 4, 0]),  # partial accepts, a full accept, padding
+        (3, 2, [2, 1, -7]),  # V = 2: only step 0 is ever copied
+        (4, 3, [2**31 - 1, -(2**31), 3, 2]),  # extreme values are skipped
+        (2, 1, [1, 1]),  # V = 1: nothing is ever copied
+        (5, 4, [3, 3, 3, 3, 3]),
+    ],
+)
 def test_scatter_follows_the_rule(backend, rng, active, seq_len, accept):
     cache = make(backend, small_config())
     fill_random([cache], rng)
@@ -240,14 +252,21 @@ def test_scatter_accepts_a_host_array_on_both_backends(backend, rng):
     assert_same_bits(snapshot(cache), expected_after_scatter(before, [2, 0, 3], 4), "host accept_lengths")
 
 
-@pytest.mark.parametrize(("bad", "error", "message"), [
-    (np.array([1, 2], dtype=np.int64), TypeError, "accept_lengths must have dtype int32, got int64"),
-    (np.array([1.0, 2.0], dtype=np.float32), TypeError, "accept_lengths must have dtype int32, got float32"),
-    (np.ones((2, 2), dtype=np.int32), ValueError, r"accept_lengths must be 1-D \[active\], got shape \(2, 2\)"),
-    (np.ones(6, dtype=np.int32), ValueError, r"accept_lengths must have length in \[0, 5\] \(max_batch_size\), got 6"),
-    (np.ones(8, dtype=np.int32)[::2], ValueError, "accept_lengths must be contiguous"),
-    ([1, 2], TypeError, "accept_lengths must be a"),
-])
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (np.array([1, 2], dtype=np.int64), TypeError, "accept_lengths must have dtype int32, got int64"),
+        (np.array([1.0, 2.0], dtype=np.float32), TypeError, "accept_lengths must have dtype int32, got float32"),
+        (np.ones((2, 2), dtype=np.int32), ValueError, r"accept_lengths must be 1-D \[active\], got shape \(2, 2\)"),
+        (
+            np.ones(6, dtype=np.int32),
+            ValueError,
+            r"accept_lengths must have length in \[0, 5\] \(the active batch of the latest reshape",
+        ),
+        (np.ones(8, dtype=np.int32)[::2], ValueError, "accept_lengths must be contiguous"),
+        ([1, 2], TypeError, "accept_lengths must be a"),
+    ],
+)
 def test_scatter_bad_accept_lengths_change_nothing(backend, rng, bad, error, message):
     cache = make(backend, small_config())
     fill_random([cache], rng)
@@ -288,10 +307,10 @@ def test_move_transfers_the_buffers(backend, rng):
     assert_same_bits(snapshot(moved), before, "moved")
     assert to_host(view).tobytes() == before["conv"][1].tobytes()  # views handed out stay valid
     assert cache.num_layers() == 0 and cache.get_config() == Config()
-    assert cache.capture_conv_states(0) == [] and not cache.has_intermediate_conv_states()
-    cache.clear_states()
-    with pytest.raises(IndexError, match="closed or moved from"):
-        cache.get_recurrent_state(0)
+    assert not cache.has_intermediate_conv_states()
+    for call in (cache.clear_states, lambda: cache.capture_conv_states(0), lambda: cache.get_recurrent_state(0)):
+        with pytest.raises(ValueError, match="closed or moved from"):
+            call()
     assert "closed" in repr(cache) and "layers=3" in repr(moved)
 
 
@@ -299,6 +318,6 @@ def test_close_and_context_manager(backend):
     with make(backend, small_config()) as cache:
         assert cache.num_layers() == 3
     assert cache.num_layers() == 0
-    with pytest.raises(IndexError, match="closed or moved from"):
+    with pytest.raises(ValueError, match="closed or moved from"):
         cache.get_intermediate_recurrent_state(0)
     cache.close()  # idempotent

@@ -19,9 +19,17 @@ from mamba_cache.core.kernels import MAX_THREADS, WORDS_PER_THREAD, launch_shape
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
 
-@pytest.mark.parametrize(("words", "shape"), [
-    (1, (1, 32)), (128, (1, 32)), (129, (1, 64)), (1024, (1, 256)), (1025, (2, 256)), (4096, (4, 256)),
-])
+@pytest.mark.parametrize(
+    ("words", "shape"),
+    [
+        (1, (1, 32)),
+        (128, (1, 32)),
+        (129, (1, 64)),
+        (1024, (1, 256)),
+        (1025, (2, 256)),
+        (4096, (4, 256)),
+    ],
+)
 def test_launch_shape_covers_the_slot(words, shape):
     (chunks,), threads = launch_shape(words)
     assert (chunks, threads) == shape

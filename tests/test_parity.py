@@ -29,22 +29,33 @@ def edge_configs():
     full_chunk = MAX_THREADS * WORDS_PER_THREAD  # words one block covers at full size
     cases = {
         # fp32 recurrent: H*D*N elements = 2 * words
-        "one-warp-chunk": (1, 16, 16),       # 256 elems -> 128 words = 32 threads x 4: on the edge
-        "one-warp-chunk+1": (2, 3, 43),      # 258 elems -> 129 words
-        "one-warp-chunk-1": (2, 127, 1),     # 254 elems -> 127 words
+        "one-warp-chunk": (1, 16, 16),  # 256 elems -> 128 words = 32 threads x 4: on the edge
+        "one-warp-chunk+1": (2, 3, 43),  # 258 elems -> 129 words
+        "one-warp-chunk-1": (2, 127, 1),  # 254 elems -> 127 words
     }
     if ON_GPU:  # full-size blocks are too slow for the simulator
-        cases.update({
-            "full-chunk": (2, 32, full_chunk // 32),          # 2048 elems -> 1024 words
-            "full-chunk+1": (2, 5, 205),                      # 2050 elems -> 1025 words
-            "two-chunks+1": (2, 1, 2 * full_chunk + 1),       # 4098 elems -> 2049 words
-        })
+        cases.update(
+            {
+                "full-chunk": (2, 32, full_chunk // 32),  # 2048 elems -> 1024 words
+                "full-chunk+1": (2, 5, 205),  # 2050 elems -> 1025 words
+                "two-chunks+1": (2, 1, 2 * full_chunk + 1),  # 4098 elems -> 2049 words
+            }
+        )
     for name, (h, d, n) in cases.items():
-        yield pytest.param(small_config(recurrent_state_num_heads=h, recurrent_state_head_dim=d,
-                                        recurrent_state_size=n, recurrent_state_dtype="float32"), id=name)
+        yield pytest.param(
+            small_config(
+                recurrent_state_num_heads=h,
+                recurrent_state_head_dim=d,
+                recurrent_state_size=n,
+                recurrent_state_dtype="float32",
+            ),
+            id=name,
+        )
     # fp16 conv slots of 15 elems (2-byte words), 14 (4-byte words), 16 (8-byte words)
     for c, k in ((5, 3), (7, 2), (4, 4)):
-        yield pytest.param(small_config(conv_dim=c, conv_kernel=k, recurrent_state_dtype="float16"), id=f"conv{c}x{k}-fp16")
+        yield pytest.param(
+            small_config(conv_dim=c, conv_kernel=k, recurrent_state_dtype="float16"), id=f"conv{c}x{k}-fp16"
+        )
 
 
 def random_config(rng) -> Config:
@@ -63,8 +74,10 @@ def random_config(rng) -> Config:
     )
 
 
-def accept_lengths(rng, config, seq_len) -> np.ndarray:
-    active = int(rng.integers(0, config.max_batch_size + 1))
+def accept_lengths(rng, view) -> np.ndarray:
+    """Random accept lengths for the current ``(active, V)`` view: any number of rows up to active."""
+    view_active, seq_len = view
+    active = int(rng.integers(0, view_active + 1))
     special = [INT32_MIN, -1, 0, seq_len - 1, seq_len, seq_len + 1, INT32_MAX]
     partial = list(range(1, max(seq_len, 2)))
     values = [int(rng.choice(special + partial + partial)) for _ in range(active)]
@@ -88,8 +101,22 @@ def run_sequence(config, rng, steps):
     assert_same_bits(snapshot(ref), snapshot(dev), "construction")
     fill_random([ref, dev], rng)
     for step in range(steps):
-        op = rng.choice(["write", "clear", "capture", "reshape", "scatter", "scatter", "scatter", "bad",
-                         "clear_slot", "restore", "indices", "tree"])
+        op = rng.choice(
+            [
+                "write",
+                "clear",
+                "capture",
+                "reshape",
+                "scatter",
+                "scatter",
+                "scatter",
+                "bad",
+                "clear_slot",
+                "restore",
+                "indices",
+                "tree",
+            ]
+        )
         if op == "write":
             what = write_through_view([ref, dev], rng)
         elif op == "clear":
@@ -103,7 +130,7 @@ def run_sequence(config, rng, steps):
             got = getattr(dev, f"capture_{kind}_states")(slot)
             want = getattr(ref, f"capture_{kind}_states")(slot)
             assert len(got) == len(want) == config.num_recurrent_layers
-            for g, w in zip(got, want):
+            for g, w in zip(got, want, strict=True):
                 assert to_host(g).tobytes() == w.tobytes(), what
         elif op == "reshape":
             active = int(rng.integers(1, config.max_batch_size + 1))
@@ -112,7 +139,7 @@ def run_sequence(config, rng, steps):
             ref.reshape_intermediate_states(active, seq)
             dev.reshape_intermediate_states(active, seq)
         elif op == "scatter":
-            acc = accept_lengths(rng, config, ref.intermediate_shape[1])
+            acc = accept_lengths(rng, ref.intermediate_shape)
             what = f"scatter {acc.tolist()} V={ref.intermediate_shape[1]}"
             ref.scatter_mtp_states(acc)
             from numba import cuda
@@ -133,7 +160,7 @@ def run_sequence(config, rng, steps):
         elif op == "indices":
             from numba import cuda
 
-            acc = accept_lengths(rng, config, ref.intermediate_shape[1])
+            acc = accept_lengths(rng, ref.intermediate_shape)
             slots = rng.permutation(config.max_batch_size + 2)[: acc.size] - 1  # distinct, some out of range
             indices = slots.astype(np.int32)
             what = f"scatter {acc.tolist()} -> slots {indices.tolist()}"
@@ -143,9 +170,11 @@ def run_sequence(config, rng, steps):
             from numba import cuda
 
             seq_len = ref.intermediate_shape[1]
-            acc = accept_lengths(rng, config, seq_len)
+            acc = accept_lengths(rng, ref.intermediate_shape)
             width = int(rng.integers(1, 5))
-            nodes = rng.choice([INT32_MIN, -1, 0, 1, seq_len - 1, seq_len, INT32_MAX, 2], size=(acc.size, width)).astype(np.int32)
+            nodes = rng.choice(
+                [INT32_MIN, -1, 0, 1, seq_len - 1, seq_len, INT32_MAX, 2], size=(acc.size, width)
+            ).astype(np.int32)
             what = f"tree nodes {nodes.tolist()} accept {acc.tolist()}"
             ref.scatter_accepted_tree_states(nodes, acc)
             dev.scatter_accepted_tree_states(cuda.to_device(nodes), cuda.to_device(acc))

@@ -14,8 +14,13 @@ def test_mamba2_130m_by_hand():
     # 24 layers x 8 slots x (24 heads x 64 x 128 = 196,608) fp16 = 75,497,472 B;
     # conv: 1536 + 2 x 128 = 1792 channels x 4 x 2 B x 8 slots x 24 layers = 2,752,512 B.
     config = PRESETS["mamba2-130m"].config(batch=8)
-    assert config.pool_bytes() == {"recurrent": 75_497_472, "conv": 2_752_512,
-                                   "intermediate_recurrent": 0, "intermediate_conv": 0}
+    assert config.pool_bytes() == {
+        "recurrent": 75_497_472,
+        "conv": 2_752_512,
+        "intermediate_recurrent": 0,
+        "intermediate_conv": 0,
+        "replay_stash": 0,
+    }
     assert config.total_bytes == 78_249_984
 
 
@@ -25,8 +30,13 @@ def test_nemotron_h_8b_mtp_tp2_by_hand():
     # MTP x4: 805,306,368 + 31,457,280.  Sum 1,045,954,560 = 997.5 MiB.
     config = PRESETS["nemotron-h-8b"].config(batch=8, mtp=4, tp=2)
     assert (config.recurrent_state_num_heads, config.conv_dim) == (64, 5120)
-    assert config.pool_bytes() == {"recurrent": 201_326_592, "conv": 7_864_320,
-                                   "intermediate_recurrent": 805_306_368, "intermediate_conv": 31_457_280}
+    assert config.pool_bytes() == {
+        "recurrent": 201_326_592,
+        "conv": 7_864_320,
+        "intermediate_recurrent": 805_306_368,
+        "intermediate_conv": 31_457_280,
+        "replay_stash": 0,
+    }
     assert config.total_bytes == 1_045_954_560
     assert config.max_batch_size_for(20 * 2**30) == 164  # 21,474,836,480 // 130,744,320
 
@@ -47,25 +57,51 @@ def test_falcon_h1_and_qwen3_next():
 
 
 def test_shard_checks_divisibility():
-    config = Config(2, 1, 6, 4, 4, 30, 4)
+    config = Config(
+        num_recurrent_layers=2,
+        max_batch_size=1,
+        recurrent_state_num_heads=6,
+        recurrent_state_head_dim=4,
+        recurrent_state_size=4,
+        conv_dim=30,
+        conv_kernel=4,
+    )
     assert config.shard(3).recurrent_state_num_heads == 2 and config.shard(3).conv_dim == 10
     with pytest.raises(ConfigError, match="tp_size 4 must divide recurrent_state_num_heads"):
         config.shard(4)
     with pytest.raises(ConfigError, match="tp_size 2 must divide the split conv channels"):
-        Config(2, 1, 6, 4, 4, 31, 4).shard(2)
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=1,
+            recurrent_state_num_heads=6,
+            recurrent_state_head_dim=4,
+            recurrent_state_size=4,
+            conv_dim=31,
+            conv_kernel=4,
+        ).shard(2)
     with pytest.raises(ConfigError, match="tp_size must be >= 1"):
         config.shard(0)
 
 
 def test_max_batch_for_budget():
-    config = Config(2, 4, 2, 2, 2, 2, 2)  # slot: 2 layers x (8 + 4 elems) x 2 B = 48 B
+    config = Config(
+        num_recurrent_layers=2,
+        max_batch_size=4,
+        recurrent_state_num_heads=2,
+        recurrent_state_head_dim=2,
+        recurrent_state_size=2,
+        conv_dim=2,
+        conv_kernel=2,
+    )  # slot: 2 layers x (8 + 4 elems) x 2 B = 48 B
     assert config.slot_bytes == 48
     assert config.max_batch_size_for(47) == 0 and config.max_batch_size_for(480) == 10
     with pytest.raises(ConfigError, match="budget_bytes must be >= 0"):
         config.max_batch_size_for(-1)
 
 
-@pytest.mark.parametrize(("text", "value"), [("20GiB", 20 * 2**30), ("1.5GB", 1_500_000_000), ("512 MiB", 2**29), ("1000", 1000)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("20GiB", 20 * 2**30), ("1.5GB", 1_500_000_000), ("512 MiB", 2**29), ("1000", 1000)]
+)
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
@@ -76,7 +112,9 @@ def test_parse_bytes_refuses_nonsense():
 
 
 def test_cli_plan_prints_the_table(capsys):
-    assert main(["plan", "--preset", "nemotron-h-8b", "--batch", "8", "--mtp", "4", "--tp", "2", "--budget", "20GiB"]) == 0
+    assert (
+        main(["plan", "--preset", "nemotron-h-8b", "--batch", "8", "--mtp", "4", "--tp", "2", "--budget", "20GiB"]) == 0
+    )
     out = capsys.readouterr().out
     assert "997.50 MiB" in out and "64 heads, 5120 conv channels" in out and "per rank: 164" in out
 
@@ -87,6 +125,8 @@ def test_cli_refuses_a_bad_tp(capsys):
 
 
 def test_cli_help_lists_commands():
-    result = subprocess.run([sys.executable, "-m", "mamba_cache.cli", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mamba_cache.cli", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("plan", "presets", "demo"):
         assert command in result.stdout

@@ -33,7 +33,9 @@ configs = st.builds(
     conv_state_dtype=st.sampled_from(["float16", "float32", "float64"]),
 )
 
-accept_values = st.one_of(st.sampled_from([INT32_MIN, -1, 0, 1, 2, 3, 4, 5, 6, INT32_MAX]), st.integers(INT32_MIN, INT32_MAX))
+accept_values = st.one_of(
+    st.sampled_from([INT32_MIN, -1, 0, 1, 2, 3, 4, 5, 6, INT32_MAX]), st.integers(INT32_MIN, INT32_MAX)
+)
 
 operations = st.lists(
     st.one_of(
@@ -67,7 +69,9 @@ def test_backends_agree_after_every_operation(config, ops):
         if op[0] == "write":
             _, kind_index, layer, seed = op
             kind = KINDS[kind_index]
-            if layer >= config.num_recurrent_layers or (kind.startswith("intermediate") and not ref.has_intermediate_recurrent_states()):
+            if layer >= config.num_recurrent_layers or (
+                kind.startswith("intermediate") and not ref.has_intermediate_recurrent_states()
+            ):
                 continue
             target = getattr(ref, f"get_{kind}_state")(layer)
             values = random_bits(np.random.default_rng(seed), target.shape, target.dtype)
@@ -85,13 +89,17 @@ def test_backends_agree_after_every_operation(config, ops):
                 assert [w.tobytes() for w in want] == [to_host(g).tobytes() for g in got], op
         elif op[0] == "reshape":
             _, active, seq = op
-            assert outcome(lambda: ref.reshape_intermediate_states(active, seq))[1] is outcome(
-                lambda: dev.reshape_intermediate_states(active, seq))[1], op
+            assert (
+                outcome(lambda: ref.reshape_intermediate_states(active, seq))[1]
+                is outcome(lambda: dev.reshape_intermediate_states(active, seq))[1]
+            ), op
         else:
             _, values, on_device = op
             accept = np.array(values, dtype=np.int32)
             want_error = outcome(lambda: ref.scatter_mtp_states(accept))[1]
-            got_error = outcome(lambda: dev.scatter_mtp_states(cuda.to_device(accept) if on_device and accept.size else accept))[1]
+            got_error = outcome(
+                lambda: dev.scatter_mtp_states(cuda.to_device(accept) if on_device and accept.size else accept)
+            )[1]
             assert want_error is got_error, op
         assert_same_bits(snapshot(ref), snapshot(dev), f"step {step}: {op}")
         assert ref.intermediate_shape == dev.intermediate_shape

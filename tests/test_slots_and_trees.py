@@ -6,7 +6,7 @@ backend's vectorised code, and every byte of every pool is compared.
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_same_bits, device_int32, fill_random, small_config, snapshot, to_host
+from conftest import BACKENDS, assert_same_bits, device_int32, fill_random, small_config, snapshot
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -78,7 +78,7 @@ def test_restore_slot_round_trips_a_capture(backend, rng):
 def test_restore_slot_zero_fills_missing_layers(backend, rng):
     cache = make(backend)
     fill_random([cache], rng)
-    rec, conv = cache.capture_recurrent_states(0), cache.capture_conv_states(0)
+    rec = cache.capture_recurrent_states(0)
     want = snapshot(cache)
     cache.restore_slot(2, rec[:1], [])
     after = snapshot(cache)
@@ -97,12 +97,24 @@ def test_restore_slot_refusals_change_nothing(backend, rng):
     before = snapshot(cache)
     cases = [
         (lambda: cache.restore_slot(5, rec, conv), IndexError, r"slot must be in \[0, 5\), got 5"),
-        (lambda: cache.restore_slot(0, rec + rec[:1], conv), ValueError, "recurrent_states has 4 arrays but the cache has 3 layers"),
+        (
+            lambda: cache.restore_slot(0, rec + rec[:1], conv),
+            ValueError,
+            "recurrent_states has 4 arrays but the cache has 3 layers",
+        ),
         (lambda: cache.restore_slot(0, rec, "conv"), TypeError, "conv_states must be a list of per-layer arrays"),
         (lambda: cache.restore_slot(0, wrong_dtype, conv), TypeError, r"recurrent_states\[0\] must have dtype float32"),
-        (lambda: cache.restore_slot(0, wrong_shape, conv), ValueError, r"recurrent_states\[0\] must have shape \[1, 2, 3, 5\]"),
+        (
+            lambda: cache.restore_slot(0, wrong_shape, conv),
+            ValueError,
+            r"recurrent_states\[0\] must have shape \[1, 2, 3, 5\]",
+        ),
         (lambda: cache.restore_slot(0, foreign, conv), TypeError, r"recurrent_states\[0\] must be a"),
-        (lambda: cache.restore_slot(0, rec, conv[:2] + [rec[0]]), TypeError, r"conv_states\[2\] must have dtype float16"),
+        (
+            lambda: cache.restore_slot(0, rec, conv[:2] + [rec[0]]),
+            TypeError,
+            r"conv_states\[2\] must have dtype float16",
+        ),
     ]
     for call, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -119,12 +131,15 @@ def test_clear_slot_bad_slot(backend):
 
 
 # ---------------------------------------------------------------- slot indirection
-@pytest.mark.parametrize(("accept", "indices"), [
-    ([2, 3, 1, 4, 0], [4, 3, 2, 1, 0]),                      # a permutation
-    ([2, 2, 2], [0, -1, 5]),                                  # out-of-range slots skip their row
-    ([0, 3, -5, 2], [1, 0, 3, 2]),                            # padding rows never overwrite slot 1 or 3
-    ([3, 1], [INT32_MIN, INT32_MAX]),
-])
+@pytest.mark.parametrize(
+    ("accept", "indices"),
+    [
+        ([2, 3, 1, 4, 0], [4, 3, 2, 1, 0]),  # a permutation
+        ([2, 2, 2], [0, -1, 5]),  # out-of-range slots skip their row
+        ([0, 3, -5, 2], [1, 0, 3, 2]),  # padding rows never overwrite slot 1 or 3
+        ([3, 1], [INT32_MIN, INT32_MAX]),
+    ],
+)
 def test_state_indices_redirect_rows(backend, rng, accept, indices):
     cache = make(backend)
     fill_random([cache], rng)
@@ -167,20 +182,24 @@ def test_verify_mode_must_be_a_bool():
 
 
 # ---------------------------------------------------------------- tree commits
-@pytest.mark.parametrize(("nodes", "accept", "indices"), [
-    ([[0, 2, 3], [1, -1, -1], [0, 1, 2], [-1, -1, -1], [3, 0, 1]], [3, 1, 2, 3, 9], None),
-    ([[0, 2, -1], [1, 3, 0]], [3, 2], [4, 2]),
-    ([[4, 1, 0], [0, 5, 6], [2, -3, INT32_MIN]], [1, 3, INT32_MAX], None),        # node >= V: skipped
-    ([[0, 1, 2], [2, 1, 0], [1, 1, 1]], [0, -1, INT32_MIN], [0, 1, 2]),           # nothing accepted
-    ([[1, INT32_MAX, 2], [INT32_MAX, INT32_MIN, 0]], [2, 3], [1, -7]),
-])
+@pytest.mark.parametrize(
+    ("nodes", "accept", "indices"),
+    [
+        ([[0, 2, 3], [1, -1, -1], [0, 1, 2], [-1, -1, -1], [3, 0, 1]], [3, 1, 2, 3, 9], None),
+        ([[0, 2, -1], [1, 3, 0]], [3, 2], [4, 2]),
+        ([[4, 1, 0], [0, 5, 6], [2, -3, INT32_MIN]], [1, 3, INT32_MAX], None),  # node >= V: skipped
+        ([[0, 1, 2], [2, 1, 0], [1, 1, 1]], [0, -1, INT32_MIN], [0, 1, 2]),  # nothing accepted
+        ([[1, INT32_MAX, 2], [INT32_MAX, INT32_MIN, 0]], [2, 3], [1, -7]),
+    ],
+)
 def test_tree_commit_follows_the_rule(backend, rng, nodes, accept, indices):
     cache = make(backend)
     fill_random([cache], rng)
     nodes = np.array(nodes, dtype=np.int32)
     before = snapshot(cache)
     cache.scatter_accepted_tree_states(
-        device_int32(backend, nodes), device_int32(backend, accept),
+        device_int32(backend, nodes),
+        device_int32(backend, accept),
         None if indices is None else device_int32(backend, indices),
     )
     assert_same_bits(snapshot(cache), expected_tree(before, nodes, accept, indices, 4), f"tree {nodes.tolist()}")
@@ -196,12 +215,20 @@ def test_tree_commit_after_reshape(backend, rng):
     assert_same_bits(snapshot(cache), expected_tree(before, nodes, [2, 1, 2], None, 3), "tree after reshape")
 
 
-@pytest.mark.parametrize(("nodes", "accept", "exc", "msg"), [
-    (np.zeros((2, 2), np.int64), [1, 1], TypeError, "accepted_node_ids must have dtype int32, got int64"),
-    (np.zeros(2, np.int32), [1, 1], ValueError, r"accepted_node_ids must be 2-D \[active, max_accept_len\]"),
-    (np.zeros((3, 2), np.int32), [1, 1], ValueError, r"accepted_node_ids must have len\(accept_lengths\) = 2 rows, got 3"),
-    (np.zeros((2, 4), np.int32)[:, ::2], [1, 1], ValueError, "accepted_node_ids must be contiguous"),
-])
+@pytest.mark.parametrize(
+    ("nodes", "accept", "exc", "msg"),
+    [
+        (np.zeros((2, 2), np.int64), [1, 1], TypeError, "accepted_node_ids must have dtype int32, got int64"),
+        (np.zeros(2, np.int32), [1, 1], ValueError, r"accepted_node_ids must be 2-D \[active, max_accept_len\]"),
+        (
+            np.zeros((3, 2), np.int32),
+            [1, 1],
+            ValueError,
+            r"accepted_node_ids must have len\(accept_lengths\) = 2 rows, got 3",
+        ),
+        (np.zeros((2, 4), np.int32)[:, ::2], [1, 1], ValueError, "accepted_node_ids must be contiguous"),
+    ],
+)
 def test_tree_bad_inputs_change_nothing(backend, rng, nodes, accept, exc, msg):
     cache = make(backend)
     fill_random([cache], rng)

@@ -18,8 +18,18 @@ TOLERANCE = {"float16": dict(rtol=4e-3, atol=4e-3), "float32": dict(rtol=2e-5, a
 
 def tiny_config(dtype, layers=2, batch=4, verify=3):
     heads, dim, state = 2, 4, 8
-    return Config(layers, batch, heads, dim, state, heads * dim + 2 * state, 4, verify,
-                  recurrent_state_dtype=dtype, conv_state_dtype=dtype)
+    return Config(
+        num_recurrent_layers=layers,
+        max_batch_size=batch,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=state,
+        conv_dim=heads * dim + 2 * state,
+        conv_kernel=4,
+        max_intermediate_seq_len=verify,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+    )
 
 
 def accept_array(backend, values):
@@ -96,4 +106,15 @@ def test_backends_agree_within_float_tolerance(dtype):
 
 def test_conv_dim_must_match_the_mixer():
     with pytest.raises(ValueError, match="conv_dim must be H \\* D \\+ 2 \\* N = 24"):
-        TinyMamba2(Config(1, 1, 2, 4, 8, 23, 4, 0))
+        TinyMamba2(
+            Config(
+                num_recurrent_layers=1,
+                max_batch_size=1,
+                recurrent_state_num_heads=2,
+                recurrent_state_head_dim=4,
+                recurrent_state_size=8,
+                conv_dim=23,
+                conv_kernel=4,
+                max_intermediate_seq_len=0,
+            )
+        )

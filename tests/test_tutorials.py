@@ -17,6 +17,8 @@ def test_there_are_tutorials():
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs(path):
     # NUMBA_ENABLE_CUDASIM is inherited from conftest: the GPU where there is one, else the simulator
-    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, env=dict(os.environ), timeout=600
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.strip(), "a tutorial prints what it shows"

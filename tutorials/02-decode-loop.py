@@ -12,7 +12,17 @@ from mamba_cache import Config, NumpyMambaCacheManager
 from mamba_cache.models.mamba2 import TinyMamba2
 
 heads, dim, state = 4, 16, 16
-config = Config(4, 2, heads, dim, state, heads * dim + 2 * state, 4, 0, recurrent_state_dtype="float32")
+config = Config(
+    num_recurrent_layers=4,
+    max_batch_size=2,
+    recurrent_state_num_heads=heads,
+    recurrent_state_head_dim=dim,
+    recurrent_state_size=state,
+    conv_dim=heads * dim + 2 * state,
+    conv_kernel=4,
+    max_intermediate_seq_len=0,
+    recurrent_state_dtype="float32",
+)
 model = TinyMamba2(config, vocab_size=100, seed=0)
 cache = NumpyMambaCacheManager(config)
 
@@ -43,5 +53,5 @@ for layer in range(config.num_recurrent_layers):
     cache.get_conv_state(layer)[1] = snapshot_conv[layer][0]
 second = [model.decode_step(cache, [t], slots=[1]) for t in (7, 7, 1)]
 print("request B, last output[:4]:", np.round(second[-1][0, :4], 4))
-print("identical:", all(np.array_equal(a, b) for a, b in zip(first, second)))
-assert all(np.array_equal(a, b) for a, b in zip(first, second))
+print("identical:", all(np.array_equal(a, b) for a, b in zip(first, second, strict=True)))
+assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))

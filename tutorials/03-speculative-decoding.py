@@ -16,7 +16,18 @@ import numpy as np
 
 from mamba_cache import Config, NumpyMambaCacheManager
 
-tiny = Config(1, 3, 1, 1, 1, 1, 1, 3, recurrent_state_dtype="float32", conv_state_dtype="float32")
+tiny = Config(
+    num_recurrent_layers=1,
+    max_batch_size=3,
+    recurrent_state_num_heads=1,
+    recurrent_state_head_dim=1,
+    recurrent_state_size=1,
+    conv_dim=1,
+    conv_kernel=1,
+    max_intermediate_seq_len=3,
+    recurrent_state_dtype="float32",
+    conv_state_dtype="float32",
+)
 cache = NumpyMambaCacheManager(tiny)
 cache.get_recurrent_state(0)[:] = -1  # the state each row had before verify
 cache.reshape_intermediate_states(3, 3)  # 3 active rows x V = 3 draft tokens
@@ -60,7 +71,16 @@ assert short[1, 0] == full[0, 2]
 # %%
 from mamba_cache.models.mamba2 import TinyMamba2
 
-config = Config(2, 4, 2, 8, 8, 2 * 8 + 2 * 8, 4, 3)
+config = Config(
+    num_recurrent_layers=2,
+    max_batch_size=4,
+    recurrent_state_num_heads=2,
+    recurrent_state_head_dim=8,
+    recurrent_state_size=8,
+    conv_dim=2 * 8 + 2 * 8,
+    conv_kernel=4,
+    max_intermediate_seq_len=3,
+)
 model = TinyMamba2(config, vocab_size=50, seed=3)
 spec, seq = NumpyMambaCacheManager(config), NumpyMambaCacheManager(config)
 rng = np.random.default_rng(0)

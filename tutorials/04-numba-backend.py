@@ -15,7 +15,17 @@ from numba import cuda
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
 
 print("running on", "the GPU" if on_gpu else "the CUDA simulator")
-config = Config(3, 4, 2, 4, 8, 24, 4, 3, recurrent_state_dtype="float32")
+config = Config(
+    num_recurrent_layers=3,
+    max_batch_size=4,
+    recurrent_state_num_heads=2,
+    recurrent_state_head_dim=4,
+    recurrent_state_size=8,
+    conv_dim=24,
+    conv_kernel=4,
+    max_intermediate_seq_len=3,
+    recurrent_state_dtype="float32",
+)
 stream = cuda.stream()
 cache = NumbaMambaCacheManager(config, stream=stream)
 state = cache.get_recurrent_state(0)

@@ -14,7 +14,17 @@ from numba import cuda
 
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
 
-config = Config(2, 5, 2, 3, 5, 7, 3, 4, recurrent_state_dtype="float32")
+config = Config(
+    num_recurrent_layers=2,
+    max_batch_size=5,
+    recurrent_state_num_heads=2,
+    recurrent_state_head_dim=3,
+    recurrent_state_size=5,
+    conv_dim=7,
+    conv_kernel=3,
+    max_intermediate_seq_len=4,
+    recurrent_state_dtype="float32",
+)
 ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
 rng = np.random.default_rng(1)
 
@@ -57,6 +67,7 @@ print(f"{checks} scatters, every byte identical")
 # %% [markdown]
 # The same harness checks a kernel of your own: here a row-by-row scatter written from the rule in
 # SEMANTICS.md, against the reference.
+
 
 # %%
 def my_scatter(main, inter, accept, seq_len):

@@ -14,7 +14,18 @@ import numpy as np
 from mamba_cache import Config, NumpyMambaCacheManager
 from mamba_cache.presets import PRESETS
 
-config = Config(2, 4, 1, 1, 1, 1, 1, 3, recurrent_state_dtype="float32", conv_state_dtype="float32")
+config = Config(
+    num_recurrent_layers=2,
+    max_batch_size=4,
+    recurrent_state_num_heads=1,
+    recurrent_state_head_dim=1,
+    recurrent_state_size=1,
+    conv_dim=1,
+    conv_kernel=1,
+    max_intermediate_seq_len=3,
+    recurrent_state_dtype="float32",
+    conv_state_dtype="float32",
+)
 cache = NumpyMambaCacheManager(config)
 for layer in range(2):
     cache.get_recurrent_state(layer)[:] = -1

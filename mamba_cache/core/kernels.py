@@ -55,7 +55,9 @@ def launch_shape(*words: int) -> tuple[tuple[int, ...], int]:
 
 
 @cuda.jit(cache=False)
-def scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, state_indices, use_indices, seq_len, max_accept):
+def scatter_accepted(
+    dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, state_indices, use_indices, seq_len, max_accept
+):
     """Copy each row's last accepted intermediate state into its main-pool slot, both state kinds.
 
     For layer ``l = blockIdx.z``, row ``b = blockIdx.y``, ``a = accept_lengths[b]`` and slot

@@ -65,7 +65,7 @@ class PreparedLaunch:
         kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
         values: list = []
         self._offsets = []
-        for ty, value in zip(kernel.argument_types, args):
+        for ty, value in zip(kernel.argument_types, args, strict=True):
             self._offsets.append(len(values))
             kernel._prepare_args(ty, value, 0, [], values)
         # Plain Python ints are pointer-sized in Numba's calling convention.
@@ -119,7 +119,9 @@ class PreparedLaunch:
 
     def _launch(self, grid: tuple, handle: int) -> int:
         gx, gy, gz = grid
-        (err,) = self._driver.cuLaunchKernel(self._function, gx, gy, gz, self._threads, 1, 1, 0, handle, self._params, 0)
+        (err,) = self._driver.cuLaunchKernel(
+            self._function, gx, gy, gz, self._threads, 1, 1, 0, handle, self._params, 0
+        )
         return int(err)
 
 

@@ -2,9 +2,10 @@
 
 A backend subclasses :class:`MambaCacheManagerBase` and binds a few hooks to its arrays and
 streams (``_stream``, ``_zeros``, ``_zero_fill``, ``_capture``, ``_scatter``, ``_scatter_tree``,
-``_zero_slot``, ``_write_slot`` and the argument checks ``_int32_array`` and ``_state_array``). Everything else -- config validation, index and range checks, the
-reshape reinterpretation, logging, copy/move/close -- lives here once, so the NumPy reference
-and the Numba backend cannot drift apart.
+``_zero_slot``, ``_write_slot`` and the argument checks ``_int32_array`` and ``_state_array``).
+Everything else -- config validation, index and range checks, the reshape reinterpretation,
+logging, copy/move/close -- lives here once, so the NumPy reference and the Numba backend cannot
+drift apart.
 
 Storage, per state kind, is ONE allocation holding all layers (see ``docs/concepts``):
 
@@ -95,11 +96,24 @@ def is_c_contiguous(shape: tuple, strides: tuple | None, itemsize: int) -> bool:
     if strides is None:
         return True
     expected = itemsize
-    for size, stride in zip(reversed(shape), reversed(strides)):
+    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
         if size > 1 and stride != expected:
             return False
         expected *= size
     return True
+
+
+def _refuse_unbuilt(config: Config) -> None:
+    """Refuse the Config fields whose capability has not landed yet (each removes its own line)."""
+    from .._config import ConfigError
+
+    if config.commit_mode != "scatter":
+        raise ConfigError("commit_mode='replay' is not implemented yet")
+    if config.stochastic_rounding:
+        raise ConfigError("stochastic_rounding is not implemented yet")
+    for kind in ("recurrent", "conv"):
+        if getattr(config, f"intermediate_{kind}_state_dtype") != getattr(config, f"{kind}_state_dtype"):
+            raise ConfigError(f"intermediate_{kind}_state_dtype other than {kind}_state_dtype is not implemented yet")
 
 
 class MambaCacheManagerBase:
@@ -121,6 +135,7 @@ class MambaCacheManagerBase:
             self._config = config
             return
         self._check_config(config)
+        _refuse_unbuilt(config)
         stream = self._stream(stream)
         available, where = self._available_bytes()
         if config.total_bytes > available:
@@ -137,8 +152,8 @@ class MambaCacheManagerBase:
         if config.has_intermediate_states:
             slots_steps = config.max_batch_size * config.max_intermediate_seq_len
             shapes += [
-                ((layers, slots_steps * config.recurrent_slot_elems), rec_dtype),
-                ((layers, slots_steps * config.conv_slot_elems), conv_dtype),
+                ((layers, slots_steps * config.recurrent_slot_elems), config.intermediate_recurrent_state_dtype),
+                ((layers, slots_steps * config.conv_slot_elems), config.intermediate_conv_state_dtype),
             ]
         pools: list = []
         try:
@@ -199,8 +214,10 @@ class MambaCacheManagerBase:
         raise NotImplementedError
 
     def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
-        """Row ``b`` commits step ``accept[b] - 1`` when ``1 <= accept[b] <= max_accept``, both kinds,
-        into slot ``indices[b]`` (``b`` when ``indices`` is None) when that slot is in ``[0, B)``."""
+        """Commit row ``b``'s step ``accept[b] - 1`` when ``1 <= accept[b] <= max_accept``, both kinds.
+
+        The slot is ``indices[b]`` (``b`` when ``indices`` is None), skipped outside ``[0, B)``.
+        """
         raise NotImplementedError
 
     def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
@@ -235,10 +252,17 @@ class MambaCacheManagerBase:
         self._view_cache: dict = {}
         self._closed = False
 
+    def _check_open(self, what: str) -> None:
+        """Raise ``ValueError`` if this manager was closed or moved from (as a closed file does)."""
+        if self._closed:
+            raise ValueError(
+                f"{what}: this manager was closed or moved from and holds no state "
+                "(use the manager move() returned, or build a new one)"
+            )
+
     def _require_pools(self, what: str) -> StatePools:
+        self._check_open(what)
         if self._pools is None:
-            if self._closed:
-                raise IndexError(f"{what}: this manager was closed or moved from and holds no layers")
             raise IndexError(f"{what}: this manager has no recurrent layers (num_recurrent_layers == 0)")
         return self._pools
 
@@ -352,6 +376,7 @@ class MambaCacheManagerBase:
         Raises:
             TypeError: ``stream`` is of an unknown kind (Numba backend).
         """
+        self._check_open("clear_states")
         stream = self._stream(stream)
         if self._pools is None:
             return
@@ -391,6 +416,7 @@ class MambaCacheManagerBase:
         return self._capture_kind("conv", batch_idx, stream)
 
     def _capture_kind(self, kind: str, batch_idx: Any, stream: Any) -> list:
+        self._check_open(f"capture_{kind}_states")
         stream = self._stream(stream)
         if self._pools is None:
             return []
@@ -413,6 +439,7 @@ class MambaCacheManagerBase:
             ValueError: an argument outside its range (nothing changes).
             TypeError: an argument is not an integer.
         """
+        self._check_open("reshape_intermediate_states")
         if not self.has_intermediate_recurrent_states():
             return
         config = self._config
@@ -431,9 +458,13 @@ class MambaCacheManagerBase:
     def _accept_and_indices(self, accept_lengths: Any, state_indices: Any, stream: Any) -> tuple:
         """Check ``accept_lengths`` ``[active]`` and the optional ``state_indices`` ``[active]``."""
         accept, (active,) = self._int32_array("accept_lengths", accept_lengths, "[active]", stream)
-        slots = self._config.max_batch_size
-        if active > slots:
-            raise ValueError(f"accept_lengths must have length in [0, {slots}] (max_batch_size), got {active}")
+        view = self._verify_shape[0]
+        if active > view:
+            # Rows past the current view were not written by this verify pass.
+            raise ValueError(
+                f"accept_lengths must have length in [0, {view}] (the active batch of the latest "
+                f"reshape_intermediate_states; max_batch_size before any), got {active}"
+            )
         indices = None
         if state_indices is not None:
             indices, (count,) = self._int32_array("state_indices", state_indices, "[active]", stream)
@@ -462,9 +493,11 @@ class MambaCacheManagerBase:
         Raises:
             TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
                 list, ...) or not int32; or ``stream`` is of an unknown kind.
-            ValueError: an array is not 1-D or not contiguous, ``accept_lengths`` is longer than B,
-                or ``state_indices`` has another length.
+            ValueError: an array is not 1-D or not contiguous, ``accept_lengths`` is longer than the
+                active batch of the current view, ``state_indices`` has another length, the manager
+                was closed or moved from, or (NumPy reference) two committing rows name one slot.
         """
+        self._check_open("scatter_mtp_states")
         stream = self._stream(stream)
         if not self.has_intermediate_recurrent_states():
             return
@@ -494,9 +527,10 @@ class MambaCacheManagerBase:
 
         Raises:
             TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
-            ValueError: wrong rank, not contiguous, ``accept_lengths`` longer than B, or the rows of
+            ValueError: wrong rank, not contiguous, ``accept_lengths`` longer than the view, or the rows of
                 ``accepted_node_ids`` / ``state_indices`` differ from ``len(accept_lengths)``.
         """
+        self._check_open("scatter_accepted_tree_states")
         stream = self._stream(stream)
         if not self.has_intermediate_recurrent_states():
             return
@@ -518,6 +552,7 @@ class MambaCacheManagerBase:
         Raises:
             IndexError: ``slot`` outside ``[0, B)``; TypeError: not an integer, or a bad ``stream``.
         """
+        self._check_open("clear_slot")
         stream = self._stream(stream)
         if self._pools is None:
             return
@@ -545,7 +580,10 @@ class MambaCacheManagerBase:
         config = self._config
         slot = check_index("slot", slot, config.max_batch_size)
         checked = []
-        for name, states, pool in (("recurrent_states", recurrent_states, pools.recurrent), ("conv_states", conv_states, pools.conv)):
+        for name, states, pool in (
+            ("recurrent_states", recurrent_states, pools.recurrent),
+            ("conv_states", conv_states, pools.conv),
+        ):
             if not isinstance(states, (list, tuple)):
                 raise TypeError(f"{name} must be a list of per-layer arrays, got {type(states).__name__}")
             if len(states) > config.num_recurrent_layers:
@@ -553,7 +591,9 @@ class MambaCacheManagerBase:
                     f"{name} has {len(states)} arrays but the cache has {config.num_recurrent_layers} layers"
                 )
             shape = (1, *pool.shape[2:])
-            checked.append((pool, [self._state_array(f"{name}[{i}]", a, shape, pool.dtype) for i, a in enumerate(states)]))
+            checked.append(
+                (pool, [self._state_array(f"{name}[{i}]", a, shape, pool.dtype) for i, a in enumerate(states)])
+            )
         self._zero_slot(slot, stream)  # the layers a short list leaves out
         for pool, states in checked:
             for layer, state in enumerate(states):
@@ -572,7 +612,12 @@ class MambaCacheManagerBase:
         recurrent = self.capture_recurrent_states(slot, stream=stream)
         conv = self.capture_conv_states(slot, stream=stream)
         resolved = self._stream(stream)
-        save_snapshot(path, self._config, [self._to_host(a, resolved) for a in recurrent], [self._to_host(a, resolved) for a in conv])
+        save_snapshot(
+            path,
+            self._config,
+            [self._to_host(a, resolved) for a in recurrent],
+            [self._to_host(a, resolved) for a in conv],
+        )
 
     def load_slot(self, path: Any, slot: int, stream: Any = None) -> None:
         """Load a snapshot written by :meth:`save_slot` (by either backend) into one slot.
@@ -589,7 +634,10 @@ class MambaCacheManagerBase:
         recurrent, conv = load_snapshot(path, self._config)
         resolved = self._stream(stream)
         self.restore_slot(
-            slot, [self._from_host(a, resolved) for a in recurrent], [self._from_host(a, resolved) for a in conv], stream=stream
+            slot,
+            [self._from_host(a, resolved) for a in recurrent],
+            [self._from_host(a, resolved) for a in conv],
+            stream=stream,
         )
 
     # ------------------------------------------------------------ ownership

@@ -19,8 +19,8 @@ import numpy as np
 from numba import cuda
 from numba.cuda.core import config as numba_config
 
-from . import kernels
 from .._config import Config, ConfigError, format_bytes
+from . import kernels
 from .launch import DispatcherLaunch, PreparedLaunch
 from .manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
 
@@ -44,7 +44,8 @@ else:
 # Positions of the arguments a call patches, in the kernels' signatures (see mamba_cache.core.kernels).
 _CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # copy_slot(dst, src, slot)
 _ZERO_SLOT_SLOT = 3  # zero_slot(dst_a, dst_b, chunks_a, slot)
-# scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a, accept_lengths, state_indices, use_indices, seq_len, max_accept)
+# scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a,
+#                  accept_lengths, state_indices, use_indices, seq_len, max_accept)
 _SCATTER_ACCEPT, _SCATTER_INDICES, _SCATTER_SEQ_LEN, _SCATTER_MAX_ACCEPT = 5, 6, 8, 9
 # scatter_tree(dst_a, src_a, dst_b, src_b, chunks_a, node_ids, accept_lengths, state_indices, use_indices, seq_len)
 _TREE_NODES, _TREE_ACCEPT, _TREE_INDICES, _TREE_SEQ_LEN = 5, 6, 7, 9
@@ -261,7 +262,9 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         """Copy a host index array into this manager's device staging buffer for ``name``."""
         staging = self._staging.get(name)
         if staging is None or staging.size < max(host.size, 1):
-            staging = self._staging[name] = cuda.device_array(max(host.size, self._config.max_batch_size), dtype=np.int32)
+            staging = self._staging[name] = cuda.device_array(
+                max(host.size, self._config.max_batch_size), dtype=np.int32
+            )
         staged = staging[: host.size].reshape(host.shape) if host.size else staging
         if host.size:
             staged.copy_to_device(host, stream=stream.stream)
@@ -287,7 +290,10 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             steps = slots * config.max_intermediate_seq_len
             words = []
             for kind in ("recurrent", "conv"):
-                words += [_slot_words(getattr(pools, kind), slots), _slot_words(getattr(pools, f"intermediate_{kind}"), steps)]
+                words += [
+                    _slot_words(getattr(pools, kind), slots),
+                    _slot_words(getattr(pools, f"intermediate_{kind}"), steps),
+                ]
             (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
             placeholder, _ = self._placeholder()
             if kernel is kernels.scatter_tree:  # node_ids, accept_lengths, state_indices, use_indices, seq_len

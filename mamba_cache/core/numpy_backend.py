@@ -83,14 +83,18 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
         return array, shape
 
-    def _scatter(self, accept: np.ndarray, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
+    def _scatter(
+        self, accept: np.ndarray, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any
+    ) -> None:
         # Row b commits step accept[b] - 1 when 0 <= step < max_accept. The intermediate buffer of
         # a layer is [active, V, elems] from its start, so (b, step) is row b * V + step of it seen
         # as [B * S, elems]. int64 keeps INT32_MIN - 1 from wrapping.
         step = accept.astype(np.int64) - 1
         self._commit(step, (step >= 0) & (step < max_accept), indices, seq_len)
 
-    def _scatter_tree(self, nodes: np.ndarray, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+    def _scatter_tree(
+        self, nodes: np.ndarray, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any
+    ) -> None:
         # The committed node is the last non-negative id among the first min(accept, M) entries.
         width = nodes.shape[1]
         considered = (np.arange(width) < np.clip(accept.astype(np.int64), 0, width)[:, None]) & (nodes >= 0)
@@ -105,6 +109,12 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         slots = np.arange(active) if indices is None else indices.astype(np.int64)
         ok = ok & (slots >= 0) & (slots < self._config.max_batch_size)
         rows = np.flatnonzero(ok)
+        targets, counts = np.unique(slots[rows], return_counts=True)
+        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+            raise ValueError(
+                f"committing rows must name distinct slots; slot {int(targets[counts > 1][0])} is named "
+                f"by {int(counts.max())} rows (state_indices); nothing was changed"
+            )
         src_rows = rows * seq_len + step[rows]
         for pool, inter in ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv)):
             layers, count = pool.shape[:2]

@@ -98,14 +98,14 @@ class TinyMamba2:
             return (rng.standard_normal(shape) * scale).astype(F32)
 
         self.weights = {
-            "embedding": normal(vocab_size, width, scale=1.0),                      # [vocab, M]
+            "embedding": normal(vocab_size, width, scale=1.0),  # [vocab, M]
             "in_proj": normal(layers, width, channels + heads, scale=width**-0.5),  # [L, M, C + H]
             "conv_weight": normal(layers, channels, config.conv_kernel, scale=0.5),  # [L, C, K]
-            "conv_bias": normal(layers, channels, scale=0.1),                        # [L, C]
-            "dt_bias": normal(layers, heads, scale=0.5) - F32(1),                    # [L, H]
-            "A": -np.exp(normal(layers, heads, scale=0.5)),                          # [L, H], < 0
-            "D": normal(layers, heads, scale=1.0),                                   # [L, H]
-            "out_proj": normal(layers, width, width, scale=0.5 * width**-0.5),      # [L, H*D, M]
+            "conv_bias": normal(layers, channels, scale=0.1),  # [L, C]
+            "dt_bias": normal(layers, heads, scale=0.5) - F32(1),  # [L, H]
+            "A": -np.exp(normal(layers, heads, scale=0.5)),  # [L, H], < 0
+            "D": normal(layers, heads, scale=1.0),  # [L, H]
+            "out_proj": normal(layers, width, width, scale=0.5 * width**-0.5),  # [L, H*D, M]
         }
         self._device = None  # the Numba runner, made on first use
 
@@ -143,10 +143,12 @@ class TinyMamba2:
             self.decode_step(cache, tokens[:, t])
 
     def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any) -> None:
-        """Plain decoding of only the accepted drafts: row ``b`` decodes ``draft_tokens[b, :accept_lengths[b]]``
-        one token at a time in slot ``b`` -- the state speculative decoding must reproduce.
+        """Plain decoding of only the accepted drafts, the state speculative decoding must reproduce.
+
+        Row ``b`` decodes ``draft_tokens[b, :accept_lengths[b]]`` one token at a time in slot ``b``.
 
         Args:
+            cache: the manager whose slots ``0 .. active-1`` are decoded in place.
             draft_tokens: ``[active, V]`` host token ids.
             accept_lengths: ``[active]`` host ints.
         """
@@ -170,22 +172,29 @@ class TinyMamba2:
     # ------------------------------------------------------------ the NumPy decode step
     def _decode(self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None) -> np.ndarray:
         w, config = self.weights, self.config
-        heads, dim, state = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
+        heads, dim, state = (
+            config.recurrent_state_num_heads,
+            config.recurrent_state_head_dim,
+            config.recurrent_state_size,
+        )
         channels, width = config.conv_dim, heads * dim
         n = tokens.shape[0]
-        u = w["embedding"][tokens]                                          # [n, M]
+        u = w["embedding"][tokens]  # [n, M]
         for layer in range(config.num_recurrent_layers):
-            z = matvec(rmsnorm(u), w["in_proj"][layer])                    # [n, C + H]
-            conv = cache.get_conv_state(layer)                              # [B, C, K]
+            z = matvec(rmsnorm(u), w["in_proj"][layer])  # [n, C + H]
+            conv = cache.get_conv_state(layer)  # [B, C, K]
             window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
             x = xbc[:, :width].reshape(n, heads, dim)
             b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
-            dt = softplus(z[:, channels:] + w["dt_bias"][layer])            # [n, H]
-            decay = np.exp(dt * w["A"][layer])                              # [n, H]
-            rec = cache.get_recurrent_state(layer)                          # [B, H, D, N]
-            h = decay[:, :, None, None] * rec[slots].astype(F32) + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
+            dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [n, H]
+            decay = np.exp(dt * w["A"][layer])  # [n, H]
+            rec = cache.get_recurrent_state(layer)  # [B, H, D, N]
+            h = (
+                decay[:, :, None, None] * rec[slots].astype(F32)
+                + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
+            )
             rec[slots] = h
             y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["D"][layer][None, :, None] * x
             u = u + matvec(y.reshape(n, width), w["out_proj"][layer])

@@ -160,17 +160,35 @@ class NumbaTinyMamba2:
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
             # without a step the kernels never touch `inter`; any array of the right rank will do
             conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
-            inter_conv = cache.get_intermediate_conv_state(layer) if with_step else conv_state.reshape((1, *conv_state.shape))
+            inter_conv = (
+                cache.get_intermediate_conv_state(layer) if with_step else conv_state.reshape((1, *conv_state.shape))
+            )
             grid, threads = _grid(n, channels)
             conv_step[grid, threads](
-                conv_state, z, w["conv_weight"][layer], w["conv_bias"][layer], d_slots, xbc,
-                inter_conv, step if with_step else -1,
+                conv_state,
+                z,
+                w["conv_weight"][layer],
+                w["conv_bias"][layer],
+                d_slots,
+                xbc,
+                inter_conv,
+                step if with_step else -1,
             )
-            inter_rec = cache.get_intermediate_recurrent_state(layer) if with_step else rec_state.reshape((1, *rec_state.shape))
+            inter_rec = (
+                cache.get_intermediate_recurrent_state(layer) if with_step else rec_state.reshape((1, *rec_state.shape))
+            )
             grid, threads = _grid(n, width)
             ssm_step[grid, threads](
-                rec_state, xbc, z, w["dt_bias"][layer], w["A"][layer], w["D"][layer],
-                d_slots, y, inter_rec, step if with_step else -1,
+                rec_state,
+                xbc,
+                z,
+                w["dt_bias"][layer],
+                w["A"][layer],
+                w["D"][layer],
+                d_slots,
+                y,
+                inter_rec,
+                step if with_step else -1,
             )
             matvec[grid, threads](y, w["out_proj"][layer], u, True)
         return u

@@ -16,8 +16,9 @@ on top of the ordinary dispatcher call.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from numba import cuda
 
@@ -25,21 +26,44 @@ from numba import cuda
 _ARRAY_NITEMS, _ARRAY_ITEMSIZE, _ARRAY_DATA, _ARRAY_SHAPE = 2, 3, 4, 5
 
 
+class DeviceArg(NamedTuple):
+    """A checked device array argument: the array, its device pointer and its shape.
+
+    ``array`` is what the plain dispatcher launch takes; a prepared launch only needs ``pointer``
+    and ``shape``. Built once per call from whatever the user passed (a Numba array, a tensor with
+    ``__cuda_array_interface__``, a staged host array).
+    """
+
+    array: Any
+    pointer: int
+    shape: tuple
+
+
+def argument_positions(dispatcher: Any) -> dict[str, int]:
+    """Each parameter name of a ``@cuda.jit`` kernel mapped to its position in the signature.
+
+    Read from the kernel's own Python signature, so a launch patches arguments by name and a
+    kernel whose parameters are reordered cannot silently receive the wrong values.
+    """
+    return {name: i for i, name in enumerate(inspect.signature(dispatcher.py_func).parameters)}
+
+
 class DispatcherLaunch:
     """The plain Numba launch, behind the interface of :class:`PreparedLaunch`."""
 
     def __init__(self, dispatcher: Any, args: tuple, threads: int, keep_alive: bool = True) -> None:
         self._dispatcher = dispatcher
+        self._positions = argument_positions(dispatcher)
         self._args = list(args)
         self._threads = threads
 
-    def set_array(self, position: int, array: Any, pointer: int, shape: tuple | None = None) -> None:
-        """Replace array argument ``position`` by ``array`` (``pointer``/``shape`` unused)."""
-        self._args[position] = array
+    def set_array(self, name: str, arg: DeviceArg, shape_changes: bool = False) -> None:
+        """Replace the array argument called ``name`` by ``arg.array``."""
+        self._args[self._positions[name]] = arg.array
 
-    def set_scalar(self, position: int, value: int) -> None:
-        """Replace integer argument ``position``."""
-        self._args[position] = value
+    def set_scalar(self, name: str, value: int) -> None:
+        """Replace the integer argument called ``name``."""
+        self._args[self._positions[name]] = value
 
     def launch(self, grid: tuple, stream: Any) -> None:
         """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a ``StreamRef``)."""
@@ -62,6 +86,7 @@ class PreparedLaunch:
         from cuda.bindings import driver
 
         self._driver = driver
+        self._positions = argument_positions(dispatcher)
         kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
         values: list = []
         self._offsets = []
@@ -77,13 +102,15 @@ class PreparedLaunch:
         self._bound: dict = {}  # what each patched argument points at now
         self._keep = args if keep_alive else None  # the parameter block points into these arrays
 
-    def set_array(self, position: int, array: Any, pointer: int, shape: tuple | None = None) -> None:
-        """Point array argument ``position`` at device ``pointer``.
+    def set_array(self, name: str, arg: DeviceArg, shape_changes: bool = False) -> None:
+        """Point the array argument called ``name`` at ``arg.pointer``.
 
-        With ``shape`` (a C-contiguous array of the same rank) its shape and strides change too;
-        without, the new array must have the shape and strides of the one it replaces. ``array``
-        itself is not used.
+        With ``shape_changes`` the argument takes ``arg.shape`` (a C-contiguous array of the same
+        rank) and its strides too; without, ``arg`` must have the shape and strides of the array it
+        replaces. ``arg.array`` itself is not used.
         """
+        position = self._positions[name]
+        pointer, shape = arg.pointer, (arg.shape if shape_changes else None)
         key = (pointer, shape)
         if self._bound.get(position) == key:  # already points there: a decode loop reuses its arrays
             return
@@ -100,8 +127,9 @@ class PreparedLaunch:
                 values[base + _ARRAY_SHAPE + ndim + axis].value = stride
                 stride *= shape[axis]
 
-    def set_scalar(self, position: int, value: int) -> None:
-        """Replace integer argument ``position``."""
+    def set_scalar(self, name: str, value: int) -> None:
+        """Replace the integer argument called ``name``."""
+        position = self._positions[name]
         if self._bound.get(position) != value:
             self._bound[position] = value
             self._values[self._offsets[position]].value = value

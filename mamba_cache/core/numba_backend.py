@@ -21,7 +21,7 @@ from numba.cuda.core import config as numba_config
 
 from .._config import Config, ConfigError, format_bytes
 from . import kernels
-from .launch import DispatcherLaunch, PreparedLaunch
+from .launch import DeviceArg, DispatcherLaunch, PreparedLaunch
 from .manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
 
 __all__ = ["NumbaMambaCacheManager"]
@@ -40,15 +40,6 @@ else:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
 
     _Launch = PreparedLaunch
-
-# Positions of the arguments a call patches, in the kernels' signatures (see mamba_cache.core.kernels).
-_CAPTURE_DST_ARG, _CAPTURE_SLOT_ARG = 0, 2  # copy_slot(dst, src, slot)
-_ZERO_SLOT_SLOT = 3  # zero_slot(dst_a, dst_b, chunks_a, slot)
-# scatter_accepted(dst_a, src_a, dst_b, src_b, chunks_a,
-#                  accept_lengths, state_indices, use_indices, seq_len, max_accept)
-_SCATTER_ACCEPT, _SCATTER_INDICES, _SCATTER_SEQ_LEN, _SCATTER_MAX_ACCEPT = 5, 6, 8, 9
-# scatter_tree(dst_a, src_a, dst_b, src_b, chunks_a, node_ids, accept_lengths, state_indices, use_indices, seq_len)
-_TREE_NODES, _TREE_ACCEPT, _TREE_INDICES, _TREE_SEQ_LEN = 5, 6, 7, 9
 
 
 class StreamRef(NamedTuple):
@@ -213,8 +204,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
-        launch.set_array(_CAPTURE_DST_ARG, _slot_words(out, 1) if SIMULATOR else None, _device_pointer(out))
-        launch.set_scalar(_CAPTURE_SLOT_ARG, slot)
+        launch.set_array("dst", DeviceArg(_slot_words(out, 1) if SIMULATOR else None, _device_pointer(out), ()))
+        launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
         return out
 
@@ -230,7 +221,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             for i in range(stacked.shape[0])
         ]
 
-    def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[Any, tuple]:
+    def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
         # A Numba device array cannot change its pointer, shape or dtype: once checked, reuse it.
         last = self._last_arrays.get(name)
         if last is not None and last[0] is array:
@@ -240,13 +231,13 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             self._last_arrays[name] = (array, checked)
         return checked
 
-    def _check_int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[Any, tuple]:
+    def _check_int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
         if isinstance(array, np.ndarray):
             shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
-            return ((*self._stage(name, array, stream), shape), shape)
+            return (DeviceArg(*self._stage(name, array, stream), shape), shape)
         if SIMULATOR and isinstance(array, _DeviceArray):
             shape = check_int32_array(name, array.dtype, array.shape, array.is_c_contiguous(), layout)
-            return ((array, 0, shape), shape)
+            return (DeviceArg(array, 0, shape), shape)
         interface = getattr(array, "__cuda_array_interface__", None)
         if interface is None:
             raise TypeError(
@@ -256,7 +247,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         shape = tuple(interface["shape"])
         contiguous = is_c_contiguous(shape, interface.get("strides"), np.dtype(interface["typestr"]).itemsize)
         shape = check_int32_array(name, interface["typestr"], shape, contiguous, layout)
-        return ((array, int(interface["data"][0]), shape), shape)
+        return (DeviceArg(array, int(interface["data"][0]), shape), shape)
 
     def _stage(self, name: str, host: np.ndarray, stream: Any) -> tuple[Any, int]:
         """Copy a host index array into this manager's device staging buffer for ``name``."""
@@ -270,11 +261,11 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             staged.copy_to_device(host, stream=stream.stream)
         return staged, _device_pointer(staged)
 
-    def _placeholder(self) -> tuple[Any, int]:
-        """(array, pointer): an int32 device array standing in for an unused index argument."""
+    def _placeholder(self) -> DeviceArg:
+        """An int32 ``[B]`` device array standing in for an unused index argument."""
         if self._placeholder_array is None:
             array = cuda.device_array(max(self._config.max_batch_size, 1), dtype=np.int32)
-            self._placeholder_array = (array, _device_pointer(array))
+            self._placeholder_array = DeviceArg(array, _device_pointer(array), array.shape)
         return self._placeholder_array
 
     def _commit_launch(self, key: str, kernel: Any) -> tuple:
@@ -295,7 +286,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                     _slot_words(getattr(pools, f"intermediate_{kind}"), steps),
                 ]
             (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
-            placeholder, _ = self._placeholder()
+            placeholder = self._placeholder().array
             if kernel is kernels.scatter_tree:  # node_ids, accept_lengths, state_indices, use_indices, seq_len
                 rest = (placeholder.reshape((placeholder.size, 1)), placeholder, placeholder, 0, 1)
             else:  # accept_lengths, state_indices, use_indices, seq_len, max_accept
@@ -306,32 +297,24 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
         launch, blocks, layers = self._commit_launch("scatter", kernels.scatter_accepted)
-        launch.set_array(_SCATTER_ACCEPT, *accept)
-        self._set_indices(launch, _SCATTER_INDICES, indices)
-        launch.set_scalar(_SCATTER_SEQ_LEN, seq_len)
-        launch.set_scalar(_SCATTER_MAX_ACCEPT, max_accept)
+        launch.set_array("accept_lengths", accept, shape_changes=True)
+        self._set_indices(launch, indices)
+        launch.set_scalar("seq_len", seq_len)
+        launch.set_scalar("max_accept", max_accept)
         launch.launch((blocks, active, layers), stream)
 
     def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
         launch, blocks, layers = self._commit_launch("tree", kernels.scatter_tree)
-        launch.set_array(_TREE_NODES, *nodes)
-        launch.set_array(_TREE_ACCEPT, *accept)
-        self._set_indices(launch, _TREE_INDICES, indices)
-        launch.set_scalar(_TREE_SEQ_LEN, seq_len)
+        launch.set_array("node_ids", nodes, shape_changes=True)
+        launch.set_array("accept_lengths", accept, shape_changes=True)
+        self._set_indices(launch, indices)
+        launch.set_scalar("seq_len", seq_len)
         launch.launch((blocks, active, layers), stream)
 
-    def _set_indices(self, launch: Any, position: int, indices: Any) -> None:
-        """Point the state_indices argument at ``indices``, or at the placeholder with the flag off.
-
-        ``use_indices`` is the argument right after ``state_indices`` in both commit kernels.
-        """
-        if indices is None:
-            placeholder, pointer = self._placeholder()
-            launch.set_array(position, placeholder, pointer, (placeholder.size,))
-            launch.set_scalar(position + 1, 0)
-        else:
-            launch.set_array(position, *indices)
-            launch.set_scalar(position + 1, 1)
+    def _set_indices(self, launch: Any, indices: DeviceArg | None) -> None:
+        """Point ``state_indices`` at ``indices`` with ``use_indices`` on, or at the placeholder with it off."""
+        launch.set_array("state_indices", self._placeholder() if indices is None else indices, shape_changes=True)
+        launch.set_scalar("use_indices", int(indices is not None))
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
         entry = self._launches.get("zero_slot")
@@ -342,7 +325,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             launch = _Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
             entry = self._launches["zero_slot"] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
         launch, grid = entry
-        launch.set_scalar(_ZERO_SLOT_SLOT, slot)
+        launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:

@@ -18,7 +18,7 @@ B, V = 5, 4  # small_config: max_batch_size 5, max_intermediate_seq_len 4
 
 # ---------------------------------------------------------------- the recipes (quoted in the guide)
 def from_vllm(num_accepted, block_ids, null_block=0):
-    """vLLM: padding rows point at the null block; an accept of 0 still commits step 0."""
+    """vLLM: padding rows use the null block; an accept of 0 commits step 0."""
     pad = block_ids == null_block
     accept = np.where(pad, 0, np.maximum(num_accepted, 1)).astype(np.int32)
     indices = np.where(pad, -1, block_ids).astype(np.int32)
@@ -28,17 +28,21 @@ def from_vllm(num_accepted, block_ids, null_block=0):
 def from_trtllm(num_accepted, slots, dummy_slot):
     """TRT-LLM: every padding row points at one shared dummy slot."""
     pad = slots == dummy_slot
-    return np.where(pad, 0, num_accepted).astype(np.int32), np.where(pad, -1, slots).astype(np.int32)
+    accept = np.where(pad, 0, num_accepted).astype(np.int32)
+    indices = np.where(pad, -1, slots).astype(np.int32)
+    return accept, indices
 
 
 def from_int64(slots, max_batch_size):
-    """int64 slot indices: range-check first, then narrow (a bare astype would wrap 2**32 + 1 to 1)."""
-    return np.where((slots >= 0) & (slots < max_batch_size), slots, -1).astype(np.int32)
+    """int64 slots: range-check, then narrow (astype would wrap 2**32 + 1 to 1)."""
+    in_range = (slots >= 0) & (slots < max_batch_size)
+    return np.where(in_range, slots, -1).astype(np.int32)
 
 
 def per_step_conv_windows(row_windows, width, verify_len):
-    """A peer's shifted row window [active, C, width + V] -> our per-step windows [active, V, C, width]."""
-    steps = sliding_window_view(row_windows, width, axis=2)[:, :, 1 : verify_len + 1]  # [active, C, V, width]
+    """Row windows [active, C, width + V] -> per-step [active, V, C, width]."""
+    windows = sliding_window_view(row_windows, width, axis=2)  # [active, C, V+1, width]
+    steps = windows[:, :, 1 : verify_len + 1]  # the window after each step
     return np.ascontiguousarray(steps.transpose(0, 2, 1, 3))
 
 

@@ -24,6 +24,7 @@ pytest.importorskip("mkdocs_jupyter", reason="the docs extra is not installed (p
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN_PAGES = [
     "index.html",
+    "concepts/states/index.html",
     "concepts/layouts/index.html",
     "concepts/mtp/index.html",
     "tutorials/03-speculative-decoding/index.html",
@@ -108,8 +109,14 @@ def test_diagrams_tutorial_output_and_api_reference_are_built(site):
     layouts = (site / "concepts/layouts/index.html").read_text()
     assert "layouts.svg" in layouts and (site / "img/layouts.svg").exists()
     assert "mtp-cycle.svg" in (site / "concepts/mtp/index.html").read_text()
+    states = (site / "concepts/states/index.html").read_text()
+    for svg in ("mamba2-recurrence.svg", "conv-window.svg", "gdn-recurrence.svg"):
+        assert svg in states and (site / "img" / svg).exists(), svg
+    for page in ("contract", "porting"):
+        assert (site / f"concepts/{page}/index.html").exists(), page
     tutorial = (site / "tutorials/03-speculative-decoding/index.html").read_text()
     assert "speculative == sequential, bit for bit: True" in tutorial  # executed output, not just code
+    assert "speculative tokens == plain greedy tokens: True" in tutorial
     api = (site / "api/index.html").read_text()
     for name in ("NumpyMambaCacheManager", "NumbaMambaCacheManager", "scatter_mtp_states", "ConfigError", "TinyMamba2"):
         assert name in api, name

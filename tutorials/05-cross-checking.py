@@ -66,7 +66,7 @@ print(f"{checks} scatters, every byte identical")
 
 # %% [markdown]
 # The same harness checks a kernel of your own: here a row-by-row scatter written from the rule in
-# SEMANTICS.md, against the reference.
+# the contract (docs/concepts/contract.md), against the reference.
 
 
 # %%

@@ -131,11 +131,18 @@ def pooled_hf_cache(model, manager):
 def _pooled_mamba2_cache_v4(model, conv, rec):
     from transformers.models.mamba2 import modeling_mamba2
 
+    class PerLayer(list):
+        """Per-layer tensors where the model expects one stacked tensor (it reads ``.device``)."""
+
+        def __init__(self, tensors):
+            super().__init__(tensors)
+            self.device, self.dtype = tensors[0].device, tensors[0].dtype
+
     class PooledMamba2Cache(modeling_mamba2.Mamba2Cache):
         """Transformers 4's ``Mamba2Cache`` over per-layer external tensors, updated in place."""
 
         def __init__(self, conv_states, ssm_states):
-            self.conv_states, self.ssm_states = conv_states, ssm_states
+            self.conv_states, self.ssm_states = PerLayer(conv_states), PerLayer(ssm_states)
             self.max_batch_size = self.batch_size = conv_states[0].shape[0]
             self.conv_kernel_size = conv_states[0].shape[-1]
             self.dtype, self.device = conv_states[0].dtype, conv_states[0].device

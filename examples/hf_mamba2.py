@@ -21,8 +21,9 @@ What it checks (``run`` returns the evidence, ``main`` prints it):
    time (the verify pass), copies the state after each token into the library's intermediate
    buffers, accepts greedily (the drafts the model agrees with, plus its own next token), and
    commits each row's last accepted state with one ``scatter_mtp_states``. The drafts come from
-   an oracle (the plain greedy continuation) with a deliberate error at a random position per row
-   and round, so accept lengths vary from 1 to V; a wrong commit would change every later token.
+   an oracle (the plain greedy continuation) with a deliberate error whose position cycles over
+   rows and rounds (from a random start; one slot of the cycle is no error), so accept lengths
+   run from 1 to V; a wrong commit would change every later token.
    The emitted tokens must equal plain greedy decoding.
 
 Transformers 5 keeps Mamba2's states in ``DynamicCache`` linear-attention layers (``conv_states`` /
@@ -43,7 +44,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; make sure nothing is looked up
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
+
+if __name__ == "__main__":  # run as a script from a checkout: import this checkout's mamba_cache
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mamba_cache import Config  # noqa: E402
 
@@ -233,7 +239,7 @@ def speculative(model, manager, prompt, oracle, steps: int, rng, verify_len: int
         prompt: ``[B, T]`` int64 prompt.
         oracle: ``[B, >= steps + verify_len]`` the plain greedy continuation the drafts come from.
         steps: tokens to produce per row.
-        rng: numpy Generator that picks where each round's drafts go wrong.
+        rng: numpy Generator that picks where the drafts start going wrong.
         verify_len: V, tokens per verify pass (the last token plus ``V - 1`` drafts).
         commit: False skips the scatter (the tests' proof that the commit matters).
 
@@ -252,13 +258,16 @@ def speculative(model, manager, prompt, oracle, steps: int, rng, verify_len: int
     manager.reshape_intermediate_states(batch, verify_len)
     inter_conv = [as_torch(manager.get_intermediate_conv_state(i)) for i in range(len(conv))]
     inter_rec = [as_torch(manager.get_intermediate_recurrent_state(i)) for i in range(len(rec))]
+    # The error position cycles over rows and rounds from a random start: within two rounds of
+    # three rows every accept length 1 .. V has come up.
+    offset = int(rng.integers(0, verify_len))
     while min(len(row) for row in emitted) < steps:
         drafts = np.empty((batch, verify_len - 1), dtype=np.int64)
         for b in range(batch):
             start = len(emitted[b])
             # rows already past `steps` (others lag behind) draft anything: their extra tokens are dropped
             drafts[b] = oracle_np[b, np.minimum(np.arange(start, start + verify_len - 1), oracle_np.shape[1] - 1)]
-            wrong = rng.integers(0, verify_len)  # == verify_len - 1: every draft right, a full accept
+            wrong = (offset + len(history) + b) % verify_len  # == verify_len - 1: no error, a full accept
             if wrong < verify_len - 1:
                 drafts[b, wrong] = (drafts[b, wrong] + 1) % model.config.vocab_size
         inputs = torch.cat([last[:, None], torch.from_numpy(drafts).to(device)], dim=1)  # [B, V]

@@ -41,6 +41,9 @@ import warnings
 
 import numpy as np
 
+if __name__ == "__main__":  # run as a script from a checkout: import this checkout's mamba_cache
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from mamba_cache import Config, NumpyMambaCacheManager
 from mamba_cache.models.mamba2 import F32, TinyMamba2, matvec, rmsnorm, silu, softplus
 
@@ -206,9 +209,9 @@ def greedy(engine, prompt: np.ndarray, steps: int) -> np.ndarray:
 def speculative(engine, prompt, oracle, steps: int, rng, verify_len: int = VERIFY_LEN, to_device=None):
     """Greedy speculative decoding: verify ``[last, V - 1 drafts]``, accept, scatter on every manager.
 
-    The drafts are the ``oracle`` continuation ``[B, >= steps]`` with one deliberate error per row
-    and round at a random position (none with probability ``1 / V``: a full accept), so the
-    accept lengths vary from 1 to V.
+    The drafts are the ``oracle`` continuation ``[B, >= steps]`` with a deliberate error whose
+    position cycles over rows and rounds from a random start (one slot of the cycle is no error:
+    a full accept), so the accept lengths run from 1 to V.
 
     Returns:
         ``(tokens [B, steps], accept lengths per round)``.
@@ -219,12 +222,15 @@ def speculative(engine, prompt, oracle, steps: int, rng, verify_len: int = VERIF
     last = logits(engine.head, u).argmax(axis=1)
     emitted, history = [[int(t)] for t in last], []
     vocab = engine.model.vocab_size
+    # The error position cycles over rows and rounds from a random start: within two rounds of
+    # three rows every accept length 1 .. V has come up.
+    offset = int(rng.integers(0, verify_len))
     while min(len(row) for row in emitted) < steps:
         drafts = np.empty((batch, verify_len - 1), dtype=np.int64)
         for b in range(batch):
             start = len(emitted[b])
             drafts[b] = oracle[b, np.minimum(np.arange(start, start + verify_len - 1), oracle.shape[1] - 1)]
-            wrong = rng.integers(0, verify_len)
+            wrong = (offset + len(history) + b) % verify_len  # == verify_len - 1: no error, a full accept
             if wrong < verify_len - 1:
                 drafts[b, wrong] = (drafts[b, wrong] + 1) % vocab
         inputs = np.concatenate([last[:, None], drafts], axis=1)
@@ -381,6 +387,7 @@ def _worker(rank: int, tp: int, port: int, seed: int, outdir: str, batch: int, p
     import torch.distributed as dist
     from numba import cuda
 
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast: plain ring/tree all-reduce
     torch.cuda.set_device(rank)
     cuda.select_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", world_size=tp, rank=rank)

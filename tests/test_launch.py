@@ -218,3 +218,29 @@ def test_forced_fallback_matches_the_reference(monkeypatch, rng):
                 for a, b in zip(want, got, strict=True):
                     assert a.tobytes() == to_host(b).tobytes(), (kind, slot)
     assert {type(entry[0]) for entry in dev._launches.values()} == {DispatcherLaunch}
+
+
+def test_host_node_arrays_of_one_byte_size_but_other_widths(rng):
+    """Two tree commits whose host node arrays stage into the same buffer with other shapes.
+
+    [2, 3] then [3, 2] int32: the same 24 bytes at the same staging pointer, so a launch that
+    keyed its patched arguments on the pointer alone would keep the first shape.
+    """
+    config = small_config(max_intermediate_seq_len=4)
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
+    commits = [
+        (np.array([[0, 1, 2], [1, 2, 3]], np.int32), np.array([3, 2], np.int32)),
+        (np.array([[3, -1], [0, 2], [1, 0]], np.int32), np.array([2, 2, 1], np.int32)),
+    ]
+    for nodes, accept in commits:
+        for manager in (ref, dev):
+            manager.reshape_intermediate_states(nodes.shape[0], 4)
+        fill_random([ref, dev], rng)
+        before = snapshot(ref)
+        ref.scatter_accepted_tree_states(nodes, accept)
+        dev.scatter_accepted_tree_states(nodes, accept)
+        assert_same_bits(snapshot(ref), snapshot(dev), f"tree commit of {nodes.tolist()}")
+        changed = [
+            slot for slot in range(nodes.shape[0]) if (before["conv"][:, slot] != snapshot(ref)["conv"][:, slot]).any()
+        ]
+        assert changed == list(range(nodes.shape[0])), changed  # every row committed: the test is not vacuous

@@ -156,3 +156,25 @@ def test_parity_on_slots_of_more_than_two_chunks(rng):
         assert len(want) == len(got) == 1
         for a, b in zip(want, got, strict=True):
             assert a.tobytes() == to_host(b).tobytes(), kind
+
+
+@pytest.mark.parametrize("tree", [False, True], ids=["scatter", "tree"])
+def test_two_committing_rows_naming_one_slot_are_refused(rng, tree):
+    """The reference refuses a commit with no defined winner (the GPU's would be a race)."""
+    manager = NumpyMambaCacheManager(small_config())
+    fill_random([manager], rng)
+
+    def commit(m, accept, indices):
+        if tree:
+            m.scatter_accepted_tree_states(np.maximum(accept - 1, 0)[:, None], accept, indices)
+        else:
+            m.scatter_mtp_states(accept, state_indices=indices)
+
+    msg = "committing rows must name distinct slots; slot 3 is named by 2 rows"
+    accept = np.array([1, 2, 1], INT32)
+    refused_and_unchanged(manager, lambda m: commit(m, accept, np.array([3, 0, 3], INT32)), ValueError, msg)
+    # a row that does not commit (accept 0) may share its slot; so may a skipped out-of-range slot
+    before = snapshot(manager)
+    commit(manager, np.array([1, 0, 1], INT32), np.array([3, 0, 0], INT32))
+    assert (snapshot(manager)["recurrent"] != before["recurrent"]).any()
+    commit(manager, np.array([1, 1, 1], INT32), np.array([7, 7, 2], INT32))

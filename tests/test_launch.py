@@ -191,7 +191,7 @@ def test_forced_fallback_matches_the_reference(monkeypatch, rng):
 
     monkeypatch.setattr(launch, "check_parameter_block", mismatch)
     monkeypatch.setattr(launch, "_WARNED", set())
-    config = small_config(max_batch_size=6, recurrent_state_size=67)  # slots over one chunk
+    config = small_config(max_batch_size=6, recurrent_state_size=400)  # 1200-word slots: two chunks
     with pytest.warns(RuntimeWarning, match="using the slower dispatcher launch"):
         ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
         for manager in (ref, dev):

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint test-long docs bench sanitize install clean
+.PHONY: demo test lint test-long docs bench sanitize mutate install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ bench: $(STAMP)  # needs a GPU and PyTorch
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache site .cache
+
+mutate: $(STAMP)  # the mutation run of .ci/mutate.py (about ten minutes on two cores, simulator)
+	nice $(PY) .ci/mutate.py

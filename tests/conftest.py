@@ -22,8 +22,31 @@ BACKENDS = {"numpy": NumpyMambaCacheManager, "numba": NumbaMambaCacheManager}
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
 
 
+#: The seed of every ``rng`` fixture unless ``MAMBA_CACHE_SEED`` says otherwise (a fixed seed: a CI
+#: run is reproducible, and fails again on a rerun when it should).
+DEFAULT_SEED = 20261128
+
+
+def session_seed(value: str | None) -> int:
+    """The seed for ``MAMBA_CACHE_SEED=value``: unset -> DEFAULT_SEED, "random" -> a fresh one, else the int."""
+    if value is None or not value.strip():
+        return DEFAULT_SEED
+    if value.strip().lower() == "random":
+        return int(np.random.SeedSequence().entropy % 2**32)
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"MAMBA_CACHE_SEED must be an integer or 'random', got {value!r}") from None
+
+
+SEED = session_seed(os.environ.get("MAMBA_CACHE_SEED"))
+
+
 def pytest_report_header(config):
-    return f"mamba_cache numba target: {'GPU' if ON_GPU else 'CUDA simulator'}"
+    return [
+        f"mamba_cache numba target: {'GPU' if ON_GPU else 'CUDA simulator'}",
+        f"MAMBA_CACHE_SEED={SEED} (replay with MAMBA_CACHE_SEED={SEED}; MAMBA_CACHE_SEED=random draws a fresh one)",
+    ]
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -34,10 +57,12 @@ def backend(request):
 
 @pytest.fixture
 def rng(request):
-    """A generator seeded fresh each run; the seed is printed when a test fails."""
-    seed = int(os.environ.get("MAMBA_CACHE_SEED", np.random.SeedSequence().entropy % 2**32))
-    print(f"MAMBA_CACHE_SEED={seed}")
-    return np.random.default_rng(seed)
+    """A generator seeded with the session's seed (fixed unless ``MAMBA_CACHE_SEED`` says otherwise).
+
+    The seed is in the report header and printed with a failing test's output.
+    """
+    print(f"MAMBA_CACHE_SEED={SEED}")
+    return np.random.default_rng(SEED)
 
 
 def small_config(**overrides) -> Config:

@@ -2,7 +2,8 @@
 
 Every pool is compared whole (every layer, every slot, the intermediate buffers too) after every
 call, so a kernel that writes one word too many or skips a word fails here. Data are random bit
-patterns, fresh each run (the seed is printed on failure; ``MAMBA_CACHE_SEED`` replays it).
+patterns from the session's seed (fixed by default and printed; ``MAMBA_CACHE_SEED=random`` draws
+a fresh one, ``MAMBA_CACHE_SEED=<n>`` replays one).
 """
 
 import numpy as np

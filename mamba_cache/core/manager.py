@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -31,14 +31,26 @@ logger = logging.getLogger("mamba_cache")
 
 INT32_MAX = 2**31 - 1
 
+# What the backend hooks take and return. The base class never looks inside these; each backend
+# fixes them (the names are for the reader: they are ``Any`` to the type checker).
+#: A backend array: ``numpy.ndarray`` (NumPy reference), a ``numba.cuda`` ``DeviceNDArray`` (Numba).
+Array: TypeAlias = Any
+#: A resolved ``stream`` argument, as ``_stream`` returns it: ``None`` (NumPy), a ``StreamRef`` (Numba).
+Stream: TypeAlias = Any
+#: A checked int32 index argument, as ``_int32_array`` returns it: the host ``numpy.ndarray`` (NumPy),
+#: a ``launch.DeviceArg`` (array, device pointer, shape) (Numba).
+IndexArg: TypeAlias = Any
+#: An array shape.
+Shape: TypeAlias = tuple[int, ...]
+
 
 class StatePools(NamedTuple):
     """The four stacked allocations of a manager (the intermediate ones ``None`` without MTP)."""
 
-    recurrent: Any
-    conv: Any
-    intermediate_recurrent: Any
-    intermediate_conv: Any
+    recurrent: Array
+    conv: Array
+    intermediate_recurrent: Array | None
+    intermediate_conv: Array | None
 
 
 def check_index(name: str, value: Any, stop: int) -> int:
@@ -186,61 +198,65 @@ class MambaCacheManagerBase:
     def _release_partial(self) -> None:
         """Return memory of pools dropped after a failed allocation. Default: nothing to do."""
 
-    def _stream(self, stream: Any) -> Any:
+    def _stream(self, stream: Any) -> Stream:
         """Turn the user's ``stream`` argument into what the other hooks take."""
         raise NotImplementedError
 
-    def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
+    def _zeros(self, shape: Shape, dtype: np.dtype, stream: Stream) -> Array:
         """Allocate a zeroed C-contiguous array."""
         raise NotImplementedError
 
-    def _zero_fill(self, pool_a: Any, pool_b: Any, stream: Any) -> None:
+    def _zero_fill(self, pool_a: Array, pool_b: Array, stream: Stream) -> None:
         """Zero two whole stacked pools (the same one twice is allowed)."""
         raise NotImplementedError
 
-    def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
+    def _capture(self, pool: Array, slot: int, stream: Stream) -> Array:
         """Return a new ``[L, 1, ...]`` array holding slot ``slot`` of every layer of ``pool``."""
         raise NotImplementedError
 
-    def _split_layers(self, stacked: Any) -> list:
+    def _split_layers(self, stacked: Array) -> list[Array]:
         """One view per layer of a stacked ``[L, ...]`` array."""
         return [stacked[layer] for layer in range(stacked.shape[0])]
 
-    def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[Any, tuple]:
+    def _int32_array(self, name: str, array: Any, layout: str, stream: Stream) -> tuple[IndexArg, Shape]:
         """Check an int32 index array argument (kind, device, dtype, rank, contiguity).
 
         Returns (what the scatter hooks take, its shape); raises before touching any state.
         """
         raise NotImplementedError
 
-    def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
+    def _scatter(
+        self, accept: IndexArg, indices: IndexArg | None, active: int, seq_len: int, max_accept: int, stream: Stream
+    ) -> None:
         """Commit row ``b``'s step ``accept[b] - 1`` when ``1 <= accept[b] <= max_accept``, both kinds.
 
         The slot is ``indices[b]`` (``b`` when ``indices`` is None), skipped outside ``[0, B)``.
         """
         raise NotImplementedError
 
-    def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+    def _scatter_tree(
+        self, nodes: IndexArg, accept: IndexArg, indices: IndexArg | None, active: int, seq_len: int, stream: Stream
+    ) -> None:
         """Row ``b`` commits its last accepted tree node (see ``scatter_accepted_tree_states``)."""
         raise NotImplementedError
 
-    def _zero_slot(self, slot: int, stream: Any) -> None:
+    def _zero_slot(self, slot: int, stream: Stream) -> None:
         """Zero slot ``slot`` of every layer of the main recurrent and conv pools."""
         raise NotImplementedError
 
-    def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
+    def _state_array(self, name: str, array: Any, shape: Shape, dtype: np.dtype) -> Array:
         """Check one captured state against a pool slot (kind, device, dtype, shape); return a handle."""
         raise NotImplementedError
 
-    def _write_slot(self, pool: Any, layer: int, slot: int, state: Any, stream: Any) -> None:
+    def _write_slot(self, pool: Array, layer: int, slot: int, state: Array, stream: Stream) -> None:
         """Copy one checked ``[1, ...]`` state into ``pool[layer, slot]``."""
         raise NotImplementedError
 
-    def _from_host(self, array: np.ndarray, stream: Any) -> Any:
+    def _from_host(self, array: np.ndarray, stream: Stream) -> Array:
         """A host array as the backend's array (a device copy for the Numba backend)."""
         raise NotImplementedError
 
-    def _to_host(self, array: Any, stream: Any) -> np.ndarray:
+    def _to_host(self, array: Array, stream: Stream) -> np.ndarray:
         """A backend array as a host array."""
         raise NotImplementedError
 

@@ -21,7 +21,7 @@ from numba.cuda.core import config as numba_config
 
 from .._config import Config, ConfigError, format_bytes
 from . import kernels
-from .launch import DeviceArg, DispatcherLaunch, PreparedLaunch
+from .launch import DeviceArg, DispatcherLaunch, make_launch
 from .manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
 
 __all__ = ["NumbaMambaCacheManager"]
@@ -39,7 +39,7 @@ if SIMULATOR:
 else:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
 
-    _Launch = PreparedLaunch
+    _Launch = make_launch  # a checked PreparedLaunch, or DispatcherLaunch if the check fails
 
 
 class StreamRef(NamedTuple):
@@ -204,7 +204,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
-        launch.set_array("dst", DeviceArg(_slot_words(out, 1) if SIMULATOR else None, _device_pointer(out), ()))
+        dst = _slot_words(out, 1) if launch.needs_array else None
+        launch.set_array("dst", DeviceArg(dst, _device_pointer(out), ()))
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
         return out

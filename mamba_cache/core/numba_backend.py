@@ -116,33 +116,43 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     # ------------------------------------------------------------ streams
     def _stream(self, stream: Any) -> StreamRef:
+        # Engines pass a new object each call (torch.cuda.current_stream(), s.cuda_stream), so the
+        # cache is keyed by the raw CUstream handle, read as cheaply as the kind allows; a Numba
+        # stream (long-lived, and the only kind the simulator has) is keyed by identity.
         if stream is None:
             ref = self._streams.get(None)
             if ref is None:
                 ref = self._streams[None] = _stream_ref(cuda.default_stream())
             return ref
-        ref = self._streams.get(id(stream))
-        if ref is not None and ref.owner is stream:
+        kind = type(stream)
+        if kind is int:
+            handle = stream
+        elif SIMULATOR or hasattr(stream, "auto_synchronize"):  # a numba.cuda stream
+            ref = self._streams.get(("numba", id(stream)))
+            if ref is None or ref.owner is not stream:
+                ref = self._remember(("numba", id(stream)), _stream_ref(stream))
             return ref
-        if SIMULATOR or hasattr(stream, "auto_synchronize"):  # a numba.cuda stream
-            ref = _stream_ref(stream)
+        elif hasattr(stream, "cuda_stream"):  # torch.cuda.Stream (also has __cuda_stream__)
+            handle = int(stream.cuda_stream)
+        elif hasattr(stream, "__cuda_stream__"):  # cuda.core and the CUDA stream protocol
+            handle = int(stream.__cuda_stream__()[1])
+        elif isinstance(stream, (int, np.integer)) and not isinstance(stream, (bool, np.bool_)):
+            handle = int(stream)
         else:
-            if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
-                handle = int(stream)
-            elif hasattr(stream, "__cuda_stream__"):
-                handle = int(stream.__cuda_stream__()[1])
-            elif hasattr(stream, "cuda_stream"):
-                handle = int(stream.cuda_stream)
-            else:
-                raise TypeError(
-                    "stream must be None, a numba.cuda stream, an int CUstream handle or an object with "
-                    f"__cuda_stream__ / cuda_stream, got {type(stream).__name__}"
-                )
+            raise TypeError(
+                "stream must be None, a numba.cuda stream, an int CUstream handle or an object with "
+                f"__cuda_stream__ / cuda_stream, got {kind.__name__}"
+            )
+        ref = self._streams.get(handle)
+        if ref is None:
             numba_stream = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
-            ref = StreamRef(numba_stream, handle, stream)
+            ref = self._remember(handle, StreamRef(numba_stream, handle, None))
+        return ref
+
+    def _remember(self, key: Any, ref: StreamRef) -> StreamRef:
         if len(self._streams) > 64:  # a long-lived manager fed many short-lived streams
             self._streams.clear()
-        self._streams[id(stream)] = ref
+        self._streams[key] = ref
         return ref
 
     # ------------------------------------------------------------ hooks
@@ -233,6 +243,18 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         return checked
 
     def _check_int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
+        module = type(array).__module__
+        if module.startswith("torch"):  # read the tensor directly: its __cuda_array_interface__ costs microseconds
+            if not array.is_cuda:
+                raise TypeError(f"{name} must be on the GPU, got a torch tensor on {array.device}")
+            dtype = str(array.dtype).removeprefix("torch.")
+            if dtype != "int32":
+                raise TypeError(f"{name} must have dtype int32, got {dtype}")
+            shape = check_int32_array(name, np.int32, tuple(array.shape), array.is_contiguous(), layout)
+            return (DeviceArg(array, array.data_ptr(), shape), shape)
+        if module.startswith("cupy"):
+            shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
+            return (DeviceArg(array, int(array.data.ptr), shape), shape)
         if isinstance(array, np.ndarray):
             shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
             return (DeviceArg(*self._stage(name, array, stream), shape), shape)

@@ -1,0 +1,244 @@
+"""Replay commit: the stash replaces the per-step states, and the commit recomputes the accepted steps.
+
+The expected states come from an independent row-by-row loop over the step functions the tiny
+models' decode steps call (``mamba_cache.replay.reference``), storing to the state dtype after
+every step as a decode step does. On the NumPy backend replay must equal it bit for bit; the Numba
+backend fuses its multiply-adds (``cuda.fma``) and its exp differs by an ulp, so across backends
+the states agree within ``TOLERANCE`` (bit-exact GPU proofs against the GPU decode step are in
+``test_replay_models.py``).
+"""
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, device_int32, snapshot, to_host
+
+from mamba_cache import Config
+from mamba_cache.replay.reference import conv_after, gdn_step, mamba2_step
+
+F32 = np.float32
+DTYPES = ["float16", "float32", "float64"]
+MIXERS = ["mamba2", "gdn"]
+#: Numba vs NumPy, per state dtype: FMA vs two roundings over up to V steps of magnitude-1 values
+#: (a few float32 ulps), which a 16-bit store can turn into one float16 ulp.
+TOLERANCE = {
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float64": dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def replay_config(mixer="mamba2", dtype="float32", **overrides):
+    fields = dict(
+        num_recurrent_layers=2,
+        max_batch_size=5,
+        recurrent_state_num_heads=4,
+        recurrent_state_head_dim=3,
+        recurrent_state_size=5,
+        conv_dim=7,
+        conv_kernel=3,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        mixer=mixer,
+        n_groups=2,
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def write(target, values):
+    if isinstance(target, np.ndarray):
+        target[...] = values
+    else:
+        target.copy_to_device(np.ascontiguousarray(values))
+
+
+def stash_values(config, rng):
+    """Random, realistic stash contents: decays in (0, 1), unit-norm keys, the rest N(0, 1)."""
+    layers, steps = config.num_recurrent_layers, config.max_batch_size * config.max_intermediate_seq_len
+    values = {}
+    for name, (shape, dtype) in config.replay_stash_fields.items():
+        full = (layers, steps, *shape)
+        if name in ("dA", "g"):
+            value = rng.uniform(0.5, 1.0, full)
+        elif name == "beta":
+            value = rng.uniform(0.0, 1.0, full)
+        elif name == "k":
+            value = rng.standard_normal(full)
+            value /= np.linalg.norm(value, axis=-1, keepdims=True)
+        else:
+            value = rng.standard_normal(full)
+        values[name] = value.astype(dtype).reshape(layers, -1)
+    return values
+
+
+def filled_pair(config, backend, rng):
+    """A manager with random main pools and stash, and host copies of what was written."""
+    manager = BACKENDS[backend](config)
+    state = {
+        "recurrent": rng.standard_normal(manager._pools.recurrent.shape).astype(config.recurrent_state_dtype),
+        "conv": rng.standard_normal(manager._pools.conv.shape).astype(config.conv_state_dtype),
+    }
+    for pool, values in state.items():
+        write(getattr(manager._pools, pool), values)
+    stash = stash_values(config, rng)
+    for name, values in stash.items():
+        write(manager._stash[name], values)
+    return manager, state, stash
+
+
+def expected_after(config, state, stash, accept, indices, seq_len):
+    """The replay, row by row and step by step, from the step functions."""
+    recurrent, conv = state["recurrent"].copy(), state["conv"].copy()
+    layers, slots = recurrent.shape[:2]
+    fields = config.replay_stash_fields
+    names = ["dA", "u", "B"] if config.mixer == "mamba2" else ["g", "beta", "k", "v"]
+    step_fn = mamba2_step if config.mixer == "mamba2" else gdn_step
+    for row, accepted in enumerate(accept):
+        slot = row if indices is None else indices[row]
+        if not (1 <= accepted <= seq_len and 0 <= slot < slots):
+            continue
+        for layer in range(layers):
+            for t in range(accepted):
+                step = row * seq_len + t
+                inputs = [stash[n][layer].reshape(-1, *fields[n][0])[step] for n in names]
+                new = step_fn(recurrent[layer, slot].astype(F32), *inputs)
+                recurrent[layer, slot] = new.astype(recurrent.dtype)
+            columns = stash["conv"][layer].reshape(-1, config.conv_dim)[row * seq_len : row * seq_len + accepted]
+            window = conv[layer, slot]
+            for column in columns:  # shift in one column at a time, as a decode step does
+                window = np.concatenate([window[:, 1:], column[:, None]], axis=1)
+            conv[layer, slot] = window
+    return {"recurrent": recurrent, "conv": conv}
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_indices", [False, True])
+def test_replay_equals_stepwise_decoding(backend, rng, mixer, dtype, use_indices):
+    config = replay_config(mixer, dtype)
+    manager, state, stash = filled_pair(config, backend, rng)
+    active, seq_len = 5, 3
+    manager.reshape_intermediate_states(active, seq_len)
+    # 0, 1, V, padding (<= 0, > V, INT32 extremes) and, with indices, slots out of range
+    accept = np.array([0, 1, seq_len, 2, INT32_MIN], dtype=np.int32)
+    indices = None
+    if use_indices:
+        accept = np.array([seq_len, 1, 2, seq_len + 1, 2], dtype=np.int32)
+        indices = np.array([3, 0, 5, 1, -1], dtype=np.int32)  # rows 2 and 4 name slots outside [0, 5)
+    manager.replay_mtp_states(
+        device_int32(backend, accept), state_indices=None if indices is None else device_int32(backend, indices)
+    )
+    got = snapshot(manager)
+    want = expected_after(config, state, stash, accept, indices, seq_len)
+    touched = {int(r if indices is None else indices[r]) for r, a in enumerate(accept) if 1 <= a <= seq_len}
+    touched &= set(range(config.max_batch_size))
+    untouched = sorted(set(range(config.max_batch_size)) - touched)
+    for kind in ("recurrent", "conv"):
+        # conv windows only move values: bit-exact on every backend; so are the untouched slots
+        assert got[kind][:, untouched].tobytes() == state[kind][:, untouched].tobytes(), kind
+        if backend == "numpy" or kind == "conv":
+            assert got[kind].tobytes() == want[kind].tobytes(), f"{kind} differs from the stepwise reference"
+        else:
+            np.testing.assert_allclose(got[kind].astype(np.float64), want[kind].astype(np.float64), **TOLERANCE[dtype])
+        assert (got[kind][:, sorted(touched)] != state[kind][:, sorted(touched)]).any(), "the replay changed nothing"
+    for name, values in stash.items():  # the commit never writes the stash
+        assert to_host(manager._stash[name]).tobytes() == values.tobytes()
+
+
+def test_a_replay_one_step_short_is_caught(rng):
+    """The check above can fail: replaying a - 1 steps leaves other bits."""
+    config = replay_config("gdn", "float32")
+    manager, state, stash = filled_pair(config, "numpy", rng)
+    manager.reshape_intermediate_states(5, 3)
+    accept = np.array([2, 2, 2, 2, 2], dtype=np.int32)
+    manager.replay_mtp_states(accept - 1)
+    want = expected_after(config, state, stash, accept, None, 3)
+    assert snapshot(manager)["recurrent"].tobytes() != want["recurrent"].tobytes()
+
+
+def test_replay_mode_keeps_a_stash_instead_of_the_states(backend):
+    config = replay_config("mamba2", "float16", verify_writes_main_pool=True)
+    assert config.verify_writes_main_pool is False
+    manager = BACKENDS[backend](config)
+    assert not manager.has_intermediate_recurrent_states() and not manager.has_intermediate_conv_states()
+    assert manager.has_replay_stash()
+    for getter in (manager.get_intermediate_recurrent_state, manager.get_intermediate_conv_state):
+        with pytest.raises(ValueError, match="replay"):
+            getter(0)
+    assert {k: v.shape for k, v in manager.get_replay_stash(1).items()} == {
+        "dA": (5, 4, 4),
+        "u": (5, 4, 4, 3),
+        "B": (5, 4, 2, 5),
+        "conv": (5, 4, 7),
+    }
+    manager.reshape_intermediate_states(3, 2)
+    assert manager.intermediate_shape == (3, 2)
+    stash = manager.get_replay_stash(0)
+    assert {k: v.shape[:2] for k, v in stash.items()} == dict.fromkeys(stash, (3, 2))
+    assert stash["conv"].dtype == np.float16 and stash["u"].dtype == np.float32
+    # a prefix reinterpretation: element [1, 0] of the [3, 2] view is flat step 2 of the layer
+    flat = to_host(manager._stash["dA"])[0].reshape(-1, 4)
+    write(manager._stash["dA"], np.arange(flat.size * 2, dtype=np.float32).reshape(2, -1))
+    assert to_host(manager.get_replay_stash(0)["dA"])[1, 0].tolist() == [8, 9, 10, 11]
+    pools = sum(a.nbytes for a in manager._stash.values())
+    assert pools == config.pool_bytes()["replay_stash"]
+    accept = device_int32(backend, [1, 1, 1])
+    with pytest.raises(ValueError, match="replay_mtp_states"):
+        manager.scatter_mtp_states(accept)
+    with pytest.raises(ValueError, match="replay_mtp_states"):
+        manager.scatter_accepted_tree_states(device_int32(backend, [[0], [0], [0]]), accept)
+    with pytest.raises(NotImplementedError, match="track_entries"):
+        manager.replay_mtp_states(accept, track_entries=accept, track_steps=accept)
+
+
+def test_scatter_mode_refuses_replay(backend):
+    manager = BACKENDS[backend](replay_config(commit_mode="scatter"))
+    with pytest.raises(ValueError, match="commit_mode='replay'"):
+        manager.replay_mtp_states(device_int32(backend, [1]))
+    with pytest.raises(ValueError, match="no replay stash"):
+        manager.get_replay_stash(0)
+
+
+def test_replay_without_a_stash_does_nothing(backend):
+    manager = BACKENDS[backend](replay_config(max_intermediate_seq_len=0))
+    before = snapshot(manager)
+    manager.replay_mtp_states(device_int32(backend, [1, 2]))
+    assert not manager.has_replay_stash()
+    for pool, values in snapshot(manager).items():
+        assert values.tobytes() == before[pool].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("accept", "indices", "error", "match"),
+    [
+        ([1, 1, 1, 1, 1, 1], None, ValueError, "accept_lengths must have length in \\[0, 5\\]"),
+        ([1, 1], [0, 0], ValueError, "distinct slots"),
+        ([1, 1], [0], ValueError, "state_indices must have the length"),
+        ([[1, 1]], None, ValueError, "1-D"),
+    ],
+)
+def test_bad_replay_arguments_change_nothing(rng, accept, indices, error, match):
+    config = replay_config("gdn", "float32")
+    manager, _, _ = filled_pair(config, "numpy", rng)
+    before = snapshot(manager)
+    with pytest.raises(error, match=match):
+        manager.replay_mtp_states(
+            np.array(accept, dtype=np.int32), state_indices=None if indices is None else np.array(indices, np.int32)
+        )
+    for pool, values in snapshot(manager).items():
+        assert values.tobytes() == before[pool].tobytes()
+    with pytest.raises(TypeError, match="int32"):
+        manager.replay_mtp_states(np.array([1], dtype=np.int64))
+
+
+def test_conv_after_is_the_last_k_columns(rng):
+    window = rng.standard_normal((2, 3, 4)).astype(F32)  # [R, C, K]
+    columns = rng.standard_normal((2, 5, 3)).astype(F32)  # [R, V, C]
+    got = conv_after(window, columns, np.array([0, 5]))
+    assert got[0].tobytes() == window[0].tobytes()
+    assert got[1].tobytes() == columns[1, 1:].T.copy().tobytes()

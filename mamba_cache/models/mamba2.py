@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .._config import Config
+from ..replay.reference import mamba2_step
 
 __all__ = ["TinyMamba2"]
 
@@ -85,6 +86,8 @@ class TinyMamba2:
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
         )
+        if config.n_groups != 1:
+            raise ValueError(f"TinyMamba2 has one B/C group: n_groups must be 1, got {config.n_groups}")
         if config.conv_dim != heads * dim + 2 * state:
             raise ValueError(
                 f"conv_dim must be H * D + 2 * N = {heads * dim + 2 * state} for TinyMamba2, got {config.conv_dim}"
@@ -160,17 +163,53 @@ class TinyMamba2:
     def verify(self, cache: Any, draft_tokens: Any) -> None:
         """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
 
-        Reshapes the intermediate buffers to ``[active, V]``, writes the state after each draft
-        token there, and leaves the state after all V tokens in the main pool.
+        Scatter mode: reshapes the intermediate buffers to ``[active, V]``, writes the state after
+        each draft token there, and leaves the state after all V tokens in the main pool.
+
+        Replay mode (``commit_mode="replay"``): reshapes the stash to ``[active, V]`` and writes each
+        step's inputs there (``dA``, ``u = dt * x``, ``B``, and the conv input column); the main
+        pools are NOT written: the pass runs on a scratch copy of the rows' states
+        (:meth:`scratch_bytes`), and ``replay_mtp_states`` then recomputes the accepted steps.
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
         cache.reshape_intermediate_states(active, verify_len)
+        if cache.get_config().commit_mode == "replay":
+            self._runner(cache)._verify_replay(cache, np.ascontiguousarray(draft_tokens, dtype=np.int64))
+            return
         for t in range(verify_len):
             self.decode_step(cache, draft_tokens[:, t], step=t)
 
+    def scratch_bytes(self, active: int) -> int:
+        """Bytes of the scratch states a replay-mode verify pass of ``active`` rows keeps (all layers).
+
+        The pass must not write the main pools, so it advances a copy of each row's recurrent and
+        conv state: ``L * active * (H*D*N * recurrent itemsize + C*K * conv itemsize)``. Not part of
+        the cache: an engine fuses this into its verify kernel's registers / shared memory.
+        """
+        config = self.config
+        per_row = config.recurrent_slot_elems * config.recurrent_state_dtype.itemsize
+        per_row += config.conv_slot_elems * config.conv_state_dtype.itemsize
+        return config.num_recurrent_layers * active * per_row
+
+    def _verify_replay(self, cache: Any, draft_tokens: np.ndarray) -> None:
+        active = draft_tokens.shape[0]
+        scratch = [
+            (cache.get_recurrent_state(layer)[:active].copy(), cache.get_conv_state(layer)[:active].copy())
+            for layer in range(self.config.num_recurrent_layers)
+        ]
+        for t in range(draft_tokens.shape[1]):
+            self._decode(cache, draft_tokens[:, t], np.arange(active), t, scratch=scratch)
+
     # ------------------------------------------------------------ the NumPy decode step
-    def _decode(self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None) -> np.ndarray:
+    def _decode(
+        self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None, scratch: list | None = None
+    ) -> np.ndarray:
+        """One token per row through every layer.
+
+        ``scratch`` (replay-mode verify): per layer the ``(recurrent, conv)`` copies to advance
+        instead of the cache's pools; step ``step``'s inputs then go to the replay stash.
+        """
         w, config = self.weights, self.config
         heads, dim, state = (
             config.recurrent_state_num_heads,
@@ -182,7 +221,7 @@ class TinyMamba2:
         u = w["embedding"][tokens]  # [n, M]
         for layer in range(config.num_recurrent_layers):
             z = matvec(rmsnorm(u), w["in_proj"][layer])  # [n, C + H]
-            conv = cache.get_conv_state(layer)  # [B, C, K]
+            conv = cache.get_conv_state(layer) if scratch is None else scratch[layer][1]  # [B, C, K]
             window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
@@ -190,15 +229,19 @@ class TinyMamba2:
             b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
             dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [n, H]
             decay = np.exp(dt * w["A"][layer])  # [n, H]
-            rec = cache.get_recurrent_state(layer)  # [B, H, D, N]
-            h = (
-                decay[:, :, None, None] * rec[slots].astype(F32)
-                + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
-            )
+            rec = cache.get_recurrent_state(layer) if scratch is None else scratch[layer][0]  # [B, H, D, N]
+            dtx = dt[:, :, None] * x  # [n, H, D]
+            h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in[:, None, :])  # the replay's step (G = 1)
             rec[slots] = h
             y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["D"][layer][None, :, None] * x
             u = u + matvec(y.reshape(n, width), w["out_proj"][layer])
-            if step is not None:
+            if step is not None and scratch is not None:
+                stash = cache.get_replay_stash(layer)
+                stash["dA"][slots, step] = decay
+                stash["u"][slots, step] = dtx
+                stash["B"][slots, step] = b_in[:, None, :]
+                stash["conv"][slots, step] = window[:, :, -1]
+            elif step is not None:
                 cache.get_intermediate_conv_state(layer)[slots, step] = window
                 cache.get_intermediate_recurrent_state(layer)[slots, step] = h
         return u

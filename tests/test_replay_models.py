@@ -1,0 +1,95 @@
+"""The tiny models in replay mode: verify (writing the stash) + replay_mtp_states leaves the bits
+that sequential decoding of only the accepted tokens leaves, on each backend.
+
+On the GPU the decode kernel and the replay kernel call the same ``@cuda.jit(device=True)`` step
+function (``cuda.fma``), so the proof is bit-exact there too. The CUDA simulator evaluates those
+device functions in Python, where it also holds; the claims that matter for the GPU are run on the
+GPU machine (the same tests, without the simulator).
+"""
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, device_int32, snapshot
+
+from mamba_cache import Config
+from mamba_cache.models.mamba2 import TinyMamba2
+
+DTYPES = ["float16", "float32", "float64"]
+
+
+def tiny_config(dtype, commit_mode="replay", layers=2, batch=4, verify=3):
+    heads, dim, state = 2, 4, 8
+    return Config(
+        num_recurrent_layers=layers,
+        max_batch_size=batch,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=state,
+        conv_dim=heads * dim + 2 * state,
+        conv_kernel=4,
+        max_intermediate_seq_len=verify,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode=commit_mode,
+    )
+
+
+def main_pools(manager):
+    pools = snapshot(manager)
+    return {k: pools[k] for k in ("recurrent", "conv")}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba2_replay_equals_sequential(backend, rng, dtype):
+    config = tiny_config(dtype)
+    model = TinyMamba2(config, vocab_size=32, seed=int(rng.integers(1 << 30)))
+    spec, seq = BACKENDS[backend](config), BACKENDS[backend](config)
+    active, verify = 4, config.max_intermediate_seq_len
+    prompt = rng.integers(0, 32, size=(active, 3))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    accepts = [[0, 1, verify, 2], [verify, verify, 1, 0], [2, 0, 1, verify]]  # 0 = the row is padding
+    for accept in accepts:
+        drafts = rng.integers(0, 32, size=(active, verify))
+        before = main_pools(spec)
+        model.verify(spec, drafts)
+        for kind, values in main_pools(spec).items():  # the replay-mode verify pass never writes the pools
+            assert values.tobytes() == before[kind].tobytes(), kind
+        spec.replay_mtp_states(device_int32(backend, accept))
+        model.decode_accepted(seq, drafts, accept)
+        got, want = main_pools(spec), main_pools(seq)
+        for kind in got:
+            assert got[kind].tobytes() == want[kind].tobytes(), f"{backend} {dtype} {kind} after {accept}"
+    assert np.abs(got["recurrent"].astype(np.float64)).sum() > 0
+
+
+def test_scatter_and_replay_mode_give_the_same_tokens(backend, rng):
+    """A greedy speculative loop: the accept lengths come from the model's own outputs."""
+    seed = int(rng.integers(1 << 30))
+    tokens = {}
+    for mode in ("scatter", "replay"):
+        config = tiny_config("float32", commit_mode=mode, batch=2, verify=3)
+        model = TinyMamba2(config, vocab_size=16, seed=seed)
+        cache = BACKENDS[backend](config)
+        draft_rng = np.random.default_rng(seed)
+        out = [draft_rng.integers(0, 16, size=2)]
+        model.prefill(cache, out[0][:, None])
+        for _ in range(4):
+            drafts = draft_rng.integers(0, 16, size=(2, 3))
+            model.verify(cache, drafts)
+            accept = draft_rng.integers(1, 4, size=2).astype(np.int32)
+            commit = cache.replay_mtp_states if mode == "replay" else cache.scatter_mtp_states
+            commit(device_int32(backend, accept))
+            logits = model.decode_step(cache, out[-1])
+            host = logits if isinstance(logits, np.ndarray) else logits.copy_to_host()
+            out.append(np.argmax(host[:, :16], axis=1))
+        tokens[mode] = np.stack(out)
+    assert tokens["scatter"].tolist() == tokens["replay"].tolist()
+
+
+def test_scratch_bytes_are_reported_apart_from_the_cache():
+    config = tiny_config("float16")
+    model = TinyMamba2(config)
+    per_row = 2 * (2 * 4 * 8 * 2 + 24 * 4 * 2)
+    assert model.scratch_bytes(3) == 3 * per_row
+    assert model.scratch_bytes(3) not in config.pool_bytes().values()

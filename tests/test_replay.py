@@ -13,6 +13,7 @@ import pytest
 from conftest import BACKENDS, device_int32, snapshot, to_host
 
 from mamba_cache import Config
+from mamba_cache._config import COMMIT_MODES
 from mamba_cache.replay.reference import conv_after, gdn_step, mamba2_step
 
 F32 = np.float32
@@ -242,3 +243,48 @@ def test_conv_after_is_the_last_k_columns(rng):
     got = conv_after(window, columns, np.array([0, 5]))
     assert got[0].tobytes() == window[0].tobytes()
     assert got[1].tobytes() == columns[1, 1:].T.copy().tobytes()
+
+
+def test_stash_is_at_most_a_tenth_of_the_per_step_states_at_batch_32_verify_4():
+    """The issue's target, from the published dims (bytes per row, draft step and layer)."""
+    from fractions import Fraction
+
+    from mamba_cache.presets import PRESETS
+
+    by_hand = {
+        # Nemotron-H-8B, fp16: state 128 x 64 x 128, conv (8192 + 2 x 8 x 128) x 4;
+        # stash dA [128] + u [128, 64] + B [8, 128] float32 + conv column [10240] fp16
+        "nemotron-h-8b": (128 * 64 * 128 * 2 + 10240 * 4 * 2, 128 * 4 + 128 * 64 * 4 + 8 * 128 * 4 + 10240 * 2),
+        # Qwen3-Next, fp32 state 32 x 128 x 128, fp16 conv 8192 x 4;
+        # stash g, beta [32] + k [16, 128] + v [32, 128] float32 + conv column [8192] fp16
+        "qwen3-next-80b-a3b": (32 * 128 * 128 * 4 + 8192 * 4 * 2, 2 * 32 * 4 + 16 * 128 * 4 + 32 * 128 * 4 + 8192 * 2),
+    }
+    for name, (scatter_step, replay_step) in by_hand.items():
+        preset = PRESETS[name]
+        scatter, replay = (preset.config(batch=32, mtp=4, commit_mode=mode).pool_bytes() for mode in COMMIT_MODES)
+        rows = 32 * 4 * preset.num_recurrent_layers
+        assert scatter["intermediate_recurrent"] + scatter["intermediate_conv"] == rows * scatter_step
+        assert replay["replay_stash"] == rows * replay_step
+        assert replay["intermediate_recurrent"] == replay["intermediate_conv"] == 0
+        ratio = Fraction(replay["replay_stash"], scatter["intermediate_recurrent"] + scatter["intermediate_conv"])
+        assert ratio == Fraction(replay_step, scatter_step) <= Fraction(1, 10), (name, float(ratio))
+
+
+def test_presets_carry_their_mixer_and_groups():
+    from mamba_cache.presets import PRESETS
+
+    nemotron, qwen = PRESETS["nemotron-h-8b"].config(batch=1), PRESETS["qwen3-next-80b-a3b"].config(batch=1)
+    assert (nemotron.mixer, nemotron.n_groups) == ("mamba2", 8)
+    assert (qwen.mixer, qwen.n_groups) == ("gdn", 16)
+    assert PRESETS["qwen3-next-80b-a3b"].config(batch=1, tp=4).n_groups == 4
+
+
+def test_memory_table_and_plan_show_both_modes(capsys):
+    from mamba_cache.cli import main
+
+    table = replay_config(commit_mode="scatter").memory_table()
+    assert "scatter (per-step states)" in table and "replay (per-step stash)" in table
+    assert "replay (per-step stash)" not in replay_config(max_intermediate_seq_len=0).memory_table()
+    assert main(["plan", "--preset", "qwen3-next-80b-a3b", "--batch", "32", "--mtp", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "9.28 GiB" in out and "181.12 MiB" in out and "0.0191" in out

@@ -7,17 +7,41 @@ device functions in Python, where it also holds; the claims that matter for the 
 GPU machine (the same tests, without the simulator).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import BACKENDS, device_int32, snapshot
 
 from mamba_cache import Config
+from mamba_cache.models.gdn import TinyGatedDeltaNet
 from mamba_cache.models.mamba2 import TinyMamba2
 
 DTYPES = ["float16", "float32", "float64"]
 
 
-def tiny_config(dtype, commit_mode="replay", layers=2, batch=4, verify=3):
+MIXERS = ["mamba2", "gdn"]
+MODELS = {"mamba2": TinyMamba2, "gdn": TinyGatedDeltaNet}
+
+
+def tiny_config(dtype, commit_mode="replay", layers=2, batch=4, verify=3, mixer="mamba2"):
+    if mixer == "gdn":  # 4 value heads sharing 2 key heads; key dim 8, value dim 4
+        heads, dim, size, groups = 4, 8, 4, 2
+        return Config(
+            num_recurrent_layers=layers,
+            max_batch_size=batch,
+            recurrent_state_num_heads=heads,
+            recurrent_state_head_dim=dim,
+            recurrent_state_size=size,
+            conv_dim=2 * groups * dim + heads * size,
+            conv_kernel=4,
+            max_intermediate_seq_len=verify,
+            recurrent_state_dtype=dtype,
+            conv_state_dtype=dtype,
+            commit_mode=commit_mode,
+            mixer="gdn",
+            n_groups=groups,
+        )
     heads, dim, state = 2, 4, 8
     return Config(
         num_recurrent_layers=layers,
@@ -39,10 +63,11 @@ def main_pools(manager):
     return {k: pools[k] for k in ("recurrent", "conv")}
 
 
+@pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mamba2_replay_equals_sequential(backend, rng, dtype):
-    config = tiny_config(dtype)
-    model = TinyMamba2(config, vocab_size=32, seed=int(rng.integers(1 << 30)))
+def test_replay_equals_sequential(backend, rng, dtype, mixer):
+    config = tiny_config(dtype, mixer=mixer)
+    model = MODELS[mixer](config, vocab_size=32, seed=int(rng.integers(1 << 30)))
     spec, seq = BACKENDS[backend](config), BACKENDS[backend](config)
     active, verify = 4, config.max_intermediate_seq_len
     prompt = rng.integers(0, 32, size=(active, 3))
@@ -63,13 +88,14 @@ def test_mamba2_replay_equals_sequential(backend, rng, dtype):
     assert np.abs(got["recurrent"].astype(np.float64)).sum() > 0
 
 
-def test_scatter_and_replay_mode_give_the_same_tokens(backend, rng):
-    """A greedy speculative loop: the accept lengths come from the model's own outputs."""
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_scatter_and_replay_mode_give_the_same_tokens(backend, rng, mixer):
+    """A speculative loop: scatter-mode and replay-mode caches commit the same rows, then decode."""
     seed = int(rng.integers(1 << 30))
     tokens = {}
     for mode in ("scatter", "replay"):
-        config = tiny_config("float32", commit_mode=mode, batch=2, verify=3)
-        model = TinyMamba2(config, vocab_size=16, seed=seed)
+        config = tiny_config("float32", commit_mode=mode, batch=2, verify=3, mixer=mixer)
+        model = MODELS[mixer](config, vocab_size=16, seed=seed)
         cache = BACKENDS[backend](config)
         draft_rng = np.random.default_rng(seed)
         out = [draft_rng.integers(0, 16, size=2)]
@@ -93,3 +119,24 @@ def test_scratch_bytes_are_reported_apart_from_the_cache():
     per_row = 2 * (2 * 4 * 8 * 2 + 24 * 4 * 2)
     assert model.scratch_bytes(3) == 3 * per_row
     assert model.scratch_bytes(3) not in config.pool_bytes().values()
+
+
+def test_gdn_scatter_mode_verify_matches_sequential(rng):
+    """The GDN model's scatter-mode verify writes the per-step states the sequential path reaches."""
+    config = tiny_config("float32", commit_mode="scatter", mixer="gdn")
+    model = TinyGatedDeltaNet(config, vocab_size=32, seed=3)
+    spec, seq = BACKENDS["numpy"](config), BACKENDS["numpy"](config)
+    drafts = rng.integers(0, 32, size=(4, 3))
+    model.verify(spec, drafts)
+    spec.scatter_mtp_states(np.array([1, 2, 3, 0], dtype=np.int32))
+    model.decode_accepted(seq, drafts, [1, 2, 3, 3])  # a full accept: the verify pass left it in the pool
+    got, want = main_pools(spec), main_pools(seq)
+    for kind in got:
+        assert got[kind][:, :3].tobytes() == want[kind][:, :3].tobytes(), kind
+
+
+def test_gdn_model_checks_its_config():
+    with pytest.raises(ValueError, match="mixer='gdn'"):
+        TinyGatedDeltaNet(tiny_config("float32"))
+    with pytest.raises(ValueError, match="n_groups must be 1"):
+        TinyMamba2(dataclasses.replace(tiny_config("float32"), n_groups=2))

@@ -62,6 +62,27 @@ def gdn_write(s, k, delta):
 
 
 @cuda.jit(device=True, inline=True)
+def gdn_column_step(s, dim, decay, beta, value, keys, key_offset):
+    """One Gated DeltaNet step of one state column ``s = S_i[:, e]`` (a float32 local array), in place.
+
+    ``keys[key_offset + d]`` is ``k[j, d]``; ``value`` is ``v[i, e]``. Order of operations::
+
+        for d = 0 .. dim-1:  s[d] = s[d] * decay;  pred = fma(s[d], k[d], pred)     (pred starts at 0)
+        delta = beta * (value - pred)
+        for d = 0 .. dim-1:  s[d] = fma(k[d], delta, s[d])
+
+    The tiny GDN model's decode kernel and :func:`replay_gdn` both call this, so they agree bit for bit.
+    """
+    pred = float32(0.0)
+    for d in range(dim):
+        s[d] = s[d] * decay
+        pred = gdn_accumulate(pred, s[d], keys[key_offset + d])
+    delta = beta * (value - pred)
+    for d in range(dim):
+        s[d] = gdn_write(s[d], keys[key_offset + d], delta)
+
+
+@cuda.jit(device=True, inline=True)
 def _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width):
     """Channel ``c`` of the slot's conv window after ``accepted`` input columns, in place.
 
@@ -237,15 +258,16 @@ def replay_gdn(
         s[d] = float32(rec[layer, slot, first + d * size])
     for t in range(accepted):
         step = row * seq_len + t
-        decay = g[layer, step * heads + i]
-        key = (step * groups + j) * dim
-        pred = float32(0.0)
-        for d in range(dim):
-            s[d] = s[d] * decay
-            pred = gdn_accumulate(pred, s[d], k[layer, key + d])
-        delta = beta[layer, step * heads + i] * (v[layer, (step * heads + i) * size + e] - pred)
-        for d in range(dim):
-            s[d] = gdn_write(s[d], k[layer, key + d], delta)
+        value = v[layer, (step * heads + i) * size + e]
+        gdn_column_step(
+            s,
+            dim,
+            g[layer, step * heads + i],
+            beta[layer, step * heads + i],
+            value,
+            k[layer],
+            (step * groups + j) * dim,
+        )
         if round_each_step:
             for d in range(dim):
                 rec[layer, slot, first + d * size] = s[d]

@@ -4,20 +4,20 @@ Random weights, no downloads. Letters (each with one meaning):
 
     L layers        H value heads       D key dim         N value dim       G key heads (n_groups)
     C conv channels = 2*G*D + H*N (q, k, v)              K conv width      M model width = H*N
-    n rows in this call (one token each)                 V verify length
+    R rows in this call (one token each)                 V verify length
 
 Recurrent state per slot ``[H, D, N]`` = ``[value heads, key dim, value dim]``. Per token and layer:
 
-    z           = rmsnorm(x) @ in_proj                  [n, C + 2H]
+    z           = rmsnorm(x) @ in_proj                  [R, C + 2H]
     conv state  : shift left, append z[:, :C]           [B, C, K] (in place, conv dtype)
-    qkv         = silu(sum_k(window * conv_weight) + conv_bias)        [n, C]
-    q, k        = l2norm per key head of qkv[:, :GD], qkv[:, GD:2GD]   [n, G, D]
-    v           = qkv[:, 2GD:]                                         [n, H, N]
-    g           = exp(A * softplus(z[:, C:C+H] + dt_bias))             [n, H]  decay factor, A < 0
-    beta        = sigmoid(z[:, C+H:])                                  [n, H]
+    qkv         = silu(sum_k(window * conv_weight) + conv_bias)        [R, C]
+    q, k        = l2norm per key head of qkv[:, :GD], qkv[:, GD:2GD]   [R, G, D]
+    v           = qkv[:, 2GD:]                                         [R, H, N]
+    g           = exp(a * softplus(z[:, C:C+H] + dt_bias))             [R, H]  decay factor, a < 0
+    beta        = sigmoid(z[:, C+H:])                                  [R, H]
     S           = gdn_step(S, g, beta, k, v)    (mamba_cache.replay.reference; value head i reads key head i // (H/G))
-    o[i, e]     = sum_d S[i, d, e] * q[i // (H/G), d]                  [n, H, N]
-    x           = x + o.reshape(n, M) @ out_proj                       [n, M]
+    o[i, e]     = sum_d S[i, d, e] * q[i // (H/G), d]                  [R, H, N]
+    x           = x + o.reshape(R, M) @ out_proj                       [R, M]
 
 Float32 arithmetic, states stored in the cache's dtypes. Verify, replay-mode scratch and
 sequential decoding work as in :class:`mamba_cache.models.mamba2.TinyMamba2` (this class reuses
@@ -86,7 +86,7 @@ class TinyGatedDeltaNet(TinyMamba2):
             "conv_weight": normal(layers, channels, config.conv_kernel, scale=0.5),  # [L, C, K]
             "conv_bias": normal(layers, channels, scale=0.1),  # [L, C]
             "dt_bias": normal(layers, heads, scale=0.5) - F32(1),  # [L, H]
-            "A": -np.exp(normal(layers, heads, scale=0.5)),  # [L, H], < 0
+            "a": -np.exp(normal(layers, heads, scale=0.5)),  # [L, H], < 0
             "out_proj": normal(layers, width, width, scale=0.5 * width**-0.5),  # [L, M, M]
         }
         self._device = None
@@ -113,9 +113,9 @@ class TinyGatedDeltaNet(TinyMamba2):
         )
         channels, keys = config.conv_dim, groups * dim
         n = tokens.shape[0]
-        x = w["embedding"][tokens]  # [n, M]
+        x = w["embedding"][tokens]  # [R, M]
         for layer in range(config.num_recurrent_layers):
-            z = matvec(rmsnorm(x), w["in_proj"][layer])  # [n, C + 2H]
+            z = matvec(rmsnorm(x), w["in_proj"][layer])  # [R, C + 2H]
             conv = cache.get_conv_state(layer) if scratch is None else scratch[layer][1]  # [B, C, K]
             window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window
@@ -123,13 +123,13 @@ class TinyGatedDeltaNet(TinyMamba2):
             q = l2norm(qkv[:, :keys].reshape(n, groups, dim))
             k = l2norm(qkv[:, keys : 2 * keys].reshape(n, groups, dim))
             v = qkv[:, 2 * keys :].reshape(n, heads, size)
-            g = np.exp(w["A"][layer] * softplus(z[:, channels : channels + heads] + w["dt_bias"][layer]))  # [n, H]
-            beta = F32(1) / (F32(1) + np.exp(-z[:, channels + heads :]))  # [n, H]
+            g = np.exp(w["a"][layer] * softplus(z[:, channels : channels + heads] + w["dt_bias"][layer]))  # [R, H]
+            beta = F32(1) / (F32(1) + np.exp(-z[:, channels + heads :]))  # [R, H]
             rec = cache.get_recurrent_state(layer) if scratch is None else scratch[layer][0]  # [B, H, D, N]
             state = gdn_step(rec[slots].astype(F32), g, beta, k, v)  # the replay's step
             rec[slots] = state
-            q_heads = np.repeat(q, heads // groups, axis=1)  # [n, H, D]
-            o = (state * q_heads[..., None]).sum(axis=2, dtype=F32)  # [n, H, N]
+            q_heads = np.repeat(q, heads // groups, axis=1)  # [R, H, D]
+            o = (state * q_heads[..., None]).sum(axis=2, dtype=F32)  # [R, H, N]
             x = x + matvec(o.reshape(n, heads * size), w["out_proj"][layer])
             if step is not None and scratch is not None:
                 stash = cache.get_replay_stash(layer)

@@ -23,7 +23,7 @@ from .mamba2_kernels import NumbaTinyMamba2, _grid, conv_step, embed, matvec, rm
 def gdn_gates(z, xbc, dt_bias, a, groups, dim, g, beta, qk):
     """Gates and normalised keys of one layer; grid ``(n, ceil(max(H, 2G) / threads))``.
 
-    ``z`` ``[n, C + 2H]``, ``xbc`` ``[n, C]`` (silu(conv)), ``dt_bias``/``a`` ``[H]`` (``a`` holds A < 0);
+    ``z`` ``[n, C + 2H]``, ``xbc`` ``[n, C]`` (silu(conv)), ``dt_bias``/``a`` ``[H]`` (``a`` < 0);
     out: ``g``, ``beta`` ``[n, H]`` float32, ``qk`` ``[n, 2*G*D]`` (q heads then k heads, each
     ``x / sqrt(sum_d x[d]**2 + 1e-6)``, d ascending).
     """
@@ -141,7 +141,7 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
                 step if replay_step else -1,
             )
             grid, threads = _grid(n, max(heads, 2 * groups))
-            gdn_gates[grid, threads](z, xbc, w["dt_bias"][layer], w["A"][layer], groups, dim, g, beta, qk)
+            gdn_gates[grid, threads](z, xbc, w["dt_bias"][layer], w["a"][layer], groups, dim, g, beta, qk)
             inter_rec = (
                 cache.get_intermediate_recurrent_state(layer)
                 if inter_step

@@ -288,3 +288,124 @@ def test_memory_table_and_plan_show_both_modes(capsys):
     assert main(["plan", "--preset", "qwen3-next-80b-a3b", "--batch", "32", "--mtp", "4"]) == 0
     out = capsys.readouterr().out
     assert "9.28 GiB" in out and "181.12 MiB" in out and "0.0191" in out
+
+
+# ---------------------------------------------------------------- bad inputs (tests/test_bad_inputs.py style)
+def _array(backend, values, dtype=np.int32):
+    host = np.ascontiguousarray(np.asarray(values, dtype=dtype))
+    if backend == "numpy":
+        return host
+    from numba import cuda
+
+    return cuda.to_device(host)
+
+
+# (id, numpy only, call(manager, backend), exception, message regex)
+REPLAY_BAD_CASES = [
+    ("replay(list)", False, lambda m, b: m.replay_mtp_states([1, 1]), TypeError, "accept_lengths must be"),
+    ("replay(int64)", False, lambda m, b: m.replay_mtp_states(_array(b, [1], np.int64)), TypeError, "int32"),
+    (
+        "replay(2-D)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [[1]])),
+        ValueError,
+        "accept_lengths must be 1-D",
+    ),
+    (
+        "replay(6 rows > B)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1] * 6)),
+        ValueError,
+        r"accept_lengths must have length in \[0, 5\]",
+    ),
+    (
+        "replay(3 rows > view)",
+        False,
+        lambda m, b: (m.reshape_intermediate_states(2, 3), m.replay_mtp_states(_array(b, [1] * 3))),
+        ValueError,
+        r"accept_lengths must have length in \[0, 2\]",
+    ),
+    (
+        "replay(indices too short)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1, 1]), state_indices=_array(b, [0])),
+        ValueError,
+        "state_indices must have the length of accept_lengths",
+    ),
+    (
+        "replay(indices int64)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1]), state_indices=_array(b, [0], np.int64)),
+        TypeError,
+        "state_indices must have dtype int32",
+    ),
+    (
+        "replay(track_entries)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1]), track_entries=_array(b, [0])),
+        NotImplementedError,
+        "track_entries",
+    ),
+    (
+        "replay(two rows, one slot)",
+        True,
+        lambda m, b: m.replay_mtp_states(_array(b, [1, 2]), state_indices=_array(b, [3, 3])),
+        ValueError,
+        "distinct slots",
+    ),
+    ("get_replay_stash(-1)", False, lambda m, b: m.get_replay_stash(-1), IndexError, r"must be in \[0, 2\)"),
+    ("get_replay_stash(2)", False, lambda m, b: m.get_replay_stash(2), IndexError, r"must be in \[0, 2\)"),
+    ("get_replay_stash('0')", False, lambda m, b: m.get_replay_stash("0"), TypeError, "must be an integer"),
+    ("scatter in replay mode", False, lambda m, b: m.scatter_mtp_states(_array(b, [1])), ValueError, "replay_mtp"),
+    (
+        "tree in replay mode",
+        False,
+        lambda m, b: m.scatter_accepted_tree_states(_array(b, [[0]]), _array(b, [1])),
+        ValueError,
+        "replay_mtp_states",
+    ),
+    ("per-step state in replay mode", False, lambda m, b: m.get_intermediate_conv_state(0), ValueError, "stash"),
+]
+
+
+def _all_bits(manager) -> dict:
+    bits = snapshot(manager)
+    bits.update({f"stash_{name}": to_host(flat) for name, flat in manager._stash.items()})
+    return bits
+
+
+@pytest.mark.parametrize(
+    ("case_id", "numpy_only", "call", "exc", "msg"), REPLAY_BAD_CASES, ids=[c[0] for c in REPLAY_BAD_CASES]
+)
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_bad_replay_input_is_refused_and_changes_nothing(backend, rng, mixer, case_id, numpy_only, call, exc, msg):
+    if numpy_only and backend != "numpy":
+        pytest.skip("the GPU gives no defined winner; only the checked NumPy reference refuses")
+    manager, _, _ = filled_pair(replay_config(mixer, "float16"), backend, rng)
+    before = _all_bits(manager)
+    with pytest.raises(exc, match=msg):
+        call(manager, backend)
+    after = _all_bits(manager)
+    for pool in before:
+        assert after[pool].tobytes() == before[pool].tobytes(), (case_id, pool)
+
+
+@pytest.mark.parametrize("how", ["closed", "moved from"])
+def test_a_closed_replay_manager_refuses(backend, how):
+    manager = BACKENDS[backend](replay_config())
+    other = manager.move() if how == "moved from" else manager.close()
+    with pytest.raises(ValueError, match="closed or moved from"):
+        manager.replay_mtp_states(_array(backend, [1]))
+    with pytest.raises(ValueError, match="closed or moved from"):
+        manager.get_replay_stash(0)
+    assert not manager.has_replay_stash()
+    if other is not None:
+        assert other.has_replay_stash()
+
+
+def test_numba_refuses_a_key_dim_its_replay_kernel_cannot_hold():
+    from mamba_cache import ConfigError
+    from mamba_cache.core.numba_backend import NumbaMambaCacheManager
+
+    with pytest.raises(ConfigError, match="must be <= 256"):
+        NumbaMambaCacheManager(replay_config("gdn", recurrent_state_head_dim=257))

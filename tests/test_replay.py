@@ -409,3 +409,39 @@ def test_numba_refuses_a_key_dim_its_replay_kernel_cannot_hold():
 
     with pytest.raises(ConfigError, match="must be <= 256"):
         NumbaMambaCacheManager(replay_config("gdn", recurrent_state_head_dim=257))
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_gpu_replay_captures_into_a_cuda_graph(rng, mixer):
+    """Captured on a user's stream with accept_lengths on the device, replayed with new values."""
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine)")
+    from cuda.bindings import driver
+    from numba import cuda
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    config = replay_config(mixer, "float32")
+    dev, state, stash = filled_pair(config, "numba", rng)
+    stream = cuda.stream()
+    acc = cuda.to_device(np.zeros(5, dtype=np.int32), stream=stream)
+    dev.reshape_intermediate_states(5, 3)
+    dev.replay_mtp_states(acc, stream=stream)  # the first call prepares the launch outside capture
+    stream.synchronize()
+    handle = int(stream.handle)
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    dev.replay_mtp_states(acc, stream=stream)
+    exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    values = np.array([3, 0, 1, 2, -4], dtype=np.int32)
+    acc.copy_to_device(values, stream=stream)
+    check(driver.cuGraphLaunch(exec_graph, handle))
+    stream.synchronize()
+    want = expected_after(config, state, stash, values, None, 3)
+    got = snapshot(dev)
+    assert got["conv"].tobytes() == want["conv"].tobytes()
+    np.testing.assert_allclose(got["recurrent"], want["recurrent"], **TOLERANCE["float32"])
+    assert (got["recurrent"][:, 0] != state["recurrent"][:, 0]).any()

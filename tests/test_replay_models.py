@@ -140,3 +140,43 @@ def test_gdn_model_checks_its_config():
         TinyGatedDeltaNet(tiny_config("float32"))
     with pytest.raises(ValueError, match="n_groups must be 1"):
         TinyMamba2(dataclasses.replace(tiny_config("float32"), n_groups=2))
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, mixer, dtype):
+    """On the GPU: key dim 128 / state size 128 heads, replay kernel vs decode kernels, bit for bit."""
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")
+    if mixer == "gdn":
+        dims = dict(recurrent_state_num_heads=4, recurrent_state_head_dim=128, recurrent_state_size=128, n_groups=2)
+        dims["conv_dim"] = 2 * 2 * 128 + 4 * 128
+    else:
+        dims = dict(recurrent_state_num_heads=8, recurrent_state_head_dim=64, recurrent_state_size=128, n_groups=1)
+        dims["conv_dim"] = 8 * 64 + 2 * 128
+    config = Config(
+        num_recurrent_layers=2,
+        max_batch_size=6,
+        conv_kernel=4,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        mixer=mixer,
+        **dims,
+    )
+    model = MODELS[mixer](config, vocab_size=64, seed=int(rng.integers(1 << 30)))
+    spec, seq = BACKENDS["numba"](config), BACKENDS["numba"](config)
+    prompt = rng.integers(0, 64, size=(6, 2))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    for accept in ([4, 1, 0, 3, 2, 4], [2, 4, 1, 0, 4, 3]):
+        drafts = rng.integers(0, 64, size=(6, 4))
+        model.verify(spec, drafts)
+        spec.replay_mtp_states(device_int32("numba", accept))
+        model.decode_accepted(seq, drafts, accept)
+    got, want = main_pools(spec), main_pools(seq)
+    for kind in got:
+        assert got[kind].tobytes() == want[kind].tobytes(), f"{mixer} {dtype} {kind}"

@@ -363,6 +363,7 @@ class MambaCacheManagerBase:
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
             RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
+            ValueError: ``commit_mode="replay"``: no per-step states exist (see ``get_replay_stash``).
         """
         return self._intermediate_layer("recurrent", recurrent_layer_idx)
 
@@ -372,6 +373,7 @@ class MambaCacheManagerBase:
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
             RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
+            ValueError: ``commit_mode="replay"``: no per-step states exist (see ``get_replay_stash``).
         """
         return self._intermediate_layer("conv", recurrent_layer_idx)
 
@@ -439,8 +441,9 @@ class MambaCacheManagerBase:
 
         The verify pass writes its per-token states contiguously from the start of each layer's
         buffer; afterwards each intermediate tensor is a view of the first
-        ``active_batch_size * seq_len * elems`` elements. No data moves. No-op without
-        intermediate buffers.
+        ``active_batch_size * seq_len * elems`` elements. No data moves. In replay mode the
+        stash views (``get_replay_stash``) are reshaped the same way. No-op without
+        intermediate buffers or stash.
 
         Args:
             active_batch_size: in ``[1, B]``.

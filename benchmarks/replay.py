@@ -75,7 +75,7 @@ def fill(manager, rng) -> dict:
             value /= np.linalg.norm(value, axis=-1, keepdims=True)
         host = value.astype(flat.dtype).reshape(flat.shape)
         flat.copy_to_device(host)
-        values[name] = host
+        values[f"stash_{name}"] = host  # the stash field "conv" is not the conv pool
     return values
 
 
@@ -86,7 +86,7 @@ def validate(name: str, rng) -> None:
     reference._pools.recurrent[...] = values["recurrent"]
     reference._pools.conv[...] = values["conv"]
     for field, flat in reference._stash.items():
-        flat[...] = values[field]
+        flat[...] = values[f"stash_{field}"]
     accept = np.array(ACCEPT, dtype=np.int32)
     accept[::7] = 0  # padding rows too
     device.replay_mtp_states(cuda.to_device(accept))

@@ -89,8 +89,8 @@ def filled_pair(config, backend, rng):
     return manager, state, stash
 
 
-def expected_after(config, state, stash, accept, indices, seq_len):
-    """The replay, row by row and step by step, from the step functions."""
+def expected_after(config, state, stash, accept, indices, seq_len, paths=None):
+    """The replay, row by row and step by step, from the step functions (``paths``: each row's steps)."""
     recurrent, conv = state["recurrent"].copy(), state["conv"].copy()
     layers, slots = recurrent.shape[:2]
     fields = config.replay_stash_fields
@@ -98,15 +98,18 @@ def expected_after(config, state, stash, accept, indices, seq_len):
     step_fn = mamba2_step if config.mixer == "mamba2" else gdn_step
     for row, accepted in enumerate(accept):
         slot = row if indices is None else indices[row]
+        steps = list(range(accepted)) if paths is None else paths[row]
+        if paths is not None:
+            accepted = len(steps)
         if not (1 <= accepted <= seq_len and 0 <= slot < slots):
             continue
         for layer in range(layers):
-            for t in range(accepted):
+            for t in steps:
                 step = row * seq_len + t
                 inputs = [stash[n][layer].reshape(-1, *fields[n][0])[step] for n in names]
                 new = step_fn(recurrent[layer, slot].astype(F32), *inputs)
                 recurrent[layer, slot] = new.astype(recurrent.dtype)
-            columns = stash["conv"][layer].reshape(-1, config.conv_dim)[row * seq_len : row * seq_len + accepted]
+            columns = stash["conv"][layer].reshape(-1, config.conv_dim)[[row * seq_len + t for t in steps]]
             window = conv[layer, slot]
             for column in columns:  # shift in one column at a time, as a decode step does
                 window = np.concatenate([window[:, 1:], column[:, None]], axis=1)
@@ -362,7 +365,21 @@ REPLAY_BAD_CASES = [
         False,
         lambda m, b: m.scatter_accepted_tree_states(_array(b, [[0]]), _array(b, [1])),
         ValueError,
-        "replay_mtp_states",
+        "replay_accepted_tree_states",
+    ),
+    (
+        "tree replay(nodes rows)",
+        False,
+        lambda m, b: m.replay_accepted_tree_states(_array(b, [[0], [0]]), _array(b, [1])),
+        ValueError,
+        "accepted_node_ids must have len",
+    ),
+    (
+        "tree replay(nodes 1-D)",
+        False,
+        lambda m, b: m.replay_accepted_tree_states(_array(b, [0]), _array(b, [1])),
+        ValueError,
+        "accepted_node_ids must be 2-D",
     ),
     ("per-step state in replay mode", False, lambda m, b: m.get_intermediate_conv_state(0), ValueError, "stash"),
 ]
@@ -445,3 +462,46 @@ def test_gpu_replay_captures_into_a_cuda_graph(rng, mixer):
     assert got["conv"].tobytes() == want["conv"].tobytes()
     np.testing.assert_allclose(got["recurrent"], want["recurrent"], **TOLERANCE["float32"])
     assert (got["recurrent"][:, 0] != state["recurrent"][:, 0]).any()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tree_replay_follows_each_accepted_path(backend, rng, mixer, dtype):
+    """Tree verification in replay mode: each row replays its accepted path of node ids, in order."""
+    config = replay_config(mixer, dtype)
+    manager, state, stash = filled_pair(config, backend, rng)
+    manager.reshape_intermediate_states(5, 3)
+    nodes = np.array([[0, 2, 1], [1, -1, -1], [2, 5, 0], [0, 1, 2], [2, 0, 1]], dtype=np.int32)
+    accept = np.array([3, 1, 2, 0, INT32_MAX], dtype=np.int32)
+    indices = np.array([4, 0, 1, 2, 3], dtype=np.int32)
+    # row 2's path holds node 5 >= V and row 3 accepted nothing: both skipped (slots 1 and 2 untouched)
+    paths = [[0, 2, 1], [1], [], [], [2, 0, 1]]
+    manager.replay_accepted_tree_states(
+        device_int32(backend, nodes), device_int32(backend, accept), device_int32(backend, indices)
+    )
+    got = snapshot(manager)
+    want = expected_after(config, state, stash, accept, indices, 3, paths=paths)
+    for kind in ("recurrent", "conv"):
+        assert got[kind][:, [1, 2]].tobytes() == state[kind][:, [1, 2]].tobytes(), kind
+        if backend == "numpy" or kind == "conv":
+            assert got[kind].tobytes() == want[kind].tobytes(), kind
+        else:
+            np.testing.assert_allclose(got[kind].astype(np.float64), want[kind].astype(np.float64), **TOLERANCE[dtype])
+        assert (got[kind][:, [0, 3, 4]] != state[kind][:, [0, 3, 4]]).all(axis=tuple(range(2, state[kind].ndim))).any()
+    # a path that is a prefix 0, 1, .. is the linear replay
+    other, _, _ = filled_pair(config, backend, np.random.default_rng(5))
+    linear, _, _ = filled_pair(config, backend, np.random.default_rng(5))
+    for m in (other, linear):
+        m.reshape_intermediate_states(5, 3)
+    other.replay_accepted_tree_states(
+        device_int32(backend, np.tile(np.arange(3, dtype=np.int32), (5, 1))), device_int32(backend, [1, 2, 3, 0, 2])
+    )
+    linear.replay_mtp_states(device_int32(backend, [1, 2, 3, 0, 2]))
+    same = {k: v.tobytes() for k, v in snapshot(other).items()} == {k: v.tobytes() for k, v in snapshot(linear).items()}
+    assert same, "a path 0, 1, .. must be the linear replay"
+
+
+def test_tree_replay_in_scatter_mode_is_refused():
+    manager = BACKENDS["numpy"](replay_config(commit_mode="scatter"))
+    with pytest.raises(ValueError, match="commit_mode='replay'"):
+        manager.replay_accepted_tree_states(np.zeros((1, 1), np.int32), np.ones(1, np.int32))

@@ -562,7 +562,7 @@ class MambaCacheManagerBase:
         if self._config.commit_mode == "replay":
             raise ValueError(
                 f"{what}: this cache has commit_mode='replay' and keeps no per-step states; "
-                "commit with replay_mtp_states(accept_lengths) instead (nothing changed)"
+                "commit with replay_mtp_states / replay_accepted_tree_states instead (nothing changed)"
             )
 
     def has_replay_stash(self) -> bool:
@@ -658,8 +658,50 @@ class MambaCacheManagerBase:
         if active:
             self._replay(accept, indices, active, self._verify_shape[1], stream)
 
-    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
-        """Replay row ``b``'s steps ``0 .. accept[b] - 1`` into its slot when ``1 <= accept[b] <= V``."""
+    def replay_accepted_tree_states(
+        self, accepted_node_ids: Any, accept_lengths: Any, state_indices: Any = None, stream: Any = None
+    ) -> None:
+        """Tree verification in replay mode: replay each row's accepted path of tree nodes into its slot.
+
+        The verify pass wrote each tree node's inputs into the stash (``[b, node]`` of the current
+        ``[active, V]`` view), each computed from its parent's state. Row ``b`` replays the nodes
+        ``accepted_node_ids[b, :min(accept_lengths[b], max_accept_len)]`` in order (its accepted
+        root-to-leaf path, as in :meth:`replay_mtp_states`); a row with no such node, any of them
+        outside ``[0, V)`` (``-1`` included: a path has no holes), or a slot outside ``[0, B)`` is
+        skipped. One launch covers every layer and both state kinds.
+
+        Args:
+            accepted_node_ids: ``[active, max_accept_len]`` int32 node ids in path order.
+            accept_lengths: ``[active]`` int32, ``active`` at most the view's active batch.
+            state_indices: optional ``[active]`` int32 pool slot of each row (default: row ``b``).
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            ValueError: not in replay mode, wrong rank / rows / contiguity, ``accept_lengths`` longer
+                than the view, or (NumPy reference) two committing rows naming one slot.
+            TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
+        """
+        self._check_open("replay_accepted_tree_states")
+        if self._pools is not None and self._config.commit_mode != "replay":
+            raise ValueError(
+                "replay_accepted_tree_states needs Config.commit_mode='replay' (this cache keeps per-step "
+                "states: use scatter_accepted_tree_states); nothing changed"
+            )
+        stream = self._stream(stream)
+        if not self._stash:
+            return
+        accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
+        if shape[0] != active:
+            raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
+        if active and shape[1]:
+            self._replay(accept, indices, active, self._verify_shape[1], stream, nodes=nodes)
+
+    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None) -> None:
+        """Replay row ``b``'s steps ``0 .. accept[b] - 1`` into its slot when ``1 <= accept[b] <= V``.
+
+        With ``nodes`` (``[active, M]``, a tree): the steps are ``nodes[b, :min(accept[b], M)]``.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------ slots

@@ -334,7 +334,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
-    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None) -> None:
         from ..replay import kernels as replay_kernels
 
         entry = self._launches.get("replay")
@@ -346,6 +346,12 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_array("accept_lengths", accept, shape_changes=True)
         self._set_indices(launch, indices)
         launch.set_scalar("seq_len", seq_len)
+        use_nodes = nodes is not None
+        if not use_nodes:  # a linear commit never reads node_ids: any [rows, 1] int32 array will do
+            placeholder = self._placeholder()
+            nodes = DeviceArg(placeholder.array.reshape((placeholder.array.size, 1)), placeholder.pointer, (1, 1))
+        launch.set_array("node_ids", nodes, shape_changes=True)
+        launch.set_scalar("use_nodes", int(use_nodes))
         launch.launch((blocks, active, layers), stream)
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:

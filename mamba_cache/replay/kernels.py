@@ -83,7 +83,7 @@ def gdn_column_step(s, dim, decay, beta, value, keys, key_offset):
 
 
 @cuda.jit(device=True, inline=True)
-def _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width):
+def _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes):
     """Channel ``c`` of the slot's conv window after ``accepted`` input columns, in place.
 
     ``window[k] = (window ++ col_0 .. col_{a-1})[a + k]`` for k increasing: position ``a + k >= k``
@@ -95,14 +95,36 @@ def _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, wi
         if p < width:
             conv[layer, slot, base + k] = conv[layer, slot, base + p]
         else:
-            conv[layer, slot, base + k] = col[layer, (row * seq_len + p - width) * channels + c]
+            step = _step(node_ids, use_nodes, row, seq_len, p - width)
+            conv[layer, slot, base + k] = col[layer, step * channels + c]
 
 
 @cuda.jit(device=True, inline=True)
-def _row_slot(accept_lengths, state_indices, use_indices, seq_len, slots, row):
-    """(accepted, slot) of a row, or (0, -1) when the row commits nothing (padding, out of range)."""
+def _step(node_ids, use_nodes, row, seq_len, t):
+    """Stash row of the row's t-th replayed step: ``row * V + t``, or ``row * V + node_ids[row, t]`` (a tree)."""
+    if use_nodes:
+        return row * seq_len + node_ids[row, t]
+    return row * seq_len + t
+
+
+@cuda.jit(device=True, inline=True)
+def _row_slot(accept_lengths, state_indices, use_indices, seq_len, slots, row, node_ids, use_nodes):
+    """(steps, slot) of a row, or (0, -1) when the row commits nothing (padding, out of range).
+
+    A tree row (``use_nodes``) replays ``min(a, M)`` steps, the nodes ``node_ids[row, :min(a, M)]``,
+    and is skipped unless every one of them is in ``[0, V)``.
+    """
     accepted = accept_lengths[row]
-    if accepted < 1 or accepted > seq_len:
+    if use_nodes:
+        if accepted > node_ids.shape[1]:
+            accepted = node_ids.shape[1]
+        if accepted < 1:
+            return 0, -1
+        for t in range(accepted):
+            node = node_ids[row, t]
+            if node < 0 or node >= seq_len:
+                return 0, -1
+    elif accepted < 1 or accepted > seq_len:
         return 0, -1
     slot = state_indices[row] if use_indices else row
     if slot < 0 or slot >= slots:
@@ -130,6 +152,8 @@ def replay_mamba2(
     state_indices,
     use_indices,
     seq_len,
+    node_ids,
+    use_nodes,
 ):
     """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
@@ -153,17 +177,21 @@ def replay_mamba2(
         state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
         use_indices (int): 1 to read ``state_indices``.
         seq_len (int): V.
+        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
+        use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
 
     Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
     """
     layer, row = cuda.blockIdx.z, cuda.blockIdx.y
-    accepted, slot = _row_slot(accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row)
+    accepted, slot = _row_slot(
+        accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
+    )
     if slot < 0:
         return
     if cuda.blockIdx.x >= chunks_rec:
         c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
         if c < channels:
-            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width)
+            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
         return
     e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if e >= heads * dim * size:
@@ -174,7 +202,7 @@ def replay_mamba2(
     j = i // (heads // groups)
     h = float32(rec[layer, slot, e])
     for t in range(accepted):
-        step = row * seq_len + t
+        step = _step(node_ids, use_nodes, row, seq_len, t)
         h = mamba2_update(
             h,
             dA[layer, step * heads + i],
@@ -208,6 +236,8 @@ def replay_gdn(
     state_indices,
     use_indices,
     seq_len,
+    node_ids,
+    use_nodes,
 ):
     """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
 
@@ -234,17 +264,21 @@ def replay_gdn(
         state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
         use_indices (int): 1 to read ``state_indices``.
         seq_len (int): V.
+        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
+        use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
 
     Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
     """
     layer, row = cuda.blockIdx.z, cuda.blockIdx.y
-    accepted, slot = _row_slot(accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row)
+    accepted, slot = _row_slot(
+        accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
+    )
     if slot < 0:
         return
     if cuda.blockIdx.x >= chunks_rec:
         c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
         if c < channels:
-            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width)
+            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
         return
     column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if column >= heads * size:
@@ -257,7 +291,7 @@ def replay_gdn(
     for d in range(dim):
         s[d] = float32(rec[layer, slot, first + d * size])
     for t in range(accepted):
-        step = row * seq_len + t
+        step = _step(node_ids, use_nodes, row, seq_len, t)
         value = v[layer, (step * heads + i) * size + e]
         gdn_column_step(
             s,
@@ -319,5 +353,7 @@ def prepare(pools, stash: dict, config, placeholder, launch_class) -> tuple:
         placeholder,
         0,
         1,
+        placeholder.reshape((placeholder.size, 1)),
+        0,
     )
     return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, layers

@@ -96,6 +96,7 @@ def replay_commit(
     indices: Any,
     seq_len: int,
     mixer: str,
+    nodes: Any = None,
 ) -> None:
     """Replay each row's accepted steps from the stash into its slot, every layer, in place.
 
@@ -114,6 +115,9 @@ def replay_commit(
         indices: ``[active]`` int32 slots, or None for slot = row; any value is safe.
         seq_len: V.
         mixer: ``"mamba2"`` or ``"gdn"``.
+        nodes: optional ``[active, M]`` int32 accepted tree node ids (a tree commit): row ``b``
+            replays the nodes ``nodes[b, :min(a, M)]`` in order instead of steps ``0 .. a-1``, and
+            is skipped unless there is at least one and every one is in ``[0, V)``.
 
     Raises:
         ValueError: two committing rows name one slot (nothing changed).
@@ -122,7 +126,17 @@ def replay_commit(
     active = accept.shape[0]
     accepted = accept.astype(np.int64)
     slots = np.arange(active) if indices is None else indices.astype(np.int64)
-    ok = (accepted >= 1) & (accepted <= seq_len) & (slots >= 0) & (slots < slots_total)
+    if nodes is None:  # a linear verify: row b replays stash steps 0 .. a-1
+        steps = np.broadcast_to(np.arange(seq_len), (active, seq_len))
+        ok = (accepted >= 1) & (accepted <= seq_len)
+    else:  # a tree: row b replays its accepted path, every node of it in [0, V)
+        width = nodes.shape[1]
+        accepted = np.clip(accepted, 0, width)
+        on_path = np.arange(width) < accepted[:, None]
+        valid = (nodes >= 0) & (nodes < seq_len)
+        ok = (accepted >= 1) & (valid | ~on_path).all(axis=1)
+        steps = np.where(valid, nodes, 0).astype(np.int64)  # off-path entries are never used
+    ok &= (slots >= 0) & (slots < slots_total)
     rows = np.flatnonzero(ok)
     targets, counts = np.unique(slots[rows], return_counts=True)
     if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
@@ -138,13 +152,14 @@ def replay_commit(
         name: stash[name][:, : active * seq_len * int(np.prod(shape))].reshape(layers, active, seq_len, *shape)
         for name, shape in field_shapes.items()
     }
-    a, targets = accepted[rows], slots[rows]
+    a, targets, path = accepted[rows], slots[rows], steps[rows]
     dtype = recurrent.dtype
     state = recurrent[:, targets].astype(F32)  # [L, R, H, D, N]
     live_shape = (1, rows.size) + (1,) * (state.ndim - 2)
     for t in range(int(a.max())):
-        new = step_fn(state, *(views[name][:, rows, t] for name in names))
+        new = step_fn(state, *(views[name][:, rows, path[:, t]] for name in names))
         # stored to the state dtype after every step, exactly as the decode step stores it
         state = np.where((a > t).reshape(live_shape), new.astype(dtype).astype(F32), state)
     recurrent[:, targets] = state.astype(dtype)
-    conv[:, targets] = conv_after(conv[:, targets], views["conv"][:, rows], a)
+    columns = views["conv"][:, rows[:, None], path]  # [L, R, T, C] in replay order
+    conv[:, targets] = conv_after(conv[:, targets], columns, a)

@@ -27,6 +27,9 @@ in L1/L2). The stash reads are small and shared by many threads of the block (L1
              threads own consecutive columns e, so every load and store of S is coalesced.
     conv     one thread per channel c: window[k] = (window ++ columns)[a + k], k increasing (in place).
 
+A tree commit (``use_nodes``) replays stash rows ``b * V + node_ids[b, t]`` for
+``t < min(a, M)`` instead of ``b * V + t``: the same kernels, one indirection.
+
 The ``@cuda.jit(device=True)`` step functions below are what the tiny models' Numba decode
 kernels call, so replay equals the sequential decode step bit for bit on the GPU. Where the
 tracking of the prefix store lands, "copy the state after step t to entry e" is one more store

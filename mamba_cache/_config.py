@@ -382,6 +382,27 @@ class Config:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if self.enabled and self.max_intermediate_seq_len > 0:
+            lines += ["", self._commit_mode_table()]
+        return "\n".join(lines)
+
+    def _commit_mode_table(self) -> str:
+        """The speculative-decoding buffers of both commit modes side by side (same batch and S)."""
+        modes = {mode: dataclasses.replace(self, commit_mode=mode).pool_bytes() for mode in COMMIT_MODES}
+        per_step = {
+            "scatter": modes["scatter"]["intermediate_recurrent"] + modes["scatter"]["intermediate_conv"],
+            "replay": modes["replay"]["replay_stash"],
+        }
+        totals = {mode: sum(pools.values()) for mode, pools in modes.items()}
+        rows = [
+            ("commit_mode", "scatter (per-step states)", "replay (per-step stash)"),
+            ("MTP buffers", format_bytes(per_step["scatter"]), format_bytes(per_step["replay"])),
+            ("total", format_bytes(totals["scatter"]), format_bytes(totals["replay"])),
+            ("MTP buffers, replay / scatter", "", f"{per_step['replay'] / per_step['scatter']:.4f}"),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ class ModelPreset:
         conv_kernel: K.
         recurrent_state_dtype: dtype of the recurrent state.
         conv_state_dtype: dtype of the conv state.
+        mixer: ``"mamba2"`` or ``"gdn"`` (Gated DeltaNet): the recurrence a replay commit recomputes.
     """
 
     name: str
@@ -49,9 +50,14 @@ class ModelPreset:
     conv_kernel: int = 4
     recurrent_state_dtype: str = "float16"
     conv_state_dtype: str = "float16"
+    mixer: str = "mamba2"
 
-    def config(self, batch: int, mtp: int = 0, tp: int = 1) -> Config:
+    def config(self, batch: int, mtp: int = 0, tp: int = 1, commit_mode: str = "scatter") -> Config:
         """The cache config of one tensor-parallel rank for ``batch`` slots and MTP verify length ``mtp``.
+
+        ``mixer`` and ``n_groups`` come from the preset (a rank whose ``tp`` does not divide the
+        groups keeps them all; its config then says ``n_groups=1``, as the uniform head-to-group map
+        of a replay commit cannot express that split).
 
         Raises:
             ConfigError: a bad batch, mtp or tp (tp must divide the heads).
@@ -67,6 +73,9 @@ class ModelPreset:
             max_intermediate_seq_len=mtp,
             recurrent_state_dtype=self.recurrent_state_dtype,
             conv_state_dtype=self.conv_state_dtype,
+            commit_mode=commit_mode,
+            mixer=self.mixer,
+            n_groups=self.n_groups if not (isinstance(tp, int) and tp > 1 and self.n_groups % tp) else 1,
         )
         if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1:
             replicated = 0 if self.n_groups % tp == 0 else self.group_channels
@@ -113,6 +122,7 @@ PRESETS: dict[str, ModelPreset] = {
             128,
             1,
         ),
+        # Nemotron-H-8B config.json: mamba_num_heads 128, mamba_head_dim 64, ssm_state_size 128, n_groups 8
         _mamba2(
             "nemotron-h-8b",
             "Nemotron-H-8B: 24 Mamba2 layers of 52, 128 heads x 64, d_state 128, 8 groups",
@@ -131,6 +141,8 @@ PRESETS: dict[str, ModelPreset] = {
             256,
             1,
         ),
+        # Qwen3-Next-80B-A3B config.json: linear_num_value_heads 32, linear_num_key_heads 16 (= n_groups),
+        # linear_key_head_dim 128, linear_value_head_dim 128, linear_conv_kernel_dim 4
         ModelPreset(
             "qwen3-next-80b-a3b",
             "Qwen3-Next-80B-A3B-style Gated DeltaNet: 36 linear-attention layers of 48, 32 value heads, "
@@ -143,6 +155,7 @@ PRESETS: dict[str, ModelPreset] = {
             n_groups=16,
             group_channels=2 * 16 * 128,
             recurrent_state_dtype="float32",
+            mixer="gdn",
         ),
     )
 }

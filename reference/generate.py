@@ -115,7 +115,86 @@ CASES = {
             ("clear_slot", {"slot": 1}),
         ],
     ),
+    # Replay commits, one per mixer. Their initial state and stash are dyadic rationals chosen so
+    # that every product and sum of the replay is exact in float32 (keys are unit vectors with
+    # entries +-1/2): a fused and an unfused multiply-add then give the same bits, so every
+    # backend must reproduce these files bit for bit.
+    "replay-mamba2-fp32-fp16": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=4,
+            recurrent_state_num_heads=4,
+            recurrent_state_head_dim=2,
+            recurrent_state_size=3,
+            conv_dim=5,
+            conv_kernel=3,
+            max_intermediate_seq_len=3,
+            recurrent_state_dtype="float32",
+            commit_mode="replay",
+            mixer="mamba2",
+            n_groups=2,
+        ),
+        [
+            ("replay_mtp_states", {"accept_lengths": [1, 3, 0, 2]}),
+            ("reshape_intermediate_states", {"active_batch_size": 3, "seq_len": 2}),
+            ("replay_mtp_states", {"accept_lengths": [2, INT32_MAX, 1], "state_indices": [3, 0, 4]}),
+        ],
+    ),
+    "replay-gdn-fp32-fp16": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=4,
+            recurrent_state_size=3,
+            conv_dim=4,
+            conv_kernel=2,
+            max_intermediate_seq_len=3,
+            recurrent_state_dtype="float32",
+            commit_mode="replay",
+            mixer="gdn",
+            n_groups=1,
+        ),
+        [
+            ("replay_mtp_states", {"accept_lengths": [3, INT32_MIN, 2]}),
+            ("reshape_intermediate_states", {"active_batch_size": 2, "seq_len": 3}),
+            ("replay_mtp_states", {"accept_lengths": [1, 3], "state_indices": [2, -1]}),
+        ],
+    ),
 }
+
+
+def pool_names(config: Config) -> list[str]:
+    """The pools of a case: the four of scatter mode, or the main two and the stash fields (``stash_<name>``)."""
+    if config.commit_mode == "replay":
+        return ["recurrent", "conv", *(f"stash_{name}" for name in config.replay_stash_fields)]
+    return list(POOLS)
+
+
+def pool_array(manager, pool: str):
+    """The stacked array of ``pool`` (a name from :func:`pool_names`) in ``manager``."""
+    if pool.startswith("stash_"):
+        return manager._stash[pool[len("stash_") :]]
+    return getattr(manager._pools, pool)
+
+
+def dyadic_pools(config: Config, seed: int) -> dict[str, np.ndarray]:
+    """Replay cases: values whose replay arithmetic is exact in float32 (see CASES)."""
+    manager = NumpyMambaCacheManager(config)
+    rng = np.random.default_rng(seed)
+    pools = {}
+    for pool in pool_names(config):
+        target = pool_array(manager, pool)
+        if pool in ("stash_dA", "stash_g"):
+            values = rng.choice([0.5, 0.75, 1.0], size=target.shape)
+        elif pool == "stash_beta":
+            values = rng.choice([0.25, 0.5, 1.0], size=target.shape)
+        elif pool == "stash_k":
+            values = rng.choice([-0.5, 0.5], size=target.shape)  # D = 4: unit norm exactly
+        else:
+            values = rng.integers(-8, 9, size=target.shape) / 8
+        pools[pool] = values.astype(target.dtype)
+    return pools
 
 
 def initial_pools(config: Config, seed: int) -> dict[str, np.ndarray]:
@@ -151,8 +230,10 @@ def build(out: pathlib.Path) -> dict:
     for index, (name, (config, steps)) in enumerate(CASES.items()):
         manager = NumpyMambaCacheManager(config)
         arrays = {}
-        for pool, values in initial_pools(config, seed=1000 + index).items():
-            getattr(manager._pools, pool)[...] = values
+        pools = pool_names(config)
+        fill = dyadic_pools if config.commit_mode == "replay" else initial_pools
+        for pool, values in fill(config, seed=1000 + index).items():
+            pool_array(manager, pool)[...] = values
             arrays[f"initial_{pool}"] = values.copy()
         captured = {}
         for i, (op, args) in enumerate(steps):
@@ -161,17 +242,18 @@ def build(out: pathlib.Path) -> dict:
                 captured[f"step{i}"] = result
                 for layer, array in enumerate(result):
                     arrays[f"step{i}_captured_{layer}"] = array
-            for pool in POOLS:
-                arrays[f"step{i}_{pool}"] = getattr(manager._pools, pool).copy()
+            for pool in pools:
+                arrays[f"step{i}_{pool}"] = pool_array(manager, pool).copy()
         file = f"{name}.npz"
         np.savez(out / file, **arrays)
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        for name in fields:
-            if name.endswith("_dtype"):
-                fields[name] = fields[name].name
-        manifest["cases"].append(
-            {"name": name, "file": file, "config": fields, "steps": [{"op": op, "args": args} for op, args in steps]}
-        )
+        for field in fields:
+            if field.endswith("_dtype"):
+                fields[field] = fields[field].name
+        case = {"name": name, "file": file, "config": fields, "steps": [{"op": op, "args": args} for op, args in steps]}
+        if pools != list(POOLS):
+            case["pools"] = pools
+        manifest["cases"].append(case)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

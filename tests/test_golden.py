@@ -27,8 +27,17 @@ def test_backend_matches_golden_vectors(backend, case):
     config = Config(**case["config"])
     expected = np.load(REFERENCE / case["file"])
     manager = BACKENDS[backend](config)
-    for pool in MANIFEST["pools"]:
-        write_pool(manager, pool, expected[f"initial_{pool}"])
+    pools = case.get("pools", MANIFEST["pools"])  # replay cases: the main pools and the stash fields
+    for pool in pools:
+        if pool.startswith("stash_"):
+            target = generator.pool_array(manager, pool)
+            values = expected[f"initial_{pool}"]
+            if isinstance(target, np.ndarray):
+                target[...] = values
+            else:
+                target.copy_to_device(values)
+        else:
+            write_pool(manager, pool, expected[f"initial_{pool}"])
     as_array = np.asarray
     if backend == "numba":
         from numba import cuda
@@ -41,8 +50,8 @@ def test_backend_matches_golden_vectors(backend, case):
             captured[f"step{i}"] = result
             for layer, array in enumerate(result):
                 assert to_host(array).tobytes() == expected[f"step{i}_captured_{layer}"].tobytes(), (case["name"], i)
-        for pool in MANIFEST["pools"]:
-            got = to_host(getattr(manager._pools, pool))
+        for pool in pools:
+            got = to_host(generator.pool_array(manager, pool))
             assert got.tobytes() == expected[f"step{i}_{pool}"].tobytes(), (
                 f"{case['name']} step {i} ({step['op']}): {pool}"
             )
@@ -69,4 +78,33 @@ def test_the_cases_cover_every_operation():
         "clear_states",
         "clear_slot",
         "restore_slot",
+        "replay_mtp_states",
     }
+
+
+def test_replay_cases_cover_both_mixers():
+    mixers = {case["config"]["mixer"] for case in MANIFEST["cases"] if case["config"]["commit_mode"] == "replay"}
+    assert mixers == {"mamba2", "gdn"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in MANIFEST["cases"] if c["config"]["commit_mode"] == "replay"],
+    ids=lambda c: c["name"],
+)
+def test_replay_cases_are_exact_in_float32(monkeypatch, case):
+    """Replaying them in float64 gives the same values: no step rounds, so FMA or not cannot matter."""
+    import mamba_cache.replay.reference as reference
+    from mamba_cache import NumpyMambaCacheManager
+
+    generator = load_generator()
+    expected = np.load(REFERENCE / case["file"])
+    monkeypatch.setattr(reference, "F32", np.float64)
+    wide = Config(**{**case["config"], "recurrent_state_dtype": "float64", "intermediate_recurrent_state_dtype": None})
+    manager = NumpyMambaCacheManager(wide)
+    for pool in case["pools"]:
+        generator.pool_array(manager, pool)[...] = expected[f"initial_{pool}"]
+    for i, step in enumerate(case["steps"]):
+        generator.apply(manager, step["op"], step["args"], {})
+        np.testing.assert_array_equal(manager._pools.recurrent, expected[f"step{i}_recurrent"].astype(np.float64))
+    assert (expected["initial_recurrent"] != expected[f"step{len(case['steps']) - 1}_recurrent"]).any()

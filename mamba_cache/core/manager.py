@@ -119,8 +119,6 @@ def _refuse_unbuilt(config: Config) -> None:
     """Refuse the Config fields whose capability has not landed yet (each removes its own line)."""
     from .._config import ConfigError
 
-    if config.commit_mode != "scatter":
-        raise ConfigError("commit_mode='replay' is not implemented yet")
     if config.stochastic_rounding:
         raise ConfigError("stochastic_rounding is not implemented yet")
     for kind in ("recurrent", "conv"):
@@ -167,6 +165,11 @@ class MambaCacheManagerBase:
                 ((layers, slots_steps * config.recurrent_slot_elems), config.intermediate_recurrent_state_dtype),
                 ((layers, slots_steps * config.conv_slot_elems), config.intermediate_conv_state_dtype),
             ]
+        # Replay mode: one allocation per stash field, [L, B*S*elems] flat per layer (as above).
+        stash_fields = config.replay_stash_fields if config.has_replay_stash else {}
+        main_pools, stash_steps = len(shapes), config.max_batch_size * config.max_intermediate_seq_len
+        for shape, dtype in stash_fields.values():
+            shapes.append(((layers, stash_steps * int(np.prod(shape))), dtype))
         pools: list = []
         try:
             for shape, dtype in shapes:
@@ -175,6 +178,8 @@ class MambaCacheManagerBase:
             pools.clear()  # leave no partial allocation behind
             self._release_partial()
             raise
+        self._stash = dict(zip(stash_fields, pools[main_pools:], strict=True))
+        pools = pools[:main_pools]
         rec, conv, inter_rec, inter_conv = pools + [None] * (4 - len(pools))
         self._config = config
         self._pools = StatePools(rec, conv, inter_rec, inter_conv)
@@ -267,6 +272,7 @@ class MambaCacheManagerBase:
         self._verify_shape = (0, 0)
         self._view_cache: dict = {}
         self._closed = False
+        self._stash: dict = {}  # replay mode: stash field name -> [L, B*S*elems] pool
 
     def _check_open(self, what: str) -> None:
         """Raise ``ValueError`` if this manager was closed or moved from (as a closed file does)."""
@@ -296,6 +302,11 @@ class MambaCacheManagerBase:
         pools = self._require_pools(f"get_intermediate_{kind}_state")
         index = check_index("recurrent_layer_idx", layer, self._config.num_recurrent_layers)
         flat = getattr(pools, f"intermediate_{kind}")
+        if flat is None and self._config.commit_mode == "replay":
+            raise ValueError(
+                f"get_intermediate_{kind}_state: commit_mode='replay' keeps no per-step states; "
+                "the verify pass writes the replay stash (get_replay_stash) instead"
+            )
         if flat is None:
             raise RuntimeError(
                 f"get_intermediate_{kind}_state: intermediate states are not allocated "
@@ -334,7 +345,7 @@ class MambaCacheManagerBase:
 
         ``(B, S)`` until the first reshape; ``(0, 0)`` without intermediate buffers.
         """
-        return self._verify_shape if self.has_intermediate_recurrent_states() else (0, 0)
+        return self._verify_shape if self.has_intermediate_recurrent_states() or self._stash else (0, 0)
 
     def get_recurrent_state(self, recurrent_layer_idx: int) -> Any:
         """The recurrent state of one layer: a view of the pool, ``[B, H, D, N]``, recurrent dtype.
@@ -368,6 +379,7 @@ class MambaCacheManagerBase:
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
             RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
+            ValueError: ``commit_mode="replay"``: no per-step states exist (see ``get_replay_stash``).
         """
         return self._intermediate_layer("recurrent", recurrent_layer_idx)
 
@@ -377,6 +389,7 @@ class MambaCacheManagerBase:
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
             RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
+            ValueError: ``commit_mode="replay"``: no per-step states exist (see ``get_replay_stash``).
         """
         return self._intermediate_layer("conv", recurrent_layer_idx)
 
@@ -444,8 +457,9 @@ class MambaCacheManagerBase:
 
         The verify pass writes its per-token states contiguously from the start of each layer's
         buffer; afterwards each intermediate tensor is a view of the first
-        ``active_batch_size * seq_len * elems`` elements. No data moves. No-op without
-        intermediate buffers.
+        ``active_batch_size * seq_len * elems`` elements. No data moves. In replay mode the
+        stash views (``get_replay_stash``) are reshaped the same way. No-op without
+        intermediate buffers or stash.
 
         Args:
             active_batch_size: in ``[1, B]``.
@@ -456,7 +470,7 @@ class MambaCacheManagerBase:
             TypeError: an argument is not an integer.
         """
         self._check_open("reshape_intermediate_states")
-        if not self.has_intermediate_recurrent_states():
+        if not self.has_intermediate_recurrent_states() and not self._stash:
             return
         config = self._config
         active = check_size("active_batch_size", active_batch_size, 1, config.max_batch_size)
@@ -514,6 +528,7 @@ class MambaCacheManagerBase:
                 was closed or moved from, or (NumPy reference) two committing rows name one slot.
         """
         self._check_open("scatter_mtp_states")
+        self._refuse_in_replay_mode("scatter_mtp_states")
         stream = self._stream(stream)
         if not self.has_intermediate_recurrent_states():
             return
@@ -547,6 +562,7 @@ class MambaCacheManagerBase:
                 ``accepted_node_ids`` / ``state_indices`` differ from ``len(accept_lengths)``.
         """
         self._check_open("scatter_accepted_tree_states")
+        self._refuse_in_replay_mode("scatter_accepted_tree_states")
         stream = self._stream(stream)
         if not self.has_intermediate_recurrent_states():
             return
@@ -556,6 +572,153 @@ class MambaCacheManagerBase:
             raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
         if active and shape[1]:
             self._scatter_tree(nodes, accept, indices, active, self._verify_shape[1], stream)
+
+    # ------------------------------------------------------------ replay commit
+    def _refuse_in_replay_mode(self, what: str) -> None:
+        if self._config.commit_mode == "replay":
+            raise ValueError(
+                f"{what}: this cache has commit_mode='replay' and keeps no per-step states; "
+                "commit with replay_mtp_states / replay_accepted_tree_states instead (nothing changed)"
+            )
+
+    def has_replay_stash(self) -> bool:
+        """True when the replay stash is allocated (``commit_mode='replay'``, layers, ``S > 0``)."""
+        return bool(self._stash)
+
+    def get_replay_stash(self, recurrent_layer_idx: int) -> dict:
+        """The replay stash of one layer: field name to a ``[active, V, ...]`` view.
+
+        ``(active, V)`` is ``(B, S)`` until :meth:`reshape_intermediate_states` changes it; like the
+        intermediate states, each view is the first ``active * V * elems`` elements of the layer's
+        buffer (a reinterpretation). Fields (``Config.replay_stash_fields``): Mamba2 ``dA [H]``,
+        ``u [H, D]``, ``B [G, N]`` float32; Gated DeltaNet ``g [H]``, ``beta [H]``, ``k [G, D]``,
+        ``v [H, N]`` float32; both ``conv [C]`` in the conv dtype (the conv input column).
+
+        Raises:
+            IndexError: ``recurrent_layer_idx`` out of range, or no layers.
+            ValueError: the cache is not in replay mode or has no stash (``max_intermediate_seq_len == 0``),
+                or it was closed / moved from.
+        """
+        self._require_pools("get_replay_stash")
+        index = check_index("recurrent_layer_idx", recurrent_layer_idx, self._config.num_recurrent_layers)
+        if not self._stash:
+            raise ValueError(
+                "get_replay_stash: no replay stash is allocated (needs commit_mode='replay' and "
+                f"max_intermediate_seq_len > 0; got commit_mode={self._config.commit_mode!r}, "
+                f"max_intermediate_seq_len={self._config.max_intermediate_seq_len})"
+            )
+        key = ("intermediate_stash", index)
+        views = self._view_cache.get(key)
+        if views is None:
+            active, seq = self._verify_shape
+            views = {}
+            for name, (shape, _) in self._config.replay_stash_fields.items():
+                elems = int(np.prod(shape))
+                views[name] = self._stash[name][index, : active * seq * elems].reshape((active, seq, *shape))
+            self._view_cache[key] = views
+        return views
+
+    def replay_mtp_states(
+        self,
+        accept_lengths: Any,
+        stream: Any = None,
+        *,
+        state_indices: Any = None,
+        track_entries: Any = None,
+        track_steps: Any = None,
+    ) -> None:
+        """Commit each row's accepted drafts by recomputing them from the replay stash.
+
+        For every layer and row ``b < len(accept_lengths)``, ``a = accept_lengths[b]``, ``V`` the
+        current verify length: if ``1 <= a <= V`` and the slot (``b``, or ``state_indices[b]``) is
+        in ``[0, B)``, the slot's states advance by the stashed steps ``t = 0 .. a - 1`` in order,
+        computed in float32 and stored to the state dtype after every step exactly as the
+        sequential decode step stores it (Mamba2: ``h = h * dA_t + u_t * B_t``; Gated DeltaNet:
+        ``S = S * g_t; pred = S^T k_t; S += k_t (beta_t (v_t - pred))``; the conv window becomes the
+        last ``K`` columns of ``window ++ conv_0 .. conv_{a-1}``). A full accept ``a = V`` is
+        committed too (the replay-mode verify pass never writes the main pools). Other rows, and
+        slots no row names, are untouched; any int32 value is safe. Committing rows must name
+        distinct slots. One launch covers every layer and both state kinds on the Numba backend.
+
+        Args:
+            accept_lengths: ``[active]`` int32, ``active`` at most the active batch of the current
+                view (NumPy backend: a host array; Numba backend: a device array or host array).
+            stream: the stream to run on (ignored by the NumPy backend).
+            state_indices: optional ``[active]`` int32 pool slot of each row (keyword only).
+            track_entries: reserved for prefix-store tracking (not available yet; must be None).
+            track_steps: reserved for prefix-store tracking (not available yet; must be None).
+
+        Raises:
+            ValueError: the cache is not in replay mode (use ``scatter_mtp_states``), an array has
+                the wrong rank / length / contiguity, or (NumPy reference) two committing rows
+                name one slot; nothing changed.
+            TypeError: an array is of the wrong kind or not int32, or ``stream`` is of an unknown kind.
+            NotImplementedError: ``track_entries`` / ``track_steps`` given (tracking lands with the
+                prefix store).
+        """
+        self._check_open("replay_mtp_states")
+        if track_entries is not None or track_steps is not None:
+            raise NotImplementedError(
+                "replay_mtp_states: track_entries / track_steps need the prefix-state store, which is not "
+                "merged with the replay commit yet; nothing changed"
+            )
+        if self._pools is not None and self._config.commit_mode != "replay":
+            raise ValueError(
+                "replay_mtp_states needs Config.commit_mode='replay' (this cache keeps per-step states: "
+                "use scatter_mtp_states); nothing changed"
+            )
+        stream = self._stream(stream)
+        if not self._stash:
+            return
+        accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        if active:
+            self._replay(accept, indices, active, self._verify_shape[1], stream)
+
+    def replay_accepted_tree_states(
+        self, accepted_node_ids: Any, accept_lengths: Any, state_indices: Any = None, stream: Any = None
+    ) -> None:
+        """Tree verification in replay mode: replay each row's accepted path of tree nodes into its slot.
+
+        The verify pass wrote each tree node's inputs into the stash (``[b, node]`` of the current
+        ``[active, V]`` view), each computed from its parent's state. Row ``b`` replays the nodes
+        ``accepted_node_ids[b, :min(accept_lengths[b], max_accept_len)]`` in order (its accepted
+        root-to-leaf path, as in :meth:`replay_mtp_states`); a row with no such node, any of them
+        outside ``[0, V)`` (``-1`` included: a path has no holes), or a slot outside ``[0, B)`` is
+        skipped. One launch covers every layer and both state kinds.
+
+        Args:
+            accepted_node_ids: ``[active, max_accept_len]`` int32 node ids in path order.
+            accept_lengths: ``[active]`` int32, ``active`` at most the view's active batch.
+            state_indices: optional ``[active]`` int32 pool slot of each row (default: row ``b``).
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            ValueError: not in replay mode, wrong rank / rows / contiguity, ``accept_lengths`` longer
+                than the view, or (NumPy reference) two committing rows naming one slot.
+            TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
+        """
+        self._check_open("replay_accepted_tree_states")
+        if self._pools is not None and self._config.commit_mode != "replay":
+            raise ValueError(
+                "replay_accepted_tree_states needs Config.commit_mode='replay' (this cache keeps per-step "
+                "states: use scatter_accepted_tree_states); nothing changed"
+            )
+        stream = self._stream(stream)
+        if not self._stash:
+            return
+        accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
+        if shape[0] != active:
+            raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
+        if active and shape[1]:
+            self._replay(accept, indices, active, self._verify_shape[1], stream, nodes=nodes)
+
+    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None) -> None:
+        """Replay row ``b``'s steps ``0 .. accept[b] - 1`` into its slot when ``1 <= accept[b] <= V``.
+
+        With ``nodes`` (``[active, M]``, a tree): the steps are ``nodes[b, :min(accept[b], M)]``.
+        """
+        raise NotImplementedError
 
     # ------------------------------------------------------------ slots
     def clear_slot(self, slot: int, stream: Any = None) -> None:

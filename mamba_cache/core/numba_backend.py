@@ -113,6 +113,12 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             value = getattr(config, name)
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
+        if config.has_replay_stash and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
+            # the replay kernel keeps a key-dim column per thread (mamba_cache.replay.kernels.MAX_KEY_DIM)
+            raise ConfigError(
+                "recurrent_state_head_dim (the Gated DeltaNet key dim) must be <= 256 for the Numba replay "
+                f"commit, got {config.recurrent_state_head_dim}"
+            )
 
     # ------------------------------------------------------------ streams
     def _stream(self, stream: Any) -> StreamRef:
@@ -350,6 +356,26 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch, grid = entry
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
+
+    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None) -> None:
+        from ..replay import kernels as replay_kernels
+
+        entry = self._launches.get("replay")
+        if entry is None:
+            entry = self._launches["replay"] = replay_kernels.prepare(
+                self._pools, self._stash, self._config, self._placeholder().array, _Launch
+            )
+        launch, blocks, layers = entry
+        launch.set_array("accept_lengths", accept, shape_changes=True)
+        self._set_indices(launch, indices)
+        launch.set_scalar("seq_len", seq_len)
+        use_nodes = nodes is not None
+        if not use_nodes:  # a linear commit never reads node_ids: any [rows, 1] int32 array will do
+            placeholder = self._placeholder()
+            nodes = DeviceArg(placeholder.array.reshape((placeholder.array.size, 1)), placeholder.pointer, (1, 1))
+        launch.set_array("node_ids", nodes, shape_changes=True)
+        launch.set_scalar("use_nodes", int(use_nodes))
+        launch.launch((blocks, active, layers), stream)
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
         if isinstance(array, np.ndarray):

@@ -144,3 +144,14 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
 
     def _to_host(self, array: np.ndarray, stream: Any) -> np.ndarray:
         return array
+
+    def _replay(
+        self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None
+    ) -> None:
+        from ..replay.reference import replay_commit
+
+        config = self._config
+        shapes = {name: shape for name, (shape, _) in config.replay_stash_fields.items()}
+        replay_commit(
+            self._pools.recurrent, self._pools.conv, self._stash, shapes, accept, indices, seq_len, config.mixer, nodes
+        )

@@ -1,21 +1,27 @@
 """A small Mamba2-style model that uses the cache the way an inference engine does.
 
-Random weights, no downloads. Dimension letters as in :mod:`mamba_cache._config`, plus
+Random weights, no downloads. Glossary: every letter has one meaning. Upper case letters are
+dimensions (as in :mod:`mamba_cache._config`); parameters and activations are lower-case words.
 
-    n  tokens in this step (one per batch row)      M  model width, = H * D here
-    V  verify length (draft tokens per row)
+    L layers    B slots    H heads    D head dim    N state size    G groups (1 here)
+    C conv channels = H*D + 2N        K conv width  M model width = H*D
+    R rows in this call (one token each)            V verify length
+    i, d, n  indices over H, D, N     t  draft step
 
-Each layer is one Mamba2 mixer (ngroups = 1) with a residual connection; per token and layer:
+Each layer is one Mamba2 mixer (one B/C group) with a residual connection; per token and layer:
 
-    z          = rmsnorm(u) @ in_proj                 [n, C + H]   C = H*D + 2N
-    xBC_raw    = z[:, :C];  dt_raw = z[:, C:]
-    conv state : shift left by one token, append xBC_raw          [B, C, K] (in place)
-    xBC        = silu(sum_k(conv_state * conv_weight) + conv_bias) [n, C]
-    x, B, C    = xBC[:, :H*D] as [n, H, D],  xBC[:, H*D:H*D+N],  xBC[:, H*D+N:]
-    dt         = softplus(dt_raw + dt_bias);  dA = exp(dt * A)     [n, H]   (A < 0)
-    h          = dA * h + dt * x (outer) B                         [B, H, D, N] (in place)
-    y          = h . C + D * x                                     [n, H, D]
-    u          = u + y.reshape(n, H*D) @ out_proj                  [n, M]
+    z          = rmsnorm(hidden) @ in_proj                          [R, C + H]
+    xbc_raw    = z[:, :C];  dt_raw = z[:, C:]
+    conv state : shift left by one token, append xbc_raw            [B, C, K] (in place)
+    xbc        = silu(sum_k(conv_state * conv_weight) + conv_bias)  [R, C]
+    x, b_in, c_out = xbc[:, :H*D] as [R, H, D], xbc[:, H*D:H*D+N], xbc[:, H*D+N:]
+    dt         = softplus(dt_raw + dt_bias);  decay = exp(dt * a)   [R, H]   (a = Mamba's A, < 0)
+    h          = h * decay + (dt * x) (outer) b_in                  [B, H, D, N] (in place)
+    y          = h . c_out + d_skip * x                             [R, H, D]
+    hidden    = hidden + y.reshape(R, H*D) @ out_proj             [R, M]
+
+The replay stash keeps its own field names (``Config.replay_stash_fields``): ``dA`` = ``decay``, ``u`` = ``dt * x``,
+``B`` = ``b_in`` (``[G, N]``), ``conv`` = ``xbc_raw`` in the conv dtype.
 
 Arithmetic is float32; the states are stored in the cache's dtypes. The conv output is computed
 from the stored (rounded) window and ``y`` from the float32 ``h`` before it is stored, identically
@@ -34,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .._config import Config
+from ..replay.reference import mamba2_step
 
 __all__ = ["TinyMamba2"]
 
@@ -45,20 +52,20 @@ def silu(v: np.ndarray) -> np.ndarray:
     return v / (F32(1) + np.exp(-v))
 
 
-def matvec(u: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """``u @ weight`` row by row, summed in input order: ``[n, I] x [I, O] -> [n, O]``.
+def matvec(values: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``values @ weight`` row by row, summed in input order: ``[R, I] x [I, O] -> [R, O]``.
 
     Unlike BLAS, the result of a row does not depend on how many rows there are, so decoding a
     row alone and inside a batch give the same bits (the sequential-equals-speculative check
     depends on it).
     """
-    return (u[:, :, None] * weight[None]).sum(axis=1, dtype=F32)
+    return (values[:, :, None] * weight[None]).sum(axis=1, dtype=F32)
 
 
-def rmsnorm(u: np.ndarray) -> np.ndarray:
-    """``u / sqrt(mean(u**2) + 1e-5)`` per row, float32 (no learned scale)."""
-    mean_square = (u * u).sum(axis=1, dtype=F32) / F32(u.shape[1])
-    return u * (F32(1) / np.sqrt(mean_square + F32(1e-5)))[:, None]
+def rmsnorm(values: np.ndarray) -> np.ndarray:
+    """``values / sqrt(mean(values**2) + 1e-5)`` per row, float32 (no learned scale)."""
+    mean_square = (values * values).sum(axis=1, dtype=F32) / F32(values.shape[1])
+    return values * (F32(1) / np.sqrt(mean_square + F32(1e-5)))[:, None]
 
 
 def softplus(v: np.ndarray) -> np.ndarray:
@@ -85,6 +92,8 @@ class TinyMamba2:
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
         )
+        if config.n_groups != 1:
+            raise ValueError(f"TinyMamba2 has one B/C group: n_groups must be 1, got {config.n_groups}")
         if config.conv_dim != heads * dim + 2 * state:
             raise ValueError(
                 f"conv_dim must be H * D + 2 * N = {heads * dim + 2 * state} for TinyMamba2, got {config.conv_dim}"
@@ -103,8 +112,8 @@ class TinyMamba2:
             "conv_weight": normal(layers, channels, config.conv_kernel, scale=0.5),  # [L, C, K]
             "conv_bias": normal(layers, channels, scale=0.1),  # [L, C]
             "dt_bias": normal(layers, heads, scale=0.5) - F32(1),  # [L, H]
-            "A": -np.exp(normal(layers, heads, scale=0.5)),  # [L, H], < 0
-            "D": normal(layers, heads, scale=1.0),  # [L, H]
+            "a": -np.exp(normal(layers, heads, scale=0.5)),  # [L, H], < 0 (Mamba's A)
+            "d_skip": normal(layers, heads, scale=1.0),  # [L, H] (Mamba's D)
             "out_proj": normal(layers, width, width, scale=0.5 * width**-0.5),  # [L, H*D, M]
         }
         self._device = None  # the Numba runner, made on first use
@@ -124,13 +133,13 @@ class TinyMamba2:
 
         Args:
             cache: a Numpy- or NumbaMambaCacheManager built with this model's config.
-            tokens: ``[n]`` int token ids (host array; the Numba runner copies it over).
-            slots: ``[n]`` int slot of each token; ``None`` means ``0 .. n-1``.
+            tokens: ``[R]`` int token ids (host array; the Numba runner copies it over).
+            slots: ``[R]`` int slot of each token; ``None`` means ``0 .. R-1``.
             step: when given, also write the state after this token into the intermediate
                 buffers at ``[slot, step]`` (of the current ``[active, V]`` view).
 
         Returns:
-            ``[n, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
+            ``[R, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
         """
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         slots = np.arange(tokens.shape[0]) if slots is None else np.asarray(slots, dtype=np.int64)
@@ -160,17 +169,53 @@ class TinyMamba2:
     def verify(self, cache: Any, draft_tokens: Any) -> None:
         """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
 
-        Reshapes the intermediate buffers to ``[active, V]``, writes the state after each draft
-        token there, and leaves the state after all V tokens in the main pool.
+        Scatter mode: reshapes the intermediate buffers to ``[active, V]``, writes the state after
+        each draft token there, and leaves the state after all V tokens in the main pool.
+
+        Replay mode (``commit_mode="replay"``): reshapes the stash to ``[active, V]`` and writes each
+        step's inputs there (``dA``, ``u = dt * x``, ``B``, and the conv input column); the main
+        pools are NOT written: the pass runs on a scratch copy of the rows' states
+        (:meth:`scratch_bytes`), and ``replay_mtp_states`` then recomputes the accepted steps.
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
         cache.reshape_intermediate_states(active, verify_len)
+        if cache.get_config().commit_mode == "replay":
+            self._runner(cache)._verify_replay(cache, np.ascontiguousarray(draft_tokens, dtype=np.int64))
+            return
         for t in range(verify_len):
             self.decode_step(cache, draft_tokens[:, t], step=t)
 
+    def scratch_bytes(self, active: int) -> int:
+        """Bytes of the scratch states a replay-mode verify pass of ``active`` rows keeps (all layers).
+
+        The pass must not write the main pools, so it advances a copy of each row's recurrent and
+        conv state: ``L * active * (H*D*N * recurrent itemsize + C*K * conv itemsize)``. Not part of
+        the cache: an engine fuses this into its verify kernel's registers / shared memory.
+        """
+        config = self.config
+        per_row = config.recurrent_slot_elems * config.recurrent_state_dtype.itemsize
+        per_row += config.conv_slot_elems * config.conv_state_dtype.itemsize
+        return config.num_recurrent_layers * active * per_row
+
+    def _verify_replay(self, cache: Any, draft_tokens: np.ndarray) -> None:
+        active = draft_tokens.shape[0]
+        scratch = [
+            (cache.get_recurrent_state(layer)[:active].copy(), cache.get_conv_state(layer)[:active].copy())
+            for layer in range(self.config.num_recurrent_layers)
+        ]
+        for t in range(draft_tokens.shape[1]):
+            self._decode(cache, draft_tokens[:, t], np.arange(active), t, scratch=scratch)
+
     # ------------------------------------------------------------ the NumPy decode step
-    def _decode(self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None) -> np.ndarray:
+    def _decode(
+        self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None, scratch: list | None = None
+    ) -> np.ndarray:
+        """One token per row through every layer.
+
+        ``scratch`` (replay-mode verify): per layer the ``(recurrent, conv)`` copies to advance
+        instead of the cache's pools; step ``step``'s inputs then go to the replay stash.
+        """
         w, config = self.weights, self.config
         heads, dim, state = (
             config.recurrent_state_num_heads,
@@ -178,27 +223,31 @@ class TinyMamba2:
             config.recurrent_state_size,
         )
         channels, width = config.conv_dim, heads * dim
-        n = tokens.shape[0]
-        u = w["embedding"][tokens]  # [n, M]
+        rows = tokens.shape[0]
+        hidden = w["embedding"][tokens]  # [R, M]
         for layer in range(config.num_recurrent_layers):
-            z = matvec(rmsnorm(u), w["in_proj"][layer])  # [n, C + H]
-            conv = cache.get_conv_state(layer)  # [B, C, K]
+            z = matvec(rmsnorm(hidden), w["in_proj"][layer])  # [R, C + H]
+            conv = cache.get_conv_state(layer) if scratch is None else scratch[layer][1]  # [B, C, K]
             window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
-            x = xbc[:, :width].reshape(n, heads, dim)
+            x = xbc[:, :width].reshape(rows, heads, dim)
             b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
-            dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [n, H]
-            decay = np.exp(dt * w["A"][layer])  # [n, H]
-            rec = cache.get_recurrent_state(layer)  # [B, H, D, N]
-            h = (
-                decay[:, :, None, None] * rec[slots].astype(F32)
-                + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
-            )
+            dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [R, H]
+            decay = np.exp(dt * w["a"][layer])  # [R, H]
+            rec = cache.get_recurrent_state(layer) if scratch is None else scratch[layer][0]  # [B, H, D, N]
+            dtx = dt[:, :, None] * x  # [R, H, D]
+            h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in[:, None, :])  # the replay's step (G = 1)
             rec[slots] = h
-            y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["D"][layer][None, :, None] * x
-            u = u + matvec(y.reshape(n, width), w["out_proj"][layer])
-            if step is not None:
+            y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
+            hidden = hidden + matvec(y.reshape(rows, width), w["out_proj"][layer])
+            if step is not None and scratch is not None:
+                stash = cache.get_replay_stash(layer)
+                stash["dA"][slots, step] = decay
+                stash["u"][slots, step] = dtx
+                stash["B"][slots, step] = b_in[:, None, :]
+                stash["conv"][slots, step] = window[:, :, -1]
+            elif step is not None:
                 cache.get_intermediate_conv_state(layer)[slots, step] = window
                 cache.get_intermediate_recurrent_state(layer)[slots, step] = h
-        return u
+        return hidden

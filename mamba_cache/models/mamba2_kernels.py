@@ -4,11 +4,13 @@ The same function as the NumPy decode step in :mod:`mamba_cache.models.mamba2`, 
 writing the cache manager's tensors in place. One thread per output element; these kernels are
 for correctness and for showing the cache in use, not tuned. Grids:
 
-    embed        (n, M)            u[i, :] = embedding[tokens[i], :]
-    rmsnorm      (n / 32,)         one thread per row
-    matvec       (n, O)            out[i, o] (+)= sum_k u[i, k] * w[k, o], k in order
-    conv_step    (n, C)            shift slot's conv window, append xBC_raw, xBC = silu(conv)
-    ssm_step     (n, H*D)          h = dA h + dt x B over N, y = h.C + D x
+    embed        (R, M)            hidden[r, :] = embedding[tokens[r], :]
+    rmsnorm      (R / 32,)         one thread per row
+    matvec       (R, O)            out[r, o] (+)= sum_k values[r, k] * w[k, o], k in order
+    conv_step    (R, C)            shift slot's conv window, append xbc_raw, xbc = silu(conv)
+    ssm_step     (R, H*D)          h = fma(dt*x, b_in, h*decay) over n < N, y = h.c_out + d_skip*x
+
+Letters as in :mod:`mamba_cache.models.mamba2` (R rows, one token each; i, d, n index H, D, N).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..core.numba_backend import SIMULATOR
+from ..replay.kernels import mamba2_update
 
 
 def _grid(rows: int, cols: int) -> tuple:
@@ -29,39 +32,39 @@ def _grid(rows: int, cols: int) -> tuple:
 
 
 @cuda.jit
-def embed(tokens, table, u):
-    """``u[i, :] = table[tokens[i], :]``; grid ``(n, ceil(M / threads))``."""
+def embed(tokens, table, hidden):
+    """``hidden[i, :] = table[tokens[i], :]``; grid ``(R, ceil(M / threads))``."""
     i = cuda.blockIdx.x
     j = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    if j < u.shape[1]:
-        u[i, j] = table[tokens[i], j]
+    if j < hidden.shape[1]:
+        hidden[i, j] = table[tokens[i], j]
 
 
 @cuda.jit
-def rmsnorm(u, out):
-    """``out[i, :] = u[i, :] / sqrt(mean(u[i, :]**2) + 1e-5)``; one thread per row, grid ``(ceil(n / 32),)``."""
+def rmsnorm(values, out):
+    """``out[i, :] = values[i, :] / sqrt(mean(values[i, :]**2) + 1e-5)``; a thread per row, grid ``(ceil(R / 32),)``."""
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if i >= u.shape[0]:
+    if i >= values.shape[0]:
         return
-    width = u.shape[1]
+    width = values.shape[1]
     acc = float32(0.0)
     for k in range(width):
-        acc += u[i, k] * u[i, k]
+        acc += values[i, k] * values[i, k]
     scale = float32(1.0) / math.sqrt(acc / float32(width) + float32(1e-5))
     for k in range(width):
-        out[i, k] = u[i, k] * scale
+        out[i, k] = values[i, k] * scale
 
 
 @cuda.jit
-def matvec(u, weight, out, accumulate):
-    """``out[i, o] = (out[i, o] if accumulate else 0) + sum_k u[i, k] * weight[k, o]``, k ascending."""
+def matvec(values, weight, out, accumulate):
+    """``out[i, o] = (out[i, o] if accumulate else 0) + sum_k values[i, k] * weight[k, o]``, k ascending."""
     i = cuda.blockIdx.x
     o = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     if o >= out.shape[1]:
         return
     acc = float32(0.0)
-    for k in range(u.shape[1]):
-        acc += u[i, k] * weight[k, o]
+    for k in range(values.shape[1]):
+        acc += values[i, k] * weight[k, o]
     if accumulate:
         out[i, o] = out[i, o] + acc
     else:
@@ -69,12 +72,14 @@ def matvec(u, weight, out, accumulate):
 
 
 @cuda.jit
-def conv_step(conv, z, weight, bias, slots, xbc, inter, step):
-    """Causal conv1d update of one layer, in place; grid ``(n, ceil(C / threads))``.
+def conv_step(conv, z, weight, bias, slots, xbc, inter, step, stash_col, stash_step):
+    """Causal conv1d update of one layer, in place; grid ``(R, ceil(C / threads))``.
 
-    ``conv`` ``[B, C, K]`` (state dtype), ``z`` ``[n, C + H]`` (xBC_raw first), ``weight`` ``[C, K]``,
-    ``bias`` ``[C]``, ``slots`` ``[n]``, ``xbc`` ``[n, C]`` float32 out; if ``step >= 0`` the
-    new window also goes to ``inter[slots[i], step]`` (``[active, V, C, K]``).
+    ``conv`` ``[B, C, K]`` (state dtype), ``z`` ``[R, C + H]`` (xbc_raw first), ``weight`` ``[C, K]``,
+    ``bias`` ``[C]``, ``slots`` ``[R]``, ``xbc`` ``[R, C]`` float32 out; if ``step >= 0`` the
+    new window also goes to ``inter[slots[r], step]`` (``[active, V, C, K]``); if ``stash_step >= 0``
+    the input column (the window's last, in the conv dtype) goes to ``stash_col[slots[i], stash_step]``
+    (``[active, V, C]``, the replay stash).
     """
     i = cuda.blockIdx.x
     c = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -93,38 +98,53 @@ def conv_step(conv, z, weight, bias, slots, xbc, inter, step):
     if step >= 0:
         for k in range(kernel):
             inter[slot, step, c, k] = conv[slot, c, k]
+    if stash_step >= 0:
+        stash_col[slot, stash_step, c] = conv[slot, c, kernel - 1]
 
 
 @cuda.jit
-def ssm_step(rec, xbc, z, dt_bias, a_log, d_skip, slots, y, inter, step):
-    """Selective state update of one layer, in place; grid ``(n, ceil(H*D / threads))``.
+def ssm_step(rec, xbc, z, dt_bias, a, d_skip, slots, y, inter, step, stash_da, stash_u, stash_b, stash_step):
+    """Selective state update of one layer, in place; grid ``(R, ceil(H*D / threads))``.
 
-    ``rec`` ``[B, H, D, N]`` (state dtype), ``xbc`` ``[n, C]``, ``z`` ``[n, C + H]`` (dt_raw last),
-    ``dt_bias``/``a_log``/``d_skip`` ``[H]`` (``a_log`` holds A itself), ``y`` ``[n, H*D]`` float32
-    out; if ``step >= 0`` the new state also goes to ``inter[slots[i], step]``.
+    ``rec`` ``[B, H, D, N]`` (state dtype), ``xbc`` ``[R, C]``, ``z`` ``[R, C + H]`` (dt_raw last),
+    ``dt_bias``/``a``/``d_skip`` ``[H]`` (``a`` is Mamba's A, < 0; ``d_skip`` its D), ``y`` ``[R, H*D]`` float32
+    out; if ``step >= 0`` the new state also goes to ``inter[slots[r], step]``; if ``stash_step >= 0``
+    the step's inputs go to the replay stash ``stash_da [active, V, H]``, ``stash_u [active, V, H, D]``,
+    ``stash_b [active, V, 1, N]`` at ``[slots[r], stash_step]``.
+
+    The state update is the replay kernel's own device function,
+    ``h = mamba2_update(h, decay, dt * x, b_in) = fma(dt * x, b_in, h * decay)``, so a replay commit reproduces this
+    step bit for bit on the GPU.
     """
-    i = cuda.blockIdx.x
+    r = cuda.blockIdx.x  # row
     hd = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    heads, dim, state = rec.shape[1], rec.shape[2], rec.shape[3]
+    heads, dim, size = rec.shape[1], rec.shape[2], rec.shape[3]
     if hd >= heads * dim:
         return
-    h, d = hd // dim, hd % dim
-    slot = slots[i]
+    i, d = hd // dim, hd % dim  # head, head-dim index
+    slot = slots[r]
     channels = xbc.shape[1]
-    raw = z[i, channels + h] + dt_bias[h]
+    raw = z[r, channels + i] + dt_bias[i]
     dt = raw if raw > float32(20.0) else float32(math.log1p(math.exp(raw)))
-    decay = float32(math.exp(dt * a_log[h]))
-    x = xbc[i, hd]
-    dtx = dt * x
+    decay = float32(math.exp(dt * a[i]))
+    x = xbc[r, hd]
+    dtx = float32(dt * x)
     width = heads * dim
+    if stash_step >= 0:
+        if d == 0:
+            stash_da[slot, stash_step, i] = decay
+        stash_u[slot, stash_step, i, d] = dtx
+        if hd == 0:
+            for n in range(size):
+                stash_b[slot, stash_step, 0, n] = xbc[r, width + n]
     acc = float32(0.0)
-    for n in range(state):
-        new = decay * float32(rec[slot, h, d, n]) + dtx * xbc[i, width + n]
-        rec[slot, h, d, n] = new
+    for n in range(size):
+        new = mamba2_update(float32(rec[slot, i, d, n]), decay, dtx, xbc[r, width + n])
+        rec[slot, i, d, n] = new
         if step >= 0:
-            inter[slot, step, h, d, n] = new
-        acc += new * xbc[i, width + state + n]
-    y[i, hd] = acc + d_skip[h] * x
+            inter[slot, step, i, d, n] = new
+        acc += new * xbc[r, width + size + n]
+    y[r, hd] = acc + d_skip[i] * x
 
 
 class NumbaTinyMamba2:
@@ -134,35 +154,56 @@ class NumbaTinyMamba2:
         self.model = model
         self.weights = {name: cuda.to_device(np.ascontiguousarray(value)) for name, value in model.weights.items()}
 
-    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step):
+    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, scratch=None):
         # A tiny model launches tiny grids on purpose: Numba's low-occupancy warning says nothing here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
-            return self._decode_layers(cache, tokens, slots, step)
+            return self._decode_layers(cache, tokens, slots, step, scratch)
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step):
+    def _verify_replay(self, cache, draft_tokens: np.ndarray) -> None:
+        """Replay-mode verify: advance device copies of the rows' states, write the stash (see TinyMamba2.verify)."""
+        active = draft_tokens.shape[0]
+        scratch = []
+        for layer in range(self.model.config.num_recurrent_layers):
+            copies = []
+            for state in (cache.get_recurrent_state(layer), cache.get_conv_state(layer)):
+                copy = cuda.device_array((active, *state.shape[1:]), dtype=state.dtype)
+                copy.copy_to_device(state[:active])
+                copies.append(copy)
+            scratch.append(tuple(copies))
+        for t in range(draft_tokens.shape[1]):
+            self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, scratch)
+
+    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, scratch=None):
         config, w = self.model.config, self.weights
-        n = tokens.shape[0]
+        n = tokens.shape[0]  # R
         width = config.recurrent_state_num_heads * config.recurrent_state_head_dim
         channels = config.conv_dim
         d_tokens, d_slots = cuda.to_device(tokens), cuda.to_device(slots)
-        u = cuda.device_array((n, width), dtype=np.float32)
+        hidden = cuda.device_array((n, width), dtype=np.float32)
         normed = cuda.device_array((n, width), dtype=np.float32)
         z = cuda.device_array((n, channels + config.recurrent_state_num_heads), dtype=np.float32)
         xbc = cuda.device_array((n, channels), dtype=np.float32)
         y = cuda.device_array((n, width), dtype=np.float32)
         grid, threads = _grid(n, width)
-        embed[grid, threads](d_tokens, w["embedding"], u)
+        embed[grid, threads](d_tokens, w["embedding"], hidden)
         with_step = step is not None
         for layer in range(config.num_recurrent_layers):
-            rmsnorm[-(-n // 32), 32](u, normed)
+            rmsnorm[-(-n // 32), 32](hidden, normed)
             grid, threads = _grid(n, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
             # without a step the kernels never touch `inter`; any array of the right rank will do
-            conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
+            if scratch is None:
+                conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
+            else:
+                rec_state, conv_state = scratch[layer]
+            replay_step = with_step and scratch is not None
+            stash = cache.get_replay_stash(layer) if replay_step else None
+            inter_step = with_step and not replay_step
             inter_conv = (
-                cache.get_intermediate_conv_state(layer) if with_step else conv_state.reshape((1, *conv_state.shape))
+                cache.get_intermediate_conv_state(layer) if inter_step else conv_state.reshape((1, *conv_state.shape))
             )
+            stash_col = stash["conv"] if replay_step else conv_state
             grid, threads = _grid(n, channels)
             conv_step[grid, threads](
                 conv_state,
@@ -172,10 +213,20 @@ class NumbaTinyMamba2:
                 d_slots,
                 xbc,
                 inter_conv,
-                step if with_step else -1,
+                step if inter_step else -1,
+                stash_col,
+                step if replay_step else -1,
             )
             inter_rec = (
-                cache.get_intermediate_recurrent_state(layer) if with_step else rec_state.reshape((1, *rec_state.shape))
+                cache.get_intermediate_recurrent_state(layer)
+                if inter_step
+                else rec_state.reshape((1, *rec_state.shape))
+            )
+            # without a stash step the kernel never touches these; any float32 arrays of the right rank do
+            stash_da, stash_u, stash_b = (
+                (stash["dA"], stash["u"], stash["B"])
+                if replay_step
+                else (z.reshape((n, z.shape[1], 1)), y.reshape((n, 1, 1, width)), y.reshape((n, 1, 1, width)))
             )
             grid, threads = _grid(n, width)
             ssm_step[grid, threads](
@@ -183,15 +234,19 @@ class NumbaTinyMamba2:
                 xbc,
                 z,
                 w["dt_bias"][layer],
-                w["A"][layer],
-                w["D"][layer],
+                w["a"][layer],
+                w["d_skip"][layer],
                 d_slots,
                 y,
                 inter_rec,
-                step if with_step else -1,
+                step if inter_step else -1,
+                stash_da,
+                stash_u,
+                stash_b,
+                step if replay_step else -1,
             )
-            matvec[grid, threads](y, w["out_proj"][layer], u, True)
-        return u
+            matvec[grid, threads](y, w["out_proj"][layer], hidden, True)
+        return hidden
 
 
 __all__ = ["NumbaTinyMamba2", "SIMULATOR"]

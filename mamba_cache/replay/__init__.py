@@ -1,0 +1,12 @@
+"""Replay commit: roll speculative decoding back by recomputing the accepted steps.
+
+Instead of keeping the state after every draft step (``commit_mode="scatter"``), the verify pass
+keeps a small per-step stash (the step's inputs) and the commit re-applies the accepted steps to
+the slot's state. :mod:`.reference` is the NumPy definition (and the step functions the tiny
+models' NumPy decode steps call); :mod:`.kernels` is the Numba launch, whose device step functions
+the models' Numba decode kernels call.
+"""
+
+from .reference import conv_after, gdn_step, mamba2_step, replay_commit
+
+__all__ = ["conv_after", "gdn_step", "mamba2_step", "replay_commit"]

@@ -1,0 +1,165 @@
+"""The replay commit in NumPy: the step functions of both mixers and the commit over the pools.
+
+Letters: ``L`` layers, ``B`` slots, ``S`` max verify length, ``V`` current verify length, ``H`` heads,
+``D`` head dim (Gated DeltaNet: key dim), ``N`` state size (Gated DeltaNet: value dim), ``G``
+groups (Gated DeltaNet: key heads), ``C, K`` conv channels and width, ``R`` committing rows.
+
+Every step computes in float32, in this order of operations (each ``*``/``+`` rounds to float32;
+NumPy never fuses a multiply-add):
+
+    Mamba2     h' = (h * dA[i]) + (u[i, d] * B[i // (H/G), n])
+    GDN        S1 = S * g[i]
+               pred[e] = (((0 + S1[0, e] * k[j, 0]) + S1[1, e] * k[j, 1]) + ...)   d increasing, j = i // (H/G)
+               delta[e] = beta[i] * (v[i, e] - pred[e])
+               S'[d, e] = S1[d, e] + k[j, d] * delta[e]
+
+The tiny models' NumPy decode steps call these same functions, which is what makes replay equal
+to sequential decoding bit for bit on the NumPy backend. The Numba kernels use ``cuda.fma`` for the
+multiply-adds (see :mod:`mamba_cache.replay.kernels`), so NumPy and Numba agree within a tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+F32 = np.float32
+
+__all__ = ["conv_after", "gdn_step", "mamba2_step", "replay_commit"]
+
+
+def mamba2_step(h: np.ndarray, dA: np.ndarray, u: np.ndarray, B: np.ndarray) -> np.ndarray:  # noqa: N803
+    """One Mamba2 state update, ``h * dA + u (outer) B``, float32.
+
+    Args:
+        h: ``[..., H, D, N]`` float32 state.
+        dA: ``[..., H]`` float32 decay ``exp(dt * A)``.
+        u: ``[..., H, D]`` float32 ``dt * x``.
+        B: ``[..., G, N]`` float32 input projection, shared by ``H / G`` heads per group.
+
+    Returns:
+        ``[..., H, D, N]`` float32: ``(h * dA) + (u * B)``, two rounded products then a rounded sum.
+    """
+    per_group = h.shape[-3] // B.shape[-2]
+    b_heads = np.repeat(B, per_group, axis=-2)  # [..., H, N]
+    return h * dA[..., None, None] + u[..., None] * b_heads[..., :, None, :]
+
+
+def gdn_step(S: np.ndarray, g: np.ndarray, beta: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:  # noqa: N803
+    """One Gated DeltaNet (delta rule) state update, float32; order of operations in the module docstring.
+
+    Args:
+        S: ``[..., H, D, N]`` float32 state (value heads, key dim, value dim).
+        g: ``[..., H]`` float32 decay factor (``exp`` of the log-gate).
+        beta: ``[..., H]`` float32 write strength.
+        k: ``[..., G, D]`` float32 normalised keys, shared by ``H / G`` value heads per key head.
+        v: ``[..., H, N]`` float32 values.
+
+    Returns:
+        ``[..., H, D, N]`` float32 new state.
+    """
+    per_group = S.shape[-3] // k.shape[-2]
+    k_heads = np.repeat(k, per_group, axis=-2)  # [..., H, D]
+    decayed = S * g[..., None, None]
+    pred = np.zeros(v.shape, dtype=F32)
+    for d in range(S.shape[-2]):  # a fixed, increasing order: the GPU kernel sums the same way
+        pred = pred + decayed[..., d, :] * k_heads[..., d, None]
+    delta = beta[..., None] * (v - pred)  # [..., H, N]
+    return decayed + k_heads[..., :, None] * delta[..., None, :]
+
+
+def conv_after(window: np.ndarray, columns: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+    """The conv windows after ``accepted`` more input columns: the last K of ``window ++ columns[:a]``.
+
+    Args:
+        window: ``[..., R, C, K]`` conv windows (any dtype).
+        columns: ``[..., R, V, C]`` input columns of the same dtype.
+        accepted: ``[R]`` ints in ``[0, V]``.
+
+    Returns:
+        ``[..., R, C, K]`` new windows (copies; the values move, no arithmetic).
+    """
+    width = window.shape[-1]
+    full = np.concatenate([window, np.swapaxes(columns, -1, -2)], axis=-1)  # [..., R, C, K + V]
+    take = (np.asarray(accepted)[:, None] + np.arange(width))[:, None, :]  # [R, 1, K]
+    take = np.broadcast_to(take, full.shape[:-1] + (width,))
+    return np.take_along_axis(full, take, axis=-1)
+
+
+def replay_commit(
+    recurrent: np.ndarray,
+    conv: np.ndarray,
+    stash: dict,
+    field_shapes: dict,
+    accept: np.ndarray,
+    indices: Any,
+    seq_len: int,
+    mixer: str,
+    nodes: Any = None,
+) -> None:
+    """Replay each row's accepted steps from the stash into its slot, every layer, in place.
+
+    Row ``b`` with ``a = accept[b]`` in ``[1, V]`` and slot ``s`` (``indices[b]``, or ``b``) in
+    ``[0, B)``: ``recurrent[:, s]`` advances by steps ``0 .. a-1`` (stored to its dtype after every
+    step, as the decode step stores it), and ``conv[:, s]`` becomes the last ``K`` columns of
+    ``conv[:, s] ++ stash["conv"][:, b, :a]``. Other rows and slots are untouched.
+
+    Args:
+        recurrent: ``[L, B, H, D, N]`` main recurrent pool (updated in place).
+        conv: ``[L, B, C, K]`` main conv pool (updated in place).
+        stash: field name to ``[L, B*S*elems]`` flat pool; the verify pass wrote ``[active, V, ...]``
+            from the start of each layer.
+        field_shapes: field name to its per-step shape (``Config.replay_stash_fields`` shapes).
+        accept: ``[active]`` int32 accept lengths; any value is safe.
+        indices: ``[active]`` int32 slots, or None for slot = row; any value is safe.
+        seq_len: V.
+        mixer: ``"mamba2"`` or ``"gdn"``.
+        nodes: optional ``[active, M]`` int32 accepted tree node ids (a tree commit): row ``b``
+            replays the nodes ``nodes[b, :min(a, M)]`` in order instead of steps ``0 .. a-1``, and
+            is skipped unless there is at least one and every one is in ``[0, V)``.
+
+    Raises:
+        ValueError: two committing rows name one slot (nothing changed).
+    """
+    layers, slots_total = recurrent.shape[:2]
+    active = accept.shape[0]
+    accepted = accept.astype(np.int64)
+    slots = np.arange(active) if indices is None else indices.astype(np.int64)
+    if nodes is None:  # a linear verify: row b replays stash steps 0 .. a-1
+        steps = np.broadcast_to(np.arange(seq_len), (active, seq_len))
+        ok = (accepted >= 1) & (accepted <= seq_len)
+    else:  # a tree: row b replays its accepted path, every node of it in [0, V)
+        width = nodes.shape[1]
+        accepted = np.clip(accepted, 0, width)
+        on_path = np.arange(width) < accepted[:, None]
+        valid = (nodes >= 0) & (nodes < seq_len)
+        ok = (accepted >= 1) & (valid | ~on_path).all(axis=1)
+        steps = np.where(valid, nodes, 0).astype(np.int64)  # off-path entries are never used
+    ok &= (slots >= 0) & (slots < slots_total)
+    rows = np.flatnonzero(ok)
+    targets, counts = np.unique(slots[rows], return_counts=True)
+    if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+        raise ValueError(
+            f"committing rows must name distinct slots; slot {int(targets[counts > 1][0])} is named "
+            f"by {int(counts.max())} rows (state_indices); nothing was changed"
+        )
+    if rows.size == 0:
+        return
+    names = ["dA", "u", "B"] if mixer == "mamba2" else ["g", "beta", "k", "v"]
+    step_fn = mamba2_step if mixer == "mamba2" else gdn_step
+    views = {
+        name: stash[name][:, : active * seq_len * int(np.prod(shape))].reshape(layers, active, seq_len, *shape)
+        for name, shape in field_shapes.items()
+    }
+    a, targets, path = accepted[rows], slots[rows], steps[rows]
+    dtype = recurrent.dtype
+    state = recurrent[:, targets].astype(F32)  # [L, R, H, D, N]
+    live_shape = (1, rows.size) + (1,) * (state.ndim - 2)
+    for t in range(int(a.max())):
+        new = step_fn(state, *(views[name][:, rows, path[:, t]] for name in names))
+        # stored to the state dtype after every step, exactly as the decode step stores it
+        state = np.where((a > t).reshape(live_shape), new.astype(dtype).astype(F32), state)
+    recurrent[:, targets] = state.astype(dtype)
+    columns = views["conv"][:, rows[:, None], path]  # [L, R, T, C] in replay order
+    conv[:, targets] = conv_after(conv[:, targets], columns, a)

@@ -1,0 +1,507 @@
+"""Replay commit: the stash replaces the per-step states, and the commit recomputes the accepted steps.
+
+The expected states come from an independent row-by-row loop over the step functions the tiny
+models' decode steps call (``mamba_cache.replay.reference``), storing to the state dtype after
+every step as a decode step does. On the NumPy backend replay must equal it bit for bit; the Numba
+backend fuses its multiply-adds (``cuda.fma``) and its exp differs by an ulp, so across backends
+the states agree within ``TOLERANCE`` (bit-exact GPU proofs against the GPU decode step are in
+``test_replay_models.py``).
+"""
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, device_int32, snapshot, to_host
+
+from mamba_cache import Config
+from mamba_cache._config import COMMIT_MODES
+from mamba_cache.replay.reference import conv_after, gdn_step, mamba2_step
+
+F32 = np.float32
+DTYPES = ["float16", "float32", "float64"]
+MIXERS = ["mamba2", "gdn"]
+#: Numba vs NumPy, per state dtype: FMA vs two roundings over up to V steps of magnitude-1 values
+#: (a few float32 ulps), which a 16-bit store can turn into one float16 ulp.
+TOLERANCE = {
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float64": dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def replay_config(mixer="mamba2", dtype="float32", **overrides):
+    fields = dict(
+        num_recurrent_layers=2,
+        max_batch_size=5,
+        recurrent_state_num_heads=4,
+        recurrent_state_head_dim=3,
+        recurrent_state_size=5,
+        conv_dim=7,
+        conv_kernel=3,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        mixer=mixer,
+        n_groups=2,
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def write(target, values):
+    if isinstance(target, np.ndarray):
+        target[...] = values
+    else:
+        target.copy_to_device(np.ascontiguousarray(values))
+
+
+def stash_values(config, rng):
+    """Random, realistic stash contents: decays in (0, 1), unit-norm keys, the rest N(0, 1)."""
+    layers, steps = config.num_recurrent_layers, config.max_batch_size * config.max_intermediate_seq_len
+    values = {}
+    for name, (shape, dtype) in config.replay_stash_fields.items():
+        full = (layers, steps, *shape)
+        if name in ("dA", "g"):
+            value = rng.uniform(0.5, 1.0, full)
+        elif name == "beta":
+            value = rng.uniform(0.0, 1.0, full)
+        elif name == "k":
+            value = rng.standard_normal(full)
+            value /= np.linalg.norm(value, axis=-1, keepdims=True)
+        else:
+            value = rng.standard_normal(full)
+        values[name] = value.astype(dtype).reshape(layers, -1)
+    return values
+
+
+def filled_pair(config, backend, rng):
+    """A manager with random main pools and stash, and host copies of what was written."""
+    manager = BACKENDS[backend](config)
+    state = {
+        "recurrent": rng.standard_normal(manager._pools.recurrent.shape).astype(config.recurrent_state_dtype),
+        "conv": rng.standard_normal(manager._pools.conv.shape).astype(config.conv_state_dtype),
+    }
+    for pool, values in state.items():
+        write(getattr(manager._pools, pool), values)
+    stash = stash_values(config, rng)
+    for name, values in stash.items():
+        write(manager._stash[name], values)
+    return manager, state, stash
+
+
+def expected_after(config, state, stash, accept, indices, seq_len, paths=None):
+    """The replay, row by row and step by step, from the step functions (``paths``: each row's steps)."""
+    recurrent, conv = state["recurrent"].copy(), state["conv"].copy()
+    layers, slots = recurrent.shape[:2]
+    fields = config.replay_stash_fields
+    names = ["dA", "u", "B"] if config.mixer == "mamba2" else ["g", "beta", "k", "v"]
+    step_fn = mamba2_step if config.mixer == "mamba2" else gdn_step
+    for row, accepted in enumerate(accept):
+        slot = row if indices is None else indices[row]
+        steps = list(range(accepted)) if paths is None else paths[row]
+        if paths is not None:
+            accepted = len(steps)
+        if not (1 <= accepted <= seq_len and 0 <= slot < slots):
+            continue
+        for layer in range(layers):
+            for t in steps:
+                step = row * seq_len + t
+                inputs = [stash[n][layer].reshape(-1, *fields[n][0])[step] for n in names]
+                new = step_fn(recurrent[layer, slot].astype(F32), *inputs)
+                recurrent[layer, slot] = new.astype(recurrent.dtype)
+            columns = stash["conv"][layer].reshape(-1, config.conv_dim)[[row * seq_len + t for t in steps]]
+            window = conv[layer, slot]
+            for column in columns:  # shift in one column at a time, as a decode step does
+                window = np.concatenate([window[:, 1:], column[:, None]], axis=1)
+            conv[layer, slot] = window
+    return {"recurrent": recurrent, "conv": conv}
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("use_indices", [False, True])
+def test_replay_equals_stepwise_decoding(backend, rng, mixer, dtype, use_indices):
+    config = replay_config(mixer, dtype)
+    manager, state, stash = filled_pair(config, backend, rng)
+    active, seq_len = 5, 3
+    manager.reshape_intermediate_states(active, seq_len)
+    # 0, 1, V, padding (<= 0, > V, INT32 extremes) and, with indices, slots out of range
+    accept = np.array([0, 1, seq_len, 2, INT32_MIN], dtype=np.int32)
+    indices = None
+    if use_indices:
+        accept = np.array([seq_len, 1, 2, seq_len + 1, 2], dtype=np.int32)
+        indices = np.array([3, 0, 5, 1, -1], dtype=np.int32)  # rows 2 and 4 name slots outside [0, 5)
+    manager.replay_mtp_states(
+        device_int32(backend, accept), state_indices=None if indices is None else device_int32(backend, indices)
+    )
+    got = snapshot(manager)
+    want = expected_after(config, state, stash, accept, indices, seq_len)
+    touched = {int(r if indices is None else indices[r]) for r, a in enumerate(accept) if 1 <= a <= seq_len}
+    touched &= set(range(config.max_batch_size))
+    untouched = sorted(set(range(config.max_batch_size)) - touched)
+    for kind in ("recurrent", "conv"):
+        # conv windows only move values: bit-exact on every backend; so are the untouched slots
+        assert got[kind][:, untouched].tobytes() == state[kind][:, untouched].tobytes(), kind
+        if backend == "numpy" or kind == "conv":
+            assert got[kind].tobytes() == want[kind].tobytes(), f"{kind} differs from the stepwise reference"
+        else:
+            np.testing.assert_allclose(got[kind].astype(np.float64), want[kind].astype(np.float64), **TOLERANCE[dtype])
+        assert (got[kind][:, sorted(touched)] != state[kind][:, sorted(touched)]).any(), "the replay changed nothing"
+    for name, values in stash.items():  # the commit never writes the stash
+        assert to_host(manager._stash[name]).tobytes() == values.tobytes()
+
+
+def test_a_replay_one_step_short_is_caught(rng):
+    """The check above can fail: replaying a - 1 steps leaves other bits."""
+    config = replay_config("gdn", "float32")
+    manager, state, stash = filled_pair(config, "numpy", rng)
+    manager.reshape_intermediate_states(5, 3)
+    accept = np.array([2, 2, 2, 2, 2], dtype=np.int32)
+    manager.replay_mtp_states(accept - 1)
+    want = expected_after(config, state, stash, accept, None, 3)
+    assert snapshot(manager)["recurrent"].tobytes() != want["recurrent"].tobytes()
+
+
+def test_replay_mode_keeps_a_stash_instead_of_the_states(backend):
+    config = replay_config("mamba2", "float16", verify_writes_main_pool=True)
+    assert config.verify_writes_main_pool is False
+    manager = BACKENDS[backend](config)
+    assert not manager.has_intermediate_recurrent_states() and not manager.has_intermediate_conv_states()
+    assert manager.has_replay_stash()
+    for getter in (manager.get_intermediate_recurrent_state, manager.get_intermediate_conv_state):
+        with pytest.raises(ValueError, match="replay"):
+            getter(0)
+    assert {k: v.shape for k, v in manager.get_replay_stash(1).items()} == {
+        "dA": (5, 4, 4),
+        "u": (5, 4, 4, 3),
+        "B": (5, 4, 2, 5),
+        "conv": (5, 4, 7),
+    }
+    manager.reshape_intermediate_states(3, 2)
+    assert manager.intermediate_shape == (3, 2)
+    stash = manager.get_replay_stash(0)
+    assert {k: v.shape[:2] for k, v in stash.items()} == dict.fromkeys(stash, (3, 2))
+    assert stash["conv"].dtype == np.float16 and stash["u"].dtype == np.float32
+    # a prefix reinterpretation: element [1, 0] of the [3, 2] view is flat step 2 of the layer
+    flat = to_host(manager._stash["dA"])[0].reshape(-1, 4)
+    write(manager._stash["dA"], np.arange(flat.size * 2, dtype=np.float32).reshape(2, -1))
+    assert to_host(manager.get_replay_stash(0)["dA"])[1, 0].tolist() == [8, 9, 10, 11]
+    pools = sum(a.nbytes for a in manager._stash.values())
+    assert pools == config.pool_bytes()["replay_stash"]
+    accept = device_int32(backend, [1, 1, 1])
+    with pytest.raises(ValueError, match="replay_mtp_states"):
+        manager.scatter_mtp_states(accept)
+    with pytest.raises(ValueError, match="replay_mtp_states"):
+        manager.scatter_accepted_tree_states(device_int32(backend, [[0], [0], [0]]), accept)
+    with pytest.raises(NotImplementedError, match="track_entries"):
+        manager.replay_mtp_states(accept, track_entries=accept, track_steps=accept)
+
+
+def test_scatter_mode_refuses_replay(backend):
+    manager = BACKENDS[backend](replay_config(commit_mode="scatter"))
+    with pytest.raises(ValueError, match="commit_mode='replay'"):
+        manager.replay_mtp_states(device_int32(backend, [1]))
+    with pytest.raises(ValueError, match="no replay stash"):
+        manager.get_replay_stash(0)
+
+
+def test_replay_without_a_stash_does_nothing(backend):
+    manager = BACKENDS[backend](replay_config(max_intermediate_seq_len=0))
+    before = snapshot(manager)
+    manager.replay_mtp_states(device_int32(backend, [1, 2]))
+    assert not manager.has_replay_stash()
+    for pool, values in snapshot(manager).items():
+        assert values.tobytes() == before[pool].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("accept", "indices", "error", "match"),
+    [
+        ([1, 1, 1, 1, 1, 1], None, ValueError, "accept_lengths must have length in \\[0, 5\\]"),
+        ([1, 1], [0, 0], ValueError, "distinct slots"),
+        ([1, 1], [0], ValueError, "state_indices must have the length"),
+        ([[1, 1]], None, ValueError, "1-D"),
+    ],
+)
+def test_bad_replay_arguments_change_nothing(rng, accept, indices, error, match):
+    config = replay_config("gdn", "float32")
+    manager, _, _ = filled_pair(config, "numpy", rng)
+    before = snapshot(manager)
+    with pytest.raises(error, match=match):
+        manager.replay_mtp_states(
+            np.array(accept, dtype=np.int32), state_indices=None if indices is None else np.array(indices, np.int32)
+        )
+    for pool, values in snapshot(manager).items():
+        assert values.tobytes() == before[pool].tobytes()
+    with pytest.raises(TypeError, match="int32"):
+        manager.replay_mtp_states(np.array([1], dtype=np.int64))
+
+
+def test_conv_after_is_the_last_k_columns(rng):
+    window = rng.standard_normal((2, 3, 4)).astype(F32)  # [R, C, K]
+    columns = rng.standard_normal((2, 5, 3)).astype(F32)  # [R, V, C]
+    got = conv_after(window, columns, np.array([0, 5]))
+    assert got[0].tobytes() == window[0].tobytes()
+    assert got[1].tobytes() == columns[1, 1:].T.copy().tobytes()
+
+
+def test_stash_is_at_most_a_tenth_of_the_per_step_states_at_batch_32_verify_4():
+    """The issue's target, from the published dims (bytes per row, draft step and layer)."""
+    from fractions import Fraction
+
+    from mamba_cache.presets import PRESETS
+
+    by_hand = {
+        # Nemotron-H-8B, fp16: state 128 x 64 x 128, conv (8192 + 2 x 8 x 128) x 4;
+        # stash dA [128] + u [128, 64] + B [8, 128] float32 + conv column [10240] fp16
+        "nemotron-h-8b": (128 * 64 * 128 * 2 + 10240 * 4 * 2, 128 * 4 + 128 * 64 * 4 + 8 * 128 * 4 + 10240 * 2),
+        # Qwen3-Next, fp32 state 32 x 128 x 128, fp16 conv 8192 x 4;
+        # stash g, beta [32] + k [16, 128] + v [32, 128] float32 + conv column [8192] fp16
+        "qwen3-next-80b-a3b": (32 * 128 * 128 * 4 + 8192 * 4 * 2, 2 * 32 * 4 + 16 * 128 * 4 + 32 * 128 * 4 + 8192 * 2),
+    }
+    for name, (scatter_step, replay_step) in by_hand.items():
+        preset = PRESETS[name]
+        scatter, replay = (preset.config(batch=32, mtp=4, commit_mode=mode).pool_bytes() for mode in COMMIT_MODES)
+        rows = 32 * 4 * preset.num_recurrent_layers
+        assert scatter["intermediate_recurrent"] + scatter["intermediate_conv"] == rows * scatter_step
+        assert replay["replay_stash"] == rows * replay_step
+        assert replay["intermediate_recurrent"] == replay["intermediate_conv"] == 0
+        ratio = Fraction(replay["replay_stash"], scatter["intermediate_recurrent"] + scatter["intermediate_conv"])
+        assert ratio == Fraction(replay_step, scatter_step) <= Fraction(1, 10), (name, float(ratio))
+
+
+def test_presets_carry_their_mixer_and_groups():
+    from mamba_cache.presets import PRESETS
+
+    nemotron, qwen = PRESETS["nemotron-h-8b"].config(batch=1), PRESETS["qwen3-next-80b-a3b"].config(batch=1)
+    assert (nemotron.mixer, nemotron.n_groups) == ("mamba2", 8)
+    assert (qwen.mixer, qwen.n_groups) == ("gdn", 16)
+    assert PRESETS["qwen3-next-80b-a3b"].config(batch=1, tp=4).n_groups == 4
+
+
+def test_memory_table_and_plan_show_both_modes(capsys):
+    from mamba_cache.cli import main
+
+    table = replay_config(commit_mode="scatter").memory_table()
+    assert "scatter (per-step states)" in table and "replay (per-step stash)" in table
+    assert "replay (per-step stash)" not in replay_config(max_intermediate_seq_len=0).memory_table()
+    assert main(["plan", "--preset", "qwen3-next-80b-a3b", "--batch", "32", "--mtp", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "9.28 GiB" in out and "181.12 MiB" in out and "0.0191" in out
+
+
+# ---------------------------------------------------------------- bad inputs (tests/test_bad_inputs.py style)
+def _array(backend, values, dtype=np.int32):
+    host = np.ascontiguousarray(np.asarray(values, dtype=dtype))
+    if backend == "numpy":
+        return host
+    from numba import cuda
+
+    return cuda.to_device(host)
+
+
+# (id, numpy only, call(manager, backend), exception, message regex)
+REPLAY_BAD_CASES = [
+    ("replay(list)", False, lambda m, b: m.replay_mtp_states([1, 1]), TypeError, "accept_lengths must be"),
+    ("replay(int64)", False, lambda m, b: m.replay_mtp_states(_array(b, [1], np.int64)), TypeError, "int32"),
+    (
+        "replay(2-D)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [[1]])),
+        ValueError,
+        "accept_lengths must be 1-D",
+    ),
+    (
+        "replay(6 rows > B)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1] * 6)),
+        ValueError,
+        r"accept_lengths must have length in \[0, 5\]",
+    ),
+    (
+        "replay(3 rows > view)",
+        False,
+        lambda m, b: (m.reshape_intermediate_states(2, 3), m.replay_mtp_states(_array(b, [1] * 3))),
+        ValueError,
+        r"accept_lengths must have length in \[0, 2\]",
+    ),
+    (
+        "replay(indices too short)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1, 1]), state_indices=_array(b, [0])),
+        ValueError,
+        "state_indices must have the length of accept_lengths",
+    ),
+    (
+        "replay(indices int64)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1]), state_indices=_array(b, [0], np.int64)),
+        TypeError,
+        "state_indices must have dtype int32",
+    ),
+    (
+        "replay(track_entries)",
+        False,
+        lambda m, b: m.replay_mtp_states(_array(b, [1]), track_entries=_array(b, [0])),
+        NotImplementedError,
+        "track_entries",
+    ),
+    (
+        "replay(two rows, one slot)",
+        True,
+        lambda m, b: m.replay_mtp_states(_array(b, [1, 2]), state_indices=_array(b, [3, 3])),
+        ValueError,
+        "distinct slots",
+    ),
+    ("get_replay_stash(-1)", False, lambda m, b: m.get_replay_stash(-1), IndexError, r"must be in \[0, 2\)"),
+    ("get_replay_stash(2)", False, lambda m, b: m.get_replay_stash(2), IndexError, r"must be in \[0, 2\)"),
+    ("get_replay_stash('0')", False, lambda m, b: m.get_replay_stash("0"), TypeError, "must be an integer"),
+    ("scatter in replay mode", False, lambda m, b: m.scatter_mtp_states(_array(b, [1])), ValueError, "replay_mtp"),
+    (
+        "tree in replay mode",
+        False,
+        lambda m, b: m.scatter_accepted_tree_states(_array(b, [[0]]), _array(b, [1])),
+        ValueError,
+        "replay_accepted_tree_states",
+    ),
+    (
+        "tree replay(nodes rows)",
+        False,
+        lambda m, b: m.replay_accepted_tree_states(_array(b, [[0], [0]]), _array(b, [1])),
+        ValueError,
+        "accepted_node_ids must have len",
+    ),
+    (
+        "tree replay(nodes 1-D)",
+        False,
+        lambda m, b: m.replay_accepted_tree_states(_array(b, [0]), _array(b, [1])),
+        ValueError,
+        "accepted_node_ids must be 2-D",
+    ),
+    ("per-step state in replay mode", False, lambda m, b: m.get_intermediate_conv_state(0), ValueError, "stash"),
+]
+
+
+def _all_bits(manager) -> dict:
+    bits = snapshot(manager)
+    bits.update({f"stash_{name}": to_host(flat) for name, flat in manager._stash.items()})
+    return bits
+
+
+@pytest.mark.parametrize(
+    ("case_id", "numpy_only", "call", "exc", "msg"), REPLAY_BAD_CASES, ids=[c[0] for c in REPLAY_BAD_CASES]
+)
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_bad_replay_input_is_refused_and_changes_nothing(backend, rng, mixer, case_id, numpy_only, call, exc, msg):
+    if numpy_only and backend != "numpy":
+        pytest.skip("the GPU gives no defined winner; only the checked NumPy reference refuses")
+    manager, _, _ = filled_pair(replay_config(mixer, "float16"), backend, rng)
+    before = _all_bits(manager)
+    with pytest.raises(exc, match=msg):
+        call(manager, backend)
+    after = _all_bits(manager)
+    for pool in before:
+        assert after[pool].tobytes() == before[pool].tobytes(), (case_id, pool)
+
+
+@pytest.mark.parametrize("how", ["closed", "moved from"])
+def test_a_closed_replay_manager_refuses(backend, how):
+    manager = BACKENDS[backend](replay_config())
+    other = manager.move() if how == "moved from" else manager.close()
+    with pytest.raises(ValueError, match="closed or moved from"):
+        manager.replay_mtp_states(_array(backend, [1]))
+    with pytest.raises(ValueError, match="closed or moved from"):
+        manager.get_replay_stash(0)
+    assert not manager.has_replay_stash()
+    if other is not None:
+        assert other.has_replay_stash()
+
+
+def test_numba_refuses_a_key_dim_its_replay_kernel_cannot_hold():
+    from mamba_cache import ConfigError
+    from mamba_cache.core.numba_backend import NumbaMambaCacheManager
+
+    with pytest.raises(ConfigError, match="must be <= 256"):
+        NumbaMambaCacheManager(replay_config("gdn", recurrent_state_head_dim=257))
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_gpu_replay_captures_into_a_cuda_graph(rng, mixer):
+    """Captured on a user's stream with accept_lengths on the device, replayed with new values."""
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine)")
+    from cuda.bindings import driver
+    from numba import cuda
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    config = replay_config(mixer, "float32")
+    dev, state, stash = filled_pair(config, "numba", rng)
+    stream = cuda.stream()
+    acc = cuda.to_device(np.zeros(5, dtype=np.int32), stream=stream)
+    dev.reshape_intermediate_states(5, 3)
+    dev.replay_mtp_states(acc, stream=stream)  # the first call prepares the launch outside capture
+    stream.synchronize()
+    handle = int(stream.handle)
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    dev.replay_mtp_states(acc, stream=stream)
+    exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    values = np.array([3, 0, 1, 2, -4], dtype=np.int32)
+    acc.copy_to_device(values, stream=stream)
+    check(driver.cuGraphLaunch(exec_graph, handle))
+    stream.synchronize()
+    want = expected_after(config, state, stash, values, None, 3)
+    got = snapshot(dev)
+    assert got["conv"].tobytes() == want["conv"].tobytes()
+    np.testing.assert_allclose(got["recurrent"], want["recurrent"], **TOLERANCE["float32"])
+    assert (got["recurrent"][:, 0] != state["recurrent"][:, 0]).any()
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tree_replay_follows_each_accepted_path(backend, rng, mixer, dtype):
+    """Tree verification in replay mode: each row replays its accepted path of node ids, in order."""
+    config = replay_config(mixer, dtype)
+    manager, state, stash = filled_pair(config, backend, rng)
+    manager.reshape_intermediate_states(5, 3)
+    nodes = np.array([[0, 2, 1], [1, -1, -1], [2, 5, 0], [0, 1, 2], [2, 0, 1]], dtype=np.int32)
+    accept = np.array([3, 1, 2, 0, INT32_MAX], dtype=np.int32)
+    indices = np.array([4, 0, 1, 2, 3], dtype=np.int32)
+    # row 2's path holds node 5 >= V and row 3 accepted nothing: both skipped (slots 1 and 2 untouched)
+    paths = [[0, 2, 1], [1], [], [], [2, 0, 1]]
+    manager.replay_accepted_tree_states(
+        device_int32(backend, nodes), device_int32(backend, accept), device_int32(backend, indices)
+    )
+    got = snapshot(manager)
+    want = expected_after(config, state, stash, accept, indices, 3, paths=paths)
+    for kind in ("recurrent", "conv"):
+        assert got[kind][:, [1, 2]].tobytes() == state[kind][:, [1, 2]].tobytes(), kind
+        if backend == "numpy" or kind == "conv":
+            assert got[kind].tobytes() == want[kind].tobytes(), kind
+        else:
+            np.testing.assert_allclose(got[kind].astype(np.float64), want[kind].astype(np.float64), **TOLERANCE[dtype])
+        assert (got[kind][:, [0, 3, 4]] != state[kind][:, [0, 3, 4]]).all(axis=tuple(range(2, state[kind].ndim))).any()
+    # a path that is a prefix 0, 1, .. is the linear replay
+    other, _, _ = filled_pair(config, backend, np.random.default_rng(5))
+    linear, _, _ = filled_pair(config, backend, np.random.default_rng(5))
+    for m in (other, linear):
+        m.reshape_intermediate_states(5, 3)
+    other.replay_accepted_tree_states(
+        device_int32(backend, np.tile(np.arange(3, dtype=np.int32), (5, 1))), device_int32(backend, [1, 2, 3, 0, 2])
+    )
+    linear.replay_mtp_states(device_int32(backend, [1, 2, 3, 0, 2]))
+    same = {k: v.tobytes() for k, v in snapshot(other).items()} == {k: v.tobytes() for k, v in snapshot(linear).items()}
+    assert same, "a path 0, 1, .. must be the linear replay"
+
+
+def test_tree_replay_in_scatter_mode_is_refused():
+    manager = BACKENDS["numpy"](replay_config(commit_mode="scatter"))
+    with pytest.raises(ValueError, match="commit_mode='replay'"):
+        manager.replay_accepted_tree_states(np.zeros((1, 1), np.int32), np.ones(1, np.int32))

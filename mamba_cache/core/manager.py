@@ -219,6 +219,10 @@ class MambaCacheManagerBase:
         """Return a new ``[L, 1, ...]`` array holding slot ``slot`` of every layer of ``pool``."""
         raise NotImplementedError
 
+    def _capture_into(self, pool: Array, slot: int, out: Array, stream: Stream) -> None:
+        """Copy slot ``slot`` of every layer of ``pool`` into the checked ``[L, 1, ...]`` ``out``."""
+        raise NotImplementedError
+
     def _split_layers(self, stacked: Array) -> list[Array]:
         """One view per layer of a stacked ``[L, ...]`` array."""
         return [stacked[layer] for layer in range(stacked.shape[0])]
@@ -271,6 +275,7 @@ class MambaCacheManagerBase:
         self._pools: StatePools | None = None
         self._verify_shape = (0, 0)
         self._view_cache: dict = {}
+        self._capture_outs: dict = {}
         self._closed = False
         self._stash: dict = {}  # replay mode: stash field name -> [L, B*S*elems] pool
 
@@ -411,46 +416,68 @@ class MambaCacheManagerBase:
             return
         self._zero_fill(self._pools.recurrent, self._pools.conv, stream)
 
-    def capture_recurrent_states(self, batch_idx: int, stream: Any = None) -> list:
-        """Copy one slot's recurrent state of every layer into new arrays.
+    def capture_recurrent_states(self, batch_idx: int, stream: Any = None, *, out: Any = None) -> Any:
+        """Copy one slot's recurrent state of every layer into new arrays, or into ``out``.
 
         Args:
             batch_idx: the slot, in ``[0, B)``.
             stream: the stream to copy on (ignored by the NumPy backend).
+            out: optional ``[L, 1, H, D, N]`` array of the recurrent dtype, C-contiguous, on the
+                backend's device (keyword only). The copy goes there: nothing is allocated, so
+                the call can be captured in a CUDA graph; reuse one ``out`` across calls.
 
         Returns:
-            One array per layer, ``[1, H, D, N]``, recurrent dtype, independent of the pool;
-            ``[]`` with no layers.
+            Without ``out``: one new array per layer, ``[1, H, D, N]``, recurrent dtype,
+            independent of the pool (``[]`` with no layers). With ``out``: ``out`` itself.
 
         Raises:
             IndexError: ``batch_idx`` outside ``[0, B)``.
-            TypeError: ``batch_idx`` is not an integer, or ``stream`` is of an unknown kind.
+            TypeError: ``batch_idx`` is not an integer, ``stream`` is of an unknown kind, or
+                ``out`` has another dtype or lives on the wrong device.
+            ValueError: ``out`` has another shape or is not contiguous (nothing is copied).
         """
-        return self._capture_kind("recurrent", batch_idx, stream)
+        return self._capture_kind("recurrent", batch_idx, stream, out)
 
-    def capture_conv_states(self, batch_idx: int, stream: Any = None) -> list:
-        """Copy one slot's conv state of every layer into new arrays.
+    def capture_conv_states(self, batch_idx: int, stream: Any = None, *, out: Any = None) -> Any:
+        """Copy one slot's conv state of every layer into new arrays, or into ``out``.
 
         Args:
             batch_idx: the slot, in ``[0, B)``.
             stream: the stream to copy on (ignored by the NumPy backend).
+            out: optional ``[L, 1, C, K]`` array of the conv dtype (see
+                ``capture_recurrent_states``; keyword only).
 
         Returns:
-            One array per layer, ``[1, C, K]``, conv dtype; ``[]`` with no layers.
+            Without ``out``: one new array per layer, ``[1, C, K]``, conv dtype (``[]`` with no
+            layers). With ``out``: ``out`` itself.
 
         Raises:
             IndexError: ``batch_idx`` outside ``[0, B)``.
-            TypeError: ``batch_idx`` is not an integer, or ``stream`` is of an unknown kind.
+            TypeError: ``batch_idx`` is not an integer, ``stream`` is of an unknown kind, or
+                ``out`` has another dtype or lives on the wrong device.
+            ValueError: ``out`` has another shape or is not contiguous.
         """
-        return self._capture_kind("conv", batch_idx, stream)
+        return self._capture_kind("conv", batch_idx, stream, out)
 
-    def _capture_kind(self, kind: str, batch_idx: Any, stream: Any) -> list:
+    def _capture_kind(self, kind: str, batch_idx: Any, stream: Any, out: Any = None) -> Any:
         self._check_open(f"capture_{kind}_states")
         stream = self._stream(stream)
         if self._pools is None:
+            if out is not None:
+                raise IndexError(f"capture_{kind}_states: this manager has no recurrent layers, nothing to copy")
             return []
         slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
-        return self._split_layers(self._capture(getattr(self._pools, kind), slot, stream))
+        pool = getattr(self._pools, kind)
+        if out is None:
+            return self._split_layers(self._capture(pool, slot, stream))
+        last = self._capture_outs.get(kind)
+        if last is not None and last[0] is out:  # an engine reuses one buffer: checked once
+            target = last[1]
+        else:
+            target = self._state_array("out", out, (pool.shape[0], 1, *pool.shape[2:]), pool.dtype)
+            self._capture_outs[kind] = (out, target)
+        self._capture_into(pool, slot, target, stream)
+        return out
 
     def reshape_intermediate_states(self, active_batch_size: int, seq_len: int) -> None:
         """Reinterpret every intermediate buffer as ``[active_batch_size, seq_len, ...]``.

@@ -207,8 +207,12 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.launch(grid, stream)
 
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
+        out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
+        self._capture_into(pool, slot, out, stream)
+        return out
+
+    def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
-        out = _device_empty((layers, 1, *pool.shape[2:]), pool.dtype, stream)
         key = ("capture", id(pool))
         entry = self._launches.get(key)
         if entry is None:
@@ -224,7 +228,6 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_array("dst", DeviceArg(dst, _device_pointer(out), ()))
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
-        return out
 
     def _split_layers(self, stacked: Any) -> list:
         if SIMULATOR:

@@ -72,6 +72,9 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     def _capture(self, pool: np.ndarray, slot: int, stream: Any) -> np.ndarray:
         return pool[:, slot : slot + 1].copy()
 
+    def _capture_into(self, pool: np.ndarray, slot: int, out: np.ndarray, stream: Any) -> None:
+        out[...] = pool[:, slot : slot + 1]
+
     def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[np.ndarray, tuple]:
         if hasattr(array, "__cuda_array_interface__"):
             raise TypeError(

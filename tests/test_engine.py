@@ -1,0 +1,150 @@
+"""Life inside an engine: capture into caller-provided outputs, streams and tensors as engines pass them.
+
+The GPU tests compare every pool with the NumPy reference after calls whose arguments come the
+way a PyTorch engine passes them: a new stream object (or a new int handle) every call, torch /
+CuPy index tensors, one reused capture buffer captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import (
+    BACKENDS,
+    ON_GPU,
+    NumbaMambaCacheManager,
+    NumpyMambaCacheManager,
+    assert_same_bits,
+    fill_random,
+    small_config,
+    snapshot,
+    to_host,
+)
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+
+
+def empty_like_capture(backend, manager, kind):
+    pool = getattr(manager._pools, kind)
+    shape = (pool.shape[0], 1, *pool.shape[2:])
+    if backend == "numpy":
+        return np.full(shape, 7, dtype=pool.dtype)
+    from numba import cuda
+
+    return cuda.to_device(np.full(shape, 7, dtype=pool.dtype))
+
+
+@pytest.mark.parametrize("kind", ["recurrent", "conv"])
+def test_capture_into_out_matches_the_allocating_capture(backend, rng, kind):
+    cache = BACKENDS[backend](small_config())
+    fill_random([cache], rng)
+    out = empty_like_capture(backend, cache, kind)
+    before = snapshot(cache)
+    for slot in (0, 4, 2):
+        got = getattr(cache, f"capture_{kind}_states")(slot, out=out)
+        assert got is out
+        want = np.stack([to_host(a) for a in getattr(cache, f"capture_{kind}_states")(slot)])
+        assert to_host(out).tobytes() == want.tobytes(), slot
+        assert to_host(out).tobytes() == before[kind][:, slot : slot + 1].tobytes(), slot
+    assert_same_bits(snapshot(cache), before, "capture must not change the pools")
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda shape, dtype: np.zeros(shape[1:], dtype), ValueError, r"out must have shape \[3, 1, 2, 3, 5\]"),
+        (lambda shape, dtype: np.zeros(shape, np.float64), TypeError, "out must have dtype float32"),
+        (lambda shape, dtype: [np.zeros(shape[1:], dtype)], TypeError, "out must be"),
+    ],
+    ids=["shape", "dtype", "list"],
+)
+def test_capture_into_bad_out_is_refused(backend, rng, make, error, message):
+    cache = BACKENDS[backend](small_config())
+    fill_random([cache], rng)
+    pool = cache._pools.recurrent
+    host = make((pool.shape[0], 1, *pool.shape[2:]), pool.dtype)
+    if backend == "numba" and isinstance(host, np.ndarray):
+        from numba import cuda
+
+        host = cuda.to_device(host)
+    before = snapshot(cache)
+    with pytest.raises(error, match=message):
+        cache.capture_recurrent_states(1, out=host)
+    assert_same_bits(snapshot(cache), before, "refused capture")
+
+
+def test_numba_capture_refuses_a_host_out(rng):
+    cache = NumbaMambaCacheManager(small_config())
+    with pytest.raises(TypeError, match="out must be a device array"):
+        cache.capture_conv_states(0, out=np.zeros((3, 1, 7, 3), np.float16))
+
+
+@needs_gpu
+def test_capture_into_out_replays_from_a_cuda_graph(rng):
+    from cuda.bindings import driver
+    from numba import cuda
+
+    cache = NumbaMambaCacheManager(small_config())
+    out = cuda.device_array((3, 1, 2, 3, 5), dtype=np.float32)
+    stream = cuda.stream()
+    cache.capture_recurrent_states(0, stream, out=out)  # prepares the launch outside the capture
+    stream.synchronize()
+    handle = int(stream.handle)
+    assert driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)[0] == 0
+    cache.capture_recurrent_states(3, stream, out=out)
+    err, graph = driver.cuStreamEndCapture(handle)
+    assert err == 0
+    err, exec_graph = driver.cuGraphInstantiate(graph, 0)
+    assert err == 0
+    for _ in range(2):
+        fill_random([cache], rng)
+        assert driver.cuGraphLaunch(exec_graph, handle)[0] == 0
+        stream.synchronize()
+        assert to_host(out).tobytes() == to_host(cache._pools.recurrent)[:, 3:4].tobytes()
+
+
+@needs_gpu
+def test_torch_streams_and_tensors_as_an_engine_passes_them(rng):
+    torch = pytest.importorskip("torch")
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
+    side = torch.cuda.Stream()
+    for round_ in range(6):
+        fill_random([ref, dev], rng)
+        values = rng.integers(-1, 5, size=4).astype(np.int32)
+        accept = torch.from_numpy(values).cuda()  # a new tensor every call
+        stream = [
+            None,
+            torch.cuda.current_stream(),  # a new Python object every call
+            side,
+            int(side.cuda_stream),  # a new int every call
+            torch.cuda.current_stream().cuda_stream,
+            torch.cuda.default_stream(),
+        ][round_]
+        with torch.cuda.stream(side if round_ in (2, 3) else torch.cuda.current_stream()):
+            dev.scatter_mtp_states(accept, stream)
+            dev.clear_slot(int(values[0]) % 5, stream)
+        torch.cuda.synchronize()
+        ref.scatter_mtp_states(values)
+        ref.clear_slot(int(values[0]) % 5)
+        assert_same_bits(snapshot(ref), snapshot(dev), f"round {round_}")
+    with pytest.raises(TypeError, match="accept_lengths must have dtype int32, got int64"):
+        dev.scatter_mtp_states(torch.zeros(2, dtype=torch.int64, device="cuda"))
+    with pytest.raises(TypeError, match="accept_lengths must be on the GPU"):
+        dev.scatter_mtp_states(torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="accept_lengths must be contiguous"):
+        dev.scatter_mtp_states(torch.zeros(8, dtype=torch.int32, device="cuda")[::2])
+
+
+@needs_gpu
+def test_cupy_index_arrays(rng):
+    cupy = pytest.importorskip("cupy")
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
+    fill_random([ref, dev], rng)
+    values = np.array([3, 0, 2, 1], dtype=np.int32)
+    indices = np.array([4, 1, 0, 2], dtype=np.int32)
+    dev.scatter_mtp_states(cupy.asarray(values), state_indices=cupy.asarray(indices))
+    cupy.cuda.runtime.deviceSynchronize()
+    ref.scatter_mtp_states(values, state_indices=indices)
+    assert_same_bits(snapshot(ref), snapshot(dev), "cupy")

@@ -467,7 +467,35 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
         copy_ceiling,
         copy_same_bytes_gbps=round(copy_gbps(capture_bytes, stream), 1),
     )
-    del managers, views
+
+    # capture into caller-provided buffers (out=): no allocation, so it times like any kernel
+    outs = [
+        {
+            kind: cuda.device_array((pool.shape[0], 1, *pool.shape[2:]), dtype=pool.dtype)
+            for kind, pool in (("recurrent", m._pools.recurrent), ("conv", m._pools.conv))
+        }
+        for m in managers
+    ]
+    capture_out_calls = [
+        lambda m=m, o=o: (
+            m.capture_recurrent_states(0, handle, out=o["recurrent"]),
+            m.capture_conv_states(0, handle, out=o["conv"]),
+        )
+        for m, o in zip(managers, outs, strict=True)
+    ]
+    for call in capture_out_calls:
+        call()
+    capture_out_us = device_time_us(capture_out_calls, stream, max(10, min(500, int(2e10 // capture_bytes))))
+    record(
+        "capture_out",
+        capture_bytes,
+        capture_out_us,
+        host_time_us(capture_out_calls[0], stream),
+        copy_ceiling,
+        graph_times_us(capture_graph(capture_out_calls, stream), len(capture_out_calls), stream, n=50),
+        copy_same_bytes_gbps=round(copy_gbps(capture_bytes, stream), 1),
+    )
+    del managers, views, outs
     if have_cupy():
         import cupy
 

@@ -1,0 +1,147 @@
+"""Host overhead of every device-array operation, for every way an engine passes its arguments.
+
+python benchmarks/engine.py      # needs a CUDA GPU, PyTorch (CuPy and cuda.core where installed)
+
+For each op (scatter, tree commit, clear, clear_slot, capture into out=) and each combination of
+index-array kind (Numba, torch, CuPy) and stream kind (None, a Numba stream, a torch Stream made
+anew each call as ``torch.cuda.current_stream()`` gives it, an int handle made anew each call, a
+cuda.core stream), it first checks the call against the NumPy reference, then times the host side
+of one eager call (median, calls queued behind a sleep kernel so the device never throttles the
+host). The baseline in the same run: the host time of a torch elementwise launch (``x.add_(1)``).
+Records: op ``host_overhead`` with ``arg_kind``, ``stream_kind`` and ``ratio_to_torch``; target
+<= 1.5. Written to benchmarks/results/engine-<card>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
+
+CONFIG = Config(
+    num_recurrent_layers=24,
+    max_batch_size=8,
+    recurrent_state_num_heads=32,
+    recurrent_state_head_dim=64,
+    recurrent_state_size=128,
+    conv_dim=4096,
+    conv_kernel=4,
+    max_intermediate_seq_len=4,
+)
+
+
+def host_us(call, n=300) -> float:
+    samples = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)  # ~50 ms of device work ahead of the calls
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            samples.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+    return statistics.median(samples) * 1e6
+
+
+def main() -> int:
+    card = torch.cuda.get_device_name()
+    ref, dev = NumpyMambaCacheManager(CONFIG), NumbaMambaCacheManager(CONFIG)
+    rng = np.random.default_rng(20261128)
+    accept = np.array([2, 0, 3, 1, 4, 2, -1, 1], dtype=np.int32)
+    indices = rng.permutation(8).astype(np.int32)
+    nodes = np.array([[0, 2, -1]] * 8, dtype=np.int32)
+    side = torch.cuda.Stream()
+    numba_stream = cuda.external_stream(side.cuda_stream)
+    arrays = {
+        "numba": lambda a: cuda.to_device(a),
+        "torch": lambda a: torch.from_numpy(a).cuda(),
+    }
+    try:
+        import cupy
+
+        arrays["cupy"] = lambda a: cupy.asarray(a)
+    except ImportError:
+        pass
+    streams = {
+        "none": lambda: None,
+        "numba": lambda: numba_stream,
+        "torch_new_object": lambda: torch.cuda.current_stream(),
+        "int_new_each_call": lambda: int(side.cuda_stream) + 0,
+    }
+    try:
+        from cuda.core import Device
+
+        device = Device()
+        device.set_current()
+        core_stream = device.create_stream()
+        streams["cuda_core"] = lambda: core_stream
+    except Exception as error:  # noqa: BLE001 - cuda.core missing or a different API: skip that kind
+        print(f"cuda.core stream skipped: {error}")
+    out = {
+        k: cuda.device_array((24, 1, *p.shape[2:]), dtype=p.dtype)
+        for k, p in (("recurrent", dev._pools.recurrent), ("conv", dev._pools.conv))
+    }
+
+    # correctness first: every arg kind through the scatter, against the reference
+    for kind, make in arrays.items():
+        ref.scatter_mtp_states(accept, state_indices=indices)
+        dev.scatter_mtp_states(make(accept), state_indices=make(indices))
+        torch.cuda.synchronize()
+        for pool in ("recurrent", "conv"):
+            want, got = getattr(ref._pools, pool), getattr(dev._pools, pool).copy_to_host()
+            assert want.tobytes() == got.tobytes(), (kind, pool)
+    print("validated: scatter with", ", ".join(arrays), "index arrays matches the NumPy reference")
+
+    x = torch.zeros(1024, device="cuda")
+    baseline = host_us(lambda: x.add_(1))
+    print(f"{card}: torch elementwise launch {baseline:.2f} us host")
+    records = [{"op": "torch_elementwise", "host_us_per_call": round(baseline, 2)}]
+    for arg_kind, make in arrays.items():
+        acc, idx, nod = make(accept), make(indices), make(nodes)
+        for stream_kind, s in streams.items():
+            ops = {
+                "scatter_mtp_states": lambda: dev.scatter_mtp_states(acc, s(), state_indices=idx),
+                "scatter_accepted_tree_states": lambda: dev.scatter_accepted_tree_states(nod, acc, idx, s()),
+                "clear_states": lambda: dev.clear_states(s()),
+                "clear_slot": lambda: dev.clear_slot(3, s()),
+                "capture_out": lambda: dev.capture_recurrent_states(1, s(), out=out["recurrent"]),
+            }
+            for op, call in ops.items():
+                if arg_kind != "numba" and op in ("clear_states", "clear_slot", "capture_out"):
+                    continue  # no index array: the same call for every arg kind
+                us = host_us(call)
+                records.append(
+                    {
+                        "op": "host_overhead",
+                        "call": op,
+                        "arg_kind": arg_kind,
+                        "stream_kind": stream_kind,
+                        "host_us_per_call": round(us, 2),
+                        "ratio_to_torch": round(us / baseline, 2),
+                    }
+                )
+                print(f"  {op:<30} {arg_kind:<6} {stream_kind:<18} {us:7.2f} us  {us / baseline:5.2f}x torch")
+    worst = max(r["ratio_to_torch"] for r in records if r["op"] == "host_overhead")
+    print(f"worst ratio to the torch launch: {worst:.2f} (target <= 1.5)")
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    name = f"engine-{card.replace(' ', '_')}-{datetime.date.today()}.json"
+    (results / name).write_text(json.dumps({"card": card, "records": records}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

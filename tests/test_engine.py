@@ -148,3 +148,66 @@ def test_cupy_index_arrays(rng):
     cupy.cuda.runtime.deviceSynchronize()
     ref.scatter_mtp_states(values, state_indices=indices)
     assert_same_bits(snapshot(ref), snapshot(dev), "cupy")
+
+
+@needs_gpu
+def test_manager_called_from_another_thread(rng):
+    import threading
+
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config, device=0)
+    fill_random([ref, dev], rng)
+    values = np.array([3, 1, 0, 2], dtype=np.int32)
+    errors = []
+
+    def work():
+        try:
+            dev.scatter_mtp_states(values)  # a thread that never used CUDA: no context is current
+            dev.clear_slot(4)
+            from numba import cuda
+
+            cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    ref.scatter_mtp_states(values)
+    ref.clear_slot(4)
+    assert_same_bits(snapshot(ref), snapshot(dev), "from another thread")
+
+
+def gpu_count() -> int:
+    if not ON_GPU:
+        return 0
+    from numba import cuda
+
+    return len(cuda.gpus)
+
+
+@pytest.mark.skipif(gpu_count() < 2, reason="needs two CUDA GPUs (runs on the two-GPU machine)")
+def test_two_managers_on_two_gpus_do_not_interfere(rng):
+    from numba import cuda
+
+    config = small_config()
+    refs = [NumpyMambaCacheManager(config) for _ in range(2)]
+    devs = [NumbaMambaCacheManager(config, device=i) for i in range(2)]
+    assert [d.device_id for d in devs] == [0, 1]
+    for ref, dev in zip(refs, devs, strict=True):
+        fill_random([ref, dev], rng)
+    with cuda.gpus[1]:  # the other GPU's context is current while device 0's manager works
+        devs[0].scatter_mtp_states(np.array([2, 3, 1, 0], dtype=np.int32))
+        refs[0].scatter_mtp_states(np.array([2, 3, 1, 0], dtype=np.int32))
+    with cuda.gpus[0]:
+        devs[1].clear_slot(2)
+        refs[1].clear_slot(2)
+        out = devs[1].capture_conv_states(1)
+    for i in range(2):
+        with cuda.gpus[i]:
+            cuda.synchronize()
+        assert_same_bits(snapshot(refs[i]), snapshot(devs[i]), f"gpu {i}")
+    assert to_host(out[0]).tobytes() == refs[1]._pools.conv[0, 1:2].tobytes()
+    with pytest.raises(ValueError, match=r"device must be in \[0, 2\)"):
+        NumbaMambaCacheManager(config, device=2)

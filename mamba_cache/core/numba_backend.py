@@ -12,7 +12,9 @@ allocation, no host synchronisation, so both can be captured into a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -82,9 +84,16 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     (``torch.cuda.Stream``). Work is queued on it asynchronously; synchronise the stream before
     reading results on the host.
 
+    Devices: the manager lives on one GPU, ``device`` (an ordinal, or anything with an
+    ``index`` such as a ``torch.device``; default: the current torch device when PyTorch is
+    initialised, else the current CUDA context's device). Every operation makes that device's
+    context current for the call when another is current (another thread, another GPU's work in
+    between) and restores it after; when it is already current the check costs a driver query.
+
     Args:
         config: the cache configuration; ``None`` builds an empty manager.
         stream: the stream on which the buffers are zeroed.
+        device: the GPU the pools live on (keyword only), see above.
 
     Raises:
         TypeError: ``config`` is not a :class:`mamba_cache.Config`, or ``stream`` is of an
@@ -97,9 +106,19 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     backend = "numba"
 
-    def __init__(self, config: Config | None = None, stream: Any = None) -> None:
+    def __init__(self, config: Config | None = None, stream: Any = None, *, device: Any = None) -> None:
         self._streams: dict[int, Any] = {}
-        super().__init__(config, stream)
+        self._gpu, self._context_handle = _resolve_device(device)
+        if self._gpu is None:
+            super().__init__(config, stream)
+            return
+        with self._gpu:
+            super().__init__(config, stream)
+
+    @property
+    def device_id(self) -> int:
+        """The ordinal of the GPU this manager's pools live on (0 under the simulator)."""
+        return 0 if self._gpu is None else self._gpu.id
 
     def _become_empty(self) -> None:
         super()._become_empty()
@@ -406,6 +425,73 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         host = array.copy_to_host(stream=stream.stream)
         stream.stream.synchronize()
         return host
+
+
+def _resolve_device(device: Any) -> tuple[Any, int | None]:
+    """(numba ``cuda.gpus`` entry, its primary context's handle) for ``device``; ``(None, None)`` simulated."""
+    if SIMULATOR:
+        return None, None
+    if device is None:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            ordinal = torch.cuda.current_device()
+        else:
+            ordinal = cuda.get_current_device().id
+    else:
+        index = getattr(device, "index", device)
+        if getattr(device, "type", "cuda") != "cuda":
+            raise TypeError(f"device must be a CUDA device, got {device!r}")
+        if index is None:  # torch.device("cuda") means the current one
+            return _resolve_device(None)
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"device must be an int ordinal or a torch.device, got {device!r}")
+        ordinal = int(index)
+        if not 0 <= ordinal < len(cuda.gpus):
+            raise ValueError(f"device must be in [0, {len(cuda.gpus)}) (the GPUs present), got {ordinal}")
+    gpu = cuda.gpus[ordinal]
+    with gpu:
+        handle = int(cuda.current_context().handle.value)
+    return gpu, handle
+
+
+def _current_context_handle() -> int:
+    from cuda.bindings import driver
+
+    err, context = driver.cuCtxGetCurrent()
+    return int(context) if not err else 0
+
+
+def _on_device(method: Any) -> Any:
+    """Run ``method`` with the manager's device context current (pushed only when another one is)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        handle = self._context_handle
+        if handle is None or _current_context_handle() == handle:
+            return method(self, *args, **kwargs)
+        with self._gpu:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+#: Queries that touch no device memory run as they are; every other public method is wrapped.
+_NO_DEVICE = {
+    "num_layers",
+    "get_config",
+    "has_intermediate_recurrent_states",
+    "has_intermediate_conv_states",
+    "has_replay_stash",
+    "intermediate_shape",
+    "device_id",
+    "move",
+    "close",
+}
+for _name in dir(NumbaMambaCacheManager):
+    if not _name.startswith("_") and _name not in _NO_DEVICE:
+        _method = getattr(NumbaMambaCacheManager, _name)
+        if callable(_method) and not isinstance(_method, type):
+            setattr(NumbaMambaCacheManager, _name, _on_device(_method))
 
 
 def device_name() -> str:

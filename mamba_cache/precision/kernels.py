@@ -1,0 +1,403 @@
+"""CUDA kernels of the precision options: converting commits, with optional stochastic rounding.
+
+The device functions repeat :mod:`mamba_cache.precision.reference` line for line on uint64
+scalars (integer arithmetic only), so the GPU gives the reference's bits. Pools are seen as
+unsigned integers of their element size (bit patterns; a bfloat16 pool is uint16 already):
+
+    dst   [L, B, E]        main pool, E elements per slot, dtype u2/u4/u8
+    src   [L, B*S, E]      intermediate pool; (row b, step t) is src row b*V + t
+
+Launch shape (``GROUPS_PER_THREAD`` groups of 4 consecutive elements per thread, so one
+Philox4x32-10 call gives the 4 random words of a group):
+
+    grid  = (sum over kinds of ceil(ceil(E / 4) / (threads * GROUPS_PER_THREAD)), rows, L)
+    block = (threads,)
+
+    slot row (E elements) |<------------ chunk 0 ------------>|<- chunk 1 ...
+                          | g0 g1 .. gT | g0 g1 .. gT |          (g = 4 elements; round i of
+                          |  round 0    |  round 1    |           a chunk: threads groups)
+
+Each kind carries its own conversion: ``mode`` 0 copies the bits (equal dtypes), 1 rounds to
+nearest even, 2 rounds stochastically; ``src_e, src_m, dst_e, dst_m`` are the formats (exponent
+and mantissa bits). A kind whose dtypes are equal is thus copied in the same launch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
+
+#: Groups of 4 elements each thread converts.
+GROUPS_PER_THREAD = 2
+#: Largest block.
+MAX_THREADS = 256
+#: Conversion modes.
+MODE_COPY, MODE_NEAREST, MODE_STOCHASTIC = 0, 1, 2
+
+
+def launch_shape(*elems: int) -> tuple[tuple[int, ...], int]:
+    """``((chunks, ...), threads)`` covering slots of ``elems`` elements each, in one launch."""
+    groups = [-(-e // 4) for e in elems]
+    per_thread = -(-max(groups) // GROUPS_PER_THREAD)
+    threads = min(MAX_THREADS, max(32, -(-per_thread // 32) * 32))
+    chunk = threads * GROUPS_PER_THREAD
+    return tuple(-(-g // chunk) for g in groups), threads
+
+
+@cuda.jit(device=True, inline="always")
+def _mulhilo(a, b):
+    product = np.uint64(a) * np.uint64(b)
+    return np.uint64(product >> np.uint64(32)), np.uint64(product & np.uint64(0xFFFFFFFF))
+
+
+@cuda.jit(device=True)
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of one counter ``(c0..c3)`` under key ``(k0, k1)``; each value < 2**32, as uint64.
+
+    Returns:
+        The four random words (uint64 holding 32-bit values), as in the reference.
+    """
+    c0, c1, c2, c3 = np.uint64(c0), np.uint64(c1), np.uint64(c2), np.uint64(c3)
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    mask = np.uint64(0xFFFFFFFF)
+    for round_ in range(10):
+        if round_ > 0:
+            k0 = (k0 + np.uint64(PHILOX_W0)) & mask
+            k1 = (k1 + np.uint64(PHILOX_W1)) & mask
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@cuda.jit(device=True)
+def convert_bits(bits, se, sm, de, dm, stochastic, random):
+    """One bit pattern of format ``(se, sm)`` converted to ``(de, dm)``; see the reference's steps.
+
+    Args:
+        bits: the source pattern (any unsigned int).
+        se: exponent bits of the source format.
+        sm: mantissa bits of the source format.
+        de: exponent bits of the target format.
+        dm: mantissa bits of the target format.
+        stochastic: 1 to add ``random`` below the target's last place and truncate, 0 for nearest even.
+        random: a 32-bit random word (uint64); ignored unless ``stochastic``.
+
+    Returns:
+        The target pattern as uint64.
+    """
+    se, sm, de, dm = np.int64(se), np.int64(sm), np.int64(de), np.int64(dm)  # 64-bit shifts below
+    one = np.uint64(1)
+    x = np.uint64(bits)
+    sign = (x >> np.uint64(se + sm)) & one
+    exp = np.int64((x >> np.uint64(sm)) & np.uint64((1 << se) - 1))
+    man = x & np.uint64((1 << sm) - 1)
+    s_bias = (1 << (se - 1)) - 1
+    d_bias = (1 << (de - 1)) - 1
+    inf_code = np.uint64(((1 << de) - 1) << dm)
+    if exp == (1 << se) - 1:  # infinity or NaN
+        if man == 0:
+            return inf_code | (sign << np.uint64(de + dm))
+        payload = man >> np.uint64(sm - dm) if sm >= dm else man << np.uint64(dm - sm)
+        return inf_code | np.uint64(1 << (dm - 1)) | payload | (sign << np.uint64(de + dm))
+    if exp == 0 and man == 0:
+        return sign << np.uint64(de + dm)
+    # 1. normalise
+    if exp == 0:
+        lead = 0
+        m = man
+        for step in (32, 16, 8, 4, 2, 1):
+            if (m >> np.uint64(step)) != 0:
+                lead += step
+                m = m >> np.uint64(step)
+        sig = man << np.uint64(sm - lead)
+        unbiased = lead - sm + 1 - s_bias
+    else:
+        sig = man | np.uint64(1 << sm)
+        unbiased = exp - s_bias
+    # 2. target exponent field, bits to drop
+    e_d = unbiased + d_bias
+    if e_d >= 1:
+        a = (np.uint64(e_d) << np.uint64(sm)) | (sig & np.uint64((1 << sm) - 1))
+        shift = sm - dm
+    else:
+        a = sig
+        shift = sm - dm + 1 - e_d
+    # 3. round
+    if shift <= 0:
+        result = a << np.uint64(-shift)
+    elif shift > 62:
+        result = np.uint64(0)
+    else:
+        s = np.uint64(shift)
+        if stochastic:
+            r = np.uint64(random)
+            add = r >> (np.uint64(32) - s) if shift <= 32 else r << (s - np.uint64(32))
+            result = (a + add) >> s
+        else:
+            result = a >> s
+            rem = a & ((one << s) - one)
+            half = one << (s - one)
+            if rem > half or (rem == half and (result & one) == one):
+                result = result + one
+    # 4. overflow
+    if result > inf_code:
+        result = inf_code
+    return result | (sign << np.uint64(de + dm))
+
+
+@cuda.jit(device=True, inline="always")
+def _convert_chunk(
+    dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, mode, se, sm, de, dm, seed_lo, seed_hi
+):
+    """Convert (or copy) chunk ``chunk`` of one slot: groups of 4 elements, one Philox call each.
+
+    ``layer`` indexes the arrays; ``key_layer`` is the layer number in the rounding counter.
+    """
+    threads = cuda.blockDim.x
+    elems = dst.shape[2]
+    for i in range(GROUPS_PER_THREAD):
+        group = (chunk * GROUPS_PER_THREAD + i) * threads + cuda.threadIdx.x
+        first = group * 4
+        if first < elems:
+            r0 = r1 = r2 = r3 = np.uint64(0)
+            if mode == MODE_STOCHASTIC:
+                r0, r1, r2, r3 = philox4x32_10(
+                    group & 0xFFFFFFFF, position & 0xFFFFFFFF, key_layer & 0xFFFFFFFF, kind, seed_lo, seed_hi
+                )
+            for j in range(4):
+                e = first + j
+                if e < elems:
+                    value = src[layer, src_row, e]
+                    if mode == MODE_COPY:
+                        dst[layer, dst_row, e] = value
+                    else:
+                        r = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
+                        dst[layer, dst_row, e] = convert_bits(value, se, sm, de, dm, mode == MODE_STOCHASTIC, r)
+
+
+@cuda.jit(device=True, inline="always")
+def _commit_converted(
+    dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, src_row, position, fmt, seed_lo, seed_hi
+):
+    slot = state_indices[row] if use_indices else row
+    if slot < 0 or slot >= dst_a.shape[1]:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < chunks_a:
+        _convert_chunk(
+            dst_a,
+            src_a,
+            layer,
+            slot,
+            src_row,
+            chunk,
+            layer,
+            0,
+            position,
+            fmt[0],
+            fmt[1],
+            fmt[2],
+            fmt[3],
+            fmt[4],
+            seed_lo,
+            seed_hi,
+        )
+    else:
+        _convert_chunk(
+            dst_b,
+            src_b,
+            layer,
+            slot,
+            src_row,
+            chunk - chunks_a,
+            layer,
+            1,
+            position,
+            fmt[5],
+            fmt[6],
+            fmt[7],
+            fmt[8],
+            fmt[9],
+            seed_lo,
+            seed_hi,
+        )
+
+
+@cuda.jit(cache=False)
+def scatter_convert(
+    dst_a,
+    src_a,
+    dst_b,
+    src_b,
+    chunks_a,
+    accept_lengths,
+    state_indices,
+    use_indices,
+    seq_len,
+    max_accept,
+    positions,
+    formats,
+    seed_lo,
+    seed_hi,
+):
+    """``scatter_accepted`` converting each element to the main pool's dtype in the same launch.
+
+    For layer ``l = blockIdx.z``, row ``b = blockIdx.y``, ``a = accept_lengths[b]``: if
+    ``1 <= a <= max_accept`` and the slot ``s`` (``state_indices[b]`` or ``b``) is in ``[0, B)``:
+    ``dst[l, s, e] = convert(src[l, b * seq_len + a - 1, e])`` for both kinds, where a stochastic
+    conversion draws its bits from ``(seed, l, kind, positions[b] + a, e)``.
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, E]`` bits of the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, E]`` bits of the intermediate recurrent pool.
+        dst_b (DeviceNDArray): ``[L, B, E']`` bits of the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, E']`` bits of the intermediate conv pool.
+        chunks_a (int): x blocks that cover one slot of kind a.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+        state_indices (DeviceNDArray): ``[rows]`` int32 (read only if ``use_indices``).
+        use_indices (int): 1 to read ``state_indices``.
+        seq_len (int): V.
+        max_accept (int): ``V - 1`` or ``V``.
+        positions (DeviceNDArray): ``[rows]`` int32 tokens each row's main state had consumed before
+            the verify pass (read only by a stochastic kind).
+        formats (DeviceNDArray): ``[10]`` int32: ``mode, src_e, src_m, dst_e, dst_m`` of kind a, then b.
+        seed_lo (int): the low 32 bits of the rounding seed.
+        seed_hi (int): the high 32 bits of the rounding seed.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    accepted = accept_lengths[row]
+    if accepted < 1 or accepted > max_accept:
+        return
+    position = np.int64(positions[row]) + accepted
+    _commit_converted(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        state_indices,
+        use_indices,
+        row,
+        row * seq_len + (accepted - 1),
+        position,
+        formats,
+        seed_lo,
+        seed_hi,
+    )
+
+
+@cuda.jit(cache=False)
+def scatter_tree_convert(
+    dst_a,
+    src_a,
+    dst_b,
+    src_b,
+    chunks_a,
+    node_ids,
+    accept_lengths,
+    state_indices,
+    use_indices,
+    seq_len,
+    positions,
+    formats,
+    seed_lo,
+    seed_hi,
+):
+    """``scatter_tree`` converting each element to the main pool's dtype in the same launch.
+
+    The committed node at index ``j`` of the row's accepted ids consumed ``positions[b] + j + 1``
+    tokens: that is its stochastic-rounding position.
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, E]`` bits of the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, E]`` bits of the intermediate recurrent pool.
+        dst_b (DeviceNDArray): ``[L, B, E']`` bits of the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, E']`` bits of the intermediate conv pool.
+        chunks_a (int): x blocks that cover one slot of kind a.
+        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted node ids; any value is safe.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32.
+        state_indices (DeviceNDArray): ``[rows]`` int32 (read only if ``use_indices``).
+        use_indices (int): 1 to read ``state_indices``.
+        seq_len (int): V.
+        positions (DeviceNDArray): ``[rows]`` int32.
+        formats (DeviceNDArray): ``[10]`` int32, as in :func:`scatter_convert`.
+        seed_lo (int): the low 32 bits of the rounding seed.
+        seed_hi (int): the high 32 bits of the rounding seed.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    width = node_ids.shape[1]
+    count = accept_lengths[row]
+    if count > width:
+        count = width
+    node = -1
+    depth = 0
+    for j in range(count):
+        candidate = node_ids[row, j]
+        if candidate >= 0:
+            node = candidate
+            depth = j
+    if node < 0 or node >= seq_len:
+        return
+    position = np.int64(positions[row]) + depth + 1
+    _commit_converted(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        state_indices,
+        use_indices,
+        row,
+        row * seq_len + node,
+        position,
+        formats,
+        seed_lo,
+        seed_hi,
+    )
+
+
+@cuda.jit(cache=False)
+def convert_array(dst, src, formats, layer, kind, positions, seed_lo, seed_hi):
+    """Convert rows of states: ``dst[0, r, e] = convert(src[0, r, e])``, position ``positions[r]``.
+
+    A test and benchmark helper (and what a model's decode step uses to store its float32 state).
+
+    Args:
+        dst (DeviceNDArray): ``[1, rows, E]`` target bit patterns (written).
+        src (DeviceNDArray): ``[1, rows, E]`` source bit patterns.
+        formats (DeviceNDArray): ``[5]`` int32 ``mode, src_e, src_m, dst_e, dst_m``.
+        layer (int): the layer number in the rounding counter.
+        kind (int): 0 recurrent, 1 conv.
+        positions (DeviceNDArray): ``[rows]`` int32 tokens consumed.
+        seed_lo (int): the low 32 bits of the rounding seed.
+        seed_hi (int): the high 32 bits of the rounding seed.
+
+    Grid ``(chunks, rows, 1)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    _convert_chunk(
+        dst,
+        src,
+        0,
+        row,
+        row,
+        cuda.blockIdx.x,
+        layer,
+        kind,
+        np.int64(positions[row]),
+        formats[0],
+        formats[1],
+        formats[2],
+        formats[3],
+        formats[4],
+        seed_lo,
+        seed_hi,
+    )

@@ -377,3 +377,15 @@ def test_mixed_dtypes_are_built_and_sized(backend):
     cache = BACKENDS[backend](config)
     assert config.pool_bytes()["intermediate_recurrent"] == 2 * 3 * 4 * 2
     assert cache.get_intermediate_recurrent_state(0).dtype.itemsize == 2
+
+
+def test_cli_plan_takes_state_dtypes(capsys):
+    from mamba_cache.cli import main
+
+    args = ["plan", "--preset", "mamba2-130m", "--mtp", "2", "--dtype", "bfloat16", "--conv-dtype", "float32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "intermediate_recurrent  [8, 2, 24, 64, 128]  bfloat16" in out
+    assert "conv                    [8, 1792, 4]         float32" in out
+    assert main(["plan", "--preset", "mamba2-130m", "--recurrent-dtype", "int8"]) == 2
+    assert "must be one of float16, bfloat16, float32, float64, got int8" in capsys.readouterr().err

@@ -59,17 +59,18 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     Returns:
         The four random words (uint64 holding 32-bit values), as in the reference.
     """
-    c0, c1, c2, c3 = np.uint64(c0), np.uint64(c1), np.uint64(c2), np.uint64(c3)
-    k0, k1 = np.uint64(k0), np.uint64(k1)
+    # New names, not the parameters rebound: Numba unifies int64 with uint64 to float64.
+    x0, x1, x2, x3 = np.uint64(c0), np.uint64(c1), np.uint64(c2), np.uint64(c3)
+    key0, key1 = np.uint64(k0), np.uint64(k1)
     mask = np.uint64(0xFFFFFFFF)
     for round_ in range(10):
         if round_ > 0:
-            k0 = (k0 + np.uint64(PHILOX_W0)) & mask
-            k1 = (k1 + np.uint64(PHILOX_W1)) & mask
-        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
+            key0 = (key0 + np.uint64(PHILOX_W0)) & mask
+            key1 = (key1 + np.uint64(PHILOX_W1)) & mask
+        hi0, lo0 = _mulhilo(PHILOX_M0, x0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, x2)
+        x0, x1, x2, x3 = hi1 ^ x1 ^ key0, lo1, hi0 ^ x3 ^ key1, lo0
+    return x0, x1, x2, x3
 
 
 @cuda.jit(device=True)
@@ -88,22 +89,23 @@ def convert_bits(bits, se, sm, de, dm, stochastic, random):
     Returns:
         The target pattern as uint64.
     """
-    se, sm, de, dm = np.int64(se), np.int64(sm), np.int64(de), np.int64(dm)  # 64-bit shifts below
+    # 64-bit copies under new names (the arguments may be int32; Numba keeps a variable one type)
+    e_src, m_src, e_dst, m_dst = np.int64(se), np.int64(sm), np.int64(de), np.int64(dm)
     one = np.uint64(1)
     x = np.uint64(bits)
-    sign = (x >> np.uint64(se + sm)) & one
-    exp = np.int64((x >> np.uint64(sm)) & np.uint64((1 << se) - 1))
-    man = x & np.uint64((1 << sm) - 1)
-    s_bias = (1 << (se - 1)) - 1
-    d_bias = (1 << (de - 1)) - 1
-    inf_code = np.uint64(((1 << de) - 1) << dm)
-    if exp == (1 << se) - 1:  # infinity or NaN
+    sign = (x >> np.uint64(e_src + m_src)) & one
+    exp = np.int64((x >> np.uint64(m_src)) & np.uint64((1 << e_src) - 1))
+    man = x & np.uint64((1 << m_src) - 1)
+    s_bias = (1 << (e_src - 1)) - 1
+    d_bias = (1 << (e_dst - 1)) - 1
+    inf_code = np.uint64(((1 << e_dst) - 1) << m_dst)
+    if exp == (1 << e_src) - 1:  # infinity or NaN
         if man == 0:
-            return inf_code | (sign << np.uint64(de + dm))
-        payload = man >> np.uint64(sm - dm) if sm >= dm else man << np.uint64(dm - sm)
-        return inf_code | np.uint64(1 << (dm - 1)) | payload | (sign << np.uint64(de + dm))
+            return inf_code | (sign << np.uint64(e_dst + m_dst))
+        payload = man >> np.uint64(m_src - m_dst) if m_src >= m_dst else man << np.uint64(m_dst - m_src)
+        return inf_code | np.uint64(1 << (m_dst - 1)) | payload | (sign << np.uint64(e_dst + m_dst))
     if exp == 0 and man == 0:
-        return sign << np.uint64(de + dm)
+        return sign << np.uint64(e_dst + m_dst)
     # 1. normalise
     if exp == 0:
         lead = 0
@@ -112,19 +114,19 @@ def convert_bits(bits, se, sm, de, dm, stochastic, random):
             if (m >> np.uint64(step)) != 0:
                 lead += step
                 m = m >> np.uint64(step)
-        sig = man << np.uint64(sm - lead)
-        unbiased = lead - sm + 1 - s_bias
+        sig = man << np.uint64(m_src - lead)
+        unbiased = lead - m_src + 1 - s_bias
     else:
-        sig = man | np.uint64(1 << sm)
+        sig = man | np.uint64(1 << m_src)
         unbiased = exp - s_bias
     # 2. target exponent field, bits to drop
     e_d = unbiased + d_bias
     if e_d >= 1:
-        a = (np.uint64(e_d) << np.uint64(sm)) | (sig & np.uint64((1 << sm) - 1))
-        shift = sm - dm
+        a = (np.uint64(e_d) << np.uint64(m_src)) | (sig & np.uint64((1 << m_src) - 1))
+        shift = m_src - m_dst
     else:
         a = sig
-        shift = sm - dm + 1 - e_d
+        shift = m_src - m_dst + 1 - e_d
     # 3. round
     if shift <= 0:
         result = a << np.uint64(-shift)
@@ -145,7 +147,7 @@ def convert_bits(bits, se, sm, de, dm, stochastic, random):
     # 4. overflow
     if result > inf_code:
         result = inf_code
-    return result | (sign << np.uint64(de + dm))
+    return result | (sign << np.uint64(e_dst + m_dst))
 
 
 @cuda.jit(device=True, inline="always")

@@ -4,6 +4,8 @@ It binds :class:`mamba_cache.core.manager.MambaCacheManagerBase` to ``numba.cuda
 Each state kind is one device allocation holding all layers; the layer tensors are
 ``DeviceNDArray`` views of it and expose ``__cuda_array_interface__``, so PyTorch
 (``torch.as_tensor(view, device="cuda")``) and CuPy (``cupy.asarray(view)``) use them zero-copy.
+Numba has no bfloat16 type and ``__cuda_array_interface__`` cannot express one: a bfloat16 pool is
+a uint16 device array of the raw bits, and CAI consumers see uint16 (``.view(torch.bfloat16)``).
 
 The kernels are in :mod:`mamba_cache.core.kernels`. ``clear_states`` and ``scatter_mtp_states`` launch
 prepared kernels (:mod:`mamba_cache.core.launch`): one launch per state kind covering every layer, no

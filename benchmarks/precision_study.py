@@ -23,8 +23,11 @@ Measured, for one sequence of ``--steps`` tokens:
 3. mixed main / per-step dtypes in a speculative loop (V = 4 drafts of the reference's tokens,
    seeded random accept lengths): float32 main pool with bfloat16 per-step states (the commit
    widens exactly, the verify pass stored with nearest), and bfloat16 main with float32 per-step
-   states committed with nearest or stochastic rounding; state error vs. float64 along the
-   accepted tokens, next to the same dtypes decoded sequentially.
+   states committed with nearest or stochastic rounding (the model's own stores, including the
+   verify pass's final state in the main pool, round to nearest); state error vs. float64 along
+   the accepted tokens, next to equal dtypes;
+4. teacher-forced with one token repeated (the state settles to a fixed point): state error of the
+   16-bit runs, nearest vs. stochastic.
 
 Writes ``<out>/precision-study.json`` and an SVG plot of the state error over time.
 """
@@ -127,7 +130,8 @@ def relative_error(state, reference) -> float:
     return float(np.linalg.norm(state - reference) / np.linalg.norm(reference))
 
 
-def reference_run(model, steps: int) -> tuple[list[int], list[np.ndarray]]:
+def reference_run(model, steps: int, constant: bool = False) -> tuple[list[int], list[np.ndarray], list[float]]:
+    """The float64 run: greedy tokens (or token 1 throughout when ``constant``), states, top-2 margins."""
     wide = float64_model(model)
     cache = NumpyMambaCacheManager(config("float64"))
     tokens, states, margins = [1], [], []
@@ -135,7 +139,7 @@ def reference_run(model, steps: int) -> tuple[list[int], list[np.ndarray]]:
         for _ in range(steps):
             out = wide.decode_step(cache, [tokens[-1]])
             top = np.sort(logits(wide, tokens[-1], out))
-            tokens.append(greedy(wide, tokens[-1], out))
+            tokens.append(1 if constant else greedy(wide, tokens[-1], out))
             states.append(state_of(cache))
             margins.append(float(top[-1] - top[-2]))
     return tokens, states, margins
@@ -170,7 +174,7 @@ def speculative(model, tokens, ref_states, main, inter, stochastic, rng, verify_
     position, errors = 0, []
     while position + verify_len < len(ref_states):
         drafts = np.array([tokens[position : position + verify_len]])
-        model.verify(cache, drafts)
+        model.verify(cache, drafts)  # the model (built without stochastic rounding) stores to nearest
         accepted = int(rng.integers(1, verify_len + 1))
         # a full accept keeps the verify pass's final state in the main pool; a partial one commits
         cache.scatter_mtp_states(np.array([accepted], np.int32), positions=np.array([position], np.int32))
@@ -257,6 +261,15 @@ def main(argv=None) -> int:
             "commits": len(values),
         }
         print(f"{name:<52} final {values[-1]:.2e} mean {np.mean(values):.2e}")
+    # 4. a constant input: the state settles to a fixed point, where each token's update is smaller
+    #    than half a bfloat16 place and nearest rounding can stagnate
+    const_tokens, const_states, _ = reference_run(model, args.steps, constant=True)
+    result["constant_input"] = {}
+    for name in ("bfloat16 nearest", "bfloat16 stochastic", "float16 nearest", "float16 stochastic"):
+        dtype, stochastic = RUNS[name]
+        errors = teacher_forced(model, const_tokens, const_states, dtype, stochastic, args.every)
+        result["constant_input"][name] = {"final_error": errors[-1], "mean_error": float(np.mean(errors))}
+        print(f"constant input {name:<22} final {errors[-1]:.2e} mean {np.mean(errors):.2e}")
     plot(result, pathlib.Path(args.plot))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -389,3 +389,82 @@ def test_cli_plan_takes_state_dtypes(capsys):
     assert "conv                    [8, 1792, 4]         float32" in out
     assert main(["plan", "--preset", "mamba2-130m", "--recurrent-dtype", "int8"]) == 2
     assert "must be one of float16, bfloat16, float32, float64, got int8" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the tiny model with 16-bit and rounded states
+
+
+def model_config(dtype, stochastic, inter=None):
+    heads, dim, state = 2, 4, 4
+    return Config(
+        num_recurrent_layers=2,
+        max_batch_size=3,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=state,
+        conv_dim=heads * dim + 2 * state,
+        conv_kernel=3,
+        max_intermediate_seq_len=3,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=inter,
+        stochastic_rounding=stochastic,
+        rounding_seed=77,
+    )
+
+
+def speculative_and_sequential(backend, config, rng, rounds=2):
+    from mamba_cache.models.mamba2 import TinyMamba2
+
+    model = TinyMamba2(config, vocab_size=16, seed=5)
+    spec, seq = BACKENDS[backend](config), BACKENDS[backend](config)
+    active, verify = config.max_batch_size, config.max_intermediate_seq_len
+    prompt = rng.integers(0, 16, size=(active, 2))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    consumed = np.full(active, 2, np.int32)
+    for _ in range(rounds):
+        drafts = rng.integers(0, 16, size=(active, verify))
+        accept = rng.integers(1, verify + 1, size=active).astype(np.int32)
+        model.verify(spec, drafts, positions=consumed)
+        spec.scatter_mtp_states(device_int32(backend, accept), positions=device_int32(backend, consumed))
+        model.decode_accepted(seq, drafts, accept, positions=consumed)
+        consumed = consumed + accept
+    return spec, seq
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tiny_model_speculative_equals_sequential_with_16_bit_states(backend, rng, dtype, stochastic):
+    spec, seq = speculative_and_sequential(backend, model_config(dtype, stochastic), rng)
+    a, b = host_pools(spec), host_pools(seq)
+    for pool in ("recurrent", "conv"):
+        assert a[pool].tobytes() == b[pool].tobytes(), pool
+
+
+def test_tiny_model_stochastic_states_are_reproducible_and_differ_from_nearest(backend):
+    pools = {}
+    for name, stochastic in (("sr", True), ("sr again", True), ("nearest", False)):
+        spec, _ = speculative_and_sequential(backend, model_config("bfloat16", stochastic), np.random.default_rng(0))
+        pools[name] = host_pools(spec)["recurrent"]
+    assert pools["sr"].tobytes() == pools["sr again"].tobytes()
+    assert pools["sr"].tobytes() != pools["nearest"].tobytes()
+
+
+def test_tiny_model_backends_agree_with_bfloat16_stochastic_states(rng):
+    config = model_config("bfloat16", True)
+    seed = int(rng.integers(1 << 30))
+    results = [host_pools(speculative_and_sequential(b, config, np.random.default_rng(seed))[0]) for b in BACKENDS]
+    for pool in ("recurrent", "conv"):
+        a, b = (r[pool].view(bfloat16).astype(np.float64) for r in results)
+        # one bfloat16 ulp where float32 arithmetic differs by an ulp and flips a rounding
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_tiny_model_requires_positions_with_stochastic_rounding():
+    from mamba_cache.models.mamba2 import TinyMamba2
+
+    config = model_config("float16", True)
+    with pytest.raises(ValueError, match="positions is required"):
+        TinyMamba2(config).decode_step(NumpyMambaCacheManager(config), [1, 2, 3])

@@ -17,7 +17,9 @@ Each layer is one Mamba2 mixer (ngroups = 1) with a residual connection; per tok
     y          = h . C + D * x                                     [n, H, D]
     u          = u + y.reshape(n, H*D) @ out_proj                  [n, M]
 
-Arithmetic is float32; the states are stored in the cache's dtypes. The conv output is computed
+Arithmetic is float32; the states are stored in the cache's dtypes (any of float16, bfloat16,
+float32, float64; with ``Config.stochastic_rounding`` a 16-bit state is rounded stochastically,
+keyed by the tokens it has consumed: pass ``positions``). The conv output is computed
 from the stored (rounded) window and ``y`` from the float32 ``h`` before it is stored, identically
 in both backends. :meth:`TinyMamba2.verify` runs V tokens and writes the state after each token
 into the intermediate buffers and the state after all V into the main pool, as the C++ verify pass
@@ -119,7 +121,9 @@ class TinyMamba2:
             self._device = NumbaTinyMamba2(self)
         return self._device
 
-    def decode_step(self, cache: Any, tokens: Any, slots: Any = None, step: int | None = None) -> Any:
+    def decode_step(
+        self, cache: Any, tokens: Any, slots: Any = None, step: int | None = None, positions: Any = None
+    ) -> Any:
         """Advance the state of each given slot by one token, in place in ``cache``.
 
         Args:
@@ -128,21 +132,30 @@ class TinyMamba2:
             slots: ``[n]`` int slot of each token; ``None`` means ``0 .. n-1``.
             step: when given, also write the state after this token into the intermediate
                 buffers at ``[slot, step]`` (of the current ``[active, V]`` view).
+            positions: ``[n]`` int tokens each row's state had consumed before this token (the
+                stored state has consumed one more); required with stochastic rounding.
 
         Returns:
             ``[n, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
         """
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         slots = np.arange(tokens.shape[0]) if slots is None else np.asarray(slots, dtype=np.int64)
-        return self._runner(cache)._decode(cache, tokens, slots, step)
+        if positions is None and self.config.stochastic_rounding:
+            raise ValueError("positions is required: the cache rounds its 16-bit states stochastically")
+        positions = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
+        return self._runner(cache)._decode(cache, tokens, slots, step, positions)
 
-    def prefill(self, cache: Any, tokens: Any) -> None:
-        """Run ``tokens`` ``[active, T]`` through slots ``0 .. active-1``, one token at a time."""
+    def prefill(self, cache: Any, tokens: Any, positions: Any = None) -> None:
+        """Run ``tokens`` ``[active, T]`` through slots ``0 .. active-1``, one token at a time.
+
+        ``positions``: ``[active]`` tokens consumed before the first (default 0).
+        """
         tokens = np.asarray(tokens)
+        start = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for t in range(tokens.shape[1]):
-            self.decode_step(cache, tokens[:, t])
+            self.decode_step(cache, tokens[:, t], positions=start + t)
 
-    def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any) -> None:
+    def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any, positions: Any = None) -> None:
         """Plain decoding of only the accepted drafts, the state speculative decoding must reproduce.
 
         Row ``b`` decodes ``draft_tokens[b, :accept_lengths[b]]`` one token at a time in slot ``b``.
@@ -151,26 +164,50 @@ class TinyMamba2:
             cache: the manager whose slots ``0 .. active-1`` are decoded in place.
             draft_tokens: ``[active, V]`` host token ids.
             accept_lengths: ``[active]`` host ints.
+            positions: ``[active]`` tokens each row had consumed before the drafts (default 0).
         """
         draft_tokens = np.asarray(draft_tokens)
+        start = np.zeros(draft_tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for row, accepted in enumerate(np.asarray(accept_lengths)):
             for t in range(int(accepted)):
-                self.decode_step(cache, [draft_tokens[row, t]], slots=[row])
+                self.decode_step(cache, [draft_tokens[row, t]], slots=[row], positions=[start[row] + t])
 
-    def verify(self, cache: Any, draft_tokens: Any) -> None:
+    def verify(self, cache: Any, draft_tokens: Any, positions: Any = None) -> None:
         """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
 
         Reshapes the intermediate buffers to ``[active, V]``, writes the state after each draft
-        token there, and leaves the state after all V tokens in the main pool.
+        token there, and leaves the state after all V tokens in the main pool. ``positions``:
+        ``[active]`` tokens each row had consumed before the drafts (default 0).
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
+        start = np.zeros(active, np.int64) if positions is None else np.asarray(positions, np.int64)
         cache.reshape_intermediate_states(active, verify_len)
         for t in range(verify_len):
-            self.decode_step(cache, draft_tokens[:, t], step=t)
+            self.decode_step(cache, draft_tokens[:, t], step=t, positions=start + t)
 
     # ------------------------------------------------------------ the NumPy decode step
-    def _decode(self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None) -> np.ndarray:
+    def _store(self, values: np.ndarray, dtype: Any, kind: int, layer: int, positions: np.ndarray) -> np.ndarray:
+        """``values`` ``[n, ...]`` float32 as a 16-bit state stores them with stochastic rounding."""
+        from ..precision import convert
+
+        flat = convert(
+            values.reshape(values.shape[0], -1),
+            dtype,
+            stochastic=True,
+            seed=self.config.rounding_seed,
+            kind=kind,
+            layer=layer,
+            position=positions + 1,
+        )
+        return flat.reshape(values.shape)
+
+    def _rounds(self, dtype: Any) -> bool:
+        return self.config.stochastic_rounding and np.dtype(dtype).itemsize == 2
+
+    def _decode(
+        self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None, positions: np.ndarray
+    ) -> np.ndarray:
         w, config = self.weights, self.config
         heads, dim, state = (
             config.recurrent_state_num_heads,
@@ -183,7 +220,11 @@ class TinyMamba2:
         for layer in range(config.num_recurrent_layers):
             z = matvec(rmsnorm(u), w["in_proj"][layer])  # [n, C + H]
             conv = cache.get_conv_state(layer)  # [B, C, K]
-            window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
+            if self._rounds(conv.dtype):  # the older columns are exact: only the new one rounds
+                window32 = np.concatenate([conv[slots, :, 1:].astype(F32), z[:, :channels, None]], axis=2)
+                window = self._store(window32, conv.dtype, 1, layer, positions)
+            else:
+                window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
             x = xbc[:, :width].reshape(n, heads, dim)
@@ -195,10 +236,18 @@ class TinyMamba2:
                 decay[:, :, None, None] * rec[slots].astype(F32)
                 + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
             )
-            rec[slots] = h
+            rec[slots] = self._store(h, rec.dtype, 0, layer, positions) if self._rounds(rec.dtype) else h
             y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["D"][layer][None, :, None] * x
             u = u + matvec(y.reshape(n, width), w["out_proj"][layer])
             if step is not None:
-                cache.get_intermediate_conv_state(layer)[slots, step] = window
-                cache.get_intermediate_recurrent_state(layer)[slots, step] = h
+                inter_conv = cache.get_intermediate_conv_state(layer)
+                inter_rec = cache.get_intermediate_recurrent_state(layer)
+                if self._rounds(inter_conv.dtype) and inter_conv.dtype != window.dtype:
+                    inter_conv[slots, step] = self._store(window.astype(F32), inter_conv.dtype, 1, layer, positions)
+                else:
+                    inter_conv[slots, step] = window
+                if self._rounds(inter_rec.dtype):
+                    inter_rec[slots, step] = self._store(h, inter_rec.dtype, 0, layer, positions)
+                else:
+                    inter_rec[slots, step] = h
         return u

@@ -20,6 +20,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..core.numba_backend import SIMULATOR
+from ..precision.kernels import float32_bits, load_float32, store_formats, stored_value
 
 
 def _grid(rows: int, cols: int) -> tuple:
@@ -69,12 +70,14 @@ def matvec(u, weight, out, accumulate):
 
 
 @cuda.jit
-def conv_step(conv, z, weight, bias, slots, xbc, inter, step):
+def conv_step(conv, z, weight, bias, slots, xbc, inter, step, positions, fmt, layer, seed_lo, seed_hi):
     """Causal conv1d update of one layer, in place; grid ``(n, ceil(C / threads))``.
 
     ``conv`` ``[B, C, K]`` (state dtype), ``z`` ``[n, C + H]`` (xBC_raw first), ``weight`` ``[C, K]``,
     ``bias`` ``[C]``, ``slots`` ``[n]``, ``xbc`` ``[n, C]`` float32 out; if ``step >= 0`` the
-    new window also goes to ``inter[slots[i], step]`` (``[active, V, C, K]``).
+    new window also goes to ``inter[slots[i], step]`` (``[active, V, C, K]``). Stores round as
+    ``fmt`` (``[8]`` int32, :func:`mamba_cache.precision.kernels.store_formats`) says, keyed by
+    ``positions[i] + 1`` tokens, ``layer`` and the seed halves.
     """
     i = cuda.blockIdx.x
     c = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -84,24 +87,39 @@ def conv_step(conv, z, weight, bias, slots, xbc, inter, step):
     kernel = conv.shape[2]
     for k in range(kernel - 1):
         conv[slot, c, k] = conv[slot, c, k + 1]
-    conv[slot, c, kernel - 1] = z[i, c]
+    position = np.int64(positions[i]) + 1
+    new = stored_value(z[i, c], fmt[0], fmt[1], fmt[2], c * kernel + kernel - 1, position, layer, 1, seed_lo, seed_hi)
+    if fmt[3]:  # bfloat16: raw bits
+        conv[slot, c, kernel - 1] = float32_bits(new) >> np.uint32(16)
+    else:
+        conv[slot, c, kernel - 1] = new
     acc = float32(0.0)
     for k in range(kernel):
-        acc += float32(conv[slot, c, k]) * weight[c, k]
+        acc += load_float32(conv[slot, c, k], fmt[3]) * weight[c, k]
     v = acc + bias[c]
     xbc[i, c] = v / (float32(1.0) + math.exp(-v))
     if step >= 0:
+        same = fmt[1] == fmt[5] and fmt[2] == fmt[6]
         for k in range(kernel):
-            inter[slot, step, c, k] = conv[slot, c, k]
+            if same:
+                inter[slot, step, c, k] = conv[slot, c, k]
+            else:
+                value = load_float32(conv[slot, c, k], fmt[3])
+                out = stored_value(value, fmt[4], fmt[5], fmt[6], c * kernel + k, position, layer, 1, seed_lo, seed_hi)
+                if fmt[7]:
+                    inter[slot, step, c, k] = float32_bits(out) >> np.uint32(16)
+                else:
+                    inter[slot, step, c, k] = out
 
 
 @cuda.jit
-def ssm_step(rec, xbc, z, dt_bias, a_log, d_skip, slots, y, inter, step):
+def ssm_step(rec, xbc, z, dt_bias, a_log, d_skip, slots, y, inter, step, positions, fmt, layer, seed_lo, seed_hi):
     """Selective state update of one layer, in place; grid ``(n, ceil(H*D / threads))``.
 
     ``rec`` ``[B, H, D, N]`` (state dtype), ``xbc`` ``[n, C]``, ``z`` ``[n, C + H]`` (dt_raw last),
     ``dt_bias``/``a_log``/``d_skip`` ``[H]`` (``a_log`` holds A itself), ``y`` ``[n, H*D]`` float32
-    out; if ``step >= 0`` the new state also goes to ``inter[slots[i], step]``.
+    out; if ``step >= 0`` the new state also goes to ``inter[slots[i], step]``. Stores round as in
+    :func:`conv_step`.
     """
     i = cuda.blockIdx.x
     hd = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -118,11 +136,21 @@ def ssm_step(rec, xbc, z, dt_bias, a_log, d_skip, slots, y, inter, step):
     dtx = dt * x
     width = heads * dim
     acc = float32(0.0)
+    position = np.int64(positions[i]) + 1
     for n in range(state):
-        new = decay * float32(rec[slot, h, d, n]) + dtx * xbc[i, width + n]
-        rec[slot, h, d, n] = new
+        new = decay * load_float32(rec[slot, h, d, n], fmt[3]) + dtx * xbc[i, width + n]
+        element = hd * state + n
+        kept = stored_value(new, fmt[0], fmt[1], fmt[2], element, position, layer, 0, seed_lo, seed_hi)
+        if fmt[3]:
+            rec[slot, h, d, n] = float32_bits(kept) >> np.uint32(16)
+        else:
+            rec[slot, h, d, n] = kept
         if step >= 0:
-            inter[slot, step, h, d, n] = new
+            kept = stored_value(new, fmt[4], fmt[5], fmt[6], element, position, layer, 0, seed_lo, seed_hi)
+            if fmt[7]:
+                inter[slot, step, h, d, n] = float32_bits(kept) >> np.uint32(16)
+            else:
+                inter[slot, step, h, d, n] = kept
         acc += new * xbc[i, width + state + n]
     y[i, hd] = acc + d_skip[h] * x
 
@@ -134,18 +162,25 @@ class NumbaTinyMamba2:
         self.model = model
         self.weights = {name: cuda.to_device(np.ascontiguousarray(value)) for name, value in model.weights.items()}
 
-    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step):
+    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions: np.ndarray):
         # A tiny model launches tiny grids on purpose: Numba's low-occupancy warning says nothing here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
-            return self._decode_layers(cache, tokens, slots, step)
+            return self._decode_layers(cache, tokens, slots, step, positions)
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step):
+    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions: np.ndarray):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]
         width = config.recurrent_state_num_heads * config.recurrent_state_head_dim
         channels = config.conv_dim
         d_tokens, d_slots = cuda.to_device(tokens), cuda.to_device(slots)
+        d_positions = cuda.to_device(np.ascontiguousarray(positions, dtype=np.int32))
+        seed = config.rounding_seed
+        seed_lo, seed_hi = seed & 0xFFFFFFFF, seed >> 32
+        conv_fmt = cuda.to_device(store_formats(config, config.conv_state_dtype, config.intermediate_conv_state_dtype))
+        rec_fmt = cuda.to_device(
+            store_formats(config, config.recurrent_state_dtype, config.intermediate_recurrent_state_dtype)
+        )
         u = cuda.device_array((n, width), dtype=np.float32)
         normed = cuda.device_array((n, width), dtype=np.float32)
         z = cuda.device_array((n, channels + config.recurrent_state_num_heads), dtype=np.float32)
@@ -173,6 +208,11 @@ class NumbaTinyMamba2:
                 xbc,
                 inter_conv,
                 step if with_step else -1,
+                d_positions,
+                conv_fmt,
+                layer,
+                seed_lo,
+                seed_hi,
             )
             inter_rec = (
                 cache.get_intermediate_recurrent_state(layer) if with_step else rec_state.reshape((1, *rec_state.shape))
@@ -189,6 +229,11 @@ class NumbaTinyMamba2:
                 y,
                 inter_rec,
                 step if with_step else -1,
+                d_positions,
+                rec_fmt,
+                layer,
+                seed_lo,
+                seed_hi,
             )
             matvec[grid, threads](y, w["out_proj"][layer], u, True)
         return u

@@ -403,3 +403,75 @@ def convert_array(dst, src, formats, layer, kind, positions, seed_lo, seed_hi):
         seed_lo,
         seed_hi,
     )
+
+
+# ---------------------------------------------------------------- storing a computed float32 state
+
+
+@cuda.jit(device=True, inline="always")
+def float32_bits(value):
+    """The bit pattern of a float32 (a bit cast through a one-element local array)."""
+    buf = cuda.local.array(1, np.float32)
+    buf[0] = value
+    return buf.view(np.uint32)[0]
+
+
+@cuda.jit(device=True, inline="always")
+def float32_from_bits(bits):
+    """The float32 of a 32-bit pattern."""
+    buf = cuda.local.array(1, np.uint32)
+    buf[0] = np.uint32(bits)
+    return buf.view(np.float32)[0]
+
+
+@cuda.jit(device=True, inline="always")
+def load_float32(value, bits16):
+    """A state element as float32: a float pool's value, or (``bits16``) a bfloat16 pool's raw bits."""
+    if bits16:
+        return float32_from_bits(np.uint32(value) << np.uint32(16))
+    return np.float32(value)
+
+
+@cuda.jit(device=True)
+def stored_value(value, mode, dst_e, dst_m, element, position, layer, kind, seed_lo, seed_hi):
+    """A computed float32 ``value`` as a state of format ``(dst_e, dst_m)`` stores it, as a float32.
+
+    ``mode`` 0 returns ``value`` (the pool's own store rounds it: a float32 or wider pool, or a
+    float16 pool rounding to nearest in hardware, which agrees with the reference); 1 rounds to
+    nearest even and 2 stochastically, with the bits of ``(seed, layer, kind, position, element)``
+    as in :func:`mamba_cache.precision.reference.rounding_bits`. The result is exactly
+    representable in the target, so storing it into a float16 pool is exact; a bfloat16 (uint16)
+    pool takes ``float32_bits(result) >> 16``.
+    """
+    if mode == MODE_COPY:
+        return np.float32(value)
+    random = np.uint64(0)
+    if mode == MODE_STOCHASTIC:
+        r0, r1, r2, r3 = philox4x32_10(
+            (element // 4) & 0xFFFFFFFF, position & 0xFFFFFFFF, layer & 0xFFFFFFFF, kind, seed_lo, seed_hi
+        )
+        lane = element % 4
+        random = r0 if lane == 0 else (r1 if lane == 1 else (r2 if lane == 2 else r3))
+    narrow = convert_bits(float32_bits(value), 8, 23, dst_e, dst_m, mode == MODE_STOCHASTIC, random)
+    return float32_from_bits(convert_bits(narrow, dst_e, dst_m, 8, 23, False, np.uint64(0)))
+
+
+def store_formats(config, main_dtype, inter_dtype) -> np.ndarray:
+    """``[8]`` int32 ``mode, e, m, bits16`` of a main pool, then of its per-step pool, for :func:`stored_value`.
+
+    ``bits16`` is 1 for bfloat16 (stored as uint16 raw bits). Stochastic rounding (mode 2) where the
+    config asks for it and the pool is 16-bit; otherwise nearest even by integer arithmetic for
+    bfloat16 (mode 1), and the pool's own store for the float types (mode 0).
+    """
+    from .reference import dtype_format
+
+    values = []
+    for dtype in (main_dtype, inter_dtype):
+        if config.stochastic_rounding and dtype.itemsize == 2:
+            mode = MODE_STOCHASTIC
+        elif dtype.name == "bfloat16":
+            mode = MODE_NEAREST
+        else:
+            mode = MODE_COPY
+        values += [mode, *dtype_format(dtype), int(dtype.name == "bfloat16")]
+    return np.array(values, dtype=np.int32)

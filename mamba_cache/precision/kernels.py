@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from ..core.numba_backend import SIMULATOR
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: Groups of 4 elements each thread converts.
@@ -408,20 +409,34 @@ def convert_array(dst, src, formats, layer, kind, positions, seed_lo, seed_hi):
 # ---------------------------------------------------------------- storing a computed float32 state
 
 
-@cuda.jit(device=True, inline="always")
-def float32_bits(value):
-    """The bit pattern of a float32 (a bit cast through a one-element local array)."""
-    buf = cuda.local.array(1, np.float32)
-    buf[0] = value
-    return buf.view(np.uint32)[0]
+if SIMULATOR:  # the simulator has no libdevice: bit-cast through a one-element local array
 
+    @cuda.jit(device=True, inline="always")
+    def float32_bits(value):
+        """The bit pattern of a float32, as uint32."""
+        buf = cuda.local.array(1, np.float32)
+        buf[0] = value
+        return buf.view(np.uint32)[0]
 
-@cuda.jit(device=True, inline="always")
-def float32_from_bits(bits):
-    """The float32 of a 32-bit pattern."""
-    buf = cuda.local.array(1, np.uint32)
-    buf[0] = np.uint32(bits)
-    return buf.view(np.float32)[0]
+    @cuda.jit(device=True, inline="always")
+    def float32_from_bits(bits):
+        """The float32 of a 32-bit pattern."""
+        buf = cuda.local.array(1, np.uint32)
+        buf[0] = np.uint32(bits)
+        return buf.view(np.float32)[0]
+
+else:  # on the GPU: libdevice's register bit casts (__float_as_int, __int_as_float)
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline="always")
+    def float32_bits(value):
+        """The bit pattern of a float32, as uint32."""
+        return np.uint32(libdevice.float_as_int(np.float32(value)))
+
+    @cuda.jit(device=True, inline="always")
+    def float32_from_bits(bits):
+        """The float32 of a 32-bit pattern."""
+        return libdevice.int_as_float(np.int32(np.uint32(bits)))
 
 
 @cuda.jit(device=True, inline="always")

@@ -468,3 +468,23 @@ def test_tiny_model_requires_positions_with_stochastic_rounding():
     config = model_config("float16", True)
     with pytest.raises(ValueError, match="positions is required"):
         TinyMamba2(config).decode_step(NumpyMambaCacheManager(config), [1, 2, 3])
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_device_float32_bfloat16_fast_path_matches_reference(rng, stochastic):
+    # the kernels' float32 <-> bfloat16 shortcut against the general reference: ties, near-ties,
+    # overflow, subnormals, NaN payloads, random patterns
+    base = rng.integers(0, 2**16, 512, dtype=np.int64).astype(np.uint32) << np.uint32(16)
+    offsets = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint32)
+    patterns = (base[:, None] | offsets[None, :]).ravel()
+    extra = rng.integers(0, 2**32, 256, dtype=np.int64).astype(np.uint32)
+    specials = np.array(
+        [0x7F7FFFFF, 0x7F7F8000, 0xFF7F8001, 0x7F800001, 0xFFC00001, 0x00000001, 0x807FFFFF, 0], np.uint32
+    )
+    values = np.concatenate([patterns, extra, specials]).view(np.float32).reshape(2, -1)
+    positions = np.array([3, 2**31 - 1], np.int32)
+    narrow = run_convert_kernel(values, "bfloat16", 2 if stochastic else 1, 5, 1, 0, positions)
+    expected = convert(values, bfloat16, stochastic=stochastic, seed=5, kind=0, layer=1, position=positions)
+    assert narrow.tobytes() == bits_of(expected).tobytes()
+    wide = run_convert_kernel(np.ascontiguousarray(narrow).view(bfloat16), "float32", 1)
+    assert wide.tobytes() == bits_of(convert(expected, np.float32)).tobytes()

@@ -47,10 +47,21 @@ def launch_shape(*elems: int) -> tuple[tuple[int, ...], int]:
     return tuple(-(-g // chunk) for g in groups), threads
 
 
-@cuda.jit(device=True, inline="always")
-def _mulhilo(a, b):
-    product = np.uint64(a) * np.uint64(b)
-    return np.uint64(product >> np.uint64(32)), np.uint64(product & np.uint64(0xFFFFFFFF))
+if SIMULATOR:  # the simulator has no cuda.mulhi
+
+    @cuda.jit(device=True, inline="always")
+    def _mulhilo(a, b):
+        product = np.uint64(a) * np.uint64(b)
+        return np.uint64(product >> np.uint64(32)), np.uint64(product & np.uint64(0xFFFFFFFF))
+
+else:
+
+    @cuda.jit(device=True, inline="always")
+    def _mulhilo(a, b):
+        # __umulhi and a 32-bit multiply, rather than a 64 x 64-bit product
+        hi = cuda.mulhi(np.uint32(a), np.uint32(b))
+        lo = np.uint32(np.uint64(a) * np.uint64(b))
+        return np.uint64(hi), np.uint64(lo)
 
 
 @cuda.jit(device=True)
@@ -90,6 +101,25 @@ def convert_bits(bits, se, sm, de, dm, stochastic, random):
     Returns:
         The target pattern as uint64.
     """
+    # float32 <-> bfloat16, the common pair: the same result in a few 32-bit-sized operations
+    # (both share float32's exponent, so the general steps reduce to a shift of the pattern)
+    if se == 8 and sm == 23 and de == 8 and dm == 7:
+        x32 = np.uint64(bits) & np.uint64(0xFFFFFFFF)
+        top = (x32 >> np.uint64(16)) & np.uint64(0x8000)
+        mag = x32 & np.uint64(0x7FFFFFFF)
+        if mag > np.uint64(0x7F800000):  # NaN: quiet, top payload bits kept
+            return top | np.uint64(0x7FC0) | (mag >> np.uint64(16))
+        if stochastic:
+            rounded = (mag + (np.uint64(random) >> np.uint64(16))) >> np.uint64(16)
+        else:
+            rounded = (mag + np.uint64(0x7FFF) + ((mag >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+        return top | rounded
+    if se == 8 and sm == 7 and de == 8 and dm == 23:
+        x16 = np.uint64(bits) & np.uint64(0xFFFF)
+        wide = x16 << np.uint64(16)
+        if (x16 & np.uint64(0x7FFF)) > np.uint64(0x7F80):  # NaN: set the quiet bit
+            wide = wide | np.uint64(0x00400000)
+        return wide
     # 64-bit copies under new names (the arguments may be int32; Numba keeps a variable one type)
     e_src, m_src, e_dst, m_dst = np.int64(se), np.int64(sm), np.int64(de), np.int64(dm)
     one = np.uint64(1)

@@ -20,6 +20,11 @@ Philox4x32-10 call gives the 4 random words of a group):
 Each kind carries its own conversion: ``mode`` 0 copies the bits (equal dtypes), 1 rounds to
 nearest even, 2 rounds stochastically; ``src_e, src_m, dst_e, dst_m`` are the formats (exponent
 and mantissa bits). A kind whose dtypes are equal is thus copied in the same launch.
+
+Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
+bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
+Philox uses ``__umulhi`` on the GPU. Whether a converting commit stays memory-bound is measured by
+``benchmarks/precision_bench.py``.
 """
 
 from __future__ import annotations

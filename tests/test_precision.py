@@ -488,3 +488,38 @@ def test_device_float32_bfloat16_fast_path_matches_reference(rng, stochastic):
     assert narrow.tobytes() == bits_of(expected).tobytes()
     wide = run_convert_kernel(np.ascontiguousarray(narrow).view(bfloat16), "float32", 1)
     assert wide.tobytes() == bits_of(convert(expected, np.float32)).tobytes()
+
+
+@pytest.mark.parametrize("elems", [2048, 2049], ids=["on-chunk-edge", "off-chunk-edge"])
+def test_converting_scatter_across_chunk_edges(rng, elems):
+    # a slot of 2048 elements fills exactly one chunk of 256 threads x 2 groups of 4; 2049 needs a second
+    config = Config(
+        num_recurrent_layers=1,
+        max_batch_size=3,
+        recurrent_state_num_heads=1,
+        recurrent_state_head_dim=1,
+        recurrent_state_size=elems,
+        conv_dim=elems - 1,
+        conv_kernel=1,
+        max_intermediate_seq_len=2,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float16",
+        intermediate_conv_state_dtype="float64",
+        stochastic_rounding=True,
+        rounding_seed=9,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    before = host_pools(managers[0])
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(2, 2)
+        manager.scatter_mtp_states(
+            device_int32(backend, [1, 0]),
+            state_indices=device_int32(backend, [2, 0]),
+            positions=device_int32(backend, [40, 41]),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], f"{elems}")
+    assert after[0]["recurrent"][:, :2].tobytes() == before["recurrent"][:, :2].tobytes()
+    assert after[0]["recurrent"][:, 2].tobytes() != before["recurrent"][:, 2].tobytes()

@@ -17,6 +17,7 @@ from ._config import Config, ConfigError, format_bytes
 from ._target import gpu_present, select_numba_target
 from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
+from .precision import bfloat16
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
     "SnapshotError",
+    "bfloat16",
     "format_bytes",
     "gpu_present",
     "load_snapshot",

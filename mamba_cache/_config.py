@@ -26,11 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from .precision.reference import bfloat16
+
 __all__ = ["Config", "ConfigError", "format_bytes"]
 
 #: The state dtypes both backends support. The kernels copy raw words, so any fixed-size
-#: floating type works; these are the ones an engine stores recurrent state in.
-SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: floating type works; these are the ones an engine stores recurrent state in. bfloat16 comes
+#: from ml_dtypes (the Numba backend stores it as uint16 raw bits).
+SUPPORTED_DTYPES = (np.dtype(np.float16), bfloat16, np.dtype(np.float32), np.dtype(np.float64))
 
 #: ``Config.commit_mode`` values: keep every per-step state and copy one, or replay the accepted steps.
 COMMIT_MODES = ("scatter", "replay")
@@ -68,9 +71,11 @@ def _as_state_dtype(name: str, value: Any) -> np.dtype:
     try:
         dtype = np.dtype(value)
     except TypeError:
-        raise ConfigError(f"{name} must be a NumPy dtype, got {value!r}") from None
+        raise ConfigError(
+            f"{name} must be a NumPy dtype (float16, bfloat16, float32, float64), got {value!r}"
+        ) from None
     if dtype not in SUPPORTED_DTYPES:
-        allowed = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        allowed = "float16, bfloat16, float32, float64"
         raise ConfigError(f"{name} must be one of {allowed}, got {dtype.name}")
     return dtype
 
@@ -104,7 +109,8 @@ class Config:
         conv_kernel: K, conv1d kernel width.
         max_intermediate_seq_len: S, the MTP verify length; 0 disables the intermediate buffers.
         recurrent_state_dtype: dtype of the recurrent and intermediate recurrent states
-            (``float16``, ``float32`` or ``float64``; normalised to a ``numpy.dtype``).
+            (``float16``, ``bfloat16`` (``"bfloat16"`` or ``ml_dtypes.bfloat16``), ``float32`` or
+            ``float64``; normalised to a ``numpy.dtype``).
         conv_state_dtype: dtype of the conv and intermediate conv states (same choices).
         verify_writes_main_pool: True (the seed's behaviour) when the MTP verify pass also writes
             the state after all ``V`` tokens into the main pool, so a full accept needs no copy;
@@ -189,6 +195,14 @@ class Config:
                 f"got {groups}"
             )
         object.__setattr__(self, "n_groups", groups)
+        if self.commit_mode == "replay":
+            # The replay kernels store round-to-nearest float16 / float32 / float64; what is not built
+            # yet is refused rather than computed wrong.
+            if self.stochastic_rounding:
+                raise ConfigError("stochastic_rounding is not supported with commit_mode='replay' yet")
+            for name in ("recurrent_state_dtype", "conv_state_dtype"):
+                if getattr(self, name) == bfloat16:
+                    raise ConfigError(f"{name}=bfloat16 is not supported with commit_mode='replay' yet")
 
     # ------------------------------------------------------------------ shapes
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ._config import ConfigError, format_bytes
@@ -13,6 +14,15 @@ def _plan(args) -> int:
     preset = PRESETS[args.preset]
     try:
         config = preset.config(args.batch, args.mtp, args.tp)
+        dtypes = {
+            "recurrent_state_dtype": args.recurrent_dtype or args.dtype,
+            "conv_state_dtype": args.conv_dtype or args.dtype,
+        }
+        dtypes = {field: value for field, value in dtypes.items() if value}
+        # the per-step pools follow the main dtype (None)
+        dtypes.update({f"intermediate_{field}": None for field in list(dtypes)})
+        if dtypes:
+            config = dataclasses.replace(config, **dtypes)
     except ConfigError as error:
         print(f"mamba-cache plan: {error}", file=sys.stderr)
         return 2
@@ -51,6 +61,10 @@ def main(argv=None) -> int:
     plan.add_argument("--batch", type=int, default=8, help="slots (max_batch_size), default 8")
     plan.add_argument("--mtp", type=int, default=0, help="MTP verify length (max_intermediate_seq_len), default 0")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, default 1")
+    dtypes = "float16, bfloat16, float32 or float64"
+    plan.add_argument("--dtype", help=f"state dtype of both kinds ({dtypes}); default: the preset's")
+    plan.add_argument("--recurrent-dtype", help=f"recurrent state dtype ({dtypes}); overrides --dtype")
+    plan.add_argument("--conv-dtype", help=f"conv state dtype ({dtypes}); overrides --dtype")
     plan.add_argument("--budget", help="bytes per rank for the cache, e.g. 20GiB: print the largest batch that fits")
     plan.set_defaults(run=_plan)
     commands.add_parser("presets", help="list the model presets").set_defaults(run=_presets)

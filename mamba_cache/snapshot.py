@@ -8,6 +8,9 @@ File format (``.npz``, readable by any NumPy, and by other languages as a zip of
     recurrent_<l>     [1, H, D, N], recurrent dtype, for l = 0 .. L-1
     conv_<l>          [1, C, K], conv dtype
 
+A bfloat16 state (which ``.npy`` cannot name) is stored as uint16 raw bits; the config in ``meta``
+says ``bfloat16`` and loading views the bits as bfloat16 again.
+
 A file is loaded only into a cache whose layer count, shapes and dtypes match (the batch size and
 MTP length may differ), and only if its checksum matches: anything else raises
 :class:`SnapshotError` before any state is touched.
@@ -88,7 +91,8 @@ def save_snapshot(path: Any, config: Config, recurrent_states: list, conv_states
         "layers": layers,
         "sha256": _digest(arrays),
     }
-    np.savez(path, meta=np.array(json.dumps(meta)), **dict(zip(names, arrays, strict=True)))
+    stored = [a.view(np.uint16) if a.dtype.name == "bfloat16" else a for a in arrays]
+    np.savez(path, meta=np.array(json.dumps(meta)), **dict(zip(names, stored, strict=True)))
 
 
 def load_snapshot(path: Any, config: Config) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -126,4 +130,9 @@ def load_snapshot(path: Any, config: Config) -> tuple[list[np.ndarray], list[np.
             )
     if _digest(arrays) != meta["sha256"]:
         raise SnapshotError("snapshot checksum mismatch: the file is corrupted")
+    dtypes = [config.recurrent_state_dtype] * layers + [config.conv_state_dtype] * layers
+    for array, dtype in zip(arrays, dtypes, strict=True):
+        if array.dtype.itemsize != dtype.itemsize or array.shape[:1] != (1,):
+            raise SnapshotError(f"snapshot array {array.shape} {array.dtype} does not fit the config's {dtype.name}")
+    arrays = [a.view(d) if a.dtype != d else a for a, d in zip(arrays, dtypes, strict=True)]
     return arrays[:layers], arrays[layers:]

@@ -161,6 +161,32 @@ CASES = {
             ("replay_mtp_states", {"accept_lengths": [1, 3], "state_indices": [2, -1]}),
         ],
     ),
+    "mixed-bf16-stochastic": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=1,
+            recurrent_state_head_dim=3,
+            recurrent_state_size=3,
+            conv_dim=5,
+            conv_kernel=2,
+            max_intermediate_seq_len=3,
+            recurrent_state_dtype="bfloat16",
+            intermediate_recurrent_state_dtype="float32",
+            conv_state_dtype="float16",
+            intermediate_conv_state_dtype="bfloat16",
+            stochastic_rounding=True,
+            rounding_seed=2**33 + 17,
+        ),
+        [
+            ("scatter_mtp_states", {"accept_lengths": [2, 1, 3], "positions": [7, 0, 100]}),
+            (
+                "scatter_accepted_tree_states",
+                {"accepted_node_ids": [[0, 2], [1, -1], [-1, -1]], "accept_lengths": [2, 2, 1], "positions": [9, 3, 4]},
+            ),
+            ("capture_recurrent_states", {"batch_idx": 0}),
+        ],
+    ),
 }
 
 
@@ -245,7 +271,8 @@ def build(out: pathlib.Path) -> dict:
             for pool in pools:
                 arrays[f"step{i}_{pool}"] = pool_array(manager, pool).copy()
         file = f"{name}.npz"
-        np.savez(out / file, **arrays)
+        # .npy cannot name bfloat16: such arrays are stored as uint16 raw bits (the manifest has the dtype)
+        np.savez(out / file, **{k: v.view(np.uint16) if v.dtype.name == "bfloat16" else v for k, v in arrays.items()})
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         for field in fields:
             if field.endswith("_dtype"):

@@ -99,6 +99,8 @@ def random_bits(rng, shape, dtype) -> np.ndarray:
 def write_pool(manager, pool: str, values: np.ndarray) -> None:
     """Overwrite a whole stacked pool of ``manager`` with ``values``."""
     target = getattr(manager._pools, pool)
+    if values.dtype != target.dtype and values.dtype.itemsize == target.dtype.itemsize:
+        values = values.view(target.dtype)  # bfloat16 as uint16 raw bits (files, Numba pools)
     if isinstance(target, np.ndarray):
         target[...] = values
     else:

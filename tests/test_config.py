@@ -95,7 +95,7 @@ def test_zero_layers_skips_validation_like_the_cpp():
 @pytest.mark.parametrize("field", ["recurrent_state_dtype", "conv_state_dtype"])
 def test_dtypes_are_normalised_and_checked(field):
     assert Config(**VALID, **{field: np.float32}).__getattribute__(field) == np.dtype(np.float32)
-    with pytest.raises(ConfigError, match=rf"{field} must be one of float16, float32, float64, got int32"):
+    with pytest.raises(ConfigError, match=rf"{field} must be one of float16, bfloat16, float32, float64, got int32"):
         Config(**VALID, **{field: "int32"})
     with pytest.raises(ConfigError, match=rf"{field} must be a NumPy dtype"):
         Config(**VALID, **{field: "no-such-type"})

@@ -115,17 +115,6 @@ def is_c_contiguous(shape: tuple, strides: tuple | None, itemsize: int) -> bool:
     return True
 
 
-def _refuse_unbuilt(config: Config) -> None:
-    """Refuse the Config fields whose capability has not landed yet (each removes its own line)."""
-    from .._config import ConfigError
-
-    if config.stochastic_rounding:
-        raise ConfigError("stochastic_rounding is not implemented yet")
-    for kind in ("recurrent", "conv"):
-        if getattr(config, f"intermediate_{kind}_state_dtype") != getattr(config, f"{kind}_state_dtype"):
-            raise ConfigError(f"intermediate_{kind}_state_dtype other than {kind}_state_dtype is not implemented yet")
-
-
 class MambaCacheManagerBase:
     """Per-layer Mamba (recurrent + conv) state manager; see :class:`NumpyMambaCacheManager`.
 
@@ -145,7 +134,6 @@ class MambaCacheManagerBase:
             self._config = config
             return
         self._check_config(config)
-        _refuse_unbuilt(config)
         stream = self._stream(stream)
         available, where = self._available_bytes()
         if config.total_bytes > available:
@@ -235,16 +223,32 @@ class MambaCacheManagerBase:
         raise NotImplementedError
 
     def _scatter(
-        self, accept: IndexArg, indices: IndexArg | None, active: int, seq_len: int, max_accept: int, stream: Stream
+        self,
+        accept: IndexArg,
+        indices: IndexArg | None,
+        active: int,
+        seq_len: int,
+        max_accept: int,
+        stream: Stream,
+        positions: IndexArg | None = None,
     ) -> None:
         """Commit row ``b``'s step ``accept[b] - 1`` when ``1 <= accept[b] <= max_accept``, both kinds.
 
         The slot is ``indices[b]`` (``b`` when ``indices`` is None), skipped outside ``[0, B)``.
+        Pools of other dtypes than their intermediate ones are converted in the same launch
+        (``positions``, checked, or None: the stochastic-rounding positions, see ``_positions``).
         """
         raise NotImplementedError
 
     def _scatter_tree(
-        self, nodes: IndexArg, accept: IndexArg, indices: IndexArg | None, active: int, seq_len: int, stream: Stream
+        self,
+        nodes: IndexArg,
+        accept: IndexArg,
+        indices: IndexArg | None,
+        active: int,
+        seq_len: int,
+        stream: Stream,
+        positions: IndexArg | None = None,
     ) -> None:
         """Row ``b`` commits its last accepted tree node (see ``scatter_accepted_tree_states``)."""
         raise NotImplementedError
@@ -529,7 +533,38 @@ class MambaCacheManagerBase:
                 raise ValueError(f"state_indices must have the length of accept_lengths ({active}), got {count}")
         return accept, indices, active
 
-    def scatter_mtp_states(self, accept_lengths: Any, stream: Any = None, *, state_indices: Any = None) -> None:
+    def _rounds_stochastically(self) -> bool:
+        """True when a commit stores a 4- or 8-byte per-step state into a 2-byte pool with stochastic rounding."""
+        config = self._config
+        if not config.stochastic_rounding:
+            return False
+        return any(
+            getattr(config, f"{kind}_state_dtype").itemsize == 2
+            and getattr(config, f"intermediate_{kind}_state_dtype").itemsize >= 4
+            for kind in ("recurrent", "conv")
+        )
+
+    def _positions(self, positions: Any, active: int, stream: Any) -> Any:
+        """Check the optional ``positions`` ``[active]`` int32 argument of a commit (None stays None).
+
+        Raises:
+            ValueError: it is missing while the commit rounds stochastically, or has another length.
+        """
+        if positions is None:
+            if self._rounds_stochastically():
+                raise ValueError(
+                    "positions (int32 [active], tokens each row's main state had consumed before the verify "
+                    "pass) is required: this commit rounds stochastically; nothing was changed"
+                )
+            return None
+        checked, (count,) = self._int32_array("positions", positions, "[active]", stream)
+        if count != active:
+            raise ValueError(f"positions must have the length of accept_lengths ({active}), got {count}")
+        return checked
+
+    def scatter_mtp_states(
+        self, accept_lengths: Any, stream: Any = None, *, state_indices: Any = None, positions: Any = None
+    ) -> None:
         """Commit each row's last accepted intermediate state into the main pools.
 
         For every layer and every row ``b < len(accept_lengths)``, with ``V`` the current second
@@ -546,6 +581,11 @@ class MambaCacheManagerBase:
                 backend: a host ``numpy.ndarray``; Numba backend: on the device, see there).
             stream: the stream to run on (ignored by the NumPy backend).
             state_indices: optional ``[active]`` int32, the pool slot of each row (keyword only).
+            positions: optional ``[active]`` int32 (keyword only): tokens row ``b``'s main state had
+                consumed before the verify pass, ``p``; the committed state after step ``t`` has
+                consumed ``p + t + 1``. Required when ``Config.stochastic_rounding`` is on and a
+                float32/float64 per-step state is stored into a 16-bit pool (its rounding bits are
+                keyed by that position, never by the slot or the step); ignored otherwise.
 
         Raises:
             TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
@@ -560,12 +600,21 @@ class MambaCacheManagerBase:
         if not self.has_intermediate_recurrent_states():
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        checked_positions = self._positions(positions, active, stream)
         if active:
             seq_len = self._verify_shape[1]
-            self._scatter(accept, indices, active, seq_len, self._max_accept(seq_len), stream)
+            self._scatter(
+                accept, indices, active, seq_len, self._max_accept(seq_len), stream, positions=checked_positions
+            )
 
     def scatter_accepted_tree_states(
-        self, accepted_node_ids: Any, accept_lengths: Any, state_indices: Any = None, stream: Any = None
+        self,
+        accepted_node_ids: Any,
+        accept_lengths: Any,
+        state_indices: Any = None,
+        stream: Any = None,
+        *,
+        positions: Any = None,
     ) -> None:
         """Tree verification: commit each row's last accepted node into the main pools.
 
@@ -582,6 +631,9 @@ class MambaCacheManagerBase:
             accept_lengths: ``[active]`` int32, ``active <= B``.
             state_indices: optional ``[active]`` int32 pool slot of each row (default: row ``b``).
             stream: the stream to run on (ignored by the NumPy backend).
+            positions: optional ``[active]`` int32 (keyword only), as in ``scatter_mtp_states``; the
+                node at index ``j`` of ``accepted_node_ids[b]`` has consumed ``positions[b] + j + 1``
+                tokens.
 
         Raises:
             TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
@@ -597,8 +649,11 @@ class MambaCacheManagerBase:
         nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
         if shape[0] != active:
             raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
+        checked_positions = self._positions(positions, active, stream)
         if active and shape[1]:
-            self._scatter_tree(nodes, accept, indices, active, self._verify_shape[1], stream)
+            self._scatter_tree(
+                nodes, accept, indices, active, self._verify_shape[1], stream, positions=checked_positions
+            )
 
     # ------------------------------------------------------------ replay commit
     def _refuse_in_replay_mode(self, what: str) -> None:
@@ -818,11 +873,13 @@ class MambaCacheManagerBase:
         recurrent = self.capture_recurrent_states(slot, stream=stream)
         conv = self.capture_conv_states(slot, stream=stream)
         resolved = self._stream(stream)
+        # a bfloat16 pool is uint16 raw bits on the Numba backend: view the host copies as bfloat16
+        rec_dtype, conv_dtype = self._config.recurrent_state_dtype, self._config.conv_state_dtype
         save_snapshot(
             path,
             self._config,
-            [self._to_host(a, resolved) for a in recurrent],
-            [self._to_host(a, resolved) for a in conv],
+            [self._to_host(a, resolved).view(rec_dtype) for a in recurrent],
+            [self._to_host(a, resolved).view(conv_dtype) for a in conv],
         )
 
     def load_slot(self, path: Any, slot: int, stream: Any = None) -> None:

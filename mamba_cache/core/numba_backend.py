@@ -4,6 +4,8 @@ It binds :class:`mamba_cache.core.manager.MambaCacheManagerBase` to ``numba.cuda
 Each state kind is one device allocation holding all layers; the layer tensors are
 ``DeviceNDArray`` views of it and expose ``__cuda_array_interface__``, so PyTorch
 (``torch.as_tensor(view, device="cuda")``) and CuPy (``cupy.asarray(view)``) use them zero-copy.
+Numba has no bfloat16 type and ``__cuda_array_interface__`` cannot express one: a bfloat16 pool is
+a uint16 device array of the raw bits, and CAI consumers see uint16 (``.view(torch.bfloat16)``).
 
 The kernels are in :mod:`mamba_cache.core.kernels`. ``clear_states`` and ``scatter_mtp_states`` launch
 prepared kernels (:mod:`mamba_cache.core.launch`): one launch per state kind covering every layer, no
@@ -193,6 +195,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             cuda.current_context().deallocations.clear()
 
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
+        if dtype.name == "bfloat16":  # Numba has no bfloat16: keep the raw bits (see mamba_cache.precision)
+            dtype = np.dtype(np.uint16)
         nbytes = math.prod(shape) * dtype.itemsize
         try:
             array = cuda.device_array(shape, dtype=dtype)  # not bound to a stream: see _device_empty
@@ -346,7 +350,13 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             entry = self._launches[key] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
         return entry
 
-    def _scatter(self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any) -> None:
+    def _scatter(
+        self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any, positions: Any = None
+    ) -> None:
+        if self._converting_commit():
+            from ..precision import numba_binding
+
+            return numba_binding.scatter(self, accept, indices, active, seq_len, max_accept, stream, positions)
         launch, blocks, layers = self._commit_launch("scatter", kernels.scatter_accepted)
         launch.set_array("accept_lengths", accept, shape_changes=True)
         self._set_indices(launch, indices)
@@ -354,13 +364,27 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("max_accept", max_accept)
         launch.launch((blocks, active, layers), stream)
 
-    def _scatter_tree(self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+    def _scatter_tree(
+        self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, positions: Any = None
+    ) -> None:
+        if self._converting_commit():
+            from ..precision import numba_binding
+
+            return numba_binding.scatter_tree(self, nodes, accept, indices, active, seq_len, stream, positions)
         launch, blocks, layers = self._commit_launch("tree", kernels.scatter_tree)
         launch.set_array("node_ids", nodes, shape_changes=True)
         launch.set_array("accept_lengths", accept, shape_changes=True)
         self._set_indices(launch, indices)
         launch.set_scalar("seq_len", seq_len)
         launch.launch((blocks, active, layers), stream)
+
+    def _converting_commit(self) -> bool:
+        """True when a main pool's dtype differs from its per-step pool's (mamba_cache.precision converts)."""
+        config = self._config
+        return any(
+            getattr(config, f"{kind}_state_dtype") != getattr(config, f"intermediate_{kind}_state_dtype")
+            for kind in ("recurrent", "conv")
+        )
 
     def _set_indices(self, launch: Any, indices: DeviceArg | None) -> None:
         """Point ``state_indices`` at ``indices`` with ``use_indices`` on, or at the placeholder with it off."""
@@ -419,6 +443,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
 
     def _from_host(self, array: np.ndarray, stream: Any) -> Any:
+        if array.dtype.name == "bfloat16":  # the pools hold bfloat16 as uint16 raw bits
+            array = array.view(np.uint16)
         return cuda.to_device(np.ascontiguousarray(array), stream=stream.stream)
 
     def _to_host(self, array: Any, stream: Any) -> np.ndarray:

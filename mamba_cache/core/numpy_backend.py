@@ -87,26 +87,47 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         return array, shape
 
     def _scatter(
-        self, accept: np.ndarray, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any
+        self,
+        accept: np.ndarray,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        max_accept: int,
+        stream: Any,
+        positions: Any = None,
     ) -> None:
         # Row b commits step accept[b] - 1 when 0 <= step < max_accept. The intermediate buffer of
         # a layer is [active, V, elems] from its start, so (b, step) is row b * V + step of it seen
         # as [B * S, elems]. int64 keeps INT32_MIN - 1 from wrapping.
         step = accept.astype(np.int64) - 1
-        self._commit(step, (step >= 0) & (step < max_accept), indices, seq_len)
+        self._commit(step, (step >= 0) & (step < max_accept), indices, seq_len, positions, step + 1)
 
     def _scatter_tree(
-        self, nodes: np.ndarray, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any
+        self,
+        nodes: np.ndarray,
+        accept: np.ndarray,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        stream: Any,
+        positions: Any = None,
     ) -> None:
         # The committed node is the last non-negative id among the first min(accept, M) entries.
         width = nodes.shape[1]
         considered = (np.arange(width) < np.clip(accept.astype(np.int64), 0, width)[:, None]) & (nodes >= 0)
         last = width - 1 - np.argmax(considered[:, ::-1], axis=1)
         node = nodes[np.arange(active), last].astype(np.int64)
-        self._commit(node, considered.any(axis=1) & (node < seq_len), indices, seq_len)
+        self._commit(node, considered.any(axis=1) & (node < seq_len), indices, seq_len, positions, last + 1)
 
-    def _commit(self, step: np.ndarray, ok: np.ndarray, indices: Any, seq_len: int) -> None:
-        """``pool[:, slot[b]] = intermediate[:, b * V + step[b]]`` for the rows where ``ok``, both kinds."""
+    def _commit(
+        self, step: np.ndarray, ok: np.ndarray, indices: Any, seq_len: int, positions: Any = None, consumed: Any = None
+    ) -> None:
+        """``pool[:, slot[b]] = intermediate[:, b * V + step[b]]`` for the rows where ``ok``, both kinds.
+
+        Converted to the pool's dtype when the dtypes differ (:func:`mamba_cache.precision.convert`);
+        a stochastic rounding takes the state of row ``b`` as having consumed
+        ``positions[b] + consumed[b]`` tokens.
+        """
         active = step.shape[0]
         pools = self._pools
         slots = np.arange(active) if indices is None else indices.astype(np.int64)
@@ -119,11 +140,27 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 f"by {int(counts.max())} rows (state_indices); nothing was changed"
             )
         src_rows = rows * seq_len + step[rows]
-        for pool, inter in ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv)):
+        for kind, (pool, inter) in enumerate(
+            ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv))
+        ):
             layers, count = pool.shape[:2]
             dst = pool.reshape(layers, count, -1)
             src = inter.reshape(layers, -1, dst.shape[2])
-            dst[:, slots[rows]] = src[:, src_rows]
+            if dst.dtype == src.dtype:
+                dst[:, slots[rows]] = src[:, src_rows]
+                continue
+            from ..precision import convert
+
+            position = 0 if positions is None else positions.astype(np.int64)[rows] + consumed[rows]
+            dst[:, slots[rows]] = convert(
+                src[:, src_rows],
+                dst.dtype,
+                stochastic=self._config.stochastic_rounding,
+                seed=self._config.rounding_seed,
+                kind=kind,
+                layer=np.arange(layers)[:, None],
+                position=position,
+            )
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
         self._pools.recurrent[:, slot] = 0

@@ -23,7 +23,9 @@ Each layer is one Mamba2 mixer (one B/C group) with a residual connection; per t
 The replay stash keeps its own field names (``Config.replay_stash_fields``): ``dA`` = ``decay``, ``u`` = ``dt * x``,
 ``B`` = ``b_in`` (``[G, N]``), ``conv`` = ``xbc_raw`` in the conv dtype.
 
-Arithmetic is float32; the states are stored in the cache's dtypes. The conv output is computed
+Arithmetic is float32; the states are stored in the cache's dtypes (any of float16, bfloat16,
+float32, float64; with ``Config.stochastic_rounding`` a 16-bit state is rounded stochastically,
+keyed by the tokens it has consumed: pass ``positions``). The conv output is computed
 from the stored (rounded) window and ``y`` from the float32 ``h`` before it is stored, identically
 in both backends. :meth:`TinyMamba2.verify` runs V tokens and writes the state after each token
 into the intermediate buffers and the state after all V into the main pool, as the C++ verify pass
@@ -128,7 +130,9 @@ class TinyMamba2:
             self._device = NumbaTinyMamba2(self)
         return self._device
 
-    def decode_step(self, cache: Any, tokens: Any, slots: Any = None, step: int | None = None) -> Any:
+    def decode_step(
+        self, cache: Any, tokens: Any, slots: Any = None, step: int | None = None, positions: Any = None
+    ) -> Any:
         """Advance the state of each given slot by one token, in place in ``cache``.
 
         Args:
@@ -137,21 +141,30 @@ class TinyMamba2:
             slots: ``[R]`` int slot of each token; ``None`` means ``0 .. R-1``.
             step: when given, also write the state after this token into the intermediate
                 buffers at ``[slot, step]`` (of the current ``[active, V]`` view).
+            positions: ``[R]`` int tokens each row's state had consumed before this token (the
+                stored state has consumed one more); required with stochastic rounding.
 
         Returns:
             ``[R, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
         """
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         slots = np.arange(tokens.shape[0]) if slots is None else np.asarray(slots, dtype=np.int64)
-        return self._runner(cache)._decode(cache, tokens, slots, step)
+        if positions is None and self.config.stochastic_rounding:
+            raise ValueError("positions is required: the cache rounds its 16-bit states stochastically")
+        positions = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
+        return self._runner(cache)._decode(cache, tokens, slots, step, positions)
 
-    def prefill(self, cache: Any, tokens: Any) -> None:
-        """Run ``tokens`` ``[active, T]`` through slots ``0 .. active-1``, one token at a time."""
+    def prefill(self, cache: Any, tokens: Any, positions: Any = None) -> None:
+        """Run ``tokens`` ``[active, T]`` through slots ``0 .. active-1``, one token at a time.
+
+        ``positions``: ``[active]`` tokens consumed before the first (default 0).
+        """
         tokens = np.asarray(tokens)
+        start = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for t in range(tokens.shape[1]):
-            self.decode_step(cache, tokens[:, t])
+            self.decode_step(cache, tokens[:, t], positions=start + t)
 
-    def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any) -> None:
+    def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any, positions: Any = None) -> None:
         """Plain decoding of only the accepted drafts, the state speculative decoding must reproduce.
 
         Row ``b`` decodes ``draft_tokens[b, :accept_lengths[b]]`` one token at a time in slot ``b``.
@@ -160,17 +173,20 @@ class TinyMamba2:
             cache: the manager whose slots ``0 .. active-1`` are decoded in place.
             draft_tokens: ``[active, V]`` host token ids.
             accept_lengths: ``[active]`` host ints.
+            positions: ``[active]`` tokens each row had consumed before the drafts (default 0).
         """
         draft_tokens = np.asarray(draft_tokens)
+        start = np.zeros(draft_tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for row, accepted in enumerate(np.asarray(accept_lengths)):
             for t in range(int(accepted)):
-                self.decode_step(cache, [draft_tokens[row, t]], slots=[row])
+                self.decode_step(cache, [draft_tokens[row, t]], slots=[row], positions=[start[row] + t])
 
-    def verify(self, cache: Any, draft_tokens: Any) -> None:
+    def verify(self, cache: Any, draft_tokens: Any, positions: Any = None) -> None:
         """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
 
         Scatter mode: reshapes the intermediate buffers to ``[active, V]``, writes the state after
         each draft token there, and leaves the state after all V tokens in the main pool.
+        ``positions``: ``[active]`` tokens each row had consumed before the drafts (default 0).
 
         Replay mode (``commit_mode="replay"``): reshapes the stash to ``[active, V]`` and writes each
         step's inputs there (``dA``, ``u = dt * x``, ``B``, and the conv input column); the main
@@ -179,12 +195,13 @@ class TinyMamba2:
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
+        start = np.zeros(active, np.int64) if positions is None else np.asarray(positions, np.int64)
         cache.reshape_intermediate_states(active, verify_len)
         if cache.get_config().commit_mode == "replay":
             self._runner(cache)._verify_replay(cache, np.ascontiguousarray(draft_tokens, dtype=np.int64))
             return
         for t in range(verify_len):
-            self.decode_step(cache, draft_tokens[:, t], step=t)
+            self.decode_step(cache, draft_tokens[:, t], step=t, positions=start + t)
 
     def scratch_bytes(self, active: int) -> int:
         """Bytes of the scratch states a replay-mode verify pass of ``active`` rows keeps (all layers).
@@ -208,11 +225,36 @@ class TinyMamba2:
             self._decode(cache, draft_tokens[:, t], np.arange(active), t, scratch=scratch)
 
     # ------------------------------------------------------------ the NumPy decode step
+    def _store(self, values: np.ndarray, dtype: Any, kind: int, layer: int, positions: np.ndarray) -> np.ndarray:
+        """``values`` ``[R, ...]`` float32 as a 16-bit state stores them with stochastic rounding."""
+        from ..precision import convert
+
+        flat = convert(
+            values.reshape(values.shape[0], -1),
+            dtype,
+            stochastic=True,
+            seed=self.config.rounding_seed,
+            kind=kind,
+            layer=layer,
+            position=positions + 1,
+        )
+        return flat.reshape(values.shape)
+
+    def _rounds(self, dtype: Any) -> bool:
+        return self.config.stochastic_rounding and np.dtype(dtype).itemsize == 2
+
     def _decode(
-        self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None, scratch: list | None = None
+        self,
+        cache: Any,
+        tokens: np.ndarray,
+        slots: np.ndarray,
+        step: int | None,
+        positions: np.ndarray | None = None,
+        scratch: list | None = None,
     ) -> np.ndarray:
         """One token per row through every layer.
 
+        ``positions``: ``[R]`` tokens each row's state had consumed (stochastic rounding keys).
         ``scratch`` (replay-mode verify): per layer the ``(recurrent, conv)`` copies to advance
         instead of the cache's pools; step ``step``'s inputs then go to the replay stash.
         """
@@ -228,7 +270,11 @@ class TinyMamba2:
         for layer in range(config.num_recurrent_layers):
             z = matvec(rmsnorm(hidden), w["in_proj"][layer])  # [R, C + H]
             conv = cache.get_conv_state(layer) if scratch is None else scratch[layer][1]  # [B, C, K]
-            window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
+            if self._rounds(conv.dtype):  # the older columns are exact: only the new one rounds
+                window32 = np.concatenate([conv[slots, :, 1:].astype(F32), z[:, :channels, None]], axis=2)
+                window = self._store(window32, conv.dtype, 1, layer, positions)
+            else:
+                window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
             x = xbc[:, :width].reshape(rows, heads, dim)
@@ -238,7 +284,7 @@ class TinyMamba2:
             rec = cache.get_recurrent_state(layer) if scratch is None else scratch[layer][0]  # [B, H, D, N]
             dtx = dt[:, :, None] * x  # [R, H, D]
             h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in[:, None, :])  # the replay's step (G = 1)
-            rec[slots] = h
+            rec[slots] = self._store(h, rec.dtype, 0, layer, positions) if self._rounds(rec.dtype) else h
             y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
             hidden = hidden + matvec(y.reshape(rows, width), w["out_proj"][layer])
             if step is not None and scratch is not None:
@@ -248,6 +294,14 @@ class TinyMamba2:
                 stash["B"][slots, step] = b_in[:, None, :]
                 stash["conv"][slots, step] = window[:, :, -1]
             elif step is not None:
-                cache.get_intermediate_conv_state(layer)[slots, step] = window
-                cache.get_intermediate_recurrent_state(layer)[slots, step] = h
+                inter_conv = cache.get_intermediate_conv_state(layer)
+                inter_rec = cache.get_intermediate_recurrent_state(layer)
+                if self._rounds(inter_conv.dtype) and inter_conv.dtype != window.dtype:
+                    inter_conv[slots, step] = self._store(window.astype(F32), inter_conv.dtype, 1, layer, positions)
+                else:
+                    inter_conv[slots, step] = window
+                if self._rounds(inter_rec.dtype):
+                    inter_rec[slots, step] = self._store(h, inter_rec.dtype, 0, layer, positions)
+                else:
+                    inter_rec[slots, step] = h
         return hidden

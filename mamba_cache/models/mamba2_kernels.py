@@ -22,6 +22,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..core.numba_backend import SIMULATOR
+from ..precision.kernels import float32_bits, load_float32, store_formats, stored_value
 from ..replay.kernels import mamba2_update
 
 
@@ -72,49 +73,88 @@ def matvec(values, weight, out, accumulate):
 
 
 @cuda.jit
-def conv_step(conv, z, weight, bias, slots, xbc, inter, step, stash_col, stash_step):
+def conv_step(
+    conv, z, weight, bias, slots, xbc, inter, step, stash_col, stash_step, positions, fmt, layer, seed_lo, seed_hi
+):
     """Causal conv1d update of one layer, in place; grid ``(R, ceil(C / threads))``.
 
     ``conv`` ``[B, C, K]`` (state dtype), ``z`` ``[R, C + H]`` (xbc_raw first), ``weight`` ``[C, K]``,
     ``bias`` ``[C]``, ``slots`` ``[R]``, ``xbc`` ``[R, C]`` float32 out; if ``step >= 0`` the
     new window also goes to ``inter[slots[r], step]`` (``[active, V, C, K]``); if ``stash_step >= 0``
-    the input column (the window's last, in the conv dtype) goes to ``stash_col[slots[i], stash_step]``
-    (``[active, V, C]``, the replay stash).
+    the input column (the window's last, in the conv dtype) goes to ``stash_col[slots[r], stash_step]``
+    (``[active, V, C]``, the replay stash). Stores round as ``fmt`` (``[8]`` int32,
+    :func:`mamba_cache.precision.kernels.store_formats`) says, keyed by ``positions[r] + 1`` tokens,
+    ``layer`` and the seed halves.
     """
-    i = cuda.blockIdx.x
+    r = cuda.blockIdx.x  # row
     c = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
     if c >= conv.shape[1]:
         return
-    slot = slots[i]
+    slot = slots[r]
     kernel = conv.shape[2]
     for k in range(kernel - 1):
         conv[slot, c, k] = conv[slot, c, k + 1]
-    conv[slot, c, kernel - 1] = z[i, c]
+    position = np.int64(positions[r]) + 1
+    new = stored_value(z[r, c], fmt[0], fmt[1], fmt[2], c * kernel + kernel - 1, position, layer, 1, seed_lo, seed_hi)
+    if fmt[3]:  # bfloat16: raw bits
+        conv[slot, c, kernel - 1] = float32_bits(new) >> np.uint32(16)
+    else:
+        conv[slot, c, kernel - 1] = new
     acc = float32(0.0)
     for k in range(kernel):
-        acc += float32(conv[slot, c, k]) * weight[c, k]
+        acc += load_float32(conv[slot, c, k], fmt[3]) * weight[c, k]
     v = acc + bias[c]
-    xbc[i, c] = v / (float32(1.0) + math.exp(-v))
+    xbc[r, c] = v / (float32(1.0) + math.exp(-v))
     if step >= 0:
+        same = fmt[1] == fmt[5] and fmt[2] == fmt[6]
         for k in range(kernel):
-            inter[slot, step, c, k] = conv[slot, c, k]
+            if same:
+                inter[slot, step, c, k] = conv[slot, c, k]
+            else:
+                value = load_float32(conv[slot, c, k], fmt[3])
+                out = stored_value(value, fmt[4], fmt[5], fmt[6], c * kernel + k, position, layer, 1, seed_lo, seed_hi)
+                if fmt[7]:
+                    inter[slot, step, c, k] = float32_bits(out) >> np.uint32(16)
+                else:
+                    inter[slot, step, c, k] = out
     if stash_step >= 0:
         stash_col[slot, stash_step, c] = conv[slot, c, kernel - 1]
 
 
 @cuda.jit
-def ssm_step(rec, xbc, z, dt_bias, a, d_skip, slots, y, inter, step, stash_da, stash_u, stash_b, stash_step):
+def ssm_step(
+    rec,
+    xbc,
+    z,
+    dt_bias,
+    a,
+    d_skip,
+    slots,
+    y,
+    inter,
+    step,
+    stash_da,
+    stash_u,
+    stash_b,
+    stash_step,
+    positions,
+    fmt,
+    layer,
+    seed_lo,
+    seed_hi,
+):
     """Selective state update of one layer, in place; grid ``(R, ceil(H*D / threads))``.
 
     ``rec`` ``[B, H, D, N]`` (state dtype), ``xbc`` ``[R, C]``, ``z`` ``[R, C + H]`` (dt_raw last),
-    ``dt_bias``/``a``/``d_skip`` ``[H]`` (``a`` is Mamba's A, < 0; ``d_skip`` its D), ``y`` ``[R, H*D]`` float32
-    out; if ``step >= 0`` the new state also goes to ``inter[slots[r], step]``; if ``stash_step >= 0``
-    the step's inputs go to the replay stash ``stash_da [active, V, H]``, ``stash_u [active, V, H, D]``,
-    ``stash_b [active, V, 1, N]`` at ``[slots[r], stash_step]``.
+    ``dt_bias``/``a``/``d_skip`` ``[H]`` (``a`` is Mamba's A, < 0; ``d_skip`` its D), ``y`` ``[R, H*D]``
+    float32 out; if ``step >= 0`` the new state also goes to ``inter[slots[r], step]``; if
+    ``stash_step >= 0`` the step's inputs go to the replay stash ``stash_da [active, V, H]``,
+    ``stash_u [active, V, H, D]``, ``stash_b [active, V, 1, N]`` at ``[slots[r], stash_step]``. Stores
+    round as in :func:`conv_step`.
 
     The state update is the replay kernel's own device function,
-    ``h = mamba2_update(h, decay, dt * x, b_in) = fma(dt * x, b_in, h * decay)``, so a replay commit reproduces this
-    step bit for bit on the GPU.
+    ``h = mamba2_update(h, decay, dt * x, b_in) = fma(dt * x, b_in, h * decay)``, so a replay commit
+    reproduces this step bit for bit on the GPU.
     """
     r = cuda.blockIdx.x  # row
     hd = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -138,11 +178,21 @@ def ssm_step(rec, xbc, z, dt_bias, a, d_skip, slots, y, inter, step, stash_da, s
             for n in range(size):
                 stash_b[slot, stash_step, 0, n] = xbc[r, width + n]
     acc = float32(0.0)
+    position = np.int64(positions[r]) + 1
     for n in range(size):
-        new = mamba2_update(float32(rec[slot, i, d, n]), decay, dtx, xbc[r, width + n])
-        rec[slot, i, d, n] = new
+        new = mamba2_update(load_float32(rec[slot, i, d, n], fmt[3]), decay, dtx, xbc[r, width + n])
+        element = hd * size + n
+        kept = stored_value(new, fmt[0], fmt[1], fmt[2], element, position, layer, 0, seed_lo, seed_hi)
+        if fmt[3]:
+            rec[slot, i, d, n] = float32_bits(kept) >> np.uint32(16)
+        else:
+            rec[slot, i, d, n] = kept
         if step >= 0:
-            inter[slot, step, i, d, n] = new
+            kept = stored_value(new, fmt[4], fmt[5], fmt[6], element, position, layer, 0, seed_lo, seed_hi)
+            if fmt[7]:
+                inter[slot, step, i, d, n] = float32_bits(kept) >> np.uint32(16)
+            else:
+                inter[slot, step, i, d, n] = kept
         acc += new * xbc[r, width + size + n]
     y[r, hd] = acc + d_skip[i] * x
 
@@ -154,11 +204,11 @@ class NumbaTinyMamba2:
         self.model = model
         self.weights = {name: cuda.to_device(np.ascontiguousarray(value)) for name, value in model.weights.items()}
 
-    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, scratch=None):
+    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
         # A tiny model launches tiny grids on purpose: Numba's low-occupancy warning says nothing here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
-            return self._decode_layers(cache, tokens, slots, step, scratch)
+            return self._decode_layers(cache, tokens, slots, step, positions, scratch)
 
     def _verify_replay(self, cache, draft_tokens: np.ndarray) -> None:
         """Replay-mode verify: advance device copies of the rows' states, write the stash (see TinyMamba2.verify)."""
@@ -172,14 +222,23 @@ class NumbaTinyMamba2:
                 copies.append(copy)
             scratch.append(tuple(copies))
         for t in range(draft_tokens.shape[1]):
-            self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, scratch)
+            self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, None, scratch)
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, scratch=None):
+    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]  # R
         width = config.recurrent_state_num_heads * config.recurrent_state_head_dim
         channels = config.conv_dim
         d_tokens, d_slots = cuda.to_device(tokens), cuda.to_device(slots)
+        if positions is None:
+            positions = np.zeros(n, np.int64)
+        d_positions = cuda.to_device(np.ascontiguousarray(positions, dtype=np.int32))
+        seed = config.rounding_seed
+        seed_lo, seed_hi = seed & 0xFFFFFFFF, seed >> 32
+        conv_fmt = cuda.to_device(store_formats(config, config.conv_state_dtype, config.intermediate_conv_state_dtype))
+        rec_fmt = cuda.to_device(
+            store_formats(config, config.recurrent_state_dtype, config.intermediate_recurrent_state_dtype)
+        )
         hidden = cuda.device_array((n, width), dtype=np.float32)
         normed = cuda.device_array((n, width), dtype=np.float32)
         z = cuda.device_array((n, channels + config.recurrent_state_num_heads), dtype=np.float32)
@@ -216,6 +275,11 @@ class NumbaTinyMamba2:
                 step if inter_step else -1,
                 stash_col,
                 step if replay_step else -1,
+                d_positions,
+                conv_fmt,
+                layer,
+                seed_lo,
+                seed_hi,
             )
             inter_rec = (
                 cache.get_intermediate_recurrent_state(layer)
@@ -244,6 +308,11 @@ class NumbaTinyMamba2:
                 stash_u,
                 stash_b,
                 step if replay_step else -1,
+                d_positions,
+                rec_fmt,
+                layer,
+                seed_lo,
+                seed_hi,
             )
             matvec[grid, threads](y, w["out_proj"][layer], hidden, True)
         return hidden

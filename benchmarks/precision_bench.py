@@ -1,0 +1,163 @@
+"""Validate, then time, the converting MTP commit against the copy ceiling of the same GPU.
+
+    python benchmarks/precision_bench.py [--configs mid,large] [--out benchmarks/results]
+
+Needs a CUDA GPU and PyTorch (for the ceiling and the event timing, shared with run.py). For the
+mid and large configs of benchmarks/run.py it builds three dtype variants of the cache:
+
+    fp32 main <- bf16 per-step, nearest even   (widening: an exact conversion)
+    bf16 main <- fp32 per-step, nearest even   (narrowing)
+    bf16 main <- fp32 per-step, stochastic     (narrowing; one Philox4x32-10 call per 4 elements)
+
+and for each one
+
+1. validates ``scatter_mtp_states`` on the GPU against the NumPy reference, bit for bit, every pool
+   (2 layers, the config's slot sizes and accept pattern, random values);
+2. times it with CUDA events (median of repeats, behind a sleep kernel, as run.py does) and divides
+   the bytes it must move (per committed row and layer: the per-step slot read plus the main slot
+   written, both kinds) by the time;
+3. compares that with an eager device-to-device copy of the same byte count measured in this run,
+   and with the word-copy commit of the equal-dtype cache.
+
+Targets: nearest even >= 0.9 of the copy ceiling, stochastic >= 0.85. Writes
+``<out>/precision-<card>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from numba import cuda  # noqa: E402
+
+from benchmarks.run import CONFIGS, copy_gbps, device_time_us  # noqa: E402
+from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
+
+VARIANTS = {
+    "fp32<-bf16 nearest": dict(main="float32", inter="bfloat16", stochastic=False, target=0.9),
+    "bf16<-fp32 nearest": dict(main="bfloat16", inter="float32", stochastic=False, target=0.9),
+    "bf16<-fp32 stochastic": dict(main="bfloat16", inter="float32", stochastic=True, target=0.85),
+}
+POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+
+
+def variant(config: Config, main: str, inter: str, stochastic: bool, **_) -> Config:
+    return dataclasses.replace(
+        config,
+        recurrent_state_dtype=main,
+        conv_state_dtype=main,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=inter,
+        stochastic_rounding=stochastic,
+        rounding_seed=12345,
+    )
+
+
+def moved_bytes(config: Config, accept: list[int]) -> int:
+    """Bytes the commit must read and write: per committed row and layer, both kinds."""
+    rows = sum(1 for a in accept if 1 <= a < config.max_intermediate_seq_len)
+    per_row = config.recurrent_slot_elems * (
+        config.recurrent_state_dtype.itemsize + config.intermediate_recurrent_state_dtype.itemsize
+    ) + config.conv_slot_elems * (config.conv_state_dtype.itemsize + config.intermediate_conv_state_dtype.itemsize)
+    return rows * per_row * config.num_recurrent_layers
+
+
+def fill(managers, rng) -> None:
+    for pool in POOLS:
+        host = getattr(managers[0]._pools, pool)
+        values = rng.uniform(-4, 4, host.shape).astype(host.dtype)
+        for manager in managers:
+            target = getattr(manager._pools, pool)
+            if isinstance(target, np.ndarray):
+                target[...] = values
+            else:
+                target.copy_to_device(np.ascontiguousarray(values).view(target.dtype))
+
+
+def validate(config: Config, accept: list[int], rng) -> None:
+    small = dataclasses.replace(config, num_recurrent_layers=2)
+    ref, gpu = NumpyMambaCacheManager(small), NumbaMambaCacheManager(small)
+    fill([ref, gpu], rng)
+    positions = rng.integers(0, 100_000, len(accept)).astype(np.int32)
+    host_accept = np.array(accept, np.int32)
+    ref.scatter_mtp_states(host_accept, positions=positions)
+    gpu.scatter_mtp_states(cuda.to_device(host_accept), positions=cuda.to_device(positions))
+    cuda.synchronize()
+    for pool in POOLS:
+        want = np.ascontiguousarray(getattr(ref._pools, pool))
+        got = getattr(gpu._pools, pool).copy_to_host()
+        if want.tobytes() != got.tobytes():
+            raise AssertionError(f"{small.recurrent_state_dtype} <- {small.intermediate_recurrent_state_dtype}: {pool}")
+
+
+def time_commit(config: Config, accept: list[int], stream: torch.cuda.Stream) -> float:
+    manager = NumbaMambaCacheManager(config, stream=stream)
+    accept_dev = cuda.to_device(np.array(accept, np.int32))
+    positions = cuda.to_device(np.arange(len(accept), dtype=np.int32) * 7)
+    call = lambda: manager.scatter_mtp_states(accept_dev, stream, positions=positions)  # noqa: E731
+    call()
+    torch.cuda.synchronize()
+    us = device_time_us([call], stream, 50)
+    manager.close()
+    return us
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="mid,large")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    card = torch.cuda.get_device_name()
+    stream = torch.cuda.Stream()
+    records = []
+    for name in args.configs.split(","):
+        base, accept = CONFIGS[name]
+        same = variant(base, "float32", "float32", False)
+        copy_us = time_commit(same, accept, stream)
+        for label, spec in VARIANTS.items():
+            config = variant(base, **spec)
+            validate(config, accept, rng)
+            nbytes = moved_bytes(config, accept)
+            us = time_commit(config, accept, stream)
+            ceiling = copy_gbps(nbytes, stream)
+            gbps = nbytes / us / 1e3
+            record = {
+                "config": name,
+                "variant": label,
+                "bytes": nbytes,
+                "device_us": round(us, 2),
+                "gbps": round(gbps, 1),
+                "copy_ceiling_gbps": round(ceiling, 1),
+                "ratio": round(gbps / ceiling, 3),
+                "target": spec["target"],
+                "meets_target": gbps / ceiling >= spec["target"],
+                "fp32_word_copy_commit_us": round(copy_us, 2),
+            }
+            records.append(record)
+            print(
+                f"{name:<6} {label:<22} {us:>9.1f} us {gbps:>7.0f} GB/s  ceiling {ceiling:>6.0f}  "
+                f"ratio {gbps / ceiling:.2f} (target {spec['target']})  fp32 copy commit {copy_us:.1f} us",
+                flush=True,
+            )
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = out / f"precision-{card.replace(' ', '_')}-{date}.json"
+    path.write_text(json.dumps({"meta": {"card": card, "date": date}, "records": records}, indent=1))
+    print(f"wrote {path}")
+    return 0 if all(r["meets_target"] for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""CUDA kernels of the precision options: converting commits, with optional stochastic rounding.
+
+The device functions repeat :mod:`mamba_cache.precision.reference` line for line on uint64
+scalars (integer arithmetic only), so the GPU gives the reference's bits. Pools are seen as
+unsigned integers of their element size (bit patterns; a bfloat16 pool is uint16 already):
+
+    dst   [L, B, E]        main pool, E elements per slot, dtype u2/u4/u8
+    src   [L, B*S, E]      intermediate pool; (row b, step t) is src row b*V + t
+
+Launch shape (``GROUPS_PER_THREAD`` groups of 4 consecutive elements per thread, so one
+Philox4x32-10 call gives the 4 random words of a group):
+
+    grid  = (sum over kinds of ceil(ceil(E / 4) / (threads * GROUPS_PER_THREAD)), rows, L)
+    block = (threads,)
+
+    slot row (E elements) |<------------ chunk 0 ------------>|<- chunk 1 ...
+                          | g0 g1 .. gT | g0 g1 .. gT |          (g = 4 elements; round i of
+                          |  round 0    |  round 1    |           a chunk: threads groups)
+
+Each kind carries its own conversion: ``mode`` 0 copies the bits (equal dtypes), 1 rounds to
+nearest even, 2 rounds stochastically; ``src_e, src_m, dst_e, dst_m`` are the formats (exponent
+and mantissa bits). A kind whose dtypes are equal is thus copied in the same launch.
+
+Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
+bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
+Philox uses ``__umulhi`` on the GPU. Whether a converting commit stays memory-bound is measured by
+``benchmarks/precision_bench.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ..core.numba_backend import SIMULATOR
+from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
+
+#: Groups of 4 elements each thread converts.
+GROUPS_PER_THREAD = 2
+#: Largest block.
+MAX_THREADS = 256
+#: Conversion modes.
+MODE_COPY, MODE_NEAREST, MODE_STOCHASTIC = 0, 1, 2
+
+
+def launch_shape(*elems: int) -> tuple[tuple[int, ...], int]:
+    """``((chunks, ...), threads)`` covering slots of ``elems`` elements each, in one launch."""
+    groups = [-(-e // 4) for e in elems]
+    per_thread = -(-max(groups) // GROUPS_PER_THREAD)
+    threads = min(MAX_THREADS, max(32, -(-per_thread // 32) * 32))
+    chunk = threads * GROUPS_PER_THREAD
+    return tuple(-(-g // chunk) for g in groups), threads
+
+
+if SIMULATOR:  # the simulator has no cuda.mulhi
+
+    @cuda.jit(device=True, inline="always")
+    def _mulhilo(a, b):
+        product = np.uint64(a) * np.uint64(b)
+        return np.uint64(product >> np.uint64(32)), np.uint64(product & np.uint64(0xFFFFFFFF))
+
+else:
+
+    @cuda.jit(device=True, inline="always")
+    def _mulhilo(a, b):
+        # __umulhi and a 32-bit multiply, rather than a 64 x 64-bit product
+        hi = cuda.mulhi(np.uint32(a), np.uint32(b))
+        lo = np.uint32(np.uint64(a) * np.uint64(b))
+        return np.uint64(hi), np.uint64(lo)
+
+
+@cuda.jit(device=True)
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of one counter ``(c0..c3)`` under key ``(k0, k1)``; each value < 2**32, as uint64.
+
+    Returns:
+        The four random words (uint64 holding 32-bit values), as in the reference.
+    """
+    # New names, not the parameters rebound: Numba unifies int64 with uint64 to float64.
+    x0, x1, x2, x3 = np.uint64(c0), np.uint64(c1), np.uint64(c2), np.uint64(c3)
+    key0, key1 = np.uint64(k0), np.uint64(k1)
+    mask = np.uint64(0xFFFFFFFF)
+    for round_ in range(10):
+        if round_ > 0:
+            key0 = (key0 + np.uint64(PHILOX_W0)) & mask
+            key1 = (key1 + np.uint64(PHILOX_W1)) & mask
+        hi0, lo0 = _mulhilo(PHILOX_M0, x0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, x2)
+        x0, x1, x2, x3 = hi1 ^ x1 ^ key0, lo1, hi0 ^ x3 ^ key1, lo0
+    return x0, x1, x2, x3
+
+
+@cuda.jit(device=True)
+def convert_bits(bits, se, sm, de, dm, stochastic, random):
+    """One bit pattern of format ``(se, sm)`` converted to ``(de, dm)``; see the reference's steps.
+
+    Args:
+        bits: the source pattern (any unsigned int).
+        se: exponent bits of the source format.
+        sm: mantissa bits of the source format.
+        de: exponent bits of the target format.
+        dm: mantissa bits of the target format.
+        stochastic: 1 to add ``random`` below the target's last place and truncate, 0 for nearest even.
+        random: a 32-bit random word (uint64); ignored unless ``stochastic``.
+
+    Returns:
+        The target pattern as uint64.
+    """
+    # float32 <-> bfloat16, the common pair: the same result in a few 32-bit-sized operations
+    # (both share float32's exponent, so the general steps reduce to a shift of the pattern)
+    if se == 8 and sm == 23 and de == 8 and dm == 7:
+        x32 = np.uint64(bits) & np.uint64(0xFFFFFFFF)
+        top = (x32 >> np.uint64(16)) & np.uint64(0x8000)
+        mag = x32 & np.uint64(0x7FFFFFFF)
+        if mag > np.uint64(0x7F800000):  # NaN: quiet, top payload bits kept
+            return top | np.uint64(0x7FC0) | (mag >> np.uint64(16))
+        if stochastic:
+            rounded = (mag + (np.uint64(random) >> np.uint64(16))) >> np.uint64(16)
+        else:
+            rounded = (mag + np.uint64(0x7FFF) + ((mag >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+        return top | rounded
+    if se == 8 and sm == 7 and de == 8 and dm == 23:
+        x16 = np.uint64(bits) & np.uint64(0xFFFF)
+        wide = x16 << np.uint64(16)
+        if (x16 & np.uint64(0x7FFF)) > np.uint64(0x7F80):  # NaN: set the quiet bit
+            wide = wide | np.uint64(0x00400000)
+        return wide
+    # 64-bit copies under new names (the arguments may be int32; Numba keeps a variable one type)
+    e_src, m_src, e_dst, m_dst = np.int64(se), np.int64(sm), np.int64(de), np.int64(dm)
+    one = np.uint64(1)
+    x = np.uint64(bits)
+    sign = (x >> np.uint64(e_src + m_src)) & one
+    exp = np.int64((x >> np.uint64(m_src)) & np.uint64((1 << e_src) - 1))
+    man = x & np.uint64((1 << m_src) - 1)
+    s_bias = (1 << (e_src - 1)) - 1
+    d_bias = (1 << (e_dst - 1)) - 1
+    inf_code = np.uint64(((1 << e_dst) - 1) << m_dst)
+    if exp == (1 << e_src) - 1:  # infinity or NaN
+        if man == 0:
+            return inf_code | (sign << np.uint64(e_dst + m_dst))
+        payload = man >> np.uint64(m_src - m_dst) if m_src >= m_dst else man << np.uint64(m_dst - m_src)
+        return inf_code | np.uint64(1 << (m_dst - 1)) | payload | (sign << np.uint64(e_dst + m_dst))
+    if exp == 0 and man == 0:
+        return sign << np.uint64(e_dst + m_dst)
+    # 1. normalise
+    if exp == 0:
+        lead = 0
+        m = man
+        for step in (32, 16, 8, 4, 2, 1):
+            if (m >> np.uint64(step)) != 0:
+                lead += step
+                m = m >> np.uint64(step)
+        sig = man << np.uint64(m_src - lead)
+        unbiased = lead - m_src + 1 - s_bias
+    else:
+        sig = man | np.uint64(1 << m_src)
+        unbiased = exp - s_bias
+    # 2. target exponent field, bits to drop
+    e_d = unbiased + d_bias
+    if e_d >= 1:
+        a = (np.uint64(e_d) << np.uint64(m_src)) | (sig & np.uint64((1 << m_src) - 1))
+        shift = m_src - m_dst
+    else:
+        a = sig
+        shift = m_src - m_dst + 1 - e_d
+    # 3. round
+    if shift <= 0:
+        result = a << np.uint64(-shift)
+    elif shift > 62:
+        result = np.uint64(0)
+    else:
+        s = np.uint64(shift)
+        if stochastic:
+            r = np.uint64(random)
+            add = r >> (np.uint64(32) - s) if shift <= 32 else r << (s - np.uint64(32))
+            result = (a + add) >> s
+        else:
+            result = a >> s
+            rem = a & ((one << s) - one)
+            half = one << (s - one)
+            if rem > half or (rem == half and (result & one) == one):
+                result = result + one
+    # 4. overflow
+    if result > inf_code:
+        result = inf_code
+    return result | (sign << np.uint64(e_dst + m_dst))
+
+
+@cuda.jit(device=True, inline="always")
+def _convert_chunk(
+    dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, mode, se, sm, de, dm, seed_lo, seed_hi
+):
+    """Convert (or copy) chunk ``chunk`` of one slot: groups of 4 elements, one Philox call each.
+
+    ``layer`` indexes the arrays; ``key_layer`` is the layer number in the rounding counter.
+    """
+    threads = cuda.blockDim.x
+    elems = dst.shape[2]
+    for i in range(GROUPS_PER_THREAD):
+        group = (chunk * GROUPS_PER_THREAD + i) * threads + cuda.threadIdx.x
+        first = group * 4
+        if first < elems:
+            r0 = r1 = r2 = r3 = np.uint64(0)
+            if mode == MODE_STOCHASTIC:
+                r0, r1, r2, r3 = philox4x32_10(
+                    group & 0xFFFFFFFF, position & 0xFFFFFFFF, key_layer & 0xFFFFFFFF, kind, seed_lo, seed_hi
+                )
+            for j in range(4):
+                e = first + j
+                if e < elems:
+                    value = src[layer, src_row, e]
+                    if mode == MODE_COPY:
+                        dst[layer, dst_row, e] = value
+                    else:
+                        r = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
+                        dst[layer, dst_row, e] = convert_bits(value, se, sm, de, dm, mode == MODE_STOCHASTIC, r)
+
+
+@cuda.jit(device=True, inline="always")
+def _commit_converted(
+    dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, src_row, position, fmt, seed_lo, seed_hi
+):
+    slot = state_indices[row] if use_indices else row
+    if slot < 0 or slot >= dst_a.shape[1]:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < chunks_a:
+        _convert_chunk(
+            dst_a,
+            src_a,
+            layer,
+            slot,
+            src_row,
+            chunk,
+            layer,
+            0,
+            position,
+            fmt[0],
+            fmt[1],
+            fmt[2],
+            fmt[3],
+            fmt[4],
+            seed_lo,
+            seed_hi,
+        )
+    else:
+        _convert_chunk(
+            dst_b,
+            src_b,
+            layer,
+            slot,
+            src_row,
+            chunk - chunks_a,
+            layer,
+            1,
+            position,
+            fmt[5],
+            fmt[6],
+            fmt[7],
+            fmt[8],
+            fmt[9],
+            seed_lo,
+            seed_hi,
+        )
+
+
+@cuda.jit(cache=False)
+def scatter_convert(
+    dst_a,
+    src_a,
+    dst_b,
+    src_b,
+    chunks_a,
+    accept_lengths,
+    state_indices,
+    use_indices,
+    seq_len,
+    max_accept,
+    positions,
+    formats,
+    seed_lo,
+    seed_hi,
+):
+    """``scatter_accepted`` converting each element to the main pool's dtype in the same launch.
+
+    For layer ``l = blockIdx.z``, row ``b = blockIdx.y``, ``a = accept_lengths[b]``: if
+    ``1 <= a <= max_accept`` and the slot ``s`` (``state_indices[b]`` or ``b``) is in ``[0, B)``:
+    ``dst[l, s, e] = convert(src[l, b * seq_len + a - 1, e])`` for both kinds, where a stochastic
+    conversion draws its bits from ``(seed, l, kind, positions[b] + a, e)``.
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, E]`` bits of the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, E]`` bits of the intermediate recurrent pool.
+        dst_b (DeviceNDArray): ``[L, B, E']`` bits of the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, E']`` bits of the intermediate conv pool.
+        chunks_a (int): x blocks that cover one slot of kind a.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+        state_indices (DeviceNDArray): ``[rows]`` int32 (read only if ``use_indices``).
+        use_indices (int): 1 to read ``state_indices``.
+        seq_len (int): V.
+        max_accept (int): ``V - 1`` or ``V``.
+        positions (DeviceNDArray): ``[rows]`` int32 tokens each row's main state had consumed before
+            the verify pass (read only by a stochastic kind).
+        formats (DeviceNDArray): ``[10]`` int32: ``mode, src_e, src_m, dst_e, dst_m`` of kind a, then b.
+        seed_lo (int): the low 32 bits of the rounding seed.
+        seed_hi (int): the high 32 bits of the rounding seed.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    accepted = accept_lengths[row]
+    if accepted < 1 or accepted > max_accept:
+        return
+    position = np.int64(positions[row]) + accepted
+    _commit_converted(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        state_indices,
+        use_indices,
+        row,
+        row * seq_len + (accepted - 1),
+        position,
+        formats,
+        seed_lo,
+        seed_hi,
+    )
+
+
+@cuda.jit(cache=False)
+def scatter_tree_convert(
+    dst_a,
+    src_a,
+    dst_b,
+    src_b,
+    chunks_a,
+    node_ids,
+    accept_lengths,
+    state_indices,
+    use_indices,
+    seq_len,
+    positions,
+    formats,
+    seed_lo,
+    seed_hi,
+):
+    """``scatter_tree`` converting each element to the main pool's dtype in the same launch.
+
+    The committed node at index ``j`` of the row's accepted ids consumed ``positions[b] + j + 1``
+    tokens: that is its stochastic-rounding position.
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, E]`` bits of the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, E]`` bits of the intermediate recurrent pool.
+        dst_b (DeviceNDArray): ``[L, B, E']`` bits of the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, E']`` bits of the intermediate conv pool.
+        chunks_a (int): x blocks that cover one slot of kind a.
+        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted node ids; any value is safe.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32.
+        state_indices (DeviceNDArray): ``[rows]`` int32 (read only if ``use_indices``).
+        use_indices (int): 1 to read ``state_indices``.
+        seq_len (int): V.
+        positions (DeviceNDArray): ``[rows]`` int32.
+        formats (DeviceNDArray): ``[10]`` int32, as in :func:`scatter_convert`.
+        seed_lo (int): the low 32 bits of the rounding seed.
+        seed_hi (int): the high 32 bits of the rounding seed.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    width = node_ids.shape[1]
+    count = accept_lengths[row]
+    if count > width:
+        count = width
+    node = -1
+    depth = 0
+    for j in range(count):
+        candidate = node_ids[row, j]
+        if candidate >= 0:
+            node = candidate
+            depth = j
+    if node < 0 or node >= seq_len:
+        return
+    position = np.int64(positions[row]) + depth + 1
+    _commit_converted(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        state_indices,
+        use_indices,
+        row,
+        row * seq_len + node,
+        position,
+        formats,
+        seed_lo,
+        seed_hi,
+    )
+
+
+@cuda.jit(cache=False)
+def convert_array(dst, src, formats, layer, kind, positions, seed_lo, seed_hi):
+    """Convert rows of states: ``dst[0, r, e] = convert(src[0, r, e])``, position ``positions[r]``.
+
+    A test and benchmark helper (and what a model's decode step uses to store its float32 state).
+
+    Args:
+        dst (DeviceNDArray): ``[1, rows, E]`` target bit patterns (written).
+        src (DeviceNDArray): ``[1, rows, E]`` source bit patterns.
+        formats (DeviceNDArray): ``[5]`` int32 ``mode, src_e, src_m, dst_e, dst_m``.
+        layer (int): the layer number in the rounding counter.
+        kind (int): 0 recurrent, 1 conv.
+        positions (DeviceNDArray): ``[rows]`` int32 tokens consumed.
+        seed_lo (int): the low 32 bits of the rounding seed.
+        seed_hi (int): the high 32 bits of the rounding seed.
+
+    Grid ``(chunks, rows, 1)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    _convert_chunk(
+        dst,
+        src,
+        0,
+        row,
+        row,
+        cuda.blockIdx.x,
+        layer,
+        kind,
+        np.int64(positions[row]),
+        formats[0],
+        formats[1],
+        formats[2],
+        formats[3],
+        formats[4],
+        seed_lo,
+        seed_hi,
+    )
+
+
+# ---------------------------------------------------------------- storing a computed float32 state
+
+
+if SIMULATOR:  # the simulator has no libdevice: bit-cast through a one-element local array
+
+    @cuda.jit(device=True, inline="always")
+    def float32_bits(value):
+        """The bit pattern of a float32, as uint32."""
+        buf = cuda.local.array(1, np.float32)
+        buf[0] = value
+        return buf.view(np.uint32)[0]
+
+    @cuda.jit(device=True, inline="always")
+    def float32_from_bits(bits):
+        """The float32 of a 32-bit pattern."""
+        buf = cuda.local.array(1, np.uint32)
+        buf[0] = np.uint32(bits)
+        return buf.view(np.float32)[0]
+
+else:  # on the GPU: libdevice's register bit casts (__float_as_int, __int_as_float)
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline="always")
+    def float32_bits(value):
+        """The bit pattern of a float32, as uint32."""
+        return np.uint32(libdevice.float_as_int(np.float32(value)))
+
+    @cuda.jit(device=True, inline="always")
+    def float32_from_bits(bits):
+        """The float32 of a 32-bit pattern."""
+        return libdevice.int_as_float(np.int32(np.uint32(bits)))
+
+
+@cuda.jit(device=True, inline="always")
+def load_float32(value, bits16):
+    """A state element as float32: a float pool's value, or (``bits16``) a bfloat16 pool's raw bits."""
+    if bits16:
+        return float32_from_bits(np.uint32(value) << np.uint32(16))
+    return np.float32(value)
+
+
+@cuda.jit(device=True)
+def stored_value(value, mode, dst_e, dst_m, element, position, layer, kind, seed_lo, seed_hi):
+    """A computed float32 ``value`` as a state of format ``(dst_e, dst_m)`` stores it, as a float32.
+
+    ``mode`` 0 returns ``value`` (the pool's own store rounds it: a float32 or wider pool, or a
+    float16 pool rounding to nearest in hardware, which agrees with the reference); 1 rounds to
+    nearest even and 2 stochastically, with the bits of ``(seed, layer, kind, position, element)``
+    as in :func:`mamba_cache.precision.reference.rounding_bits`. The result is exactly
+    representable in the target, so storing it into a float16 pool is exact; a bfloat16 (uint16)
+    pool takes ``float32_bits(result) >> 16``.
+    """
+    if mode == MODE_COPY:
+        return np.float32(value)
+    random = np.uint64(0)
+    if mode == MODE_STOCHASTIC:
+        r0, r1, r2, r3 = philox4x32_10(
+            (element // 4) & 0xFFFFFFFF, position & 0xFFFFFFFF, layer & 0xFFFFFFFF, kind, seed_lo, seed_hi
+        )
+        lane = element % 4
+        random = r0 if lane == 0 else (r1 if lane == 1 else (r2 if lane == 2 else r3))
+    narrow = convert_bits(float32_bits(value), 8, 23, dst_e, dst_m, mode == MODE_STOCHASTIC, random)
+    return float32_from_bits(convert_bits(narrow, dst_e, dst_m, 8, 23, False, np.uint64(0)))
+
+
+def store_formats(config, main_dtype, inter_dtype) -> np.ndarray:
+    """``[8]`` int32 ``mode, e, m, bits16`` of a main pool, then of its per-step pool, for :func:`stored_value`.
+
+    ``bits16`` is 1 for bfloat16 (stored as uint16 raw bits). Stochastic rounding (mode 2) where the
+    config asks for it and the pool is 16-bit; otherwise nearest even by integer arithmetic for
+    bfloat16 (mode 1), and the pool's own store for the float types (mode 0).
+    """
+    from .reference import dtype_format
+
+    values = []
+    for dtype in (main_dtype, inter_dtype):
+        if config.stochastic_rounding and dtype.itemsize == 2:
+            mode = MODE_STOCHASTIC
+        elif dtype.name == "bfloat16":
+            mode = MODE_NEAREST
+        else:
+            mode = MODE_COPY
+        values += [mode, *dtype_format(dtype), int(dtype.name == "bfloat16")]
+    return np.array(values, dtype=np.int32)

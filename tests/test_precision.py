@@ -1,0 +1,525 @@
+"""Precision: bfloat16 pools, converting commits (every dtype pair, both rounding modes), Philox."""
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, device_int32, small_config, snapshot, to_host
+from numba import cuda
+
+from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
+from mamba_cache.precision import bfloat16, convert, dtype_format, kernels, philox4x32_10, rounding_bits
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+PAIRS = [(s, d) for s, d in itertools.product(DTYPES, DTYPES) if s != d]
+
+# Random123's published known-answer vectors for Philox4x32-10 (kat_vectors: counter, key, result).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+def as_dtype(name):
+    return bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def sample_values(rng, dtype, count=512):
+    """Random bit patterns (all exponents, NaNs, infinities) and values near 1 and near the subnormals."""
+    dtype = as_dtype(dtype)
+    size = dtype.itemsize
+    bits = rng.integers(0, 2 ** (8 * size), size=count, dtype=np.uint64 if size == 8 else np.int64).astype(f"u{size}")
+    raw = bits.view(dtype)
+    near_one = rng.uniform(-4, 4, count).astype(np.float64)
+    tiny = rng.uniform(-1, 1, count) * np.float64(2.0**-20)
+    with np.errstate(all="ignore"):
+        extra = np.concatenate([near_one, tiny, [0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65520.0, 3e38, 1e-45]])
+        return np.concatenate([raw, extra.astype(dtype)])
+
+
+def isnan(array):
+    with np.errstate(all="ignore"):
+        return np.isnan(np.asarray(array).astype(np.float64))
+
+
+def bits_of(array):
+    return np.asarray(array).view(f"u{np.asarray(array).dtype.itemsize}")
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def test_philox_matches_random123_known_answers():
+    counters = np.array([c for c, _, _ in PHILOX_KAT], dtype=np.uint64)
+    keys = np.array([k for _, k, _ in PHILOX_KAT], dtype=np.uint64)
+    assert philox4x32_10(counters, keys).tolist() == [list(r) for _, _, r in PHILOX_KAT]
+
+
+# NumPy / ml_dtypes casts are correctly rounded for these pairs (f64 -> bfloat16 goes through
+# float32 in ml_dtypes, a double rounding, so it is checked against an exact construction below).
+@pytest.mark.parametrize("src,dst", [p for p in PAIRS if p != ("float64", "bfloat16")], ids=str)
+def test_nearest_even_matches_numpy_casts(rng, src, dst):
+    values = sample_values(rng, src, 4096)
+    with np.errstate(all="ignore"):
+        expected = values.astype(as_dtype(dst))
+    got = convert(values, as_dtype(dst))
+    nan = isnan(expected)
+    assert isnan(got[nan]).all()
+    assert (bits_of(got)[~nan] == bits_of(expected)[~nan]).all()
+
+
+def test_float64_to_bfloat16_rounds_once():
+    # 1 + 2**-8 + 2**-30: float32 rounding first gives the tie 1 + 2**-8, which rounds to even (1.0);
+    # rounding once sees it is above the tie and rounds up.
+    value = np.array([1 + 2.0**-8 + 2.0**-30, -(1 + 2.0**-8 + 2.0**-30), 1 + 2.0**-8])
+    got = convert(value, bfloat16).astype(np.float64)
+    assert got.tolist() == [1 + 2.0**-7, -(1 + 2.0**-7), 1.0]
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets_the_value():
+    value = np.float32(1 + 2.0**-10 + 2.0**-12)  # between two bfloat16 neighbours 1 and 1 + 2**-7
+    n = 20000
+    got = convert(np.full((n, 1), value), bfloat16, stochastic=True, seed=7, layer=0, position=np.arange(n)).astype(
+        np.float64
+    )
+    assert set(np.unique(got)) == {1.0, 1 + 2.0**-7}
+    p = (2.0**-10 + 2.0**-12) / 2.0**-7  # probability of rounding up
+    assert abs((got == 1 + 2.0**-7).mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_rounding_bits_depend_on_every_key_field_and_nothing_else():
+    base = rounding_bits(1, 2, 0, 5, 9)
+    assert (rounding_bits(1, 2, 0, 5, 9) == base).all()
+    for other in (rounding_bits(2, 2, 0, 5, 9), rounding_bits(1, 3, 0, 5, 9), rounding_bits(1, 2, 1, 5, 9)):
+        assert (other != base).any()
+    assert (rounding_bits(1, 2, 0, 6, 9) != base).any()
+    assert (rounding_bits(1, 2, 0, 5, 16)[:9] == base).all()  # element e's bits do not depend on the slot size
+
+
+# ---------------------------------------------------------------- device functions vs reference
+
+
+def run_convert_kernel(values, dst, mode, seed=0, layer=0, kind=0, positions=None):
+    values = np.atleast_2d(values)
+    rows, elems = values.shape
+    src_bits = np.ascontiguousarray(bits_of(values)).reshape(1, rows, elems)
+    out = cuda.device_array((1, rows, elems), dtype=f"u{as_dtype(dst).itemsize}")
+    formats = np.array([mode, *dtype_format(values.dtype), *dtype_format(as_dtype(dst))], dtype=np.int32)
+    positions = np.zeros(rows, np.int32) if positions is None else np.asarray(positions, np.int32)
+    (chunks,), threads = kernels.launch_shape(elems)
+    kernels.convert_array[(chunks, rows, 1), threads](
+        out, cuda.to_device(src_bits), cuda.to_device(formats), layer, kind, cuda.to_device(positions),
+        seed & 0xFFFFFFFF, seed >> 32,
+    )  # fmt: skip
+    return out.copy_to_host().reshape(rows, elems)
+
+
+@cuda.jit
+def philox_kernel(counters, keys, out):
+    i = cuda.threadIdx.x
+    if i < out.shape[0]:
+        c = counters
+        r = kernels.philox4x32_10(c[i, 0], c[i, 1], c[i, 2], c[i, 3], keys[i, 0], keys[i, 1])
+        for j in range(4):
+            out[i, j] = r[j]
+
+
+def test_device_philox_matches_random123_known_answers():
+    counters = np.array([c for c, _, _ in PHILOX_KAT], dtype=np.uint64)
+    keys = np.array([k for _, k, _ in PHILOX_KAT], dtype=np.uint64)
+    out = np.zeros((3, 4), dtype=np.uint64)
+    philox_kernel[1, 32](counters, keys, out)
+    assert out.tolist() == [list(r) for _, _, r in PHILOX_KAT]
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("src,dst", PAIRS, ids=str)
+def test_device_conversion_matches_reference_bit_for_bit(rng, src, dst, stochastic):
+    values = sample_values(rng, src, 40)
+    rows = 2
+    elems = values.size // rows  # 24 + 9 specials: off a group-of-4 edge
+    values = values[: rows * elems].reshape(rows, elems)
+    positions = rng.integers(0, 2**31 - 1, rows).astype(np.int32)
+    mode = 2 if stochastic else 1
+    sr = stochastic and as_dtype(dst).itemsize == 2 and as_dtype(src).itemsize >= 4
+    got = run_convert_kernel(values, dst, mode if (sr or not stochastic) else 1, 99, 3, 1, positions)
+    expected = convert(values, as_dtype(dst), stochastic=sr, seed=99, kind=1, layer=3, position=positions)
+    assert got.tobytes() == bits_of(expected).tobytes()
+
+
+# ---------------------------------------------------------------- the manager's converting commits
+
+
+def make_pair(config):
+    return [BACKENDS[name](config) for name in ("numpy", "numba")]
+
+
+def fill_bits(managers, rng):
+    """The same random finite values (within float16 range, so every conversion is interesting)."""
+    for pool in ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv"):
+        target = managers[0]._pools[("recurrent", "conv", "intermediate_recurrent", "intermediate_conv").index(pool)]
+        values = rng.uniform(-100, 100, target.shape).astype(target.dtype)
+        for manager in managers:
+            pool_array = getattr(manager._pools, pool)
+            if isinstance(pool_array, np.ndarray):
+                pool_array[...] = values
+            else:
+                pool_array.copy_to_device(np.ascontiguousarray(values).view(pool_array.dtype))
+
+
+def host_pools(manager):
+    return {k: bits_of(v) for k, v in snapshot(manager).items()}
+
+
+def assert_pools_equal(a, b, context=""):
+    assert a.keys() == b.keys()
+    for pool in a:
+        assert a[pool].tobytes() == b[pool].tobytes(), f"{context}: {pool}"
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("main,inter", PAIRS, ids=str)
+def test_converting_scatter_numba_matches_numpy(rng, main, inter, stochastic):
+    # conv slot of 7 * 3 = 21 elements (off a group edge), recurrent 2 * 3 * 4 = 24 (on one)
+    config = small_config(
+        recurrent_state_size=4,
+        recurrent_state_dtype=main,
+        conv_state_dtype=inter,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=main,
+        stochastic_rounding=stochastic,
+        rounding_seed=2**40 + 5,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    before = host_pools(managers[0])
+    accept = [2, 0, 4, 1]  # row 2: 4 > V - 1, a full accept: untouched
+    indices = [3, 1, 0, 4]
+    positions = [10, 20, 30, 2**31 - 3]
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(4, 4)
+        manager.scatter_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, indices),
+            positions=device_int32(backend, positions),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], f"{main} <- {inter}")
+    # untouched slots (and the intermediate pools) keep their bits; touched ones hold the conversion
+    reference = managers[0]
+    for kind, pool in enumerate(("recurrent", "conv")):
+        untouched = [s for s in range(config.max_batch_size) if s not in (3, 4)]
+        assert after[0][pool][:, untouched].tobytes() == before[pool][:, untouched].tobytes()
+        inter_pool = getattr(reference._pools, f"intermediate_{pool}")
+        dst_dtype = getattr(reference._pools, pool).dtype
+        steps = inter_pool.reshape(config.num_recurrent_layers, config.max_batch_size * 4, -1)
+        for row, slot in ((0, 3), (3, 4)):
+            expected = convert(
+                steps[:, row * 4 + accept[row] - 1],
+                dst_dtype,
+                stochastic=stochastic,
+                seed=config.rounding_seed,
+                kind=kind,
+                layer=np.arange(config.num_recurrent_layers),
+                position=positions[row] + accept[row],
+            )
+            got = after[0][pool][:, slot].reshape(config.num_recurrent_layers, -1)
+            assert got.tobytes() == bits_of(expected).tobytes(), (pool, row)
+    for pool in ("intermediate_recurrent", "intermediate_conv"):
+        assert after[0][pool].tobytes() == before[pool].tobytes()
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_converting_tree_commit_numba_matches_numpy(rng, stochastic):
+    config = small_config(
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float16",
+        intermediate_conv_state_dtype="float64",
+        stochastic_rounding=stochastic,
+        rounding_seed=3,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    nodes = [[0, 2, 3], [1, -1, -1], [3, 0, 9], [-1, -1, -1]]
+    accept = [3, 1, 2, 3]
+    positions = [5, 6, 7, 8]
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(4, 4)
+        manager.scatter_accepted_tree_states(
+            device_int32(backend, nodes), device_int32(backend, accept), positions=device_int32(backend, positions)
+        )
+    assert_pools_equal(host_pools(managers[0]), host_pools(managers[1]), "tree")
+
+
+def test_stochastic_state_is_the_same_wherever_it_was_computed(rng):
+    # The same float32 state committed from another row, slot and draft step, at the same token
+    # position, gets the same bits; another position gets other bits.
+    config = small_config(
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float16",
+        intermediate_conv_state_dtype="float32",
+        stochastic_rounding=True,
+        rounding_seed=11,
+    )
+    for backend in ("numpy", "numba"):
+        manager = BACKENDS[backend](config)
+        manager.reshape_intermediate_states(3, 4)
+        for pool in ("intermediate_recurrent", "intermediate_conv"):
+            flat = to_host(getattr(manager._pools, pool))
+            layer_steps = flat.reshape(flat.shape[0], 5 * 4, -1)
+            state = rng.uniform(-1, 1, (flat.shape[0], layer_steps.shape[2])).astype(np.float32)
+            layer_steps[:, 0 * 4 + 2] = state  # row 0, step 2: consumed 10 + 3 tokens
+            layer_steps[:, 1 * 4 + 0] = state  # row 1, step 0: consumed 12 + 1 tokens
+            layer_steps[:, 2 * 4 + 0] = state  # row 2, step 0: consumed 13 + 1 tokens
+            target = getattr(manager._pools, pool)
+            if isinstance(target, np.ndarray):
+                target[...] = flat
+            else:
+                target.copy_to_device(flat)
+        manager.scatter_mtp_states(
+            device_int32(backend, [3, 1, 1]),
+            state_indices=device_int32(backend, [4, 0, 2]),
+            positions=device_int32(backend, [10, 12, 13]),
+        )
+        for pool in ("recurrent", "conv"):
+            got = bits_of(to_host(getattr(manager._pools, pool)))
+            assert got[:, 4].tobytes() == got[:, 0].tobytes(), (backend, pool)
+            assert got[:, 4].tobytes() != got[:, 2].tobytes(), (backend, pool)
+
+
+def test_stochastic_commit_requires_positions_and_changes_nothing(backend, rng):
+    config = small_config(
+        recurrent_state_dtype="float16", intermediate_recurrent_state_dtype="float32", stochastic_rounding=True
+    )
+    manager = BACKENDS[backend](config)
+    fill_bits([manager], rng)
+    before = host_pools(manager)
+    with pytest.raises(ValueError, match="positions .* is required"):
+        manager.scatter_mtp_states(device_int32(backend, [1, 2]))
+    with pytest.raises(ValueError, match="positions must have the length of accept_lengths"):
+        manager.scatter_mtp_states(device_int32(backend, [1, 2]), positions=device_int32(backend, [1]))
+    assert_pools_equal(before, host_pools(manager))
+
+
+# ---------------------------------------------------------------- bfloat16 pools
+
+
+@pytest.mark.parametrize("spelling", ["bfloat16", bfloat16, "ml_dtypes"], ids=["str", "dtype", "type"])
+def test_bfloat16_config_spellings(spelling):
+    import ml_dtypes
+
+    value = ml_dtypes.bfloat16 if spelling == "ml_dtypes" else spelling
+    config = small_config(recurrent_state_dtype=value, conv_state_dtype=value)
+    assert config.recurrent_state_dtype == bfloat16 and config.conv_state_dtype.name == "bfloat16"
+    assert config.pool_bytes()["recurrent"] == 3 * 5 * 2 * 3 * 5 * 2
+
+
+@pytest.mark.parametrize("field", ["recurrent_state_dtype", "intermediate_conv_state_dtype"])
+def test_bad_dtype_lists_the_allowed_ones(field):
+    with pytest.raises(ConfigError, match=rf"{field} must be one of float16, bfloat16, float32, float64, got int8"):
+        small_config(**{field: "int8"})
+
+
+def test_bfloat16_pools_per_backend_and_scatter_parity(rng):
+    config = small_config(recurrent_state_dtype="bfloat16", conv_state_dtype="bfloat16")
+    numpy_cache, numba_cache = make_pair(config)
+    assert numpy_cache.get_recurrent_state(0).dtype == bfloat16
+    assert numba_cache.get_recurrent_state(0).dtype == np.uint16  # raw bits: Numba has no bfloat16
+    assert numba_cache.get_intermediate_conv_state(1).dtype == np.uint16
+    fill_bits([numpy_cache, numba_cache], rng)
+    before = host_pools(numpy_cache)
+    numpy_cache.scatter_mtp_states(np.array([2, 0, 3], np.int32))
+    numba_cache.scatter_mtp_states(device_int32("numba", [2, 0, 3]))
+    after = host_pools(numpy_cache)
+    assert_pools_equal(after, host_pools(numba_cache), "bf16")
+    assert after["recurrent"][:, 1].tobytes() == before["recurrent"][:, 1].tobytes()
+    assert after["recurrent"][:, 0].tobytes() != before["recurrent"][:, 0].tobytes()
+
+
+def test_bfloat16_snapshot_round_trips_across_backends(rng, tmp_path):
+    config = small_config(recurrent_state_dtype="bfloat16", conv_state_dtype="float32")
+    numpy_cache, numba_cache = make_pair(config)
+    fill_bits([numpy_cache, numba_cache], rng)
+    numba_cache.save_slot(tmp_path / "s.npz", 2)
+    numpy_cache.clear_states()
+    numpy_cache.load_slot(tmp_path / "s.npz", 0)
+    assert (
+        bits_of(numpy_cache.get_recurrent_state(0)[0]).tobytes()
+        == bits_of(to_host(numba_cache.get_recurrent_state(0))[2]).tobytes()
+    )
+    other = NumpyMambaCacheManager(small_config(recurrent_state_dtype="float16", conv_state_dtype="float32"))
+    from mamba_cache.snapshot import SnapshotError
+
+    with pytest.raises(SnapshotError, match="recurrent_state_dtype is 'bfloat16' there, 'float16' here"):
+        other.load_slot(tmp_path / "s.npz", 0)
+
+
+def test_mixed_dtypes_are_built_and_sized(backend):
+    config = Config(
+        num_recurrent_layers=1,
+        max_batch_size=2,
+        recurrent_state_num_heads=1,
+        recurrent_state_head_dim=2,
+        recurrent_state_size=2,
+        conv_dim=2,
+        conv_kernel=2,
+        max_intermediate_seq_len=3,
+        recurrent_state_dtype="float32",
+        intermediate_recurrent_state_dtype="bfloat16",
+    )
+    cache = BACKENDS[backend](config)
+    assert config.pool_bytes()["intermediate_recurrent"] == 2 * 3 * 4 * 2
+    assert cache.get_intermediate_recurrent_state(0).dtype.itemsize == 2
+
+
+def test_cli_plan_takes_state_dtypes(capsys):
+    from mamba_cache.cli import main
+
+    args = ["plan", "--preset", "mamba2-130m", "--mtp", "2", "--dtype", "bfloat16", "--conv-dtype", "float32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "intermediate_recurrent  [8, 2, 24, 64, 128]  bfloat16" in out
+    assert "conv                    [8, 1792, 4]         float32" in out
+    assert main(["plan", "--preset", "mamba2-130m", "--recurrent-dtype", "int8"]) == 2
+    assert "must be one of float16, bfloat16, float32, float64, got int8" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the tiny model with 16-bit and rounded states
+
+
+def model_config(dtype, stochastic, inter=None):
+    heads, dim, state = 2, 4, 4
+    return Config(
+        num_recurrent_layers=2,
+        max_batch_size=3,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=state,
+        conv_dim=heads * dim + 2 * state,
+        conv_kernel=3,
+        max_intermediate_seq_len=3,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=inter,
+        stochastic_rounding=stochastic,
+        rounding_seed=77,
+    )
+
+
+def speculative_and_sequential(backend, config, rng, rounds=2):
+    from mamba_cache.models.mamba2 import TinyMamba2
+
+    model = TinyMamba2(config, vocab_size=16, seed=5)
+    spec, seq = BACKENDS[backend](config), BACKENDS[backend](config)
+    active, verify = config.max_batch_size, config.max_intermediate_seq_len
+    prompt = rng.integers(0, 16, size=(active, 2))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    consumed = np.full(active, 2, np.int32)
+    for _ in range(rounds):
+        drafts = rng.integers(0, 16, size=(active, verify))
+        accept = rng.integers(1, verify + 1, size=active).astype(np.int32)
+        model.verify(spec, drafts, positions=consumed)
+        spec.scatter_mtp_states(device_int32(backend, accept), positions=device_int32(backend, consumed))
+        model.decode_accepted(seq, drafts, accept, positions=consumed)
+        consumed = consumed + accept
+    return spec, seq
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tiny_model_speculative_equals_sequential_with_16_bit_states(backend, rng, dtype, stochastic):
+    spec, seq = speculative_and_sequential(backend, model_config(dtype, stochastic), rng)
+    a, b = host_pools(spec), host_pools(seq)
+    for pool in ("recurrent", "conv"):
+        assert a[pool].tobytes() == b[pool].tobytes(), pool
+
+
+def test_tiny_model_stochastic_states_are_reproducible_and_differ_from_nearest(backend):
+    pools = {}
+    for name, stochastic in (("sr", True), ("sr again", True), ("nearest", False)):
+        spec, _ = speculative_and_sequential(backend, model_config("bfloat16", stochastic), np.random.default_rng(0))
+        pools[name] = host_pools(spec)["recurrent"]
+    assert pools["sr"].tobytes() == pools["sr again"].tobytes()
+    assert pools["sr"].tobytes() != pools["nearest"].tobytes()
+
+
+def test_tiny_model_backends_agree_with_bfloat16_stochastic_states(rng):
+    config = model_config("bfloat16", True)
+    seed = int(rng.integers(1 << 30))
+    results = [host_pools(speculative_and_sequential(b, config, np.random.default_rng(seed))[0]) for b in BACKENDS]
+    for pool in ("recurrent", "conv"):
+        a, b = (r[pool].view(bfloat16).astype(np.float64) for r in results)
+        # one bfloat16 ulp where float32 arithmetic differs by an ulp and flips a rounding
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_tiny_model_requires_positions_with_stochastic_rounding():
+    from mamba_cache.models.mamba2 import TinyMamba2
+
+    config = model_config("float16", True)
+    with pytest.raises(ValueError, match="positions is required"):
+        TinyMamba2(config).decode_step(NumpyMambaCacheManager(config), [1, 2, 3])
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_device_float32_bfloat16_fast_path_matches_reference(rng, stochastic):
+    # the kernels' float32 <-> bfloat16 shortcut against the general reference: ties, near-ties,
+    # overflow, subnormals, NaN payloads, random patterns
+    base = rng.integers(0, 2**16, 512, dtype=np.int64).astype(np.uint32) << np.uint32(16)
+    offsets = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=np.uint32)
+    patterns = (base[:, None] | offsets[None, :]).ravel()
+    extra = rng.integers(0, 2**32, 256, dtype=np.int64).astype(np.uint32)
+    specials = np.array(
+        [0x7F7FFFFF, 0x7F7F8000, 0xFF7F8001, 0x7F800001, 0xFFC00001, 0x00000001, 0x807FFFFF, 0], np.uint32
+    )
+    values = np.concatenate([patterns, extra, specials]).view(np.float32).reshape(2, -1)
+    positions = np.array([3, 2**31 - 1], np.int32)
+    narrow = run_convert_kernel(values, "bfloat16", 2 if stochastic else 1, 5, 1, 0, positions)
+    expected = convert(values, bfloat16, stochastic=stochastic, seed=5, kind=0, layer=1, position=positions)
+    assert narrow.tobytes() == bits_of(expected).tobytes()
+    wide = run_convert_kernel(np.ascontiguousarray(narrow).view(bfloat16), "float32", 1)
+    assert wide.tobytes() == bits_of(convert(expected, np.float32)).tobytes()
+
+
+@pytest.mark.parametrize("elems", [2048, 2049], ids=["on-chunk-edge", "off-chunk-edge"])
+def test_converting_scatter_across_chunk_edges(rng, elems):
+    # a slot of 2048 elements fills exactly one chunk of 256 threads x 2 groups of 4; 2049 needs a second
+    config = Config(
+        num_recurrent_layers=1,
+        max_batch_size=3,
+        recurrent_state_num_heads=1,
+        recurrent_state_head_dim=1,
+        recurrent_state_size=elems,
+        conv_dim=elems - 1,
+        conv_kernel=1,
+        max_intermediate_seq_len=2,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float16",
+        intermediate_conv_state_dtype="float64",
+        stochastic_rounding=True,
+        rounding_seed=9,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    before = host_pools(managers[0])
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(2, 2)
+        manager.scatter_mtp_states(
+            device_int32(backend, [1, 0]),
+            state_indices=device_int32(backend, [2, 0]),
+            positions=device_int32(backend, [40, 41]),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], f"{elems}")
+    assert after[0]["recurrent"][:, :2].tobytes() == before["recurrent"][:, :2].tobytes()
+    assert after[0]["recurrent"][:, 2].tobytes() != before["recurrent"][:, 2].tobytes()

@@ -195,14 +195,6 @@ class Config:
                 f"got {groups}"
             )
         object.__setattr__(self, "n_groups", groups)
-        if self.commit_mode == "replay":
-            # The replay kernels store round-to-nearest float16 / float32 / float64; what is not built
-            # yet is refused rather than computed wrong.
-            if self.stochastic_rounding:
-                raise ConfigError("stochastic_rounding is not supported with commit_mode='replay' yet")
-            for name in ("recurrent_state_dtype", "conv_state_dtype"):
-                if getattr(self, name) == bfloat16:
-                    raise ConfigError(f"{name}=bfloat16 is not supported with commit_mode='replay' yet")
 
     # ------------------------------------------------------------------ shapes
     @property

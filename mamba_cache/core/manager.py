@@ -115,6 +115,18 @@ def is_c_contiguous(shape: tuple, strides: tuple | None, itemsize: int) -> bool:
     return True
 
 
+def _refuse_unbuilt(config: Config) -> None:
+    """Refuse combinations not built yet rather than compute them wrong (a Config may still plan them)."""
+    from .._config import ConfigError, bfloat16
+
+    if config.commit_mode == "replay":  # the replay kernels store round-to-nearest float16/32/64
+        if config.stochastic_rounding:
+            raise ConfigError("stochastic_rounding is not supported with commit_mode='replay' yet")
+        for name in ("recurrent_state_dtype", "conv_state_dtype"):
+            if getattr(config, name) == bfloat16:
+                raise ConfigError(f"{name}=bfloat16 is not supported with commit_mode='replay' yet")
+
+
 class MambaCacheManagerBase:
     """Per-layer Mamba (recurrent + conv) state manager; see :class:`NumpyMambaCacheManager`.
 
@@ -134,6 +146,7 @@ class MambaCacheManagerBase:
             self._config = config
             return
         self._check_config(config)
+        _refuse_unbuilt(config)
         stream = self._stream(stream)
         available, where = self._available_bytes()
         if config.total_bytes > available:

@@ -67,6 +67,11 @@ class TinyGatedDeltaNet(TinyMamba2):
         )
         if config.mixer != "gdn":
             raise ValueError(f"TinyGatedDeltaNet needs Config.mixer='gdn', got {config.mixer!r}")
+        if config.stochastic_rounding or "bfloat16" in (
+            config.recurrent_state_dtype.name,
+            config.conv_state_dtype.name,
+        ):
+            raise ValueError("TinyGatedDeltaNet stores float16 / float32 / float64 states, rounded to nearest")
         if config.conv_dim != 2 * groups * dim + heads * size:
             raise ValueError(
                 f"conv_dim must be 2 * G * D + H * N = {2 * groups * dim + heads * size} for TinyGatedDeltaNet, "
@@ -101,7 +106,13 @@ class TinyGatedDeltaNet(TinyMamba2):
         return self._device
 
     def _decode(
-        self, cache: Any, tokens: np.ndarray, slots: np.ndarray, step: int | None, scratch: list | None = None
+        self,
+        cache: Any,
+        tokens: np.ndarray,
+        slots: np.ndarray,
+        step: int | None,
+        positions: np.ndarray | None = None,
+        scratch: list | None = None,
     ) -> np.ndarray:
         """One token per row through every layer (``scratch``: as in :meth:`TinyMamba2._decode`)."""
         w, config = self.weights, self.config

@@ -15,6 +15,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
+from ..precision.kernels import store_formats
 from ..replay.kernels import MAX_KEY_DIM, gdn_column_step
 from .mamba2_kernels import NumbaTinyMamba2, _grid, conv_step, embed, matvec, rmsnorm
 
@@ -90,7 +91,7 @@ def gdn_state(rec, qk, xbc, g, beta, groups, slots, o, inter, step, stash_g, sta
 class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
     """The device side of a :class:`~mamba_cache.models.gdn.TinyGatedDeltaNet`."""
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, scratch=None):
+    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]
         heads, dim, size, groups = (
@@ -101,6 +102,10 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
         )
         width, channels = heads * size, config.conv_dim
         d_tokens, d_slots = cuda.to_device(tokens), cuda.to_device(slots)
+        # the shared conv kernel's rounding arguments: round to nearest, no stochastic bits (the
+        # GDN model keeps float16 / float32 / float64 states)
+        d_positions = cuda.to_device(np.zeros(max(n, 1), dtype=np.int32))
+        conv_fmt = cuda.to_device(store_formats(config, config.conv_state_dtype, config.intermediate_conv_state_dtype))
         x = cuda.device_array((n, width), dtype=np.float32)
         normed = cuda.device_array((n, width), dtype=np.float32)
         z = cuda.device_array((n, channels + 2 * heads), dtype=np.float32)
@@ -139,6 +144,11 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
                 step if inter_step else -1,
                 stash["conv"] if replay_step else conv_state,
                 step if replay_step else -1,
+                d_positions,
+                conv_fmt,
+                layer,
+                0,
+                0,
             )
             grid, threads = _grid(n, max(heads, 2 * groups))
             gdn_gates[grid, threads](z, xbc, w["dt_bias"][layer], w["a"][layer], groups, dim, g, beta, qk)

@@ -476,7 +476,8 @@ def _resolve_device(device: Any) -> tuple[Any, int | None]:
             raise ValueError(f"device must be in [0, {len(cuda.gpus)}) (the GPUs present), got {ordinal}")
     gpu = cuda.gpus[ordinal]
     with gpu:
-        handle = int(cuda.current_context().handle.value)
+        raw = cuda.current_context().handle  # a ctypes pointer or a cuda.bindings CUcontext
+        handle = int(raw.value or 0) if hasattr(raw, "value") else int(raw)
     return gpu, handle
 
 

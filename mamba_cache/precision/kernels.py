@@ -23,7 +23,8 @@ and mantissa bits). A kind whose dtypes are equal is thus copied in the same lau
 
 Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
 bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
-Philox uses ``__umulhi`` on the GPU. Whether a converting commit stays memory-bound is measured by
+Philox takes the high and low words of one 32 x 32 -> 64-bit product. Whether a converting
+commit stays memory-bound is measured by
 ``benchmarks/precision_bench.py``.
 """
 
@@ -52,21 +53,12 @@ def launch_shape(*elems: int) -> tuple[tuple[int, ...], int]:
     return tuple(-(-g // chunk) for g in groups), threads
 
 
-if SIMULATOR:  # the simulator has no cuda.mulhi
-
-    @cuda.jit(device=True, inline="always")
-    def _mulhilo(a, b):
-        product = np.uint64(a) * np.uint64(b)
-        return np.uint64(product >> np.uint64(32)), np.uint64(product & np.uint64(0xFFFFFFFF))
-
-else:
-
-    @cuda.jit(device=True, inline="always")
-    def _mulhilo(a, b):
-        # __umulhi and a 32-bit multiply, rather than a 64 x 64-bit product
-        hi = cuda.mulhi(np.uint32(a), np.uint32(b))
-        lo = np.uint32(np.uint64(a) * np.uint64(b))
-        return np.uint64(hi), np.uint64(lo)
+@cuda.jit(device=True, inline="always")
+def _mulhilo(a, b):
+    # One 32 x 32 -> 64-bit product (the compiler emits a wide multiply): its high and low words.
+    # numba-cuda exposes no __umulhi, and this is exact integer arithmetic on every target.
+    product = np.uint64(a) * np.uint64(b)
+    return np.uint64(product >> np.uint64(32)), np.uint64(product & np.uint64(0xFFFFFFFF))
 
 
 @cuda.jit(device=True)

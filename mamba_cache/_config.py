@@ -78,8 +78,8 @@ def _as_state_dtype(name: str, value: Any) -> np.dtype:
 def format_bytes(n: int) -> str:
     """Format a byte count with a binary prefix, e.g. ``1536 -> '1.50 KiB'``."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
             return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

@@ -48,7 +48,7 @@ _DIMENSION_FIELDS = (
 
 
 class ConfigError(ValueError):
-    """A :class:`Config` field holds a value the cache cannot be built from.
+    """A [`Config`][mamba_cache.Config] field holds a value the cache cannot be built from.
 
     The message names the field, the value given and the allowed range.
     """
@@ -87,7 +87,7 @@ def format_bytes(n: int) -> str:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Shape and dtype of every state buffer of a :class:`MambaCacheManager`.
+    """Shape and dtype of every state buffer of a [`MambaCacheManagerBase`][mamba_cache.MambaCacheManagerBase].
 
     Mirrors the C++ ``MambaCacheManager::Config``. When ``num_recurrent_layers`` is 0 the manager
     is a no-op and the other fields are not validated (the C++ returns before validating them).

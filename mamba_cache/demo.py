@@ -4,7 +4,7 @@ Builds a cache for a Mamba2-370M-sized model on the best available backend (the 
 on a GPU, else the NumPy reference), plays one speculative-decoding verify step through the
 intermediate states and commits it with ``scatter_mtp_states``, prints the layouts and the memory
 table, and checks every slot of every layer against the rule computed independently, row by row.
-Then a small Mamba2 model (:mod:`mamba_cache.models.mamba2`) decodes speculatively on the same
+Then a small Mamba2 model (``mamba_cache.models.mamba2``) decodes speculatively on the same
 backend, and the committed states are checked against decoding only the accepted tokens.
 """
 

@@ -23,7 +23,7 @@ class ModelPreset:
     """The recurrent-layer dimensions of one published model.
 
     Attributes:
-        name: the preset's key in :data:`PRESETS`.
+        name: the preset's key in ``PRESETS``.
         description: the model, and which of its layers are recurrent.
         num_recurrent_layers: L.
         num_heads: H, heads of the recurrent state (value heads for Gated DeltaNet).

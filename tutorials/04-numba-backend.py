@@ -23,35 +23,6 @@ from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
 
 print("running on", "the GPU" if on_gpu else "the CUDA simulator")
 
-# GPU-only output: printed and recorded on a GPU, replayed from the recording elsewhere
-RECORDING = (
-    pathlib.Path(
-        os.environ.get("MAMBA_CACHE_RECORDINGS")
-        or pathlib.Path(mamba_cache.__file__).parents[1] / "tutorials" / "recorded"
-    )
-    / "04-gpu.txt"
-)
-recorded = {}
-
-
-def gpu_output(section, lines):
-    """On a GPU: print ``lines`` and keep them for the recording."""
-    recorded[section] = list(lines)
-    print("\n".join(lines))
-
-
-def replay_recorded(section):
-    """Without a GPU: print what ``section`` printed on the GPU named in the recording."""
-    text = RECORDING.read_text() if RECORDING.exists() else ""
-    header, _, body = text.partition("\n")
-    lines = body.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0].splitlines() if f"[{section}]\n" in body else []
-    if not header.startswith("# recorded on ") or not lines:
-        print("(no GPU here, and no recorded GPU output yet: run this tutorial on a GPU to record it)")
-        return
-    print(f"(no GPU here: output {header[2:]})")
-    print("\n".join(lines))
-
-
 config = Config(
     num_recurrent_layers=3,
     max_batch_size=4,
@@ -67,6 +38,40 @@ stream = cuda.stream()
 cache = NumbaMambaCacheManager(config, stream=stream)
 state = cache.get_recurrent_state(0)
 print(type(state).__name__, state.shape, state.dtype)
+
+# %% [markdown]
+# Two helpers for the GPU-only sections below: on a GPU they print and keep the output for the
+# recording; without one they print the recorded output, naming the card and the date.
+
+# %%
+here = pathlib.Path(mamba_cache.__file__).parents[1] / "tutorials" / "recorded"
+RECORDING = pathlib.Path(os.environ.get("MAMBA_CACHE_RECORDINGS") or here) / "04-gpu.txt"
+recorded = {}
+
+
+def gpu_output(section, lines):
+    """On a GPU: print ``lines`` and keep them for the recording."""
+    recorded[section] = list(lines)
+    print("\n".join(lines))
+
+
+def replay_recorded(section):
+    """Without a GPU: print what ``section`` printed on the GPU named in the recording."""
+    header, *rest = (RECORDING.read_text() if RECORDING.exists() else "").splitlines() or [""]
+    sections, name = {}, None
+    for line in rest:  # "[section]" lines, each followed by what that section printed
+        if line.startswith("[") and line.endswith("]"):
+            name = line[1:-1]
+            sections[name] = []
+        elif name is not None:
+            sections[name].append(line)
+    lines = sections.get(section)
+    if not header.startswith("# recorded on ") or not lines:
+        print("(no GPU here, and no recorded GPU output yet: run this tutorial on a GPU to record it)")
+        return
+    print(f"(no GPU here: output {header[2:]})")
+    print("\n".join(lines))
+
 
 # %% [markdown]
 # Every method takes `stream=`; work is asynchronous, so synchronise before reading on the host.

@@ -34,8 +34,8 @@ def _plan(args) -> int:
     _warn_if_beyond_any_device("the cache", config.total_bytes)
     print(f"{preset.description}")
     print(
-        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp} "
-        f"(per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels)\n"
+        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp}\n"
+        f"per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels\n"
     )
     print(config.memory_table())
     print(f"\nper sequence (one slot, every pool): {format_bytes(config.slot_bytes)} ({config.slot_bytes} bytes)")

@@ -64,7 +64,7 @@ with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / "system-prompt.npz"
     cache.save_slot(path, 0)
     cache.load_slot(path, 2)
-print("slots after clear_slot(1) and load_slot(path, 2) from slot 0:", cache.get_recurrent_state(0)[:, 0, 0, 0])
+print("slots after clear_slot(1), load_slot(path, 2):", cache.get_recurrent_state(0)[:, 0, 0, 0].tolist())
 assert cache.get_recurrent_state(0)[:, 0, 0, 0].tolist() == [12.0, 0.0, 12.0, 11.0]
 
 # %% [markdown]

@@ -27,7 +27,7 @@ def main() -> None:
     data = json.loads(pathlib.Path(args.results).read_text())
     records, meta = data["records"], data["meta"]
     configs = list(dict.fromkeys(r["config"] for r in records))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(OPS)
     for i, (op, label) in enumerate(OPS.items()):
         ratios = [next(r["ratio_to_ceiling"] for r in records if r["config"] == c and r["op"] == op) for c in configs]
@@ -38,7 +38,8 @@ def main() -> None:
     left.set_ylabel("useful bandwidth / ceiling")
     left.set_title("Numba backend vs. copy / memset ceiling (same run)")
     left.set_ylim(0, 1.25)
-    left.legend(fontsize=8, loc="lower right")
+    # legends below the axes, never over the bars
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
     scatter = [next(r for r in records if r["config"] == c and r["op"] == "scatter_mtp_states") for c in configs]
     stacked = right.bar(
         [x - 0.2 for x in range(len(configs))],
@@ -55,14 +56,16 @@ def main() -> None:
     right.bar_label(stacked, fmt="%.1fx", fontsize=8)
     right.bar_label(per_layer, fmt="%.1fx", fontsize=8)
     right.set_yscale("log")
+    speedups = [r[k] for r in scatter for k in ("speedup_vs_torch_stacked", "speedup_vs_torch_per_layer")]
+    right.set_ylim(1, max(speedups) * 2.5)  # room for the labels above the tallest bar
     right.set_xticks(range(len(configs)), configs)
     right.set_title("scatter_mtp_states speed-up over PyTorch")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.suptitle(f"{meta['card']}, {meta['date']}: copy ceiling {meta['copy_ceiling_gbps']:.0f} GB/s", fontsize=10)
     fig.tight_layout()
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, metadata={"Date": None})
+    fig.savefig(out, metadata={"Date": None}, bbox_inches="tight")
     print(f"wrote {out}")
 
 

@@ -2,11 +2,11 @@
 
 A Python implementation of NVIDIA TensorRT-Edge-LLM's C++ ``MambaCacheManager``:
 
-- :class:`NumpyMambaCacheManager`, the NumPy reference that defines the exact semantics;
-- :class:`NumbaMambaCacheManager`, the same interface on CUDA device arrays through Numba
+- [`NumpyMambaCacheManager`][mamba_cache.NumpyMambaCacheManager], the NumPy reference that defines the exact semantics;
+- [`NumbaMambaCacheManager`][mamba_cache.NumbaMambaCacheManager], the same interface on CUDA device arrays through Numba
   (imported lazily: ``import mamba_cache`` needs NumPy only).
 
-Both take a :class:`Config`. See ``docs/`` for the state layouts and the MTP scatter.
+Both take a [`Config`][mamba_cache.Config]. See ``docs/`` for the state layouts and the MTP scatter.
 """
 
 from __future__ import annotations

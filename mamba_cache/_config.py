@@ -51,7 +51,7 @@ _DIMENSION_FIELDS = (
 
 
 class ConfigError(ValueError):
-    """A :class:`Config` field holds a value the cache cannot be built from.
+    """A [`Config`][mamba_cache.Config] field holds a value the cache cannot be built from.
 
     The message names the field, the value given and the allowed range.
     """
@@ -83,8 +83,8 @@ def _as_state_dtype(name: str, value: Any) -> np.dtype:
 def format_bytes(n: int) -> str:
     """Format a byte count with a binary prefix, e.g. ``1536 -> '1.50 KiB'``."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
             return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
@@ -92,7 +92,7 @@ def format_bytes(n: int) -> str:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
-    """Shape and dtype of every state buffer of a :class:`MambaCacheManager`.
+    """Shape and dtype of every state buffer of a [`MambaCacheManagerBase`][mamba_cache.MambaCacheManagerBase].
 
     Mirrors the C++ ``MambaCacheManager::Config``. When ``num_recurrent_layers`` is 0 the manager
     is a no-op and the other fields are not validated (the C++ returns before validating them).

@@ -9,10 +9,23 @@ import sys
 from ._config import ConfigError, format_bytes
 from .presets import PRESETS, parse_bytes
 
+#: The most memory one accelerator has today (288 GB of HBM3e: NVIDIA B300, AMD MI355X). A plan or
+#: budget above it is per rank, so it cannot be one device's: the CLI says so.
+LARGEST_DEVICE_BYTES = 288 * 10**9
+
+
+def _warn_if_beyond_any_device(what: str, nbytes: int) -> None:
+    if nbytes > LARGEST_DEVICE_BYTES:
+        print(
+            f"mamba-cache plan: warning: {what} of {format_bytes(nbytes)} per rank exceeds the memory of any single "
+            f"device (the largest hold {LARGEST_DEVICE_BYTES // 10**9} GB); check --batch, --mtp, --tp and --budget",
+            file=sys.stderr,
+        )
+
 
 def _plan(args) -> int:
     preset = PRESETS[args.preset]
-    try:
+    try:  # every input is checked before anything is printed
         config = preset.config(args.batch, args.mtp, args.tp)
         dtypes = {
             "recurrent_state_dtype": args.recurrent_dtype or args.dtype,
@@ -23,19 +36,21 @@ def _plan(args) -> int:
         dtypes.update({f"intermediate_{field}": None for field in list(dtypes)})
         if dtypes:
             config = dataclasses.replace(config, **dtypes)
-    except ConfigError as error:
+        budget = None if args.budget is None else parse_bytes(args.budget)
+        fits = None if budget is None else config.max_batch_size_for(budget)
+    except (ConfigError, ValueError) as error:
         print(f"mamba-cache plan: {error}", file=sys.stderr)
         return 2
+    _warn_if_beyond_any_device("the cache", config.total_bytes)
     print(f"{preset.description}")
     print(
-        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp} "
-        f"(per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels)\n"
+        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp}\n"
+        f"per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels\n"
     )
     print(config.memory_table())
     print(f"\nper sequence (one slot, every pool): {format_bytes(config.slot_bytes)} ({config.slot_bytes} bytes)")
-    if args.budget is not None:
-        budget = parse_bytes(args.budget)
-        fits = config.max_batch_size_for(budget)
+    if budget is not None:
+        _warn_if_beyond_any_device("the budget", budget)
         print(f"largest batch within {format_bytes(budget)} ({budget} bytes) per rank: {fits}")
     return 0
 
@@ -52,10 +67,32 @@ def _demo(args) -> int:
     return demo_main(["--backend", args.backend])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``mamba-cache plan: argument --batch: ...`` and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+_VALUE_OPTIONS = ("--budget", "--batch", "--mtp", "--tp", "--layers")
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -5GiB`` -> ``--budget=-5GiB``, so a negative value reaches the range check, not argparse's."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in _VALUE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv=None) -> int:
     """Entry point of ``mamba-cache``."""
-    parser = argparse.ArgumentParser(prog="mamba-cache", description="Recurrent-state cache tools.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
+    parser = _Parser(prog="mamba-cache", description="Recurrent-state cache tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     plan = commands.add_parser("plan", help="bytes of every cache pool for a model preset, and the batch a budget fits")
     plan.add_argument("--preset", required=True, choices=sorted(PRESETS))
     plan.add_argument("--batch", type=int, default=8, help="slots (max_batch_size), default 8")

@@ -23,7 +23,7 @@ class ModelPreset:
     """The recurrent-layer dimensions of one published model.
 
     Attributes:
-        name: the preset's key in :data:`PRESETS`.
+        name: the preset's key in ``PRESETS``.
         description: the model, and which of its layers are recurrent.
         num_recurrent_layers: L.
         num_heads: H, heads of the recurrent state (value heads for Gated DeltaNet).
@@ -171,16 +171,29 @@ _UNITS = {
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    "pb": 10**15,
+    "eb": 10**18,
+    "pib": 2**50,
+    "eib": 2**60,
 }
 
 
 def parse_bytes(text: str) -> int:
-    """``"20GiB"`` -> 21474836480; ``"1.5GB"``, ``"512MiB"``, ``"1000"`` likewise.
+    """``"20GiB"`` -> 21474836480; ``"1.5GB"``, ``"512MiB"``, ``"1000"``, ``"1e12"`` likewise.
 
     Raises:
-        ValueError: not a number followed by an optional unit (B, KB, MB, GB, TB, KiB ... TiB).
+        ValueError: not a non-negative number followed by an optional unit (B, KB ... EB,
+            KiB ... EiB), or more than 2**64 bytes.
     """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"budget must look like 20GiB, 1.5GB or 1000000 (bytes), got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise ValueError(
+            f"budget must look like 20GiB, 1.5GB or 1000000: a number of bytes and an optional unit "
+            f"(B, KB, MB, GB, TB, PB, EB, KiB ... EiB); got {text!r}"
+        )
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value < 0:
+        raise ValueError(f"budget must be >= 0 bytes, got {text!r}")
+    if not value <= 2**64:
+        raise ValueError(f"budget must be at most 16 EiB (2**64 bytes, the 64-bit address space), got {text!r}")
+    return int(value)

@@ -13,7 +13,7 @@ says ``bfloat16`` and loading views the bits as bfloat16 again.
 
 A file is loaded only into a cache whose layer count, shapes and dtypes match (the batch size and
 MTP length may differ), and only if its checksum matches: anything else raises
-:class:`SnapshotError` before any state is touched.
+[`SnapshotError`][mamba_cache.snapshot.SnapshotError] before any state is touched.
 """
 
 from __future__ import annotations

@@ -51,15 +51,26 @@ def site(tmp_path_factory):
 class _Refs(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.refs, self.ids = [], set()
+        self.refs, self.ids, self.scripts, self._in_script = [], set(), [], False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if tag == "script":
+            self._in_script = True
+            self.scripts.append("")
         if "id" in attrs:
             self.ids.add(attrs["id"])
         for key in ("href", "src"):
             if attrs.get(key):
                 self.refs.append((tag, attrs[key], attrs.get("rel") or ""))
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script:  # the body of an inline script
+            self.scripts[-1] += data
 
 
 def parse(path):
@@ -100,6 +111,9 @@ def test_nothing_is_fetched_from_the_internet(site):
             )
             if loads and re.match(r"^(https?:)?//", ref):
                 external.append(f"{page.relative_to(site)}: <{tag}> {ref}")
+        for body in parse(page).scripts:  # inline scripts that import code (mkdocs-jupyter's Mermaid loader did)
+            for url in re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s'\"`)]*", body):
+                external.append(f"{page.relative_to(site)}: inline <script> loads {url}")
     css = "\n".join(p.read_text(errors="ignore") for p in site.rglob("*.css"))
     assert "fonts.googleapis" not in css
     assert not external, "\n".join(external[:20])

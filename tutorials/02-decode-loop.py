@@ -43,14 +43,12 @@ print("request A, last output[:4]:", np.round(first[-1][0, :4], 4))
 
 # %% [markdown]
 # A new request with the same system prompt: clear the cache (all slots), restore the snapshot
-# into slot 1, and decode the same tokens there. The result is identical, bit for bit, without
+# into slot 1 with `restore_slot`, and decode the same tokens there. The result is identical, bit for bit, without
 # re-running the prompt.
 
 # %%
 cache.clear_states()
-for layer in range(config.num_recurrent_layers):
-    cache.get_recurrent_state(layer)[1] = snapshot_rec[layer][0]
-    cache.get_conv_state(layer)[1] = snapshot_conv[layer][0]
+cache.restore_slot(1, snapshot_rec, snapshot_conv)  # every layer's recurrent and conv state, one call
 second = [model.decode_step(cache, [t], slots=[1]) for t in (7, 7, 1)]
 print("request B, last output[:4]:", np.round(second[-1][0, :4], 4))
 print("identical:", all(np.array_equal(a, b) for a, b in zip(first, second, strict=True)))

@@ -3,18 +3,26 @@
 #
 # What you will learn: the same cache on a GPU through Numba, with work queued on a CUDA stream;
 # sharing its tensors with PyTorch and CuPy without copies; capturing the scatter in a CUDA graph.
-# Without a GPU this tutorial runs on Numba's CUDA simulator and skips the GPU-only parts.
+# Without a GPU this tutorial runs on Numba's CUDA simulator; its GPU-only parts then show the
+# output recorded the last time it ran on a GPU (`tutorials/recorded/04-gpu.txt`, which names the
+# card and the date; every run on a GPU rewrites it).
 
 # %%
 from mamba_cache import select_numba_target
 
 on_gpu = select_numba_target()  # before numba is imported: the GPU, or the simulator
+import datetime
+import os
+import pathlib
+
 import numpy as np
 from numba import cuda
 
+import mamba_cache
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
 
 print("running on", "the GPU" if on_gpu else "the CUDA simulator")
+
 config = Config(
     num_recurrent_layers=3,
     max_batch_size=4,
@@ -30,6 +38,40 @@ stream = cuda.stream()
 cache = NumbaMambaCacheManager(config, stream=stream)
 state = cache.get_recurrent_state(0)
 print(type(state).__name__, state.shape, state.dtype)
+
+# %% [markdown]
+# Two helpers for the GPU-only sections below: on a GPU they print and keep the output for the
+# recording; without one they print the recorded output, naming the card and the date.
+
+# %%
+here = pathlib.Path(mamba_cache.__file__).parents[1] / "tutorials" / "recorded"
+RECORDING = pathlib.Path(os.environ.get("MAMBA_CACHE_RECORDINGS") or here) / "04-gpu.txt"
+recorded = {}
+
+
+def gpu_output(section, lines):
+    """On a GPU: print ``lines`` and keep them for the recording."""
+    recorded[section] = list(lines)
+    print("\n".join(lines))
+
+
+def replay_recorded(section):
+    """Without a GPU: print what ``section`` printed on the GPU named in the recording."""
+    header, *rest = (RECORDING.read_text() if RECORDING.exists() else "").splitlines() or [""]
+    sections, name = {}, None
+    for line in rest:  # "[section]" lines, each followed by what that section printed
+        if line.startswith("[") and line.endswith("]"):
+            name = line[1:-1]
+            sections[name] = []
+        elif name is not None:
+            sections[name].append(line)
+    lines = sections.get(section)
+    if not header.startswith("# recorded on ") or not lines:
+        print("(no GPU here, and no recorded GPU output yet: run this tutorial on a GPU to record it)")
+        return
+    print(f"(no GPU here: output {header[2:]})")
+    print("\n".join(lines))
+
 
 # %% [markdown]
 # Every method takes `stream=`; work is asynchronous, so synchronise before reading on the host.
@@ -68,11 +110,11 @@ if on_gpu:
         t = torch.as_tensor(cache.get_conv_state(1), device="cuda")
         t.zero_()
         torch.cuda.synchronize()
-        print("torch wrote the cache:", not cache.get_conv_state(1).copy_to_host().any())
+        gpu_output("zero-copy", [f"torch wrote the cache: {not cache.get_conv_state(1).copy_to_host().any()}"])
     except ImportError:
         print("torch not installed")
 else:
-    print("(skipped: no GPU)")
+    replay_recorded("zero-copy")
 
 # %% [markdown]
 # ## A CUDA graph of the scatter (GPU only)
@@ -96,7 +138,21 @@ if on_gpu:
     reference.scatter_mtp_states(np.array([2, 2, 2, 2], dtype=np.int32))
     stream.synchronize()
     replayed = np.array_equal(cache.get_recurrent_state(2).copy_to_host(), reference.get_recurrent_state(2))
-    print("graph replay == reference:", replayed)
+    gpu_output("graph", [f"graph replay == reference: {replayed}"])
     assert replayed
 else:
-    print("(skipped: no GPU)")
+    replay_recorded("graph")
+
+# %% [markdown]
+# On a GPU the tutorial rewrites its recording, naming the card and the date.
+
+# %%
+if on_gpu:
+    from mamba_cache.core.numba_backend import device_name
+
+    RECORDING.parent.mkdir(parents=True, exist_ok=True)
+    sections = "".join(f"[{name}]\n" + "\n".join(lines) + "\n" for name, lines in recorded.items())
+    RECORDING.write_text(f"# recorded on {device_name()}, {datetime.date.today().isoformat()}\n{sections}")
+    print(f"recorded the GPU output in {RECORDING.name}")
+else:
+    print("(no GPU here: the recording is left as it is)")

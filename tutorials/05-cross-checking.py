@@ -2,8 +2,8 @@
 # # 05 · Cross-checking backends (and your own kernels)
 #
 # What you will learn: how to check an implementation against the NumPy reference the way this
-# project's parity tests do: the same random calls on both, every byte of every pool compared
-# after every call, untouched slots included.
+# project's parity tests do: the same random calls on both, every byte of every main pool
+# compared after every call, untouched slots included.
 
 # %%
 from mamba_cache import select_numba_target
@@ -30,7 +30,7 @@ rng = np.random.default_rng(1)
 
 
 def pools(manager):
-    """Every byte of every pool: the main and the whole intermediate buffers."""
+    """Every byte of the main pools (recurrent and conv, every layer), as one uint8 array."""
     out = []
     for layer in range(config.num_recurrent_layers):
         for kind in ("recurrent", "conv"):

@@ -35,8 +35,10 @@ print("intermediate [row, step] (layer 0):\n", cache.get_intermediate_recurrent_
 
 # %% [markdown]
 # ## Slot indirection
-# Verify rows 0..3 belong to pool slots 3, 0, 2 and (padding) 1. Row 1 accepted 1 token, row 0
-# accepted 2; row 3 is padding: its slot index points at a live slot, and nothing happens to it.
+# Verify rows 0..3 belong to pool slots 3, 0, 2 and 1. Row 0 accepted 2 tokens (slot 3 takes its
+# step-1 state, 11) and row 1 accepted 1 (slot 0 takes its step-0 state, 20). Rows 2 and 3 accepted
+# 0 tokens: both are padding, so slots 2 and 1 keep their states even though their indices point
+# at live slots.
 
 # %%
 cache.scatter_mtp_states(np.array([2, 1, 0, 0], np.int32), state_indices=np.array([3, 0, 2, 1], np.int32))
@@ -62,7 +64,7 @@ with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / "system-prompt.npz"
     cache.save_slot(path, 0)
     cache.load_slot(path, 2)
-print("slots after clear_slot(1) and load_slot(path, 2) from slot 0:", cache.get_recurrent_state(0)[:, 0, 0, 0])
+print("slots after clear_slot(1), load_slot(path, 2):", cache.get_recurrent_state(0)[:, 0, 0, 0].tolist())
 assert cache.get_recurrent_state(0)[:, 0, 0, 0].tolist() == [12.0, 0.0, 12.0, 11.0]
 
 # %% [markdown]

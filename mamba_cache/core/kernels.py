@@ -3,7 +3,7 @@
 Every kernel moves raw words (``uint64`` where a slot's byte count allows it, else ``uint32``,
 ``uint16``): a copy is then bit-exact for any state dtype, and the kernels compile once per word
 type rather than once per state dtype. The pools they see are word views of the stacked
-allocations described in :mod:`mamba_cache.core.manager`:
+allocations described in ``mamba_cache.core.manager``:
 
     dst   [L, B, W]        main pool, W words per slot
     src   [L, B*S, W]      intermediate pool; the verify pass wrote it as [active, V, W]
@@ -44,7 +44,7 @@ MAX_THREADS = 256
 def launch_shape(*words: int) -> tuple[tuple[int, ...], int]:
     """Return ``((chunks, ...), threads)`` covering slots of ``words`` words each, in one launch.
 
-    ``threads`` is the smallest multiple of 32 (at most :data:`MAX_THREADS`) such that one chunk
+    ``threads`` is the smallest multiple of 32 (at most ``MAX_THREADS``) such that one chunk
     of ``threads * WORDS_PER_THREAD`` words covers the largest slot, so tiny states do not launch
     idle warps; ``chunks[i]`` is the number of such chunks per slot of ``words[i]`` words.
     """

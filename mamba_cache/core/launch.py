@@ -2,14 +2,14 @@
 
 A Numba dispatcher call (``kernel[grid, block, stream](*args)``) re-types and re-marshals every
 argument on every launch, which costs tens of microseconds of host time -- more than the
-scatter itself on a small batch. The state pools never move, so :class:`PreparedLaunch` compiles
+scatter itself on a small batch. The state pools never move, so ``PreparedLaunch`` compiles
 the kernel for the pools' types once, keeps the marshalled parameter block in ctypes storage,
 patches only what changes between calls (the ``accept_lengths`` pointer and length, ``V``) and
 hands the block to ``cuLaunchKernel`` from ``cuda.bindings`` (on an H100 host this measured
 faster than calling libcuda through ctypes; benchmarks/NOTES.md). The launch neither allocates nor
 synchronises, so it can be captured into a CUDA graph.
 
-Under the CUDA simulator there is no driver; :class:`DispatcherLaunch` offers the same interface
+Under the CUDA simulator there is no driver; ``DispatcherLaunch`` offers the same interface
 on top of the ordinary dispatcher call.
 
 The prepared launch relies on Numba internals: the order in which an array argument is marshalled
@@ -185,7 +185,7 @@ def check_parameter_block(
 
 
 class DispatcherLaunch:
-    """The plain Numba launch, behind the interface of :class:`PreparedLaunch`."""
+    """The plain Numba launch, behind the interface of ``PreparedLaunch``."""
 
     #: ``set_array`` reads ``arg.array`` (a prepared launch only reads its pointer and shape).
     needs_array = True
@@ -218,7 +218,7 @@ class PreparedLaunch:
             array arguments must stay alive as long as this object launches with them.
         threads: threads per block.
         keep_alive: hold references to ``args`` (off only where every launch first re-points the
-            arrays that would otherwise dangle, with :meth:`set_array`).
+            arrays that would otherwise dangle, with ``set_array``).
     """
 
     needs_array = False

@@ -1,6 +1,7 @@
 """Backend-neutral MambaCacheManager: the public interface, argument checks, views and ownership.
 
-A backend subclasses :class:`MambaCacheManagerBase` and binds a few hooks to its arrays and
+A backend subclasses [`MambaCacheManagerBase`][mamba_cache.MambaCacheManagerBase] and binds a few hooks to its
+arrays and
 streams (``_stream``, ``_zeros``, ``_zero_fill``, ``_capture``, ``_scatter``, ``_scatter_tree``,
 ``_zero_slot``, ``_write_slot`` and the argument checks ``_int32_array`` and ``_state_array``).
 Everything else -- config validation, index and range checks, the reshape reinterpretation,
@@ -128,7 +129,10 @@ def _refuse_unbuilt(config: Config) -> None:
 
 
 class MambaCacheManagerBase:
-    """Per-layer Mamba (recurrent + conv) state manager; see :class:`NumpyMambaCacheManager`.
+    """Per-layer Mamba (recurrent + conv) state manager.
+
+    The interface both backends share, documented once here; the NumPy reference,
+    [`NumpyMambaCacheManager`][mamba_cache.NumpyMambaCacheManager], defines its exact semantics.
 
     Not instantiated directly: the backends subclass it.
     """
@@ -394,7 +398,9 @@ class MambaCacheManagerBase:
     def get_intermediate_recurrent_state(self, recurrent_layer_idx: int) -> Any:
         """MTP intermediate recurrent states of one layer, ``[active, V, H, D, N]``, recurrent dtype.
 
-        ``(active, V)`` is ``(B, S)`` until :meth:`reshape_intermediate_states` changes it; the view
+        ``(active, V)`` is ``(B, S)`` until
+        [`reshape_intermediate_states`][mamba_cache.MambaCacheManagerBase.reshape_intermediate_states] changes it;
+        the view
         always starts at the beginning of the layer's buffer (a reinterpretation, not a slice of
         the full-size view).
 
@@ -896,7 +902,7 @@ class MambaCacheManagerBase:
         )
 
     def load_slot(self, path: Any, slot: int, stream: Any = None) -> None:
-        """Load a snapshot written by :meth:`save_slot` (by either backend) into one slot.
+        """Load a snapshot written by `save_slot` (by either backend) into one slot.
 
         Raises:
             mamba_cache.snapshot.SnapshotError: the file is corrupted, not a snapshot, or was saved

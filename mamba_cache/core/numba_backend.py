@@ -1,14 +1,14 @@
 """The Numba CUDA backend: the reference semantics on device arrays and CUDA streams.
 
-It binds :class:`mamba_cache.core.manager.MambaCacheManagerBase` to ``numba.cuda`` device arrays.
+It binds [`MambaCacheManagerBase`][mamba_cache.MambaCacheManagerBase] to ``numba.cuda`` device arrays.
 Each state kind is one device allocation holding all layers; the layer tensors are
 ``DeviceNDArray`` views of it and expose ``__cuda_array_interface__``, so PyTorch
 (``torch.as_tensor(view, device="cuda")``) and CuPy (``cupy.asarray(view)``) use them zero-copy.
 Numba has no bfloat16 type and ``__cuda_array_interface__`` cannot express one: a bfloat16 pool is
 a uint16 device array of the raw bits, and CAI consumers see uint16 (``.view(torch.bfloat16)``).
 
-The kernels are in :mod:`mamba_cache.core.kernels`. ``clear_states`` and ``scatter_mtp_states`` launch
-prepared kernels (:mod:`mamba_cache.core.launch`): one launch per state kind covering every layer, no
+The kernels are in ``mamba_cache.core.kernels``. ``clear_states`` and ``scatter_mtp_states`` launch
+prepared kernels (``mamba_cache.core.launch``): one launch per state kind covering every layer, no
 allocation, no host synchronisation, so both can be captured into a CUDA graph.
 """
 
@@ -77,7 +77,8 @@ def _slot_words(pool: Any, rows: int) -> Any:
 class NumbaMambaCacheManager(MambaCacheManagerBase):
     """Per-layer Mamba (recurrent + conv) state manager on a CUDA device, through Numba.
 
-    Same interface, semantics and results (bit for bit) as :class:`NumpyMambaCacheManager`; the
+    Same interface, semantics and results (bit for bit) as
+    [`NumpyMambaCacheManager`][mamba_cache.NumpyMambaCacheManager]; the
     state tensors are ``numba.cuda`` device arrays (views of one allocation per state kind).
 
     Streams: every ``stream`` argument takes ``None`` (Numba's default stream), a
@@ -98,7 +99,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         device: the GPU the pools live on (keyword only), see above.
 
     Raises:
-        TypeError: ``config`` is not a :class:`mamba_cache.Config`, or ``stream`` is of an
+        TypeError: ``config`` is not a [`Config`][mamba_cache.Config], or ``stream`` is of an
             unknown kind.
         ConfigError: ``max_batch_size`` or ``num_recurrent_layers`` exceeds 65535 (a CUDA grid
             dimension).

@@ -31,7 +31,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         stream: ignored.
 
     Raises:
-        TypeError: ``config`` is not a :class:`mamba_cache.Config`.
+        TypeError: ``config`` is not a [`Config`][mamba_cache.Config].
         MemoryError: the pools would not fit in physical RAM (checked before allocating).
 
     Example:

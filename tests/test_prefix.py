@@ -1,0 +1,395 @@
+"""Slot-to-slot copies and the prefix-state store, on both backends.
+
+The store's host logic is shared; what each backend binds is the one-launch row copy (``copy_slots``,
+restore, insert) and the commit fused with checkpoint tracking. Every test checks whole buffers
+(untouched slots and entries bit-identical), on random non-zero bits.
+"""
+
+import hashlib
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, assert_same_bits, device_int32, fill_random, random_bits, small_config, snapshot, to_host
+
+from mamba_cache import Config, ConfigError
+from mamba_cache.models.mamba2 import TinyMamba2
+from mamba_cache.prefix import PrefixHandle, PrefixStateCache, block_digests, root_digest
+
+
+def store_snapshot(store) -> dict:
+    return {"entries_recurrent": to_host(store._pools[0]), "entries_conv": to_host(store._pools[1])}
+
+
+def fill_store(store, rng) -> None:
+    for pool in store._pools:
+        values = random_bits(rng, pool.shape, pool.dtype)
+        if isinstance(pool, np.ndarray):
+            pool[...] = values
+        else:
+            pool.copy_to_device(values)
+
+
+def state(snap, slot):
+    """The bytes of one main-pool slot, both kinds."""
+    return snap["recurrent"][:, slot].tobytes() + snap["conv"][:, slot].tobytes()
+
+
+def entry(ssnap, e):
+    return ssnap["entries_recurrent"][:, e].tobytes() + ssnap["entries_conv"][:, e].tobytes()
+
+
+CONFIGS = {
+    "f32-f16": small_config(),
+    "f16-odd": small_config(recurrent_state_dtype="float16", recurrent_state_size=3, conv_dim=5, conv_kernel=1),
+    "f64-big": small_config(
+        recurrent_state_dtype="float64", conv_state_dtype="float32", recurrent_state_head_dim=33, conv_dim=129
+    ),
+}
+
+
+# ---------------------------------------------------------------- copy_slots
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_copy_slots_copies_exactly_the_valid_pairs(backend, rng, name):
+    config = CONFIGS[name]
+    manager = BACKENDS[backend](config)
+    fill_random([manager], rng)
+    before = snapshot(manager)
+    slots = rng.permutation(config.max_batch_size)
+    src, dst = list(slots[:2]), list(slots[2:4])
+    src += [config.max_batch_size, -1, int(slots[0])]  # padding pairs: either index out of range
+    dst += [int(slots[4]), int(slots[4]), 2**31 - 1]
+    manager.copy_slots(device_int32(backend, src), device_int32(backend, dst))
+    expected = {k: v.copy() for k, v in before.items()}
+    for s, d in zip(src[:2], dst[:2], strict=True):
+        for kind in ("recurrent", "conv"):
+            expected[kind][:, d] = before[kind][:, s]
+    assert_same_bits(snapshot(manager), expected, f"copy_slots {src} -> {dst}")
+
+
+def test_copy_slots_empty_and_no_layers(backend):
+    manager = BACKENDS[backend](small_config())
+    manager.copy_slots(device_int32(backend, []), device_int32(backend, []))
+    empty = BACKENDS[backend](Config())
+    empty.copy_slots(device_int32(backend, [0]), device_int32(backend, [1]))  # no layers: nothing to copy
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "msg"),
+    [
+        ([0, 1], [2, 2], "destinations must be distinct"),
+        ([0, 1], [1, 3], "must not also be sources"),
+        ([0], [0], "must not also be sources"),
+    ],
+)
+def test_reference_refuses_conflicting_copies(rng, src, dst, msg):
+    manager = BACKENDS["numpy"](small_config())
+    fill_random([manager], rng)
+    before = snapshot(manager)
+    with pytest.raises(ValueError, match=msg):
+        manager.copy_slots(np.array(src, np.int32), np.array(dst, np.int32))
+    assert_same_bits(snapshot(manager), before)
+
+
+# ---------------------------------------------------------------- keys
+def test_key_chain_is_the_documented_blake2b_chain(rng):
+    tokens = rng.integers(-(2**31), 2**31, size=23).astype(np.int64)
+    bs, namespace = 5, "model-a/ädapter"
+    digest = hashlib.blake2b(namespace.encode("utf-8"), digest_size=16).digest()
+    assert root_digest(namespace) == digest
+    want = []
+    for i in range(1, 23 // bs + 1):
+        block = b"".join(int(t).to_bytes(4, "little", signed=True) for t in tokens[(i - 1) * bs : i * bs])
+        digest = hashlib.blake2b(digest + block, digest_size=16).digest()
+        want.append(digest)
+    assert block_digests(tokens, bs, namespace) == want
+    assert block_digests(list(tokens), bs, namespace, blocks=2) == want[:2]
+    assert block_digests(tokens, bs, "other")[0] != want[0]  # the namespace separates
+    changed = tokens.copy()
+    changed[0] += 1
+    assert all(a != b for a, b in zip(block_digests(changed, bs, namespace), want, strict=True))  # a chain
+
+
+# ---------------------------------------------------------------- store basics
+def make(backend, rng, entries=4, block_size=4, config=None, **kwargs):
+    manager = BACKENDS[backend](config or small_config(max_intermediate_seq_len=min(4, block_size)))
+    fill_random([manager], rng)
+    store = PrefixStateCache(manager, entries=entries, block_size=block_size, **kwargs)
+    fill_store(store, rng)
+    return manager, store
+
+
+def test_insert_match_restore_moves_exactly_one_slot(backend, rng):
+    manager, store = make(backend, rng)
+    prompt = rng.integers(0, 1000, size=14)
+    before, sbefore = snapshot(manager), store_snapshot(store)
+    h8 = store.insert(prompt[:8], slot=2)
+    assert h8 == PrefixHandle(0, 1, 8)
+    after = store_snapshot(store)
+    assert entry(after, 0) == state(before, 2)
+    for e in range(1, 4):
+        assert entry(after, e) == entry(sbefore, e)
+    assert_same_bits(snapshot(manager), before, "insert changes no slot")
+    # match: the longest cached prefix that leaves a token to run, and within max_tokens
+    assert store.match(prompt) == h8
+    assert store.match(prompt[:8]) is None  # would leave nothing to run
+    assert store.match(prompt[:9]) == h8
+    assert store.match(prompt, max_tokens=7) is None
+    h4 = store.insert(prompt[:4], slot=0)
+    assert store.match(prompt, max_tokens=7) == h4
+    assert store.match(prompt) == h8
+    other = prompt.copy()
+    other[1] += 1
+    assert store.match(other) is None  # same later blocks, other first block: no hit
+    store.restore(h8, slot=4)
+    got, want = snapshot(manager), {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 4] = before[kind][:, 2]
+    assert_same_bits(got, want, "restore")
+    assert store.stats.lookups == 7 and store.stats.hits == 4 and store.stats.hit_tokens == 8 * 3 + 4
+    assert store.stats.inserts == 2 and "hit_rate" in str(store.stats)
+
+
+def test_insert_of_a_present_prefix_copies_nothing(backend, rng):
+    manager, store = make(backend, rng)
+    prompt = rng.integers(0, 50, size=8)
+    h = store.insert(prompt, slot=0)
+    sbefore = store_snapshot(store)
+    assert store.insert(prompt, slot=1) == h
+    assert_same_bits(store_snapshot(store), sbefore)
+    assert store.stats.inserts == 1
+
+
+def test_lru_eviction_spares_pinned_and_refreshed_entries(backend, rng):
+    manager, store = make(backend, rng, entries=3, block_size=2)
+    prompts = [np.array([i, i]) for i in range(6)]
+    handles = [store.insert(prompts[i], slot=i % 5) for i in range(3)]
+    store.pin(handles[0])
+    assert store.match(np.array([1, 1, 9])) == handles[1]  # refresh entry 1: entry 2 is now the LRU unpinned
+    h3 = store.insert(prompts[3], slot=3)
+    assert h3.entry == handles[2].entry and store.stats.evictions == 1
+    with pytest.raises(LookupError, match="stale"):
+        store.restore(handles[2], slot=0)
+    store.pin(handles[1])
+    store.pin(h3)
+    snap = store_snapshot(store)
+    assert store.insert(prompts[4], slot=4) is None  # every entry pinned: dropped, not an error
+    assert store.stats.dropped_inserts == 1
+    assert store.reserve() is None and store.stats.dropped_inserts == 2
+    assert_same_bits(store_snapshot(store), snap, "a dropped insert writes nothing")
+    store.unpin(h3)
+    h4 = store.insert(prompts[4], slot=4)
+    assert h4.entry == h3.entry
+    for h in handles[:2]:
+        store.restore(h, slot=0)  # the pinned ones are still valid
+    with pytest.raises(ValueError, match="not pinned"):
+        store.unpin(h4)
+
+
+def test_batched_restore_and_insert(backend, rng):
+    manager, store = make(backend, rng, entries=4, block_size=2)
+    before = snapshot(manager)
+    prefixes = [np.array([1, 2]), np.array([1, 2, 3, 4]), np.array([7, 7]), np.array([1, 2])]
+    handles = store.insert_many(prefixes, np.array([3, 1, 0, 4], np.int32))
+    assert [h.entry for h in handles] == [0, 1, 2, 0] and store.stats.inserts == 3
+    snap = store_snapshot(store)
+    for e, slot in ((0, 3), (1, 1), (2, 0)):
+        assert entry(snap, e) == state(before, slot)
+    store.restore_many([handles[1], handles[2], handles[1]], device_int32(backend, [4, 2, 9]))  # 9: padding
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 4] = before[kind][:, 1]
+        want[kind][:, 2] = before[kind][:, 0]
+    assert_same_bits(snapshot(manager), want, "restore_many")
+
+
+def test_insert_many_never_writes_an_entry_twice(backend, rng):
+    """More new prefixes than entries: the extra ones are dropped, not written over this batch's own."""
+    manager, store = make(backend, rng, entries=2, block_size=1)
+    before = snapshot(manager)
+    handles = store.insert_many([[5], [6], [7]], np.array([0, 1, 2], np.int32))
+    assert handles[2] is None and store.stats.dropped_inserts == 1
+    snap = store_snapshot(store)
+    assert entry(snap, handles[0].entry) == state(before, 0)
+    assert entry(snap, handles[1].entry) == state(before, 1)
+
+
+def test_block_size_must_cover_a_verify_window(backend):
+    manager = BACKENDS[backend](small_config(max_intermediate_seq_len=4))
+    with pytest.raises(ConfigError, match=r"block_size must be >= max\(1, max_intermediate_seq_len\) = 4"):
+        PrefixStateCache(manager, entries=2, block_size=3)
+    PrefixStateCache(manager, entries=2, block_size=4)
+
+
+# ---------------------------------------------------------------- tracking fused with the commit
+@pytest.mark.parametrize("writes_main", [True, False])
+def test_tracking_commit_checkpoints_in_the_same_launch(backend, rng, writes_main):
+    config = small_config(verify_writes_main_pool=writes_main)
+    manager, store = make(backend, rng, entries=6, block_size=4, config=config)
+    reference, ref_store = make("numpy", rng, entries=6, block_size=4, config=config)
+    fill_random([manager, reference], rng)
+    fill_store(ref_store, rng)
+    for pool, ref in zip(store._pools, ref_store._pools, strict=True):
+        ref[...] = to_host(pool)
+    manager.reshape_intermediate_states(5, 3)
+    reference.reshape_intermediate_states(5, 3)
+    entries = [store.reserve() for _ in range(5)]
+    assert [ref_store.reserve() for _ in range(5)] == entries
+    accept = [3, 2, 0, 1, 3]
+    steps = [2, 2, 0, 0, -1]  # row 1: step 2 not accepted; row 2: padding; row 4: tracks nothing
+    track = [entries[0], entries[1], entries[2], entries[3], entries[4]]
+    indices = [4, 3, 2, 1, 0]
+    before, sbefore = snapshot(manager), store_snapshot(store)
+    for m, s in ((manager, store), (reference, ref_store)):
+        b = m.backend
+        m.scatter_mtp_states(
+            device_int32(b, accept),
+            state_indices=device_int32(b, indices),
+            store=s,
+            track_entries=device_int32(b, track),
+            track_steps=device_int32(b, steps),
+        )
+    assert_same_bits(snapshot(manager), snapshot(reference), "commit")
+    assert_same_bits(store_snapshot(store), store_snapshot(ref_store), "tracked entries")
+    # the definition, on the reference's result
+    got, sgot = snapshot(manager), store_snapshot(store)
+    inter = {
+        k: before[f"intermediate_{k}"].reshape(config.num_recurrent_layers, -1, *before[k].shape[2:])
+        for k in ("recurrent", "conv")
+    }
+    max_accept = 2 if writes_main else 3
+    for row in range(5):
+        slot, a, t, e = indices[row], accept[row], steps[row], track[row]
+        want = b"".join(inter[k][:, row * 3 + a - 1].tobytes() for k in ("recurrent", "conv"))
+        assert state(got, slot) == (want if 1 <= a <= max_accept else state(before, slot)), row
+        want = b"".join(inter[k][:, row * 3 + t].tobytes() for k in ("recurrent", "conv"))
+        assert entry(sgot, e) == (want if 0 <= t < a else entry(sbefore, e)), row
+
+
+def test_reference_refuses_repeated_or_unreserved_tracked_entries(rng):
+    manager, store = make("numpy", rng, entries=4, block_size=4)
+    manager.reshape_intermediate_states(2, 3)
+    e = store.reserve()
+    before, sbefore = snapshot(manager), store_snapshot(store)
+    for track, msg in (([e, e], "must be distinct"), ([e, 3], "not reserved")):
+        with pytest.raises(ValueError, match=msg):
+            manager.scatter_mtp_states(
+                np.array([2, 2], np.int32),
+                store=store,
+                track_entries=np.array(track, np.int32),
+                track_steps=np.array([0, 1], np.int32),
+            )
+    assert_same_bits(snapshot(manager), before)
+    assert_same_bits(store_snapshot(store), sbefore)
+
+
+def test_reserve_publish_release(backend, rng):
+    manager, store = make(backend, rng, entries=2, block_size=2)
+    a, b = store.reserve(), store.reserve()
+    assert store.is_pinned(a) and store.is_pinned(b) and store.reserve() is None
+    h = store.publish(a, [1, 2])
+    assert h.entry == a and store.match([1, 2, 3]) == h and not store.is_pinned(a)
+    store.release(b)
+    with pytest.raises(ValueError, match="not reserved"):
+        store.release(b)
+    c = store.reserve()
+    assert store.publish(c, [1, 2]) == h  # already cached elsewhere: c goes back
+    assert len(store) == 1 and store.reserve() is not None
+
+
+# ---------------------------------------------------------------- the proof on TinyMamba2
+def tiny_config(dtype, batch=3, verify=3, writes_main=True):
+    heads, dim, size = 2, 4, 8
+    return Config(
+        num_recurrent_layers=2,
+        max_batch_size=batch,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=size,
+        conv_dim=heads * dim + 2 * size,
+        conv_kernel=4,
+        max_intermediate_seq_len=verify,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        verify_writes_main_pool=writes_main,
+    )
+
+
+def decode(model, cache, tokens, slot):
+    """Decode ``tokens`` one at a time in ``slot``; return the host outputs ``[T, M]``."""
+    return np.stack([to_host(model.decode_step(cache, [t], slots=[slot]))[0] for t in tokens])
+
+
+def slot_bits(cache, slot):
+    return state(snapshot(cache), slot)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_restored_prefix_decodes_to_the_same_bits(backend, rng, dtype):
+    config, bs = tiny_config(dtype), 4
+    model = TinyMamba2(config, vocab_size=32, seed=int(rng.integers(1 << 30)))
+    cache = BACKENDS[backend](config)
+    store = PrefixStateCache(cache, entries=4, block_size=bs, namespace="tiny")
+    first = rng.integers(0, 32, size=10)
+    for i, token in enumerate(first):  # request A: prefill token by token, checkpoint at block boundaries
+        decode(model, cache, [token], 0)
+        if (i + 1) % bs == 0:
+            store.insert(first[: i + 1], slot=0)
+    second = np.concatenate([first[:8], rng.integers(0, 32, size=5)])
+    handle = store.match(second)
+    assert handle is not None and handle.length == 8
+    store.restore(handle, slot=1)
+    out = decode(model, cache, second[8:], 1)
+    plain = BACKENDS[backend](config)
+    want = decode(model, plain, second, 1)[8:]
+    assert out.tobytes() == want.tobytes()
+    assert slot_bits(cache, 1) == slot_bits(plain, 1)
+    assert store.stats.hits == 1 and store.stats.hit_tokens == 8
+
+
+@pytest.mark.parametrize("writes_main", [True, False])
+def test_checkpoints_tracked_during_speculative_decoding(backend, rng, writes_main):
+    config, bs, verify = tiny_config("float32", writes_main=writes_main), 4, 3
+    model = TinyMamba2(config, vocab_size=32, seed=int(rng.integers(1 << 30)))
+    cache = BACKENDS[backend](config)
+    store = PrefixStateCache(cache, entries=8, block_size=bs)
+    active = 2
+    prompt = rng.integers(0, 32, size=(active, 3))
+    model.prefill(cache, prompt)
+    history = [list(row) for row in prompt]
+    published = 0
+    for _ in range(4):
+        drafts = rng.integers(0, 32, size=(active, verify))
+        accept = rng.integers(1, verify + 1, size=active)
+        entries, steps = [-1] * active, [-1] * active
+        for b in range(active):
+            p = len(history[b])
+            c = (p // bs + 1) * bs  # the next boundary after p
+            if c <= p + verify:
+                entries[b], steps[b] = store.reserve(), c - p - 1
+        model.verify(cache, drafts)
+        cache.scatter_mtp_states(
+            device_int32(backend, accept),
+            store=store,
+            track_entries=device_int32(backend, entries),
+            track_steps=device_int32(backend, steps),
+        )
+        for b in range(active):
+            p = len(history[b])
+            history[b] += list(drafts[b, : accept[b]])
+            if entries[b] >= 0:
+                if steps[b] < accept[b]:
+                    store.publish(entries[b], history[b][: p + steps[b] + 1])
+                    published += 1
+                else:
+                    store.release(entries[b])
+    assert published >= 2
+    for b in range(active):
+        tokens = np.array(history[b] + [int(rng.integers(0, 32))])
+        handle = store.match(tokens)
+        assert handle is not None and handle.length == (len(tokens) - 1) // bs * bs
+        store.restore(handle, slot=2)
+        out = decode(model, cache, tokens[handle.length :], 2)
+        plain = BACKENDS[backend](config)
+        want = decode(model, plain, tokens, 2)[handle.length :]
+        assert out.tobytes() == want.tobytes(), b
+        assert slot_bits(cache, 2) == slot_bits(plain, 2), b

@@ -393,3 +393,332 @@ def test_checkpoints_tracked_during_speculative_decoding(backend, rng, writes_ma
         want = decode(model, plain, tokens, 2)[handle.length :]
         assert out.tobytes() == want.tobytes(), b
         assert slot_bits(cache, 2) == slot_bits(plain, 2), b
+
+
+# ---------------------------------------------------------------- bad inputs: clear error, nothing changed
+def host(values, dtype=np.int32):
+    return np.asarray(values, dtype=dtype)
+
+
+def dev(backend, values, dtype=np.int32):
+    if backend == "numpy":
+        return host(values, dtype)
+    from numba import cuda
+
+    return cuda.to_device(host(values, dtype))
+
+
+class Foreign:
+    """A device array of some other library (NumPy backend: must be refused)."""
+
+    __cuda_array_interface__ = {"typestr": "<i4", "shape": (2,), "strides": None, "data": (0, False), "version": 3}
+
+
+STALE = PrefixHandle(0, 99, 4)
+ALIGNED = [1, 2, 3, 4]
+# (id, backends or None, call(b, manager, store, handle, reserved), exception, message)
+STORE_CASES = [
+    ("match(float tokens)", None, lambda b, m, s, h, r: s.match([1.0, 2.0]), TypeError, "tokens must hold integer"),
+    ("match(2-D)", None, lambda b, m, s, h, r: s.match([[1, 2]]), ValueError, "tokens must be 1-D"),
+    ("match(int64 range)", None, lambda b, m, s, h, r: s.match([2**40]), ValueError, "tokens must hold int32"),
+    ("match(device)", None, lambda b, m, s, h, r: s.match(Foreign()), TypeError, "got a device array"),
+    ("match(max_tokens=-1)", None, lambda b, m, s, h, r: s.match(ALIGNED, -1), ValueError, "max_tokens must be in"),
+    ("match(max_tokens='4')", None, lambda b, m, s, h, r: s.match(ALIGNED, "4"), TypeError, "max_tokens must be an"),
+    ("restore(tuple)", None, lambda b, m, s, h, r: s.restore((0, 1, 4), 0), TypeError, "handle must be a Prefix"),
+    (
+        "restore(entry 9)",
+        None,
+        lambda b, m, s, h, r: s.restore(PrefixHandle(9, 1, 4), 0),
+        IndexError,
+        r"handle.entry must be in \[0, 4\), got 9",
+    ),
+    ("restore(stale)", None, lambda b, m, s, h, r: s.restore(STALE, 0), LookupError, "handle is stale"),
+    ("restore(slot 5)", None, lambda b, m, s, h, r: s.restore(h, 5), IndexError, r"slot must be in \[0, 5\), got 5"),
+    ("restore(slot '1')", None, lambda b, m, s, h, r: s.restore(h, "1"), TypeError, "slot must be an integer"),
+    (
+        "restore_many(tuple)",
+        None,
+        lambda b, m, s, h, r: s.restore_many(h, dev(b, [0])),
+        TypeError,
+        "handles must be a list",
+    ),
+    (
+        "restore_many(int64)",
+        None,
+        lambda b, m, s, h, r: s.restore_many([h], dev(b, [0], np.int64)),
+        TypeError,
+        "slots must have dtype int32",
+    ),
+    (
+        "restore_many(length)",
+        None,
+        lambda b, m, s, h, r: s.restore_many([h], dev(b, [0, 1])),
+        ValueError,
+        r"one slot per handle \(1\), got 2",
+    ),
+    (
+        "restore_many(stale)",
+        None,
+        lambda b, m, s, h, r: s.restore_many([h, STALE], dev(b, [0, 1])),
+        LookupError,
+        r"handles\[1\] is stale",
+    ),
+    (
+        "restore_many(device)",
+        ["numpy"],
+        lambda b, m, s, h, r: s.restore_many([h, h], Foreign()),
+        TypeError,
+        "host numpy.ndarray",
+    ),
+    (
+        "restore_many(same slot)",
+        ["numpy"],
+        lambda b, m, s, h, r: s.restore_many([h, h], host([1, 1])),
+        ValueError,
+        "must be distinct",
+    ),
+    (
+        "insert(5 tokens)",
+        None,
+        lambda b, m, s, h, r: s.insert([1] * 5, 0),
+        ValueError,
+        "positive multiple of block_size = 4 tokens, got 5",
+    ),
+    ("insert(0 tokens)", None, lambda b, m, s, h, r: s.insert([], 0), ValueError, "positive multiple of block_size"),
+    (
+        "insert(slot -1)",
+        None,
+        lambda b, m, s, h, r: s.insert([7] * 4, -1),
+        IndexError,
+        r"slot must be in \[0, 5\), got -1",
+    ),
+    ("insert(bool tokens)", None, lambda b, m, s, h, r: s.insert([True] * 4, 0), TypeError, "tokens must hold integer"),
+    (
+        "insert_many(array)",
+        None,
+        lambda b, m, s, h, r: s.insert_many(np.ones((1, 4), int), host([0])),
+        TypeError,
+        "tokens must be a list",
+    ),
+    (
+        "insert_many(list slots)",
+        None,
+        lambda b, m, s, h, r: s.insert_many([[7] * 4], [0]),
+        TypeError,
+        "slots must be a host numpy.ndarray",
+    ),
+    (
+        "insert_many(device slots)",
+        None,
+        lambda b, m, s, h, r: s.insert_many([[7] * 4], Foreign()),
+        TypeError,
+        "slots must be a host numpy.ndarray",
+    ),
+    (
+        "insert_many(int64)",
+        None,
+        lambda b, m, s, h, r: s.insert_many([[7] * 4], host([0], np.int64)),
+        TypeError,
+        "slots must have dtype int32",
+    ),
+    (
+        "insert_many(length)",
+        None,
+        lambda b, m, s, h, r: s.insert_many([[7] * 4], host([0, 1])),
+        ValueError,
+        r"one slot per prefix \(1\), got 2",
+    ),
+    (
+        "insert_many(slot 5)",
+        None,
+        lambda b, m, s, h, r: s.insert_many([[7] * 4, [8] * 4], host([0, 5])),
+        IndexError,
+        r"slots\[1\] must be in \[0, 5\), got 5",
+    ),
+    (
+        "insert_many(unaligned)",
+        None,
+        lambda b, m, s, h, r: s.insert_many([[7] * 4, [8] * 3], host([0, 1])),
+        ValueError,
+        r"tokens\[1\] must hold a positive multiple",
+    ),
+    ("pin(stale)", None, lambda b, m, s, h, r: s.pin(STALE), LookupError, "handle is stale"),
+    ("pin(int)", None, lambda b, m, s, h, r: s.pin(0), TypeError, "handle must be a PrefixHandle"),
+    ("unpin(not pinned)", None, lambda b, m, s, h, r: s.unpin(h), ValueError, "is not pinned"),
+    ("publish(not reserved)", None, lambda b, m, s, h, r: s.publish(h.entry, ALIGNED), ValueError, "is not reserved"),
+    (
+        "publish(entry 4)",
+        None,
+        lambda b, m, s, h, r: s.publish(4, ALIGNED),
+        IndexError,
+        r"entry must be in \[0, 4\), got 4",
+    ),
+    (
+        "publish(unaligned)",
+        None,
+        lambda b, m, s, h, r: s.publish(r, [1, 2]),
+        ValueError,
+        "positive multiple of block_size",
+    ),
+    ("release(not reserved)", None, lambda b, m, s, h, r: s.release(h.entry), ValueError, "is not reserved"),
+    ("release('1')", None, lambda b, m, s, h, r: s.release("1"), TypeError, "entry must be an integer"),
+    (
+        "scatter(store only)",
+        None,
+        lambda b, m, s, h, r: m.scatter_mtp_states(dev(b, [1]), store=s),
+        ValueError,
+        "go together",
+    ),
+    (
+        "scatter(track int64)",
+        None,
+        lambda b, m, s, h, r: m.scatter_mtp_states(
+            dev(b, [1]), store=s, track_entries=dev(b, [r], np.int64), track_steps=dev(b, [0])
+        ),
+        TypeError,
+        "track_entries must have dtype int32",
+    ),
+    (
+        "scatter(track short)",
+        None,
+        lambda b, m, s, h, r: m.scatter_mtp_states(
+            dev(b, [1, 1]), store=s, track_entries=dev(b, [r, -1]), track_steps=dev(b, [0])
+        ),
+        ValueError,
+        r"track_steps must have the length of accept_lengths \(2\), got 1",
+    ),
+    (
+        "scatter(not a store)",
+        None,
+        lambda b, m, s, h, r: m.scatter_mtp_states(
+            dev(b, [1]), store=3, track_entries=dev(b, [r]), track_steps=dev(b, [0])
+        ),
+        TypeError,
+        "store must be a",
+    ),
+    (
+        "scatter(other manager's store)",
+        None,
+        lambda b, m, s, h, r: m.scatter_mtp_states(
+            dev(b, [1]),
+            store=PrefixStateCache(BACKENDS[b](small_config()), entries=1, block_size=4),
+            track_entries=dev(b, [0]),
+            track_steps=dev(b, [0]),
+        ),
+        ValueError,
+        "belongs to another manager",
+    ),
+    (
+        "copy_slots(int64)",
+        None,
+        lambda b, m, s, h, r: m.copy_slots(dev(b, [0], np.int64), dev(b, [1])),
+        TypeError,
+        "src_slots must have dtype int32",
+    ),
+    (
+        "copy_slots(length)",
+        None,
+        lambda b, m, s, h, r: m.copy_slots(dev(b, [0]), dev(b, [1, 2])),
+        ValueError,
+        r"dst_slots must have the length of src_slots \(1\), got 2",
+    ),
+    (
+        "copy_slots(2-D)",
+        None,
+        lambda b, m, s, h, r: m.copy_slots(dev(b, [[0]]), dev(b, [1])),
+        ValueError,
+        r"src_slots must be 1-D",
+    ),
+    (
+        "copy_slots(device)",
+        ["numpy"],
+        lambda b, m, s, h, r: m.copy_slots(Foreign(), host([1])),
+        TypeError,
+        "host numpy.ndarray for the NumPy backend",
+    ),
+]
+
+
+def bookkeeping(store):
+    return (
+        list(store._keys),
+        list(store._generations),
+        list(store._pins),
+        set(store._reserved),
+        list(store._lru),
+        list(store._free),
+        str(store.stats),
+    )
+
+
+@pytest.mark.parametrize(("case_id", "backends", "call", "exc", "msg"), STORE_CASES, ids=[c[0] for c in STORE_CASES])
+def test_bad_store_input_is_refused_and_changes_nothing(backend, rng, case_id, backends, call, exc, msg):
+    if backends is not None and backend not in backends:
+        pytest.skip(f"not a bad input for the {backend} backend")
+    manager, store = make(backend, rng, entries=4, block_size=4)
+    handle = store.insert(ALIGNED, slot=1)
+    reserved = store.reserve()
+    manager.reshape_intermediate_states(2, 3)
+    before, sbefore, books = snapshot(manager), store_snapshot(store), bookkeeping(store)
+    with pytest.raises(exc, match=msg):
+        call(backend, manager, store, handle, reserved)
+    assert_same_bits(snapshot(manager), before, case_id)
+    assert_same_bits(store_snapshot(store), sbefore, case_id)
+    assert bookkeeping(store) == books, case_id
+
+
+STORE_CALLS = [
+    ("match", lambda s, h: s.match(ALIGNED + [5])),
+    ("restore", lambda s, h: s.restore(h, 0)),
+    ("restore_many", lambda s, h: s.restore_many([h], host([0]))),
+    ("insert", lambda s, h: s.insert([9] * 4, 0)),
+    ("insert_many", lambda s, h: s.insert_many([[9] * 4], host([0]))),
+    ("pin", lambda s, h: s.pin(h)),
+    ("unpin", lambda s, h: s.unpin(h)),
+    ("reserve", lambda s, h: s.reserve()),
+    ("publish", lambda s, h: s.publish(0, ALIGNED)),
+    ("release", lambda s, h: s.release(0)),
+]
+
+
+@pytest.mark.parametrize("how", ["manager closed", "manager moved from", "store closed"])
+@pytest.mark.parametrize(("name", "call"), STORE_CALLS, ids=[c[0] for c in STORE_CALLS])
+def test_store_of_a_closed_manager_refuses(backend, rng, how, name, call):
+    manager, store = make(backend, rng, entries=4, block_size=4)
+    handle = store.insert(ALIGNED, slot=1)
+    if how == "manager closed":
+        manager.close()
+    elif how == "manager moved from":
+        manager.move()
+    else:
+        store.close()
+    with pytest.raises(ValueError, match="was closed" if how == "store closed" else "closed or moved from"):
+        call(store, handle)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "msg"),
+    [
+        ({"entries": 0}, ValueError, r"entries must be in \[1, "),
+        ({"entries": 2.0}, TypeError, "entries must be an integer"),
+        ({"block_size": "4"}, TypeError, "block_size must be an integer"),
+        ({"block_size": 0}, ConfigError, "block_size must be >="),
+        ({"namespace": b"x"}, TypeError, "namespace must be a str"),
+        ({"host_entries": -1}, ValueError, r"host_entries must be in \[0, "),
+    ],
+)
+def test_store_constructor_refuses(backend, kwargs, exc, msg):
+    manager = BACKENDS[backend](small_config())
+    with pytest.raises(exc, match=msg):
+        PrefixStateCache(manager, **{"entries": 2, "block_size": 4, **kwargs})
+
+
+def test_store_needs_an_open_manager_with_layers(backend):
+    with pytest.raises(TypeError, match="manager must be a mamba_cache cache manager"):
+        PrefixStateCache(object(), entries=2, block_size=4)
+    with pytest.raises(ValueError, match="no recurrent layers"):
+        PrefixStateCache(BACKENDS[backend](Config()), entries=2, block_size=4)
+    closed = BACKENDS[backend](small_config())
+    closed.close()
+    with pytest.raises(ValueError, match="closed or moved from"):
+        PrefixStateCache(closed, entries=2, block_size=4)

@@ -323,7 +323,7 @@ class PrefixStateCache:
         self._check_open("restore_many")
         manager = self.manager
         resolved = manager._stream(stream)
-        if not isinstance(handles, (list, tuple)):
+        if isinstance(handles, PrefixHandle) or not isinstance(handles, (list, tuple)):
             raise TypeError(f"handles must be a list of PrefixHandle, got {type(handles).__name__}")
         dst, (count,) = manager._int32_array("slots", slots, "[n]", resolved)
         if count != len(handles):

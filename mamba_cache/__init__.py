@@ -17,6 +17,7 @@ from ._config import Config, ConfigError, format_bytes
 from ._target import gpu_present, select_numba_target
 from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
+from .prefix import PrefixHandle, PrefixStateCache, PrefixStats
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ __all__ = [
     "MambaCacheManagerBase",
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
+    "PrefixHandle",
+    "PrefixStateCache",
+    "PrefixStats",
     "SnapshotError",
     "format_bytes",
     "gpu_present",

@@ -46,6 +46,10 @@ def test_backend_matches_golden_vectors(backend, case):
             assert got.tobytes() == expected[f"step{i}_{pool}"].tobytes(), (
                 f"{case['name']} step {i} ({step['op']}): {pool}"
             )
+        for pool, values in generator.store_pools(captured).items():  # a prefix store's entries
+            assert to_host(values).tobytes() == expected[f"step{i}_{pool}"].tobytes(), (
+                f"{case['name']} step {i} ({step['op']}): {pool}"
+            )
 
 
 def test_generator_reproduces_the_committed_files(tmp_path):
@@ -69,4 +73,19 @@ def test_the_cases_cover_every_operation():
         "clear_states",
         "clear_slot",
         "restore_slot",
+        "copy_slots",
+        "prefix_store",
+        "prefix_insert",
+        "prefix_match_restore",
+        "prefix_reserve",
     }
+
+
+def test_prefix_key_chain_matches_golden():
+    from mamba_cache.prefix import block_digests, root_digest
+
+    case = json.loads((REFERENCE / "prefix-keys.json").read_text())
+    assert root_digest(case["namespace"]).hex() == case["root"]
+    got = block_digests(case["tokens"], case["block_size"], case["namespace"])
+    assert [d.hex() for d in got] == case["digests"] and len(got) == len(case["tokens"]) // case["block_size"]
+    assert load_generator().key_vectors() == case

@@ -9,7 +9,17 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_same_bits, device_int32, fill_random, random_bits, small_config, snapshot, to_host
+from conftest import (
+    BACKENDS,
+    ON_GPU,
+    assert_same_bits,
+    device_int32,
+    fill_random,
+    random_bits,
+    small_config,
+    snapshot,
+    to_host,
+)
 
 from mamba_cache import Config, ConfigError
 from mamba_cache.models.mamba2 import TinyMamba2
@@ -722,3 +732,105 @@ def test_store_needs_an_open_manager_with_layers(backend):
     closed.close()
     with pytest.raises(ValueError, match="closed or moved from"):
         PrefixStateCache(closed, entries=2, block_size=4)
+
+
+# ---------------------------------------------------------------- host tier
+def test_device_evictions_move_to_the_host_tier_and_restore_from_there(backend, rng):
+    manager, store = make(backend, rng, entries=1, block_size=2, host_entries=2)
+    before = snapshot(manager)
+    a = store.insert([1, 2], slot=0)
+    b = store.insert([3, 4], slot=1)  # evicts [1, 2] to the host tier
+    assert b.entry == a.entry and store.stats.evictions == 1 and store.stats.offloads == 1
+    host = store.match([1, 2, 5])
+    assert host == PrefixHandle(0, 1, 2, True) and store.stats.host_hits == 1
+    assert store.match([3, 4, 5]) == b
+    store.restore(host, slot=3)  # host to device, straight into the live slot
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 3] = before[kind][:, 0]
+    assert_same_bits(snapshot(manager), want, "host restore")
+    assert store.insert([1, 2], slot=4) == host  # present in the host tier: refreshed, nothing copied
+    with pytest.raises(ValueError, match="host tier"):
+        store.restore_many([host], host_array([2]))
+    # the host tier's own LRU: host [1, 2] (refreshed above), then [3, 4] arrives, then [5, 6] pushes
+    # out the least recently used host entry, which is [1, 2]
+    store.insert([5, 6], slot=2)  # evicts [3, 4] to the host tier (a free host entry)
+    store.insert([7, 8], slot=2)  # evicts [5, 6] to the host tier, which drops [1, 2]
+    assert store.stats.offloads == 3 and len(store) == 3
+    assert store.match([1, 2, 0]) is None
+    assert store.match([3, 4, 0]).host and store.match([5, 6, 0]).host and not store.match([7, 8, 0]).host
+
+
+def host_array(values):
+    return np.asarray(values, dtype=np.int32)
+
+
+def test_a_pinned_host_entry_is_never_overwritten(backend, rng):
+    manager, store = make(backend, rng, entries=1, block_size=2, host_entries=1)
+    before = snapshot(manager)
+    store.insert([1, 1], slot=0)
+    store.insert([2, 2], slot=1)  # [1, 1] -> host
+    held = store.match([1, 1, 0])
+    assert held.host
+    store.pin(held)
+    store.insert([3, 3], slot=2)  # [2, 2] would go to the host, whose one entry is pinned: dropped
+    assert store.match([2, 2, 0]) is None and store.match([1, 1, 0]) == held
+    store.restore(held, slot=4)
+    assert state(snapshot(manager), 4) == state(before, 0)
+    store.unpin(held)
+    store.insert([4, 4], slot=3)  # now [3, 3] replaces [1, 1] in the host tier
+    with pytest.raises(LookupError, match="stale"):
+        store.restore(held, slot=4)
+    got = store.match([3, 3, 0])
+    assert got.host
+    store.restore(got, slot=4)
+    assert state(snapshot(manager), 4) == state(before, 2)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_host_tier_copies_are_ordered_across_streams(rng):
+    """A slow kernel fills a device entry on stream A; the eviction's offload runs on stream B.
+
+    Without the event the offload would copy the entry before the slow kernel wrote it, and the
+    restore on stream C would then read a host entry whose copy had not landed.
+    """
+    from numba import cuda
+
+    config = small_config(recurrent_state_head_dim=64, conv_dim=257, max_intermediate_seq_len=2)
+    manager = BACKENDS["numba"](config)
+    fill_random([manager], rng)
+    store = PrefixStateCache(manager, entries=1, block_size=2, host_entries=1)
+    a, b, c = cuda.stream(), cuda.stream(), cuda.stream()
+    slow = _slow_kernel()
+    clock = cuda.device_array(1, dtype=np.int64)
+    slow[1, 1](clock, 1)  # compile it before timing matters
+    cuda.synchronize()
+    want = snapshot(manager)
+    for _ in range(3):
+        slow[1, 1, a](clock, 100)  # ~0.1 s of sleeping ahead of the insert on stream a
+        store.insert([1, 1], slot=0, stream=a)
+        store.insert([2, 2], slot=1, stream=b)  # evicts [1, 1]: the offload must wait for a's insert
+        handle = store.match([1, 1, 0])
+        assert handle.host
+        store.restore(handle, slot=3, stream=c)  # must wait for b's offload
+        c.synchronize()
+        got = snapshot(manager)
+        assert state(got, 3) == state(want, 0)
+        cuda.synchronize()
+        manager.copy_slots(device_int32("numba", [4]), device_int32("numba", [3]))  # scramble slot 3 again
+        cuda.synchronize()
+        want = snapshot(manager)
+        store.close()
+        store = PrefixStateCache(manager, entries=1, block_size=2, host_entries=1)
+
+
+def _slow_kernel():
+    from numba import cuda
+
+    @cuda.jit
+    def spin(out, milliseconds):
+        for _ in range(milliseconds):
+            cuda.nanosleep(1_000_000)
+        out[0] = milliseconds
+
+    return spin

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba_cache import NumpyMambaCacheManager
-from mamba_cache.prefix import PrefixStateCache, block_digests
+from mamba_cache.prefix import PrefixHandle, PrefixStateCache, block_digests
 
 BS = 2
 
@@ -44,14 +44,18 @@ def tag(prefix) -> tuple:
 
 
 class Model:
-    """The contract in plain Python: prefixes in LRU order, pin counts, reserved entries."""
+    """The contract in plain Python: prefixes in LRU order per tier, pin counts, reserved entries."""
 
-    def __init__(self, entries):
-        self.entries = entries
-        self.lru = OrderedDict()
+    def __init__(self, entries, host_entries):
+        self.entries, self.host_entries = entries, host_entries
+        self.lru = OrderedDict()  # device tier, least recent first
+        self.host = OrderedDict()  # host tier, least recent first
         self.pins = Counter()
         self.reserved = 0
         self.dropped = 0
+
+    def cached(self, prefix):
+        return prefix in self.lru or prefix in self.host
 
     def take(self):
         if len(self.lru) + self.reserved < self.entries:
@@ -59,13 +63,27 @@ class Model:
         for prefix in self.lru:
             if not self.pins[prefix]:
                 del self.lru[prefix]
+                self.offload(prefix)
                 return True
         self.dropped += 1
         return False
 
+    def offload(self, prefix):
+        if not self.host_entries:
+            return
+        if len(self.host) >= self.host_entries:
+            victim = next((p for p in self.host if not self.pins[p]), None)
+            if victim is None:
+                return
+            del self.host[victim]
+        self.host[prefix] = None
+
+    def refresh(self, prefix):
+        (self.lru if prefix in self.lru else self.host).move_to_end(prefix)
+
     def insert(self, prefix):
-        if prefix in self.lru:
-            self.lru.move_to_end(prefix)
+        if self.cached(prefix):
+            self.refresh(prefix)
         elif self.take():
             self.lru[prefix] = None
 
@@ -75,10 +93,20 @@ class Model:
             n = min(n, max_tokens // BS)
         for k in range(n, 0, -1):
             prefix = tuple(tokens[: k * BS])
-            if prefix in self.lru:
-                self.lru.move_to_end(prefix)
+            if self.cached(prefix):
+                self.refresh(prefix)
                 return prefix
         return None
+
+
+def current(store, prefix):
+    """The handle naming ``prefix`` now (read from the store's bookkeeping, recency untouched)."""
+    key = block_digests(list(prefix), BS)[-1]
+    if key in store._index:
+        entry = store._index[key]
+        return PrefixHandle(entry, store._generations[entry], len(prefix))
+    entry = store._hindex[key]
+    return PrefixHandle(entry, store._hgenerations[entry], len(prefix), True)
 
 
 def write_slot(manager, slot, prefix):
@@ -92,13 +120,13 @@ def same_state(rec, conv, prefix):
     return rec.tobytes() == want_rec.tobytes() and conv.tobytes() == want_conv.tobytes()
 
 
-@given(entries=st.integers(1, 4), ops=operations)
-def test_store_follows_the_model(entries, ops):
+@given(entries=st.integers(1, 4), host_entries=st.integers(0, 3), ops=operations)
+def test_store_follows_the_model(entries, host_entries, ops):
     manager = NumpyMambaCacheManager(small_config(max_intermediate_seq_len=2))
-    store = PrefixStateCache(manager, entries=entries, block_size=BS)
-    model = Model(entries)
-    handles = {}  # prefix -> its handle (valid while cached)
-    pinned = []  # prefixes pinned, one per pin
+    store = PrefixStateCache(manager, entries=entries, block_size=BS, host_entries=host_entries)
+    model = Model(entries, host_entries)
+    pinned = []  # (prefix, handle), one per pin
+    host_hits = 0
     for op in ops:
         kind = op[0]
         if kind == "insert":
@@ -106,26 +134,30 @@ def test_store_follows_the_model(entries, ops):
             write_slot(manager, slot, prefix)
             handle = store.insert(list(prefix), slot)
             model.insert(prefix)
-            assert (handle is None) == (prefix not in model.lru)
+            assert (handle is None) == (not model.cached(prefix))
             if handle is not None:
-                handles[prefix] = handle
+                assert handle == current(store, prefix)
         elif kind == "match":
             seq, max_tokens, slot = op[1], op[2], op[3]
             handle = store.match(seq, max_tokens)
             want = model.match(seq, max_tokens)
             assert (None if handle is None else handle.length) == (None if want is None else len(want))
             if handle is not None:
-                assert handle == handles[want]
+                assert handle == current(store, want)
                 store.restore(handle, slot)
                 assert same_state(manager._pools.recurrent[:, slot], manager._pools.conv[:, slot], want)
-        elif kind == "pin" and model.lru:
-            prefix = list(model.lru)[op[1] % len(model.lru)]
-            store.pin(handles[prefix])
+                assert store.stats.host_hits == host_hits + handle.host
+                host_hits = store.stats.host_hits
+        elif kind == "pin" and (model.lru or model.host):
+            everything = list(model.lru) + list(model.host)
+            prefix = everything[op[1] % len(everything)]
+            handle = current(store, prefix)
+            store.pin(handle)
             model.pins[prefix] += 1
-            pinned.append(prefix)
+            pinned.append((prefix, handle))
         elif kind == "unpin" and pinned:
-            prefix = pinned.pop(op[1] % len(pinned))
-            store.unpin(handles[prefix])
+            prefix, handle = pinned.pop(op[1] % len(pinned))
+            store.unpin(handle)
             model.pins[prefix] -= 1
         elif kind == "track":
             prefix, reached = tuple(op[1]), op[2]
@@ -142,16 +174,23 @@ def test_store_follows_the_model(entries, ops):
             model.reserved -= 1
             if reached:
                 handle = store.publish(entry, list(prefix))
-                model.insert(prefix) if prefix not in model.lru else model.lru.move_to_end(prefix)
-                handles[prefix] = handle
+                assert handle == current(store, prefix)
+                if model.cached(prefix):
+                    model.refresh(prefix)
+                else:
+                    model.lru[prefix] = None
             else:
                 store.release(entry)
         # invariants
         assert store.stats.dropped_inserts == model.dropped
-        keys = {block_digests(list(p), BS)[-1]: p for p in model.lru}
-        assert set(store._index) == set(keys), "the cached prefixes differ from the model's"
-        for key, entry in store._index.items():
-            assert same_state(store._pools[0][:, entry], store._pools[1][:, entry], keys[key]), "wrong state"
-        for prefix in pinned:
-            assert prefix in model.lru and store._index[block_digests(list(prefix), BS)[-1]] == handles[prefix].entry
-        assert len(store) <= entries
+        for tier, index, pools in (
+            (model.lru, store._index, store._pools),
+            (model.host, store._hindex, store._host_pools),
+        ):
+            keys = {block_digests(list(p), BS)[-1]: p for p in tier}
+            assert set(index) == set(keys), "the cached prefixes differ from the model's"
+            for key, entry in index.items():
+                assert same_state(pools[0][:, entry], pools[1][:, entry], keys[key]), "an entry holds a wrong state"
+        for prefix, handle in pinned:  # never evicted nor moved: the pinned handle is still current
+            assert model.cached(prefix) and current(store, prefix) == handle
+        assert len(store) <= entries + host_entries

@@ -239,6 +239,30 @@ class MambaCacheManagerBase:
         """
         raise NotImplementedError
 
+    def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """Zeroed host memory for a prefix store's host tier (page-locked where the backend can)."""
+        raise NotImplementedError
+
+    def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
+        """Queue ``host[k][:, host_entry] = src[k][:, entry]`` (device to host) for both kinds on ``stream``."""
+        raise NotImplementedError
+
+    def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
+        """Queue ``dst[k][:, row] = host[k][:, host_entry]`` (host to device) for both kinds on ``stream``."""
+        raise NotImplementedError
+
+    def _new_event(self) -> Any:
+        """A fresh event for ordering copies across streams (``None`` where work is synchronous)."""
+        raise NotImplementedError
+
+    def _record_event(self, event: Any, stream: Any) -> None:
+        """Record ``event`` on ``stream`` (after the work queued so far)."""
+        raise NotImplementedError
+
+    def _wait_event(self, event: Any, stream: Any) -> None:
+        """Make ``stream`` wait (on the device, no host synchronisation) for ``event``."""
+        raise NotImplementedError
+
     def _scatter_tracked(
         self,
         accept: Any,
@@ -574,6 +598,7 @@ class MambaCacheManagerBase:
                 seq_len = self._verify_shape[1]
                 max_accept = self._max_accept(seq_len)
                 self._scatter_tracked(accept, indices, active, seq_len, max_accept, store, entries, steps, stream)
+                store._tracked_on(stream)
             return
         if active:
             seq_len = self._verify_shape[1]

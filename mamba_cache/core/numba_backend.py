@@ -379,6 +379,31 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("max_accept", max_accept)
         launch.launch((blocks, active, layers), stream)
 
+    def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        array = cuda.pinned_array(shape, dtype=dtype)  # page-locked: the copies are truly asynchronous
+        array[...] = 0
+        return array
+
+    def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
+        # One async copy per layer and kind: an entry of the [L, P, ...] pools is L contiguous pieces.
+        for to, frm in zip(host, src, strict=True):
+            for layer in range(frm.shape[0]):
+                frm[layer, entry].copy_to_host(to[layer, host_entry], stream=stream.stream)
+
+    def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
+        for to, frm in zip(dst, host, strict=True):
+            for layer in range(to.shape[0]):
+                to[layer, row].copy_to_device(frm[layer, host_entry], stream=stream.stream)
+
+    def _new_event(self) -> Any:
+        return cuda.event() if SIMULATOR else cuda.event(timing=False)  # no timing: a lighter event
+
+    def _record_event(self, event: Any, stream: Any) -> None:
+        event.record(stream.stream)
+
+    def _wait_event(self, event: Any, stream: Any) -> None:
+        event.wait(stream.stream)
+
     def _zero_slot(self, slot: int, stream: Any) -> None:
         entry = self._launches.get("zero_slot")
         if entry is None:

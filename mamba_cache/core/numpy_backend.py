@@ -165,6 +165,26 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             src = inter.reshape(inter.shape[0], -1, *dst.shape[2:])
             dst[:, entry[rows]] = src[:, rows * seq_len + step[rows]]
 
+    def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
+        for to, frm in zip(host, src, strict=True):
+            to[:, host_entry] = frm[:, entry]
+
+    def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
+        for to, frm in zip(dst, host, strict=True):
+            to[:, row] = frm[:, host_entry]
+
+    def _new_event(self) -> None:
+        return None  # NumPy work is done when the call returns: nothing to order
+
+    def _record_event(self, event: Any, stream: Any) -> None:
+        pass
+
+    def _wait_event(self, event: Any, stream: Any) -> None:
+        pass
+
     def _zero_slot(self, slot: int, stream: Any) -> None:
         self._pools.recurrent[:, slot] = 0
         self._pools.conv[:, slot] = 0

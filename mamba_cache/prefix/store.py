@@ -42,6 +42,7 @@ class PrefixHandle(NamedTuple):
     entry: int
     generation: int
     length: int
+    host: bool = False  #: the entry is in the host tier (restore copies host to device)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class PrefixStats:
     inserts: int = 0  #: checkpoints written (``insert`` copies and ``publish``)
     dropped_inserts: int = 0  #: inserts / reserves refused because every entry was pinned
     evictions: int = 0  #: entries evicted to make room
+    host_hits: int = 0  #: hits served from the host tier
+    offloads: int = 0  #: evicted device entries copied into the host tier
 
     def __str__(self) -> str:
         rate = self.hits / self.lookups if self.lookups else 0.0
@@ -71,13 +74,21 @@ class PrefixStateCache:
         block_size: ``bs``, tokens per block; checkpoints sit at multiples of it. Must be ``>= S``
             (``max_intermediate_seq_len``) so at most one boundary falls inside a verify window.
         namespace: separates models / adapters whose states differ for the same tokens.
-        host_entries: entries of the pinned host tier; 0 (no host tier) is the only value built yet.
+        host_entries: ``P_host`` >= 0, entries of the host tier (page-locked host memory on the
+            Numba backend): device evictions move there (its own LRU) instead of vanishing, and a
+            hit there is restored straight into the live slot with a host-to-device copy.
         stream: the stream the entries are zeroed on (ignored by the NumPy backend).
 
     Raises:
         TypeError: ``manager`` is not a cache manager, or an argument has the wrong type.
         ValueError: ``manager`` is closed or has no layers, or ``entries`` < 1.
-        ConfigError: ``block_size`` < 1 or < ``max_intermediate_seq_len``, or ``host_entries`` > 0.
+        ConfigError: ``block_size`` < 1 or < ``max_intermediate_seq_len``.
+
+    Streams: every copy is queued on the ``stream`` of the call that makes it. Device entries
+    follow stream order (pin a handle whose entry a restore on another stream still reads). The
+    host tier orders its copies with events: an offload waits for the last write into its
+    device entry (an insert or a tracking commit on any stream) and for any pending restore
+    still reading its host entry; a host restore waits for the offload that filled its entry.
 
     Example:
         >>> import numpy as np
@@ -122,13 +133,16 @@ class PrefixStateCache:
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         host_entries = check_size("host_entries", host_entries, 0, INT32_MAX)
-        if host_entries:
-            raise ConfigError("host_entries > 0 (the pinned host tier) is not implemented yet")
         resolved = manager._stream(stream)
         pools = manager._pools
         self._pools = tuple(
             manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
             for pool in (pools.recurrent, pools.conv)
+        )
+        self._host_pools = tuple(
+            manager._host_zeros((config.num_recurrent_layers, host_entries, *pool.shape[2:]), pool.dtype)
+            for pool in (pools.recurrent, pools.conv)
+            if host_entries
         )
         self.manager = manager
         self.entries = entries
@@ -145,6 +159,18 @@ class PrefixStateCache:
         self._index: dict[bytes, int] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # published entries, least recent first
         self._free = list(range(entries - 1, -1, -1))  # pop() hands out entry 0 first
+        # the host tier: the same bookkeeping, and events that order its copies across streams
+        self._hkeys: list[bytes | None] = [None] * host_entries
+        self._hlengths = [0] * host_entries
+        self._hgenerations = [0] * host_entries
+        self._hpins = [0] * host_entries
+        self._hindex: dict[bytes, int] = {}
+        self._hlru: OrderedDict[int, None] = OrderedDict()
+        self._hfree = list(range(host_entries - 1, -1, -1))
+        self._written: list = [None] * entries if host_entries else []  # after the last write into a device entry
+        self._tracked = None  # after the last tracking commit (which entries it wrote is on the device)
+        self._filled: list = [None] * host_entries  # after the offload that filled a host entry
+        self._read: list = [None] * host_entries  # after the last restore that read a host entry
 
     # ------------------------------------------------------------ queries
     @property
@@ -152,9 +178,14 @@ class PrefixStateCache:
         """Bytes of the device entries (both kinds, all layers)."""
         return sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in self._pools) if not self._closed else 0
 
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of the host tier (both kinds, all layers)."""
+        return sum(p.nbytes for p in self._host_pools) if not self._closed else 0
+
     def __len__(self) -> int:
-        """Entries that hold a published checkpoint."""
-        return len(self._index)
+        """Entries (device and host tier) that hold a published checkpoint."""
+        return len(self._index) + len(self._hindex)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -196,11 +227,15 @@ class PrefixStateCache:
     def _check_handle(self, name: str, handle: Any) -> int:
         if not isinstance(handle, PrefixHandle):
             raise TypeError(f"{name} must be a PrefixHandle (from match or insert), got {type(handle).__name__}")
-        entry = check_index(f"{name}.entry", handle.entry, self.entries)
-        if self._keys[entry] is None or self._generations[entry] != handle.generation:
+        if handle.host:
+            keys, generations, count = self._hkeys, self._hgenerations, self.host_entries
+        else:
+            keys, generations, count = self._keys, self._generations, self.entries
+        entry = check_index(f"{name}.entry", handle.entry, count)
+        if keys[entry] is None or generations[entry] != handle.generation:
             raise LookupError(
                 f"{name} is stale: entry {entry} was evicted or reused since the match (generation "
-                f"{handle.generation}, now {self._generations[entry]}); pin entries you hold across inserts"
+                f"{handle.generation}, now {generations[entry]}); pin entries you hold across inserts"
             )
         return entry
 
@@ -223,23 +258,88 @@ class PrefixStateCache:
     def _handle(self, entry: int) -> PrefixHandle:
         return PrefixHandle(entry, self._generations[entry], self._lengths[entry])
 
-    def _take_entry(self, keep: set | frozenset = frozenset()) -> int | None:
+    def _take_entry(self, stream: Any, keep: set | frozenset = frozenset()) -> int | None:
         """A free entry, else the least recently used unpinned one (evicted), else None."""
         if self._free:
             return self._free.pop()
         for entry in self._lru:
             if not self._pins[entry] and entry not in keep:
-                self._evict(entry)
+                self._evict(entry, stream)
                 return entry
         return None
 
-    def _evict(self, entry: int) -> None:
+    def _evict(self, entry: int, stream: Any) -> None:
+        if self.host_entries:
+            self._offload(entry, stream)
         del self._index[self._keys[entry]]
         del self._lru[entry]
         self._keys[entry] = None
         self._lengths[entry] = 0
         self._generations[entry] += 1
         self.stats.evictions += 1
+
+    def _offload(self, entry: int, stream: Any) -> None:
+        """Copy an evicted device entry into the host tier (its LRU choosing the host entry)."""
+        host = self._hfree.pop() if self._hfree else None
+        if host is None:
+            for candidate in self._hlru:
+                if not self._hpins[candidate]:
+                    host = candidate
+                    self._hdrop(host)
+                    break
+        if host is None:
+            return  # every host entry pinned: the checkpoint is dropped
+        manager = self.manager
+        for event in (self._written[entry], self._tracked, self._read[host]):
+            if event is not None:  # the fill of the device entry; a restore still reading the host entry
+                manager._wait_event(event, stream)
+        manager._entry_to_host(self._pools, entry, self._host_pools, host, stream)
+        self._filled[host] = self._recorded(self._filled[host], stream)
+        key = self._keys[entry]
+        self._hkeys[host] = key
+        self._hlengths[host] = self._lengths[entry]
+        self._hgenerations[host] += 1
+        self._hindex[key] = host
+        self._hlru[host] = None
+        self.stats.offloads += 1
+
+    def _hdrop(self, host: int) -> None:
+        del self._hindex[self._hkeys[host]]
+        del self._hlru[host]
+        self._hkeys[host] = None
+        self._hlengths[host] = 0
+        self._hgenerations[host] += 1
+
+    def _recorded(self, event: Any, stream: Any) -> Any:
+        """``event`` (made on first use) recorded on ``stream``."""
+        if event is None:
+            event = self.manager._new_event()
+        self.manager._record_event(event, stream)
+        return event
+
+    def _wrote(self, entries: list, stream: Any) -> None:
+        """Note device writes into ``entries`` queued on ``stream`` (host tier only)."""
+        if self.host_entries and entries:
+            event = self._recorded(None, stream)
+            for entry in entries:
+                self._written[entry] = event
+
+    def _tracked_on(self, stream: Any) -> None:
+        """Called by ``scatter_mtp_states`` after a tracking commit on ``stream``."""
+        if self.host_entries:
+            self._tracked = self._recorded(self._tracked, stream)
+
+    def _lookup(self, key: bytes) -> PrefixHandle | None:
+        """The handle of ``key`` in either tier (refreshing its recency), or None."""
+        entry = self._index.get(key)
+        if entry is not None:
+            self._lru.move_to_end(entry)
+            return self._handle(entry)
+        host = self._hindex.get(key)
+        if host is not None:
+            self._hlru.move_to_end(host)
+            return PrefixHandle(host, self._hgenerations[host], self._hlengths[host], True)
+        return None
 
     def _publish(self, entry: int, key: bytes, length: int) -> PrefixHandle:
         self._keys[entry] = key
@@ -280,12 +380,12 @@ class PrefixStateCache:
         self.stats.lookups += 1
         digests = block_digests(data, self.block_size, self.namespace, blocks) if blocks else []
         for key in reversed(digests):
-            entry = self._index.get(key)
-            if entry is not None:
-                self._lru.move_to_end(entry)
+            handle = self._lookup(key)
+            if handle is not None:
                 self.stats.hits += 1
-                self.stats.hit_tokens += self._lengths[entry]
-                return self._handle(entry)
+                self.stats.hit_tokens += handle.length
+                self.stats.host_hits += handle.host
+                return handle
         return None
 
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
@@ -304,7 +404,14 @@ class PrefixStateCache:
         resolved = self.manager._stream(stream)
         entry = self._check_handle("handle", handle)
         slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
-        self.manager._copy_rows(self._main(), self._pools, entry, slot, 1, resolved)
+        if not handle.host:
+            self.manager._copy_rows(self._main(), self._pools, entry, slot, 1, resolved)
+            return
+        # a host-tier hit: straight into the live slot (no promotion), after the offload that filled it
+        if self._filled[entry] is not None:
+            self.manager._wait_event(self._filled[entry], resolved)
+        self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
+        self._read[entry] = self._recorded(self._read[entry], resolved)
 
     def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
@@ -329,6 +436,9 @@ class PrefixStateCache:
         if count != len(handles):
             raise ValueError(f"slots must have one slot per handle ({len(handles)}), got {count}")
         entries = np.array([self._check_handle(f"handles[{i}]", h) for i, h in enumerate(handles)], dtype=np.int32)
+        for i, h in enumerate(handles):
+            if h.host:
+                raise ValueError(f"handles[{i}] is in the host tier: restore it with restore(); nothing was changed")
         if not count:
             return
         src, _ = manager._int32_array("prefix_entries", entries, "[n]", resolved)
@@ -358,11 +468,10 @@ class PrefixStateCache:
         resolved = self.manager._stream(stream)
         data, key = self._prefix("tokens", tokens)
         slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
-        entry = self._index.get(key)
-        if entry is not None:
-            self._lru.move_to_end(entry)
-            return self._handle(entry)
-        entry = self._take_entry()
+        present = self._lookup(key)
+        if present is not None:
+            return present
+        entry = self._take_entry(resolved)
         if entry is None:
             self.stats.dropped_inserts += 1
             return None
@@ -371,6 +480,7 @@ class PrefixStateCache:
         except BaseException:
             self._free.append(entry)
             raise
+        self._wrote([entry], resolved)
         return self._publish(entry, key, data.shape[0])
 
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
@@ -406,16 +516,16 @@ class PrefixStateCache:
         handles: list = [None] * len(prefixes)
         src, dst, taken, planned = [], [], set(), {}
         for i, (data, key) in enumerate(prefixes):
-            entry = self._index.get(key)
-            if entry is not None:
-                self._lru.move_to_end(entry)
-                taken.add(entry)
-                handles[i] = entry
-                continue
             if key in planned:
                 handles[i] = planned[key]
                 continue
-            entry = self._take_entry(keep=taken)
+            present = self._lookup(key)
+            if present is not None:
+                if not present.host:
+                    taken.add(present.entry)
+                handles[i] = present
+                continue
+            entry = self._take_entry(resolved, keep=taken)
             if entry is None:
                 self.stats.dropped_inserts += 1
                 continue
@@ -429,7 +539,8 @@ class PrefixStateCache:
             src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
             dst_arg, _ = manager._int32_array("prefix_entries", np.array(dst, dtype=np.int32), "[n]", resolved)
             manager._copy_rows(self._pools, self._main(), src_arg, dst_arg, len(src), resolved)
-        return [None if entry is None else self._handle(entry) for entry in handles]
+            self._wrote(dst, resolved)
+        return [h if h is None or isinstance(h, PrefixHandle) else self._handle(h) for h in handles]
 
     # ------------------------------------------------------------ pins
     def pin(self, handle: PrefixHandle) -> None:
@@ -439,7 +550,8 @@ class PrefixStateCache:
             LookupError: the handle is stale. TypeError / IndexError: not a handle.
         """
         self._check_open("pin")
-        self._pins[self._check_handle("handle", handle)] += 1
+        entry = self._check_handle("handle", handle)
+        (self._hpins if handle.host else self._pins)[entry] += 1
 
     def unpin(self, handle: PrefixHandle) -> None:
         """Undo one :meth:`pin`.
@@ -449,9 +561,10 @@ class PrefixStateCache:
         """
         self._check_open("unpin")
         entry = self._check_handle("handle", handle)
-        if not self._pins[entry]:
+        pins = self._hpins if handle.host else self._pins
+        if not pins[entry]:
             raise ValueError(f"handle: entry {entry} is not pinned; nothing was changed")
-        self._pins[entry] -= 1
+        pins[entry] -= 1
 
     def is_pinned(self, entry: int) -> bool:
         """Whether ``entry`` is pinned or reserved (so never evicted)."""
@@ -459,18 +572,22 @@ class PrefixStateCache:
         return bool(self._pins[entry]) or entry in self._reserved
 
     # ------------------------------------------------------------ tracking
-    def reserve(self) -> int | None:
+    def reserve(self, stream: Any = None) -> int | None:
         """Take an entry for a checkpoint tracked during speculative decoding (pinned, no key yet).
 
         Pass it as ``track_entries[b]`` to ``scatter_mtp_states(..., store=self, ...)``; once the
         accepted lengths are known call :meth:`publish` (the row reached the boundary) or
         :meth:`release`.
 
+        Args:
+            stream: the stream of the commit that will fill the entry (an eviction's offload to the
+                host tier is queued on it; ignored by the NumPy backend).
+
         Returns:
             The entry index, or ``None`` when every entry is pinned (counted as a dropped insert).
         """
         self._check_open("reserve")
-        entry = self._take_entry()
+        entry = self._take_entry(self.manager._stream(stream))
         if entry is None:
             self.stats.dropped_inserts += 1
             return None
@@ -505,11 +622,10 @@ class PrefixStateCache:
         entry = self._check_reserved(entry)
         data, key = self._prefix("tokens", tokens)
         self._reserved.discard(entry)
-        existing = self._index.get(key)
+        existing = self._lookup(key)
         if existing is not None:
             self._free.append(entry)
-            self._lru.move_to_end(existing)
-            return self._handle(existing)
+            return existing
         return self._publish(entry, key, data.shape[0])
 
     def release(self, entry: int) -> None:
@@ -533,6 +649,7 @@ class PrefixStateCache:
         for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in self._pools)]:
             del launches[key]
         self._pools = ()
+        self._host_pools = ()
         self._closed = True
 
     def __enter__(self) -> PrefixStateCache:

@@ -834,3 +834,65 @@ def _slow_kernel():
         out[0] = milliseconds
 
     return spin
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_copy_slots_and_tracking_commit_capture_into_a_cuda_graph(rng):
+    """Both launches are captured with their index arrays on the device and replayed with new values."""
+    from cuda.bindings import driver
+    from numba import cuda
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    config = small_config(max_intermediate_seq_len=3)
+    ref, dev = BACKENDS["numpy"](config), BACKENDS["numba"](config)
+    ref_store = PrefixStateCache(ref, entries=4, block_size=3)
+    dev_store = PrefixStateCache(dev, entries=4, block_size=3)
+    stream = cuda.stream()
+    handle = int(stream.handle)
+    arrays = {name: cuda.to_device(np.full(3, -1, np.int32), stream=stream) for name in ("src", "dst", "acc", "e", "t")}
+    for m in (ref, dev):
+        m.reshape_intermediate_states(3, 3)
+    entries = [dev_store.reserve() for _ in range(3)]
+    assert [ref_store.reserve() for _ in range(3)] == entries
+
+    def calls():
+        dev.copy_slots(arrays["src"], arrays["dst"], stream=stream)
+        dev.scatter_mtp_states(
+            arrays["acc"], stream=stream, store=dev_store, track_entries=arrays["e"], track_steps=arrays["t"]
+        )
+
+    calls()  # prepares both launches outside the capture
+    stream.synchronize()
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    calls()
+    exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    for _ in range(3):
+        fill_random([ref, dev], rng)
+        for pool, ref_pool in zip(dev_store._pools, ref_store._pools, strict=True):
+            values = random_bits(rng, pool.shape, pool.dtype)
+            pool.copy_to_device(values)
+            ref_pool[...] = values
+        perm = rng.permutation(5)
+        values = {
+            "src": perm[:2].tolist() + [7],
+            "dst": perm[2:4].tolist() + [int(perm[4])],
+            "acc": rng.integers(0, 4, size=3).tolist(),
+            "e": rng.permutation(entries).tolist(),
+            "t": rng.integers(-1, 3, size=3).tolist(),
+        }
+        for name, v in values.items():
+            arrays[name].copy_to_device(np.asarray(v, np.int32), stream=stream)
+        check(driver.cuGraphLaunch(exec_graph, handle))
+        stream.synchronize()
+        ref.copy_slots(host_array(values["src"]), host_array(values["dst"]))
+        ref.scatter_mtp_states(
+            host_array(values["acc"]),
+            store=ref_store,
+            track_entries=host_array(values["e"]),
+            track_steps=host_array(values["t"]),
+        )
+        assert_same_bits(snapshot(ref), snapshot(dev), f"graph replay {values}")
+        assert_same_bits(store_snapshot(ref_store), store_snapshot(dev_store), f"graph replay {values}")

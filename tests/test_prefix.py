@@ -896,3 +896,25 @@ def test_copy_slots_and_tracking_commit_capture_into_a_cuda_graph(rng):
         )
         assert_same_bits(snapshot(ref), snapshot(dev), f"graph replay {values}")
         assert_same_bits(store_snapshot(ref_store), store_snapshot(dev_store), f"graph replay {values}")
+
+
+# ---------------------------------------------------------------- planning
+def test_cli_plan_prints_the_store_rows(capsys):
+    from mamba_cache.cli import main
+
+    argv = ["plan", "--preset", "nemotron-h-8b", "--batch", "8", "--mtp", "4", "--tp", "2", "--budget", "20GiB"]
+    assert main([*argv, "--prefix-entries", "32", "--host-entries", "64"]) == 0
+    out = capsys.readouterr().out
+    # by hand: 24 layers x (64 x 64 x 128 + 5120 x 4) fp16 = 26148864 bytes an entry
+    assert "one entry (one slot of every layer) is 24.94 MiB (26148864 bytes)" in out
+    assert "[32, 64, 64, 128]" in out and "768.00 MiB" in out and "1.56 GiB" in out
+    # (20 GiB - 997.5 MiB of pools) // 26148864 bytes
+    assert "beside batch 8: 781" in out
+
+
+def test_store_nbytes_match_the_plan(backend):
+    from mamba_cache.prefix.plan import entry_bytes
+
+    config = small_config()
+    store = PrefixStateCache(BACKENDS[backend](config), entries=3, block_size=4, host_entries=2)
+    assert store.nbytes == 3 * entry_bytes(config) and store.host_nbytes == 2 * entry_bytes(config)

@@ -18,6 +18,7 @@ from ._target import gpu_present, select_numba_target
 from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
 from .precision import bfloat16
+from .prefix import PrefixHandle, PrefixStateCache, PrefixStats
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ __all__ = [
     "MambaCacheManagerBase",
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
+    "PrefixHandle",
+    "PrefixStateCache",
+    "PrefixStats",
     "SnapshotError",
     "bfloat16",
     "format_bytes",

@@ -52,7 +52,24 @@ def _plan(args) -> int:
     if budget is not None:
         _warn_if_beyond_any_device("the budget", budget)
         print(f"largest batch within {format_bytes(budget)} ({budget} bytes) per rank: {fits}")
+    if args.prefix_entries is not None or args.host_entries:
+        _plan_prefix(args, config)
     return 0
+
+
+def _plan_prefix(args, config) -> None:
+    from .prefix.plan import entry_bytes, prefix_entries_for, prefix_memory_table
+
+    entries = args.prefix_entries or 0
+    size = entry_bytes(config)
+    print(f"\nprefix-state store: one entry (one slot of every layer) is {format_bytes(size)} ({size} bytes)")
+    print(prefix_memory_table(config, entries, args.host_entries))
+    if args.budget is not None:
+        budget = parse_bytes(args.budget)
+        print(
+            f"prefix entries within {format_bytes(budget)} per rank beside batch {args.batch}: "
+            f"{prefix_entries_for(config, budget)}"
+        )
 
 
 def _presets(args) -> int:
@@ -103,6 +120,8 @@ def main(argv=None) -> int:
     plan.add_argument("--recurrent-dtype", help=f"recurrent state dtype ({dtypes}); overrides --dtype")
     plan.add_argument("--conv-dtype", help=f"conv state dtype ({dtypes}); overrides --dtype")
     plan.add_argument("--budget", help="bytes per rank for the cache, e.g. 20GiB: print the largest batch that fits")
+    plan.add_argument("--prefix-entries", type=int, help="device entries of a prefix-state store: its rows and bytes")
+    plan.add_argument("--host-entries", type=int, default=0, help="host-tier entries of the prefix-state store")
     plan.set_defaults(run=_plan)
     commands.add_parser("presets", help="list the model presets").set_defaults(run=_presets)
     demo = commands.add_parser("demo", help="run the demonstration (as make demo)")

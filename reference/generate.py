@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
+from mamba_cache.prefix import PrefixStateCache, block_digests, root_digest  # noqa: E402
 
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -187,7 +188,42 @@ CASES = {
             ("capture_recurrent_states", {"batch_idx": 0}),
         ],
     ),
+    "prefix-store-fp16": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=4,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=3,
+            recurrent_state_size=3,
+            conv_dim=5,
+            conv_kernel=3,
+            max_intermediate_seq_len=3,
+        ),
+        [
+            ("copy_slots", {"src_slots": [0, 1, 9], "dst_slots": [2, 3, 0]}),
+            ("prefix_store", {"entries": 2, "block_size": 3, "namespace": "golden"}),
+            ("prefix_insert", {"tokens": [5, 6, 7], "slot": 2}),
+            ("prefix_insert", {"tokens": [5, 6, 7, 8, 9, 10], "slot": 1}),
+            ("prefix_match_restore", {"tokens": [5, 6, 7, 8, 9, 10, 11], "slot": 0}),
+            ("prefix_insert", {"tokens": [1, 1, 1], "slot": 3}),
+            ("prefix_match_restore", {"tokens": [5, 6, 7, 8, 9, 10, 1], "slot": 1}),
+            ("prefix_reserve", {}),
+            ("reshape_intermediate_states", {"active_batch_size": 3, "seq_len": 3}),
+            (
+                "scatter_mtp_states",
+                {
+                    "accept_lengths": [3, 2, 1],
+                    "state_indices": [1, 2, 3],
+                    "track_entries": [-1, 0, 5],
+                    "track_steps": [-1, 1, 0],
+                },
+            ),
+        ],
+    ),
 }
+
+#: The block-digest chain of prefix keys, for implementations in other languages.
+KEY_CASE = {"namespace": "model/adapter-é", "block_size": 4, "tokens": [0, 1, -1, INT32_MAX, INT32_MIN, 7, 8, 9, 10]}
 
 
 def pool_names(config: Config) -> list[str]:
@@ -238,6 +274,18 @@ def apply(manager, op: str, args: dict, captured: dict, as_array=np.asarray):
     """Run one golden-vector step on ``manager``; return any captured arrays."""
     if op in ("capture_recurrent_states", "capture_conv_states"):
         return getattr(manager, op)(args["batch_idx"])
+    if op == "prefix_store":
+        captured["store"] = PrefixStateCache(manager, **args)
+        return None
+    if op == "prefix_insert":
+        captured["store"].insert(args["tokens"], args["slot"])
+        return None
+    if op == "prefix_match_restore":
+        captured["store"].restore(captured["store"].match(args["tokens"]), args["slot"])
+        return None
+    if op == "prefix_reserve":
+        captured["store"].reserve()
+        return None
     if op == "restore_slot":
         rec_layers, conv_layers = args["layers"]
         manager.restore_slot(
@@ -245,8 +293,24 @@ def apply(manager, op: str, args: dict, captured: dict, as_array=np.asarray):
         )
         return None
     call = {k: (as_array(np.asarray(v, dtype=np.int32)) if isinstance(v, list) else v) for k, v in args.items()}
+    if "track_entries" in args:
+        call["store"] = captured["store"]
     getattr(manager, op)(**call)
     return None
+
+
+def store_pools(captured: dict) -> dict[str, np.ndarray]:
+    """The prefix store's entries of a case that built one (``{}`` otherwise), as host arrays."""
+    store = captured.get("store")
+    if store is None:
+        return {}
+    return {"store_recurrent": store._pools[0], "store_conv": store._pools[1]}
+
+
+def key_vectors() -> dict:
+    """The hash-chain case: its inputs and the hex digests ``d_1 .. d_n``."""
+    digests = block_digests(KEY_CASE["tokens"], KEY_CASE["block_size"], KEY_CASE["namespace"])
+    return {**KEY_CASE, "root": root_digest(KEY_CASE["namespace"]).hex(), "digests": [d.hex() for d in digests]}
 
 
 def build(out: pathlib.Path) -> dict:
@@ -270,6 +334,8 @@ def build(out: pathlib.Path) -> dict:
                     arrays[f"step{i}_captured_{layer}"] = array
             for pool in pools:
                 arrays[f"step{i}_{pool}"] = pool_array(manager, pool).copy()
+            for pool, values in store_pools(captured).items():
+                arrays[f"step{i}_{pool}"] = values.copy()
         file = f"{name}.npz"
         # .npy cannot name bfloat16: such arrays are stored as uint16 raw bits (the manifest has the dtype)
         np.savez(out / file, **{k: v.view(np.uint16) if v.dtype.name == "bfloat16" else v for k, v in arrays.items()})
@@ -282,6 +348,7 @@ def build(out: pathlib.Path) -> dict:
             case["pools"] = pools
         manifest["cases"].append(case)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / "prefix-keys.json").write_text(json.dumps(key_vectors(), indent=1, ensure_ascii=False) + "\n")
     return manifest
 
 

@@ -55,6 +55,10 @@ def test_backend_matches_golden_vectors(backend, case):
             assert got.tobytes() == expected[f"step{i}_{pool}"].tobytes(), (
                 f"{case['name']} step {i} ({step['op']}): {pool}"
             )
+        for pool, values in generator.store_pools(captured).items():  # a prefix store's entries
+            assert to_host(values).tobytes() == expected[f"step{i}_{pool}"].tobytes(), (
+                f"{case['name']} step {i} ({step['op']}): {pool}"
+            )
 
 
 def test_generator_reproduces_the_committed_files(tmp_path):
@@ -79,6 +83,11 @@ def test_the_cases_cover_every_operation():
         "clear_slot",
         "restore_slot",
         "replay_mtp_states",
+        "copy_slots",
+        "prefix_store",
+        "prefix_insert",
+        "prefix_match_restore",
+        "prefix_reserve",
     }
 
 
@@ -108,3 +117,13 @@ def test_replay_cases_are_exact_in_float32(monkeypatch, case):
         generator.apply(manager, step["op"], step["args"], {})
         np.testing.assert_array_equal(manager._pools.recurrent, expected[f"step{i}_recurrent"].astype(np.float64))
     assert (expected["initial_recurrent"] != expected[f"step{len(case['steps']) - 1}_recurrent"]).any()
+
+
+def test_prefix_key_chain_matches_golden():
+    from mamba_cache.prefix import block_digests, root_digest
+
+    case = json.loads((REFERENCE / "prefix-keys.json").read_text())
+    assert root_digest(case["namespace"]).hex() == case["root"]
+    got = block_digests(case["tokens"], case["block_size"], case["namespace"])
+    assert [d.hex() for d in got] == case["digests"] and len(got) == len(case["tokens"]) // case["block_size"]
+    assert load_generator().key_vectors() == case

@@ -238,3 +238,115 @@ def _copy_chunk(dst, dst_layer, dst_row, src, src_layer, src_row, chunk):
         w = base + i * threads
         if w < words:
             dst[dst_layer, dst_row, w] = buf[i]
+
+
+@cuda.jit(cache=False)
+def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows, src_row, dst_row):
+    """Copy rows between two stacked word pools, every layer and both state kinds in one launch.
+
+    For layer ``l = blockIdx.z`` and pair ``i = blockIdx.y``: ``s = src_rows[i]``, ``d = dst_rows[i]``
+    (the scalars ``src_row`` / ``dst_row`` when ``use_rows`` is 0, for a single pair without an
+    index array); if ``0 <= s < R_src`` and ``0 <= d < R_dst`` then ``dst[l, d, :] = src[l, s, :]``
+    for both kinds, else nothing. Serves slot-to-slot copies (src and dst the same pool: the
+    caller keeps destinations distinct and disjoint from sources) and the prefix store's
+    restore (store -> main pool) and insert (main pool -> store)::
+
+        src [L, R_src, W] --row s--> dst [L, R_dst, W]     (and likewise [.., W'] for kind b)
+        blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
+                     recurrent row   | conv row
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, R_dst, W]`` words, kind a (written).
+        src_a (DeviceNDArray): ``[L, R_src, W]`` words, kind a (read).
+        dst_b (DeviceNDArray): ``[L, R_dst, W']`` words, kind b (written).
+        src_b (DeviceNDArray): ``[L, R_src, W']`` words, kind b (read).
+        chunks_a (int): x blocks that cover one row of kind a.
+        src_rows (DeviceNDArray): ``[n]`` int32 source rows (read only if ``use_rows``); any value is safe.
+        dst_rows (DeviceNDArray): ``[n]`` int32 destination rows (read only if ``use_rows``).
+        use_rows (int): 1 to read the index arrays, 0 to copy the single pair of scalars.
+        src_row (int): the source row when ``use_rows`` is 0.
+        dst_row (int): the destination row when ``use_rows`` is 0.
+
+    Grid ``(chunks_a + chunks_b, n, L)``, block ``(threads,)``; see the module docstring.
+    """
+    pair = cuda.blockIdx.y
+    if use_rows:
+        s = src_rows[pair]
+        d = dst_rows[pair]
+    else:
+        s = src_row
+        d = dst_row
+    if s < 0 or s >= src_a.shape[1] or d < 0 or d >= dst_a.shape[1]:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < chunks_a:
+        _copy_chunk(dst_a, layer, d, src_a, layer, s, chunk)
+    else:
+        _copy_chunk(dst_b, layer, d, src_b, layer, s, chunk - chunks_a)
+
+
+@cuda.jit(cache=False)
+def scatter_tracked(
+    dst_a,
+    src_a,
+    dst_b,
+    src_b,
+    chunks_a,
+    accept_lengths,
+    state_indices,
+    use_indices,
+    seq_len,
+    max_accept,
+    track_a,
+    track_b,
+    track_entries,
+    track_steps,
+):
+    """The MTP commit of :func:`scatter_accepted` fused with prefix-checkpoint tracking.
+
+    Row ``b = blockIdx.y`` first commits exactly as :func:`scatter_accepted`. Then, with
+    ``t = track_steps[b]``, ``e = track_entries[b]`` and ``a = accept_lengths[b]``: if
+    ``0 <= t < a``, ``t < seq_len`` and ``0 <= e < P``, the state after draft step ``t`` is copied
+    into store entry ``e``: ``track[l, e, :] = src[l, b * seq_len + t, :]`` for both kinds. The
+    two copies read the same intermediate buffers and write disjoint ones, so their order within
+    the block does not matter::
+
+        src [L, B*S, W] --row b*V + a-1--> dst   [L, B, W]   (the commit)
+                        --row b*V + t----> track [L, P, W]   (the checkpoint)
+
+    Args:
+        dst_a (DeviceNDArray): ``[L, B, W]`` words, the recurrent pool (written).
+        src_a (DeviceNDArray): ``[L, B*S, W]`` words, the intermediate recurrent pool (read).
+        dst_b (DeviceNDArray): ``[L, B, W']`` words, the conv pool (written).
+        src_b (DeviceNDArray): ``[L, B*S, W']`` words, the intermediate conv pool (read).
+        chunks_a (int): x blocks that cover one slot of kind a.
+        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+        state_indices (DeviceNDArray): ``[rows]`` int32 slots (read only if ``use_indices``).
+        use_indices (int): 1 to read ``state_indices``, 0 for slot = row.
+        seq_len (int): V, the current verify length (``1 <= V <= S``).
+        max_accept (int): ``V - 1`` or ``V``.
+        track_a (DeviceNDArray): ``[L, P, W]`` words, the store's recurrent entries (written).
+        track_b (DeviceNDArray): ``[L, P, W']`` words, the store's conv entries (written).
+        track_entries (DeviceNDArray): ``[rows]`` int32 store entry per row; any value is safe.
+        track_steps (DeviceNDArray): ``[rows]`` int32 draft step to checkpoint, ``-1`` for none.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
+    """
+    row = cuda.blockIdx.y
+    accepted = accept_lengths[row]
+    if accepted >= 1 and accepted <= max_accept:
+        _commit_chunk(
+            dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + (accepted - 1)
+        )
+    step = track_steps[row]
+    entry = track_entries[row]
+    if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    src_row = row * seq_len + step
+    if chunk < chunks_a:
+        _copy_chunk(track_a, layer, entry, src_a, layer, src_row, chunk)
+    else:
+        _copy_chunk(track_b, layer, entry, src_b, layer, src_row, chunk - chunks_a)

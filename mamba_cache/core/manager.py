@@ -274,6 +274,60 @@ class MambaCacheManagerBase:
         """Zero slot ``slot`` of every layer of the main recurrent and conv pools."""
         raise NotImplementedError
 
+    def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
+        """``dst[k][:, dst_rows[i]] = src[k][:, src_rows[i]]`` for both kinds ``k`` and ``i < count``, one launch.
+
+        ``dst`` and ``src`` are (recurrent, conv) pairs of stacked ``[L, rows, ...]`` arrays with
+        the same per-row layout (the main pools, or a prefix store's entries). The rows are either
+        two ints (``count == 1``) or two arrays checked by ``_int32_array``. A pair with either row
+        out of range is skipped. The NumPy reference refuses repeated destinations, and
+        destinations that are also sources when ``dst is src`` (``ValueError``, nothing changed).
+        """
+        raise NotImplementedError
+
+    def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """Zeroed host memory for a prefix store's host tier (page-locked where the backend can)."""
+        raise NotImplementedError
+
+    def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
+        """Queue ``host[k][:, host_entry] = src[k][:, entry]`` (device to host) for both kinds on ``stream``."""
+        raise NotImplementedError
+
+    def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
+        """Queue ``dst[k][:, row] = host[k][:, host_entry]`` (host to device) for both kinds on ``stream``."""
+        raise NotImplementedError
+
+    def _new_event(self) -> Any:
+        """A fresh event for ordering copies across streams (``None`` where work is synchronous)."""
+        raise NotImplementedError
+
+    def _record_event(self, event: Any, stream: Any) -> None:
+        """Record ``event`` on ``stream`` (after the work queued so far)."""
+        raise NotImplementedError
+
+    def _wait_event(self, event: Any, stream: Any) -> None:
+        """Make ``stream`` wait (on the device, no host synchronisation) for ``event``."""
+        raise NotImplementedError
+
+    def _scatter_tracked(
+        self,
+        accept: Any,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        max_accept: int,
+        store: Any,
+        entries: Any,
+        steps: Any,
+        stream: Any,
+    ) -> None:
+        """``_scatter`` fused with checkpoint tracking into a prefix store, in one launch.
+
+        Row ``b``'s state after step ``steps[b]`` goes into store entry ``entries[b]`` when
+        ``0 <= steps[b] < accept[b]``, ``steps[b] < seq_len`` and the entry is in range.
+        """
+        raise NotImplementedError
+
     def _state_array(self, name: str, array: Any, shape: Shape, dtype: np.dtype) -> Array:
         """Check one captured state against a pool slot (kind, device, dtype, shape); return a handle."""
         raise NotImplementedError
@@ -582,7 +636,15 @@ class MambaCacheManagerBase:
         return checked
 
     def scatter_mtp_states(
-        self, accept_lengths: Any, stream: Any = None, *, state_indices: Any = None, positions: Any = None
+        self,
+        accept_lengths: Any,
+        stream: Any = None,
+        *,
+        state_indices: Any = None,
+        positions: Any = None,
+        store: Any = None,
+        track_entries: Any = None,
+        track_steps: Any = None,
     ) -> None:
         """Commit each row's last accepted intermediate state into the main pools.
 
@@ -605,21 +667,64 @@ class MambaCacheManagerBase:
                 consumed ``p + t + 1``. Required when ``Config.stochastic_rounding`` is on and a
                 float32/float64 per-step state is stored into a 16-bit pool (its rounding bits are
                 keyed by that position, never by the slot or the step); ignored otherwise.
+            store: a :class:`mamba_cache.prefix.PrefixStateCache` of this manager whose entries
+                receive tracked checkpoints (keyword only; give all three tracking arguments or none).
+            track_entries: ``[active]`` int32, the store entry (from ``store.reserve()``) row ``b``
+                checkpoints into; any value outside ``[0, P)`` tracks nothing.
+            track_steps: ``[active]`` int32, the draft step whose state row ``b`` checkpoints, ``-1``
+                for none. In the same launch as the commit, entry ``track_entries[b]`` receives
+                ``intermediate[b, t]`` (``t = track_steps[b]``) of both kinds when
+                ``0 <= t < accept_lengths[b]`` and ``t < V``.
 
         Raises:
             TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
-                list, ...) or not int32; or ``stream`` is of an unknown kind.
+                list, ...) or not int32; or ``stream`` is of an unknown kind; or ``store`` is not a
+                prefix store.
             ValueError: an array is not 1-D or not contiguous, ``accept_lengths`` is longer than the
-                active batch of the current view, ``state_indices`` has another length, the manager
-                was closed or moved from, or (NumPy reference) two committing rows name one slot.
+                active batch of the current view, ``state_indices`` or a tracking array has another
+                length, only some tracking arguments are given, ``store`` belongs to another manager,
+                the manager was closed or moved from, or (NumPy reference) two committing rows name
+                one slot, two tracking rows name one entry, or a tracking row names an entry that is
+                not reserved.
         """
         self._check_open("scatter_mtp_states")
         self._refuse_in_replay_mode("scatter_mtp_states")
         stream = self._stream(stream)
+        tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
+        given = [name for name, value in tracking.items() if value is not None]
+        if given and len(given) != len(tracking):
+            raise ValueError(
+                f"scatter_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
+                "only; nothing was changed"
+            )
         if not self.has_intermediate_recurrent_states():
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
         checked_positions = self._positions(positions, active, stream)
+        if store is not None:
+            if not hasattr(store, "_check_owner"):
+                raise TypeError(f"store must be a mamba_cache.prefix.PrefixStateCache, got {type(store).__name__}")
+            store._check_owner(self, "store")
+            entries, (count,) = self._int32_array("track_entries", track_entries, "[active]", stream)
+            if count != active:
+                raise ValueError(f"track_entries must have the length of accept_lengths ({active}), got {count}")
+            steps, (count,) = self._int32_array("track_steps", track_steps, "[active]", stream)
+            if count != active:
+                raise ValueError(f"track_steps must have the length of accept_lengths ({active}), got {count}")
+            if checked_positions is not None or any(
+                getattr(self._config, f"intermediate_{k}_state_dtype") != getattr(self._config, f"{k}_state_dtype")
+                for k in ("recurrent", "conv")
+            ):
+                raise ValueError(
+                    "tracking into a prefix store needs equal main and per-step dtypes (no converting or "
+                    "stochastic tracked commit yet); nothing was changed"
+                )
+            if active:
+                seq_len = self._verify_shape[1]
+                max_accept = self._max_accept(seq_len)
+                self._scatter_tracked(accept, indices, active, seq_len, max_accept, store, entries, steps, stream)
+                store._tracked_on(stream)
+            return
         if active:
             seq_len = self._verify_shape[1]
             self._scatter(
@@ -822,6 +927,35 @@ class MambaCacheManagerBase:
         raise NotImplementedError
 
     # ------------------------------------------------------------ slots
+    def copy_slots(self, src_slots: Any, dst_slots: Any, stream: Any = None) -> None:
+        """Copy whole slots: ``main[dst_slots[i]] = main[src_slots[i]]``, every layer, both state kinds.
+
+        All pairs in one launch (no allocation, no synchronisation: graph-capturable when the
+        arrays are on the device). A pair with either slot outside ``[0, B)`` is skipped (padding).
+        The destinations must be distinct and none may also be a source.
+
+        Args:
+            src_slots: ``[n]`` int32 source slots (NumPy backend: a host ``numpy.ndarray``; Numba
+                backend: a device array, or a host one that is staged).
+            dst_slots: ``[n]`` int32 destination slots, the same length.
+            stream: the stream to run on (ignored by the NumPy backend).
+
+        Raises:
+            TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
+            ValueError: an array is not 1-D or not contiguous, the lengths differ, the manager was
+                closed or moved from, or (NumPy reference) a destination repeats or is also a source.
+        """
+        self._check_open("copy_slots")
+        stream = self._stream(stream)
+        src, (count,) = self._int32_array("src_slots", src_slots, "[n]", stream)
+        dst, (dst_count,) = self._int32_array("dst_slots", dst_slots, "[n]", stream)
+        if dst_count != count:
+            raise ValueError(f"dst_slots must have the length of src_slots ({count}), got {dst_count}")
+        if self._pools is None or not count:
+            return
+        main = (self._pools.recurrent, self._pools.conv)
+        self._copy_rows(main, main, src, dst, count, stream)
+
     def clear_slot(self, slot: int, stream: Any = None) -> None:
         """Zero one slot of every layer's recurrent and conv state (a finished sequence).
 

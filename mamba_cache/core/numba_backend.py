@@ -392,6 +392,94 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_array("state_indices", self._placeholder() if indices is None else indices, shape_changes=True)
         launch.set_scalar("use_indices", int(indices is not None))
 
+    def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
+        key = ("copy_rows", id(dst[0]), id(src[0]))
+        entry = self._launches.get(key)
+        if entry is None:
+            words = []
+            for to, frm in zip(dst, src, strict=True):
+                words += [_slot_words(to, to.shape[1]), _slot_words(frm, frm.shape[1])]
+            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+            placeholder = self._placeholder().array
+            # keep_alive holds the pools (so the ids in the key cannot be reused while it lives)
+            launch = _Launch(kernels.copy_rows, (*words, chunks_a, placeholder, placeholder, 0, 0, 0), threads)
+            entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
+        launch, blocks, layers = entry
+        if isinstance(src_rows, DeviceArg):
+            launch.set_array("src_rows", src_rows, shape_changes=True)
+            launch.set_array("dst_rows", dst_rows, shape_changes=True)
+            launch.set_scalar("use_rows", 1)
+        else:
+            launch.set_scalar("use_rows", 0)
+            launch.set_scalar("src_row", int(src_rows))
+            launch.set_scalar("dst_row", int(dst_rows))
+        launch.launch((blocks, count, layers), stream)
+
+    def _scatter_tracked(
+        self,
+        accept: Any,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        max_accept: int,
+        store: Any,
+        entries: Any,
+        steps: Any,
+        stream: Any,
+    ) -> None:
+        track_a, track_b = store._pools
+        key = ("scatter_tracked", id(track_a))
+        entry = self._launches.get(key)
+        if entry is None:
+            pools, config = self._pools, self._config
+            slots = config.max_batch_size
+            steps_rows = slots * config.max_intermediate_seq_len
+            words = []
+            for kind in ("recurrent", "conv"):
+                words += [
+                    _slot_words(getattr(pools, kind), slots),
+                    _slot_words(getattr(pools, f"intermediate_{kind}"), steps_rows),
+                ]
+            tracks = [_slot_words(track, track.shape[1]) for track in (track_a, track_b)]
+            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+            placeholder = self._placeholder().array
+            args = (*words, chunks_a, placeholder, placeholder, 0, 1, 1, *tracks, placeholder, placeholder)
+            launch = _Launch(kernels.scatter_tracked, args, threads)
+            entry = self._launches[key] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
+        launch, blocks, layers = entry
+        launch.set_array("accept_lengths", accept, shape_changes=True)
+        self._set_indices(launch, indices)
+        launch.set_array("track_entries", entries, shape_changes=True)
+        launch.set_array("track_steps", steps, shape_changes=True)
+        launch.set_scalar("seq_len", seq_len)
+        launch.set_scalar("max_accept", max_accept)
+        launch.launch((blocks, active, layers), stream)
+
+    def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        array = cuda.pinned_array(shape, dtype=dtype)  # page-locked: the copies are truly asynchronous
+        array[...] = 0
+        return array
+
+    def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
+        # One async copy per layer and kind: an entry of the [L, P, ...] pools is L contiguous pieces.
+        for to, frm in zip(host, src, strict=True):
+            for layer in range(frm.shape[0]):
+                frm[layer, entry].copy_to_host(to[layer, host_entry], stream=stream.stream)
+
+    def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
+        for to, frm in zip(dst, host, strict=True):
+            for layer in range(to.shape[0]):
+                to[layer, row].copy_to_device(frm[layer, host_entry], stream=stream.stream)
+
+    def _new_event(self) -> Any:
+        return cuda.event() if SIMULATOR else cuda.event(timing=False)  # no timing: a lighter event
+
+    def _record_event(self, event: Any, stream: Any) -> None:
+        event.record(stream.stream)
+
+    def _wait_event(self, event: Any, stream: Any) -> None:
+        event.wait(stream.stream)
+
     def _zero_slot(self, slot: int, stream: Any) -> None:
         entry = self._launches.get("zero_slot")
         if entry is None:

@@ -162,6 +162,69 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 position=position,
             )
 
+    def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
+        src_rows = np.asarray(src_rows, dtype=np.int64).reshape(count)
+        dst_rows = np.asarray(dst_rows, dtype=np.int64).reshape(count)
+        ok = (src_rows >= 0) & (src_rows < src[0].shape[1]) & (dst_rows >= 0) & (dst_rows < dst[0].shape[1])
+        s, d = src_rows[ok], dst_rows[ok]
+        targets, counts = np.unique(d, return_counts=True)
+        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+            raise ValueError(
+                f"copy destinations must be distinct; row {int(targets[counts > 1][0])} is a destination "
+                f"{int(counts.max())} times; nothing was changed"
+            )
+        if dst is src and np.intersect1d(s, d).size:  # the GPU would race a read against a write
+            raise ValueError(
+                f"copy destinations must not also be sources; slot {int(np.intersect1d(s, d)[0])} is both; "
+                "nothing was changed"
+            )
+        for to, frm in zip(dst, src, strict=True):
+            to[:, d] = frm[:, s]
+
+    def _scatter_tracked(
+        self,
+        accept: np.ndarray,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        max_accept: int,
+        store: Any,
+        entries: np.ndarray,
+        steps: np.ndarray,
+        stream: Any,
+    ) -> None:
+        # Checkpoint rows: 0 <= t < accept, t < V, entry in [0, P). Check them all before moving anything.
+        step, entry = steps.astype(np.int64), entries.astype(np.int64)
+        track = (step >= 0) & (step < accept) & (step < seq_len) & (entry >= 0) & (entry < store.entries)
+        rows = np.flatnonzero(track)
+        store._check_tracked_entries(entry[rows])
+        commit = accept.astype(np.int64) - 1
+        self._commit(commit, (commit >= 0) & (commit < max_accept), indices, seq_len)  # may refuse: nothing moved yet
+        pools = self._pools
+        for dst, inter in zip(store._pools, (pools.intermediate_recurrent, pools.intermediate_conv), strict=True):
+            src = inter.reshape(inter.shape[0], -1, *dst.shape[2:])
+            dst[:, entry[rows]] = src[:, rows * seq_len + step[rows]]
+
+    def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
+        for to, frm in zip(host, src, strict=True):
+            to[:, host_entry] = frm[:, entry]
+
+    def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
+        for to, frm in zip(dst, host, strict=True):
+            to[:, row] = frm[:, host_entry]
+
+    def _new_event(self) -> None:
+        return None  # NumPy work is done when the call returns: nothing to order
+
+    def _record_event(self, event: Any, stream: Any) -> None:
+        pass
+
+    def _wait_event(self, event: Any, stream: Any) -> None:
+        pass
+
     def _zero_slot(self, slot: int, stream: Any) -> None:
         self._pools.recurrent[:, slot] = 0
         self._pools.conv[:, slot] = 0

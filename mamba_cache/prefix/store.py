@@ -1,0 +1,659 @@
+"""The prefix-state store: checkpoints of recurrent state for shared prompt prefixes.
+
+Attention KV can be reused for any prefix of a cached prompt, but a recurrent state exists only for
+the exact prefix it was computed after. The store therefore keeps whole-slot checkpoints (the
+recurrent and conv state of every layer) taken at block boundaries, keyed by the block-digest
+chain of :mod:`mamba_cache.prefix.keys`.
+
+Storage: ``P`` entries allocated once, one allocation per state kind, in the main pools' dtypes
+and layouts, on the manager's backend and device::
+
+    entries recurrent  [L, P, H, D, N]      (main pool: [L, B, H, D, N])
+    entries conv       [L, P, C, K]         (main pool: [L, B, C, K])
+
+Everything here is host bookkeeping written once for both backends (keys, recency, pins,
+generations, statistics); the copies between entries and slots are the manager's one-launch row
+copy (``_copy_rows``), which each backend binds. Bookkeeping and argument checks happen before
+any copy is queued, and a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._config import ConfigError, format_bytes
+from ..core.manager import INT32_MAX, MambaCacheManagerBase, check_index, check_int32_array, check_size
+from .keys import block_digests, token_array
+
+__all__ = ["PrefixHandle", "PrefixStateCache", "PrefixStats"]
+
+
+class PrefixHandle(NamedTuple):
+    """The result of a match (or insert): which entry, which generation of it, how many tokens.
+
+    A handle stays valid until its entry is evicted or reused (its generation changes); pin it to
+    hold it across inserts.
+    """
+
+    entry: int
+    generation: int
+    length: int
+    host: bool = False  #: the entry is in the host tier (restore copies host to device)
+
+
+@dataclass
+class PrefixStats:
+    """Counters of a store (all since construction)."""
+
+    lookups: int = 0  #: ``match`` calls
+    hits: int = 0  #: matches that found a checkpoint
+    hit_tokens: int = 0  #: prompt tokens covered by those checkpoints (prefill saved)
+    inserts: int = 0  #: checkpoints written (``insert`` copies and ``publish``)
+    dropped_inserts: int = 0  #: inserts / reserves refused because every entry was pinned
+    evictions: int = 0  #: entries evicted to make room
+    host_hits: int = 0  #: hits served from the host tier
+    offloads: int = 0  #: evicted device entries copied into the host tier
+
+    def __str__(self) -> str:
+        rate = self.hits / self.lookups if self.lookups else 0.0
+        counters = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        return f"PrefixStats({counters}, hit_rate={rate:.3f})"
+
+
+class PrefixStateCache:
+    """``P`` checkpoints of whole-slot recurrent + conv state, keyed by block-aligned token prefixes.
+
+    Args:
+        manager: the Numpy- or NumbaMambaCacheManager whose slots are checkpointed (build the store
+            after any ``move()``; it keeps this manager).
+        entries: ``P`` >= 1, device entries (each one slot of every layer, both kinds).
+        block_size: ``bs``, tokens per block; checkpoints sit at multiples of it. Must be ``>= S``
+            (``max_intermediate_seq_len``) so at most one boundary falls inside a verify window.
+        namespace: separates models / adapters whose states differ for the same tokens.
+        host_entries: ``P_host`` >= 0, entries of the host tier (page-locked host memory on the
+            Numba backend): device evictions move there (its own LRU) instead of vanishing, and a
+            hit there is restored straight into the live slot with a host-to-device copy.
+        stream: the stream the entries are zeroed on (ignored by the NumPy backend).
+
+    Raises:
+        TypeError: ``manager`` is not a cache manager, or an argument has the wrong type.
+        ValueError: ``manager`` is closed or has no layers, or ``entries`` < 1.
+        ConfigError: ``block_size`` < 1 or < ``max_intermediate_seq_len``.
+
+    Streams: every copy is queued on the ``stream`` of the call that makes it. Device entries
+    follow stream order (pin a handle whose entry a restore on another stream still reads). The
+    host tier orders its copies with events: an offload waits for the last write into its
+    device entry (an insert or a tracking commit on any stream) and for any pending restore
+    still reading its host entry; a host restore waits for the offload that filled its entry.
+
+    Example:
+        >>> import numpy as np
+        >>> from mamba_cache import Config, NumpyMambaCacheManager
+        >>> from mamba_cache.prefix import PrefixStateCache
+        >>> cfg = Config(num_recurrent_layers=2, max_batch_size=2, recurrent_state_num_heads=2,
+        ...              recurrent_state_head_dim=4, recurrent_state_size=8, conv_dim=24, conv_kernel=4)
+        >>> cache = NumpyMambaCacheManager(cfg)
+        >>> store = PrefixStateCache(cache, entries=4, block_size=8)
+        >>> prompt = np.arange(20)
+        >>> _ = store.insert(prompt[:16], slot=0)   # slot 0 holds the state after 16 tokens
+        >>> handle = store.match(prompt)
+        >>> handle.length
+        16
+        >>> store.restore(handle, slot=1)            # slot 1 now continues from token 16
+    """
+
+    def __init__(
+        self,
+        manager: MambaCacheManagerBase,
+        entries: int,
+        block_size: int,
+        namespace: str = "",
+        host_entries: int = 0,
+        stream: Any = None,
+    ) -> None:
+        if not isinstance(manager, MambaCacheManagerBase):
+            raise TypeError(f"manager must be a mamba_cache cache manager, got {type(manager).__name__}")
+        manager._check_open("PrefixStateCache")
+        if manager._pools is None:
+            raise ValueError("PrefixStateCache: manager has no recurrent layers (num_recurrent_layers == 0)")
+        entries = check_size("entries", entries, 1, INT32_MAX)
+        if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)):
+            raise TypeError(f"block_size must be an integer, got {type(block_size).__name__}")
+        config = manager.get_config()
+        low = max(1, config.max_intermediate_seq_len)
+        if block_size < low:
+            raise ConfigError(
+                f"block_size must be >= max(1, max_intermediate_seq_len) = {low} (at most one checkpoint "
+                f"boundary per verify window), got {block_size}"
+            )
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
+        host_entries = check_size("host_entries", host_entries, 0, INT32_MAX)
+        resolved = manager._stream(stream)
+        pools = manager._pools
+        self._pools = tuple(
+            manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
+            for pool in (pools.recurrent, pools.conv)
+        )
+        self._host_pools = tuple(
+            manager._host_zeros((config.num_recurrent_layers, host_entries, *pool.shape[2:]), pool.dtype)
+            for pool in (pools.recurrent, pools.conv)
+            if host_entries
+        )
+        self.manager = manager
+        self.entries = entries
+        self.block_size = int(block_size)
+        self.namespace = namespace
+        self.host_entries = host_entries
+        self.stats = PrefixStats()
+        self._closed = False
+        self._keys: list[bytes | None] = [None] * entries
+        self._lengths = [0] * entries
+        self._generations = [0] * entries
+        self._pins = [0] * entries
+        self._reserved: set[int] = set()
+        self._index: dict[bytes, int] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # published entries, least recent first
+        self._free = list(range(entries - 1, -1, -1))  # pop() hands out entry 0 first
+        # the host tier: the same bookkeeping, and events that order its copies across streams
+        self._hkeys: list[bytes | None] = [None] * host_entries
+        self._hlengths = [0] * host_entries
+        self._hgenerations = [0] * host_entries
+        self._hpins = [0] * host_entries
+        self._hindex: dict[bytes, int] = {}
+        self._hlru: OrderedDict[int, None] = OrderedDict()
+        self._hfree = list(range(host_entries - 1, -1, -1))
+        self._written: list = [None] * entries if host_entries else []  # after the last write into a device entry
+        self._tracked = None  # after the last tracking commit (which entries it wrote is on the device)
+        self._filled: list = [None] * host_entries  # after the offload that filled a host entry
+        self._read: list = [None] * host_entries  # after the last restore that read a host entry
+
+    # ------------------------------------------------------------ queries
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the device entries (both kinds, all layers)."""
+        return sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in self._pools) if not self._closed else 0
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of the host tier (both kinds, all layers)."""
+        return sum(p.nbytes for p in self._host_pools) if not self._closed else 0
+
+    def __len__(self) -> int:
+        """Entries (device and host tier) that hold a published checkpoint."""
+        return len(self._index) + len(self._hindex)
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "PrefixStateCache(closed)"
+        return (
+            f"PrefixStateCache(entries={self.entries}, block_size={self.block_size}, used={len(self)}, "
+            f"{format_bytes(self.nbytes)})"
+        )
+
+    def entry_state(self, entry: int) -> tuple[Any, Any]:
+        """Views of one entry: (recurrent ``[L, H, D, N]``, conv ``[L, C, K]``), the backend's arrays."""
+        self._check_open("entry_state")
+        entry = check_index("entry", entry, self.entries)
+        return self._pools[0][:, entry], self._pools[1][:, entry]
+
+    # ------------------------------------------------------------ checks
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ValueError(f"{what}: this PrefixStateCache was closed")
+        self.manager._check_open(what)
+
+    def _check_owner(self, manager: Any, name: str) -> None:
+        """Called by ``scatter_mtp_states``: this store must belong to ``manager`` and be open."""
+        self._check_open("scatter_mtp_states")
+        if manager is not self.manager:
+            raise ValueError(f"{name} belongs to another manager; nothing was changed")
+
+    def _prefix(self, name: str, tokens: Any) -> tuple[np.ndarray, bytes]:
+        """Check a block-aligned prefix; return (int32 tokens, its key ``d_n``)."""
+        data = token_array(name, tokens)
+        count = data.shape[0]
+        if count == 0 or count % self.block_size:
+            raise ValueError(
+                f"{name} must hold a positive multiple of block_size = {self.block_size} tokens, got {count}; "
+                "nothing was changed"
+            )
+        return data, block_digests(data, self.block_size, self.namespace)[-1]
+
+    def _check_handle(self, name: str, handle: Any) -> int:
+        if not isinstance(handle, PrefixHandle):
+            raise TypeError(f"{name} must be a PrefixHandle (from match or insert), got {type(handle).__name__}")
+        if handle.host:
+            keys, generations, count = self._hkeys, self._hgenerations, self.host_entries
+        else:
+            keys, generations, count = self._keys, self._generations, self.entries
+        entry = check_index(f"{name}.entry", handle.entry, count)
+        if keys[entry] is None or generations[entry] != handle.generation:
+            raise LookupError(
+                f"{name} is stale: entry {entry} was evicted or reused since the match (generation "
+                f"{handle.generation}, now {generations[entry]}); pin entries you hold across inserts"
+            )
+        return entry
+
+    def _check_tracked_entries(self, entries: np.ndarray) -> None:
+        """NumPy reference: the tracking rows name distinct, reserved entries (``ValueError``)."""
+        values, counts = np.unique(entries, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(
+                f"track_entries must be distinct; entry {int(values[counts > 1][0])} is tracked by "
+                f"{int(counts.max())} rows; nothing was changed"
+            )
+        for entry in values.tolist():
+            if entry not in self._reserved:
+                raise ValueError(
+                    f"track_entries must name entries from reserve(); entry {entry} is not reserved; "
+                    "nothing was changed"
+                )
+
+    # ------------------------------------------------------------ bookkeeping
+    def _handle(self, entry: int) -> PrefixHandle:
+        return PrefixHandle(entry, self._generations[entry], self._lengths[entry])
+
+    def _take_entry(self, stream: Any, keep: set | frozenset = frozenset()) -> int | None:
+        """A free entry, else the least recently used unpinned one (evicted), else None."""
+        if self._free:
+            return self._free.pop()
+        for entry in self._lru:
+            if not self._pins[entry] and entry not in keep:
+                self._evict(entry, stream)
+                return entry
+        return None
+
+    def _evict(self, entry: int, stream: Any) -> None:
+        if self.host_entries:
+            self._offload(entry, stream)
+        del self._index[self._keys[entry]]
+        del self._lru[entry]
+        self._keys[entry] = None
+        self._lengths[entry] = 0
+        self._generations[entry] += 1
+        self.stats.evictions += 1
+
+    def _offload(self, entry: int, stream: Any) -> None:
+        """Copy an evicted device entry into the host tier (its LRU choosing the host entry)."""
+        host = self._hfree.pop() if self._hfree else None
+        if host is None:
+            for candidate in self._hlru:
+                if not self._hpins[candidate]:
+                    host = candidate
+                    self._hdrop(host)
+                    break
+        if host is None:
+            return  # every host entry pinned: the checkpoint is dropped
+        manager = self.manager
+        for event in (self._written[entry], self._tracked, self._read[host]):
+            if event is not None:  # the fill of the device entry; a restore still reading the host entry
+                manager._wait_event(event, stream)
+        manager._entry_to_host(self._pools, entry, self._host_pools, host, stream)
+        self._filled[host] = self._recorded(self._filled[host], stream)
+        key = self._keys[entry]
+        self._hkeys[host] = key
+        self._hlengths[host] = self._lengths[entry]
+        self._hgenerations[host] += 1
+        self._hindex[key] = host
+        self._hlru[host] = None
+        self.stats.offloads += 1
+
+    def _hdrop(self, host: int) -> None:
+        del self._hindex[self._hkeys[host]]
+        del self._hlru[host]
+        self._hkeys[host] = None
+        self._hlengths[host] = 0
+        self._hgenerations[host] += 1
+
+    def _recorded(self, event: Any, stream: Any) -> Any:
+        """``event`` (made on first use) recorded on ``stream``."""
+        if event is None:
+            event = self.manager._new_event()
+        self.manager._record_event(event, stream)
+        return event
+
+    def _wrote(self, entries: list, stream: Any) -> None:
+        """Note device writes into ``entries`` queued on ``stream`` (host tier only)."""
+        if self.host_entries and entries:
+            event = self._recorded(None, stream)
+            for entry in entries:
+                self._written[entry] = event
+
+    def _tracked_on(self, stream: Any) -> None:
+        """Called by ``scatter_mtp_states`` after a tracking commit on ``stream``."""
+        if self.host_entries:
+            self._tracked = self._recorded(self._tracked, stream)
+
+    def _lookup(self, key: bytes) -> PrefixHandle | None:
+        """The handle of ``key`` in either tier (refreshing its recency), or None."""
+        entry = self._index.get(key)
+        if entry is not None:
+            self._lru.move_to_end(entry)
+            return self._handle(entry)
+        host = self._hindex.get(key)
+        if host is not None:
+            self._hlru.move_to_end(host)
+            return PrefixHandle(host, self._hgenerations[host], self._hlengths[host], True)
+        return None
+
+    def _publish(self, entry: int, key: bytes, length: int) -> PrefixHandle:
+        self._keys[entry] = key
+        self._lengths[entry] = length
+        self._generations[entry] += 1
+        self._index[key] = entry
+        self._lru[entry] = None
+        self.stats.inserts += 1
+        return self._handle(entry)
+
+    def _main(self) -> tuple:
+        pools = self.manager._pools
+        return (pools.recurrent, pools.conv)
+
+    # ------------------------------------------------------------ match / restore
+    def match(self, tokens: Any, max_tokens: int | None = None) -> PrefixHandle | None:
+        """The longest cached block-aligned prefix of ``tokens`` that leaves at least one token to run.
+
+        The matched length ``n * bs`` satisfies ``n * bs < len(tokens)`` (the caller still gets
+        logits) and ``n * bs <= max_tokens`` (a hybrid model passes its attention KV hit length).
+        Only the matched entry's recency is refreshed. No match is a result (``None``), not an error.
+
+        Args:
+            tokens: ``[T]`` host integer token ids (int32 range).
+            max_tokens: optional upper bound on the matched length, >= 0.
+
+        Returns:
+            A :class:`PrefixHandle` ``(entry, generation, length)``, or ``None``.
+
+        Raises:
+            TypeError / ValueError: ``tokens`` is not 1-D integers, or ``max_tokens`` is not an int >= 0.
+        """
+        self._check_open("match")
+        data = token_array("tokens", tokens)
+        blocks = max(0, (data.shape[0] - 1) // self.block_size)
+        if max_tokens is not None:
+            blocks = min(blocks, check_size("max_tokens", max_tokens, 0, 2**63 - 1) // self.block_size)
+        self.stats.lookups += 1
+        digests = block_digests(data, self.block_size, self.namespace, blocks) if blocks else []
+        for key in reversed(digests):
+            handle = self._lookup(key)
+            if handle is not None:
+                self.stats.hits += 1
+                self.stats.hit_tokens += handle.length
+                self.stats.host_hits += handle.host
+                return handle
+        return None
+
+    def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
+        """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
+
+        Args:
+            handle: from :meth:`match` (or :meth:`insert` / :meth:`publish`).
+            slot: in ``[0, B)``.
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Raises:
+            LookupError: the handle's entry was evicted or reused since (nothing changed).
+            IndexError / TypeError: ``slot`` or the handle's entry out of range / not an integer.
+        """
+        self._check_open("restore")
+        resolved = self.manager._stream(stream)
+        entry = self._check_handle("handle", handle)
+        slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
+        if not handle.host:
+            self.manager._copy_rows(self._main(), self._pools, entry, slot, 1, resolved)
+            return
+        # a host-tier hit: straight into the live slot (no promotion), after the offload that filled it
+        if self._filled[entry] is not None:
+            self.manager._wait_event(self._filled[entry], resolved)
+        self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
+        self._read[entry] = self._recorded(self._read[entry], resolved)
+
+    def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
+        """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
+
+        Args:
+            handles: a list of ``n`` :class:`PrefixHandle` (an entry may appear more than once).
+            slots: ``[n]`` int32 destination slots, distinct (NumPy backend: a host array; Numba:
+                device or host). A slot outside ``[0, B)`` is skipped (padding).
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Raises:
+            LookupError: a handle is stale (nothing changed).
+            TypeError / ValueError: a bad handle or ``slots`` array, lengths differ, or (NumPy
+                reference) a slot repeats.
+        """
+        self._check_open("restore_many")
+        manager = self.manager
+        resolved = manager._stream(stream)
+        if isinstance(handles, PrefixHandle) or not isinstance(handles, (list, tuple)):
+            raise TypeError(f"handles must be a list of PrefixHandle, got {type(handles).__name__}")
+        dst, (count,) = manager._int32_array("slots", slots, "[n]", resolved)
+        if count != len(handles):
+            raise ValueError(f"slots must have one slot per handle ({len(handles)}), got {count}")
+        entries = np.array([self._check_handle(f"handles[{i}]", h) for i, h in enumerate(handles)], dtype=np.int32)
+        for i, h in enumerate(handles):
+            if h.host:
+                raise ValueError(f"handles[{i}] is in the host tier: restore it with restore(); nothing was changed")
+        if not count:
+            return
+        src, _ = manager._int32_array("prefix_entries", entries, "[n]", resolved)
+        manager._copy_rows(self._main(), self._pools, src, dst, count, resolved)
+
+    # ------------------------------------------------------------ insert
+    def insert(self, tokens: Any, slot: int, stream: Any = None) -> PrefixHandle | None:
+        """Record live slot ``slot``'s current state as the state after ``tokens``.
+
+        Already present: refresh its recency, copy nothing. Otherwise take a free entry or evict the
+        least recently used unpinned one; if every entry is pinned the insert is dropped (counted
+        in ``stats.dropped_inserts``), never an error.
+
+        Args:
+            tokens: ``[n * bs]`` host integer token ids, ``n >= 1``: the prefix the slot has consumed.
+            slot: in ``[0, B)``.
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Returns:
+            The entry's handle, or ``None`` when dropped.
+
+        Raises:
+            ValueError: ``tokens`` is not a positive multiple of ``block_size`` long.
+            IndexError / TypeError: ``slot`` out of range / not an integer; bad ``tokens``.
+        """
+        self._check_open("insert")
+        resolved = self.manager._stream(stream)
+        data, key = self._prefix("tokens", tokens)
+        slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
+        present = self._lookup(key)
+        if present is not None:
+            return present
+        entry = self._take_entry(resolved)
+        if entry is None:
+            self.stats.dropped_inserts += 1
+            return None
+        try:
+            self.manager._copy_rows(self._pools, self._main(), slot, entry, 1, resolved)
+        except BaseException:
+            self._free.append(entry)
+            raise
+        self._wrote([entry], resolved)
+        return self._publish(entry, key, data.shape[0])
+
+    def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
+        """:meth:`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
+
+        Args:
+            tokens: a list of ``n`` block-aligned token sequences.
+            slots: ``[n]`` int32 host array of the source slots, each in ``[0, B)`` (both backends:
+                the store must know every slot is valid before it keys an entry).
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Returns:
+            ``n`` handles (``None`` for dropped inserts). A prefix given twice is copied once.
+
+        Raises:
+            TypeError / ValueError / IndexError: as :meth:`insert`, for any element (nothing changed).
+        """
+        self._check_open("insert_many")
+        manager = self.manager
+        resolved = manager._stream(stream)
+        if not isinstance(tokens, (list, tuple)):
+            raise TypeError(f"tokens must be a list of token sequences, got {type(tokens).__name__}")
+        if not isinstance(slots, np.ndarray):
+            kind = "a device array" if hasattr(slots, "__cuda_array_interface__") else type(slots).__name__
+            raise TypeError(f"slots must be a host numpy.ndarray of int32 (on both backends), got {kind}")
+        check_int32_array("slots", slots.dtype, slots.shape, slots.flags.c_contiguous, "[n]")
+        if slots.shape[0] != len(tokens):
+            raise ValueError(f"slots must have one slot per prefix ({len(tokens)}), got {slots.shape[0]}")
+        batch = manager.get_config().max_batch_size
+        for i, slot in enumerate(slots.tolist()):
+            check_index(f"slots[{i}]", slot, batch)
+        prefixes = [self._prefix(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
+        handles: list = [None] * len(prefixes)
+        src, dst, taken, planned = [], [], set(), {}
+        for i, (data, key) in enumerate(prefixes):
+            if key in planned:
+                handles[i] = planned[key]
+                continue
+            present = self._lookup(key)
+            if present is not None:
+                if not present.host:
+                    taken.add(present.entry)
+                handles[i] = present
+                continue
+            entry = self._take_entry(resolved, keep=taken)
+            if entry is None:
+                self.stats.dropped_inserts += 1
+                continue
+            taken.add(entry)
+            planned[key] = entry
+            src.append(int(slots[i]))
+            dst.append(entry)
+            self._publish(entry, key, data.shape[0])
+            handles[i] = entry
+        if src:
+            src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
+            dst_arg, _ = manager._int32_array("prefix_entries", np.array(dst, dtype=np.int32), "[n]", resolved)
+            manager._copy_rows(self._pools, self._main(), src_arg, dst_arg, len(src), resolved)
+            self._wrote(dst, resolved)
+        return [h if h is None or isinstance(h, PrefixHandle) else self._handle(h) for h in handles]
+
+    # ------------------------------------------------------------ pins
+    def pin(self, handle: PrefixHandle) -> None:
+        """Protect a handle's entry from eviction (counted: unpin as often as pinned).
+
+        Raises:
+            LookupError: the handle is stale. TypeError / IndexError: not a handle.
+        """
+        self._check_open("pin")
+        entry = self._check_handle("handle", handle)
+        (self._hpins if handle.host else self._pins)[entry] += 1
+
+    def unpin(self, handle: PrefixHandle) -> None:
+        """Undo one :meth:`pin`.
+
+        Raises:
+            ValueError: the entry is not pinned. LookupError: the handle is stale.
+        """
+        self._check_open("unpin")
+        entry = self._check_handle("handle", handle)
+        pins = self._hpins if handle.host else self._pins
+        if not pins[entry]:
+            raise ValueError(f"handle: entry {entry} is not pinned; nothing was changed")
+        pins[entry] -= 1
+
+    def is_pinned(self, entry: int) -> bool:
+        """Whether ``entry`` is pinned or reserved (so never evicted)."""
+        entry = check_index("entry", entry, self.entries)
+        return bool(self._pins[entry]) or entry in self._reserved
+
+    # ------------------------------------------------------------ tracking
+    def reserve(self, stream: Any = None) -> int | None:
+        """Take an entry for a checkpoint tracked during speculative decoding (pinned, no key yet).
+
+        Pass it as ``track_entries[b]`` to ``scatter_mtp_states(..., store=self, ...)``; once the
+        accepted lengths are known call :meth:`publish` (the row reached the boundary) or
+        :meth:`release`.
+
+        Args:
+            stream: the stream of the commit that will fill the entry (an eviction's offload to the
+                host tier is queued on it; ignored by the NumPy backend).
+
+        Returns:
+            The entry index, or ``None`` when every entry is pinned (counted as a dropped insert).
+        """
+        self._check_open("reserve")
+        entry = self._take_entry(self.manager._stream(stream))
+        if entry is None:
+            self.stats.dropped_inserts += 1
+            return None
+        self._generations[entry] += 1
+        self._reserved.add(entry)
+        return entry
+
+    def _check_reserved(self, entry: Any) -> int:
+        entry = check_index("entry", entry, self.entries)
+        if entry not in self._reserved:
+            raise ValueError(f"entry {entry} is not reserved (reserve() it first); nothing was changed")
+        return entry
+
+    def publish(self, entry: int, tokens: Any) -> PrefixHandle:
+        """Key a reserved, filled entry with the prefix it holds the state after, and unpin it.
+
+        If that prefix is already cached elsewhere, the existing entry is refreshed and this one
+        released.
+
+        Args:
+            entry: from :meth:`reserve`, filled by a tracking commit.
+            tokens: ``[n * bs]`` host integer token ids: the prefix up to the tracked boundary.
+
+        Returns:
+            The handle of the entry that now holds the prefix.
+
+        Raises:
+            ValueError: ``entry`` is not reserved, or ``tokens`` is not block-aligned.
+            IndexError / TypeError: ``entry`` out of range / not an integer.
+        """
+        self._check_open("publish")
+        entry = self._check_reserved(entry)
+        data, key = self._prefix("tokens", tokens)
+        self._reserved.discard(entry)
+        existing = self._lookup(key)
+        if existing is not None:
+            self._free.append(entry)
+            return existing
+        return self._publish(entry, key, data.shape[0])
+
+    def release(self, entry: int) -> None:
+        """Return a reserved entry that tracked nothing (its row stopped before the boundary).
+
+        Raises:
+            ValueError: ``entry`` is not reserved. IndexError / TypeError: out of range / not an integer.
+        """
+        self._check_open("release")
+        entry = self._check_reserved(entry)
+        self._reserved.discard(entry)
+        self._generations[entry] += 1
+        self._free.append(entry)
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Release the entries and the manager's launches bound to them. Idempotent."""
+        if self._closed:
+            return
+        launches = getattr(self.manager, "_launches", {})
+        for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in self._pools)]:
+            del launches[key]
+        self._pools = ()
+        self._host_pools = ()
+        self._closed = True
+
+    def __enter__(self) -> PrefixStateCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -132,9 +132,9 @@ def philox_kernel(counters, keys, out):
 def test_device_philox_matches_random123_known_answers():
     counters = np.array([c for c, _, _ in PHILOX_KAT], dtype=np.uint64)
     keys = np.array([k for _, k, _ in PHILOX_KAT], dtype=np.uint64)
-    out = np.zeros((3, 4), dtype=np.uint64)
-    philox_kernel[1, 32](counters, keys, out)
-    assert out.tolist() == [list(r) for _, _, r in PHILOX_KAT]
+    out = cuda.to_device(np.zeros((3, 4), dtype=np.uint64))
+    philox_kernel[1, 32](cuda.to_device(counters), cuda.to_device(keys), out)
+    assert out.copy_to_host().tolist() == [list(r) for _, _, r in PHILOX_KAT]
 
 
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])

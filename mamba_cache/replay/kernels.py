@@ -38,6 +38,8 @@ inside the step loop of each kernel (the state after step ``t`` is in registers 
 
 from __future__ import annotations
 
+from typing import Any
+
 from numba import cuda, float32
 
 #: Threads per block.
@@ -313,7 +315,7 @@ def replay_gdn(
         rec[layer, slot, first + d * size] = s[d]
 
 
-def prepare(pools, stash: dict, config, placeholder, launch_class) -> tuple:
+def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
     """(launch, x blocks, layers) of the replay kernel of ``config.mixer`` over a manager's pools.
 
     Args:

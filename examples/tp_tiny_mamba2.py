@@ -46,6 +46,7 @@ if __name__ == "__main__":  # run as a script from a checkout: import this check
 
 from mamba_cache import Config, NumpyMambaCacheManager
 from mamba_cache.models.mamba2 import F32, TinyMamba2, matvec, rmsnorm, silu, softplus
+from mamba_cache.replay.reference import mamba2_step
 
 VERIFY_LEN = 4
 RTOL, ATOL = 1e-4, 1e-5
@@ -94,8 +95,8 @@ def shard_weights(model: TinyMamba2, tp: int, rank: int) -> dict:
         "conv_weight": take(w["conv_weight"], conv_channels, 1),
         "conv_bias": take(w["conv_bias"], conv_channels, 1),
         "dt_bias": take(w["dt_bias"], my_heads, 1),
-        "A": take(w["A"], my_heads, 1),
-        "D": take(w["D"], my_heads, 1),
+        "a": take(w["a"], my_heads, 1),
+        "d_skip": take(w["d_skip"], my_heads, 1),
         "out_proj": take(w["out_proj"], my_x, 1),
     }
 
@@ -143,24 +144,25 @@ class NumpyRank:
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
         )
-        channels, width, n = config.conv_dim, heads * dim, u.shape[0]
-        z = matvec(rmsnorm(u), w["in_proj"][layer])
-        conv = cache.get_conv_state(layer)
+        channels, width, rows = config.conv_dim, heads * dim, u.shape[0]
+        z = matvec(rmsnorm(u), w["in_proj"][layer])  # [R, C_rank + H / tp]
+        conv = cache.get_conv_state(layer)  # [B, C_rank, K]
         window = np.concatenate([conv[slots, :, 1:], z[:, :channels, None].astype(conv.dtype)], axis=2)
         conv[slots] = window
         xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
-        x = xbc[:, :width].reshape(n, heads, dim)
+        x = xbc[:, :width].reshape(rows, heads, dim)
         b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
-        dt = softplus(z[:, channels:] + w["dt_bias"][layer])
-        decay = np.exp(dt * w["A"][layer])
-        rec = cache.get_recurrent_state(layer)
-        h = decay[:, :, None, None] * rec[slots].astype(F32) + (dt[:, :, None] * x)[..., None] * b_in[:, None, None, :]
+        dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [R, H / tp]
+        decay = np.exp(dt * w["a"][layer])
+        rec = cache.get_recurrent_state(layer)  # [B, H / tp, D, N]
+        dtx = dt[:, :, None] * x  # [R, H / tp, D]
+        h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in[:, None, :])  # the model's own update (G = 1)
         rec[slots] = h
-        y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["D"][layer][None, :, None] * x
+        y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
         if step is not None:
             cache.get_intermediate_conv_state(layer)[slots, step] = window
             cache.get_intermediate_recurrent_state(layer)[slots, step] = h
-        return matvec(y.reshape(n, width), w["out_proj"][layer])
+        return matvec(y.reshape(rows, width), w["out_proj"][layer])
 
 
 # ---------------------------------------------------------------- engines: step(tokens) -> host u
@@ -327,12 +329,20 @@ class NumbaRank:
         from numba import cuda
 
         from mamba_cache.models import mamba2_kernels as k
+        from mamba_cache.precision.kernels import store_formats
 
         config, w, cache = self.shell.config, self.device.weights, self.cache
         n, heads = tokens.shape[0], config.recurrent_state_num_heads
         width, channels = heads * config.recurrent_state_head_dim, config.conv_dim
         model_width = self.model.weights["embedding"].shape[1]
         d_tokens, d_slots = cuda.to_device(tokens), cuda.to_device(np.arange(n, dtype=np.int64))
+        # every row's position 0: only stochastic rounding reads it, and this example's states are float32
+        d_positions = cuda.to_device(np.zeros(n, dtype=np.int32))
+        seed_lo, seed_hi = config.rounding_seed & 0xFFFFFFFF, config.rounding_seed >> 32
+        conv_fmt = cuda.to_device(store_formats(config, config.conv_state_dtype, config.intermediate_conv_state_dtype))
+        rec_fmt = cuda.to_device(
+            store_formats(config, config.recurrent_state_dtype, config.intermediate_recurrent_state_dtype)
+        )
         u = cuda.device_array((n, model_width), dtype=np.float32)
         normed = cuda.device_array((n, model_width), dtype=np.float32)
         z = cuda.device_array((n, channels + heads), dtype=np.float32)
@@ -353,13 +363,52 @@ class NumbaRank:
                 cache.get_intermediate_recurrent_state(layer) if step is not None else rec.reshape((1, *rec.shape))
             )
             at = -1 if step is None else step
+            # no replay stash here (scatter commit): stash step -1, placeholders of the right rank, never touched
+            stash_col = conv  # [B, C_rank, K] stands for [active, V, C_rank]
+            stash_da, stash_u, stash_b = (
+                z.reshape((n, z.shape[1], 1)),
+                y.reshape((n, 1, 1, width)),
+                y.reshape((n, 1, 1, width)),
+            )
             grid, threads = k._grid(n, channels)
             k.conv_step[grid, threads](
-                conv, z, w["conv_weight"][layer], w["conv_bias"][layer], d_slots, xbc, inter_conv, at
+                conv,
+                z,
+                w["conv_weight"][layer],
+                w["conv_bias"][layer],
+                d_slots,
+                xbc,
+                inter_conv,
+                at,
+                stash_col,
+                -1,
+                d_positions,
+                conv_fmt,
+                layer,
+                seed_lo,
+                seed_hi,
             )
             grid, threads = k._grid(n, width)
             k.ssm_step[grid, threads](
-                rec, xbc, z, w["dt_bias"][layer], w["A"][layer], w["D"][layer], d_slots, y, inter_rec, at
+                rec,
+                xbc,
+                z,
+                w["dt_bias"][layer],
+                w["a"][layer],
+                w["d_skip"][layer],
+                d_slots,
+                y,
+                inter_rec,
+                at,
+                stash_da,
+                stash_u,
+                stash_b,
+                -1,
+                d_positions,
+                rec_fmt,
+                layer,
+                seed_lo,
+                seed_hi,
             )
             grid, threads = k._grid(n, model_width)
             k.matvec[grid, threads](y, w["out_proj"][layer], partial, False)

@@ -70,9 +70,10 @@ def test_rank_configs_and_weights_partition_the_model():
     shards = [example.shard_weights(model, 2, r) for r in range(2)]
     rank_config = example.rank_config(config, 2)
     assert rank_config.conv_dim == shards[0]["conv_weight"].shape[1]
-    assert rank_config.recurrent_state_num_heads == shards[0]["A"].shape[1] == 2
+    assert rank_config.recurrent_state_num_heads == shards[0]["a"].shape[1] == 2
     assert np.array_equal(np.concatenate([s["out_proj"] for s in shards], axis=1), model.weights["out_proj"])
-    assert np.array_equal(np.concatenate([s["A"] for s in shards], axis=1), model.weights["A"])
+    assert np.array_equal(np.concatenate([s["a"] for s in shards], axis=1), model.weights["a"])
+    assert np.array_equal(np.concatenate([s["d_skip"] for s in shards], axis=1), model.weights["d_skip"])
     assert np.array_equal(shards[0]["conv_weight"][:, -8:], shards[1]["conv_weight"][:, -8:])  # B, C replicated
 
 

@@ -324,6 +324,23 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             self._placeholder_array = DeviceArg(array, _device_pointer(array), array.shape)
         return self._placeholder_array
 
+    def _commit_words(self) -> tuple[list, int, int, int]:
+        """(word views, chunks_a, chunks_b, threads) every commit kernel starts its arguments with.
+
+        The views are ``[recurrent, intermediate recurrent, conv, intermediate conv]`` as
+        ``[L, rows, W]`` words; the chunks cover one slot of each kind in one launch.
+        """
+        pools, slots = self._pools, self._config.max_batch_size
+        steps = slots * self._config.max_intermediate_seq_len
+        words = []
+        for kind in ("recurrent", "conv"):
+            words += [
+                _slot_words(getattr(pools, kind), slots),
+                _slot_words(getattr(pools, f"intermediate_{kind}"), steps),
+            ]
+        (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+        return words, chunks_a, chunks_b, threads
+
     def _commit_launch(self, key: str, kernel: Any) -> tuple:
         """(prepared launch, x blocks, layers) of a commit kernel over both state kinds.
 
@@ -332,23 +349,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         """
         entry = self._launches.get(key)
         if entry is None:
-            pools, config = self._pools, self._config
-            slots = config.max_batch_size
-            steps = slots * config.max_intermediate_seq_len
-            words = []
-            for kind in ("recurrent", "conv"):
-                words += [
-                    _slot_words(getattr(pools, kind), slots),
-                    _slot_words(getattr(pools, f"intermediate_{kind}"), steps),
-                ]
-            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+            words, chunks_a, chunks_b, threads = self._commit_words()
             placeholder = self._placeholder().array
             if kernel is kernels.scatter_tree:  # node_ids, accept_lengths, state_indices, use_indices, seq_len
                 rest = (placeholder.reshape((placeholder.size, 1)), placeholder, placeholder, 0, 1)
             else:  # accept_lengths, state_indices, use_indices, seq_len, max_accept
                 rest = (placeholder, placeholder, 0, 1, 1)
             launch = _Launch(kernel, (*words, chunks_a, *rest), threads)
-            entry = self._launches[key] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
+            entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
         return entry
 
     def _scatter(
@@ -431,21 +439,12 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         key = ("scatter_tracked", id(track_a))
         entry = self._launches.get(key)
         if entry is None:
-            pools, config = self._pools, self._config
-            slots = config.max_batch_size
-            steps_rows = slots * config.max_intermediate_seq_len
-            words = []
-            for kind in ("recurrent", "conv"):
-                words += [
-                    _slot_words(getattr(pools, kind), slots),
-                    _slot_words(getattr(pools, f"intermediate_{kind}"), steps_rows),
-                ]
+            words, chunks_a, chunks_b, threads = self._commit_words()
             tracks = [_slot_words(track, track.shape[1]) for track in (track_a, track_b)]
-            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
             placeholder = self._placeholder().array
             args = (*words, chunks_a, placeholder, placeholder, 0, 1, 1, *tracks, placeholder, placeholder)
             launch = _Launch(kernels.scatter_tracked, args, threads)
-            entry = self._launches[key] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
+            entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
         launch, blocks, layers = entry
         launch.set_array("accept_lengths", accept, shape_changes=True)
         self._set_indices(launch, indices)

@@ -690,13 +690,14 @@ class MambaCacheManagerBase:
         self._check_open("scatter_mtp_states")
         self._refuse_in_replay_mode("scatter_mtp_states")
         stream = self._stream(stream)
-        tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
-        given = [name for name, value in tracking.items() if value is not None]
-        if given and len(given) != len(tracking):
-            raise ValueError(
-                f"scatter_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
-                "only; nothing was changed"
-            )
+        if store is not None or track_entries is not None or track_steps is not None:
+            tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
+            given = [name for name, value in tracking.items() if value is not None]
+            if len(given) != len(tracking):
+                raise ValueError(
+                    f"scatter_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
+                    "only; nothing was changed"
+                )
         if not self.has_intermediate_recurrent_states():
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)

@@ -129,6 +129,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         self._staging: dict = {}
         self._placeholder_array = None
         self._last_arrays: dict = {}
+        self._converting: tuple | None = None
 
     def _check_config(self, config: Config) -> None:
         for name in ("num_recurrent_layers", "max_batch_size"):
@@ -266,13 +267,34 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         ]
 
     def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
-        # A Numba device array cannot change its pointer, shape or dtype: once checked, reuse it.
+        # A decode loop passes the same arrays call after call: once checked, an array is reused
+        # while what could have changed about it has not. A Numba array cannot change its pointer,
+        # shape or dtype; a CuPy array can change only its shape (in place); a torch tensor can
+        # also be re-pointed (set_, resize_), so its pointer, shape and dtype are compared too.
         last = self._last_arrays.get(name)
         if last is not None and last[0] is array:
-            return last[1]
+            kind = last[2]
+            if kind is None:
+                return last[1]
+            if kind == "cupy":
+                if array.shape == last[3]:
+                    return last[1]
+            elif (
+                array.data_ptr() == last[1][0].pointer
+                and array.shape == last[3]
+                and array.dtype == last[4]
+                and array.is_contiguous()
+            ):
+                return last[1]
         checked = self._check_int32_array(name, array, layout, stream)
-        if type(array) is _DeviceArray and not SIMULATOR:
-            self._last_arrays[name] = (array, checked)
+        if not SIMULATOR:
+            kind = type(array)
+            if kind is _DeviceArray:
+                self._last_arrays[name] = (array, checked, None)
+            elif kind.__module__.startswith("torch"):
+                self._last_arrays[name] = (array, checked, "torch", array.shape, array.dtype)
+            elif kind.__module__.startswith("cupy"):
+                self._last_arrays[name] = (array, checked, "cupy", array.shape)
         return checked
 
     def _check_int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
@@ -389,11 +411,17 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _converting_commit(self) -> bool:
         """True when a main pool's dtype differs from its per-step pool's (mamba_cache.precision converts)."""
-        config = self._config
-        return any(
-            getattr(config, f"{kind}_state_dtype") != getattr(config, f"intermediate_{kind}_state_dtype")
-            for kind in ("recurrent", "conv")
-        )
+        converting = self._converting
+        if converting is None or converting[0] is not self._config:  # asked on every commit: answer once
+            config = self._config
+            converting = self._converting = (
+                config,
+                any(
+                    getattr(config, f"{kind}_state_dtype") != getattr(config, f"intermediate_{kind}_state_dtype")
+                    for kind in ("recurrent", "conv")
+                ),
+            )
+        return converting[1]
 
     def _set_indices(self, launch: Any, indices: DeviceArg | None) -> None:
         """Point ``state_indices`` at ``indices`` with ``use_indices`` on, or at the placeholder with it off."""
@@ -570,10 +598,16 @@ def _resolve_device(device: Any) -> tuple[Any, int | None]:
 
 
 def _current_context_handle() -> int:
-    from cuda.bindings import driver
+    global _cuCtxGetCurrent
+    if _cuCtxGetCurrent is None:  # imported once: an import statement per call costs a microsecond
+        from cuda.bindings import driver
 
-    err, context = driver.cuCtxGetCurrent()
+        _cuCtxGetCurrent = driver.cuCtxGetCurrent
+    err, context = _cuCtxGetCurrent()
     return int(context) if not err else 0
+
+
+_cuCtxGetCurrent = None
 
 
 def _on_device(method: Any) -> Any:

@@ -787,6 +787,116 @@ def test_a_pinned_host_entry_is_never_overwritten(backend, rng):
     assert state(snapshot(manager), 4) == state(before, 2)
 
 
+def _host_tier_state(store, host_entry):
+    """The bytes of one host-tier entry ([P_host, L, ...]: dense), both kinds."""
+    return store._host_pools[0][host_entry].tobytes() + store._host_pools[1][host_entry].tobytes()
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_host_tier_moves_every_layer_of_both_kinds_and_nothing_else(backend, rng, config):
+    """Offloads into the second and third host entry, restores from them into slots 4 and 1."""
+    manager, store = make(backend, rng, entries=1, block_size=4, config=config, host_entries=3)
+    for pool in store._host_pools:  # random bits in the host tier too: untouched entries must keep them
+        pool[...] = random_bits(rng, pool.shape, pool.dtype)
+    store._hfree = [2, 1]  # hand out host entries 1 then 2 (entry 0 stays untouched)
+    before = snapshot(manager)
+    host_before = [p.copy() for p in store._host_pools]
+    store.insert([1] * 4, slot=3)
+    store.insert([2] * 4, slot=0)  # [1]*4 -> host entry 1
+    store.insert([3] * 4, slot=2)  # [2]*4 -> host entry 2
+    sync(manager)
+    assert _host_tier_state(store, 1) == state(before, 3)
+    assert _host_tier_state(store, 2) == state(before, 0)
+    for pool, old in zip(store._host_pools, host_before, strict=True):
+        assert pool[0].tobytes() == old[0].tobytes(), "an untouched host entry changed"
+    assert_same_bits(snapshot(manager), before, "an offload changed the live slots")
+    for prefix, slot in (([1] * 4, 4), ([2] * 4, 1)):
+        handle = store.match([*prefix, 9])
+        assert handle.host
+        store.restore(handle, slot=slot)
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 4], want[kind][:, 1] = before[kind][:, 3], before[kind][:, 0]
+    assert_same_bits(snapshot(manager), want, "host restore")
+
+
+def sync(manager):
+    if manager.backend == "numba":
+        from numba import cuda
+
+        cuda.synchronize()
+
+
+def _replay_memcpy2d(memory: np.ndarray, fields: dict) -> None:
+    """Apply a CUDA_MEMCPY2D (byte addresses into ``memory``) the way the driver does."""
+    src = fields["srcDevice"] if fields["srcMemoryType"] == "device" else fields["srcHost"]
+    dst = fields["dstDevice"] if fields["dstMemoryType"] == "device" else fields["dstHost"]
+    width = fields["WidthInBytes"]
+    for y in range(fields["Height"]):
+        s, d = src + y * fields["srcPitch"], dst + y * fields["dstPitch"]
+        memory[d : d + width] = memory[s : s + width].copy()
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("to_host", [True, False], ids=["d2h", "h2d"])
+def test_the_2d_copy_fields_move_exactly_one_entry(rng, config, to_host):
+    """The CUDA_MEMCPY2D the GPU binding issues, replayed on one byte buffer: the reference's result."""
+    from mamba_cache.prefix.host_copy import kind_geometry, memcpy2d_fields
+
+    rows, host_entries, row, host_entry = 4, 3, 2, 1
+    for dtype, shape in (
+        (config.recurrent_state_dtype, config.recurrent_state_shape),
+        (config.conv_state_dtype, config.conv_state_shape),
+    ):
+        tail = shape[1:]
+        device = random_bits(rng, (config.num_recurrent_layers, rows, *tail), dtype)
+        host = random_bits(rng, (host_entries, config.num_recurrent_layers, *tail), dtype)
+        memory = np.concatenate([device.view(np.uint8).ravel(), host.view(np.uint8).ravel()])
+        fields = memcpy2d_fields(
+            kind_geometry(device.shape, device.itemsize), 0, row, device.nbytes, host_entry, to_host
+        )
+        _replay_memcpy2d(memory, fields)
+        got_device = memory[: device.nbytes].view(device.dtype).reshape(device.shape)
+        got_host = memory[device.nbytes :].view(host.dtype).reshape(host.shape)
+        if to_host:
+            host[host_entry] = device[:, row]
+        else:
+            device[:, row] = host[host_entry]
+        assert got_device.tobytes() == device.tobytes() and got_host.tobytes() == host.tobytes()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+@pytest.mark.parametrize("pitch", ["2d", "per-layer"])
+def test_host_tier_copy_on_the_gpu_one_2d_copy_per_kind(rng, pitch):
+    """The driver path: 2 copies per call (or the per-layer fallback past the max pitch), same bits."""
+    from numba import cuda
+
+    from mamba_cache.prefix import host_copy
+
+    config = CONFIGS["f64-big"]
+    manager, store = make("numba", rng, entries=2, block_size=4, config=config, host_entries=3)
+    for pool in store._host_pools:
+        pool[...] = random_bits(rng, pool.shape, pool.dtype)
+    limit = host_copy.max_pitch(manager.device_id) if pitch == "2d" else 1
+    stream = cuda.stream()
+    ref = manager._stream(stream)
+    down = host_copy.HostTierCopy(store._pools, store._host_pools, True, limit)
+    up = host_copy.HostTierCopy((manager._pools.recurrent, manager._pools.conv), store._host_pools, False, limit)
+    assert down.copies_per_call == (2 if pitch == "2d" else 2 * config.num_recurrent_layers)
+    entries, host_before, before = store_snapshot(store), [p.copy() for p in store._host_pools], snapshot(manager)
+    down.copy(1, 2, ref.handle)
+    up.copy(2, 0, ref.handle)  # host entry 0 into slot 2
+    stream.synchronize()
+    for k, (pool, old) in enumerate(zip(store._host_pools, host_before, strict=True)):
+        want = old.copy()
+        want[2] = entries[("entries_recurrent", "entries_conv")[k]][:, 1]
+        assert pool.tobytes() == want.tobytes()
+    want = {k: v.copy() for k, v in before.items()}
+    for k, kind in enumerate(("recurrent", "conv")):
+        want[kind][:, 2] = host_before[k][0]
+    assert_same_bits(snapshot(manager), want, "h2d")
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 def test_host_tier_copies_are_ordered_across_streams(rng):
     """A slow kernel fills a device entry on stream A; the eviction's offload runs on stream B.

@@ -10,6 +10,7 @@ and layouts, on the manager's backend and device::
 
     entries recurrent  [L, P, H, D, N]      (main pool: [L, B, H, D, N])
     entries conv       [L, P, C, K]         (main pool: [L, B, C, K])
+    host tier          [P_host, L, H, D, N] and [P_host, L, C, K]  (one host entry dense)
 
 Everything here is host bookkeeping written once for both backends (keys, recency, pins,
 generations, statistics); the copies between entries and slots are the manager's one-launch row
@@ -139,8 +140,8 @@ class PrefixStateCache:
             manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
             for pool in (pools.recurrent, pools.conv)
         )
-        self._host_pools = tuple(
-            manager._host_zeros((config.num_recurrent_layers, host_entries, *pool.shape[2:]), pool.dtype)
+        self._host_pools = tuple(  # [P_host, L, ...]: one host entry is dense (one 2-D copy per kind)
+            manager._host_zeros((host_entries, config.num_recurrent_layers, *pool.shape[2:]), pool.dtype)
             for pool in (pools.recurrent, pools.conv)
             if host_entries
         )
@@ -646,7 +647,8 @@ class PrefixStateCache:
         if self._closed:
             return
         launches = getattr(self.manager, "_launches", {})
-        for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in self._pools)]:
+        pools = (*self._pools, *self._host_pools)  # entry copies and host-tier copies
+        for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in pools)]:
             del launches[key]
         self._pools = ()
         self._host_pools = ()

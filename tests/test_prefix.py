@@ -212,6 +212,28 @@ def test_batched_restore_and_insert(backend, rng):
     assert_same_bits(snapshot(manager), want, "restore_many")
 
 
+@pytest.mark.parametrize("slot_kind", ["device", "host"])
+def test_restore_many_restages_only_a_changed_entry_list(backend, rng, slot_kind):
+    """Repeated lists reuse the staged entries; a changed list, order or a reused entry never reads stale ones."""
+    manager, store = make(backend, rng, entries=3, block_size=2)
+    handles = store.insert_many([[1, 1], [2, 2], [3, 3]], np.array([0, 1, 2], np.int32))
+    entries = store_snapshot(store)
+    slots = device_int32(backend, [3, 4]) if slot_kind == "device" else np.array([3, 4], np.int32)
+    for order in ([0, 1], [0, 1], [1, 0], [2, 2], [0, 1]):
+        pair = [handles[i] for i in order]
+        store.restore_many(pair, slots)
+        got = snapshot(manager)
+        assert state(got, 3) == entry(entries, pair[0].entry) and state(got, 4) == entry(entries, pair[1].entry), order
+    store.pin(handles[1])
+    new = store.insert([4, 4], slot=1)  # evicts [1, 1] (entry 0) and reuses it: same index, new contents
+    assert new.entry == handles[0].entry
+    with pytest.raises(LookupError, match="stale"):
+        store.restore_many([handles[0], handles[1]], slots)
+    store.restore_many([new, handles[1]], slots)
+    got = snapshot(manager)
+    assert state(got, 3) == entry(store_snapshot(store), new.entry) and state(got, 4) == entry(entries, 1)
+
+
 def test_insert_many_never_writes_an_entry_twice(backend, rng):
     """More new prefixes than entries: the extra ones are dropped, not written over this batch's own."""
     manager, store = make(backend, rng, entries=2, block_size=1)
@@ -932,6 +954,38 @@ def test_host_tier_copies_are_ordered_across_streams(rng):
         want = snapshot(manager)
         store.close()
         store = PrefixStateCache(manager, entries=1, block_size=2, host_entries=1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_restore_many_captures_into_a_cuda_graph(rng):
+    """Staged once before the capture, the entry list is a device buffer the replay re-reads."""
+    from cuda.bindings import driver
+    from numba import cuda
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    manager, store = make("numba", rng, entries=3, block_size=2)
+    handles = store.insert_many([[1, 1], [2, 2], [3, 3]], np.array([0, 1, 2], np.int32))
+    stream = cuda.stream()
+    slots = cuda.to_device(np.array([4, 3], np.int32), stream=stream)
+    pair = [handles[2], handles[0]]
+    store.restore_many(pair, slots, stream=stream)  # stages the entry list outside the capture
+    stream.synchronize()
+    check(driver.cuStreamBeginCapture(int(stream.handle), driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    store.restore_many(pair, slots, stream=stream)
+    exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(int(stream.handle))), 0))
+    for _ in range(2):
+        fill_random([manager], rng)
+        want = snapshot(manager)
+        entries = store_snapshot(store)
+        for kind in ("recurrent", "conv"):
+            want[kind][:, 4] = entries[f"entries_{kind}"][:, 2]
+            want[kind][:, 3] = entries[f"entries_{kind}"][:, 0]
+        check(driver.cuGraphLaunch(exec_graph, int(stream.handle)))
+        stream.synchronize()
+        assert_same_bits(snapshot(manager), want, "restore_many graph replay")
 
 
 def _slow_kernel():

@@ -988,6 +988,39 @@ def test_restore_many_captures_into_a_cuda_graph(rng):
         assert_same_bits(snapshot(manager), want, "restore_many graph replay")
 
 
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_host_tier_copies_neither_block_the_host_nor_run_early(rng):
+    """Offload and host restore queued behind a ~0.2 s kernel return at once and land after it.
+
+    A pageable host buffer or a synchronising copy would make the calls wait for the kernel.
+    """
+    import time
+
+    from numba import cuda
+
+    config = small_config(recurrent_state_head_dim=64, conv_dim=257, num_recurrent_layers=5)
+    manager, store = make("numba", rng, entries=1, block_size=4, config=config, host_entries=2)
+    stream = cuda.stream()
+    slow = _slow_kernel()
+    clock = cuda.device_array(1, dtype=np.int64)
+    slow[1, 1, stream](clock, 1)
+    store.insert([1] * 4, slot=0, stream=stream)
+    stream.synchronize()
+    before = snapshot(manager)
+    slow[1, 1, stream](clock, 200)
+    t0 = time.perf_counter()
+    store.insert([2] * 4, slot=1, stream=stream)  # evicts [1]*4: a device-to-host offload
+    store.restore(store.match([1] * 5), slot=3, stream=stream)  # host to device
+    elapsed = time.perf_counter() - t0
+    pending = not stream.query()
+    stream.synchronize()
+    assert elapsed < 0.05 and pending, f"the host waited {elapsed:.3f} s for the stream"
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 3] = before[kind][:, 0]
+    assert_same_bits(snapshot(manager), want, "offload + host restore behind a slow kernel")
+
+
 def _slow_kernel():
     from numba import cuda
 

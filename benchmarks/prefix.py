@@ -160,11 +160,9 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
     manager = NumbaMambaCacheManager(config, stream=handle)
     bs = 256
     half = max(1, config.max_batch_size // 2)
-    tracked_entries, entries = (
-        entries,
-        max(entries, half + 1),
-    )  # restore_many reads `half` distinct entries (one entry read
-    # `half` times is served from L2 and overstated the bandwidth: 1.64 of the ceiling on large)
+    # restore_many reads `half` distinct entries (one entry read `half` times is served from L2 and
+    # overstated the bandwidth: 1.64 of the ceiling on large); the tracked scatter keeps --entries rows
+    tracked_entries, entries = entries, max(entries, half + 1)
     store = PrefixStateCache(manager, entries=entries, block_size=bs, stream=handle)
     tiered = PrefixStateCache(manager, entries=1, block_size=bs, host_entries=2, stream=handle)
     for pool in (*manager._pools, *store._pools, *tiered._pools):

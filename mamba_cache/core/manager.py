@@ -290,11 +290,15 @@ class MambaCacheManagerBase:
         raise NotImplementedError
 
     def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
-        """Queue ``host[k][:, host_entry] = src[k][:, entry]`` (device to host) for both kinds on ``stream``."""
+        """Queue ``host[k][host_entry] = src[k][:, entry]`` (device to host) for both kinds on ``stream``.
+
+        ``src`` are stacked ``[L, rows, ...]`` device pools; ``host`` are ``[P_host, L, ...]`` (one
+        host entry dense).
+        """
         raise NotImplementedError
 
     def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
-        """Queue ``dst[k][:, row] = host[k][:, host_entry]`` (host to device) for both kinds on ``stream``."""
+        """Queue ``dst[k][:, row] = host[k][host_entry]`` (host to device) for both kinds on ``stream``."""
         raise NotImplementedError
 
     def _new_event(self) -> Any:

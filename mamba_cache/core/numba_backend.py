@@ -334,10 +334,27 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             staging = self._staging[name] = cuda.device_array(
                 max(host.size, self._config.max_batch_size), dtype=np.int32
             )
-        staged = staging[: host.size].reshape(host.shape) if host.size else staging
+            for key in [k for k in self._staging if isinstance(k, tuple) and k[1] == name]:
+                del self._staging[key]  # views of the buffer this one replaces
+        if SIMULATOR:
+            staged = staging[: host.size].reshape(host.shape) if host.size else staging
+            if host.size:
+                staged.copy_to_device(host, stream=stream.stream)
+            return staged, _device_pointer(staged)
+        # The view (and its pointer) per shape is built once: DeviceNDArray slicing and
+        # copy_to_device cost tens of microseconds of Python each; the raw driver copy a few. From
+        # pageable memory the driver has read ``host`` when the call returns (safe to reuse).
+        view = self._staging.get(("view", name, host.shape))
+        if view is None:
+            staged = staging[: host.size].reshape(host.shape) if host.size else staging
+            view = self._staging[("view", name, host.shape)] = (staged, _device_pointer(staged))
         if host.size:
-            staged.copy_to_device(host, stream=stream.stream)
-        return staged, _device_pointer(staged)
+            from cuda.bindings import driver
+
+            (err,) = driver.cuMemcpyHtoDAsync(view[1], host.ctypes.data, host.nbytes, stream.handle)
+            if err != driver.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuMemcpyHtoDAsync of {name} failed: {err!r}")
+        return view
 
     def _placeholder(self) -> DeviceArg:
         """An int32 ``[B]`` device array standing in for an unused index argument."""
@@ -488,15 +505,33 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         return array
 
     def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
-        # One async copy per layer and kind: an entry of the [L, P, ...] pools is L contiguous pieces.
-        for to, frm in zip(host, src, strict=True):
-            for layer in range(frm.shape[0]):
-                frm[layer, entry].copy_to_host(to[layer, host_entry], stream=stream.stream)
+        # One strided 2-D copy per kind (mamba_cache.prefix.host_copy); the simulator copies per layer.
+        if SIMULATOR:
+            for to, frm in zip(host, src, strict=True):
+                for layer in range(frm.shape[0]):
+                    frm[layer, entry].copy_to_host(to[host_entry, layer], stream=stream.stream)
+            return
+        self._host_tier_copy(src, host, True).copy(entry, host_entry, stream.handle)
 
     def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
-        for to, frm in zip(dst, host, strict=True):
-            for layer in range(to.shape[0]):
-                to[layer, row].copy_to_device(frm[layer, host_entry], stream=stream.stream)
+        if SIMULATOR:
+            for to, frm in zip(dst, host, strict=True):
+                for layer in range(to.shape[0]):
+                    to[layer, row].copy_to_device(frm[host_entry, layer], stream=stream.stream)
+            return
+        self._host_tier_copy(dst, host, False).copy(row, host_entry, stream.handle)
+
+    def _host_tier_copy(self, device: tuple, host: tuple, to_host: bool) -> Any:
+        """The cached 2-D copies between ``device`` rows and ``host`` entries (a store drops them on close)."""
+        key = ("host_copy", id(device[0]), id(host[0]), to_host)
+        copy = self._launches.get(key)
+        if copy is None:
+            from ..prefix import host_copy
+
+            copy = self._launches[key] = host_copy.HostTierCopy(
+                device, host, to_host, host_copy.max_pitch(self.device_id)
+            )
+        return copy
 
     def _new_event(self) -> Any:
         return cuda.event() if SIMULATOR else cuda.event(timing=False)  # no timing: a lighter event

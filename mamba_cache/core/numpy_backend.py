@@ -210,11 +210,11 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
 
     def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
         for to, frm in zip(host, src, strict=True):
-            to[:, host_entry] = frm[:, entry]
+            to[host_entry] = frm[:, entry]
 
     def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
         for to, frm in zip(dst, host, strict=True):
-            to[:, row] = frm[:, host_entry]
+            to[:, row] = frm[host_entry]
 
     def _new_event(self) -> None:
         return None  # NumPy work is done when the call returns: nothing to order

@@ -212,6 +212,42 @@ def test_manager_called_from_another_thread(rng):
     assert_same_bits(snapshot(ref), snapshot(dev), "from another thread")
 
 
+@needs_gpu
+def test_prefix_store_called_from_another_thread(rng):
+    # The store's device work (its allocation, copies, host-tier transfers) runs with its manager's
+    # context current, as the manager's own calls do: a thread that never used CUDA works too.
+    import threading
+
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config, device=0)
+    fill_random([ref, dev], rng)
+    tokens = np.arange(3 * 8, dtype=np.int32)
+    stores, errors = {}, []
+
+    def work():
+        try:
+            from numba import cuda
+
+            for name, manager in (("ref", ref), ("dev", dev)):
+                store = stores[name] = PrefixStateCache(manager, entries=1, block_size=8, host_entries=2)
+                store.insert(tokens[:8], 1)
+                store.insert(tokens[:16], 2)  # evicts the first prefix to the host tier
+                store.restore(store.match(tokens[:9]), 3)  # a host-to-device restore
+                store.restore_many([store.match(tokens)], np.array([4], dtype=np.int32))
+            cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert stores["dev"].stats.hits == stores["ref"].stats.hits == 2
+    assert_same_bits(snapshot(ref), snapshot(dev), "a store used from another thread")
+
+
 def gpu_count() -> int:
     if not ON_GPU:
         return 0

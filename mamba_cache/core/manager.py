@@ -358,6 +358,14 @@ class MambaCacheManagerBase:
         self._closed = False
         self._stash: dict = {}  # replay mode: stash field name -> [L, B*S*elems] pool
 
+    def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` with this manager's device current (the Numba backend's override).
+
+        The manager's own public methods do this already; objects built on a manager (the prefix
+        store) call their device work through it.
+        """
+        return function(*args, **kwargs)
+
     def _check_open(self, what: str) -> None:
         """Raise ``ValueError`` if this manager was closed or moved from (as a closed file does)."""
         if self._closed:

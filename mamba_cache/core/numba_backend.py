@@ -143,6 +143,13 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 f"commit, got {config.recurrent_state_head_dim}"
             )
 
+    def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = self._context_handle
+        if handle is None or _current_context_handle() == handle:
+            return function(*args, **kwargs)
+        with self._gpu:
+            return function(*args, **kwargs)
+
     # ------------------------------------------------------------ streams
     def _stream(self, stream: Any) -> StreamRef:
         # Engines pass a new object each call (torch.cuda.current_stream(), s.cuda_stream), so the

@@ -20,6 +20,7 @@ any copy is queued, and a refused call changes nothing.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
@@ -65,6 +66,23 @@ class PrefixStats:
         return f"PrefixStats({counters}, hit_rate={rate:.3f})"
 
 
+def _on_manager_device(method: Any) -> Any:
+    """Run a store method that touches device memory with its manager's device current.
+
+    A store is used from engine threads and while another GPU's context is current, as its
+    manager is; the manager decides what "its device" means (nothing to do on the NumPy backend).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        manager = self.__dict__.get("manager") or (args[0] if args else kwargs.get("manager"))
+        if not isinstance(manager, MambaCacheManagerBase):  # the constructor's own check says what is wrong
+            return method(self, *args, **kwargs)
+        return manager._run_on_device(method, self, *args, **kwargs)
+
+    return wrapper
+
+
 class PrefixStateCache:
     """``P`` checkpoints of whole-slot recurrent + conv state, keyed by block-aligned token prefixes.
 
@@ -107,6 +125,7 @@ class PrefixStateCache:
         >>> store.restore(handle, slot=1)            # slot 1 now continues from token 16
     """
 
+    @_on_manager_device
     def __init__(
         self,
         manager: MambaCacheManagerBase,
@@ -198,6 +217,7 @@ class PrefixStateCache:
             f"{format_bytes(self.nbytes)})"
         )
 
+    @_on_manager_device
     def entry_state(self, entry: int) -> tuple[Any, Any]:
         """Views of one entry: (recurrent ``[L, H, D, N]``, conv ``[L, C, K]``), the backend's arrays."""
         self._check_open("entry_state")
@@ -391,6 +411,7 @@ class PrefixStateCache:
                 return handle
         return None
 
+    @_on_manager_device
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
         """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
 
@@ -416,6 +437,7 @@ class PrefixStateCache:
         self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
         self._read[entry] = self._recorded(self._read[entry], resolved)
 
+    @_on_manager_device
     def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
 
@@ -475,6 +497,7 @@ class PrefixStateCache:
         return f"prefix_entries_{id(self)}"  # this store's own staging buffer in the manager
 
     # ------------------------------------------------------------ insert
+    @_on_manager_device
     def insert(self, tokens: Any, slot: int, stream: Any = None) -> PrefixHandle | None:
         """Record live slot ``slot``'s current state as the state after ``tokens``.
 
@@ -513,6 +536,7 @@ class PrefixStateCache:
         self._wrote([entry], resolved)
         return self._publish(entry, key, data.shape[0])
 
+    @_on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
         """:meth:`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
 
@@ -602,6 +626,7 @@ class PrefixStateCache:
         return bool(self._pins[entry]) or entry in self._reserved
 
     # ------------------------------------------------------------ tracking
+    @_on_manager_device
     def reserve(self, stream: Any = None) -> int | None:
         """Take an entry for a checkpoint tracked during speculative decoding (pinned, no key yet).
 

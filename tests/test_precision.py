@@ -718,3 +718,50 @@ def test_tracking_with_mixed_dtypes_converts_into_the_store(rng, main, inter, co
                 assert entry_bits.tobytes() == bits_of(want).tobytes(), (pool, row)
             else:
                 assert entry_bits.tobytes() == bits_of(store_bits[kind][:, track[row]]).tobytes(), (pool, row)
+
+
+def test_commit_kernels_ptx_keeps_the_buffer_in_registers_and_batches_wide_loads():
+    # The design the benchmark depends on, checked on the sm_90 PTX (no GPU needed): no local memory
+    # for any pair, every kind's 8 uint64 loads per thread (4 for the float64 paths' halved batch),
+    # and Philox on 32 x 32 -> 64-bit products.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import re, types as pytypes
+        from numba import cuda, types
+        try:
+            cuda.get_current_device()
+        except Exception:  # no GPU: compile device functions for sm_90 all the same
+            import numba.cuda.dispatcher as dispatcher
+            dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+        from mamba_cache.precision import commit_kernels as ck
+        u64, i32, i64 = types.Array(types.uint64, 3, "C"), types.Array(types.int32, 1, "C"), types.int64
+        F = {"f16": (5, 10), "bf16": (8, 7), "f32": (8, 23), "f64": (11, 52)}
+        S = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8}
+        for src, dst, mode in (("f32", "bf16", 2), ("f32", "bf16", 1), ("bf16", "f32", 1), ("f32", "f16", 2),
+                               ("f16", "f32", 1), ("f16", "bf16", 1), ("f64", "bf16", 2)):
+            spec = ck.spec_of(mode, F[src], F[dst], S[src], S[dst], 1024)
+            kernel = ck.commit_kernels(spec, spec).scatter
+            sig = (u64, u64, u64, u64, i64, i32, i32, i64, i64, i64, i32, i64, i64)
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, device=False, cc=(9, 0))
+            local = len(re.findall(r"^\\s*(ld|st)\\.local", ptx, re.M))
+            loads = ptx.count("ld.global.u64")
+            wide = ptx.count("mul.wide.u32")
+            expected = 2 * ck.groups_per_thread(spec) * (S[src] // 2)
+            print(src, dst, mode, local, loads, expected, wide, 2 * ck.groups_per_thread(spec))
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
+        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 7, result.stdout
+    for src, dst, mode, local, loads, expected, wide, groups in rows:
+        assert local == "0", (src, dst, "local memory")
+        assert loads == expected, (src, dst, "uint64 loads", loads, expected)
+        if mode == "2":  # 20 products per Philox call, one call per group; a few fold into 64-bit forms
+            assert int(wide) >= 15 * int(groups), (src, dst, "Philox products", wide, groups)

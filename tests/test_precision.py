@@ -765,3 +765,51 @@ def test_commit_kernels_ptx_keeps_the_buffer_in_registers_and_batches_wide_loads
         assert loads == expected, (src, dst, "uint64 loads", loads, expected)
         if mode == "2":  # 20 products per Philox call, one call per group; a few fold into 64-bit forms
             assert int(wide) >= 15 * int(groups), (src, dst, "Philox products", wide, groups)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_converting_tree_commit_on_the_word_path(rng, stochastic):
+    # both kinds' slots a multiple of 4 elements (24 each); the node at index j consumed p + j + 1 tokens
+    config = small_config(
+        recurrent_state_size=4,
+        conv_dim=8,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float32",
+        intermediate_conv_state_dtype="float16",
+        stochastic_rounding=stochastic,
+        rounding_seed=5,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    before = host_pools(managers[0])
+    nodes = [[0, 2, 3], [1, -1, -1], [3, 0, 9], [-1, -1, -1]]
+    accept = [3, 1, 2, 3]
+    positions = [5, 6, 7, 8]
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(4, 4)
+        manager.scatter_accepted_tree_states(
+            device_int32(backend, nodes), device_int32(backend, accept), positions=device_int32(backend, positions)
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], "tree")
+    layers = config.num_recurrent_layers
+    for kind, pool in enumerate(("recurrent", "conv")):
+        steps = before[f"intermediate_{pool}"].reshape(layers, config.max_batch_size * 4, -1)
+        inter = as_dtype(
+            config.intermediate_recurrent_state_dtype if kind == 0 else config.intermediate_conv_state_dtype
+        )
+        main = as_dtype(config.recurrent_state_dtype if kind == 0 else config.conv_state_dtype)
+        got = after[0][pool].reshape(layers, config.max_batch_size, -1)
+        for row, (node, depth) in {0: (3, 2), 1: (1, 0), 2: (0, 1)}.items():  # row 3: no node, slot untouched
+            want = convert(
+                steps[:, row * 4 + node].view(inter),
+                main,
+                stochastic=stochastic,
+                seed=5,
+                kind=kind,
+                layer=np.arange(layers),
+                position=positions[row] + depth + 1,
+            )
+            assert got[:, row].tobytes() == bits_of(want).tobytes(), (pool, row)
+        assert got[:, 3:].tobytes() == before[pool].reshape(layers, config.max_batch_size, -1)[:, 3:].tobytes()

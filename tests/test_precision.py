@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, device_int32, small_config, snapshot, to_host
+from conftest import BACKENDS, device_int32, fill_random, small_config, snapshot, to_host
 from numba import cuda
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
@@ -813,3 +813,33 @@ def test_converting_tree_commit_on_the_word_path(rng, stochastic):
             )
             assert got[:, row].tobytes() == bits_of(want).tobytes(), (pool, row)
         assert got[:, 3:].tobytes() == before[pool].reshape(layers, config.max_batch_size, -1)[:, 3:].tobytes()
+
+
+@pytest.mark.parametrize("conv_dim", [7, 8], ids=["element-path", "word-path"])
+def test_one_kind_converts_while_the_other_copies_in_the_same_launch(rng, conv_dim):
+    config = small_config(
+        recurrent_state_size=4,
+        conv_dim=conv_dim,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float16",  # equal dtypes: the conv kind copies bits
+        stochastic_rounding=True,
+        rounding_seed=1,
+    )
+    managers = make_pair(config)
+    fill_random(managers, rng)  # random bit patterns: NaN payloads must survive the copy
+    before = host_pools(managers[0])
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(3, 4)
+        manager.scatter_mtp_states(
+            device_int32(backend, [2, 3, 1]),
+            state_indices=device_int32(backend, [1, 4, 2]),
+            positions=device_int32(backend, [3, 4, 5]),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], "copy + convert")
+    layers = config.num_recurrent_layers
+    steps = before["intermediate_conv"].reshape(layers, config.max_batch_size * 4, -1)
+    conv = after[0]["conv"].reshape(layers, config.max_batch_size, -1)
+    for row, (slot, accepted) in enumerate(((1, 2), (4, 3), (2, 1))):
+        assert conv[:, slot].tobytes() == steps[:, row * 4 + accepted - 1].tobytes()

@@ -324,11 +324,14 @@ class MambaCacheManagerBase:
         entries: Any,
         steps: Any,
         stream: Any,
+        positions: Any = None,
     ) -> None:
         """``_scatter`` fused with checkpoint tracking into a prefix store, in one launch.
 
         Row ``b``'s state after step ``steps[b]`` goes into store entry ``entries[b]`` when
-        ``0 <= steps[b] < accept[b]``, ``steps[b] < seq_len`` and the entry is in range.
+        ``0 <= steps[b] < accept[b]``, ``steps[b] < seq_len`` and the entry is in range. With mixed
+        dtypes both copies convert to the main dtype (a stochastic one keyed by ``positions[b]``
+        plus the tokens the copied state consumed).
         """
         raise NotImplementedError
 
@@ -686,7 +689,8 @@ class MambaCacheManagerBase:
             track_steps: ``[active]`` int32, the draft step whose state row ``b`` checkpoints, ``-1``
                 for none. In the same launch as the commit, entry ``track_entries[b]`` receives
                 ``intermediate[b, t]`` (``t = track_steps[b]``) of both kinds when
-                ``0 <= t < accept_lengths[b]`` and ``t < V``.
+                ``0 <= t < accept_lengths[b]`` and ``t < V``, converted to the main dtype as the
+                commit converts (a stochastic rounding keyed by position ``positions[b] + t + 1``).
 
         Raises:
             TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
@@ -724,18 +728,12 @@ class MambaCacheManagerBase:
             steps, (count,) = self._int32_array("track_steps", track_steps, "[active]", stream)
             if count != active:
                 raise ValueError(f"track_steps must have the length of accept_lengths ({active}), got {count}")
-            if checked_positions is not None or any(
-                getattr(self._config, f"intermediate_{k}_state_dtype") != getattr(self._config, f"{k}_state_dtype")
-                for k in ("recurrent", "conv")
-            ):
-                raise ValueError(
-                    "tracking into a prefix store needs equal main and per-step dtypes (no converting or "
-                    "stochastic tracked commit yet); nothing was changed"
-                )
             if active:
                 seq_len = self._verify_shape[1]
                 max_accept = self._max_accept(seq_len)
-                self._scatter_tracked(accept, indices, active, seq_len, max_accept, store, entries, steps, stream)
+                self._scatter_tracked(
+                    accept, indices, active, seq_len, max_accept, store, entries, steps, stream, checked_positions
+                )
                 store._tracked_on(stream)
             return
         if active:

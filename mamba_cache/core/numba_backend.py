@@ -486,7 +486,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         entries: Any,
         steps: Any,
         stream: Any,
+        positions: Any = None,
     ) -> None:
+        if self._converting_commit():
+            from ..precision import numba_binding
+
+            return numba_binding.scatter_tracked(
+                self, accept, indices, active, seq_len, max_accept, store, entries, steps, stream, positions
+            )
         track_a, track_b = store._pools
         key = ("scatter_tracked", id(track_a))
         entry = self._launches.get(key)

@@ -3,13 +3,14 @@
 python benchmarks/engine.py      # needs a CUDA GPU, PyTorch (CuPy and cuda.core where installed)
 
 For each op (scatter, tree commit, copy_slots, the prefix store's restore and restore_many, clear,
-clear_slot, capture into out=) and each combination of
-index-array kind (Numba, torch, CuPy) and stream kind (None, a Numba stream, a distinct torch Stream
-object each call as ``torch.cuda.current_stream()`` gives it, a distinct int handle each call, a
-cuda.core stream; the objects are made before the timing, and what making one costs, the caller's
-cost, is printed and recorded apart as op ``stream_object``), it first checks the call against the NumPy reference, then times the host side
-of one eager call (median, calls queued behind a sleep kernel so the device never throttles the
-host). The baseline in the same run: the host time of a torch elementwise launch (``x.add_(1)``).
+clear_slot, capture into out=) and each combination of index-array kind (Numba, torch, CuPy) and
+stream kind (None, a Numba stream, a distinct torch Stream object each call as
+``torch.cuda.current_stream()`` gives it, a distinct int handle each call, a cuda.core stream), it
+first checks the call against the NumPy reference, then times the host side of one eager call
+(median, calls queued behind a sleep kernel so the device never throttles the host). The stream
+objects are made before the timing: what making one costs is the caller's, printed and recorded
+apart (op ``stream_object``). The baseline in the same run: the host time of a torch elementwise
+launch (``x.add_(1)``).
 Records: op ``host_overhead`` with ``arg_kind``, ``stream_kind`` and ``ratio_to_torch``; target
 <= 1.5. Written to benchmarks/results/engine-<card>-<date>.json.
 """

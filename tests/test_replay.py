@@ -196,7 +196,7 @@ def test_replay_mode_keeps_a_stash_instead_of_the_states(backend):
         manager.scatter_mtp_states(accept)
     with pytest.raises(ValueError, match="replay_mtp_states"):
         manager.scatter_accepted_tree_states(device_int32(backend, [[0], [0], [0]]), accept)
-    with pytest.raises(NotImplementedError, match="track_entries"):
+    with pytest.raises(ValueError, match="store, track_entries and track_steps go together"):
         manager.replay_mtp_states(accept, track_entries=accept, track_steps=accept)
 
 
@@ -346,8 +346,8 @@ REPLAY_BAD_CASES = [
         "replay(track_entries)",
         False,
         lambda m, b: m.replay_mtp_states(_array(b, [1]), track_entries=_array(b, [0])),
-        NotImplementedError,
-        "track_entries",
+        ValueError,
+        "go together",
     ),
     (
         "replay(two rows, one slot)",

@@ -793,3 +793,40 @@ def test_replay_kernels_keep_the_state_in_registers():
         pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(" ok") == 8, result.stdout
+
+
+@pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
+def test_gpu_rounded_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, dtype, stochastic):
+    """On the GPU: Mamba2 heads of 64 x 128, bf16 / stochastic rounding: replay kernel == decode kernels, bitwise."""
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")
+    config = Config(
+        num_recurrent_layers=2,
+        max_batch_size=6,
+        recurrent_state_num_heads=8,
+        recurrent_state_head_dim=64,
+        recurrent_state_size=128,
+        conv_dim=8 * 64 + 2 * 128,
+        conv_kernel=4,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        stochastic_rounding=stochastic,
+        rounding_seed=2026,
+    )
+    model = tiny_model(config, rng, vocab=64)
+    spec, seq = BACKENDS["numba"](config), BACKENDS["numba"](config)
+    prompt = rng.integers(0, 64, size=(6, 2))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    consumed = np.full(6, 2, dtype=np.int32)
+    for accept in ([4, 1, 0, 3, 2, 4], [2, 4, 1, 0, 4, 3]):
+        drafts = rng.integers(0, 64, size=(6, 4))
+        model.verify(spec, drafts, positions=consumed)
+        spec.replay_mtp_states(device_int32("numba", accept), positions=device_int32("numba", consumed))
+        model.decode_accepted(seq, drafts, accept, positions=consumed)
+        consumed = consumed + np.array(accept, dtype=np.int32)
+    assert main_bits(spec) == main_bits(seq), f"{dtype} sr={stochastic}"

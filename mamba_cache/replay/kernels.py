@@ -204,126 +204,6 @@ def _track_conv(conv, col, track_conv, entry, layer, slot, row, seq_len, t, c, c
             track_conv[layer, entry, base + k] = col[layer, step * channels + c]
 
 
-@cuda.jit(cache=False)
-def replay_mamba2(
-    rec,
-    conv,
-    dA,  # noqa: N803
-    u,
-    B,  # noqa: N803
-    col,
-    chunks_rec,
-    heads,
-    dim,
-    size,
-    groups,
-    channels,
-    width,
-    mode,
-    exp_bits,
-    man_bits,
-    bits16,
-    half,
-    seed_lo,
-    seed_hi,
-    positions,
-    use_positions,
-    accept_lengths,
-    state_indices,
-    use_indices,
-    seq_len,
-    node_ids,
-    use_nodes,
-    track_rec,
-    track_conv,
-    track_entries,
-    track_steps,
-    use_tracking,
-):
-    """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
-
-    Thread ``e`` owns state element ``(i, d, n)``; ``h`` stays in a register for all ``a`` steps and
-    is rounded there after every step exactly as the decode step's store rounds it
-    (:func:`round_state`), then stored once.
-
-    Args:
-        rec (DeviceNDArray): ``[L, B, H*D*N]`` recurrent pool (read once, written once); a bfloat16
-            pool is uint16 raw bits.
-        conv (DeviceNDArray): ``[L, B, C*K]`` conv pool (written).
-        dA (DeviceNDArray): ``[L, B*S*H]`` float32 stash.
-        u (DeviceNDArray): ``[L, B*S*H*D]`` float32 stash.
-        B (DeviceNDArray): ``[L, B*S*G*N]`` float32 stash.
-        col (DeviceNDArray): ``[L, B*S*C]`` conv input columns, conv dtype.
-        chunks_rec (int): x blocks covering one slot's ``H*D*N`` elements.
-        heads (int): H.
-        dim (int): D.
-        size (int): N.
-        groups (int): G.
-        channels (int): C.
-        width (int): K.
-        mode (int): the recurrent pool's rounding: 0 exact / hardware, 1 integer nearest even, 2 stochastic.
-        exp_bits (int): exponent bits of the recurrent dtype.
-        man_bits (int): mantissa bits of the recurrent dtype.
-        bits16 (int): 1 for a bfloat16 (uint16 raw bits) recurrent pool.
-        half (int): 1 for a float16 pool rounded to nearest (in-register ``cvt.rn.f16.f32``).
-        seed_lo (int): low 32 bits of ``Config.rounding_seed``.
-        seed_hi (int): high 32 bits of it.
-        positions (DeviceNDArray): ``[rows]`` int32 tokens consumed before the verify pass (read if ``use_positions``).
-        use_positions (int): 1 to read ``positions`` (else 0 is assumed).
-        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
-        state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
-        use_indices (int): 1 to read ``state_indices``.
-        seq_len (int): V.
-        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
-        use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
-        track_rec (DeviceNDArray): ``[L, P, H*D*N]`` prefix-store entries (written if tracking).
-        track_conv (DeviceNDArray): ``[L, P, C*K]`` prefix-store entries (written if tracking).
-        track_entries (DeviceNDArray): ``[rows]`` int32 store entry of each row (read if ``use_tracking``).
-        track_steps (DeviceNDArray): ``[rows]`` int32 step whose state row ``b`` checkpoints, -1 none.
-        use_tracking (int): 1 to checkpoint.
-
-    Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
-    """
-    layer, row = cuda.blockIdx.z, cuda.blockIdx.y
-    accepted, slot = _row_slot(
-        accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
-    )
-    if slot < 0:
-        return
-    tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
-    if cuda.blockIdx.x >= chunks_rec:
-        c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
-        if c < channels:
-            if tracked >= 0:
-                _track_conv(
-                    conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, width, node_ids,
-                    use_nodes,
-                )  # fmt: skip
-            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
-        return
-    e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if e >= heads * dim * size:
-        return
-    i = e // (dim * size)
-    d = (e // size) % dim
-    n = e % size
-    j = i // (heads // groups)
-    h = load_float32(rec[layer, slot, e], bits16)
-    for t in range(accepted):
-        step = _step(node_ids, use_nodes, row, seq_len, t)
-        h = mamba2_update(
-            h,
-            dA[layer, step * heads + i],
-            u[layer, (step * heads + i) * dim + d],
-            B[layer, (step * groups + j) * size + n],
-        )
-        position = _position(positions, use_positions, row, t)
-        h = round_state(h, mode, exp_bits, man_bits, half, e, position, layer, seed_lo, seed_hi)
-        if t == tracked:
-            track_rec[layer, entry, e] = _store_word(h, bits16)
-    rec[layer, slot, e] = _store_word(h, bits16)
-
-
 def _key_dim_of(key_dim: int) -> Any:
     """A device function giving the key dim: the constant ``key_dim``, or (0) the runtime argument."""
     if key_dim:
@@ -377,7 +257,13 @@ def _rounder(rounding: int) -> Any:
     Its arguments are :func:`round_state`'s; the cases ``rounding`` rules out are compiled away, so
     the d-loops that call it stay small enough for LLVM to unroll.
     """
-    if rounding == ROUND_HALF:
+    if rounding == ROUND_NONE:
+
+        @cuda.jit(device=True, inline=True)
+        def rounder(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
+            return h
+
+    elif rounding == ROUND_HALF:
 
         @cuda.jit(device=True, inline=True)
         def rounder(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
@@ -414,6 +300,154 @@ def replay_gdn_kernel(key_dim: int, rounding: int = ROUND_NONE, bits16: int = 0)
     if kernel is None:
         kernel = _GDN_KERNELS[key] = _make_replay_gdn(*key)
     return kernel
+
+
+_MAMBA2_KERNELS: dict = {}
+
+
+def replay_mamba2_kernel(rounding: int = ROUND_STORED, bits16: int = 0) -> Any:
+    """The Mamba2 replay kernel for a ``rounding`` (``ROUND_*``) and pool kind (``bits16``: bfloat16), cached.
+
+    Both are compile-time constants, so the kernel holds only the rounding it uses (a float32 state
+    compiles no conversion at all). ``ROUND_STORED`` (the general :func:`round_state`, reading the
+    runtime ``mode``) is correct for every pool; the specialised kinds are smaller.
+    """
+    key = (rounding, int(bits16))
+    kernel = _MAMBA2_KERNELS.get(key)
+    if kernel is None:
+        kernel = _MAMBA2_KERNELS[key] = _make_replay_mamba2(*key)
+    return kernel
+
+
+def _make_replay_mamba2(rounding: int, pool_bits16: int) -> Any:
+    rounder = _rounder(rounding)
+
+    @cuda.jit(cache=False)
+    def replay_mamba2(
+        rec,
+        conv,
+        dA,  # noqa: N803
+        u,
+        B,  # noqa: N803
+        col,
+        chunks_rec,
+        heads,
+        dim,
+        size,
+        groups,
+        channels,
+        width,
+        mode,
+        exp_bits,
+        man_bits,
+        bits16,
+        half,
+        seed_lo,
+        seed_hi,
+        positions,
+        use_positions,
+        accept_lengths,
+        state_indices,
+        use_indices,
+        seq_len,
+        node_ids,
+        use_nodes,
+        track_rec,
+        track_conv,
+        track_entries,
+        track_steps,
+        use_tracking,
+    ):
+        """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
+
+        Thread ``e`` owns state element ``(i, d, n)``; ``h`` stays in a register for all ``a`` steps and
+        is rounded there after every step exactly as the decode step's store rounds it
+        (:func:`round_state`; the rounding kind and the pool kind are compile-time constants of this
+        kernel, see :func:`replay_mamba2_kernel`), then stored once.
+
+        Args:
+            rec (DeviceNDArray): ``[L, B, H*D*N]`` recurrent pool (read once, written once); a bfloat16
+                pool is uint16 raw bits.
+            conv (DeviceNDArray): ``[L, B, C*K]`` conv pool (written).
+            dA (DeviceNDArray): ``[L, B*S*H]`` float32 stash.
+            u (DeviceNDArray): ``[L, B*S*H*D]`` float32 stash.
+            B (DeviceNDArray): ``[L, B*S*G*N]`` float32 stash.
+            col (DeviceNDArray): ``[L, B*S*C]`` conv input columns, conv dtype.
+            chunks_rec (int): x blocks covering one slot's ``H*D*N`` elements.
+            heads (int): H.
+            dim (int): D.
+            size (int): N.
+            groups (int): G.
+            channels (int): C.
+            width (int): K.
+            mode (int): the recurrent pool's rounding: 0 exact / hardware, 1 integer nearest even, 2 stochastic.
+            exp_bits (int): exponent bits of the recurrent dtype.
+            man_bits (int): mantissa bits of the recurrent dtype.
+            bits16 (int): 1 for a bfloat16 (uint16 raw bits) recurrent pool.
+            half (int): 1 for a float16 pool rounded to nearest (in-register ``cvt.rn.f16.f32``).
+            seed_lo (int): low 32 bits of ``Config.rounding_seed``.
+            seed_hi (int): high 32 bits of it.
+            positions (DeviceNDArray): ``[rows]`` int32 tokens consumed before the verify pass
+                (read if ``use_positions``).
+            use_positions (int): 1 to read ``positions`` (else 0 is assumed).
+            accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+            state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
+            use_indices (int): 1 to read ``state_indices``.
+            seq_len (int): V.
+            node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
+            use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
+            track_rec (DeviceNDArray): ``[L, P, H*D*N]`` prefix-store entries (written if tracking).
+            track_conv (DeviceNDArray): ``[L, P, C*K]`` prefix-store entries (written if tracking).
+            track_entries (DeviceNDArray): ``[rows]`` int32 store entry of each row (read if ``use_tracking``).
+            track_steps (DeviceNDArray): ``[rows]`` int32 step whose state row ``b`` checkpoints, -1 none.
+            use_tracking (int): 1 to checkpoint.
+
+        Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+        """
+        layer, row = cuda.blockIdx.z, cuda.blockIdx.y
+        accepted, slot = _row_slot(
+            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
+        )
+        if slot < 0:
+            return
+        tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
+        if cuda.blockIdx.x >= chunks_rec:
+            c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
+            if c < channels:
+                if tracked >= 0:
+                    _track_conv(
+                        conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, width, node_ids,
+                        use_nodes,
+                    )  # fmt: skip
+                _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
+            return
+        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if e >= heads * dim * size:
+            return
+        i = e // (dim * size)
+        d = (e // size) % dim
+        n = e % size
+        j = i // (heads // groups)
+        h = load_float32(rec[layer, slot, e], pool_bits16)
+        for t in range(accepted):
+            step = _step(node_ids, use_nodes, row, seq_len, t)
+            h = mamba2_update(
+                h,
+                dA[layer, step * heads + i],
+                u[layer, (step * heads + i) * dim + d],
+                B[layer, (step * groups + j) * size + n],
+            )
+            position = _position(positions, use_positions, row, t)
+            h = rounder(h, mode, exp_bits, man_bits, half, e, position, layer, seed_lo, seed_hi)
+            if t == tracked:
+                track_rec[layer, entry, e] = _store_word(h, pool_bits16)
+        rec[layer, slot, e] = _store_word(h, pool_bits16)
+
+    return replay_mamba2
+
+
+#: The general Mamba2 replay kernel (every rounding, read at run time; a float16 / float32 / float64 pool).
+replay_mamba2 = replay_mamba2_kernel(ROUND_STORED, 0)
 
 
 def _make_replay_gdn(key_dim: int, rounding: int, pool_bits16: int) -> Any:
@@ -567,7 +601,8 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     mode, exp_bits, man_bits, bits16 = (int(x) for x in store_formats(config, dtype, dtype)[:4])
     half = int(dtype.name == "float16" and mode == 0)
     if config.mixer == "mamba2":
-        kernel, fields, elems = replay_mamba2, ("dA", "u", "B"), heads * dim * size
+        kernel = replay_mamba2_kernel(rounding_of(mode, half), bits16)
+        fields, elems = ("dA", "u", "B"), heads * dim * size
     else:
         kernel = replay_gdn_kernel(dim, rounding_of(mode, half), bits16)
         fields, elems = ("g", "beta", "k", "v"), heads * size

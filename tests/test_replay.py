@@ -196,7 +196,7 @@ def test_replay_mode_keeps_a_stash_instead_of_the_states(backend):
         manager.scatter_mtp_states(accept)
     with pytest.raises(ValueError, match="replay_mtp_states"):
         manager.scatter_accepted_tree_states(device_int32(backend, [[0], [0], [0]]), accept)
-    with pytest.raises(NotImplementedError, match="track_entries"):
+    with pytest.raises(ValueError, match="store, track_entries and track_steps go together"):
         manager.replay_mtp_states(accept, track_entries=accept, track_steps=accept)
 
 
@@ -346,8 +346,8 @@ REPLAY_BAD_CASES = [
         "replay(track_entries)",
         False,
         lambda m, b: m.replay_mtp_states(_array(b, [1]), track_entries=_array(b, [0])),
-        NotImplementedError,
-        "track_entries",
+        ValueError,
+        "go together",
     ),
     (
         "replay(two rows, one slot)",
@@ -505,3 +505,330 @@ def test_tree_replay_in_scatter_mode_is_refused():
     manager = BACKENDS["numpy"](replay_config(commit_mode="scatter"))
     with pytest.raises(ValueError, match="commit_mode='replay'"):
         manager.replay_accepted_tree_states(np.zeros((1, 1), np.int32), np.ones(1, np.int32))
+
+
+# ---------------------------------------------------------------- rounding, tracking, PTX (issue 11 follow-up)
+def model_config(dtype, mixer="mamba2", batch=4, verify=3, **overrides):
+    """A tiny model's replay-mode config (Mamba2: 2 heads x 4 x 8; GDN: 4 value heads, 2 key heads, D=8, N=4)."""
+    if mixer == "gdn":
+        dims = dict(recurrent_state_num_heads=4, recurrent_state_head_dim=8, recurrent_state_size=4, n_groups=2)
+        dims["conv_dim"] = 2 * 2 * 8 + 4 * 4
+    else:
+        dims = dict(recurrent_state_num_heads=2, recurrent_state_head_dim=4, recurrent_state_size=8, n_groups=1)
+        dims["conv_dim"] = 2 * 4 + 2 * 8
+    fields = dict(
+        num_recurrent_layers=2,
+        max_batch_size=batch,
+        conv_kernel=4,
+        max_intermediate_seq_len=verify,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        mixer=mixer,
+        **dims,
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def tiny_model(config, rng, vocab=32):
+    from mamba_cache.models.gdn import TinyGatedDeltaNet
+    from mamba_cache.models.mamba2 import TinyMamba2
+
+    model_class = TinyMamba2 if config.mixer == "mamba2" else TinyGatedDeltaNet
+    return model_class(config, vocab_size=vocab, seed=int(rng.integers(1 << 30)))
+
+
+def main_bits(manager):
+    pools = snapshot(manager)
+    return {k: pools[k].tobytes() for k in ("recurrent", "conv")}
+
+
+#: (state dtype, stochastic rounding): every way a replay rounds a 16-bit state after each step.
+ROUNDINGS = [("bfloat16", False), ("float16", True), ("bfloat16", True)]
+
+
+@pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
+def test_replay_rounds_16_bit_states_as_the_decode_step_does(backend, rng, dtype, stochastic):
+    """TinyMamba2, bf16 / stochastic rounding: verify + replay == sequential decode of the accepted tokens."""
+    config = model_config(dtype, stochastic_rounding=stochastic, rounding_seed=0x1234_5678_9ABC)
+    model = tiny_model(config, rng)
+    spec, seq = BACKENDS[backend](config), BACKENDS[backend](config)
+    active, verify = 4, config.max_intermediate_seq_len
+    prompt = rng.integers(0, 32, size=(active, 3))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    consumed = np.full(active, 3, dtype=np.int32)
+    for accept in ([0, 1, verify, 2], [verify, verify, 1, 0], [2, 0, 1, verify]):
+        drafts = rng.integers(0, 32, size=(active, verify))
+        model.verify(spec, drafts, positions=consumed)
+        spec.replay_mtp_states(device_int32(backend, accept), positions=device_int32(backend, consumed))
+        model.decode_accepted(seq, drafts, accept, positions=consumed)
+        assert main_bits(spec) == main_bits(seq), f"{backend} {dtype} sr={stochastic} after {accept}"
+        consumed = consumed + np.maximum(np.array(accept, dtype=np.int32), 0)
+    assert np.abs(snapshot(spec)["recurrent"].astype(np.float64)).sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stochastic_replay_is_keyed_by_the_position(backend, rng, dtype):
+    """The check above can fail: the same replay keyed one token later leaves other bits."""
+    config = model_config(dtype, stochastic_rounding=True, rounding_seed=7)
+    model = tiny_model(config, rng)
+    caches = [BACKENDS[backend](config) for _ in range(2)]
+    prompt = rng.integers(0, 32, size=(4, 2))
+    drafts = rng.integers(0, 32, size=(4, 3))
+    for shift, cache in enumerate(caches):
+        model.prefill(cache, prompt)
+        model.verify(cache, drafts, positions=np.full(4, 2))
+        cache.replay_mtp_states(device_int32(backend, [3, 3, 3, 3]), positions=device_int32(backend, [2 + shift] * 4))
+    assert main_bits(caches[0])["recurrent"] != main_bits(caches[1])["recurrent"]
+    assert main_bits(caches[0])["conv"] == main_bits(caches[1])["conv"]  # conv columns are copied, not rounded
+
+
+def test_stochastic_replay_needs_positions(backend, rng):
+    config = model_config("float16", stochastic_rounding=True)
+    manager = BACKENDS[backend](config)
+    manager.reshape_intermediate_states(2, 3)
+    before = main_bits(manager)
+    for call in (
+        lambda: manager.replay_mtp_states(device_int32(backend, [1, 2])),
+        lambda: manager.replay_accepted_tree_states(device_int32(backend, [[0], [0]]), device_int32(backend, [1, 1])),
+    ):
+        with pytest.raises(ValueError, match="positions"):
+            call()
+    with pytest.raises(ValueError, match="positions must have the length"):
+        manager.replay_mtp_states(device_int32(backend, [1, 2]), positions=device_int32(backend, [0]))
+    assert main_bits(manager) == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_numpy_replay_of_bfloat16_and_stochastic_states_matches_the_stepwise_reference(rng, mixer, dtype):
+    """The reference's rounding after every step, checked against an independent row-by-row loop."""
+    from mamba_cache.precision import convert
+
+    config = replay_config(mixer, dtype, stochastic_rounding=True, rounding_seed=99)
+    manager, state, stash = filled_pair(config, "numpy", rng)
+    manager.reshape_intermediate_states(5, 3)
+    accept = np.array([3, 1, 0, 2, 3], dtype=np.int32)
+    positions = np.array([5, 0, 9, 17, 1000], dtype=np.int32)
+    manager.replay_mtp_states(accept, positions=positions)
+    want = state["recurrent"].copy()
+    fields = config.replay_stash_fields
+    names = ["dA", "u", "B"] if mixer == "mamba2" else ["g", "beta", "k", "v"]
+    step_fn = mamba2_step if mixer == "mamba2" else gdn_step
+    for row, a in enumerate(accept):
+        for layer in range(2):
+            for t in range(a):
+                inputs = [stash[n][layer].reshape(-1, *fields[n][0])[row * 3 + t] for n in names]
+                new = step_fn(want[layer, row].astype(F32), *inputs)
+                want[layer, row] = convert(
+                    new.reshape(1, -1),
+                    want.dtype,
+                    stochastic=True,
+                    seed=99,
+                    layer=layer,
+                    position=positions[row] + t + 1,
+                ).reshape(new.shape)
+    assert snapshot(manager)["recurrent"].tobytes() == want.tobytes()
+
+
+def test_replay_tracking_restores_a_prefix_that_decodes_to_the_same_bits(backend, rng):
+    """TinyMamba2 in replay mode: checkpoints tracked by the replay commit restore to whole-prompt bits."""
+    from mamba_cache.prefix import PrefixStateCache
+
+    config, bs, verify = model_config("float16", batch=3), 4, 3
+    model = tiny_model(config, rng)
+    cache = BACKENDS[backend](config)
+    store = PrefixStateCache(cache, entries=8, block_size=bs)
+    active = 2
+    prompt = rng.integers(0, 32, size=(active, 3))
+    model.prefill(cache, prompt)
+    history = [list(row) for row in prompt]
+    published = 0
+    for _ in range(4):
+        drafts = rng.integers(0, 32, size=(active, verify))
+        accept = rng.integers(1, verify + 1, size=active)
+        entries, steps = [-1] * active, [-1] * active
+        for b in range(active):
+            p = len(history[b])
+            c = (p // bs + 1) * bs  # the next block boundary after p
+            if c <= p + verify:
+                entries[b], steps[b] = store.reserve(), c - p - 1
+        model.verify(cache, drafts)
+        cache.replay_mtp_states(
+            device_int32(backend, accept),
+            store=store,
+            track_entries=device_int32(backend, entries),
+            track_steps=device_int32(backend, steps),
+        )
+        for b in range(active):
+            p = len(history[b])
+            history[b] += list(drafts[b, : accept[b]])
+            if entries[b] >= 0:
+                if steps[b] < accept[b]:
+                    store.publish(entries[b], history[b][: p + steps[b] + 1])
+                    published += 1
+                else:
+                    store.release(entries[b])
+    assert published >= 2
+    for b in range(active):
+        tokens = np.array(history[b] + [int(rng.integers(0, 32))])
+        handle = store.match(tokens)
+        assert handle is not None and handle.length == (len(tokens) - 1) // bs * bs
+        store.restore(handle, slot=2)
+        out = np.stack([to_host(model.decode_step(cache, [t], slots=[2]))[0] for t in tokens[handle.length :]])
+        plain = BACKENDS[backend](config)
+        want = np.stack([to_host(model.decode_step(plain, [t], slots=[2]))[0] for t in tokens])[handle.length :]
+        assert out.tobytes() == want.tobytes(), b
+        got_bits, want_bits = snapshot(cache), snapshot(plain)
+        for kind in ("recurrent", "conv"):
+            assert got_bits[kind][:, 2].tobytes() == want_bits[kind][:, 2].tobytes(), (b, kind)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_replay_tracking_copies_the_state_after_the_step_and_refuses_bad_entries(backend, rng, mixer):
+    """Entry e gets the state after step t (t < a, committing rows only); untouched entries stay; bad sets refused."""
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = replay_config(mixer, "float16")
+    manager, state, stash = filled_pair(config, backend, rng)
+    store = PrefixStateCache(manager, entries=6, block_size=4)
+    reserved = [store.reserve() for _ in range(5)]
+    manager.reshape_intermediate_states(5, 3)
+    accept = np.array([3, 2, 0, 3, 1], dtype=np.int32)
+    steps = np.array([1, 2, 0, 0, 0], dtype=np.int32)  # row 1: t = a (nothing); row 2 commits nothing
+    entries = np.array(reserved, dtype=np.int32)
+    entries[4] = 6  # outside [0, P): nothing
+    if backend == "numpy":  # the checked reference refuses a repeated entry before anything moves
+        before = main_bits(manager)
+        with pytest.raises(ValueError):
+            manager.replay_mtp_states(
+                accept, store=store, track_entries=np.array([reserved[0]] * 5, np.int32), track_steps=steps
+            )
+        assert main_bits(manager) == before
+    manager.replay_mtp_states(
+        device_int32(backend, accept),
+        store=store,
+        track_entries=device_int32(backend, entries),
+        track_steps=device_int32(backend, steps),
+    )
+    entry_rec, entry_conv = (to_host(pool) for pool in store._pools)
+    for row, t in ((0, 1), (3, 0)):  # the state after step t is the replay of t + 1 steps
+        partial = expected_after(config, state, stash, [t + 1 if r == row else 0 for r in range(5)], None, 3)
+        got_rec = entry_rec[:, entries[row]].astype(np.float64)
+        if backend == "numpy":
+            assert entry_rec[:, entries[row]].tobytes() == partial["recurrent"][:, row].tobytes(), row
+        else:
+            np.testing.assert_allclose(got_rec, partial["recurrent"][:, row].astype(np.float64), **TOLERANCE["float16"])
+        assert entry_conv[:, entries[row]].tobytes() == partial["conv"][:, row].tobytes(), row
+    for row in (1, 2):  # tracked nothing: the entries are still zero
+        assert not entry_rec[:, entries[row]].any() and not entry_conv[:, entries[row]].any(), row
+    want = expected_after(config, state, stash, accept, None, 3)
+    assert snapshot(manager)["conv"].tobytes() == want["conv"].tobytes()
+
+
+def test_replay_kernels_keep_the_state_in_registers():
+    """PTX (sm_90): no local memory in the Mamba2 kernels (every rounding) nor the GDN kernel at D = 64, 128
+    (float32, float16); float16 rounds in registers with cvt.rn.f16.f32."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import inspect
+        import numpy as np
+        import numba.cuda.dispatcher as dispatcher
+        from numba import cuda, types
+        from numba.np import numpy_support
+
+        class Device:  # compiling a non-inlined device function asks the current device for its cc
+            compute_capability = (9, 0)
+
+        dispatcher.get_current_device = lambda: Device()
+        from mamba_cache.replay import kernels as rk
+
+        def signature(kernel, dtype):
+            array = lambda dt, nd: types.Array(numpy_support.from_dtype(np.dtype(dt)), nd, "C")
+            args = []
+            for name in inspect.signature(kernel.py_func).parameters:
+                if name in ("rec", "track_rec", "conv", "track_conv"):
+                    args.append(array(dtype, 3))
+                elif name in ("dA", "u", "B", "g", "beta", "k", "v"):
+                    args.append(array("float32", 2))
+                elif name == "col":
+                    args.append(array(dtype, 2))
+                elif name == "node_ids":
+                    args.append(array("int32", 2))
+                elif name in ("accept_lengths", "state_indices", "positions", "track_entries", "track_steps"):
+                    args.append(array("int32", 1))
+                else:
+                    args.append(types.int64)
+            return tuple(args)
+
+        cases = [
+            ("mamba2 general", rk.replay_mamba2, "float16", 1),
+            ("mamba2 float16", rk.replay_mamba2_kernel(rk.ROUND_HALF, 0), "float16", 1),
+            ("mamba2 float32", rk.replay_mamba2_kernel(rk.ROUND_NONE, 0), "float32", 0),
+            ("mamba2 bfloat16", rk.replay_mamba2_kernel(rk.ROUND_BF16, 1), "uint16", 0),
+            ("mamba2 bfloat16 SR", rk.replay_mamba2_kernel(rk.ROUND_STORED, 1), "uint16", 0),
+            ("gdn D=128 float32", rk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32", 0),
+            ("gdn D=64 float32", rk.replay_gdn_kernel(64, rk.ROUND_NONE, 0), "float32", 0),
+            ("gdn D=128 float16", rk.replay_gdn_kernel(128, rk.ROUND_HALF, 0), "float16", 128),
+            ("gdn D=64 float16", rk.replay_gdn_kernel(64, rk.ROUND_HALF, 0), "float16", 64),
+        ]
+        for name, kernel, dtype, min_cvt in cases:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, signature(kernel, dtype), cc=(9, 0))
+            body = ptx[ptx.index(".entry"):]
+            assert ".local" not in body, name + " uses local memory"
+            assert body.count("cvt.rn.f16.f32") >= min_cvt, name
+            print(name, "ok")
+        generic = rk.replay_gdn_kernel(100, rk.ROUND_NONE, 0)
+        ptx, _ = cuda.compile_ptx(generic.py_func, signature(generic, "float32"), cc=(9, 0))
+        assert ".local" in ptx, "the generic kernel's column is a local array: this check must be able to fail"
+        print("generic ok")
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
+        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" ok") == 10, result.stdout
+
+
+@pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
+def test_gpu_rounded_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, dtype, stochastic):
+    """On the GPU: Mamba2 heads of 64 x 128, bf16 / stochastic rounding: replay kernel == decode kernels, bitwise."""
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")
+    config = Config(
+        num_recurrent_layers=2,
+        max_batch_size=6,
+        recurrent_state_num_heads=8,
+        recurrent_state_head_dim=64,
+        recurrent_state_size=128,
+        conv_dim=8 * 64 + 2 * 128,
+        conv_kernel=4,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        stochastic_rounding=stochastic,
+        rounding_seed=2026,
+    )
+    model = tiny_model(config, rng, vocab=64)
+    spec, seq = BACKENDS["numba"](config), BACKENDS["numba"](config)
+    prompt = rng.integers(0, 64, size=(6, 2))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    consumed = np.full(6, 2, dtype=np.int32)
+    for accept in ([4, 1, 0, 3, 2, 4], [2, 4, 1, 0, 4, 3]):
+        drafts = rng.integers(0, 64, size=(6, 4))
+        model.verify(spec, drafts, positions=consumed)
+        spec.replay_mtp_states(device_int32("numba", accept), positions=device_int32("numba", consumed))
+        model.decode_accepted(seq, drafts, accept, positions=consumed)
+        consumed = consumed + np.array(accept, dtype=np.int32)
+    assert main_bits(spec) == main_bits(seq), f"{dtype} sr={stochastic}"

@@ -118,14 +118,6 @@ def is_c_contiguous(shape: tuple, strides: tuple | None, itemsize: int) -> bool:
 
 def _refuse_unbuilt(config: Config) -> None:
     """Refuse combinations not built yet rather than compute them wrong (a Config may still plan them)."""
-    from .._config import ConfigError, bfloat16
-
-    if config.commit_mode == "replay":  # the replay kernels store round-to-nearest float16/32/64
-        if config.stochastic_rounding:
-            raise ConfigError("stochastic_rounding is not supported with commit_mode='replay' yet")
-        for name in ("recurrent_state_dtype", "conv_state_dtype"):
-            if getattr(config, name) == bfloat16:
-                raise ConfigError(f"{name}=bfloat16 is not supported with commit_mode='replay' yet")
 
 
 class MambaCacheManagerBase:
@@ -841,6 +833,8 @@ class MambaCacheManagerBase:
         stream: Any = None,
         *,
         state_indices: Any = None,
+        positions: Any = None,
+        store: Any = None,
         track_entries: Any = None,
         track_steps: Any = None,
     ) -> None:
@@ -862,22 +856,37 @@ class MambaCacheManagerBase:
                 view (NumPy backend: a host array; Numba backend: a device array or host array).
             stream: the stream to run on (ignored by the NumPy backend).
             state_indices: optional ``[active]`` int32 pool slot of each row (keyword only).
-            track_entries: reserved for prefix-store tracking (not available yet; must be None).
-            track_steps: reserved for prefix-store tracking (not available yet; must be None).
+            positions: optional ``[active]`` int32 (keyword only): tokens row ``b``'s main state had
+                consumed before the verify pass, ``p``; the state after step ``t`` has consumed
+                ``p + t + 1``. Required when ``Config.stochastic_rounding`` is on and the recurrent
+                state is 16-bit (each step's store is keyed by that position); ignored otherwise.
+            store: a :class:`mamba_cache.prefix.PrefixStateCache` of this manager whose entries
+                receive tracked checkpoints (keyword only; give all three tracking arguments or none).
+            track_entries: ``[active]`` int32, the store entry (from ``store.reserve()``) row ``b``
+                checkpoints into; any value outside ``[0, P)`` tracks nothing.
+            track_steps: ``[active]`` int32, the step whose state row ``b`` checkpoints, ``-1`` for
+                none. In the same launch as the commit, entry ``track_entries[b]`` receives both
+                kinds of the row's state after replayed step ``t = track_steps[b]`` (as stored) when
+                the row commits and ``0 <= t < accept_lengths[b]``; a row that commits nothing
+                tracks nothing.
 
         Raises:
             ValueError: the cache is not in replay mode (use ``scatter_mtp_states``), an array has
-                the wrong rank / length / contiguity, or (NumPy reference) two committing rows
-                name one slot; nothing changed.
-            TypeError: an array is of the wrong kind or not int32, or ``stream`` is of an unknown kind.
-            NotImplementedError: ``track_entries`` / ``track_steps`` given (tracking lands with the
-                prefix store).
+                the wrong rank / length / contiguity, ``positions`` is missing while the commit
+                rounds stochastically, only some tracking arguments are given, ``store`` belongs to
+                another manager, or (NumPy reference) two committing rows name one slot, two
+                tracking rows name one entry or a tracking row names an entry that is not reserved;
+                nothing changed.
+            TypeError: an array is of the wrong kind or not int32, ``stream`` is of an unknown kind,
+                or ``store`` is not a prefix store.
         """
         self._check_open("replay_mtp_states")
-        if track_entries is not None or track_steps is not None:
-            raise NotImplementedError(
-                "replay_mtp_states: track_entries / track_steps need the prefix-state store, which is not "
-                "merged with the replay commit yet; nothing changed"
+        tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
+        given = [name for name, value in tracking.items() if value is not None]
+        if given and len(given) != len(tracking):
+            raise ValueError(
+                f"replay_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
+                "only; nothing was changed"
             )
         if self._pools is not None and self._config.commit_mode != "replay":
             raise ValueError(
@@ -888,11 +897,47 @@ class MambaCacheManagerBase:
         if not self._stash:
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        checked_positions = self._replay_positions("replay_mtp_states", positions, active, stream)
+        track = None
+        if store is not None:
+            if not hasattr(store, "_check_owner"):
+                raise TypeError(f"store must be a mamba_cache.prefix.PrefixStateCache, got {type(store).__name__}")
+            store._check_owner(self, "store")
+            entries, (count,) = self._int32_array("track_entries", track_entries, "[active]", stream)
+            if count != active:
+                raise ValueError(f"track_entries must have the length of accept_lengths ({active}), got {count}")
+            steps, (count,) = self._int32_array("track_steps", track_steps, "[active]", stream)
+            if count != active:
+                raise ValueError(f"track_steps must have the length of accept_lengths ({active}), got {count}")
+            track = (store, entries, steps)
         if active:
-            self._replay(accept, indices, active, self._verify_shape[1], stream)
+            seq_len = self._verify_shape[1]
+            self._replay(accept, indices, active, seq_len, stream, positions=checked_positions, track=track)
+            if store is not None:
+                store._tracked_on(stream)
+
+    def _replay_positions(self, what: str, positions: Any, active: int, stream: Any) -> Any:
+        """Check a replay commit's optional ``positions`` (required when a 16-bit state rounds stochastically)."""
+        if positions is None:
+            if self._config.stochastic_rounding and self._config.recurrent_state_dtype.itemsize == 2:
+                raise ValueError(
+                    f"{what}: positions (int32 [active], tokens each row's main state had consumed before the "
+                    "verify pass) is required: the replay rounds its 16-bit states stochastically; nothing was changed"
+                )
+            return None
+        checked, (count,) = self._int32_array("positions", positions, "[active]", stream)
+        if count != active:
+            raise ValueError(f"positions must have the length of accept_lengths ({active}), got {count}")
+        return checked
 
     def replay_accepted_tree_states(
-        self, accepted_node_ids: Any, accept_lengths: Any, state_indices: Any = None, stream: Any = None
+        self,
+        accepted_node_ids: Any,
+        accept_lengths: Any,
+        state_indices: Any = None,
+        stream: Any = None,
+        *,
+        positions: Any = None,
     ) -> None:
         """Tree verification in replay mode: replay each row's accepted path of tree nodes into its slot.
 
@@ -908,10 +953,13 @@ class MambaCacheManagerBase:
             accept_lengths: ``[active]`` int32, ``active`` at most the view's active batch.
             state_indices: optional ``[active]`` int32 pool slot of each row (default: row ``b``).
             stream: the stream to run on (ignored by the NumPy backend).
+            positions: optional ``[active]`` int32 (keyword only), as in :meth:`replay_mtp_states`: the
+                state after the ``t``-th node of the path has consumed ``positions[b] + t + 1`` tokens.
 
         Raises:
             ValueError: not in replay mode, wrong rank / rows / contiguity, ``accept_lengths`` longer
-                than the view, or (NumPy reference) two committing rows naming one slot.
+                than the view, ``positions`` missing while the commit rounds stochastically, or
+                (NumPy reference) two committing rows naming one slot.
             TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
         """
         self._check_open("replay_accepted_tree_states")
@@ -927,13 +975,27 @@ class MambaCacheManagerBase:
         nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
         if shape[0] != active:
             raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
+        checked_positions = self._replay_positions("replay_accepted_tree_states", positions, active, stream)
         if active and shape[1]:
-            self._replay(accept, indices, active, self._verify_shape[1], stream, nodes=nodes)
+            seq_len = self._verify_shape[1]
+            self._replay(accept, indices, active, seq_len, stream, nodes=nodes, positions=checked_positions)
 
-    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None) -> None:
+    def _replay(
+        self,
+        accept: Any,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        stream: Any,
+        nodes: Any = None,
+        positions: Any = None,
+        track: Any = None,
+    ) -> None:
         """Replay row ``b``'s steps ``0 .. accept[b] - 1`` into its slot when ``1 <= accept[b] <= V``.
 
         With ``nodes`` (``[active, M]``, a tree): the steps are ``nodes[b, :min(accept[b], M)]``.
+        ``positions``: checked ``[active]`` int32 or None (stochastic rounding keys). ``track``:
+        ``(store, entries, steps)`` or None (prefix-store checkpoints, in the same launch).
         """
         raise NotImplementedError
 

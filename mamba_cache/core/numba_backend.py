@@ -568,7 +568,17 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
-    def _replay(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None) -> None:
+    def _replay(
+        self,
+        accept: Any,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        stream: Any,
+        nodes: Any = None,
+        positions: Any = None,
+        track: Any = None,
+    ) -> None:
         from ..replay import kernels as replay_kernels
 
         entry = self._launches.get("replay")
@@ -586,6 +596,18 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             nodes = DeviceArg(placeholder.array.reshape((placeholder.array.size, 1)), placeholder.pointer, (1, 1))
         launch.set_array("node_ids", nodes, shape_changes=True)
         launch.set_scalar("use_nodes", int(use_nodes))
+        launch.set_scalar("use_positions", int(positions is not None))
+        if positions is not None:
+            launch.set_array("positions", positions, shape_changes=True)
+        launch.set_scalar("use_tracking", int(track is not None))
+        if track is not None:
+            store, entries, steps = track
+            layers_, count = self._config.num_recurrent_layers, store.entries
+            track_rec, track_conv = (pool.reshape(layers_, count, -1) for pool in store._pools)
+            for name, pool in (("track_rec", track_rec), ("track_conv", track_conv)):
+                launch.set_array(name, DeviceArg(pool, _device_pointer(pool), pool.shape), shape_changes=True)
+            launch.set_array("track_entries", entries, shape_changes=True)
+            launch.set_array("track_steps", steps, shape_changes=True)
         launch.launch((blocks, active, layers), stream)
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:

@@ -268,12 +268,35 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         return array
 
     def _replay(
-        self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any = None
+        self,
+        accept: np.ndarray,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        stream: Any,
+        nodes: Any = None,
+        positions: Any = None,
+        track: Any = None,
     ) -> None:
         from ..replay.reference import replay_commit
 
         config = self._config
         shapes = {name: shape for name, (shape, _) in config.replay_stash_fields.items()}
+        if track is not None:
+            store, entries, steps = track
+            track = (store._pools, entries, steps, store._check_tracked_entries)
         replay_commit(
-            self._pools.recurrent, self._pools.conv, self._stash, shapes, accept, indices, seq_len, config.mixer, nodes
+            self._pools.recurrent,
+            self._pools.conv,
+            self._stash,
+            shapes,
+            accept,
+            indices,
+            seq_len,
+            config.mixer,
+            nodes,
+            positions=positions,
+            stochastic=config.stochastic_rounding,
+            seed=config.rounding_seed,
+            track=track,
         )

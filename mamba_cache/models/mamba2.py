@@ -198,7 +198,7 @@ class TinyMamba2:
         start = np.zeros(active, np.int64) if positions is None else np.asarray(positions, np.int64)
         cache.reshape_intermediate_states(active, verify_len)
         if cache.get_config().commit_mode == "replay":
-            self._runner(cache)._verify_replay(cache, np.ascontiguousarray(draft_tokens, dtype=np.int64))
+            self._runner(cache)._verify_replay(cache, np.ascontiguousarray(draft_tokens, dtype=np.int64), start)
             return
         for t in range(verify_len):
             self.decode_step(cache, draft_tokens[:, t], step=t, positions=start + t)
@@ -215,14 +215,15 @@ class TinyMamba2:
         per_row += config.conv_slot_elems * config.conv_state_dtype.itemsize
         return config.num_recurrent_layers * active * per_row
 
-    def _verify_replay(self, cache: Any, draft_tokens: np.ndarray) -> None:
+    def _verify_replay(self, cache: Any, draft_tokens: np.ndarray, start: Any = None) -> None:
         active = draft_tokens.shape[0]
+        start = np.zeros(active, np.int64) if start is None else start  # tokens consumed before the drafts
         scratch = [
             (cache.get_recurrent_state(layer)[:active].copy(), cache.get_conv_state(layer)[:active].copy())
             for layer in range(self.config.num_recurrent_layers)
         ]
         for t in range(draft_tokens.shape[1]):
-            self._decode(cache, draft_tokens[:, t], np.arange(active), t, scratch=scratch)
+            self._decode(cache, draft_tokens[:, t], np.arange(active), t, positions=start + t, scratch=scratch)
 
     # ------------------------------------------------------------ the NumPy decode step
     def _store(self, values: np.ndarray, dtype: Any, kind: int, layer: int, positions: np.ndarray) -> np.ndarray:

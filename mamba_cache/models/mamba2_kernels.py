@@ -210,9 +210,10 @@ class NumbaTinyMamba2:
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
             return self._decode_layers(cache, tokens, slots, step, positions, scratch)
 
-    def _verify_replay(self, cache, draft_tokens: np.ndarray) -> None:
+    def _verify_replay(self, cache, draft_tokens: np.ndarray, start=None) -> None:
         """Replay-mode verify: advance device copies of the rows' states, write the stash (see TinyMamba2.verify)."""
         active = draft_tokens.shape[0]
+        start = np.zeros(active, np.int64) if start is None else start  # tokens consumed before the drafts
         scratch = []
         for layer in range(self.model.config.num_recurrent_layers):
             copies = []
@@ -222,7 +223,7 @@ class NumbaTinyMamba2:
                 copies.append(copy)
             scratch.append(tuple(copies))
         for t in range(draft_tokens.shape[1]):
-            self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, None, scratch)
+            self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, start + t, scratch)
 
     def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
         config, w = self.model.config, self.weights

@@ -13,12 +13,16 @@ from the start of each layer, so row ``b``, step ``t`` is stash row ``b * V + t`
     else a tile of the conv channels.
 
 Each thread owns its part of one row's state for the whole replay: it reads it once, applies the
-``a`` accepted steps in registers, and writes it once (16-bit states are also stored and re-read
-after every step, which rounds them exactly as the decode step's store does; that traffic stays
-in L1/L2). The stash reads are small and shared by many threads of the block (L1 hits).
+``a`` accepted steps in registers, and writes it once. A 16-bit state is rounded in registers after
+every step exactly as the decode step's store rounds it (:func:`round_state`: float16 by the
+hardware's ``cvt.rn.f16.f32``, bfloat16 by integer round-to-nearest-even, stochastic rounding by the
+Philox bits of :mod:`mamba_cache.precision`, keyed by the position ``positions[b] + t + 1``), so
+no step goes through memory. The stash reads are small and shared by many threads of the block
+(L1 hits).
 
     Mamba2   one thread per state element (i, d, n):  h = fma(u[i, d], B[j, n], h * dA[i])
-    GDN      one thread per column e of head i: the D values S_i[:, e] live in a local array; per step
+    GDN      one thread per column e of head i: the D values S_i[:, e] live in registers (a kernel
+             specialised per key dim, :func:`replay_gdn_kernel`); per step
                  S_i[d, e] = S_i[d, e] * g[i]                         (d = 0 .. D-1)
                  pred = fma(S_i[d, e], k[j, d], pred)                 (d increasing, from 0)
                  delta = beta[i] * (v[i, e] - pred)
@@ -31,20 +35,24 @@ A tree commit (``use_nodes``) replays stash rows ``b * V + node_ids[b, t]`` for
 ``t < min(a, M)`` instead of ``b * V + t``: the same kernels, one indirection.
 
 The ``@cuda.jit(device=True)`` step functions below are what the tiny models' Numba decode
-kernels call, so replay equals the sequential decode step bit for bit on the GPU. Where the
-tracking of the prefix store lands, "copy the state after step t to entry e" is one more store
-inside the step loop of each kernel (the state after step ``t`` is in registers there).
+kernels call, so replay equals the sequential decode step bit for bit on the GPU. Prefix-store
+tracking ("copy the state after step t to entry e") is one more store inside the step loop of
+each kernel (the state after step ``t``, as stored, is in registers there); the conv thread
+writes the window after ``t + 1`` columns before it shifts the slot's window in place.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from numba import cuda, float32
+
+from ..precision.kernels import float32_bits, float32_from_bits, load_float32, stored_value
 
 #: Threads per block.
 THREADS = 128
-#: Largest Gated DeltaNet key dim D (the per-thread column lives in a local array of this size).
+#: Largest Gated DeltaNet key dim D (the generic kernel's per-thread column is a local array of this size).
 MAX_KEY_DIM = 256
 
 
@@ -76,7 +84,7 @@ def gdn_column_step(s, dim, decay, beta, value, keys, key_offset):
         delta = beta * (value - pred)
         for d = 0 .. dim-1:  s[d] = fma(k[d], delta, s[d])
 
-    The tiny GDN model's decode kernel and :func:`replay_gdn` both call this, so they agree bit for bit.
+    The tiny GDN model's decode kernel and the GDN replay kernel both call this, so they agree bit for bit.
     """
     pred = float32(0.0)
     for d in range(dim):
@@ -137,186 +145,439 @@ def _row_slot(accept_lengths, state_indices, use_indices, seq_len, slots, row, n
     return accepted, slot
 
 
-@cuda.jit(cache=False)
-def replay_mamba2(
-    rec,
-    conv,
-    dA,  # noqa: N803
-    u,
-    B,  # noqa: N803
-    col,
-    chunks_rec,
-    heads,
-    dim,
-    size,
-    groups,
-    channels,
-    width,
-    round_each_step,
-    accept_lengths,
-    state_indices,
-    use_indices,
-    seq_len,
-    node_ids,
-    use_nodes,
-):
-    """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
+@cuda.jit(device=True, inline=True)
+def round_state(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
+    """A float32 state value ``h`` as its pool stores it, as a float32, computed in registers.
 
-    Args:
-        rec (DeviceNDArray): ``[L, B, H*D*N]`` recurrent pool (read once, written).
-        conv (DeviceNDArray): ``[L, B, C*K]`` conv pool (written).
-        dA (DeviceNDArray): ``[L, B*S*H]`` float32 stash.
-        u (DeviceNDArray): ``[L, B*S*H*D]`` float32 stash.
-        B (DeviceNDArray): ``[L, B*S*G*N]`` float32 stash.
-        col (DeviceNDArray): ``[L, B*S*C]`` conv input columns, conv dtype.
-        chunks_rec (int): x blocks covering one slot's ``H*D*N`` elements.
-        heads (int): H.
-        dim (int): D.
-        size (int): N.
-        groups (int): G.
-        channels (int): C.
-        width (int): K.
-        round_each_step (int): 1 when the state dtype is narrower than float32 (store and re-read
-            after every step, rounding as the decode step does), else 0.
-        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
-        state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
-        use_indices (int): 1 to read ``state_indices``.
-        seq_len (int): V.
-        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
-        use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
-
-    Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+    ``half`` (a float16 pool, round to nearest even): ``cvt.rn.f16.f32`` then back, the very
+    conversion the pool's store performs. Otherwise :func:`mamba_cache.precision.kernels.stored_value`
+    with the pool's ``(mode, exp_bits, man_bits)``: ``mode`` 0 returns ``h`` (float32 / float64
+    pools keep it exactly), 1 is bfloat16's integer round to nearest even, 2 stochastic rounding
+    keyed by ``(seed, layer, kind 0, position, element)``.
     """
-    layer, row = cuda.blockIdx.z, cuda.blockIdx.y
-    accepted, slot = _row_slot(
-        accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
-    )
-    if slot < 0:
-        return
-    if cuda.blockIdx.x >= chunks_rec:
-        c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
-        if c < channels:
-            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
-        return
-    e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if e >= heads * dim * size:
-        return
-    i = e // (dim * size)
-    d = (e // size) % dim
-    n = e % size
-    j = i // (heads // groups)
-    h = float32(rec[layer, slot, e])
-    for t in range(accepted):
-        step = _step(node_ids, use_nodes, row, seq_len, t)
-        h = mamba2_update(
-            h,
-            dA[layer, step * heads + i],
-            u[layer, (step * heads + i) * dim + d],
-            B[layer, (step * groups + j) * size + n],
-        )
-        if round_each_step:
-            rec[layer, slot, e] = h
-            h = float32(rec[layer, slot, e])
-    rec[layer, slot, e] = h
+    if half:
+        return float32(np.float16(h))
+    return stored_value(h, mode, exp_bits, man_bits, element, position, layer, 0, seed_lo, seed_hi)
 
 
-@cuda.jit(cache=False)
-def replay_gdn(
-    rec,
-    conv,
-    g,
-    beta,
-    k,
-    v,
-    col,
-    chunks_rec,
-    heads,
-    dim,
-    size,
-    groups,
-    channels,
-    width,
-    round_each_step,
-    accept_lengths,
-    state_indices,
-    use_indices,
-    seq_len,
-    node_ids,
-    use_nodes,
-):
-    """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
+@cuda.jit(device=True, inline=True)
+def _store_word(h, bits16):
+    """What a pool element receives for the (already rounded) float32 ``h``: a bfloat16 pool its raw bits."""
+    if bits16:
+        return float32_bits(h) >> np.uint32(16)
+    return h
 
-    Thread ``(i, e)`` (``i * N + e`` over the x blocks ``< chunks_rec``) owns column ``e`` of head
-    ``i``'s state ``S_i [D, N]`` (D <= MAX_KEY_DIM): the order of operations is in the module docstring.
 
-    Args:
-        rec (DeviceNDArray): ``[L, B, H*D*N]`` recurrent pool, element (i, d, e) at ``(i * D + d) * N + e``.
-        conv (DeviceNDArray): ``[L, B, C*K]`` conv pool.
-        g (DeviceNDArray): ``[L, B*S*H]`` float32 stash, the decay factors.
-        beta (DeviceNDArray): ``[L, B*S*H]`` float32 stash.
-        k (DeviceNDArray): ``[L, B*S*G*D]`` float32 stash (normalised keys).
-        v (DeviceNDArray): ``[L, B*S*H*N]`` float32 stash.
-        col (DeviceNDArray): ``[L, B*S*C]`` conv input columns, conv dtype.
-        chunks_rec (int): x blocks covering one slot's ``H*N`` columns.
-        heads (int): H (value heads).
-        dim (int): D (key dim, <= MAX_KEY_DIM).
-        size (int): N (value dim).
-        groups (int): G (key heads).
-        channels (int): C.
-        width (int): K.
-        round_each_step (int): as in :func:`replay_mamba2`.
-        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
-        state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
-        use_indices (int): 1 to read ``state_indices``.
-        seq_len (int): V.
-        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
-        use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
+@cuda.jit(device=True, inline=True)
+def _position(positions, use_positions, row, t):
+    """Tokens the state after replayed step ``t`` of ``row`` has consumed: ``positions[row] + t + 1``."""
+    if use_positions:
+        return np.int64(positions[row]) + t + 1
+    return np.int64(t + 1)
 
-    Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+
+@cuda.jit(device=True, inline=True)
+def _track(track_entries, track_steps, use_tracking, row, accepted, entries):
+    """(step, entry) whose state the row checkpoints, or (-1, -1): ``0 <= t < a`` and entry in ``[0, P)``."""
+    if not use_tracking:
+        return -1, -1
+    t = track_steps[row]
+    entry = track_entries[row]
+    if t < 0 or t >= accepted or entry < 0 or entry >= entries:
+        return -1, -1
+    return t, entry
+
+
+@cuda.jit(device=True, inline=True)
+def _track_conv(conv, col, track_conv, entry, layer, slot, row, seq_len, t, c, channels, width, node_ids, use_nodes):
+    """Channel ``c`` of the window after step ``t`` into store entry ``entry``: ``(window ++ cols)[t + 1 + k]``.
+
+    Reads the slot's window before :func:`_replay_conv` overwrites it.
     """
-    layer, row = cuda.blockIdx.z, cuda.blockIdx.y
-    accepted, slot = _row_slot(
-        accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
-    )
-    if slot < 0:
-        return
-    if cuda.blockIdx.x >= chunks_rec:
-        c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
-        if c < channels:
-            _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
-        return
-    column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if column >= heads * size:
-        return
-    i = column // size
-    e = column % size
-    j = i // (heads // groups)
-    first = i * dim * size + e  # element (i, 0, e); (i, d, e) is first + d * size
-    s = cuda.local.array(MAX_KEY_DIM, float32)
-    for d in range(dim):
-        s[d] = float32(rec[layer, slot, first + d * size])
-    for t in range(accepted):
-        step = _step(node_ids, use_nodes, row, seq_len, t)
-        value = v[layer, (step * heads + i) * size + e]
-        gdn_column_step(
-            s,
-            dim,
-            g[layer, step * heads + i],
-            beta[layer, step * heads + i],
-            value,
-            k[layer],
-            (step * groups + j) * dim,
+    base = c * width
+    for k in range(width):
+        p = t + 1 + k
+        if p < width:
+            track_conv[layer, entry, base + k] = conv[layer, slot, base + p]
+        else:
+            step = _step(node_ids, use_nodes, row, seq_len, p - width)
+            track_conv[layer, entry, base + k] = col[layer, step * channels + c]
+
+
+def _key_dim_of(key_dim: int) -> Any:
+    """A device function giving the key dim: the constant ``key_dim``, or (0) the runtime argument."""
+    if key_dim:
+
+        @cuda.jit(device=True, inline=True)
+        def fixed(dim):
+            return key_dim
+
+        return fixed
+
+    @cuda.jit(device=True, inline=True)
+    def runtime(dim):
+        return dim
+
+    return runtime
+
+
+_GDN_KERNELS: dict = {}
+
+#: Key dims with a register-resident specialised GDN replay kernel.
+SPECIALISED_KEY_DIMS = (32, 64, 128)
+#: How a GDN replay kernel rounds its state after every step (a compile-time choice, see :func:`rounding_of`).
+ROUND_NONE, ROUND_HALF, ROUND_BF16, ROUND_STORED = 0, 1, 2, 3
+
+
+def rounding_of(mode: int, half: int) -> int:
+    """The GDN kernel's rounding for a pool's ``(mode, half)``: none, float16, bfloat16 nearest, or the general one."""
+    if half:
+        return ROUND_HALF
+    return (ROUND_NONE, ROUND_BF16, ROUND_STORED)[mode]
+
+
+@cuda.jit(device=True, inline=True)
+def round_bfloat16(h):
+    """``h`` rounded to the nearest even bfloat16, as a float32, in 32-bit registers.
+
+    The integer shortcut of :func:`mamba_cache.precision.kernels.convert_bits` (same bits; NaN quieted).
+    """
+    x = float32_bits(h)
+    top = x & np.uint32(0x80000000)
+    mag = x & np.uint32(0x7FFFFFFF)
+    if mag > np.uint32(0x7F800000):
+        return float32_from_bits(top | np.uint32(0x7FC00000) | (mag & np.uint32(0xFFFF0000)))
+    rounded = (mag + np.uint32(0x7FFF) + ((mag >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return float32_from_bits(top | rounded)
+
+
+def _rounder(rounding: int) -> Any:
+    """A device function rounding a float32 state value as ``rounding`` says.
+
+    Its arguments are :func:`round_state`'s; the cases ``rounding`` rules out are compiled away, so
+    the d-loops that call it stay small enough for LLVM to unroll.
+    """
+    if rounding == ROUND_NONE:
+
+        @cuda.jit(device=True, inline=True)
+        def rounder(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
+            return h
+
+    elif rounding == ROUND_HALF:
+
+        @cuda.jit(device=True, inline=True)
+        def rounder(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
+            return float32(np.float16(h))
+
+    elif rounding == ROUND_BF16:
+
+        @cuda.jit(device=True, inline=True)
+        def rounder(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
+            return round_bfloat16(h)
+
+    else:
+
+        @cuda.jit(device=True, inline=True)
+        def rounder(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi):
+            return round_state(h, mode, exp_bits, man_bits, half, element, position, layer, seed_lo, seed_hi)
+
+    return rounder
+
+
+def replay_gdn_kernel(key_dim: int, rounding: int = ROUND_NONE, bits16: int = 0) -> Any:
+    """The Gated DeltaNet replay kernel for key dim ``key_dim`` and a ``rounding`` (cached).
+
+    For ``key_dim`` in :data:`SPECIALISED_KEY_DIMS` the key dim is a compile-time constant: the
+    column array has exactly ``D`` entries and every ``d`` loop has a constant trip count, so LLVM
+    unrolls them fully and keeps the column in registers (no local memory with ``ROUND_NONE``,
+    ``ROUND_HALF`` and ``ROUND_BF16``; ``tests/test_replay.py`` checks the PTX). Stochastic
+    rounding (``ROUND_STORED``, a Philox call per element and step) is not unrolled: its column
+    lives in local memory. Any other ``D`` (``<= MAX_KEY_DIM``) gets the generic kernel (``key_dim``
+    0), whose column lives in a ``MAX_KEY_DIM`` local array: correct, same arithmetic, slower.
+    """
+    key = (key_dim if key_dim in SPECIALISED_KEY_DIMS else 0, rounding, int(bits16))
+    kernel = _GDN_KERNELS.get(key)
+    if kernel is None:
+        kernel = _GDN_KERNELS[key] = _make_replay_gdn(*key)
+    return kernel
+
+
+_MAMBA2_KERNELS: dict = {}
+
+
+def replay_mamba2_kernel(rounding: int = ROUND_STORED, bits16: int = 0) -> Any:
+    """The Mamba2 replay kernel for a ``rounding`` (``ROUND_*``) and pool kind (``bits16``: bfloat16), cached.
+
+    Both are compile-time constants, so the kernel holds only the rounding it uses (a float32 state
+    compiles no conversion at all). ``ROUND_STORED`` (the general :func:`round_state`, reading the
+    runtime ``mode``) is correct for every pool; the specialised kinds are smaller.
+    """
+    key = (rounding, int(bits16))
+    kernel = _MAMBA2_KERNELS.get(key)
+    if kernel is None:
+        kernel = _MAMBA2_KERNELS[key] = _make_replay_mamba2(*key)
+    return kernel
+
+
+def _make_replay_mamba2(rounding: int, pool_bits16: int) -> Any:
+    rounder = _rounder(rounding)
+
+    @cuda.jit(cache=False)
+    def replay_mamba2(
+        rec,
+        conv,
+        dA,  # noqa: N803
+        u,
+        B,  # noqa: N803
+        col,
+        chunks_rec,
+        heads,
+        dim,
+        size,
+        groups,
+        channels,
+        width,
+        mode,
+        exp_bits,
+        man_bits,
+        bits16,
+        half,
+        seed_lo,
+        seed_hi,
+        positions,
+        use_positions,
+        accept_lengths,
+        state_indices,
+        use_indices,
+        seq_len,
+        node_ids,
+        use_nodes,
+        track_rec,
+        track_conv,
+        track_entries,
+        track_steps,
+        use_tracking,
+    ):
+        """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
+
+        Thread ``e`` owns state element ``(i, d, n)``; ``h`` stays in a register for all ``a`` steps and
+        is rounded there after every step exactly as the decode step's store rounds it
+        (:func:`round_state`; the rounding kind and the pool kind are compile-time constants of this
+        kernel, see :func:`replay_mamba2_kernel`), then stored once.
+
+        Args:
+            rec (DeviceNDArray): ``[L, B, H*D*N]`` recurrent pool (read once, written once); a bfloat16
+                pool is uint16 raw bits.
+            conv (DeviceNDArray): ``[L, B, C*K]`` conv pool (written).
+            dA (DeviceNDArray): ``[L, B*S*H]`` float32 stash.
+            u (DeviceNDArray): ``[L, B*S*H*D]`` float32 stash.
+            B (DeviceNDArray): ``[L, B*S*G*N]`` float32 stash.
+            col (DeviceNDArray): ``[L, B*S*C]`` conv input columns, conv dtype.
+            chunks_rec (int): x blocks covering one slot's ``H*D*N`` elements.
+            heads (int): H.
+            dim (int): D.
+            size (int): N.
+            groups (int): G.
+            channels (int): C.
+            width (int): K.
+            mode (int): the recurrent pool's rounding: 0 exact / hardware, 1 integer nearest even, 2 stochastic.
+            exp_bits (int): exponent bits of the recurrent dtype.
+            man_bits (int): mantissa bits of the recurrent dtype.
+            bits16 (int): 1 for a bfloat16 (uint16 raw bits) recurrent pool.
+            half (int): 1 for a float16 pool rounded to nearest (in-register ``cvt.rn.f16.f32``).
+            seed_lo (int): low 32 bits of ``Config.rounding_seed``.
+            seed_hi (int): high 32 bits of it.
+            positions (DeviceNDArray): ``[rows]`` int32 tokens consumed before the verify pass
+                (read if ``use_positions``).
+            use_positions (int): 1 to read ``positions`` (else 0 is assumed).
+            accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
+            state_indices (DeviceNDArray): ``[rows]`` int32 slots, read only if ``use_indices``.
+            use_indices (int): 1 to read ``state_indices``.
+            seq_len (int): V.
+            node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted tree nodes (read only if ``use_nodes``).
+            use_nodes (int): 1 for a tree commit: step ``t`` replays stash row ``row * V + node_ids[row, t]``.
+            track_rec (DeviceNDArray): ``[L, P, H*D*N]`` prefix-store entries (written if tracking).
+            track_conv (DeviceNDArray): ``[L, P, C*K]`` prefix-store entries (written if tracking).
+            track_entries (DeviceNDArray): ``[rows]`` int32 store entry of each row (read if ``use_tracking``).
+            track_steps (DeviceNDArray): ``[rows]`` int32 step whose state row ``b`` checkpoints, -1 none.
+            use_tracking (int): 1 to checkpoint.
+
+        Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+        """
+        layer, row = cuda.blockIdx.z, cuda.blockIdx.y
+        accepted, slot = _row_slot(
+            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
         )
-        if round_each_step:
-            for d in range(dim):
-                rec[layer, slot, first + d * size] = s[d]
-                s[d] = float32(rec[layer, slot, first + d * size])
-    for d in range(dim):
-        rec[layer, slot, first + d * size] = s[d]
+        if slot < 0:
+            return
+        tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
+        if cuda.blockIdx.x >= chunks_rec:
+            c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
+            if c < channels:
+                if tracked >= 0:
+                    _track_conv(
+                        conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, width, node_ids,
+                        use_nodes,
+                    )  # fmt: skip
+                _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
+            return
+        e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if e >= heads * dim * size:
+            return
+        i = e // (dim * size)
+        d = (e // size) % dim
+        n = e % size
+        j = i // (heads // groups)
+        h = load_float32(rec[layer, slot, e], pool_bits16)
+        for t in range(accepted):
+            step = _step(node_ids, use_nodes, row, seq_len, t)
+            h = mamba2_update(
+                h,
+                dA[layer, step * heads + i],
+                u[layer, (step * heads + i) * dim + d],
+                B[layer, (step * groups + j) * size + n],
+            )
+            position = _position(positions, use_positions, row, t)
+            h = rounder(h, mode, exp_bits, man_bits, half, e, position, layer, seed_lo, seed_hi)
+            if t == tracked:
+                track_rec[layer, entry, e] = _store_word(h, pool_bits16)
+        rec[layer, slot, e] = _store_word(h, pool_bits16)
+
+    return replay_mamba2
+
+
+#: The general Mamba2 replay kernel (every rounding, read at run time; a float16 / float32 / float64 pool).
+replay_mamba2 = replay_mamba2_kernel(ROUND_STORED, 0)
+
+
+def _make_replay_gdn(key_dim: int, rounding: int, pool_bits16: int) -> Any:
+    column_len = key_dim if key_dim else MAX_KEY_DIM
+    key_dim_of = _key_dim_of(key_dim)
+    rounds = rounding != ROUND_NONE
+    rounder = _rounder(rounding)
+
+    @cuda.jit(cache=False)
+    def replay_gdn(
+        rec,
+        conv,
+        g,
+        beta,
+        k,
+        v,
+        col,
+        chunks_rec,
+        heads,
+        dim,
+        size,
+        groups,
+        channels,
+        width,
+        mode,
+        exp_bits,
+        man_bits,
+        bits16,
+        half,
+        seed_lo,
+        seed_hi,
+        positions,
+        use_positions,
+        accept_lengths,
+        state_indices,
+        use_indices,
+        seq_len,
+        node_ids,
+        use_nodes,
+        track_rec,
+        track_conv,
+        track_entries,
+        track_steps,
+        use_tracking,
+    ):
+        """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
+
+        Thread ``(i, e)`` (``i * N + e`` over the x blocks ``< chunks_rec``) owns column ``e`` of head
+        ``i``'s state ``S_i [D, N]``; the order of operations is :func:`gdn_column_step`'s. Arguments
+        as :func:`replay_mamba2`'s, with the stash fields ``g [L, B*S*H]``, ``beta [L, B*S*H]``,
+        ``k [L, B*S*G*D]``, ``v [L, B*S*H*N]`` (float32) and ``chunks_rec`` covering ``H*N`` columns.
+
+        Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+        """
+        layer, row = cuda.blockIdx.z, cuda.blockIdx.y
+        accepted, slot = _row_slot(
+            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
+        )
+        if slot < 0:
+            return
+        tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
+        if cuda.blockIdx.x >= chunks_rec:
+            c = (cuda.blockIdx.x - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
+            if c < channels:
+                if tracked >= 0:
+                    _track_conv(
+                        conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, width, node_ids,
+                        use_nodes,
+                    )  # fmt: skip
+                _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
+            return
+        column = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if column >= heads * size:
+            return
+        n_dim = key_dim_of(dim)
+        i = column // size
+        e = column % size
+        j = i // (heads // groups)
+        first = i * n_dim * size + e  # element (i, 0, e); (i, d, e) is first + d * size
+        s = cuda.local.array(column_len, float32)
+        for d in range(n_dim):
+            s[d] = load_float32(rec[layer, slot, first + d * size], pool_bits16)
+        for t in range(accepted):
+            step = _step(node_ids, use_nodes, row, seq_len, t)
+            value = v[layer, (step * heads + i) * size + e]
+            if rounds:  # a 16-bit pool: each element rounded in registers right after its write, as its store would
+                position = _position(positions, use_positions, row, t)
+                keys, key_offset, decay = k[layer], (step * groups + j) * n_dim, g[layer, step * heads + i]
+                pred = float32(0.0)
+                for d in range(n_dim):  # gdn_column_step's operations, in its order
+                    s[d] = s[d] * decay
+                    pred = gdn_accumulate(pred, s[d], keys[key_offset + d])
+                delta = beta[layer, step * heads + i] * (value - pred)
+                for d in range(n_dim):
+                    s[d] = rounder(
+                        gdn_write(s[d], keys[key_offset + d], delta),
+                        mode,
+                        exp_bits,
+                        man_bits,
+                        half,
+                        first + d * size,
+                        position,
+                        layer,
+                        seed_lo,
+                        seed_hi,
+                    )
+            else:
+                gdn_column_step(
+                    s,
+                    n_dim,
+                    g[layer, step * heads + i],
+                    beta[layer, step * heads + i],
+                    value,
+                    k[layer],
+                    (step * groups + j) * n_dim,
+                )
+            if t == tracked:
+                for d in range(n_dim):
+                    track_rec[layer, entry, first + d * size] = _store_word(s[d], pool_bits16)
+        for d in range(n_dim):
+            rec[layer, slot, first + d * size] = _store_word(s[d], pool_bits16)
+
+    return replay_gdn
 
 
 def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
     """(launch, x blocks, layers) of the replay kernel of ``config.mixer`` over a manager's pools.
+
+    The launch starts with no positions, indices, nodes or tracking bound (the ``use_*`` flags 0);
+    each call re-points the ones it uses.
 
     Args:
         pools: the manager's ``StatePools`` (``recurrent`` ``[L, B, H, D, N]``, ``conv`` ``[L, B, C, K]``).
@@ -325,6 +586,8 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
         placeholder: an int32 ``[B]`` device array bound to the index arguments until a call re-points them.
         launch_class: ``PreparedLaunch`` (GPU) or ``DispatcherLaunch`` (simulator).
     """
+    from ..precision.kernels import store_formats
+
     layers, slots = config.num_recurrent_layers, config.max_batch_size
     heads, dim, size, groups = (
         config.recurrent_state_num_heads,
@@ -334,13 +597,18 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     )
     rec = pools.recurrent.reshape(layers, slots, heads * dim * size)
     conv = pools.conv.reshape(layers, slots, config.conv_dim * config.conv_kernel)
+    dtype = config.recurrent_state_dtype
+    mode, exp_bits, man_bits, bits16 = (int(x) for x in store_formats(config, dtype, dtype)[:4])
+    half = int(dtype.name == "float16" and mode == 0)
     if config.mixer == "mamba2":
-        kernel, fields, elems = replay_mamba2, ("dA", "u", "B"), heads * dim * size
+        kernel = replay_mamba2_kernel(rounding_of(mode, half), bits16)
+        fields, elems = ("dA", "u", "B"), heads * dim * size
     else:
-        kernel, fields, elems = replay_gdn, ("g", "beta", "k", "v"), heads * size
+        kernel = replay_gdn_kernel(dim, rounding_of(mode, half), bits16)
+        fields, elems = ("g", "beta", "k", "v"), heads * size
     chunks_rec = -(-elems // THREADS)
     chunks_conv = -(-config.conv_dim // THREADS)
-    round_each_step = int(config.recurrent_state_dtype.itemsize < 4)
+    seed = config.rounding_seed
     args = (
         rec,
         conv,
@@ -353,12 +621,25 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
         groups,
         config.conv_dim,
         config.conv_kernel,
-        round_each_step,
+        mode,
+        exp_bits,
+        man_bits,
+        bits16,
+        half,
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+        placeholder,
+        0,
         placeholder,
         placeholder,
         0,
         1,
         placeholder.reshape((placeholder.size, 1)),
+        0,
+        rec,  # tracking off: never written
+        conv,
+        placeholder,
+        placeholder,
         0,
     )
     return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, layers

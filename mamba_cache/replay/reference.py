@@ -97,6 +97,11 @@ def replay_commit(
     seq_len: int,
     mixer: str,
     nodes: Any = None,
+    *,
+    positions: Any = None,
+    stochastic: bool = False,
+    seed: int = 0,
+    track: Any = None,
 ) -> None:
     """Replay each row's accepted steps from the stash into its slot, every layer, in place.
 
@@ -118,9 +123,20 @@ def replay_commit(
         nodes: optional ``[active, M]`` int32 accepted tree node ids (a tree commit): row ``b``
             replays the nodes ``nodes[b, :min(a, M)]`` in order instead of steps ``0 .. a-1``, and
             is skipped unless there is at least one and every one is in ``[0, V)``.
+        positions: optional ``[active]`` int tokens row ``b``'s state had consumed before the verify
+            pass (``p``); the state after replayed step ``t`` has consumed ``p + t + 1`` (0 when None).
+        stochastic: round into a 16-bit recurrent dtype stochastically
+            (:func:`mamba_cache.precision.convert`, keyed by layer, kind 0, that position and the element).
+        seed: ``Config.rounding_seed``.
+        track: optional ``(pools, entries, steps, check)``: prefix-store ``(recurrent [L, P, H, D, N],
+            conv [L, P, C, K])``, ``[active]`` int entries and steps, and a callable that refuses a
+            bad set of entries. A committing row with ``0 <= steps[b] < a`` and ``entries[b]`` in
+            ``[0, P)`` copies its states after step ``steps[b]`` (as stored) into that entry; a row
+            that commits nothing tracks nothing.
 
     Raises:
-        ValueError: two committing rows name one slot (nothing changed).
+        ValueError: two committing rows name one slot, or ``check`` refuses the tracked entries
+            (nothing changed).
     """
     layers, slots_total = recurrent.shape[:2]
     active = accept.shape[0]
@@ -144,6 +160,15 @@ def replay_commit(
             f"committing rows must name distinct slots; slot {int(targets[counts > 1][0])} is named "
             f"by {int(counts.max())} rows (state_indices); nothing was changed"
         )
+    tracked = np.zeros(0, np.int64)
+    if track is not None:
+        track_pools, track_entries, track_steps, check = track
+        entry_of, step_of = track_entries.astype(np.int64), track_steps.astype(np.int64)
+        entries_total = track_pools[0].shape[1]
+        on = (step_of[rows] >= 0) & (step_of[rows] < accepted[rows])
+        on &= (entry_of[rows] >= 0) & (entry_of[rows] < entries_total)
+        tracked = rows[on]
+        check(entry_of[tracked])  # may refuse: nothing moved yet
     if rows.size == 0:
         return
     names = ["dA", "u", "B"] if mixer == "mamba2" else ["g", "beta", "k", "v"]
@@ -156,10 +181,30 @@ def replay_commit(
     dtype = recurrent.dtype
     state = recurrent[:, targets].astype(F32)  # [L, R, H, D, N]
     live_shape = (1, rows.size) + (1,) * (state.ndim - 2)
+    start = np.zeros(rows.size, np.int64) if positions is None else positions.astype(np.int64)[rows]
+    columns = views["conv"][:, rows[:, None], path]  # [L, R, T, C] in replay order
+    track_rows = np.searchsorted(rows, tracked)  # positions of the tracked rows within `rows`
     for t in range(int(a.max())):
         new = step_fn(state, *(views[name][:, rows, path[:, t]] for name in names))
         # stored to the state dtype after every step, exactly as the decode step stores it
-        state = np.where((a > t).reshape(live_shape), new.astype(dtype).astype(F32), state)
+        stored = _store(new, dtype, stochastic, seed, start + t + 1)
+        state = np.where((a > t).reshape(live_shape), stored.astype(F32), state)
+        at_t = track_rows[step_of[tracked] == t] if tracked.size else track_rows
+        if at_t.size:  # the state after step t (as stored) and the window after t + 1 columns
+            entries = entry_of[rows[at_t]]
+            track_pools[0][:, entries] = state[:, at_t].astype(dtype)
+            track_pools[1][:, entries] = conv_after(conv[:, targets[at_t]], columns[:, at_t], np.full(at_t.size, t + 1))
     recurrent[:, targets] = state.astype(dtype)
-    columns = views["conv"][:, rows[:, None], path]  # [L, R, T, C] in replay order
     conv[:, targets] = conv_after(conv[:, targets], columns, a)
+
+
+def _store(values: np.ndarray, dtype: Any, stochastic: bool, seed: int, position: np.ndarray) -> np.ndarray:
+    """``[L, R, ...]`` float32 states as a pool of ``dtype`` stores them (``position`` ``[R]``)."""
+    if not (stochastic and np.dtype(dtype).itemsize == 2):
+        return values.astype(dtype)
+    from ..precision import convert
+
+    flat = values.reshape(values.shape[0], values.shape[1], -1)
+    layer = np.arange(values.shape[0])[:, None]
+    out = convert(flat, dtype, stochastic=True, seed=seed, kind=0, layer=layer, position=position[None, :])
+    return out.reshape(values.shape)

@@ -52,7 +52,7 @@ def write(target, values):
     if isinstance(target, np.ndarray):
         target[...] = values
     else:
-        target.copy_to_device(np.ascontiguousarray(values))
+        target.copy_to_device(np.ascontiguousarray(values).view(target.dtype))  # bfloat16: the uint16 raw bits
 
 
 def stash_values(config, rng):
@@ -832,3 +832,76 @@ def test_gpu_rounded_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, d
         model.decode_accepted(seq, drafts, accept, positions=consumed)
         consumed = consumed + np.array(accept, dtype=np.int32)
     assert main_bits(spec) == main_bits(seq), f"{dtype} sr={stochastic}"
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_gpu_tracked_stochastic_replay_captures_into_a_cuda_graph(rng, mixer):
+    """positions + tracking bound on device arrays, captured once, replayed with new values == NumPy reference."""
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine)")
+    from cuda.bindings import driver
+    from numba import cuda
+
+    from mamba_cache.prefix import PrefixStateCache
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    config = replay_config(mixer, "bfloat16", stochastic_rounding=True, rounding_seed=5)
+    seed = int(rng.integers(1 << 30))
+    dev, _, _ = filled_pair(config, "numba", np.random.default_rng(seed))
+    ref, _, _ = filled_pair(config, "numpy", np.random.default_rng(seed))
+    stores = [PrefixStateCache(m, entries=5, block_size=4) for m in (dev, ref)]
+    reserved = [[store.reserve() for _ in range(5)] for store in stores]
+    assert reserved[0] == reserved[1]
+    entries = np.array(reserved[0], dtype=np.int32)
+    stream = cuda.stream()
+    arrays = {k: cuda.to_device(np.zeros(5, dtype=np.int32), stream=stream) for k in ("acc", "pos", "e", "t")}
+    for m in (dev, ref):
+        m.reshape_intermediate_states(5, 3)
+
+    def commit():
+        dev.replay_mtp_states(
+            arrays["acc"],
+            stream=stream,
+            positions=arrays["pos"],
+            store=stores[0],
+            track_entries=arrays["e"],
+            track_steps=arrays["t"],
+        )
+
+    commit()  # the first call prepares the launch outside capture (all rows padding: nothing moves)
+    stream.synchronize()
+    handle = int(stream.handle)
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    commit()
+    exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    values = {
+        "acc": np.array([3, 0, 1, 2, 3], dtype=np.int32),
+        "pos": np.array([4, 8, 0, 100, 7], dtype=np.int32),
+        "e": entries,
+        "t": np.array([2, 0, 0, 1, -1], dtype=np.int32),
+    }
+    for name, value in values.items():
+        arrays[name].copy_to_device(value, stream=stream)
+    check(driver.cuGraphLaunch(exec_graph, handle))
+    stream.synchronize()
+    ref.replay_mtp_states(
+        values["acc"], positions=values["pos"], store=stores[1], track_entries=values["e"], track_steps=values["t"]
+    )
+    got, want = snapshot(dev), snapshot(ref)
+    assert got["conv"].tobytes() == want["conv"].tobytes()
+    got_rec = got["recurrent"].view(want["recurrent"].dtype)  # a bfloat16 pool snapshots as its uint16 bits
+    tol = dict(rtol=3.2e-2, atol=3.2e-2)  # bfloat16 (ulp 2**-7): FMA vs two roundings, then SR, over 3 steps
+    np.testing.assert_allclose(got_rec.astype(np.float64), want["recurrent"].astype(np.float64), **tol)
+    got_entries, want_entries = [to_host(p) for p in stores[0]._pools], stores[1]._pools
+    assert got_entries[1].view(np.uint16).tobytes() == want_entries[1].view(np.uint16).tobytes()
+    np.testing.assert_allclose(
+        got_entries[0].view(want_entries[0].dtype).astype(np.float64),
+        want_entries[0].astype(np.float64),
+        **tol,
+    )
+    assert want_entries[0][:, entries[[0, 3]]].any()

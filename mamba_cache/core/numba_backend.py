@@ -602,10 +602,12 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("use_tracking", int(track is not None))
         if track is not None:
             store, entries, steps = track
-            layers_, count = self._config.num_recurrent_layers, store.entries
-            track_rec, track_conv = (pool.reshape(layers_, count, -1) for pool in store._pools)
-            for name, pool in (("track_rec", track_rec), ("track_conv", track_conv)):
-                launch.set_array(name, DeviceArg(pool, _device_pointer(pool), pool.shape), shape_changes=True)
+            views = []  # the store's [L, P, ...] pools seen flat per entry (host-side views, nothing allocated)
+            for pool in store._pools:
+                flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
+                views.append(DeviceArg(flat, _device_pointer(flat), flat.shape))
+            launch.set_array("track_rec", views[0], shape_changes=True)
+            launch.set_array("track_conv", views[1], shape_changes=True)
             launch.set_array("track_entries", entries, shape_changes=True)
             launch.set_array("track_steps", steps, shape_changes=True)
         launch.launch((blocks, active, layers), stream)

@@ -245,10 +245,9 @@ def round_bfloat16(h):
     x = float32_bits(h)
     top = x & np.uint32(0x80000000)
     mag = x & np.uint32(0x7FFFFFFF)
-    if mag > np.uint32(0x7F800000):
-        return float32_from_bits(top | np.uint32(0x7FC00000) | (mag & np.uint32(0xFFFF0000)))
+    nan = np.uint32(0x7FC00000) | (mag & np.uint32(0xFFFF0000))
     rounded = (mag + np.uint32(0x7FFF) + ((mag >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return float32_from_bits(top | rounded)
+    return float32_from_bits(top | (nan if mag > np.uint32(0x7F800000) else rounded))  # a select, no branch
 
 
 def _rounder(rounding: int) -> Any:

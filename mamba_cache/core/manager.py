@@ -232,6 +232,13 @@ class MambaCacheManagerBase:
         """One view per layer of a stacked ``[L, ...]`` array."""
         return [stacked[layer] for layer in range(stacked.shape[0])]
 
+    def _export(self, array: Array, dtype: np.dtype) -> Array:
+        """A view handed to the user, as the class that exports DLPack (``dtype``: the cache's dtype of it).
+
+        Default: ``array`` itself.
+        """
+        return array
+
     def _int32_array(self, name: str, array: Any, layout: str, stream: Stream) -> tuple[IndexArg, Shape]:
         """Check an int32 index array argument (kind, device, dtype, rank, contiguity).
 
@@ -374,7 +381,7 @@ class MambaCacheManagerBase:
         key = (kind, index)
         view = self._view_cache.get(key)
         if view is None:
-            view = getattr(pools, kind)[index]
+            view = self._export(getattr(pools, kind)[index], getattr(self._config, f"{kind}_state_dtype"))
             self._view_cache[key] = view
         return view
 
@@ -399,6 +406,7 @@ class MambaCacheManagerBase:
             per_layer = getattr(self._config, f"{kind}_state_shape")[1:]
             elems = int(np.prod(per_layer))
             view = flat[index, : active * seq * elems].reshape((active, seq, *per_layer))
+            view = self._export(view, getattr(self._config, f"intermediate_{kind}_state_dtype"))
             self._view_cache[key] = view
         return view
 
@@ -818,9 +826,10 @@ class MambaCacheManagerBase:
         if views is None:
             active, seq = self._verify_shape
             views = {}
-            for name, (shape, _) in self._config.replay_stash_fields.items():
+            for name, (shape, dtype) in self._config.replay_stash_fields.items():
                 elems = int(np.prod(shape))
-                views[name] = self._stash[name][index, : active * seq * elems].reshape((active, seq, *shape))
+                view = self._stash[name][index, : active * seq * elems].reshape((active, seq, *shape))
+                views[name] = self._export(view, dtype)
             self._view_cache[key] = views
         return views
 

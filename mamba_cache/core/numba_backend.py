@@ -233,7 +233,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
         self._capture_into(pool, slot, out, stream)
-        return out
+        kind = "recurrent" if pool is self._pools.recurrent else "conv"
+        return self._export(out, getattr(self._config, f"{kind}_state_dtype"))
+
+    def _export(self, array: Any, dtype: np.dtype) -> Any:
+        # Numba arrays that also export DLPack (bfloat16 pools with the bfloat16 type code)
+        from ..interop.arrays import numba_export
+
+        return numba_export(array, dtype, SIMULATOR)
 
     def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
@@ -254,15 +261,15 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.launch(grid, stream)
 
     def _split_layers(self, stacked: Any) -> list:
+        cls = type(stacked)  # the DLPack-exporting class of the captured stack (see _capture)
         if SIMULATOR:
-            return super()._split_layers(stacked)
+            return [cls(layer._ary, stream=layer.stream) for layer in super()._split_layers(stacked)]
         # DeviceNDArray.__getitem__ costs tens of microseconds; a layer of a C-contiguous stack is
         # just a byte range of it, so build the views from the memory directly.
         memory, step = stacked.gpu_data, stacked.strides[0]
         shape, strides, dtype = stacked.shape[1:], stacked.strides[1:], stacked.dtype
         return [
-            _DeviceArray(shape, strides, dtype, gpu_data=memory.view(i * step, (i + 1) * step))
-            for i in range(stacked.shape[0])
+            cls(shape, strides, dtype, gpu_data=memory.view(i * step, (i + 1) * step)) for i in range(stacked.shape[0])
         ]
 
     def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:

@@ -70,7 +70,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         pool_b[...] = 0
 
     def _capture(self, pool: np.ndarray, slot: int, stream: Any) -> np.ndarray:
-        return pool[:, slot : slot + 1].copy()
+        return self._export(pool[:, slot : slot + 1].copy(), pool.dtype)
+
+    def _export(self, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        # NumPy exports DLPack itself, except ml_dtypes' bfloat16: those views get a subclass that does
+        from ..interop.arrays import host_export
+
+        return host_export(array)
 
     def _capture_into(self, pool: np.ndarray, slot: int, out: np.ndarray, stream: Any) -> None:
         out[...] = pool[:, slot : slot + 1]

@@ -260,6 +260,30 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
+    def _capture_pair_into(self, slot: int, outs: tuple, stream: Any) -> None:
+        # One copy_rows launch: row `slot` of both pools -> row 0 of the [L, 1, ...] outputs, the
+        # recurrent slot's x blocks then the conv slot's, every layer. Prepared once; a call only
+        # re-points the outputs (a no-op for the pair it saw last) and sets the slot.
+        entry = self._launches.get("capture_pair")
+        if entry is None:
+            pools, slots = self._pools, self._config.max_batch_size
+            src = [_slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)]
+            dst = [_slot_words(o, 1) for o in outs]
+            (chunks_a, chunks_b), threads = kernels.launch_shape(dst[0].shape[2], dst[1].shape[2])
+            placeholder = self._placeholder().array
+            args = (dst[0], src[0], dst[1], src[1], chunks_a, placeholder, placeholder, 0, 0, 0)
+            # Every call re-points dst_a / dst_b, so the launch need not keep the first outputs alive.
+            launch = _Launch(kernels.copy_rows, args, threads, keep_alive=False)
+            entry = self._launches["capture_pair"] = [launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]), None]
+        launch, grid, bound = entry
+        if bound is None or bound[0] is not outs:  # the outputs' DeviceArgs, built once per checked pair
+            words = [_slot_words(o, 1) if launch.needs_array else None for o in outs]
+            bound = entry[2] = (outs, [DeviceArg(w, _device_pointer(o), ()) for w, o in zip(words, outs, strict=True)])
+        launch.set_array("dst_a", bound[1][0])
+        launch.set_array("dst_b", bound[1][1])
+        launch.set_scalar("src_row", slot)
+        launch.launch(grid, stream)
+
     def _split_layers(self, stacked: Any) -> list:
         cls = type(stacked)  # the DLPack-exporting class of the captured stack (see _capture)
         if SIMULATOR:

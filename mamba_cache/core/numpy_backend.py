@@ -243,6 +243,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             raise TypeError(f"{name} must have dtype {dtype.name} (the pool's), got {array.dtype.name}")
         if array.shape != shape:
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(array.shape)}")
+        if not array.flags.c_contiguous:  # as the Numba backend requires
+            raise ValueError(f"{name} must be contiguous")
         return array
 
     def _write_slot(self, pool: np.ndarray, layer: int, slot: int, state: np.ndarray, stream: Any) -> None:

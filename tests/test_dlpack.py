@@ -28,6 +28,7 @@ _api.PyCapsule_GetPointer.restype = ctypes.c_void_p
 _api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
 _api.PyCapsule_GetName.restype = ctypes.c_char_p
 _api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+USED_NAMES = {"dltensor": b"used_dltensor", "dltensor_versioned": b"used_dltensor_versioned"}
 
 
 def read_capsule(capsule) -> dict:
@@ -68,7 +69,7 @@ def call_deleter(capsule) -> None:
     fields = read_capsule(capsule)
     address = _api.PyCapsule_GetPointer(capsule, fields["name"].encode())
     _api.PyCapsule_SetName.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    _api.PyCapsule_SetName(capsule, b"used_" + fields["name"].encode())
+    _api.PyCapsule_SetName(capsule, USED_NAMES[fields["name"]])  # the capsule keeps the pointer: never a temporary
     ctypes.CFUNCTYPE(None, ctypes.c_void_p)(fields["deleter"])(address)
 
 
@@ -324,3 +325,165 @@ def test_cuda_core_reads_the_capsule_as_we_describe_it():
     view = StridedMemoryView.from_dlpack(state, stream_ptr=-1)
     assert view.ptr == state.__cuda_array_interface__["data"][0]
     assert tuple(view.shape) == tuple(state.shape) and view.dtype == BF16 and view.device_id == cache.device_id
+
+
+# ------------------------------------------------------------------ accepting DLPack-only arguments
+class DLPackOnly:
+    """Exposes an array through ``__dlpack__`` / ``__dlpack_device__`` only (as a JAX array may).
+
+    ``array`` is a host array (NumPy backend) or a Numba device array; under the CUDA simulator the
+    device memory is a host buffer, exported as kDLCUDA memory like the real thing.
+    """
+
+    def __init__(self, array, device=None, dtype=None):
+        self.array = array
+        self.device = device
+        self.dtype = dtype  # what the capsule says, when it differs (bfloat16 over uint16 bits)
+        self.streams = []
+
+    def __dlpack_device__(self):
+        if self.device is not None:
+            return self.device
+        if isinstance(self.array, np.ndarray):
+            return (dlpack.KDL_CPU, 0)
+        return (dlpack.KDL_CUDA, 0)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        self.streams.append(stream)
+        a = self.array
+        strides = tuple(s // a.dtype.itemsize for s in a.strides)
+        versioned = max_version is not None and max_version[0] >= 1
+        dtype = self.dtype or a.dtype
+        return dlpack.to_capsule(
+            pointer_of(a), tuple(a.shape), strides, dtype, self.__dlpack_device__(), a, versioned=versioned
+        )
+
+
+def dlpack_only(backend, values, **kwargs):
+    host = np.ascontiguousarray(values)
+    if backend == "numpy":
+        return DLPackOnly(host, **kwargs)
+    from numba import cuda
+
+    return DLPackOnly(cuda.to_device(host), **kwargs)
+
+
+def test_dlpack_only_index_arrays_drive_every_commit(backend, rng):
+    from conftest import assert_same_bits, fill_random, snapshot
+
+    config = small_config()
+    ref, cache = NumpyMambaCacheManager(config), BACKENDS[backend](config)
+    before, held = dlpack.live_exports(), []
+    for round_ in range(3):
+        fill_random([ref, cache], rng)
+        accept = rng.integers(-1, 5, size=4).astype(np.int32)
+        indices = rng.permutation(5)[:4].astype(np.int32)
+        nodes = rng.integers(-1, 4, size=(4, 3)).astype(np.int32)
+        src, dst = np.array([0, 9], np.int32), np.array([4, 1], np.int32)
+        ref.scatter_mtp_states(accept, state_indices=indices)
+        cache.scatter_mtp_states(dlpack_only(backend, accept), state_indices=dlpack_only(backend, indices))
+        ref.scatter_accepted_tree_states(nodes, accept)
+        cache.scatter_accepted_tree_states(dlpack_only(backend, nodes), dlpack_only(backend, accept))
+        ref.copy_slots(src, dst)
+        cache.copy_slots(dlpack_only(backend, src), dlpack_only(backend, dst))
+        if backend == "numba":
+            from conftest import sync
+
+            sync()
+        assert_same_bits(snapshot(ref), snapshot(cache), f"round {round_}")
+        gc.collect()
+        held.append(dlpack.live_exports() - before)
+    # A launch may hold the arrays of its latest call (the simulator's dispatcher launch does): no more
+    assert held[-1] == held[0] <= 6, held
+    cache.close()
+    gc.collect()
+    assert dlpack.live_exports() == before, "an imported tensor's deleter was not called"
+
+
+def test_numba_passes_its_stream_to_the_producer():
+    from numba import cuda
+
+    cache = NumbaMambaCacheManager(small_config())
+    accept = dlpack_only("numba", np.zeros(3, np.int32))
+    cache.scatter_mtp_states(accept)
+    cache.scatter_mtp_states(accept, cuda.stream())
+    assert accept.streams and all(isinstance(s, int) and s != 0 for s in accept.streams)  # 0 is not a DLPack stream
+
+
+def test_a_host_dlpack_index_array_is_staged_by_the_numba_backend(rng):
+    from conftest import assert_same_bits, fill_random, snapshot, sync
+
+    config = small_config()
+    ref, cache = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
+    fill_random([ref, cache], rng)
+    accept = np.array([2, 0, 3, 1], np.int32)
+    ref.scatter_mtp_states(accept)
+    cache.scatter_mtp_states(DLPackOnly(accept))  # kDLCPU: copied to the device like a numpy array
+    sync()
+    assert_same_bits(snapshot(ref), snapshot(cache), "host DLPack")
+
+
+@pytest.mark.parametrize(
+    "case", ["int64", "2-D", "strided", "other device type", "other GPU", "float bits"], ids=lambda c: c
+)
+def test_bad_dlpack_index_arrays_are_refused_before_anything_changes(backend, rng, case):
+    from conftest import assert_same_bits, fill_random, snapshot
+
+    cache = BACKENDS[backend](small_config())
+    fill_random([cache], rng)
+    device_kind = (dlpack.KDL_CPU, 0) if backend == "numpy" else (dlpack.KDL_CUDA, 0)
+    if case == "int64":
+        arg, error, message = dlpack_only(backend, np.zeros(4, np.int64)), TypeError, "must have dtype int32, got int64"
+    elif case == "2-D":
+        arg, error, message = dlpack_only(backend, np.zeros((2, 2), np.int32)), ValueError, r"must be 1-D \[active\]"
+    elif case == "strided":
+        arg = dlpack_only(backend, np.zeros(8, np.int32))
+        arg.array = arg.array[::2]
+        error, message = ValueError, "accept_lengths must be contiguous"
+    elif case == "other device type":
+        arg = dlpack_only(backend, np.zeros(4, np.int32), device=(10, 0))  # kDLROCM
+        error, message = TypeError, "device type 10"
+    elif case == "other GPU":
+        if backend == "numpy":
+            pytest.skip("the NumPy backend takes host memory only (covered by 'other device type')")
+        arg = dlpack_only(backend, np.zeros(4, np.int32), device=(dlpack.KDL_CUDA, 1))
+        error, message = TypeError, r"accept_lengths must be on GPU 0 \(the manager's\), got a DLPack tensor on GPU 1"
+    else:  # float32 bits said to be float: the dtype check sees float32
+        arg = dlpack_only(backend, np.zeros(4, np.float32), device=device_kind)
+        error, message = TypeError, "must have dtype int32, got float32"
+    before = snapshot(cache)
+    with pytest.raises(error, match=message):
+        cache.scatter_mtp_states(arg)
+    assert_same_bits(snapshot(cache), before, case)
+
+
+def test_dlpack_only_outputs_and_states(backend, rng):
+    """capture_states(out=) and restore_slot take DLPack-only tensors; bfloat16 ones for bfloat16 pools."""
+    from conftest import fill_random, snapshot
+
+    dtypes = ("bfloat16", "float16") if backend == "numba" else ("float32", "float16")
+    cache = BACKENDS[backend](small_config(recurrent_state_dtype=dtypes[0], conv_state_dtype=dtypes[1]))
+    fill_random([cache], rng)
+    pools = snapshot(cache)
+    shapes = [(p.shape[0], 1, *p.shape[2:]) for p in (pools["recurrent"], pools["conv"])]
+    raw = [np.zeros(s, pools[k].dtype) for s, k in zip(shapes, ("recurrent", "conv"), strict=True)]
+    bf16 = BF16 if dtypes[0] == "bfloat16" else None
+    out = (dlpack_only(backend, raw[0], dtype=bf16), dlpack_only(backend, raw[1]))
+    assert cache.capture_states(3, out=out) is out
+    assert to_host(out[0].array).tobytes() == pools["recurrent"][:, 3:4].tobytes()
+    assert to_host(out[1].array).tobytes() == pools["conv"][:, 3:4].tobytes()
+    # and back into another slot, one layer at a time
+    states = [
+        [dlpack_only(backend, pools[k][layer, 3:4], dtype=bf16 if k == "recurrent" else None) for layer in range(3)]
+        for k in ("recurrent", "conv")
+    ]
+    cache.restore_slot(0, *states)
+    after = snapshot(cache)
+    for kind in ("recurrent", "conv"):
+        assert after[kind][:, 0].tobytes() == pools[kind][:, 3].tobytes(), kind
+    wrong = dlpack_only(backend, np.zeros(shapes[1], np.float16), dtype=BF16)  # bfloat16 into a float16 pool
+    message = r" must have dtype float16 \(the pool's\), got bfloat16"
+    if backend == "numpy":  # NumPy cannot read a bfloat16 capsule
+        message = ": could not import it"
+    with pytest.raises(TypeError, match=r"out\[1\]" + message):
+        cache.capture_states(0, out=(out[0], wrong))

@@ -87,6 +87,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 f"{name} must be a host numpy.ndarray for the NumPy backend, got a device array "
                 f"({type(array).__name__}); copy it to the host first"
             )
+        array = _host_dlpack(name, array)
         if not isinstance(array, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray of int32, got {type(array).__name__}")
         shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
@@ -236,6 +237,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         self._pools.conv[:, slot] = 0
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        if not hasattr(array, "__cuda_array_interface__"):
+            array = _host_dlpack(name, array)
         if not isinstance(array, np.ndarray):
             kind = "a device array" if hasattr(array, "__cuda_array_interface__") else type(array).__name__
             raise TypeError(f"{name} must be a host numpy.ndarray for the NumPy backend, got {kind}")
@@ -266,3 +269,25 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         replay_commit(
             self._pools.recurrent, self._pools.conv, self._stash, shapes, accept, indices, seq_len, config.mixer, nodes
         )
+
+
+def _host_dlpack(name: str, array: Any) -> Any:
+    """A host DLPack tensor (a CPU torch tensor, ...) as a NumPy array of its memory; anything else as is.
+
+    Raises:
+        TypeError: the tensor is not in host memory (``copy it to the host first``).
+    """
+    if isinstance(array, np.ndarray) or not hasattr(array, "__dlpack__"):
+        return array
+    from ..interop import dlpack
+
+    device_type = int(array.__dlpack_device__()[0])
+    if device_type != dlpack.KDL_CPU:
+        raise TypeError(
+            f"{name} must be in host memory for the NumPy backend, got a DLPack tensor on device type "
+            f"{device_type}; copy it to the host first"
+        )
+    try:
+        return np.from_dlpack(array)  # NumPy reads every dtype but bfloat16 (it refuses that one)
+    except (BufferError, RuntimeError) as error:
+        raise TypeError(f"{name}: could not import it through DLPack ({error})") from None

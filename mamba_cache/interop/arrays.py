@@ -160,3 +160,38 @@ def numba_export(array: Any, dtype: Any, simulator: bool) -> Any:
     if simulator:
         return cls(array._ary, stream=array.stream)
     return cls(array.shape, array.strides, array.dtype, stream=array.stream, gpu_data=array.gpu_data)
+
+
+def numba_array(view: Any, simulator: bool) -> Any:
+    """A Numba device array over an imported, C-contiguous DLPack tensor (bfloat16 as uint16 raw bits).
+
+    The array holds ``view.keeper``, so the producer's deleter runs only once the array is gone.
+
+    Args:
+        view: a :class:`mamba_cache.interop.dlpack.DLPackView` of CUDA memory (under the CUDA
+            simulator: of host memory, which is what the simulator's device memory is).
+        simulator: whether Numba runs in its CUDA simulator.
+    """
+    import ctypes
+
+    from numba import cuda
+
+    dtype = np.dtype(np.uint16) if view.dtype.name == "bfloat16" else view.dtype
+    nbytes = int(np.prod(view.shape)) * dtype.itemsize
+    if simulator:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        if nbytes:
+            host = np.frombuffer((ctypes.c_char * nbytes).from_address(view.pointer), dtype=dtype).reshape(view.shape)
+        else:
+            host = np.empty(view.shape, dtype)
+        array = FakeCUDAArray(host)
+        array._dlpack_keeper = view.keeper
+        return array
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from numba.cuda.cudadrv.driver import MemoryPointer
+
+    memory = MemoryPointer(cuda.current_context(), view.pointer, nbytes)
+    memory._dlpack_keeper = view.keeper
+    strides = tuple(int(np.prod(view.shape[i + 1 :])) * dtype.itemsize for i in range(len(view.shape)))
+    return DeviceNDArray(view.shape, strides, dtype, gpu_data=memory)

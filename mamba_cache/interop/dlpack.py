@@ -9,9 +9,12 @@ the ``dlpack.h`` ABI (v1.1), small enough to check field by field.
 
 Export (``to_capsule``): a ``DLManagedTensor`` (capsule name ``"dltensor"``) or, when the consumer
 asks for ``max_version >= (1, 0)``, a ``DLManagedTensorVersioned`` (``"dltensor_versioned"``). The
-structure, its shape and strides and a reference to ``owner`` (the object whose lifetime keeps
-the memory valid) live in a registry until the consumer calls the deleter; a capsule that is
-never consumed runs the deleter when it is garbage-collected.
+capsule is NumPy's export of an array that only describes the memory, with the device and dtype
+fields then rewritten: its deleter and capsule destructor are C code, which matters because a
+consumer may call them from another thread or while an exception is pending, where a ``ctypes``
+callback would lose the exception. A reference to ``owner`` (the object whose lifetime keeps the
+memory valid) is held until the consumer calls the deleter; an unconsumed capsule lets go when
+it is garbage-collected.
 
 Import (``from_dlpack``): read a producer's capsule into a :class:`DLPackView` (pointer, shape,
 byte strides, dtype, device), which holds the managed tensor until it is dropped and then calls
@@ -24,7 +27,7 @@ ELEMENTS (NULL means C-contiguous); ``byte_offset`` is added to ``data``.
 from __future__ import annotations
 
 import ctypes
-import threading
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -102,8 +105,6 @@ class DLManagedTensorVersioned(ctypes.Structure):
 
 
 _api = ctypes.pythonapi
-_api.PyCapsule_New.restype = ctypes.py_object
-_api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 _api.PyCapsule_IsValid.restype = ctypes.c_int
 _api.PyCapsule_IsValid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _api.PyCapsule_GetPointer.restype = ctypes.c_void_p
@@ -114,39 +115,24 @@ _api.PyCapsule_SetName.argtypes = [ctypes.py_object, ctypes.c_char_p]
 _NAMES = {False: b"dltensor", True: b"dltensor_versioned"}
 _USED = {False: b"used_dltensor", True: b"used_dltensor_versioned"}
 
-# Exported tensors not yet deleted: address of the managed struct -> what it points into.
-_LIVE: dict[int, tuple] = {}
-_LOCK = threading.Lock()
+# The carriers of exported tensors no consumer has deleted yet (see to_capsule).
+_CARRIERS: weakref.WeakSet = weakref.WeakSet()
 
 
-@DELETER
-def _delete(address: int) -> None:
-    # The consumer is done: drop the structure, its shape/strides and the owner reference.
-    with _LOCK:
-        _LIVE.pop(address, None)
+class _Carrier:
+    """What NumPy wraps: an ``__array_interface__`` of the exported memory, holding its owner."""
 
+    __slots__ = ("__array_interface__", "owner", "__weakref__")
 
-# The destructor gets the dying capsule's address: converting it to a Python object would
-# resurrect it, so it reads the pointer through a prototype that takes a raw address.
-_get_pointer_raw = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
-    ("PyCapsule_GetPointer", ctypes.pythonapi)
-)
-
-
-def _capsule_destructor(capsule: int) -> None:
-    # A consumer renamed the capsule to "used_*" and owns the tensor now; an unconsumed capsule
-    # still owns it and must call the deleter.
-    for versioned in (False, True):
-        name = _NAMES[versioned]
-        if _api.PyCapsule_IsValid(capsule, name):
-            address = _get_pointer_raw(capsule, name)
-            if address:
-                _delete(address)
-            return
-
-
-_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_capsule_destructor)
-_DESTRUCTOR_ADDRESS = ctypes.cast(_DESTRUCTOR, ctypes.c_void_p).value
+    def __init__(self, data: int, shape: tuple, strides: tuple | None, dtype: np.dtype, owner: Any) -> None:
+        self.owner = owner
+        self.__array_interface__ = {
+            "version": 3,
+            "data": (data, False),
+            "shape": shape,
+            "typestr": dtype.str,
+            "strides": strides,
+        }
 
 
 def dl_dtype(dtype: Any) -> tuple[int, int, int]:
@@ -197,6 +183,11 @@ def to_capsule(
 ) -> Any:
     """A DLPack capsule describing memory at ``data``, keeping ``owner`` alive until deleted.
 
+    The capsule, its deleter and its destructor are NumPy's (C code, safe to call from any thread
+    and while an exception is pending, which Python callbacks are not): NumPy exports an array
+    that merely describes the memory (it never reads it) and whose base holds ``owner``; this
+    function then writes the real device and, for bfloat16, the type code into the tensor.
+
     Args:
         data: the address of element ``[0, ..., 0]`` (a device pointer for CUDA memory).
         shape: the shape.
@@ -204,40 +195,46 @@ def to_capsule(
         dtype: a NumPy dtype (``ml_dtypes.bfloat16`` gives the bfloat16 type code).
         device: ``(device_type, device_id)``, e.g. ``(KDL_CUDA, 0)``.
         owner: any object; referenced until the consumer calls the deleter.
-        versioned: make a ``"dltensor_versioned"`` capsule (DLPack 1.x) instead of ``"dltensor"``.
-        read_only: set the read-only flag (versioned capsules only carry it).
+        versioned: make a ``"dltensor_versioned"`` capsule (DLPack 1.x) instead of ``"dltensor"``
+            (needs NumPy >= 2.1; older NumPy gives ``"dltensor"``).
+        read_only: export read-only (the versioned capsule's flag; an unversioned capsule cannot
+            say so and is refused with ``BufferError``).
 
     Returns:
         A ``PyCapsule``; pass it to a consumer (``torch.utils.dlpack.from_dlpack`` takes it as
         is, ``__dlpack__`` returns it).
     """
     code, bits, lanes = dl_dtype(dtype)
-    ndim = len(shape)
-    shape_array = (ctypes.c_int64 * max(ndim, 1))(*shape)
-    strides_array = None if strides is None else (ctypes.c_int64 * max(ndim, 1))(*strides)
-    managed = DLManagedTensorVersioned() if versioned else DLManagedTensor()
-    tensor = managed.dl_tensor
-    tensor.data = data or None
-    tensor.device = DLDevice(*device)
-    tensor.ndim = ndim
-    tensor.dtype = DLDataType(code, bits, lanes)
-    tensor.shape = ctypes.cast(shape_array, ctypes.POINTER(ctypes.c_int64))
-    if strides_array is not None:
-        tensor.strides = ctypes.cast(strides_array, ctypes.POINTER(ctypes.c_int64))
-    tensor.byte_offset = 0
-    managed.deleter = _delete
+    # NumPy describes bfloat16 as its raw bits; the type code is rewritten below.
+    carrier_dtype = np.dtype(np.uint16) if code == KDL_BFLOAT else np.dtype(dtype)
+    itemsize = carrier_dtype.itemsize
+    byte_strides = None if strides is None else tuple(int(s) * itemsize for s in strides)
+    carrier = _Carrier(int(data or 0), tuple(int(n) for n in shape), byte_strides, carrier_dtype, owner)
+    array = np.asarray(carrier)
+    if read_only:
+        array.flags.writeable = False
     if versioned:
-        managed.version = DLPackVersion(*DLPACK_VERSION)
-        managed.flags = FLAG_READ_ONLY if read_only else 0
-    address = ctypes.addressof(managed)
-    with _LOCK:
-        _LIVE[address] = (managed, shape_array, strides_array, owner)
-    return _api.PyCapsule_New(address, _NAMES[versioned], _DESTRUCTOR_ADDRESS)
+        try:
+            capsule = array.__dlpack__(max_version=DLPACK_VERSION)
+        except TypeError:  # NumPy < 2.1 knows only the unversioned capsule
+            capsule = array.__dlpack__()
+    else:
+        capsule = array.__dlpack__()
+    is_versioned = bool(_api.PyCapsule_IsValid(id(capsule), _NAMES[True]))
+    managed_type = DLManagedTensorVersioned if is_versioned else DLManagedTensor
+    managed = managed_type.from_address(_api.PyCapsule_GetPointer(capsule, _NAMES[is_versioned]))
+    tensor = managed.dl_tensor
+    tensor.device = DLDevice(*device)
+    tensor.dtype = DLDataType(code, bits, lanes)
+    tensor.data = int(data or 0) or None  # NumPy may normalise the pointer of an empty array
+    tensor.byte_offset = 0
+    _CARRIERS.add(carrier)
+    return capsule
 
 
 def live_exports() -> int:
     """How many exported tensors no consumer has deleted yet (for tests and leak checks)."""
-    return len(_LIVE)
+    return len(_CARRIERS)
 
 
 class DLPackView(NamedTuple):

@@ -305,6 +305,9 @@ def test_cupy_from_dlpack_is_zero_copy_on_the_gpu():
 
 @needs_gpu
 def test_jax_dlpack_is_zero_copy_on_the_gpu():
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU's memory to the other tests
     jax = pytest.importorskip("jax")
     if not any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("jax has no GPU backend here")
@@ -487,3 +490,50 @@ def test_dlpack_only_outputs_and_states(backend, rng):
         message = ": could not import it"
     with pytest.raises(TypeError, match=r"out\[1\]" + message):
         cache.capture_states(0, out=(out[0], wrong))
+
+
+@needs_gpu
+def test_torch_and_jax_index_arrays_seen_only_through_dlpack(rng):
+    from conftest import assert_same_bits, fill_random, snapshot
+
+    torch = pytest.importorskip("torch")
+
+    class Only:  # hides __cuda_array_interface__ and the torch type: the generic DLPack path
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __dlpack__(self, **kwargs):
+            return self.tensor.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.tensor.__dlpack_device__()
+
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
+    side = torch.cuda.Stream()
+    for round_ in range(3):
+        fill_random([ref, dev], rng)
+        accept = rng.integers(-1, 5, size=4).astype(np.int32)
+        indices = rng.permutation(5)[:4].astype(np.int32)
+        with torch.cuda.stream(side):  # written on another stream: the producer orders it before ours
+            acc, idx = (Only(torch.from_numpy(a).cuda(non_blocking=True)) for a in (accept, indices))
+        dev.scatter_mtp_states(acc, torch.cuda.current_stream(), state_indices=idx)
+        torch.cuda.synchronize()
+        ref.scatter_mtp_states(accept, state_indices=indices)
+        assert_same_bits(snapshot(ref), snapshot(dev), f"round {round_}")
+    with pytest.raises(TypeError, match="accept_lengths must have dtype int32, got int64"):
+        dev.scatter_mtp_states(Only(torch.zeros(4, dtype=torch.int64, device="cuda")))
+    import os
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    jax = pytest.importorskip("jax")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("jax has no GPU backend here")
+    accept = np.array([2, 0, 3, 1], np.int32)
+    fill_random([ref, dev], rng)
+    dev.scatter_mtp_states(jax.device_put(accept, jax.devices("gpu")[0]))
+    ref.scatter_mtp_states(accept)
+    from conftest import sync
+
+    sync()
+    assert_same_bits(snapshot(ref), snapshot(dev), "jax")

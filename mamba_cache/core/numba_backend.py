@@ -371,9 +371,9 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             return self._check_int32_array(name, view, layout, stream)
         contiguous = is_c_contiguous(view.shape, view.strides, view.dtype.itemsize)
         shape = check_int32_array(name, view.dtype, view.shape, contiguous, layout)
-        from ..interop.arrays import numba_array
+        from ..interop.arrays import index_array
 
-        return (DeviceArg(numba_array(view, SIMULATOR), view.pointer, shape), shape)
+        return (DeviceArg(index_array(view, SIMULATOR), view.pointer, shape), shape)
 
     def _stage(self, name: str, host: np.ndarray, stream: Any) -> tuple[Any, int]:
         """Copy a host index array into this manager's device staging buffer for ``name``."""

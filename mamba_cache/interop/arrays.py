@@ -188,10 +188,37 @@ def numba_array(view: Any, simulator: bool) -> Any:
         array = FakeCUDAArray(host)
         array._dlpack_keeper = view.keeper
         return array
+    from cuda.bindings import driver
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     from numba.cuda.cudadrv.driver import MemoryPointer
 
-    memory = MemoryPointer(cuda.current_context(), view.pointer, nbytes)
+    memory = MemoryPointer(cuda.current_context(), driver.CUdeviceptr(view.pointer), nbytes)
     memory._dlpack_keeper = view.keeper
     strides = tuple(int(np.prod(view.shape[i + 1 :])) * dtype.itemsize for i in range(len(view.shape)))
     return DeviceNDArray(view.shape, strides, dtype, gpu_data=memory)
+
+
+class _CUDAArrayInterface:
+    """An imported DLPack tensor as a ``__cuda_array_interface__`` (what a dispatcher launch takes)."""
+
+    __slots__ = ("__cuda_array_interface__", "keeper")
+
+    def __init__(self, view: Any) -> None:
+        dtype = np.dtype(np.uint16) if view.dtype.name == "bfloat16" else view.dtype
+        self.keeper = view.keeper
+        self.__cuda_array_interface__ = {
+            "version": 3,
+            "shape": view.shape,
+            "typestr": dtype.str,
+            "data": (view.pointer, False),
+            "strides": view.strides,
+        }
+
+
+def index_array(view: Any, simulator: bool) -> Any:
+    """An imported DLPack index tensor as a kernel argument, built cheaply (see :func:`numba_array`).
+
+    On the GPU a prepared launch needs only the pointer; this object is what a dispatcher launch
+    (the fallback) passes, and it holds the producer's tensor for as long as it is referenced.
+    """
+    return numba_array(view, simulator) if simulator else _CUDAArrayInterface(view)

@@ -222,3 +222,31 @@ def test_capture_states_into_torch_outputs_including_bfloat16(rng):
     torch.cuda.synchronize()
     assert out[0].view(torch.uint16).cpu().numpy().tobytes() == to_host(cache._pools.recurrent)[:, 2:3].tobytes()
     assert out[1].cpu().numpy().tobytes() == to_host(cache._pools.conv)[:, 2:3].tobytes()
+
+
+def test_the_capture_kernel_compiles_to_wide_loads_without_local_memory():
+    """copy_rows (what capture_states launches) as PTX for sm_90: 8-byte words, 4 per thread, no local memory."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        from numba import cuda, types
+        from mamba_cache.core import kernels
+        w3 = types.uint64[:, :, ::1]
+        i1 = types.int32[::1]
+        sig = (w3, w3, w3, w3, types.int64, i1, i1, types.int64, types.int64, types.int64)
+        ptx, _ = cuda.compile_ptx(kernels.copy_rows.py_func, sig, cc=(9, 0))
+        body = ptx[ptx.index(".entry"):]
+        assert ".local" not in body, "copy_rows uses local memory"
+        assert body.count("ld.global.u64") == 2 * kernels.WORDS_PER_THREAD, body.count("ld.global.u64")
+        assert body.count("st.global.u64") == 2 * kernels.WORDS_PER_THREAD, body.count("st.global.u64")
+        print("ok")
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
+        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

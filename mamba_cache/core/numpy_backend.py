@@ -284,8 +284,8 @@ def _host_dlpack(name: str, array: Any) -> Any:
     device_type = int(array.__dlpack_device__()[0])
     if device_type != dlpack.KDL_CPU:
         raise TypeError(
-            f"{name} must be in host memory for the NumPy backend, got a DLPack tensor on device type "
-            f"{device_type}; copy it to the host first"
+            f"{name} must be a host numpy.ndarray (or host DLPack tensor) for the NumPy backend, got a DLPack "
+            f"tensor on device type {device_type}; copy it to the host first"
         )
     try:
         return np.from_dlpack(array)  # NumPy reads every dtype but bfloat16 (it refuses that one)

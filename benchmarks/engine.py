@@ -2,12 +2,15 @@
 
 python benchmarks/engine.py      # needs a CUDA GPU, PyTorch (CuPy and cuda.core where installed)
 
-For each op (scatter, tree commit, clear, clear_slot, capture_states into out=) and each combination of
-index-array kind (Numba, torch, CuPy) and stream kind (None, a Numba stream, a torch Stream made
-anew each call as ``torch.cuda.current_stream()`` gives it, an int handle made anew each call, a
-cuda.core stream), it first checks the call against the NumPy reference, then times the host side
-of one eager call (median, calls queued behind a sleep kernel so the device never throttles the
-host). The baseline in the same run: the host time of a torch elementwise launch (``x.add_(1)``).
+For each op (scatter, tree commit, copy_slots, the prefix store's restore and restore_many, clear,
+clear_slot, capture_states into out=) and each combination of index-array kind (Numba, torch, CuPy) and
+stream kind (None, a Numba stream, a distinct torch Stream object each call as
+``torch.cuda.current_stream()`` gives it, a distinct int handle each call, a cuda.core stream), it
+first checks the call against the NumPy reference, then times the host side of one eager call
+(median, calls queued behind a sleep kernel so the device never throttles the host). The stream
+objects are made before the timing: what making one costs is the caller's, printed and recorded
+apart (op ``stream_object``). The baseline in the same run: the host time of a torch elementwise
+launch (``x.add_(1)``).
 Records: op ``host_overhead`` with ``arg_kind``, ``stream_kind`` and ``ratio_to_torch``; target
 <= 1.5.
 
@@ -52,14 +55,24 @@ CONFIG = Config(
 )
 
 
-def host_us(call, n=300) -> float:
+N = 300
+
+
+def host_us(call, streams=None) -> float:
+    """Median host time of one eager ``call(stream)``; ``streams[i]`` is the i-th call's stream object.
+
+    Stream objects are made before the timing starts (a fresh one per call where the kind is "a new
+    object each call"): what ``torch.cuda.current_stream()`` itself costs is the caller's, and is
+    printed apart.
+    """
     samples = []
     for _ in range(3):
         torch.cuda.synchronize()
         torch.cuda._sleep(100_000_000)  # ~50 ms of device work ahead of the calls
-        for _ in range(n):
+        for i in range(N):
+            stream = streams[i] if streams is not None else None
             t0 = time.perf_counter()
-            call()
+            call(stream)
             samples.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
     return statistics.median(samples) * 1e6
@@ -85,18 +98,17 @@ def main() -> int:
     except ImportError:
         pass
     streams = {
-        "none": lambda: None,
-        "numba": lambda: numba_stream,
-        "torch_new_object": lambda: torch.cuda.current_stream(),
-        "int_new_each_call": lambda: int(side.cuda_stream) + 0,
+        "none": [None] * N,
+        "numba": [numba_stream] * N,
+        "torch_new_object": [torch.cuda.current_stream() for _ in range(N)],  # N distinct objects
+        "int_new_each_call": [int(side.cuda_stream) + 0 for _ in range(N)],
     }
     try:
         from cuda.core import Device
 
         device = Device()
         device.set_current()
-        core_stream = device.create_stream()
-        streams["cuda_core"] = lambda: core_stream
+        streams["cuda_core"] = [device.create_stream()] * N
     except Exception as error:  # noqa: BLE001 - cuda.core missing or a different API: skip that kind
         print(f"cuda.core stream skipped: {error}")
     out = {
@@ -114,24 +126,44 @@ def main() -> int:
             assert want.tobytes() == got.tobytes(), (kind, pool)
     print("validated: scatter with", ", ".join(arrays), "index arrays matches the NumPy reference")
 
+    # the prefix store's restores: one entry holding slot 5's state, matched once
+    from mamba_cache.prefix import PrefixStateCache
+
+    store = PrefixStateCache(dev, entries=4, block_size=16)
+    tokens = np.arange(32, dtype=np.int32)
+    store.insert(tokens[:16], 5)
+    handle = store.match(tokens)
+    assert handle is not None and handle.tokens == 16
+    src_slots, dst_slots = np.array([0, 1], dtype=np.int32), np.array([6, 7], dtype=np.int32)
+    restore_slots = np.array([2, 3], dtype=np.int32)
+
     x = torch.zeros(1024, device="cuda")
-    baseline = host_us(lambda: x.add_(1))
+    baseline = host_us(lambda _: x.add_(1))
     print(f"{card}: torch elementwise launch {baseline:.2f} us host")
     records = [{"op": "torch_elementwise", "host_us_per_call": round(baseline, 2)}]
+    for kind in ("torch_new_object", "int_new_each_call"):
+        make = {"torch_new_object": torch.cuda.current_stream, "int_new_each_call": lambda: int(side.cuda_stream)}
+        us = host_us(lambda _, make=make[kind]: make())
+        print(f"  (making the stream object, the caller's cost, not counted below: {kind} {us:.2f} us)")
+        records.append({"op": "stream_object", "stream_kind": kind, "host_us_per_call": round(us, 2)})
     for arg_kind, make in arrays.items():
         acc, idx, nod = make(accept), make(indices), make(nodes)
-        for stream_kind, s in streams.items():
+        src, dst, rslots = make(src_slots), make(dst_slots), make(restore_slots)
+        for stream_kind, stream_objects in streams.items():
             ops = {
-                "scatter_mtp_states": lambda: dev.scatter_mtp_states(acc, s(), state_indices=idx),
-                "scatter_accepted_tree_states": lambda: dev.scatter_accepted_tree_states(nod, acc, idx, s()),
-                "clear_states": lambda: dev.clear_states(s()),
-                "clear_slot": lambda: dev.clear_slot(3, s()),
-                "capture_out": lambda: dev.capture_states(1, s(), out=(out["recurrent"], out["conv"])),
+                "scatter_mtp_states": lambda s: dev.scatter_mtp_states(acc, s, state_indices=idx),
+                "scatter_accepted_tree_states": lambda s: dev.scatter_accepted_tree_states(nod, acc, idx, s),
+                "copy_slots": lambda s: dev.copy_slots(src, dst, s),
+                "prefix_restore_many": lambda s: store.restore_many([handle, handle], rslots, s),
+                "prefix_restore": lambda s: store.restore(handle, 2, s),
+                "clear_states": lambda s: dev.clear_states(s),
+                "clear_slot": lambda s: dev.clear_slot(3, s),
+                "capture_out": lambda s: dev.capture_states(1, s, out=(out["recurrent"], out["conv"])),
             }
             for op, call in ops.items():
-                if arg_kind != "numba" and op in ("clear_states", "clear_slot", "capture_out"):
+                if arg_kind != "numba" and op in ("prefix_restore", "clear_states", "clear_slot", "capture_out"):
                     continue  # no index array: the same call for every arg kind
-                us = host_us(call)
+                us = host_us(call, stream_objects)
                 records.append(
                     {
                         "op": "host_overhead",

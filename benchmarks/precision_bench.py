@@ -8,6 +8,7 @@ mid and large configs of benchmarks/run.py it builds three dtype variants of the
     fp32 main <- bf16 per-step, nearest even   (widening: an exact conversion)
     bf16 main <- fp32 per-step, nearest even   (narrowing)
     bf16 main <- fp32 per-step, stochastic     (narrowing; one Philox4x32-10 call per 4 elements)
+    fp16 main <- fp32 per-step, nearest / stochastic, and fp32 main <- fp16 per-step
 
 and for each one
 
@@ -47,6 +48,9 @@ VARIANTS = {
     "fp32<-bf16 nearest": dict(main="float32", inter="bfloat16", stochastic=False, target=0.9),
     "bf16<-fp32 nearest": dict(main="bfloat16", inter="float32", stochastic=False, target=0.9),
     "bf16<-fp32 stochastic": dict(main="bfloat16", inter="float32", stochastic=True, target=0.85),
+    "fp16<-fp32 nearest": dict(main="float16", inter="float32", stochastic=False, target=0.9),
+    "fp16<-fp32 stochastic": dict(main="float16", inter="float32", stochastic=True, target=0.85),
+    "fp32<-fp16 nearest": dict(main="float32", inter="float16", stochastic=False, target=0.9),
 }
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
 

@@ -1,6 +1,6 @@
 """Validate, then time, slot copies and the prefix-state store against copy ceilings of the same run.
 
-    python benchmarks/prefix.py [--configs mid,large] [--entries 8] [--out benchmarks/results]
+    python benchmarks/prefix.py [--configs mid,large] [--entries 8] [--seed 1] [--out benchmarks/results]
 
 Needs a CUDA GPU and PyTorch (for the ceilings). For each config (``benchmarks/run.py``'s mid and
 large) it
@@ -15,21 +15,29 @@ large) it
    ``cuGraphLaunch`` host time of a graph replay:
 
    - ``copy_slots``: B/2 slot pairs, one launch;
-   - ``prefix_restore``: one entry into one slot; ``prefix_restore_many``: B/2 entries into B/2 slots;
+   - ``prefix_restore``: one entry into one slot; ``prefix_restore_many``: B/2 distinct entries into
+     B/2 slots (a repeated entry list: staged once, graph-capturable; ``host_us_restaged``: the host
+     time when the list changes every call);
    - ``prefix_insert``: a new block-aligned prefix each call (hash + LRU eviction + one launch);
    - ``scatter_tracked``: the commit with every row also checkpointing a step, against the plain
      scatter followed by a separate copy of the same checkpoints (two launches);
    - ``host_tier_d2h`` / ``host_tier_h2d``: one entry device->host (an offload) and host->slot (a
-     host hit), against a pinned ``cudaMemcpyAsync`` of the same bytes;
+     host hit), one strided 2-D copy per state kind (``copies``), against a pinned
+     ``cudaMemcpyAsync`` of the same bytes;
    - ``match``: host time of a lookup of a 32k-token prompt with 256-token blocks.
 
-It prints one table and writes ``<out>/prefix-<card>-<date>.json``.
+4. runs the workload simulation of ``benchmarks/prefix_workload.py`` (host only, ``--seed``).
+
+It prints the tables and writes ``<out>/prefix-<card>-<date>.json`` (the workload's records, op
+``prefix_workload``, included).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import json
 import pathlib
 import statistics
@@ -44,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from numba import cuda  # noqa: E402
 
+from benchmarks import prefix_workload  # noqa: E402
 from benchmarks.run import (  # noqa: E402
     CONFIGS,
     GIB,
@@ -52,6 +61,7 @@ from benchmarks.run import (  # noqa: E402
     device_time_us,
     graph_times_us,
     host_time_us,
+    record_op,
     slot_bytes,
 )
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
@@ -149,6 +159,10 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
     handle = stream.cuda_stream
     manager = NumbaMambaCacheManager(config, stream=handle)
     bs = 256
+    half = max(1, config.max_batch_size // 2)
+    # restore_many reads `half` distinct entries (one entry read `half` times is served from L2 and
+    # overstated the bandwidth: 1.64 of the ceiling on large); the tracked scatter keeps --entries rows
+    tracked_entries, entries = entries, max(entries, half + 1)
     store = PrefixStateCache(manager, entries=entries, block_size=bs, stream=handle)
     tiered = PrefixStateCache(manager, entries=1, block_size=bs, host_entries=2, stream=handle)
     for pool in (*manager._pools, *store._pools, *tiered._pools):
@@ -158,24 +172,7 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
     rec, conv = slot_bytes(config)
     entry_bytes = layers * (rec + conv)  # one slot (or entry) of every layer, both kinds
     records = []
-
-    def record(op, nbytes, device_us, host_us, ceiling, graph=None, **extra):
-        gbps = nbytes / device_us / 1e3
-        rec_ = {
-            "config": name,
-            "op": op,
-            "bytes": nbytes,
-            "device_us": round(device_us, 2),
-            "useful_gbps": round(gbps, 1),
-            "ceiling_gbps": round(ceiling, 1),
-            "ratio_to_ceiling": round(gbps / ceiling, 3),
-            "host_us_per_call": None if host_us is None else round(host_us, 2),
-        }
-        if graph is not None:
-            rec_["graph_device_us"] = round(graph[0], 2)
-            rec_["graph_host_us_per_replay"] = round(graph[1], 2)
-        rec_.update(extra)
-        records.append(rec_)
+    record = functools.partial(record_op, records, name)
 
     def timed(op, calls, nbytes, n=50, graph=True, **extra):
         ceiling = copy_gbps(nbytes, stream)
@@ -185,7 +182,6 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
         record(op, nbytes, device_us, host_us, ceiling, replay, copy_2gib_gbps=round(copy_ceiling, 1), **extra)
 
     # copy_slots: B/2 pairs, both kinds, every layer (read + written)
-    half = max(1, batch // 2)
     src = cuda.to_device(np.arange(half, dtype=np.int32))
     dst = cuda.to_device(np.arange(half, 2 * half, dtype=np.int32))  # B = 1: slot 1 is out of range, skipped
     timed("copy_slots", [lambda: manager.copy_slots(src, dst, stream=handle)], 2 * half * entry_bytes)
@@ -201,20 +197,25 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
     store.pin(held)
     timed("prefix_restore", [lambda: store.restore(held, slot=0, stream=handle)], 2 * entry_bytes)
     many_slots = cuda.to_device(np.arange(half, dtype=np.int32))
-    many = [held] * half
-    timed(
-        "prefix_restore_many",
-        [lambda: store.restore_many(many, many_slots, stream=handle)],
-        2 * half * entry_bytes,
-        graph=False,  # the entry indices are staged from the host on each call
-    )
+    many = [held]
+    for i in range(half - 1):  # distinct entries: every byte read once from HBM
+        many.append(store.insert(np.full(bs, -10 - i, dtype=np.int32), slot=min(1, batch - 1), stream=handle))
+        store.pin(many[-1])
+    assert len({h.entry for h in many}) == half
+    # a repeated entry list is staged once: the eager calls and the graph replay re-read it
+    timed("prefix_restore_many", [lambda: store.restore_many(many, many_slots, stream=handle)], 2 * half * entry_bytes)
+    lists = itertools.cycle([many, many[::-1]])  # a changed list each call: the host time with staging
+    restaged_us = host_time_us(lambda: store.restore_many(next(lists), many_slots, stream=handle), stream, 100)
+    records[-1]["host_us_restaged"] = round(restaged_us, 2)
+    for h in many[1:]:
+        store.unpin(h)
 
     # the tracking commit: every row commits step 0 and checkpoints step 0, one launch
     rows = batch
     manager.reshape_intermediate_states(rows, seq)
     reserved = []
     store.unpin(held)
-    for _ in range(min(rows, entries)):
+    for _ in range(min(rows, tracked_entries)):  # as many as before the store grew
         reserved.append(store.reserve(stream=handle))
     tracking_rows = len(reserved)
     accept = cuda.to_device(np.full(rows, 1, dtype=np.int32))
@@ -264,6 +265,8 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
     d2h_ceiling = pinned_copy_gbps(entry_bytes, stream, to_device=False)
     h2d_ceiling = pinned_copy_gbps(entry_bytes, stream, to_device=True)
     d2h = [lambda: manager._entry_to_host(tiered._pools, 0, tiered._host_pools, 0, resolved)]
+    d2h[0]()
+    copies = manager._launches[("host_copy", id(tiered._pools[0]), id(tiered._host_pools[0]), True)].copies_per_call
     record(
         "host_tier_d2h",
         entry_bytes,
@@ -271,7 +274,7 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
         host_time_us(d2h[0], stream, 20),
         d2h_ceiling,
         ceiling_kind="pinned cudaMemcpyAsync D2H of the same bytes",
-        copies=2 * layers,
+        copies=copies,
     )
     tiered.insert(np.full(bs, -2, dtype=np.int32), slot=2, stream=handle)
     tiered.insert(np.full(bs, -3, dtype=np.int32), slot=2, stream=handle)  # pushes the first to the host tier
@@ -285,7 +288,7 @@ def bench_config(name: str, config: Config, entries: int, copy_ceiling: float, r
         host_time_us(h2d[0], stream, 20),
         h2d_ceiling,
         ceiling_kind="pinned cudaMemcpyAsync H2D of the same bytes",
-        copies=2 * layers,
+        copies=copies,
     )
 
     # match: host time for a 32k-token prompt, 256-token blocks, the first half cached
@@ -311,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", default="mid,large")
     parser.add_argument("--entries", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--seed", type=int, default=1, help="of the workload simulation")
     args = parser.parse_args(argv)
     rng = np.random.default_rng()
     card = torch.cuda.get_device_name()
@@ -325,6 +329,8 @@ def main(argv=None) -> int:
     print(f"{'config':<6} {'op':<20} {'device us':>10} {'GB/s':>7} {'ceiling':>8} {'ratio':>6} {'host us':>8}", end="")
     print(f" {'graph us':>9}")
     for r in records:
+        if r["op"] == "prefix_workload":
+            continue
         if r["op"] == "match":
             print(f"{r['config']:<6} {'match (32k tokens)':<20} host {r['host_us']:.1f} us")
             continue
@@ -333,6 +339,12 @@ def main(argv=None) -> int:
             f" {r['ratio_to_ceiling']:>6.2f} {r['host_us_per_call'] or 0:>8.1f} {r.get('graph_device_us', 0):>9.1f}"
             + (f"  (scatter + copy: {r['scatter_then_copy_us']:.1f} us)" if "scatter_then_copy_us" in r else "")
         )
+    # the workload simulation (host only): hit tokens per store size, recorded with the GPU run
+    workload = prefix_workload.Workload(seed=args.seed)
+    print(f"prefix workload: seed {workload.seed}, {workload}")
+    workload_records = prefix_workload.simulate(workload, [4, 16, 64, 256])
+    print(prefix_workload.table(workload_records))
+    records += workload_records
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"card": card, "date": datetime.date.today().isoformat(), "copy_ceiling_gbps": round(copy_ceiling, 1)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -295,6 +296,33 @@ def memset_gbps(pools, stream: torch.cuda.Stream) -> float:
     return total / us / 1e3
 
 
+def record_op(
+    records: list, config: str, op: str, nbytes: int, device_us, host_us, ceiling, graph=None, **extra
+) -> dict:
+    """Append (and return) one timing record: bandwidth and ratio to ``ceiling`` (GB/s), host and graph times.
+
+    ``graph``: optional ``(device us, host us per replay)`` of a graph replay; ``extra`` is added as is.
+    """
+    gbps = nbytes / device_us / 1e3
+    rec = {
+        "config": config,
+        "op": op,
+        "bytes": nbytes,
+        "device_us": round(device_us, 2),
+        "useful_gbps": round(gbps, 1),
+        "ceiling_gbps": round(ceiling, 1),
+        "ratio_to_ceiling": round(gbps / ceiling, 3),
+        "host_us_per_call": None if host_us is None else round(host_us, 2),
+    }
+    if graph is not None:
+        rec["graph_device_us"] = round(graph[0], 2)
+        rec["graph_host_us_per_replay"] = round(graph[1], 2)
+        rec["graph_ratio_to_ceiling"] = round(nbytes / graph[0] / 1e3 / ceiling, 3)
+    rec.update(extra)
+    records.append(rec)
+    return rec
+
+
 # ---------------------------------------------------------------- validation
 def validate(config: Config, accept: list[int], rng) -> None:
     """Every timed operation, and both baselines, against the NumPy reference at these slot sizes."""
@@ -365,26 +393,7 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
     handle = stream.cuda_stream
     torch.cuda.synchronize()
     records = []
-
-    def record(op, nbytes, device_us, host_us, ceiling, graph=None, **extra):
-        gbps = nbytes / device_us / 1e3
-        rec = {
-            "config": name,
-            "op": op,
-            "bytes": nbytes,
-            "device_us": round(device_us, 2),
-            "useful_gbps": round(gbps, 1),
-            "ceiling_gbps": round(ceiling, 1),
-            "ratio_to_ceiling": round(gbps / ceiling, 3),
-            "host_us_per_call": None if host_us is None else round(host_us, 2),
-        }
-        if graph is not None:
-            rec["graph_device_us"] = round(graph[0], 2)
-            rec["graph_host_us_per_replay"] = round(graph[1], 2)
-            rec["graph_ratio_to_ceiling"] = round(nbytes / graph[0] / 1e3 / ceiling, 3)
-        rec.update(extra)
-        records.append(rec)
-        return rec
+    record = functools.partial(record_op, records, name)
 
     # scatter: ours, and the two PyTorch baselines
     same_bytes_ceiling = copy_gbps(scatter_bytes, stream)

@@ -43,6 +43,7 @@ def _plan(args) -> int:
         return 2
     _warn_if_beyond_any_device("the cache", config.total_bytes)
     print(f"{preset.description}")
+    print(preset.shipped())
     print(
         f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp}\n"
         f"per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels\n"
@@ -75,6 +76,7 @@ def _plan_prefix(args, config) -> None:
 def _presets(args) -> int:
     for name, preset in PRESETS.items():
         print(f"{name:<20} {preset.description}")
+        print(f"{'':<20} {preset.shipped()}")
     return 0
 
 

@@ -36,6 +36,11 @@ class ModelPreset:
         recurrent_state_dtype: dtype of the recurrent state.
         conv_state_dtype: dtype of the conv state.
         mixer: ``"mamba2"`` or ``"gdn"`` (Gated DeltaNet): the recurrence a replay commit recomputes.
+        shipped_dtypes: the dtypes the model's serving stack keeps its states in, ``(recurrent,
+            conv)``, as the model's config.json or the peer engines' defaults state them (a dtype
+            name, or ``"model dtype"`` where an engine follows the weights' dtype).
+        dtype_source: where ``shipped_dtypes`` comes from (config field or engine default, with the
+            file), and what the sources do not state.
     """
 
     name: str
@@ -51,6 +56,13 @@ class ModelPreset:
     recurrent_state_dtype: str = "float16"
     conv_state_dtype: str = "float16"
     mixer: str = "mamba2"
+    shipped_dtypes: tuple[str, str] = ("model dtype", "model dtype")
+    dtype_source: str = ""
+
+    def shipped(self) -> str:
+        """``shipped_dtypes`` and their source as one line, for listings."""
+        recurrent, conv = self.shipped_dtypes
+        return f"shipped state dtypes: recurrent {recurrent}, conv {conv} ({self.dtype_source})"
 
     def config(self, batch: int, mtp: int = 0, tp: int = 1, commit_mode: str = "scatter") -> Config:
         """The cache config of one tensor-parallel rank for ``batch`` slots and MTP verify length ``mtp``.
@@ -85,6 +97,16 @@ class ModelPreset:
         return config
 
 
+_VLLM_AUTO = (
+    "vLLM: mamba_cache_dtype and mamba_ssm_cache_dtype default to 'auto', the model dtype, for both states "
+    "(vllm/model_executor/layers/mamba/mamba_utils.py, MambaStateDtypeCalculator._mamba_state_dtype)"
+)
+_SGLANG_SSM = "SGLang: --mamba-ssm-dtype defaults to float32 (python/sglang/srt/server_args.py, mamba_ssm_dtype)"
+_NOT_STATED = "not stated in the model's config.json (no state-dtype field)"
+_UNSTATED_SOURCE = f"{_NOT_STATED}; {_VLLM_AUTO}; {_SGLANG_SSM}"
+_AUTO_OR_FP32 = "model dtype (vLLM) / float32 (SGLang)"
+
+
 def _mamba2(name, description, layers, heads, head_dim, state, groups, **kw) -> ModelPreset:
     return ModelPreset(
         name,
@@ -112,6 +134,8 @@ PRESETS: dict[str, ModelPreset] = {
             64,
             128,
             1,
+            shipped_dtypes=(_AUTO_OR_FP32, "model dtype"),
+            dtype_source=_UNSTATED_SOURCE,
         ),
         _mamba2(
             "mamba2-2.7b",
@@ -121,6 +145,8 @@ PRESETS: dict[str, ModelPreset] = {
             64,
             128,
             1,
+            shipped_dtypes=(_AUTO_OR_FP32, "model dtype"),
+            dtype_source=_UNSTATED_SOURCE,
         ),
         # Nemotron-H-8B config.json: mamba_num_heads 128, mamba_head_dim 64, ssm_state_size 128, n_groups 8
         _mamba2(
@@ -131,6 +157,13 @@ PRESETS: dict[str, ModelPreset] = {
             64,
             128,
             8,
+            shipped_dtypes=("float32", "model dtype"),
+            dtype_source=(
+                "vLLM reads mamba_ssm_cache_dtype from the model's config.json and uses float32 where it is absent "
+                "(vllm/model_executor/models/config.py, NemotronHForCausalLMConfig.DEFAULT_MAMBA_SSM_CACHE_DTYPE; "
+                "earlier releases fell back to float16); "
+                "the conv state follows the model dtype (mamba_cache_dtype 'auto')"
+            ),
         ),
         _mamba2(
             "falcon-h1-7b",
@@ -140,6 +173,8 @@ PRESETS: dict[str, ModelPreset] = {
             128,
             256,
             1,
+            shipped_dtypes=(_AUTO_OR_FP32, "model dtype"),
+            dtype_source=_UNSTATED_SOURCE,
         ),
         # Qwen3-Next-80B-A3B config.json: linear_num_value_heads 32, linear_num_key_heads 16 (= n_groups),
         # linear_key_head_dim 128, linear_value_head_dim 128, linear_conv_kernel_dim 4
@@ -156,6 +191,8 @@ PRESETS: dict[str, ModelPreset] = {
             group_channels=2 * 16 * 128,
             recurrent_state_dtype="float32",
             mixer="gdn",
+            shipped_dtypes=(_AUTO_OR_FP32, "model dtype"),
+            dtype_source=_UNSTATED_SOURCE,
         ),
     )
 }

@@ -137,6 +137,39 @@ def test_torch_streams_and_tensors_as_an_engine_passes_them(rng):
 
 
 @needs_gpu
+def test_a_reused_tensor_is_checked_again_when_it_changed(rng):
+    # The Numba backend reuses the check of an index array passed again; a torch tensor can be
+    # re-pointed (set_), resized (resize_) or restrided (as_strided_) in place, and a CuPy array
+    # reshaped in place: each change must be seen, never the old pointer or shape launched.
+    torch = pytest.importorskip("torch")
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
+    fill_random([ref, dev], rng)
+    accept = torch.tensor([1, 0, 2, 0], dtype=torch.int32, device="cuda")
+    dev.scatter_mtp_states(accept)
+    ref.scatter_mtp_states(accept.cpu().numpy())
+    other = torch.tensor([0, 3, 0, 1], dtype=torch.int32, device="cuda")
+    accept.set_(other.untyped_storage(), 0, (4,))  # same object, new memory
+    dev.scatter_mtp_states(accept)
+    ref.scatter_mtp_states(other.cpu().numpy())
+    accept.resize_(2)  # same object and pointer, new shape
+    dev.scatter_mtp_states(accept)
+    ref.scatter_mtp_states(other[:2].cpu().numpy())
+    torch.cuda.synchronize()
+    assert_same_bits(snapshot(ref), snapshot(dev), "a tensor changed in place")
+    accept.as_strided_((2,), (2,))  # same pointer and shape, not contiguous any more
+    with pytest.raises(ValueError, match="accept_lengths must be contiguous"):
+        dev.scatter_mtp_states(accept)
+    cupy = pytest.importorskip("cupy")
+    indices = cupy.asarray(np.array([[2, 0], [1, 3]], dtype=np.int32))
+    flat = indices.reshape(4)
+    dev.scatter_mtp_states(cupy.asarray(np.array([1, 1, 1, 1], dtype=np.int32)), state_indices=flat)
+    flat.shape = (2, 2)  # same object, reshaped in place: no longer [active]
+    with pytest.raises(ValueError, match="state_indices"):
+        dev.scatter_mtp_states(cupy.asarray(np.array([1, 1, 1, 1], dtype=np.int32)), state_indices=flat)
+
+
+@needs_gpu
 def test_cupy_index_arrays(rng):
     cupy = pytest.importorskip("cupy")
     config = small_config()
@@ -177,6 +210,42 @@ def test_manager_called_from_another_thread(rng):
     ref.scatter_mtp_states(values)
     ref.clear_slot(4)
     assert_same_bits(snapshot(ref), snapshot(dev), "from another thread")
+
+
+@needs_gpu
+def test_prefix_store_called_from_another_thread(rng):
+    # The store's device work (its allocation, copies, host-tier transfers) runs with its manager's
+    # context current, as the manager's own calls do: a thread that never used CUDA works too.
+    import threading
+
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config, device=0)
+    fill_random([ref, dev], rng)
+    tokens = np.arange(3 * 8, dtype=np.int32)
+    stores, errors = {}, []
+
+    def work():
+        try:
+            from numba import cuda
+
+            for name, manager in (("ref", ref), ("dev", dev)):
+                store = stores[name] = PrefixStateCache(manager, entries=1, block_size=8, host_entries=2)
+                store.insert(tokens[:8], 1)
+                store.insert(tokens[:16], 2)  # evicts the first prefix to the host tier
+                store.restore(store.match(tokens[:9]), 3)  # a host-to-device restore
+                store.restore_many([store.match(tokens)], np.array([4], dtype=np.int32))
+            cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert stores["dev"].stats.hits == stores["ref"].stats.hits == 2
+    assert_same_bits(snapshot(ref), snapshot(dev), "a store used from another thread")
 
 
 def gpu_count() -> int:

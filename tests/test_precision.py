@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, device_int32, small_config, snapshot, to_host
+from conftest import BACKENDS, device_int32, fill_random, small_config, snapshot, to_host
 from numba import cuda
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
@@ -182,11 +182,14 @@ def assert_pools_equal(a, b, context=""):
         assert a[pool].tobytes() == b[pool].tobytes(), f"{context}: {pool}"
 
 
+@pytest.mark.parametrize("conv_dim", [7, 8], ids=["conv-21-elements", "conv-24-elements"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("main,inter", PAIRS, ids=str)
-def test_converting_scatter_numba_matches_numpy(rng, main, inter, stochastic):
-    # conv slot of 7 * 3 = 21 elements (off a group edge), recurrent 2 * 3 * 4 = 24 (on one)
+def test_converting_scatter_numba_matches_numpy(rng, main, inter, stochastic, conv_dim):
+    # conv slot of 7 * 3 = 21 elements (off a group edge: the element path) or 8 * 3 = 24 (the
+    # uint64-word path), recurrent 2 * 3 * 4 = 24 (the word path)
     config = small_config(
+        conv_dim=conv_dim,
         recurrent_state_size=4,
         recurrent_state_dtype=main,
         conv_state_dtype=inter,
@@ -523,3 +526,320 @@ def test_converting_scatter_across_chunk_edges(rng, elems):
     assert_pools_equal(after[0], after[1], f"{elems}")
     assert after[0]["recurrent"][:, :2].tobytes() == before["recurrent"][:, :2].tobytes()
     assert after[0]["recurrent"][:, 2].tobytes() != before["recurrent"][:, 2].tobytes()
+
+
+# ---------------------------------------------------------------- the word path: hard values, chunk edges, tracking
+
+
+def hard_values(rng, dtype, size):
+    """``size`` values of ``dtype``: random patterns, specials, near-ties of every narrower format, subnormals."""
+    dtype = as_dtype(dtype)
+    pool = [sample_values(rng, dtype, 128)]
+    if dtype.itemsize >= 4:  # exact ties and their neighbours for bfloat16 (16 dropped bits) and float16 (13)
+        word = np.dtype(f"u{dtype.itemsize}")
+        high = rng.integers(0, 2**31, 64, dtype=np.int64).astype(word) << word.type(8 * dtype.itemsize - 31)
+        for drop in (16, 13, 29, 42):
+            if drop < 8 * dtype.itemsize - 8:
+                tie = word.type(1) << word.type(drop - 1)
+                for delta in (0, 1, -1):
+                    low = word.type(int(tie) + delta)
+                    pool.append(((high & ~((tie << word.type(1)) - word.type(1))) | low).view(dtype))
+        with np.errstate(all="ignore"):  # float16 subnormal and overflow ranges
+            extra = np.concatenate([rng.uniform(-1, 1, 64) * 2.0**-14, rng.uniform(-1, 1, 64) * 2.0**-24, [65519.0]])
+            pool.append(extra.astype(dtype))
+    values = np.concatenate(pool)
+    return values[rng.permutation(np.resize(np.arange(values.size), size))]
+
+
+def write_same(managers, pool, values):
+    for manager in managers:
+        target = getattr(manager._pools, pool)
+        host = np.ascontiguousarray(values).view(target.dtype)
+        if isinstance(target, np.ndarray):
+            target[...] = host
+        else:
+            target.copy_to_device(host)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("main,inter", PAIRS, ids=str)
+def test_word_path_converts_hard_values_bit_for_bit(rng, main, inter, stochastic):
+    # both kinds on the uint64-word path (24-element slots); the per-step pools hold NaNs,
+    # infinities, ties, subnormals and overflows; every row commits
+    config = small_config(
+        recurrent_state_size=4,
+        conv_dim=8,
+        recurrent_state_dtype=main,
+        conv_state_dtype=main,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=inter,
+        stochastic_rounding=stochastic,
+        rounding_seed=2**63 + 17,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    for pool in ("intermediate_recurrent", "intermediate_conv"):
+        shape = getattr(managers[0]._pools, pool).shape
+        write_same(managers, pool, hard_values(rng, inter, int(np.prod(shape))).reshape(shape))
+    before = host_pools(managers[0])
+    accept, indices, positions = [1, 2, 3, 3, 1], [4, 3, 2, 1, 0], [0, 7, 2**31 - 2, 100, 65535]
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(5, 4)
+        manager.scatter_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, indices),
+            positions=device_int32(backend, positions),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], f"{main} <- {inter}")
+    for pool in ("recurrent", "conv"):  # every slot was committed: none kept its old bits
+        assert (after[0][pool] != before[pool]).any()
+
+
+@pytest.mark.parametrize("elems", [4096, 4100], ids=["on-chunk-edge", "off-chunk-edge"])
+def test_word_path_across_chunk_edges(rng, elems):
+    # word path: a float32 -> bfloat16 slot of 4096 elements fills one chunk (256 threads x 4
+    # groups of 4), a bfloat16 -> float32 slot of 8192 one chunk (256 x 8 groups); +4 / +8 need
+    # a second chunk, whose threads mostly idle
+    config = Config(
+        num_recurrent_layers=2,
+        max_batch_size=3,
+        recurrent_state_num_heads=1,
+        recurrent_state_head_dim=1,
+        recurrent_state_size=elems,
+        conv_dim=2 * elems,
+        conv_kernel=1,
+        max_intermediate_seq_len=2,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float32",
+        intermediate_conv_state_dtype="bfloat16",
+        stochastic_rounding=True,
+        rounding_seed=9,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    before = host_pools(managers[0])
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(2, 2)
+        manager.scatter_mtp_states(
+            device_int32(backend, [1, 0]),
+            state_indices=device_int32(backend, [2, 0]),
+            positions=device_int32(backend, [40, 41]),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], f"{elems}")
+    for pool in ("recurrent", "conv"):
+        got, old = after[0][pool].reshape(2, 3, -1), before[pool].reshape(2, 3, -1)
+        assert got[:, :2].tobytes() == old[:, :2].tobytes()
+        assert (got[:, 2, -4:] != old[:, 2, -4:]).all()  # the last group (in the last chunk) was written
+
+
+@pytest.mark.parametrize(
+    "main,inter,conv_dim,stochastic",
+    [
+        ("bfloat16", "float32", 8, True),
+        ("bfloat16", "float32", 8, False),
+        ("float32", "bfloat16", 8, False),
+        ("float16", "float64", 7, True),
+    ],
+    ids=["bf16<-f32-stochastic", "bf16<-f32-nearest", "f32<-bf16", "f16<-f64-element-path"],
+)
+def test_tracking_with_mixed_dtypes_converts_into_the_store(rng, main, inter, conv_dim, stochastic):
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = small_config(
+        recurrent_state_size=4,
+        conv_dim=conv_dim,
+        recurrent_state_dtype=main,
+        conv_state_dtype=main,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=inter,
+        stochastic_rounding=stochastic,
+        rounding_seed=77,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    stores = [PrefixStateCache(m, entries=6, block_size=4) for m in managers]
+    store_bits = [rng.uniform(-1, 1, pool.shape).astype(pool.dtype) for pool in stores[0]._pools]
+    for store in stores:
+        for pool, values in zip(store._pools, store_bits, strict=True):
+            host = np.ascontiguousarray(values).view(pool.dtype)
+            if isinstance(pool, np.ndarray):
+                pool[...] = host
+            else:
+                pool.copy_to_device(host)
+    entries = [[s.reserve() for _ in range(4)] for s in stores]
+    assert entries[0] == entries[1]
+    accept, steps, positions = [3, 2, 0, 2], [1, 2, 0, 0], [10, 20, 30, 2**31 - 5]
+    track = entries[0]
+    before = host_pools(managers[0])
+    for manager, store, backend in zip(managers, stores, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(4, 3)
+        if stochastic:  # the tracked copy rounds too: positions are required
+            with pytest.raises(ValueError, match="positions"):
+                manager.scatter_mtp_states(
+                    device_int32(backend, accept),
+                    store=store,
+                    track_entries=device_int32(backend, track),
+                    track_steps=device_int32(backend, steps),
+                )
+        manager.scatter_mtp_states(
+            device_int32(backend, accept),
+            positions=device_int32(backend, positions),
+            store=store,
+            track_entries=device_int32(backend, track),
+            track_steps=device_int32(backend, steps),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], "commit")
+    got = [[bits_of(to_host(p)) for p in s._pools] for s in stores]
+    for kind in range(2):
+        assert got[0][kind].tobytes() == got[1][kind].tobytes(), f"store kind {kind}"
+    # the definition: entry e holds convert(step t of row b) at position p + t + 1; others untouched
+    layers = config.num_recurrent_layers
+    tracked = {0: 1, 3: 0}  # rows whose step is accepted: row -> step (row 1: step 2 not < 2; row 2: padding)
+    for kind, pool in enumerate(("recurrent", "conv")):
+        steps_view = before[f"intermediate_{pool}"].reshape(layers, config.max_batch_size * 4, -1)
+        steps_view = steps_view[:, : 4 * 3].view(as_dtype(inter))
+        for row in range(4):
+            entry_bits = got[0][kind][:, track[row]].reshape(layers, -1)
+            if row in tracked:
+                t = tracked[row]
+                want = convert(
+                    steps_view[:, row * 3 + t],
+                    as_dtype(main),
+                    stochastic=stochastic,
+                    seed=77,
+                    kind=kind,
+                    layer=np.arange(layers),
+                    position=positions[row] + t + 1,
+                )
+                assert entry_bits.tobytes() == bits_of(want).tobytes(), (pool, row)
+            else:
+                assert entry_bits.tobytes() == bits_of(store_bits[kind][:, track[row]]).tobytes(), (pool, row)
+
+
+def test_commit_kernels_ptx_keeps_the_buffer_in_registers_and_batches_wide_loads():
+    # The design the benchmark depends on, checked on the sm_90 PTX (no GPU needed): no local memory
+    # for any pair, every kind's 8 uint64 loads per thread (4 for the float64 paths' halved batch),
+    # and Philox on 32 x 32 -> 64-bit products.
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import re, types as pytypes
+        from numba import cuda, types
+        try:
+            cuda.get_current_device()
+        except Exception:  # no GPU: compile device functions for sm_90 all the same
+            import numba.cuda.dispatcher as dispatcher
+            dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+        from mamba_cache.precision import commit_kernels as ck
+        u64, i32, i64 = types.Array(types.uint64, 3, "C"), types.Array(types.int32, 1, "C"), types.int64
+        F = {"f16": (5, 10), "bf16": (8, 7), "f32": (8, 23), "f64": (11, 52)}
+        S = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8}
+        for src, dst, mode in (("f32", "bf16", 2), ("f32", "bf16", 1), ("bf16", "f32", 1), ("f32", "f16", 2),
+                               ("f16", "f32", 1), ("f16", "bf16", 1), ("f64", "bf16", 2)):
+            spec = ck.spec_of(mode, F[src], F[dst], S[src], S[dst], 1024)
+            kernel = ck.commit_kernels(spec, spec).scatter
+            sig = (u64, u64, u64, u64, i64, i32, i32, i64, i64, i64, i32, i64, i64)
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, device=False, cc=(9, 0))
+            local = len(re.findall(r"^\\s*(ld|st)\\.local", ptx, re.M))
+            loads = ptx.count("ld.global.u64")
+            wide = ptx.count("mul.wide.u32")
+            expected = 2 * ck.groups_per_thread(spec) * (S[src] // 2)
+            print(src, dst, mode, local, loads, expected, wide, 2 * ck.groups_per_thread(spec))
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
+        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 7, result.stdout
+    for src, dst, mode, local, loads, expected, wide, groups in rows:
+        assert local == "0", (src, dst, "local memory")
+        assert loads == expected, (src, dst, "uint64 loads", loads, expected)
+        if mode == "2":  # 20 products per Philox call, one call per group; a few fold into 64-bit forms
+            assert int(wide) >= 15 * int(groups), (src, dst, "Philox products", wide, groups)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_converting_tree_commit_on_the_word_path(rng, stochastic):
+    # both kinds' slots a multiple of 4 elements (24 each); the node at index j consumed p + j + 1 tokens
+    config = small_config(
+        recurrent_state_size=4,
+        conv_dim=8,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float32",
+        intermediate_conv_state_dtype="float16",
+        stochastic_rounding=stochastic,
+        rounding_seed=5,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    before = host_pools(managers[0])
+    nodes = [[0, 2, 3], [1, -1, -1], [3, 0, 9], [-1, -1, -1]]
+    accept = [3, 1, 2, 3]
+    positions = [5, 6, 7, 8]
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(4, 4)
+        manager.scatter_accepted_tree_states(
+            device_int32(backend, nodes), device_int32(backend, accept), positions=device_int32(backend, positions)
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], "tree")
+    layers = config.num_recurrent_layers
+    for kind, pool in enumerate(("recurrent", "conv")):
+        steps = before[f"intermediate_{pool}"].reshape(layers, config.max_batch_size * 4, -1)
+        inter = as_dtype(
+            config.intermediate_recurrent_state_dtype if kind == 0 else config.intermediate_conv_state_dtype
+        )
+        main = as_dtype(config.recurrent_state_dtype if kind == 0 else config.conv_state_dtype)
+        got = after[0][pool].reshape(layers, config.max_batch_size, -1)
+        for row, (node, depth) in {0: (3, 2), 1: (1, 0), 2: (0, 1)}.items():  # row 3: no node, slot untouched
+            want = convert(
+                steps[:, row * 4 + node].view(inter),
+                main,
+                stochastic=stochastic,
+                seed=5,
+                kind=kind,
+                layer=np.arange(layers),
+                position=positions[row] + depth + 1,
+            )
+            assert got[:, row].tobytes() == bits_of(want).tobytes(), (pool, row)
+        assert got[:, 3:].tobytes() == before[pool].reshape(layers, config.max_batch_size, -1)[:, 3:].tobytes()
+
+
+@pytest.mark.parametrize("conv_dim", [7, 8], ids=["element-path", "word-path"])
+def test_one_kind_converts_while_the_other_copies_in_the_same_launch(rng, conv_dim):
+    config = small_config(
+        recurrent_state_size=4,
+        conv_dim=conv_dim,
+        recurrent_state_dtype="bfloat16",
+        intermediate_recurrent_state_dtype="float32",
+        conv_state_dtype="float16",  # equal dtypes: the conv kind copies bits
+        stochastic_rounding=True,
+        rounding_seed=1,
+    )
+    managers = make_pair(config)
+    fill_random(managers, rng)  # random bit patterns: NaN payloads must survive the copy
+    before = host_pools(managers[0])
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(3, 4)
+        manager.scatter_mtp_states(
+            device_int32(backend, [2, 3, 1]),
+            state_indices=device_int32(backend, [1, 4, 2]),
+            positions=device_int32(backend, [3, 4, 5]),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], "copy + convert")
+    layers = config.num_recurrent_layers
+    steps = before["intermediate_conv"].reshape(layers, config.max_batch_size * 4, -1)
+    conv = after[0]["conv"].reshape(layers, config.max_batch_size, -1)
+    for row, (slot, accepted) in enumerate(((1, 2), (4, 3), (2, 1))):
+        assert conv[:, slot].tobytes() == steps[:, row * 4 + accepted - 1].tobytes()

@@ -212,6 +212,28 @@ def test_batched_restore_and_insert(backend, rng):
     assert_same_bits(snapshot(manager), want, "restore_many")
 
 
+@pytest.mark.parametrize("slot_kind", ["device", "host"])
+def test_restore_many_restages_only_a_changed_entry_list(backend, rng, slot_kind):
+    """Repeated lists reuse the staged entries; a changed list, order or a reused entry never reads stale ones."""
+    manager, store = make(backend, rng, entries=3, block_size=2)
+    handles = store.insert_many([[1, 1], [2, 2], [3, 3]], np.array([0, 1, 2], np.int32))
+    entries = store_snapshot(store)
+    slots = device_int32(backend, [3, 4]) if slot_kind == "device" else np.array([3, 4], np.int32)
+    for order in ([0, 1], [0, 1], [1, 0], [2, 2], [0, 1]):
+        pair = [handles[i] for i in order]
+        store.restore_many(pair, slots)
+        got = snapshot(manager)
+        assert state(got, 3) == entry(entries, pair[0].entry) and state(got, 4) == entry(entries, pair[1].entry), order
+    store.pin(handles[1])
+    new = store.insert([4, 4], slot=1)  # evicts [1, 1] (entry 0) and reuses it: same index, new contents
+    assert new.entry == handles[0].entry
+    with pytest.raises(LookupError, match="stale"):
+        store.restore_many([handles[0], handles[1]], slots)
+    store.restore_many([new, handles[1]], slots)
+    got = snapshot(manager)
+    assert state(got, 3) == entry(store_snapshot(store), new.entry) and state(got, 4) == entry(entries, 1)
+
+
 def test_insert_many_never_writes_an_entry_twice(backend, rng):
     """More new prefixes than entries: the extra ones are dropped, not written over this batch's own."""
     manager, store = make(backend, rng, entries=2, block_size=1)
@@ -787,6 +809,116 @@ def test_a_pinned_host_entry_is_never_overwritten(backend, rng):
     assert state(snapshot(manager), 4) == state(before, 2)
 
 
+def _host_tier_state(store, host_entry):
+    """The bytes of one host-tier entry ([P_host, L, ...]: dense), both kinds."""
+    return store._host_pools[0][host_entry].tobytes() + store._host_pools[1][host_entry].tobytes()
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_host_tier_moves_every_layer_of_both_kinds_and_nothing_else(backend, rng, config):
+    """Offloads into the second and third host entry, restores from them into slots 4 and 1."""
+    manager, store = make(backend, rng, entries=1, block_size=4, config=config, host_entries=3)
+    for pool in store._host_pools:  # random bits in the host tier too: untouched entries must keep them
+        pool[...] = random_bits(rng, pool.shape, pool.dtype)
+    store._hfree = [2, 1]  # hand out host entries 1 then 2 (entry 0 stays untouched)
+    before = snapshot(manager)
+    host_before = [p.copy() for p in store._host_pools]
+    store.insert([1] * 4, slot=3)
+    store.insert([2] * 4, slot=0)  # [1]*4 -> host entry 1
+    store.insert([3] * 4, slot=2)  # [2]*4 -> host entry 2
+    sync(manager)
+    assert _host_tier_state(store, 1) == state(before, 3)
+    assert _host_tier_state(store, 2) == state(before, 0)
+    for pool, old in zip(store._host_pools, host_before, strict=True):
+        assert pool[0].tobytes() == old[0].tobytes(), "an untouched host entry changed"
+    assert_same_bits(snapshot(manager), before, "an offload changed the live slots")
+    for prefix, slot in (([1] * 4, 4), ([2] * 4, 1)):
+        handle = store.match([*prefix, 9])
+        assert handle.host
+        store.restore(handle, slot=slot)
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 4], want[kind][:, 1] = before[kind][:, 3], before[kind][:, 0]
+    assert_same_bits(snapshot(manager), want, "host restore")
+
+
+def sync(manager):
+    if manager.backend == "numba":
+        from numba import cuda
+
+        cuda.synchronize()
+
+
+def _replay_memcpy2d(memory: np.ndarray, fields: dict) -> None:
+    """Apply a CUDA_MEMCPY2D (byte addresses into ``memory``) the way the driver does."""
+    src = fields["srcDevice"] if fields["srcMemoryType"] == "device" else fields["srcHost"]
+    dst = fields["dstDevice"] if fields["dstMemoryType"] == "device" else fields["dstHost"]
+    width = fields["WidthInBytes"]
+    for y in range(fields["Height"]):
+        s, d = src + y * fields["srcPitch"], dst + y * fields["dstPitch"]
+        memory[d : d + width] = memory[s : s + width].copy()
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("to_host", [True, False], ids=["d2h", "h2d"])
+def test_the_2d_copy_fields_move_exactly_one_entry(rng, config, to_host):
+    """The CUDA_MEMCPY2D the GPU binding issues, replayed on one byte buffer: the reference's result."""
+    from mamba_cache.prefix.host_copy import kind_geometry, memcpy2d_fields
+
+    rows, host_entries, row, host_entry = 4, 3, 2, 1
+    for dtype, shape in (
+        (config.recurrent_state_dtype, config.recurrent_state_shape),
+        (config.conv_state_dtype, config.conv_state_shape),
+    ):
+        tail = shape[1:]
+        device = random_bits(rng, (config.num_recurrent_layers, rows, *tail), dtype)
+        host = random_bits(rng, (host_entries, config.num_recurrent_layers, *tail), dtype)
+        memory = np.concatenate([device.view(np.uint8).ravel(), host.view(np.uint8).ravel()])
+        fields = memcpy2d_fields(
+            kind_geometry(device.shape, device.itemsize), 0, row, device.nbytes, host_entry, to_host
+        )
+        _replay_memcpy2d(memory, fields)
+        got_device = memory[: device.nbytes].view(device.dtype).reshape(device.shape)
+        got_host = memory[device.nbytes :].view(host.dtype).reshape(host.shape)
+        if to_host:
+            host[host_entry] = device[:, row]
+        else:
+            device[:, row] = host[host_entry]
+        assert got_device.tobytes() == device.tobytes() and got_host.tobytes() == host.tobytes()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+@pytest.mark.parametrize("pitch", ["2d", "per-layer"])
+def test_host_tier_copy_on_the_gpu_one_2d_copy_per_kind(rng, pitch):
+    """The driver path: 2 copies per call (or the per-layer fallback past the max pitch), same bits."""
+    from numba import cuda
+
+    from mamba_cache.prefix import host_copy
+
+    config = CONFIGS["f64-big"]
+    manager, store = make("numba", rng, entries=2, block_size=4, config=config, host_entries=3)
+    for pool in store._host_pools:
+        pool[...] = random_bits(rng, pool.shape, pool.dtype)
+    limit = host_copy.max_pitch(manager.device_id) if pitch == "2d" else 1
+    stream = cuda.stream()
+    ref = manager._stream(stream)
+    down = host_copy.HostTierCopy(store._pools, store._host_pools, True, limit)
+    up = host_copy.HostTierCopy((manager._pools.recurrent, manager._pools.conv), store._host_pools, False, limit)
+    assert down.copies_per_call == (2 if pitch == "2d" else 2 * config.num_recurrent_layers)
+    entries, host_before, before = store_snapshot(store), [p.copy() for p in store._host_pools], snapshot(manager)
+    down.copy(1, 2, ref.handle)
+    up.copy(2, 0, ref.handle)  # host entry 0 into slot 2
+    stream.synchronize()
+    for k, (pool, old) in enumerate(zip(store._host_pools, host_before, strict=True)):
+        want = old.copy()
+        want[2] = entries[("entries_recurrent", "entries_conv")[k]][:, 1]
+        assert pool.tobytes() == want.tobytes()
+    want = {k: v.copy() for k, v in before.items()}
+    for k, kind in enumerate(("recurrent", "conv")):
+        want[kind][:, 2] = host_before[k][0]
+    assert_same_bits(snapshot(manager), want, "h2d")
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 def test_host_tier_copies_are_ordered_across_streams(rng):
     """A slow kernel fills a device entry on stream A; the eviction's offload runs on stream B.
@@ -822,6 +954,71 @@ def test_host_tier_copies_are_ordered_across_streams(rng):
         want = snapshot(manager)
         store.close()
         store = PrefixStateCache(manager, entries=1, block_size=2, host_entries=1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_restore_many_captures_into_a_cuda_graph(rng):
+    """Staged once before the capture, the entry list is a device buffer the replay re-reads."""
+    from cuda.bindings import driver
+    from numba import cuda
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    manager, store = make("numba", rng, entries=3, block_size=2)
+    handles = store.insert_many([[1, 1], [2, 2], [3, 3]], np.array([0, 1, 2], np.int32))
+    stream = cuda.stream()
+    slots = cuda.to_device(np.array([4, 3], np.int32), stream=stream)
+    pair = [handles[2], handles[0]]
+    store.restore_many(pair, slots, stream=stream)  # stages the entry list outside the capture
+    stream.synchronize()
+    check(driver.cuStreamBeginCapture(int(stream.handle), driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    store.restore_many(pair, slots, stream=stream)
+    exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(int(stream.handle))), 0))
+    for _ in range(2):
+        fill_random([manager], rng)
+        want = snapshot(manager)
+        entries = store_snapshot(store)
+        for kind in ("recurrent", "conv"):
+            want[kind][:, 4] = entries[f"entries_{kind}"][:, 2]
+            want[kind][:, 3] = entries[f"entries_{kind}"][:, 0]
+        check(driver.cuGraphLaunch(exec_graph, int(stream.handle)))
+        stream.synchronize()
+        assert_same_bits(snapshot(manager), want, "restore_many graph replay")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_host_tier_copies_neither_block_the_host_nor_run_early(rng):
+    """Offload and host restore queued behind a ~0.2 s kernel return at once and land after it.
+
+    A pageable host buffer or a synchronising copy would make the calls wait for the kernel.
+    """
+    import time
+
+    from numba import cuda
+
+    config = small_config(recurrent_state_head_dim=64, conv_dim=257, num_recurrent_layers=5)
+    manager, store = make("numba", rng, entries=1, block_size=4, config=config, host_entries=2)
+    stream = cuda.stream()
+    slow = _slow_kernel()
+    clock = cuda.device_array(1, dtype=np.int64)
+    slow[1, 1, stream](clock, 1)
+    store.insert([1] * 4, slot=0, stream=stream)
+    stream.synchronize()
+    before = snapshot(manager)
+    slow[1, 1, stream](clock, 200)
+    t0 = time.perf_counter()
+    store.insert([2] * 4, slot=1, stream=stream)  # evicts [1]*4: a device-to-host offload
+    store.restore(store.match([1] * 5), slot=3, stream=stream)  # host to device
+    elapsed = time.perf_counter() - t0
+    pending = not stream.query()
+    stream.synchronize()
+    assert elapsed < 0.05 and pending, f"the host waited {elapsed:.3f} s for the stream"
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 3] = before[kind][:, 0]
+    assert_same_bits(snapshot(manager), want, "offload + host restore behind a slow kernel")
 
 
 def _slow_kernel():

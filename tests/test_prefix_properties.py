@@ -183,14 +183,15 @@ def test_store_follows_the_model(entries, host_entries, ops):
                 store.release(entry)
         # invariants
         assert store.stats.dropped_inserts == model.dropped
-        for tier, index, pools in (
-            (model.lru, store._index, store._pools),
-            (model.host, store._hindex, store._host_pools),
+        for tier, index, pools, view in (
+            (model.lru, store._index, store._pools, lambda pool, e: pool[:, e]),  # [L, P, ...]
+            (model.host, store._hindex, store._host_pools, lambda pool, e: pool[e]),  # [P_host, L, ...]
         ):
             keys = {block_digests(list(p), BS)[-1]: p for p in tier}
             assert set(index) == set(keys), "the cached prefixes differ from the model's"
             for key, entry in index.items():
-                assert same_state(pools[0][:, entry], pools[1][:, entry], keys[key]), "an entry holds a wrong state"
+                held = view(pools[0], entry), view(pools[1], entry)
+                assert same_state(*held, keys[key]), "an entry holds a wrong state"
         for prefix, handle in pinned:  # never evicted nor moved: the pinned handle is still current
             assert model.cached(prefix) and current(store, prefix) == handle
         assert len(store) <= entries + host_entries

@@ -130,3 +130,19 @@ def test_cli_help_lists_commands():
     )
     for command in ("plan", "presets", "demo"):
         assert command in result.stdout
+
+
+def test_every_preset_states_its_shipped_state_dtypes_and_their_source(capsys):
+    from mamba_cache import cli
+
+    names = {"float16", "bfloat16", "float32", "float64"}
+    for name, preset in PRESETS.items():
+        recurrent, conv = preset.shipped_dtypes
+        for dtype in (recurrent, conv):  # a dtype name, or the engines' rule, never empty
+            assert dtype in names or "model dtype" in dtype, (name, dtype)
+        assert "vLLM" in preset.dtype_source and ".py" in preset.dtype_source, name  # cites the engine's file
+        assert cli.main(["plan", "--preset", name, "--batch", "1"]) == 0
+        assert f"shipped state dtypes: recurrent {recurrent}, conv {conv}" in capsys.readouterr().out
+    assert PRESETS["nemotron-h-8b"].shipped_dtypes[0] == "float32"  # vLLM's NemotronH default
+    assert cli.main(["presets"]) == 0
+    assert capsys.readouterr().out.count("shipped state dtypes") == len(PRESETS)

@@ -227,6 +227,7 @@ class PreparedLaunch:
         from cuda.bindings import driver
 
         self._driver = driver
+        self._cuLaunchKernel = driver.cuLaunchKernel
         self._positions = argument_positions(dispatcher)
         kernel = dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
         values: list = []
@@ -286,7 +287,13 @@ class PreparedLaunch:
 
     def launch(self, grid: tuple, stream: Any) -> None:
         """Launch on ``grid`` blocks of ``threads`` threads on ``stream`` (a ``StreamRef``)."""
-        err = self._launch(grid, stream.handle)
+        gx, gy, gz = grid  # the launch inlined: this is the hot path of every eager call
+        (err,) = self._cuLaunchKernel(
+            self._function, gx, gy, gz, self._threads, 1, 1, 0, stream.handle, self._params, 0
+        )
+        if not err:
+            return
+        err = int(err)
         if err == _CUDA_ERROR_INVALID_CONTEXT:
             # A thread that has not used Numba yet has no current context: make it so, retry.
             cuda.current_context()

@@ -305,11 +305,15 @@ class MambaCacheManagerBase:
         raise NotImplementedError
 
     def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
-        """Queue ``host[k][:, host_entry] = src[k][:, entry]`` (device to host) for both kinds on ``stream``."""
+        """Queue ``host[k][host_entry] = src[k][:, entry]`` (device to host) for both kinds on ``stream``.
+
+        ``src`` are stacked ``[L, rows, ...]`` device pools; ``host`` are ``[P_host, L, ...]`` (one
+        host entry dense).
+        """
         raise NotImplementedError
 
     def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
-        """Queue ``dst[k][:, row] = host[k][:, host_entry]`` (host to device) for both kinds on ``stream``."""
+        """Queue ``dst[k][:, row] = host[k][host_entry]`` (host to device) for both kinds on ``stream``."""
         raise NotImplementedError
 
     def _new_event(self) -> Any:
@@ -335,11 +339,14 @@ class MambaCacheManagerBase:
         entries: Any,
         steps: Any,
         stream: Any,
+        positions: Any = None,
     ) -> None:
         """``_scatter`` fused with checkpoint tracking into a prefix store, in one launch.
 
         Row ``b``'s state after step ``steps[b]`` goes into store entry ``entries[b]`` when
-        ``0 <= steps[b] < accept[b]``, ``steps[b] < seq_len`` and the entry is in range.
+        ``0 <= steps[b] < accept[b]``, ``steps[b] < seq_len`` and the entry is in range. With mixed
+        dtypes both copies convert to the main dtype (a stochastic one keyed by ``positions[b]``
+        plus the tokens the copied state consumed).
         """
         raise NotImplementedError
 
@@ -368,6 +375,14 @@ class MambaCacheManagerBase:
         self._capture_outs: dict = {}
         self._closed = False
         self._stash: dict = {}  # replay mode: stash field name -> [L, B*S*elems] pool
+
+    def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """``function(*args, **kwargs)`` with this manager's device current (the Numba backend's override).
+
+        The manager's own public methods do this already; objects built on a manager (the prefix
+        store) call their device work through it.
+        """
+        return function(*args, **kwargs)
 
     def _check_open(self, what: str) -> None:
         """Raise ``ValueError`` if this manager was closed or moved from (as a closed file does)."""
@@ -742,7 +757,8 @@ class MambaCacheManagerBase:
             track_steps: ``[active]`` int32, the draft step whose state row ``b`` checkpoints, ``-1``
                 for none. In the same launch as the commit, entry ``track_entries[b]`` receives
                 ``intermediate[b, t]`` (``t = track_steps[b]``) of both kinds when
-                ``0 <= t < accept_lengths[b]`` and ``t < V``.
+                ``0 <= t < accept_lengths[b]`` and ``t < V``, converted to the main dtype as the
+                commit converts (a stochastic rounding keyed by position ``positions[b] + t + 1``).
 
         Raises:
             TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
@@ -758,13 +774,14 @@ class MambaCacheManagerBase:
         self._check_open("scatter_mtp_states")
         self._refuse_in_replay_mode("scatter_mtp_states")
         stream = self._stream(stream)
-        tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
-        given = [name for name, value in tracking.items() if value is not None]
-        if given and len(given) != len(tracking):
-            raise ValueError(
-                f"scatter_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
-                "only; nothing was changed"
-            )
+        if store is not None or track_entries is not None or track_steps is not None:
+            tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
+            given = [name for name, value in tracking.items() if value is not None]
+            if len(given) != len(tracking):
+                raise ValueError(
+                    f"scatter_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
+                    "only; nothing was changed"
+                )
         if not self.has_intermediate_recurrent_states():
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
@@ -779,18 +796,12 @@ class MambaCacheManagerBase:
             steps, (count,) = self._int32_array("track_steps", track_steps, "[active]", stream)
             if count != active:
                 raise ValueError(f"track_steps must have the length of accept_lengths ({active}), got {count}")
-            if checked_positions is not None or any(
-                getattr(self._config, f"intermediate_{k}_state_dtype") != getattr(self._config, f"{k}_state_dtype")
-                for k in ("recurrent", "conv")
-            ):
-                raise ValueError(
-                    "tracking into a prefix store needs equal main and per-step dtypes (no converting or "
-                    "stochastic tracked commit yet); nothing was changed"
-                )
             if active:
                 seq_len = self._verify_shape[1]
                 max_accept = self._max_accept(seq_len)
-                self._scatter_tracked(accept, indices, active, seq_len, max_accept, store, entries, steps, stream)
+                self._scatter_tracked(
+                    accept, indices, active, seq_len, max_accept, store, entries, steps, stream, checked_positions
+                )
                 store._tracked_on(stream)
             return
         if active:

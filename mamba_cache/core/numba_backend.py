@@ -129,6 +129,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         self._staging: dict = {}
         self._placeholder_array = None
         self._last_arrays: dict = {}
+        self._converting: tuple | None = None
 
     def _check_config(self, config: Config) -> None:
         for name in ("num_recurrent_layers", "max_batch_size"):
@@ -141,6 +142,13 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 "recurrent_state_head_dim (the Gated DeltaNet key dim) must be <= 256 for the Numba replay "
                 f"commit, got {config.recurrent_state_head_dim}"
             )
+
+    def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = self._context_handle
+        if handle is None or _current_context_handle() == handle:
+            return function(*args, **kwargs)
+        with self._gpu:
+            return function(*args, **kwargs)
 
     # ------------------------------------------------------------ streams
     def _stream(self, stream: Any) -> StreamRef:
@@ -297,13 +305,34 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         ]
 
     def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
-        # A Numba device array cannot change its pointer, shape or dtype: once checked, reuse it.
+        # A decode loop passes the same arrays call after call: once checked, an array is reused
+        # while what could have changed about it has not. A Numba array cannot change its pointer,
+        # shape or dtype; a CuPy array can change only its shape (in place); a torch tensor can
+        # also be re-pointed (set_, resize_), so its pointer, shape and dtype are compared too.
         last = self._last_arrays.get(name)
         if last is not None and last[0] is array:
-            return last[1]
+            kind = last[2]
+            if kind is None:
+                return last[1]
+            if kind == "cupy":
+                if array.shape == last[3]:
+                    return last[1]
+            elif (
+                array.data_ptr() == last[1][0].pointer
+                and array.shape == last[3]
+                and array.dtype == last[4]
+                and array.is_contiguous()
+            ):
+                return last[1]
         checked = self._check_int32_array(name, array, layout, stream)
-        if type(array) is _DeviceArray and not SIMULATOR:
-            self._last_arrays[name] = (array, checked)
+        if not SIMULATOR:
+            kind = type(array)
+            if kind is _DeviceArray:
+                self._last_arrays[name] = (array, checked, None)
+            elif kind.__module__.startswith("torch"):
+                self._last_arrays[name] = (array, checked, "torch", array.shape, array.dtype)
+            elif kind.__module__.startswith("cupy"):
+                self._last_arrays[name] = (array, checked, "cupy", array.shape)
         return checked
 
     def _check_int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
@@ -382,10 +411,27 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             staging = self._staging[name] = cuda.device_array(
                 max(host.size, self._config.max_batch_size), dtype=np.int32
             )
-        staged = staging[: host.size].reshape(host.shape) if host.size else staging
+            for key in [k for k in self._staging if isinstance(k, tuple) and k[1] == name]:
+                del self._staging[key]  # views of the buffer this one replaces
+        if SIMULATOR:
+            staged = staging[: host.size].reshape(host.shape) if host.size else staging
+            if host.size:
+                staged.copy_to_device(host, stream=stream.stream)
+            return staged, _device_pointer(staged)
+        # The view (and its pointer) per shape is built once: DeviceNDArray slicing and
+        # copy_to_device cost tens of microseconds of Python each; the raw driver copy a few. From
+        # pageable memory the driver has read ``host`` when the call returns (safe to reuse).
+        view = self._staging.get(("view", name, host.shape))
+        if view is None:
+            staged = staging[: host.size].reshape(host.shape) if host.size else staging
+            view = self._staging[("view", name, host.shape)] = (staged, _device_pointer(staged))
         if host.size:
-            staged.copy_to_device(host, stream=stream.stream)
-        return staged, _device_pointer(staged)
+            from cuda.bindings import driver
+
+            (err,) = driver.cuMemcpyHtoDAsync(view[1], host.ctypes.data, host.nbytes, stream.handle)
+            if err != driver.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuMemcpyHtoDAsync of {name} failed: {err!r}")
+        return view
 
     def _placeholder(self) -> DeviceArg:
         """An int32 ``[B]`` device array standing in for an unused index argument."""
@@ -459,11 +505,17 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _converting_commit(self) -> bool:
         """True when a main pool's dtype differs from its per-step pool's (mamba_cache.precision converts)."""
-        config = self._config
-        return any(
-            getattr(config, f"{kind}_state_dtype") != getattr(config, f"intermediate_{kind}_state_dtype")
-            for kind in ("recurrent", "conv")
-        )
+        converting = self._converting
+        if converting is None or converting[0] is not self._config:  # asked on every commit: answer once
+            config = self._config
+            converting = self._converting = (
+                config,
+                any(
+                    getattr(config, f"{kind}_state_dtype") != getattr(config, f"intermediate_{kind}_state_dtype")
+                    for kind in ("recurrent", "conv")
+                ),
+            )
+        return converting[1]
 
     def _set_indices(self, launch: Any, indices: DeviceArg | None) -> None:
         """Point ``state_indices`` at ``indices`` with ``use_indices`` on, or at the placeholder with it off."""
@@ -504,7 +556,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         entries: Any,
         steps: Any,
         stream: Any,
+        positions: Any = None,
     ) -> None:
+        if self._converting_commit():
+            from ..precision import numba_binding
+
+            return numba_binding.scatter_tracked(
+                self, accept, indices, active, seq_len, max_accept, store, entries, steps, stream, positions
+            )
         track_a, track_b = store._pools
         key = ("scatter_tracked", id(track_a))
         entry = self._launches.get(key)
@@ -530,15 +589,33 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         return array
 
     def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
-        # One async copy per layer and kind: an entry of the [L, P, ...] pools is L contiguous pieces.
-        for to, frm in zip(host, src, strict=True):
-            for layer in range(frm.shape[0]):
-                frm[layer, entry].copy_to_host(to[layer, host_entry], stream=stream.stream)
+        # One strided 2-D copy per kind (mamba_cache.prefix.host_copy); the simulator copies per layer.
+        if SIMULATOR:
+            for to, frm in zip(host, src, strict=True):
+                for layer in range(frm.shape[0]):
+                    frm[layer, entry].copy_to_host(to[host_entry, layer], stream=stream.stream)
+            return
+        self._host_tier_copy(src, host, True).copy(entry, host_entry, stream.handle)
 
     def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
-        for to, frm in zip(dst, host, strict=True):
-            for layer in range(to.shape[0]):
-                to[layer, row].copy_to_device(frm[layer, host_entry], stream=stream.stream)
+        if SIMULATOR:
+            for to, frm in zip(dst, host, strict=True):
+                for layer in range(to.shape[0]):
+                    to[layer, row].copy_to_device(frm[host_entry, layer], stream=stream.stream)
+            return
+        self._host_tier_copy(dst, host, False).copy(row, host_entry, stream.handle)
+
+    def _host_tier_copy(self, device: tuple, host: tuple, to_host: bool) -> Any:
+        """The cached 2-D copies between ``device`` rows and ``host`` entries (a store drops them on close)."""
+        key = ("host_copy", id(device[0]), id(host[0]), to_host)
+        copy = self._launches.get(key)
+        if copy is None:
+            from ..prefix import host_copy
+
+            copy = self._launches[key] = host_copy.HostTierCopy(
+                device, host, to_host, host_copy.max_pitch(self.device_id)
+            )
+        return copy
 
     def _new_event(self) -> Any:
         return cuda.event() if SIMULATOR else cuda.event(timing=False)  # no timing: a lighter event
@@ -656,10 +733,16 @@ def _resolve_device(device: Any) -> tuple[Any, int | None]:
 
 
 def _current_context_handle() -> int:
-    from cuda.bindings import driver
+    global _cuCtxGetCurrent
+    if _cuCtxGetCurrent is None:  # imported once: an import statement per call costs a microsecond
+        from cuda.bindings import driver
 
-    err, context = driver.cuCtxGetCurrent()
+        _cuCtxGetCurrent = driver.cuCtxGetCurrent
+    err, context = _cuCtxGetCurrent()
     return int(context) if not err else 0
+
+
+_cuCtxGetCurrent = None
 
 
 def _on_device(method: Any) -> Any:

@@ -199,6 +199,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         entries: np.ndarray,
         steps: np.ndarray,
         stream: Any,
+        positions: Any = None,
     ) -> None:
         # Checkpoint rows: 0 <= t < accept, t < V, entry in [0, P). Check them all before moving anything.
         step, entry = steps.astype(np.int64), entries.astype(np.int64)
@@ -206,22 +207,40 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         rows = np.flatnonzero(track)
         store._check_tracked_entries(entry[rows])
         commit = accept.astype(np.int64) - 1
-        self._commit(commit, (commit >= 0) & (commit < max_accept), indices, seq_len)  # may refuse: nothing moved yet
+        ok = (commit >= 0) & (commit < max_accept)
+        self._commit(commit, ok, indices, seq_len, positions, commit + 1)  # may refuse: nothing moved yet
         pools = self._pools
-        for dst, inter in zip(store._pools, (pools.intermediate_recurrent, pools.intermediate_conv), strict=True):
+        for kind, (dst, inter) in enumerate(
+            zip(store._pools, (pools.intermediate_recurrent, pools.intermediate_conv), strict=True)
+        ):
             src = inter.reshape(inter.shape[0], -1, *dst.shape[2:])
-            dst[:, entry[rows]] = src[:, rows * seq_len + step[rows]]
+            states = src[:, rows * seq_len + step[rows]]
+            if dst.dtype != src.dtype:  # the store keeps the main dtype: convert as the commit does
+                from ..precision import convert
+
+                consumed = 0 if positions is None else positions.astype(np.int64)[rows] + step[rows] + 1
+                flat = states.reshape(*states.shape[:2], -1)
+                states = convert(
+                    flat,
+                    dst.dtype,
+                    stochastic=self._config.stochastic_rounding,
+                    seed=self._config.rounding_seed,
+                    kind=kind,
+                    layer=np.arange(dst.shape[0])[:, None],
+                    position=consumed,
+                ).reshape(states.shape)
+            dst[:, entry[rows]] = states
 
     def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
 
     def _entry_to_host(self, src: tuple, entry: int, host: tuple, host_entry: int, stream: Any) -> None:
         for to, frm in zip(host, src, strict=True):
-            to[:, host_entry] = frm[:, entry]
+            to[host_entry] = frm[:, entry]
 
     def _host_to_rows(self, host: tuple, host_entry: int, dst: tuple, row: int, stream: Any) -> None:
         for to, frm in zip(dst, host, strict=True):
-            to[:, row] = frm[:, host_entry]
+            to[:, row] = frm[host_entry]
 
     def _new_event(self) -> None:
         return None  # NumPy work is done when the call returns: nothing to order

@@ -1,31 +1,31 @@
-"""CUDA kernels of the precision options: converting commits, with optional stochastic rounding.
+"""CUDA device functions of the precision options: conversions, Philox4x32-10, storing a float32 state.
 
 The device functions repeat :mod:`mamba_cache.precision.reference` line for line on uint64
-scalars (integer arithmetic only), so the GPU gives the reference's bits. Pools are seen as
-unsigned integers of their element size (bit patterns; a bfloat16 pool is uint16 already):
+scalars (integer arithmetic only), so the GPU gives the reference's bits. The converting commits
+(scatter, tree, tracked) are built from them per dtype pair in
+:mod:`mamba_cache.precision.commit_kernels`; this module keeps the general element path they fall
+back to for slots that are not a multiple of 4 elements, and :func:`convert_array` (a test and
+benchmark helper). Pools are seen as unsigned integers of their element size (bit patterns; a
+bfloat16 pool is uint16 already):
 
-    dst   [L, B, E]        main pool, E elements per slot, dtype u2/u4/u8
-    src   [L, B*S, E]      intermediate pool; (row b, step t) is src row b*V + t
+    dst   [1, rows, E]     target bit patterns
+    src   [1, rows, E]     source bit patterns
 
-Launch shape (``GROUPS_PER_THREAD`` groups of 4 consecutive elements per thread, so one
-Philox4x32-10 call gives the 4 random words of a group):
+Launch shape of the element path (``GROUPS_PER_THREAD`` groups of 4 consecutive elements per
+thread, so one Philox4x32-10 call gives the 4 random words of a group):
 
-    grid  = (sum over kinds of ceil(ceil(E / 4) / (threads * GROUPS_PER_THREAD)), rows, L)
+    grid  = (ceil(ceil(E / 4) / (threads * GROUPS_PER_THREAD)), rows, 1)
     block = (threads,)
 
     slot row (E elements) |<------------ chunk 0 ------------>|<- chunk 1 ...
                           | g0 g1 .. gT | g0 g1 .. gT |          (g = 4 elements; round i of
                           |  round 0    |  round 1    |           a chunk: threads groups)
 
-Each kind carries its own conversion: ``mode`` 0 copies the bits (equal dtypes), 1 rounds to
-nearest even, 2 rounds stochastically; ``src_e, src_m, dst_e, dst_m`` are the formats (exponent
-and mantissa bits). A kind whose dtypes are equal is thus copied in the same launch.
+``mode`` 0 copies the bits (equal dtypes), 1 rounds to nearest even, 2 rounds stochastically;
+``src_e, src_m, dst_e, dst_m`` are the formats (exponent and mantissa bits).
 
 Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
 bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
-Philox takes the high and low words of one 32 x 32 -> 64-bit product. Whether a converting
-commit stays memory-bound is measured by
-``benchmarks/precision_bench.py``.
 """
 
 from __future__ import annotations
@@ -206,192 +206,6 @@ def _convert_chunk(
                     else:
                         r = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
                         dst[layer, dst_row, e] = convert_bits(value, se, sm, de, dm, mode == MODE_STOCHASTIC, r)
-
-
-@cuda.jit(device=True, inline="always")
-def _commit_converted(
-    dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, src_row, position, fmt, seed_lo, seed_hi
-):
-    slot = state_indices[row] if use_indices else row
-    if slot < 0 or slot >= dst_a.shape[1]:
-        return
-    layer = cuda.blockIdx.z
-    chunk = cuda.blockIdx.x
-    if chunk < chunks_a:
-        _convert_chunk(
-            dst_a,
-            src_a,
-            layer,
-            slot,
-            src_row,
-            chunk,
-            layer,
-            0,
-            position,
-            fmt[0],
-            fmt[1],
-            fmt[2],
-            fmt[3],
-            fmt[4],
-            seed_lo,
-            seed_hi,
-        )
-    else:
-        _convert_chunk(
-            dst_b,
-            src_b,
-            layer,
-            slot,
-            src_row,
-            chunk - chunks_a,
-            layer,
-            1,
-            position,
-            fmt[5],
-            fmt[6],
-            fmt[7],
-            fmt[8],
-            fmt[9],
-            seed_lo,
-            seed_hi,
-        )
-
-
-@cuda.jit(cache=False)
-def scatter_convert(
-    dst_a,
-    src_a,
-    dst_b,
-    src_b,
-    chunks_a,
-    accept_lengths,
-    state_indices,
-    use_indices,
-    seq_len,
-    max_accept,
-    positions,
-    formats,
-    seed_lo,
-    seed_hi,
-):
-    """``scatter_accepted`` converting each element to the main pool's dtype in the same launch.
-
-    For layer ``l = blockIdx.z``, row ``b = blockIdx.y``, ``a = accept_lengths[b]``: if
-    ``1 <= a <= max_accept`` and the slot ``s`` (``state_indices[b]`` or ``b``) is in ``[0, B)``:
-    ``dst[l, s, e] = convert(src[l, b * seq_len + a - 1, e])`` for both kinds, where a stochastic
-    conversion draws its bits from ``(seed, l, kind, positions[b] + a, e)``.
-
-    Args:
-        dst_a (DeviceNDArray): ``[L, B, E]`` bits of the recurrent pool (written).
-        src_a (DeviceNDArray): ``[L, B*S, E]`` bits of the intermediate recurrent pool.
-        dst_b (DeviceNDArray): ``[L, B, E']`` bits of the conv pool (written).
-        src_b (DeviceNDArray): ``[L, B*S, E']`` bits of the intermediate conv pool.
-        chunks_a (int): x blocks that cover one slot of kind a.
-        accept_lengths (DeviceNDArray): ``[rows]`` int32; any value is safe.
-        state_indices (DeviceNDArray): ``[rows]`` int32 (read only if ``use_indices``).
-        use_indices (int): 1 to read ``state_indices``.
-        seq_len (int): V.
-        max_accept (int): ``V - 1`` or ``V``.
-        positions (DeviceNDArray): ``[rows]`` int32 tokens each row's main state had consumed before
-            the verify pass (read only by a stochastic kind).
-        formats (DeviceNDArray): ``[10]`` int32: ``mode, src_e, src_m, dst_e, dst_m`` of kind a, then b.
-        seed_lo (int): the low 32 bits of the rounding seed.
-        seed_hi (int): the high 32 bits of the rounding seed.
-
-    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
-    """
-    row = cuda.blockIdx.y
-    accepted = accept_lengths[row]
-    if accepted < 1 or accepted > max_accept:
-        return
-    position = np.int64(positions[row]) + accepted
-    _commit_converted(
-        dst_a,
-        src_a,
-        dst_b,
-        src_b,
-        chunks_a,
-        state_indices,
-        use_indices,
-        row,
-        row * seq_len + (accepted - 1),
-        position,
-        formats,
-        seed_lo,
-        seed_hi,
-    )
-
-
-@cuda.jit(cache=False)
-def scatter_tree_convert(
-    dst_a,
-    src_a,
-    dst_b,
-    src_b,
-    chunks_a,
-    node_ids,
-    accept_lengths,
-    state_indices,
-    use_indices,
-    seq_len,
-    positions,
-    formats,
-    seed_lo,
-    seed_hi,
-):
-    """``scatter_tree`` converting each element to the main pool's dtype in the same launch.
-
-    The committed node at index ``j`` of the row's accepted ids consumed ``positions[b] + j + 1``
-    tokens: that is its stochastic-rounding position.
-
-    Args:
-        dst_a (DeviceNDArray): ``[L, B, E]`` bits of the recurrent pool (written).
-        src_a (DeviceNDArray): ``[L, B*S, E]`` bits of the intermediate recurrent pool.
-        dst_b (DeviceNDArray): ``[L, B, E']`` bits of the conv pool (written).
-        src_b (DeviceNDArray): ``[L, B*S, E']`` bits of the intermediate conv pool.
-        chunks_a (int): x blocks that cover one slot of kind a.
-        node_ids (DeviceNDArray): ``[rows, M]`` int32 accepted node ids; any value is safe.
-        accept_lengths (DeviceNDArray): ``[rows]`` int32.
-        state_indices (DeviceNDArray): ``[rows]`` int32 (read only if ``use_indices``).
-        use_indices (int): 1 to read ``state_indices``.
-        seq_len (int): V.
-        positions (DeviceNDArray): ``[rows]`` int32.
-        formats (DeviceNDArray): ``[10]`` int32, as in :func:`scatter_convert`.
-        seed_lo (int): the low 32 bits of the rounding seed.
-        seed_hi (int): the high 32 bits of the rounding seed.
-
-    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
-    """
-    row = cuda.blockIdx.y
-    width = node_ids.shape[1]
-    count = accept_lengths[row]
-    if count > width:
-        count = width
-    node = -1
-    depth = 0
-    for j in range(count):
-        candidate = node_ids[row, j]
-        if candidate >= 0:
-            node = candidate
-            depth = j
-    if node < 0 or node >= seq_len:
-        return
-    position = np.int64(positions[row]) + depth + 1
-    _commit_converted(
-        dst_a,
-        src_a,
-        dst_b,
-        src_b,
-        chunks_a,
-        state_indices,
-        use_indices,
-        row,
-        row * seq_len + node,
-        position,
-        formats,
-        seed_lo,
-        seed_hi,
-    )
 
 
 @cuda.jit(cache=False)

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["block_digests", "root_digest", "token_array"]
+__all__ = ["block_digests", "digest_chain", "root_digest", "token_array"]
 
 #: Bytes of each digest.
 DIGEST_SIZE = 16
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_LE_INT32 = np.dtype("<i4")
 
 
 def token_array(name: str, tokens: Any) -> np.ndarray:
@@ -33,6 +34,8 @@ def token_array(name: str, tokens: Any) -> np.ndarray:
         TypeError: not integers (floats, bools, a device array, ...).
         ValueError: not 1-D, or a value outside the int32 range.
     """
+    if type(tokens) is np.ndarray and tokens.dtype == _LE_INT32 and tokens.ndim == 1 and tokens.flags.c_contiguous:
+        return tokens  # already what the keys hash (the fast path of a serving loop)
     if hasattr(tokens, "__cuda_array_interface__"):
         raise TypeError(f"{name} must be host token ids (a list or numpy array), got a device array")
     array = np.asarray(tokens)
@@ -65,11 +68,23 @@ def block_digests(tokens: Any, block_size: int, namespace: str = "", blocks: int
     data = token_array("tokens", tokens)
     whole = data.shape[0] // block_size
     count = whole if blocks is None else min(blocks, whole)
-    digest = root_digest(namespace)
+    return digest_chain(data, block_size, root_digest(namespace), count)
+
+
+def digest_chain(data: np.ndarray, block_size: int, root: bytes, count: int) -> list[bytes]:
+    """``[d_1, ..., d_count]`` from ``d_0 = root`` over checked tokens (``token_array``'s result).
+
+    The unchecked core of :func:`block_digests`, for callers that already hold checked tokens and
+    the namespace's root digest (the store computes both once).
+    """
     out = []
-    raw = data.tobytes()
+    digest = root
+    view = memoryview(data).cast("B")  # no copy of the tokens
     step = 4 * block_size
+    blake2b = hashlib.blake2b
     for i in range(count):
-        digest = hashlib.blake2b(digest + raw[i * step : (i + 1) * step], digest_size=DIGEST_SIZE).digest()
+        hasher = blake2b(digest, digest_size=DIGEST_SIZE)
+        hasher.update(view[i * step : (i + 1) * step])
+        digest = hasher.digest()
         out.append(digest)
     return out

@@ -10,6 +10,7 @@ and layouts, on the manager's backend and device::
 
     entries recurrent  [L, P, H, D, N]      (main pool: [L, B, H, D, N])
     entries conv       [L, P, C, K]         (main pool: [L, B, C, K])
+    host tier          [P_host, L, H, D, N] and [P_host, L, C, K]  (one host entry dense)
 
 Everything here is host bookkeeping written once for both backends (keys, recency, pins,
 generations, statistics); the copies between entries and slots are the manager's one-launch row
@@ -19,6 +20,7 @@ any copy is queued, and a refused call changes nothing.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
@@ -27,7 +29,7 @@ import numpy as np
 
 from .._config import ConfigError, format_bytes
 from ..core.manager import INT32_MAX, MambaCacheManagerBase, check_index, check_int32_array, check_size
-from .keys import block_digests, token_array
+from .keys import digest_chain, root_digest, token_array
 
 __all__ = ["PrefixHandle", "PrefixStateCache", "PrefixStats"]
 
@@ -62,6 +64,23 @@ class PrefixStats:
         rate = self.hits / self.lookups if self.lookups else 0.0
         counters = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
         return f"PrefixStats({counters}, hit_rate={rate:.3f})"
+
+
+def _on_manager_device(method: Any) -> Any:
+    """Run a store method that touches device memory with its manager's device current.
+
+    A store is used from engine threads and while another GPU's context is current, as its
+    manager is; the manager decides what "its device" means (nothing to do on the NumPy backend).
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        manager = self.__dict__.get("manager") or (args[0] if args else kwargs.get("manager"))
+        if not isinstance(manager, MambaCacheManagerBase):  # the constructor's own check says what is wrong
+            return method(self, *args, **kwargs)
+        return manager._run_on_device(method, self, *args, **kwargs)
+
+    return wrapper
 
 
 class PrefixStateCache:
@@ -106,6 +125,7 @@ class PrefixStateCache:
         >>> store.restore(handle, slot=1)            # slot 1 now continues from token 16
     """
 
+    @_on_manager_device
     def __init__(
         self,
         manager: MambaCacheManagerBase,
@@ -139,8 +159,8 @@ class PrefixStateCache:
             manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
             for pool in (pools.recurrent, pools.conv)
         )
-        self._host_pools = tuple(
-            manager._host_zeros((config.num_recurrent_layers, host_entries, *pool.shape[2:]), pool.dtype)
+        self._host_pools = tuple(  # [P_host, L, ...]: one host entry is dense (one 2-D copy per kind)
+            manager._host_zeros((host_entries, config.num_recurrent_layers, *pool.shape[2:]), pool.dtype)
             for pool in (pools.recurrent, pools.conv)
             if host_entries
         )
@@ -148,6 +168,7 @@ class PrefixStateCache:
         self.entries = entries
         self.block_size = int(block_size)
         self.namespace = namespace
+        self._root = root_digest(namespace)  # d_0, hashed once
         self.host_entries = host_entries
         self.stats = PrefixStats()
         self._closed = False
@@ -171,6 +192,7 @@ class PrefixStateCache:
         self._tracked = None  # after the last tracking commit (which entries it wrote is on the device)
         self._filled: list = [None] * host_entries  # after the offload that filled a host entry
         self._read: list = [None] * host_entries  # after the last restore that read a host entry
+        self._staged: tuple | None = None  # restore_many: (stream, entries) in the staging buffer, its arg
 
     # ------------------------------------------------------------ queries
     @property
@@ -195,6 +217,7 @@ class PrefixStateCache:
             f"{format_bytes(self.nbytes)})"
         )
 
+    @_on_manager_device
     def entry_state(self, entry: int) -> tuple[Any, Any]:
         """Views of one entry: (recurrent ``[L, H, D, N]``, conv ``[L, C, K]``), the backend's arrays."""
         self._check_open("entry_state")
@@ -222,7 +245,7 @@ class PrefixStateCache:
                 f"{name} must hold a positive multiple of block_size = {self.block_size} tokens, got {count}; "
                 "nothing was changed"
             )
-        return data, block_digests(data, self.block_size, self.namespace)[-1]
+        return data, digest_chain(data, self.block_size, self._root, count // self.block_size)[-1]
 
     def _check_handle(self, name: str, handle: Any) -> int:
         if not isinstance(handle, PrefixHandle):
@@ -378,7 +401,7 @@ class PrefixStateCache:
         if max_tokens is not None:
             blocks = min(blocks, check_size("max_tokens", max_tokens, 0, 2**63 - 1) // self.block_size)
         self.stats.lookups += 1
-        digests = block_digests(data, self.block_size, self.namespace, blocks) if blocks else []
+        digests = digest_chain(data, self.block_size, self._root, blocks) if blocks else []
         for key in reversed(digests):
             handle = self._lookup(key)
             if handle is not None:
@@ -388,6 +411,7 @@ class PrefixStateCache:
                 return handle
         return None
 
+    @_on_manager_device
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
         """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
 
@@ -413,6 +437,7 @@ class PrefixStateCache:
         self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
         self._read[entry] = self._recorded(self._read[entry], resolved)
 
+    @_on_manager_device
     def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
 
@@ -426,6 +451,12 @@ class PrefixStateCache:
             LookupError: a handle is stale (nothing changed).
             TypeError / ValueError: a bad handle or ``slots`` array, lengths differ, or (NumPy
                 reference) a slot repeats.
+
+        Host time and graphs: the entry list is staged into a device buffer of this store's own
+        (Numba: one host-to-device copy) only when it differs from the previous call's on the same
+        stream; a repeated list costs no copy. So with ``slots`` on the device, a call repeating
+        the previous list can be captured into a CUDA graph, and the replay re-reads that buffer:
+        it restores the entries of this store's latest ``restore_many`` at replay time.
         """
         self._check_open("restore_many")
         manager = self.manager
@@ -435,16 +466,38 @@ class PrefixStateCache:
         dst, (count,) = manager._int32_array("slots", slots, "[n]", resolved)
         if count != len(handles):
             raise ValueError(f"slots must have one slot per handle ({len(handles)}), got {count}")
-        entries = np.array([self._check_handle(f"handles[{i}]", h) for i, h in enumerate(handles)], dtype=np.int32)
+        keys, generations, stop = self._keys, self._generations, self.entries
+        entries = []
+        for h in handles:  # the common case checked inline; anything else goes through the full checks
+            e = h.entry if type(h) is PrefixHandle else None
+            if type(e) is not int or not 0 <= e < stop or h.host or keys[e] is None or generations[e] != h.generation:
+                entries = self._checked_entries(handles)
+                break
+            entries.append(e)
+        if not count:
+            return
+        key = (getattr(resolved, "handle", None), tuple(entries))
+        if self._staged is None or self._staged[0] != key:
+            # staged once per distinct entry list (and stream): a repeated list (a decode loop, a
+            # graph replay) re-reads the store's own staging buffer with no host-to-device copy
+            src, _ = manager._int32_array(self._staging_name, np.array(entries, dtype=np.int32), "[n]", resolved)
+            self._staged = (key, src)
+        manager._copy_rows(self._main(), self._pools, self._staged[1], dst, count, resolved)
+
+    def _checked_entries(self, handles: list) -> list:
+        """The entries of ``handles``, each checked (raises naming the first bad one; nothing changed)."""
+        entries = [self._check_handle(f"handles[{i}]", h) for i, h in enumerate(handles)]
         for i, h in enumerate(handles):
             if h.host:
                 raise ValueError(f"handles[{i}] is in the host tier: restore it with restore(); nothing was changed")
-        if not count:
-            return
-        src, _ = manager._int32_array("prefix_entries", entries, "[n]", resolved)
-        manager._copy_rows(self._main(), self._pools, src, dst, count, resolved)
+        return entries
+
+    @property
+    def _staging_name(self) -> str:
+        return f"prefix_entries_{id(self)}"  # this store's own staging buffer in the manager
 
     # ------------------------------------------------------------ insert
+    @_on_manager_device
     def insert(self, tokens: Any, slot: int, stream: Any = None) -> PrefixHandle | None:
         """Record live slot ``slot``'s current state as the state after ``tokens``.
 
@@ -483,6 +536,7 @@ class PrefixStateCache:
         self._wrote([entry], resolved)
         return self._publish(entry, key, data.shape[0])
 
+    @_on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
         """:meth:`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
 
@@ -572,6 +626,7 @@ class PrefixStateCache:
         return bool(self._pins[entry]) or entry in self._reserved
 
     # ------------------------------------------------------------ tracking
+    @_on_manager_device
     def reserve(self, stream: Any = None) -> int | None:
         """Take an entry for a checkpoint tracked during speculative decoding (pinned, no key yet).
 
@@ -646,8 +701,15 @@ class PrefixStateCache:
         if self._closed:
             return
         launches = getattr(self.manager, "_launches", {})
-        for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in self._pools)]:
+        pools = (*self._pools, *self._host_pools)  # entry copies and host-tier copies
+        for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in pools)]:
             del launches[key]
+        staging = getattr(self.manager, "_staging", {})
+        for key in [
+            k for k in staging if k == self._staging_name or (isinstance(k, tuple) and self._staging_name in k)
+        ]:
+            del staging[key]
+        self._staged = None
         self._pools = ()
         self._host_pools = ()
         self._closed = True

@@ -1,0 +1,507 @@
+"""The converting commits' kernels, specialised per dtype pair and built for bandwidth.
+
+A converting commit (main pool dtype != per-step dtype) moves each committed slot once: read the
+per-step state, convert each element, write the main slot (and, for a tracked commit, a prefix-store
+entry). Rounding is the reference's (:mod:`mamba_cache.precision.reference`) bit for bit; what
+changes here is how the bytes move.
+
+A slot whose element count is a multiple of 4 is seen as uint64 words (the fast, "wide" path);
+each thread owns whole groups of 4 consecutive elements (one Philox4x32-10 call gives a group's 4
+random words, exactly the reference's keying: counter word 0 is ``element // 4``):
+
+    element size   words per group   groups per thread   u64 loads in flight per thread
+    2 (f16, bf16)        1                  8                         8
+    4 (f32)              2                  4                         8
+    8 (f64)              4                  2                         8
+
+    slot [E elements] = [E/4 groups]:
+        | g0 g1 .. gT-1 | gT .. g2T-1 | ... (per rounds)  | <- chunk 0 | chunk 1 ...
+    thread t of chunk c owns groups  (c * per + i) * threads + t,  i = 0 .. per-1
+
+All of a thread's loads are issued before its first conversion (a local array the compiler keeps
+in registers: the loops are unrolled with constant bounds); consecutive threads read consecutive
+groups, so a warp's loads cover contiguous 256- or 512-byte spans. The element conversions are
+specialised at build time (closure constants, one compiled kernel per dtype pair of the config):
+
+    float32 -> bfloat16   nearest: (x + 0x7FFF + ((x >> 16) & 1)) >> 16, NaN kept a quiet NaN;
+                          stochastic: (x + (r >> 16)) >> 16
+    bfloat16 -> float32   x << 16 (NaN: quiet bit set)
+    float32 -> float16    normal results: rebias and round 13 bits in 32-bit arithmetic;
+                          subnormal results: round the 24-bit significand (64-bit only there)
+    float16 -> float32    rebias (exact); a subnormal input normalised with one clz
+    float16 <-> bfloat16  through float32 (exact), then one rounding as above
+    any other pair        the general integer steps (:func:`mamba_cache.precision.kernels.convert_bits`)
+
+A kind whose slot is not a multiple of 4 elements (its slots are then not 8-byte aligned) takes the
+element path (:func:`mamba_cache.precision.kernels._convert_chunk`), in the same launch: each kind
+picks its own path. Equal dtypes copy words. The grid is ``(chunks_a + chunks_b, rows, L)``: one
+launch covers every layer and both kinds, with no allocation and no synchronisation.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+from numba import cuda
+
+from . import kernels
+from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits
+from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
+
+#: uint64 loads each thread issues before converting (the groups per thread follow from it).
+WORDS_IN_FLIGHT = 8
+#: Largest block.
+MAX_THREADS = 256
+
+#: The (src_e, src_m, dst_e, dst_m) pairs with a specialised conversion; the others (float64 to or
+#: from anything) run the general uint64 steps, whose larger code keeps a thread to a quarter of
+#: the loads in flight (with more, the compiler stops unrolling and the buffer goes to local memory).
+_SPECIALISED = ((8, 23, 8, 7), (8, 7, 8, 23), (8, 23, 5, 10), (5, 10, 8, 23), (5, 10, 8, 7), (8, 7, 5, 10))
+
+_U32 = np.uint64(0xFFFFFFFF)
+_U16 = np.uint64(0xFFFF)
+
+
+def spec_of(mode: int, src_format: tuple, dst_format: tuple, src_size: int, dst_size: int, elems: int) -> tuple:
+    """The hashable description of one kind's commit: ``(mode, se, sm, de, dm, src_size, dst_size, wide)``."""
+    return (int(mode), *map(int, src_format), *map(int, dst_format), int(src_size), int(dst_size), elems % 4 == 0)
+
+
+def groups_per_thread(spec: tuple) -> int:
+    """Groups of 4 elements one thread converts per chunk (the element path: ``kernels.GROUPS_PER_THREAD``)."""
+    if not spec[7]:
+        return kernels.GROUPS_PER_THREAD
+    words = WORDS_IN_FLIGHT if spec[0] == MODE_COPY or spec[1:5] in _SPECIALISED else WORDS_IN_FLIGHT // 4
+    return max(1, words // (spec[5] // 2))
+
+
+def launch_shape(specs: tuple, elems: tuple) -> tuple[tuple[int, ...], int]:
+    """``((chunks per kind), threads)``: the x blocks covering one slot of each kind, in one launch."""
+    groups = [-(-e // 4) for e in elems]
+    per = [groups_per_thread(s) for s in specs]
+    per_thread = max(-(-g // p) for g, p in zip(groups, per, strict=True))
+    threads = min(MAX_THREADS, max(32, -(-per_thread // 32) * 32))
+    return tuple(-(-g // (threads * p)) for g, p in zip(groups, per, strict=True)), threads
+
+
+# ---------------------------------------------------------------- Philox4x32-10 on 32-bit words
+
+
+@cuda.jit(device=True, inline="always")
+def _mulhilo32(a, m):
+    # a 32 x 32 -> 64-bit product of two zero-extended 32-bit values: PTX mul.wide.u32 (or mul.lo/hi)
+    product = np.uint64(np.uint32(a)) * np.uint64(np.uint32(m))
+    return np.uint32(product >> np.uint64(32)), np.uint32(product & _U32)
+
+
+@cuda.jit(device=True, inline="always")
+def philox32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 of counter ``(c0..c3)`` under key ``(k0, k1)``, all values < 2**32, as uint32 words."""
+    x0, x1, x2, x3 = np.uint32(c0), np.uint32(c1), np.uint32(c2), np.uint32(c3)
+    key0, key1 = np.uint32(k0), np.uint32(k1)
+    for round_ in range(10):
+        if round_ > 0:
+            key0 = np.uint32((np.uint64(key0) + np.uint64(PHILOX_W0)) & _U32)
+            key1 = np.uint32((np.uint64(key1) + np.uint64(PHILOX_W1)) & _U32)
+        hi0, lo0 = _mulhilo32(x0, PHILOX_M0)
+        hi1, lo1 = _mulhilo32(x2, PHILOX_M1)
+        x0, x1, x2, x3 = np.uint32(hi1 ^ x1 ^ key0), lo1, np.uint32(hi0 ^ x3 ^ key1), lo0
+    return x0, x1, x2, x3
+
+
+# ---------------------------------------------------------------- element conversions (uint64 in, uint64 out)
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_bf16_nearest(x, r):
+    x32 = np.uint32(x & _U32)
+    top = np.uint32((x32 >> np.uint32(16)) & np.uint32(0x8000))
+    mag = np.uint32(x32 & np.uint32(0x7FFFFFFF))
+    if mag > np.uint32(0x7F800000):  # NaN: the quiet NaN with the top payload bits
+        return np.uint64(top | np.uint32(0x7FC0) | (mag >> np.uint32(16)))
+    odd = np.uint32((mag >> np.uint32(16)) & np.uint32(1))
+    return np.uint64(top | ((mag + np.uint32(0x7FFF) + odd) >> np.uint32(16)))
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_bf16_stochastic(x, r):
+    x32 = np.uint32(x & _U32)
+    top = np.uint32((x32 >> np.uint32(16)) & np.uint32(0x8000))
+    mag = np.uint32(x32 & np.uint32(0x7FFFFFFF))
+    if mag > np.uint32(0x7F800000):
+        return np.uint64(top | np.uint32(0x7FC0) | (mag >> np.uint32(16)))
+    return np.uint64(top | ((mag + (np.uint32(r) >> np.uint32(16))) >> np.uint32(16)))
+
+
+@cuda.jit(device=True, inline="always")
+def _bf16_to_f32(x, r):
+    x16 = np.uint32(x & _U16)
+    wide = np.uint32(x16 << np.uint32(16))
+    if (x16 & np.uint32(0x7FFF)) > np.uint32(0x7F80):  # NaN: set the quiet bit
+        wide = np.uint32(wide | np.uint32(0x00400000))
+    return np.uint64(wide)
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_f16(x, stochastic, r):
+    x32 = np.uint32(x & _U32)
+    top = np.uint32((x32 >> np.uint32(16)) & np.uint32(0x8000))
+    exp = np.uint32((x32 >> np.uint32(23)) & np.uint32(0xFF))
+    man = np.uint32(x32 & np.uint32(0x7FFFFF))
+    if exp >= np.uint32(113):
+        if exp == np.uint32(255):  # infinity, or the quiet NaN with the top payload bits
+            if man == np.uint32(0):
+                return np.uint64(top | np.uint32(0x7C00))
+            return np.uint64(top | np.uint32(0x7E00) | (man >> np.uint32(13)))
+        # a normal float16 (or overflow): rebias, round 13 bits
+        a = np.uint32((x32 & np.uint32(0x7FFFFFFF)) - np.uint32(112 << 23))
+        if stochastic:
+            q = np.uint32((a + (np.uint32(r) >> np.uint32(19))) >> np.uint32(13))
+        else:
+            q = np.uint32((a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+        if q > np.uint32(0x7C00):
+            q = np.uint32(0x7C00)
+        return np.uint64(top | q)
+    if exp == np.uint32(0):  # zero or a float32 subnormal: more than 62 bits dropped, a signed zero
+        return np.uint64(top)
+    # a float16 subnormal (or zero): the 24-bit significand loses 126 - exp (14 .. 125) bits
+    shift = np.uint32(126) - exp
+    if shift > np.uint32(62):
+        return np.uint64(top)
+    a64 = np.uint64(man | np.uint32(0x800000))
+    s64 = np.uint64(shift)
+    if stochastic:
+        r64 = np.uint64(np.uint32(r))
+        if shift <= np.uint32(32):
+            add = r64 >> (np.uint64(32) - s64)
+        else:
+            add = r64 << (s64 - np.uint64(32))
+        return np.uint64(top) | ((a64 + add) >> s64)
+    if shift > np.uint32(24):  # below half the smallest subnormal: zero
+        return np.uint64(top)
+    half = np.uint64(1) << (s64 - np.uint64(1))
+    odd = (a64 >> s64) & np.uint64(1)
+    return np.uint64(top) | ((a64 + half - np.uint64(1) + odd) >> s64)
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_f16_nearest(x, r):
+    return _f32_to_f16(x, False, r)
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_f16_stochastic(x, r):
+    return _f32_to_f16(x, True, r)
+
+
+@cuda.jit(device=True, inline="always")
+def _f16_to_f32(x, r):
+    x16 = np.uint32(x & _U16)
+    sign = np.uint32((x16 & np.uint32(0x8000)) << np.uint32(16))
+    exp = np.uint32((x16 >> np.uint32(10)) & np.uint32(0x1F))
+    man = np.uint32(x16 & np.uint32(0x3FF))
+    if exp == np.uint32(31):  # infinity, or the quiet NaN with the payload
+        if man == np.uint32(0):
+            return np.uint64(sign | np.uint32(0x7F800000))
+        return np.uint64(sign | np.uint32(0x7FC00000) | (man << np.uint32(13)))
+    if exp == np.uint32(0):
+        if man == np.uint32(0):
+            return np.uint64(sign)
+        # a subnormal: its leading one becomes the implicit bit of a normal float32 (exact)
+        lead = np.uint32(31 - cuda.clz(np.uint32(man)))
+        field = np.uint32((lead + np.uint32(103)) << np.uint32(23))
+        return np.uint64(sign | field | ((man << (np.uint32(23) - lead)) & np.uint32(0x7FFFFF)))
+    # normal: rebias the exponent, widen the mantissa (exact)
+    return np.uint64(sign | (((x16 & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(112 << 23)))
+
+
+@cuda.jit(device=True, inline="always")
+def _f16_to_bf16(x, r):
+    # float32 holds every float16 exactly, so rounding it once to bfloat16 rounds the value once
+    return _f32_to_bf16_nearest(_f16_to_f32(x, r), r)
+
+
+@cuda.jit(device=True, inline="always")
+def _bf16_to_f16(x, r):
+    return _f32_to_f16(_bf16_to_f32(x, r), False, r)
+
+
+def _converter(mode: int, se: int, sm: int, de: int, dm: int):
+    """The device function ``(bits: uint64, random: uint32) -> uint64`` of one dtype pair and mode."""
+    stochastic = mode == MODE_STOCHASTIC
+    pair = (se, sm, de, dm)
+    if pair == (8, 23, 8, 7):
+        return _f32_to_bf16_stochastic if stochastic else _f32_to_bf16_nearest
+    if pair == (8, 7, 8, 23):
+        return _bf16_to_f32
+    if pair == (8, 23, 5, 10):
+        return _f32_to_f16_stochastic if stochastic else _f32_to_f16_nearest
+    if pair == (5, 10, 8, 23):
+        return _f16_to_f32
+    if pair == (5, 10, 8, 7):
+        return _f16_to_bf16
+    if pair == (8, 7, 5, 10):
+        return _bf16_to_f16
+    flag = 1 if stochastic else 0
+
+    @cuda.jit(device=True, inline="always")
+    def general(x, r):
+        return convert_bits(x, se, sm, de, dm, flag, np.uint64(r))
+
+    return general
+
+
+# ---------------------------------------------------------------- groups of 4 elements in uint64 words
+
+
+@cuda.jit(device=True, inline="always")
+def _unpack2(buf, o):
+    w = buf[o]
+    return w & _U16, (w >> np.uint64(16)) & _U16, (w >> np.uint64(32)) & _U16, w >> np.uint64(48)
+
+
+@cuda.jit(device=True, inline="always")
+def _unpack4(buf, o):
+    w0 = buf[o]
+    w1 = buf[o + 1]
+    return w0 & _U32, w0 >> np.uint64(32), w1 & _U32, w1 >> np.uint64(32)
+
+
+@cuda.jit(device=True, inline="always")
+def _unpack8(buf, o):
+    return buf[o], buf[o + 1], buf[o + 2], buf[o + 3]
+
+
+@cuda.jit(device=True, inline="always")
+def _store2(d, g, e0, e1, e2, e3):
+    d[g] = e0 | (e1 << np.uint64(16)) | (e2 << np.uint64(32)) | (e3 << np.uint64(48))
+
+
+@cuda.jit(device=True, inline="always")
+def _store4(d, g, e0, e1, e2, e3):
+    d[2 * g] = e0 | (e1 << np.uint64(32))
+    d[2 * g + 1] = e2 | (e3 << np.uint64(32))
+
+
+@cuda.jit(device=True, inline="always")
+def _store8(d, g, e0, e1, e2, e3):
+    d[4 * g] = e0
+    d[4 * g + 1] = e1
+    d[4 * g + 2] = e2
+    d[4 * g + 3] = e3
+
+
+_UNPACK = {2: _unpack2, 4: _unpack4, 8: _unpack8}
+_STORE = {2: _store2, 4: _store4, 8: _store8}
+
+
+def _wide_chunk(spec: tuple):
+    """The device function converting one chunk of one slot seen as uint64 words (see the module docstring)."""
+    mode, se, sm, de, dm, src_size, dst_size, _ = spec
+    sw, dw = src_size // 2, dst_size // 2  # uint64 words per group of 4 elements
+    per = groups_per_thread(spec)
+    nbuf = per * sw
+    copy = mode == MODE_COPY
+    stochastic = mode == MODE_STOCHASTIC
+    unpack, store = _UNPACK[src_size], _STORE[dst_size]
+    conv = _bf16_to_f32 if copy else _converter(mode, se, sm, de, dm)  # unused when copying
+
+    @cuda.jit(device=True, inline="always")
+    def chunk_fn(dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, seed_lo, seed_hi):
+        threads = cuda.blockDim.x
+        d = dst[layer, dst_row]
+        s = src[layer, src_row]
+        groups = d.shape[0] // dw
+        base = chunk * threads * per + cuda.threadIdx.x
+        buf = cuda.local.array(nbuf, np.uint64)
+        for i in range(per):  # every load first
+            g = base + i * threads
+            if g < groups:
+                for k in range(sw):
+                    buf[i * sw + k] = s[g * sw + k]
+        for i in range(per):
+            g = base + i * threads
+            if g < groups:
+                if copy:
+                    for k in range(sw):
+                        d[g * sw + k] = buf[i * sw + k]
+                else:
+                    r0 = r1 = r2 = r3 = np.uint32(0)
+                    if stochastic:
+                        r0, r1, r2, r3 = philox32(
+                            np.uint64(g) & _U32,
+                            np.uint64(position) & _U32,
+                            np.uint64(key_layer) & _U32,
+                            kind,
+                            seed_lo,
+                            seed_hi,
+                        )
+                    e0, e1, e2, e3 = unpack(buf, i * sw)
+                    store(d, g, conv(e0, r0), conv(e1, r1), conv(e2, r2), conv(e3, r3))
+
+    return chunk_fn
+
+
+def _element_chunk(spec: tuple):
+    """The element-at-a-time chunk function (a slot not a multiple of 4 elements)."""
+    mode, se, sm, de, dm = spec[:5]
+
+    @cuda.jit(device=True, inline="always")
+    def chunk_fn(dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, seed_lo, seed_hi):
+        kernels._convert_chunk(
+            dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, mode, se, sm, de, dm, seed_lo, seed_hi
+        )
+
+    return chunk_fn
+
+
+def _chunk(spec: tuple):
+    return _wide_chunk(spec) if spec[7] else _element_chunk(spec)
+
+
+@functools.cache
+def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
+    """The scatter, tree and tracked converting kernels of one pair of kind specs (see :func:`spec_of`).
+
+    Returns:
+        A namespace with ``scatter``, ``tree`` and ``tracked`` (``@cuda.jit`` kernels), built once
+        per pair of specs.
+    """
+    chunk_a, chunk_b = _chunk(spec_a), _chunk(spec_b)
+
+    @cuda.jit(device=True, inline="always")
+    def both(dst_a, src_a, dst_b, src_b, chunks_a, dst_row, src_row, position, seed_lo, seed_hi):
+        layer = cuda.blockIdx.z
+        chunk = cuda.blockIdx.x
+        if chunk < chunks_a:
+            chunk_a(dst_a, src_a, layer, dst_row, src_row, chunk, layer, 0, position, seed_lo, seed_hi)
+        else:
+            chunk_b(dst_b, src_b, layer, dst_row, src_row, chunk - chunks_a, layer, 1, position, seed_lo, seed_hi)
+
+    @cuda.jit(cache=False)
+    def scatter_convert(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        accept_lengths,
+        state_indices,
+        use_indices,
+        seq_len,
+        max_accept,
+        positions,
+        seed_lo,
+        seed_hi,
+    ):
+        """``scatter_accepted`` converting to the main pools' dtypes: see :func:`scatter_convert_doc`."""
+        row = cuda.blockIdx.y
+        accepted = accept_lengths[row]
+        if accepted < 1 or accepted > max_accept:
+            return
+        slot = state_indices[row] if use_indices else row
+        if slot < 0 or slot >= dst_a.shape[1]:
+            return
+        position = np.int64(positions[row]) + accepted
+        both(dst_a, src_a, dst_b, src_b, chunks_a, slot, row * seq_len + (accepted - 1), position, seed_lo, seed_hi)
+
+    @cuda.jit(cache=False)
+    def scatter_tree_convert(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        node_ids,
+        accept_lengths,
+        state_indices,
+        use_indices,
+        seq_len,
+        positions,
+        seed_lo,
+        seed_hi,
+    ):
+        """``scatter_tree`` converting to the main pools' dtypes: see :func:`scatter_convert_doc`."""
+        row = cuda.blockIdx.y
+        width = node_ids.shape[1]
+        count = accept_lengths[row]
+        if count > width:
+            count = width
+        node = -1
+        depth = 0
+        for j in range(count):
+            candidate = node_ids[row, j]
+            if candidate >= 0:
+                node = candidate
+                depth = j
+        if node < 0 or node >= seq_len:
+            return
+        slot = state_indices[row] if use_indices else row
+        if slot < 0 or slot >= dst_a.shape[1]:
+            return
+        position = np.int64(positions[row]) + depth + 1
+        both(dst_a, src_a, dst_b, src_b, chunks_a, slot, row * seq_len + node, position, seed_lo, seed_hi)
+
+    @cuda.jit(cache=False)
+    def scatter_tracked_convert(
+        dst_a,
+        src_a,
+        dst_b,
+        src_b,
+        chunks_a,
+        accept_lengths,
+        state_indices,
+        use_indices,
+        seq_len,
+        max_accept,
+        positions,
+        seed_lo,
+        seed_hi,
+        track_a,
+        track_b,
+        track_entries,
+        track_steps,
+    ):
+        """``scatter_tracked`` converting to the main pools' dtypes: see :func:`scatter_convert_doc`."""
+        row = cuda.blockIdx.y
+        accepted = accept_lengths[row]
+        if accepted >= 1 and accepted <= max_accept:
+            slot = state_indices[row] if use_indices else row
+            if slot >= 0 and slot < dst_a.shape[1]:
+                position = np.int64(positions[row]) + accepted
+                src_row = row * seq_len + (accepted - 1)
+                both(dst_a, src_a, dst_b, src_b, chunks_a, slot, src_row, position, seed_lo, seed_hi)
+        step = track_steps[row]
+        entry = track_entries[row]
+        if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
+            return
+        position = np.int64(positions[row]) + step + 1
+        both(track_a, src_a, track_b, src_b, chunks_a, entry, row * seq_len + step, position, seed_lo, seed_hi)
+
+    return SimpleNamespace(scatter=scatter_convert, tree=scatter_tree_convert, tracked=scatter_tracked_convert)
+
+
+def scatter_convert_doc() -> None:
+    """The contract of the three converting commit kernels built by :func:`commit_kernels`.
+
+    Arrays are ``[L, rows, W]`` views of each pool: uint64 words when the kind's slot is a multiple
+    of 4 elements, else unsigned integers of the element size (bfloat16 pools are uint16 already)::
+
+        dst_a / dst_b       [L, B, W]      main pools (written)
+        src_a / src_b       [L, B*S, W]    per-step pools; (row b, step t) is row b*V + t
+        track_a / track_b   [L, P, W]      prefix-store entries, main dtypes (written; tracked only)
+
+    ``scatter``: row ``b = blockIdx.y`` with ``a = accept_lengths[b]`` in ``[1, max_accept]`` and
+    slot ``s`` (``state_indices[b]`` or ``b``) in ``[0, B)`` gets
+    ``dst[l, s] = convert(src[l, b*V + a - 1])``, rounding keyed by position ``positions[b] + a``.
+    ``tree``: the last non-negative id ``n`` (at index ``j``) of ``node_ids[b, :min(a, M)]``, if
+    ``n < V``: ``dst[l, s] = convert(src[l, b*V + n])``, position ``positions[b] + j + 1``.
+    ``tracked``: the scatter, then with ``t = track_steps[b]``, ``e = track_entries[b]``: if
+    ``0 <= t < a``, ``t < V`` and ``0 <= e < P``: ``track[l, e] = convert(src[l, b*V + t])``,
+    position ``positions[b] + t + 1``. ``positions`` is read only by a stochastic kind (the
+    placeholder otherwise); ``seed_lo`` / ``seed_hi`` are the rounding seed's 32-bit halves.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)`` from :func:`launch_shape`.
+    """

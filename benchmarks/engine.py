@@ -3,7 +3,7 @@
 python benchmarks/engine.py      # needs a CUDA GPU, PyTorch (CuPy and cuda.core where installed)
 
 For each op (scatter, tree commit, copy_slots, the prefix store's restore and restore_many, clear,
-clear_slot, capture into out=) and each combination of index-array kind (Numba, torch, CuPy) and
+clear_slot, capture_states into out=) and each combination of index-array kind (Numba, torch, CuPy) and
 stream kind (None, a Numba stream, a distinct torch Stream object each call as
 ``torch.cuda.current_stream()`` gives it, a distinct int handle each call, a cuda.core stream), it
 first checks the call against the NumPy reference, then times the host side of one eager call
@@ -12,11 +12,20 @@ objects are made before the timing: what making one costs is the caller's, print
 apart (op ``stream_object``). The baseline in the same run: the host time of a torch elementwise
 launch (``x.add_(1)``).
 Records: op ``host_overhead`` with ``arg_kind``, ``stream_kind`` and ``ratio_to_torch``; target
-<= 1.5. Written to benchmarks/results/engine-<card>-<date>.json.
+<= 1.5.
+
+Then ``capture_states(slot, out=(recurrent_out, conv_out))`` on the mid and large configs of
+benchmarks/run.py, with outputs of each kind (Numba device arrays, torch tensors, CuPy arrays):
+checked bit for bit against the slot first, then its device time (events around many queued
+calls) against the eager 2 GiB copy ceiling measured in the same run, its host time, and its
+device time from CUDA-graph replays. Records: op ``capture_out`` with ``config``, ``arg_kind``,
+``ratio_to_ceiling`` (target >= 0.95) and ``host_us_per_call`` (target <= 10).
+Written to benchmarks/results/engine-<card>-<date>.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -149,7 +158,7 @@ def main() -> int:
                 "prefix_restore": lambda s: store.restore(handle, 2, s),
                 "clear_states": lambda s: dev.clear_states(s),
                 "clear_slot": lambda s: dev.clear_slot(3, s),
-                "capture_out": lambda s: dev.capture_recurrent_states(1, s, out=out["recurrent"]),
+                "capture_out": lambda s: dev.capture_states(1, s, out=(out["recurrent"], out["conv"])),
             }
             for op, call in ops.items():
                 if arg_kind != "numba" and op in ("prefix_restore", "clear_states", "clear_slot", "capture_out"):
@@ -168,11 +177,79 @@ def main() -> int:
                 print(f"  {op:<30} {arg_kind:<6} {stream_kind:<18} {us:7.2f} us  {us / baseline:5.2f}x torch")
     worst = max(r["ratio_to_torch"] for r in records if r["op"] == "host_overhead")
     print(f"worst ratio to the torch launch: {worst:.2f} (target <= 1.5)")
+    records += bench_capture_out(card)
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     name = f"engine-{card.replace(' ', '_')}-{datetime.date.today()}.json"
     (results / name).write_text(json.dumps({"card": card, "records": records}, indent=1) + "\n")
     return 0
+
+
+def bench_capture_out(card: str) -> list[dict]:
+    """capture_states into caller outputs: validated, then device time vs the copy ceiling, host time, graphs."""
+    from benchmarks.run import CONFIGS, GIB, capture_graph, copy_gbps, device_time_us, graph_times_us, host_time_us
+
+    stream = torch.cuda.Stream()
+    handle = stream.cuda_stream
+    ceiling = copy_gbps(2 * GIB, stream)
+    print(f"{card}: eager device-to-device copy of 2 GiB: {ceiling:.0f} GB/s (the capture_out ceiling)")
+    kinds = {
+        "numba": lambda shape, dtype: cuda.device_array(shape, dtype=dtype),
+        "torch": lambda shape, dtype: torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device="cuda"),
+    }
+    try:
+        import cupy
+
+        kinds["cupy"] = lambda shape, dtype: cupy.empty(shape, dtype=dtype)
+    except ImportError:
+        pass
+    records = []
+    for name in ("mid", "large"):
+        config = dataclasses.replace(CONFIGS[name][0], max_intermediate_seq_len=0)  # capture reads main pools only
+        dev = NumbaMambaCacheManager(config, stream=handle)
+        pools = (dev._pools.recurrent, dev._pools.conv)
+        for pool in pools:
+            torch.as_tensor(pool, device="cuda").view(torch.uint8).random_(1, 255)
+        nbytes = 2 * sum(p.nbytes // p.shape[1] for p in pools)  # one slot of every layer, read + written
+        for arg_kind, make in kinds.items():
+            out = tuple(make((p.shape[0], 1, *p.shape[2:]), p.dtype) for p in pools)
+            slot = config.max_batch_size - 1
+            dev.capture_states(slot, handle, out=out)  # prepares the launch; validated here
+            torch.cuda.synchronize()
+            for got, pool in zip(out, pools, strict=True):
+                want = torch.as_tensor(pool, device="cuda")[:, slot : slot + 1]
+                got = torch.as_tensor(got, device="cuda")
+                if not torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8)):
+                    raise AssertionError(f"capture_states into {arg_kind} outputs differs from the slot ({name})")
+            call = lambda dev=dev, out=out, slot=slot: dev.capture_states(slot, handle, out=out)  # noqa: E731
+            device_us = device_time_us([call], stream, max(10, min(500, int(2e10 // nbytes))))
+            host_us = host_time_us(call, stream)
+            graph_us, graph_host_us = graph_times_us(capture_graph([call], stream), 1, stream, n=50)
+            same_bytes = copy_gbps(nbytes, stream)
+            record = {
+                "op": "capture_out",
+                "config": name,
+                "arg_kind": arg_kind,
+                "bytes": nbytes,
+                "device_us": round(device_us, 2),
+                "ceiling_gbps": round(ceiling, 1),
+                "ratio_to_ceiling": round(nbytes / device_us / 1e3 / ceiling, 3),
+                "copy_same_bytes_gbps": round(same_bytes, 1),
+                "ratio_to_same_bytes_copy": round(nbytes / device_us / 1e3 / same_bytes, 3),
+                "host_us_per_call": round(host_us, 2),
+                "graph_device_us": round(graph_us, 2),
+                "graph_ratio_to_ceiling": round(nbytes / graph_us / 1e3 / ceiling, 3),
+                "graph_host_us_per_replay": round(graph_host_us, 2),
+            }
+            records.append(record)
+            print(
+                f"  capture_out {name:<5} {arg_kind:<6} {device_us:9.2f} us device  "
+                f"{record['ratio_to_ceiling']:.3f} of ceiling (target >= 0.95)  {host_us:6.2f} us host (target <= 10)"
+            )
+        del dev, out
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return records
 
 
 if __name__ == "__main__":

@@ -485,11 +485,8 @@ def bench_config(name: str, config: Config, accept: list[int], copy_ceiling: flo
         }
         for m in managers
     ]
-    capture_out_calls = [
-        lambda m=m, o=o: (
-            m.capture_recurrent_states(0, handle, out=o["recurrent"]),
-            m.capture_conv_states(0, handle, out=o["conv"]),
-        )
+    capture_out_calls = [  # both kinds, every layer, one launch
+        lambda m=m, o=o: m.capture_states(0, handle, out=(o["recurrent"], o["conv"]))
         for m, o in zip(managers, outs, strict=True)
     ]
     for call in capture_out_calls:

@@ -220,9 +220,24 @@ class MambaCacheManagerBase:
         """Copy slot ``slot`` of every layer of ``pool`` into the checked ``[L, 1, ...]`` ``out``."""
         raise NotImplementedError
 
+    def _capture_pair_into(self, slot: int, outs: tuple[Array, Array], stream: Stream) -> None:
+        """Copy slot ``slot`` of both main pools into the checked ``(recurrent, conv)`` ``[L, 1, ...]`` outputs.
+
+        Default: one ``_capture_into`` per kind; the Numba backend copies both in one launch.
+        """
+        self._capture_into(self._pools.recurrent, slot, outs[0], stream)
+        self._capture_into(self._pools.conv, slot, outs[1], stream)
+
     def _split_layers(self, stacked: Array) -> list[Array]:
         """One view per layer of a stacked ``[L, ...]`` array."""
         return [stacked[layer] for layer in range(stacked.shape[0])]
+
+    def _export(self, array: Array, dtype: np.dtype) -> Array:
+        """A view handed to the user, as the class that exports DLPack (``dtype``: the cache's dtype of it).
+
+        Default: ``array`` itself.
+        """
+        return array
 
     def _int32_array(self, name: str, array: Any, layout: str, stream: Stream) -> tuple[IndexArg, Shape]:
         """Check an int32 index array argument (kind, device, dtype, rank, contiguity).
@@ -381,7 +396,7 @@ class MambaCacheManagerBase:
         key = (kind, index)
         view = self._view_cache.get(key)
         if view is None:
-            view = getattr(pools, kind)[index]
+            view = self._export(getattr(pools, kind)[index], getattr(self._config, f"{kind}_state_dtype"))
             self._view_cache[key] = view
         return view
 
@@ -406,6 +421,7 @@ class MambaCacheManagerBase:
             per_layer = getattr(self._config, f"{kind}_state_shape")[1:]
             elems = int(np.prod(per_layer))
             view = flat[index, : active * seq * elems].reshape((active, seq, *per_layer))
+            view = self._export(view, getattr(self._config, f"intermediate_{kind}_state_dtype"))
             self._view_cache[key] = view
         return view
 
@@ -561,6 +577,58 @@ class MambaCacheManagerBase:
             target = self._state_array("out", out, (pool.shape[0], 1, *pool.shape[2:]), pool.dtype)
             self._capture_outs[kind] = (out, target)
         self._capture_into(pool, slot, target, stream)
+        return out
+
+    def capture_states(self, batch_idx: int, stream: Any = None, *, out: tuple) -> tuple:
+        """Copy one slot's recurrent AND conv states of every layer into caller-provided outputs.
+
+        The engine form of ``capture_recurrent_states`` + ``capture_conv_states``: nothing is
+        allocated, nothing synchronises, and on the Numba backend one launch copies both kinds of
+        every layer, so the call can be captured in a CUDA graph (make one eager call first: it
+        prepares the launch). Reuse one ``out`` pair across calls: it is checked once, and later
+        calls with the same two objects only re-launch. The allocating ``capture_*_states``
+        stay for the C++ API.
+
+        Args:
+            batch_idx: the slot, in ``[0, B)``.
+            stream: the stream to copy on (ignored by the NumPy backend).
+            out: ``(recurrent_out, conv_out)`` (keyword only): ``[L, 1, H, D, N]`` of the recurrent
+                dtype and ``[L, 1, C, K]`` of the conv dtype, C-contiguous, on the backend's device
+                (NumPy: host ``numpy.ndarray``; Numba: device arrays, anything with
+                ``__cuda_array_interface__``, or anything with ``__dlpack__`` on the manager's GPU;
+                a bfloat16 pool takes uint16 raw bits, or a DLPack bfloat16 tensor).
+
+        Returns:
+            ``out`` itself, holding slot ``batch_idx`` of every layer once the stream gets there.
+
+        Raises:
+            IndexError: ``batch_idx`` outside ``[0, B)``, or the manager has no layers.
+            TypeError: ``batch_idx`` is not an integer, ``stream`` is of an unknown kind, ``out``
+                is not a pair, or an output has another dtype or lives on the wrong device.
+            ValueError: an output has another shape or is not contiguous, or the manager was
+                closed or moved from. Both outputs are checked before anything is copied.
+        """
+        self._check_open("capture_states")
+        stream = self._stream(stream)
+        if self._pools is None:
+            raise IndexError("capture_states: this manager has no recurrent layers, nothing to copy")
+        slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(
+                "out must be a pair (recurrent_out, conv_out) of [L, 1, ...] arrays, got "
+                f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, (tuple, list)) else ''}; "
+                "nothing was copied"
+            )
+        last = self._capture_outs.get("both")
+        if last is not None and last[0] is out[0] and last[1] is out[1]:  # an engine reuses its pair
+            targets = last[2]
+        else:
+            targets = tuple(
+                self._state_array(f"out[{i}]", array, (pool.shape[0], 1, *pool.shape[2:]), pool.dtype)
+                for i, (array, pool) in enumerate(zip(out, (self._pools.recurrent, self._pools.conv), strict=True))
+            )
+            self._capture_outs["both"] = (out[0], out[1], targets)
+        self._capture_pair_into(slot, targets, stream)
         return out
 
     def reshape_intermediate_states(self, active_batch_size: int, seq_len: int) -> None:
@@ -821,9 +889,10 @@ class MambaCacheManagerBase:
         if views is None:
             active, seq = self._verify_shape
             views = {}
-            for name, (shape, _) in self._config.replay_stash_fields.items():
+            for name, (shape, dtype) in self._config.replay_stash_fields.items():
                 elems = int(np.prod(shape))
-                views[name] = self._stash[name][index, : active * seq * elems].reshape((active, seq, *shape))
+                view = self._stash[name][index, : active * seq * elems].reshape((active, seq, *shape))
+                views[name] = self._export(view, dtype)
             self._view_cache[key] = views
         return views
 

@@ -241,7 +241,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
         self._capture_into(pool, slot, out, stream)
-        return out
+        kind = "recurrent" if pool is self._pools.recurrent else "conv"
+        return self._export(out, getattr(self._config, f"{kind}_state_dtype"))
+
+    def _export(self, array: Any, dtype: np.dtype) -> Any:
+        # Numba arrays that also export DLPack (bfloat16 pools with the bfloat16 type code)
+        from ..interop.arrays import numba_export
+
+        return numba_export(array, dtype, SIMULATOR)
 
     def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
@@ -261,16 +268,40 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
+    def _capture_pair_into(self, slot: int, outs: tuple, stream: Any) -> None:
+        # One copy_rows launch: row `slot` of both pools -> row 0 of the [L, 1, ...] outputs, the
+        # recurrent slot's x blocks then the conv slot's, every layer. Prepared once; a call only
+        # re-points the outputs (a no-op for the pair it saw last) and sets the slot.
+        entry = self._launches.get("capture_pair")
+        if entry is None:
+            pools, slots = self._pools, self._config.max_batch_size
+            src = [_slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)]
+            dst = [_slot_words(o, 1) for o in outs]
+            (chunks_a, chunks_b), threads = kernels.launch_shape(dst[0].shape[2], dst[1].shape[2])
+            placeholder = self._placeholder().array
+            args = (dst[0], src[0], dst[1], src[1], chunks_a, placeholder, placeholder, 0, 0, 0)
+            # Every call re-points dst_a / dst_b, so the launch need not keep the first outputs alive.
+            launch = _Launch(kernels.copy_rows, args, threads, keep_alive=False)
+            entry = self._launches["capture_pair"] = [launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]), None]
+        launch, grid, bound = entry
+        if bound is None or bound[0] is not outs:  # the outputs' DeviceArgs, built once per checked pair
+            words = [_slot_words(o, 1) if launch.needs_array else None for o in outs]
+            bound = entry[2] = (outs, [DeviceArg(w, _device_pointer(o), ()) for w, o in zip(words, outs, strict=True)])
+        launch.set_array("dst_a", bound[1][0])
+        launch.set_array("dst_b", bound[1][1])
+        launch.set_scalar("src_row", slot)
+        launch.launch(grid, stream)
+
     def _split_layers(self, stacked: Any) -> list:
+        cls = type(stacked)  # the DLPack-exporting class of the captured stack (see _capture)
         if SIMULATOR:
-            return super()._split_layers(stacked)
+            return [cls(layer._ary, stream=layer.stream) for layer in super()._split_layers(stacked)]
         # DeviceNDArray.__getitem__ costs tens of microseconds; a layer of a C-contiguous stack is
         # just a byte range of it, so build the views from the memory directly.
         memory, step = stacked.gpu_data, stacked.strides[0]
         shape, strides, dtype = stacked.shape[1:], stacked.strides[1:], stacked.dtype
         return [
-            _DeviceArray(shape, strides, dtype, gpu_data=memory.view(i * step, (i + 1) * step))
-            for i in range(stacked.shape[0])
+            cls(shape, strides, dtype, gpu_data=memory.view(i * step, (i + 1) * step)) for i in range(stacked.shape[0])
         ]
 
     def _int32_array(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
@@ -324,15 +355,54 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             shape = check_int32_array(name, array.dtype, array.shape, array.is_c_contiguous(), layout)
             return (DeviceArg(array, 0, shape), shape)
         interface = getattr(array, "__cuda_array_interface__", None)
+        if interface is None and hasattr(array, "__dlpack__"):  # e.g. a JAX array
+            return self._int32_from_dlpack(name, array, layout, stream)
         if interface is None:
             raise TypeError(
                 f"{name} must be a device array (numba, or any object with __cuda_array_interface__) "
-                f"or a numpy.ndarray of int32, got {type(array).__name__}"
+                f"or a numpy.ndarray of int32, or any object with __dlpack__; got {type(array).__name__}"
             )
         shape = tuple(interface["shape"])
         contiguous = is_c_contiguous(shape, interface.get("strides"), np.dtype(interface["typestr"]).itemsize)
         shape = check_int32_array(name, interface["typestr"], shape, contiguous, layout)
         return (DeviceArg(array, int(interface["data"][0]), shape), shape)
+
+    def _import_dlpack(self, name: str, array: Any, stream: int) -> Any:
+        """Import ``array`` through DLPack: a ``DLPackView`` of GPU memory, or a NumPy array for host memory.
+
+        Raises:
+            TypeError: the producer refuses, the dtype is unsupported, or the tensor lives on
+                another GPU or on a device that is neither the GPU nor the host.
+        """
+        from ..interop import dlpack
+
+        try:
+            device_type, device_id = (int(v) for v in array.__dlpack_device__())
+            if device_type == dlpack.KDL_CPU:
+                return np.from_dlpack(array)
+            if device_type not in (dlpack.KDL_CUDA, dlpack.KDL_CUDA_MANAGED):
+                raise TypeError(
+                    f"{name} must be on the GPU, got a DLPack tensor on device type {device_type} "
+                    f"(kDLCUDA = {dlpack.KDL_CUDA})"
+                )
+            if device_id != self.device_id:
+                raise TypeError(
+                    f"{name} must be on GPU {self.device_id} (the manager's), got a DLPack tensor on GPU {device_id}"
+                )
+            return dlpack.from_dlpack(array, stream=stream)
+        except BufferError as error:
+            raise TypeError(f"{name}: could not import it through DLPack ({error})") from None
+
+    def _int32_from_dlpack(self, name: str, array: Any, layout: str, stream: Any) -> tuple[DeviceArg, tuple]:
+        # The consumer stream: the producer orders its pending writes before our launch on it.
+        view = self._import_dlpack(name, array, stream.handle or 1)  # 1: the legacy default stream
+        if isinstance(view, np.ndarray):  # host memory: staged like any host array
+            return self._check_int32_array(name, view, layout, stream)
+        contiguous = is_c_contiguous(view.shape, view.strides, view.dtype.itemsize)
+        shape = check_int32_array(name, view.dtype, view.shape, contiguous, layout)
+        from ..interop.arrays import index_array
+
+        return (DeviceArg(index_array(view, SIMULATOR), view.pointer, shape), shape)
 
     def _stage(self, name: str, host: np.ndarray, stream: Any) -> tuple[Any, int]:
         """Copy a host index array into this manager's device staging buffer for ``name``."""
@@ -615,6 +685,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
         if isinstance(array, np.ndarray):
             raise TypeError(f"{name} must be a device array for the Numba backend, got a host numpy.ndarray")
+        if not isinstance(array, _DeviceArray) and hasattr(array, "__dlpack__"):
+            array = self._state_from_dlpack(name, array, dtype)
         if not isinstance(array, _DeviceArray):
             if SIMULATOR or not hasattr(array, "__cuda_array_interface__"):
                 raise TypeError(f"{name} must be a device array for the Numba backend, got {type(array).__name__}")
@@ -626,6 +698,20 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         if not array.is_c_contiguous():
             raise ValueError(f"{name} must be contiguous")
         return array
+
+    def _state_from_dlpack(self, name: str, array: Any, dtype: np.dtype) -> Any:
+        # DLPack before __cuda_array_interface__: it carries the device and bfloat16, which CAI cannot.
+        # No consumer stream (-1): as with CAI, the caller orders its work through stream=.
+        view = self._import_dlpack(name, array, -1)
+        if isinstance(view, np.ndarray):
+            raise TypeError(f"{name} must be a device array for the Numba backend, got a host DLPack tensor")
+        if view.dtype.name == "bfloat16" and dtype != np.uint16:  # bfloat16 pools are uint16 raw bits
+            raise TypeError(f"{name} must have dtype {dtype.name} (the pool's), got bfloat16")
+        if not is_c_contiguous(view.shape, view.strides, view.dtype.itemsize):
+            raise ValueError(f"{name} must be contiguous")
+        from ..interop.arrays import numba_array
+
+        return numba_array(view, SIMULATOR)
 
     def _write_slot(self, pool: Any, layer: int, slot: int, state: Any, stream: Any) -> None:
         target = pool[layer, slot]

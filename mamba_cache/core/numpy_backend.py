@@ -70,7 +70,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         pool_b[...] = 0
 
     def _capture(self, pool: np.ndarray, slot: int, stream: Any) -> np.ndarray:
-        return pool[:, slot : slot + 1].copy()
+        return self._export(pool[:, slot : slot + 1].copy(), pool.dtype)
+
+    def _export(self, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        # NumPy exports DLPack itself, except ml_dtypes' bfloat16: those views get a subclass that does
+        from ..interop.arrays import host_export
+
+        return host_export(array)
 
     def _capture_into(self, pool: np.ndarray, slot: int, out: np.ndarray, stream: Any) -> None:
         out[...] = pool[:, slot : slot + 1]
@@ -81,6 +87,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 f"{name} must be a host numpy.ndarray for the NumPy backend, got a device array "
                 f"({type(array).__name__}); copy it to the host first"
             )
+        array = _host_dlpack(name, array)
         if not isinstance(array, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray of int32, got {type(array).__name__}")
         shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
@@ -249,6 +256,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         self._pools.conv[:, slot] = 0
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        if not hasattr(array, "__cuda_array_interface__"):
+            array = _host_dlpack(name, array)
         if not isinstance(array, np.ndarray):
             kind = "a device array" if hasattr(array, "__cuda_array_interface__") else type(array).__name__
             raise TypeError(f"{name} must be a host numpy.ndarray for the NumPy backend, got {kind}")
@@ -256,6 +265,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             raise TypeError(f"{name} must have dtype {dtype.name} (the pool's), got {array.dtype.name}")
         if array.shape != shape:
             raise ValueError(f"{name} must have shape {list(shape)}, got {list(array.shape)}")
+        if not array.flags.c_contiguous:  # as the Numba backend requires
+            raise ValueError(f"{name} must be contiguous")
         return array
 
     def _write_slot(self, pool: np.ndarray, layer: int, slot: int, state: np.ndarray, stream: Any) -> None:
@@ -300,3 +311,25 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             seed=config.rounding_seed,
             track=track,
         )
+
+
+def _host_dlpack(name: str, array: Any) -> Any:
+    """A host DLPack tensor (a CPU torch tensor, ...) as a NumPy array of its memory; anything else as is.
+
+    Raises:
+        TypeError: the tensor is not in host memory (``copy it to the host first``).
+    """
+    if isinstance(array, np.ndarray) or not hasattr(array, "__dlpack__"):
+        return array
+    from ..interop import dlpack
+
+    device_type = int(array.__dlpack_device__()[0])
+    if device_type != dlpack.KDL_CPU:
+        raise TypeError(
+            f"{name} must be a host numpy.ndarray (or host DLPack tensor) for the NumPy backend, got a DLPack "
+            f"tensor on device type {device_type}; copy it to the host first"
+        )
+    try:
+        return np.from_dlpack(array)  # NumPy reads every dtype but bfloat16 (it refuses that one)
+    except (BufferError, RuntimeError) as error:
+        raise TypeError(f"{name}: could not import it through DLPack ({error})") from None

@@ -133,7 +133,7 @@ def main() -> int:
     tokens = np.arange(32, dtype=np.int32)
     store.insert(tokens[:16], 5)
     handle = store.match(tokens)
-    assert handle is not None and handle.tokens == 16
+    assert handle is not None and handle.length == 16
     src_slots, dst_slots = np.array([0, 1], dtype=np.int32), np.array([6, 7], dtype=np.int32)
     restore_slots = np.array([2, 3], dtype=np.int32)
 

@@ -250,3 +250,26 @@ def test_the_capture_kernel_compiles_to_wide_loads_without_local_memory():
         pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_an_output_that_starts_off_an_8_byte_boundary_is_copied_in_narrower_words(rng, offset):
+    """A caller's output may start at any element of a larger buffer. The copy kernels move 8-byte
+    words, and an 8-byte access to memory aligned to fewer bytes faults on the GPU (misaligned
+    address), so the word must be as narrow as the output's start requires (and no narrower)."""
+    from numba import cuda
+
+    cache = NumbaMambaCacheManager(small_config(recurrent_state_dtype="float16", conv_state_dtype="float16"))
+    fill_random([cache], rng)
+    outs = []
+    for shape in out_shapes(cache):
+        size = int(np.prod(shape))
+        buffer = cuda.to_device(np.zeros(size + 8, dtype=np.float16))  # the allocation itself is aligned
+        outs.append(buffer[offset : offset + size].reshape(shape))
+    cache.capture_states(2, out=tuple(outs))
+    cache.capture_recurrent_states(1, out=outs[0])
+    word = {0: 8, 1: 2, 2: 4, 3: 2}[offset]  # float16 elements: 2 bytes each
+    assert ("capture_pair", word, word) in cache._launches
+    assert any(key[:1] == ("capture",) and key[-1] == word for key in cache._launches if isinstance(key, tuple))
+    assert host_bits(outs[0]) == host_bits(cache._pools.recurrent[:, 1:2])
+    assert host_bits(outs[1]) == host_bits(cache._pools.conv[:, 2:3])

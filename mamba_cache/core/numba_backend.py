@@ -66,12 +66,26 @@ def _word_dtype(nbytes: int) -> np.dtype:
     raise AssertionError("unreachable")
 
 
-def _slot_words(pool: Any, rows: int) -> Any:
-    """View a stacked pool ``[L, ...]`` as ``[L, rows, W]`` words, W as wide as the slot allows."""
+def _slot_words(pool: Any, rows: int, widest: int = 8) -> Any:
+    """View a stacked pool ``[L, ...]`` as ``[L, rows, W]`` words, W as wide as the slot allows.
+
+    ``widest`` caps the word (a caller's buffer may start at any element: see :func:`_aligned_word`).
+    """
     layers = pool.shape[0]
     slot_bytes = pool.size // (layers * rows) * pool.dtype.itemsize
     flat = pool.reshape(layers, rows, pool.size // (layers * rows))
-    return flat.view(_word_dtype(slot_bytes))
+    return flat.view(_word_dtype(math.gcd(slot_bytes, widest)))
+
+
+def _aligned_word(array: Any) -> int:
+    """The widest word (8, 4, 2 or 1 bytes) the start of ``array``'s memory is aligned to.
+
+    The pools are allocated aligned, but a caller's output may be a view that starts at any
+    element (a slice of a larger buffer): an 8-byte word access there faults on the GPU
+    (misaligned address). Under the simulator the address is the host array's.
+    """
+    address = int(array._ary.__array_interface__["data"][0]) if SIMULATOR else _device_pointer(array)
+    return min(8, address & -address) if address else 8
 
 
 class NumbaMambaCacheManager(MambaCacheManagerBase):
@@ -252,10 +266,11 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
-        key = ("capture", id(pool))
+        word = _aligned_word(out)
+        key = ("capture", id(pool), word)
         entry = self._launches.get(key)
         if entry is None:
-            src, dst = _slot_words(pool, pool.shape[1]), _slot_words(out, 1)
+            src, dst = _slot_words(pool, pool.shape[1], word), _slot_words(out, 1, word)
             (chunks,), threads = kernels.launch_shape(dst.shape[2])
             # The first output only fixes the signature; every launch re-points dst, so the
             # launch need not keep that capture alive (the pool, src, lives with the manager).
@@ -263,32 +278,38 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
-        dst = _slot_words(out, 1) if launch.needs_array else None
+        dst = _slot_words(out, 1, word) if launch.needs_array else None
         launch.set_array("dst", DeviceArg(dst, _device_pointer(out), ()))
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
     def _capture_pair_into(self, slot: int, outs: tuple, stream: Any) -> None:
         # One copy_rows launch: row `slot` of both pools -> row 0 of the [L, 1, ...] outputs, the
-        # recurrent slot's x blocks then the conv slot's, every layer. Prepared once; a call only
-        # re-points the outputs (a no-op for the pair it saw last) and sets the slot.
-        entry = self._launches.get("capture_pair")
-        if entry is None:
-            pools, slots = self._pools, self._config.max_batch_size
-            src = [_slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)]
-            dst = [_slot_words(o, 1) for o in outs]
-            (chunks_a, chunks_b), threads = kernels.launch_shape(dst[0].shape[2], dst[1].shape[2])
-            placeholder = self._placeholder().array
-            args = (dst[0], src[0], dst[1], src[1], chunks_a, placeholder, placeholder, 0, 0, 0)
-            # Every call re-points dst_a / dst_b, so the launch need not keep the first outputs alive.
-            launch = _Launch(kernels.copy_rows, args, threads, keep_alive=False)
-            entry = self._launches["capture_pair"] = [launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]), None]
-        launch, grid, bound = entry
-        if bound is None or bound[0] is not outs:  # the outputs' DeviceArgs, built once per checked pair
-            words = [_slot_words(o, 1) if launch.needs_array else None for o in outs]
-            bound = entry[2] = (outs, [DeviceArg(w, _device_pointer(o), ()) for w, o in zip(words, outs, strict=True)])
-        launch.set_array("dst_a", bound[1][0])
-        launch.set_array("dst_b", bound[1][1])
+        # recurrent slot's x blocks then the conv slot's, every layer. Prepared once per word width
+        # the outputs' alignment allows; a call only re-points the outputs (nothing to do for the
+        # pair it saw last) and sets the slot.
+        last = self._launches.get("capture_pair")
+        if last is None or last[0] is not outs:
+            words = (_aligned_word(outs[0]), _aligned_word(outs[1]))
+            key = ("capture_pair", *words)
+            prepared = self._launches.get(key)
+            if prepared is None:
+                pools, slots = self._pools, self._config.max_batch_size
+                src = [_slot_words(pools.recurrent, slots, words[0]), _slot_words(pools.conv, slots, words[1])]
+                dst = [_slot_words(o, 1, w) for o, w in zip(outs, words, strict=True)]
+                (chunks_a, chunks_b), threads = kernels.launch_shape(dst[0].shape[2], dst[1].shape[2])
+                placeholder = self._placeholder().array
+                args = (dst[0], src[0], dst[1], src[1], chunks_a, placeholder, placeholder, 0, 0, 0)
+                # Every call re-points dst_a / dst_b, so the launch need not keep the first outputs alive.
+                launch = _Launch(kernels.copy_rows, args, threads, keep_alive=False)
+                prepared = self._launches[key] = (launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]))
+            launch = prepared[0]
+            views = [_slot_words(o, 1, w) if launch.needs_array else None for o, w in zip(outs, words, strict=True)]
+            bound = [DeviceArg(v, _device_pointer(o), ()) for v, o in zip(views, outs, strict=True)]
+            last = self._launches["capture_pair"] = (outs, prepared, bound)
+        _, (launch, grid), bound = last
+        launch.set_array("dst_a", bound[0])
+        launch.set_array("dst_b", bound[1])
         launch.set_scalar("src_row", slot)
         launch.launch(grid, stream)
 

@@ -210,6 +210,7 @@ def bench_capture_out(card: str) -> list[dict]:
         pools = (dev._pools.recurrent, dev._pools.conv)
         for pool in pools:
             torch.as_tensor(pool, device="cuda").view(torch.uint8).random_(1, 255)
+        torch.cuda.synchronize()  # the fill runs on torch's stream, the captures on another
         nbytes = 2 * sum(p.nbytes // p.shape[1] for p in pools)  # one slot of every layer, read + written
         for arg_kind, make in kinds.items():
             out = tuple(make((p.shape[0], 1, *p.shape[2:]), p.dtype) for p in pools)

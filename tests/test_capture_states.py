@@ -190,7 +190,8 @@ def test_capture_states_is_one_prepared_launch_replayable_from_a_cuda_graph(rng)
     stream = cuda.stream()
     cache.capture_states(0, stream, out=out)  # prepares the launch outside the capture
     stream.synchronize()
-    assert isinstance(cache._launches["capture_pair"][0], PreparedLaunch)
+    outs, (launch, _grid), _bound = cache._launches["capture_pair"]  # the pair seen last and its launch
+    assert outs is not None and isinstance(launch, PreparedLaunch)
     handle = int(stream.handle)
     assert driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)[0] == 0
     cache.capture_states(3, stream, out=out)

@@ -286,8 +286,10 @@ def test_torch_from_dlpack_is_zero_copy_on_the_gpu(dtype):
     host = to_host(cache.get_recurrent_state(1)).view(cache.get_config().recurrent_state_dtype)
     assert (host.astype(np.float32) == 1.5).all()
     assert not to_host(cache.get_recurrent_state(0)).any()
-    captured = torch.from_dlpack(cache.capture_recurrent_states(1)[0])
-    assert captured.dtype == getattr(torch, dtype) and (captured.float() == 1.5).all()
+    captured = cache.capture_recurrent_states(1)  # slot 1 of every layer; layer 1 was filled above
+    layer1, layer0 = torch.from_dlpack(captured[1]), torch.from_dlpack(captured[0])
+    assert layer1.dtype == getattr(torch, dtype) and (layer1.float() == 1.5).all()
+    assert not layer0.float().any()
 
 
 @needs_gpu

@@ -375,9 +375,11 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         if SIMULATOR and isinstance(array, _DeviceArray):
             shape = check_int32_array(name, array.dtype, array.shape, array.is_c_contiguous(), layout)
             return (DeviceArg(array, 0, shape), shape)
-        interface = getattr(array, "__cuda_array_interface__", None)
-        if interface is None and hasattr(array, "__dlpack__"):  # e.g. a JAX array
+        if hasattr(array, "__dlpack__") and not isinstance(array, _DeviceArray):
+            # e.g. a JAX array. DLPack before __cuda_array_interface__ (JAX has both): its exchange
+            # passes our stream to the producer, which orders its pending writes before our launch.
             return self._int32_from_dlpack(name, array, layout, stream)
+        interface = getattr(array, "__cuda_array_interface__", None)
         if interface is None:
             raise TypeError(
                 f"{name} must be a device array (numba, or any object with __cuda_array_interface__) "

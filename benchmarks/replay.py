@@ -11,9 +11,10 @@ Two ops, both mixers:
     lengths), after validating it against the
     NumPy reference on 2 layers of the same sizes. Reported: device time; the ratio to the scatter
     commit of the same rows (``verify_writes_main_pool=False``: every accepted row copies a state;
-    target <= 1.3); and the bytes it must move (state read + write, conv read + write, the
-    accepted steps' stash) over that time, against an eager device-to-device copy of the same
-    byte count measured in the same run (target >= 0.8).
+    target <= 1.3); the device time of the first, one-element-per-thread kernels
+    (``mamba_cache.replay.kernels``, "first us") beside it; and the bytes it must move (state
+    read + write, conv read + write, the accepted steps' stash) over that time, against an eager
+    device-to-device copy of the same byte count measured in the same run (target >= 0.8).
 ``verify_plus_commit``
     The tiny models' verify pass + commit at realistic state sizes (2 layers): bytes the verify
     pass writes for the commit (per-step states vs stash; the replay-mode scratch states reported
@@ -43,6 +44,8 @@ from numba import cuda  # noqa: E402
 from benchmarks.run import copy_gbps, device_time_us  # noqa: E402
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
 from mamba_cache.presets import PRESETS  # noqa: E402
+from mamba_cache.replay import kernels as replay_kernels  # noqa: E402
+from mamba_cache.replay import tiled as replay_tiled  # noqa: E402
 
 BATCH, VERIFY = 32, 4
 ACCEPT = [(1, 2, 3, 4, 2, 3, 4, 1)[i % 8] for i in range(BATCH)]
@@ -126,6 +129,15 @@ def bench_commit(name: str, dtype: str | None, stream, rng) -> dict:
     replay_us = device_time_us([lambda: replay.replay_mtp_states(accept, stream=stream)], stream, 50)
     scatter = NumbaMambaCacheManager(scatter_cfg, stream=stream)
     scatter_us = device_time_us([lambda: scatter.scatter_mtp_states(accept, stream=stream)], stream, 50)
+    first = NumbaMambaCacheManager(replay_cfg, stream=stream)  # the one-element-per-thread kernels, for comparison
+    fill(first, rng)
+    launch_tiled = replay_tiled.prepare
+    replay_tiled.prepare = replay_kernels.prepare  # the backend prepares its launch once, on the first call
+    try:
+        first.replay_mtp_states(accept, stream=stream)
+    finally:
+        replay_tiled.prepare = launch_tiled
+    first_us = device_time_us([lambda: first.replay_mtp_states(accept, stream=stream)], stream, 10)
     nbytes = moved_bytes(replay_cfg, ACCEPT)
     ceiling = copy_gbps(nbytes, stream)
     gbps = nbytes / replay_us / 1e3
@@ -140,6 +152,7 @@ def bench_commit(name: str, dtype: str | None, stream, rng) -> dict:
         "device_us": round(replay_us, 2),
         "scatter_device_us": round(scatter_us, 2),
         "replay_over_scatter": round(replay_us / scatter_us, 3),
+        "first_kernels_device_us": round(first_us, 2),
         "moved_bytes": nbytes,
         "moved_gbps": round(gbps, 1),
         "copy_ceiling_gbps": round(ceiling, 1),
@@ -223,14 +236,14 @@ def main(argv=None) -> int:
     records = [bench_commit(name, dtype, stream, rng) for name, dtype in CASES]
     print(
         f"{'preset':<20} {'mixer':<7} {'dtype':<9} {'replay us':>10} {'scatter us':>11} {'ratio':>6} {'GB/s':>7}"
-        f" {'ceiling':>8} {'x ceil':>7}"
+        f" {'ceiling':>8} {'x ceil':>7} {'first us':>9}"
     )
     for r in records:
         print(
             f"{r['preset']:<20} {r['mixer']:<7} {r['state_dtype']:<9} {r['device_us']:>10.1f}"
             f" {r['scatter_device_us']:>11.1f}"
             f" {r['replay_over_scatter']:>6.2f} {r['moved_gbps']:>7.0f} {r['copy_ceiling_gbps']:>8.0f}"
-            f" {r['ratio_to_ceiling']:>7.2f}"
+            f" {r['ratio_to_ceiling']:>7.2f} {r['first_kernels_device_us']:>9.1f}"
         )
     if not args.skip_models:
         records += bench_models(stream, rng)

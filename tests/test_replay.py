@@ -905,3 +905,176 @@ def test_gpu_tracked_stochastic_replay_captures_into_a_cuda_graph(rng, mixer):
         **tol,
     )
     assert want_entries[0][:, entries[[0, 3]]].any()
+
+
+# ---------------------------------------------------------------- tiled kernels (issue 11: bandwidth-bound replay)
+#: (mixer, H, D, N, G, state dtype, stochastic): sizes on and off the tiled kernels' tile edges.
+TILED_CASES = [
+    ("mamba2", 3, 3, 5, 1, "float16", False),  # N = 5: an 8-wide tile; D = 3: one partial d-tile
+    ("mamba2", 2, 17, 33, 2, "bfloat16", True),  # a 64-wide tile, 33 live; D = 17 over two 16-row d-tiles
+    ("mamba2", 2, 9, 128, 1, "float32", False),  # one full 128-wide tile; D = 9 over two 8-row d-tiles
+    ("gdn", 3, 3, 5, 3, "float32", False),  # one part, guarded; the block spans heads
+    ("gdn", 2, 33, 3, 1, "float32", False),  # two parts, guarded: the prediction chain crosses threads
+    ("gdn", 1, 96, 3, 1, "float16", False),  # four parts, the last one past D
+    ("gdn", 2, 64, 5, 2, "bfloat16", True),  # two exact parts, stochastic rounding
+    # real head sizes, on the GPU only (the simulator is too slow there)
+    ("mamba2", 8, 64, 128, 2, "bfloat16", True),  # Nemotron-H-like heads
+    ("mamba2", 4, 64, 128, 1, "float16", False),
+    ("gdn", 4, 128, 128, 2, "bfloat16", True),  # Qwen3-Next-like heads: four parts per column
+    ("gdn", 4, 128, 128, 2, "float32", False),
+]
+#: Head size (H * D * N) above which a case runs on the GPU only.
+SIMULATED_HEADS = 4096
+
+
+@pytest.mark.parametrize(
+    ("mixer", "heads", "dim", "size", "groups", "dtype", "stochastic"),
+    TILED_CASES,
+    ids=[f"{c[0]}-H{c[1]}-D{c[2]}-N{c[3]}-{c[5]}{'-sr' if c[6] else ''}" for c in TILED_CASES],
+)
+def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixer, heads, dim, size, groups, dtype,
+                                                          stochastic):  # fmt: skip
+    """The tiled kernels (the ones the backend launches) == the one-element-per-thread kernels, bit for bit.
+
+    Same order of operations per element, so the same bits on any target: a linear commit with
+    positions and tracking, then a tree commit, every pool and store entry compared whole. (A float32
+    state shows a changed summation order; a 16-bit store can round the difference away.)
+    """
+    from conftest import ON_GPU, assert_same_bits
+
+    from mamba_cache.prefix import PrefixStateCache
+    from mamba_cache.replay import kernels, tiled
+
+    if heads * dim * size > SIMULATED_HEADS and not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")
+
+    config = replay_config(
+        mixer,
+        dtype,
+        max_batch_size=4,
+        recurrent_state_num_heads=heads,
+        recurrent_state_head_dim=dim,
+        recurrent_state_size=size,
+        n_groups=groups,
+        conv_dim=5,
+        stochastic_rounding=stochastic,
+        rounding_seed=77,
+    )
+    seed = int(rng.integers(1 << 30))
+    managers, stores = [], []
+    for prepare in (kernels.prepare, tiled.prepare):
+        manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed))
+        store = PrefixStateCache(manager, entries=4, block_size=4)
+        assert [store.reserve() for _ in range(4)] == [0, 1, 2, 3]
+        with monkeypatch.context() as patch:  # the backend prepares its launch on the first call, then keeps it
+            patch.setattr(tiled, "prepare", prepare)
+            manager.reshape_intermediate_states(4, 3)
+            manager.replay_mtp_states(
+                device_int32("numba", [3, 2, 0, 1]),
+                state_indices=device_int32("numba", [2, 0, 1, 3]),
+                positions=device_int32("numba", [5, 0, 9, 7]),
+                store=store,
+                track_entries=device_int32("numba", [1, 0, 2, 3]),
+                track_steps=device_int32("numba", [1, 1, 0, 0]),
+            )
+        managers.append(manager)
+        stores.append(store)
+    first, second = (snapshot(m) for m in managers)
+    assert_same_bits(first, second, "linear commit with tracking")
+    for pool_a, pool_b in zip(stores[0]._pools, stores[1]._pools, strict=True):
+        assert to_host(pool_a).tobytes() == to_host(pool_b).tobytes(), "tracked entries"
+    assert (first["recurrent"][:, [0, 2, 3]] != state["recurrent"][:, [0, 2, 3]]).any(), "the replay changed nothing"
+    assert first["recurrent"][:, 1].tobytes() == state["recurrent"][:, 1].tobytes(), "a padding row's slot moved"
+    nodes = device_int32("numba", [[2, 0, 1], [1, 2, 0], [0, 9, 1], [2, 1, 0]])  # row 2's path leaves [0, V)
+    for manager in managers:
+        manager.replay_accepted_tree_states(
+            nodes, device_int32("numba", [3, 2, 2, 1]), positions=device_int32("numba", [8, 2, 9, 8])
+        )
+    assert_same_bits(snapshot(managers[0]), snapshot(managers[1]), "tree commit")
+
+
+def _ptxas() -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which("ptxas") or sorted(glob.glob("/usr/local/cuda*/bin/ptxas"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
+    """ptxas -v (sm_90, no GPU needed): 0 spill bytes for the tiled Mamba2 kernels and the tiled GDN kernel at
+    D = 128 and 64, at most 128 registers for GDN (the first GDN kernel at D = 128 spills: the check can fail)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas is not installed (it comes with the CUDA toolkit)")
+    script = textwrap.dedent("""
+        import inspect, re, subprocess, sys, tempfile
+        import numpy as np
+        import numba.cuda.dispatcher as dispatcher
+        from numba import cuda, types
+        from numba.np import numpy_support
+
+        class Device:  # compiling a non-inlined device function asks the current device for its cc
+            compute_capability = (9, 0)
+
+        dispatcher.get_current_device = lambda: Device()
+        from mamba_cache.replay import kernels as rk, tiled as tk
+
+        def signature(kernel, dtype):
+            array = lambda dt, nd: types.Array(numpy_support.from_dtype(np.dtype(dt)), nd, "C")
+            args = []
+            for name in inspect.signature(kernel.py_func).parameters:
+                if name in ("rec", "track_rec", "conv", "track_conv"):
+                    args.append(array(dtype, 3))
+                elif name in ("dA", "u", "B", "g", "beta", "k", "v"):
+                    args.append(array("float32", 2))
+                elif name == "col":
+                    args.append(array(dtype, 2))
+                elif name == "node_ids":
+                    args.append(array("int32", 2))
+                elif name in ("accept_lengths", "state_indices", "positions", "track_entries", "track_steps"):
+                    args.append(array("int32", 1))
+                else:
+                    args.append(types.int64)
+            return tuple(args)
+
+        cases = [
+            ("mamba2 float16", tk.replay_mamba2_kernel(rk.ROUND_HALF, 0), "float16"),
+            ("mamba2 bfloat16", tk.replay_mamba2_kernel(rk.ROUND_BF16, 1), "uint16"),
+            ("gdn D=128 float32", tk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
+            ("gdn D=64 float32", tk.replay_gdn_kernel(64, rk.ROUND_NONE, 0), "float32"),
+            ("gdn D=128 bfloat16", tk.replay_gdn_kernel(128, rk.ROUND_BF16, 1), "uint16"),
+            ("first gdn D=128 float32", rk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, kernel, dtype in cases:
+                ptx, _ = cuda.compile_ptx(kernel.py_func, signature(kernel, dtype), cc=(9, 0))
+                ptx = re.sub(r"^\\.version \\d+\\.\\d+", ".version 8.0", ptx, flags=re.M)  # any ptxas >= 12.0 reads it
+                with open(tmp + "/k.ptx", "w") as f:
+                    f.write(ptx)
+                out = subprocess.run([sys.argv[1], "-arch=sm_90", "-v", tmp + "/k.ptx", "-o", tmp + "/k.cubin"],
+                                     capture_output=True, text=True, check=True).stderr
+                spill = sum(int(x) for x in re.findall(r"(\\d+) bytes spill", out))
+                registers = int(re.search(r"Used (\\d+) registers", out).group(1))
+                print(f"{name}: {registers} registers, {spill} spill bytes")
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, "-c", script, ptxas], env=env, capture_output=True, text=True, timeout=900)
+    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
+        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    print(report)
+    assert len(report) == 6, result.stdout
+    for name, line in report.items():
+        registers, spill = (int(word) for word in line.split() if word.isdigit())
+        if name.startswith("first"):
+            assert spill > 0, f"{name}: {line} (the spill this test exists to catch)"
+        else:
+            assert spill == 0, f"{name}: {line}"
+            assert not name.startswith("gdn") or registers <= 128, f"{name}: {line}"

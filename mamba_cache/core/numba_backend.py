@@ -672,7 +672,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         positions: Any = None,
         track: Any = None,
     ) -> None:
-        from ..replay import kernels as replay_kernels
+        from ..replay import tiled as replay_kernels
 
         entry = self._launches.get("replay")
         if entry is None:

@@ -11,7 +11,8 @@ random words, exactly the reference's keying: counter word 0 is ``element // 4``
 
     element size   words per group   groups per thread   u64 loads in flight per thread
     2 (f16, bf16)        1                  8                         8
-    4 (f32)              2                  4                         8
+    4 (f32)              2                  4 (8: to bf16,            8 (16)
+                                              stochastic)
     8 (f64)              4                  2                         8
 
     slot [E elements] = [E/4 groups]:
@@ -32,6 +33,11 @@ specialised at build time (closure constants, one compiled kernel per dtype pair
     float16 <-> bfloat16  through float32 (exact), then one rounding as above
     any other pair        the general integer steps (:func:`mamba_cache.precision.kernels.convert_bits`)
 
+Stochastic rounding: the Philox work a thread's groups share (round keys, the two products that
+do not depend on the group) is done once per thread (:func:`philox_setup`), leaving 18 products
+per group (:func:`philox_group`). A widening pair (2 -> 4 bytes) moves pairs of elements instead
+(a uint32 load, a uint64 store: :func:`_widening_chunk`), so a warp's stores are contiguous.
+
 A kind whose slot is not a multiple of 4 elements (its slots are then not 8-byte aligned) takes the
 element path (:func:`mamba_cache.precision.kernels._convert_chunk`), in the same launch: each kind
 picks its own path. Equal dtypes copy words. The grid is ``(chunks_a + chunks_b, rows, L)``: one
@@ -46,8 +52,9 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
+from ..core.numba_backend import SIMULATOR
 from . import kernels
-from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits
+from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits, float32_from_bits
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: uint64 loads each thread issues before converting (the groups per thread follow from it).
@@ -74,6 +81,11 @@ def groups_per_thread(spec: tuple) -> int:
     if not spec[7]:
         return kernels.GROUPS_PER_THREAD
     words = WORDS_IN_FLIGHT if spec[0] == MODE_COPY or spec[1:5] in _SPECIALISED else WORDS_IN_FLIGHT // 4
+    if spec[0] == MODE_STOCHASTIC and spec[1:5] == (8, 23, 8, 7):
+        # float32 -> bfloat16 stochastic: twice the groups per thread, so the per-thread setup (row,
+        # addresses, Philox keys) is shared by 32 elements (float16's larger rounding code would
+        # stop the unrolling and put the buffer in local memory)
+        words *= 2
     return max(1, words // (spec[5] // 2))
 
 
@@ -89,26 +101,104 @@ def launch_shape(specs: tuple, elems: tuple) -> tuple[tuple[int, ...], int]:
 # ---------------------------------------------------------------- Philox4x32-10 on 32-bit words
 
 
+if SIMULATOR:  # the simulator has no libdevice: the high word of the exact 64-bit product
+
+    @cuda.jit(device=True, inline="always")
+    def _umulhi(a, m):
+        return np.uint32((np.uint64(np.uint32(a)) * np.uint64(np.uint32(m))) >> np.uint64(32))
+
+else:  # PTX mul.hi.u32 on 32-bit operands; ptxas pairs it with the low product into one IMAD.WIDE.U32
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline="always")
+    def _umulhi(a, m):
+        return np.uint32(libdevice.umulhi(np.uint32(a), np.uint32(m)))
+
+
 @cuda.jit(device=True, inline="always")
 def _mulhilo32(a, m):
-    # a 32 x 32 -> 64-bit product of two zero-extended 32-bit values: PTX mul.wide.u32 (or mul.lo/hi)
-    product = np.uint64(np.uint32(a)) * np.uint64(np.uint32(m))
-    return np.uint32(product >> np.uint64(32)), np.uint32(product & _U32)
+    # the high and low words of a 32 x 32 -> 64-bit product, both computed on 32-bit operands (a
+    # product of 64-bit-typed values compiles to a 64-bit multiply plus a carry add on the GPU)
+    return _umulhi(a, m), np.uint32((np.uint64(np.uint32(a)) * np.uint64(np.uint32(m))) & _U32)
 
 
 @cuda.jit(device=True, inline="always")
-def philox32(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 of counter ``(c0..c3)`` under key ``(k0, k1)``, all values < 2**32, as uint32 words."""
-    x0, x1, x2, x3 = np.uint32(c0), np.uint32(c1), np.uint32(c2), np.uint32(c3)
-    key0, key1 = np.uint32(k0), np.uint32(k1)
-    for round_ in range(10):
-        if round_ > 0:
-            key0 = np.uint32((np.uint64(key0) + np.uint64(PHILOX_W0)) & _U32)
-            key1 = np.uint32((np.uint64(key1) + np.uint64(PHILOX_W1)) & _U32)
-        hi0, lo0 = _mulhilo32(x0, PHILOX_M0)
-        hi1, lo1 = _mulhilo32(x2, PHILOX_M1)
-        x0, x1, x2, x3 = np.uint32(hi1 ^ x1 ^ key0), lo1, np.uint32(hi0 ^ x3 ^ key1), lo0
-    return x0, x1, x2, x3
+def _round_key(seed, weyl, round_):
+    # the key word of round ``round_``: seed + round_ * weyl modulo 2**32
+    return np.uint32((np.uint64(seed) + np.uint64(round_) * np.uint64(weyl)) & _U32)
+
+
+@cuda.jit(device=True, inline="always")
+def philox_setup(c1, c2, c3, k0, k1):
+    """What Philox4x32-10 of every counter ``(g, c1, c2, c3)`` shares, for :func:`philox_group`.
+
+    Only counter word 0 (the group) differs between a thread's groups, so the product of round 0
+    that reads word 2, the product of round 1 that reads round 0's word 0, and every round key
+    are the same for all of them: computed once per thread (before the group loop) instead of
+    once per group. Returns a tuple of uint32: ``(x0, x1, hi, lo, k1_0 ^ c3, k0_1, k1_1, k0_2, k1_2,
+    ..., k0_9, k1_9)`` where ``x0, x1`` are words 0 and 1 after round 0 and ``hi, lo`` round 1's
+    product of ``x0``.
+    """
+    hi, lo = _mulhilo32(np.uint32(c2), PHILOX_M1)
+    x0 = np.uint32(hi ^ np.uint32(c1) ^ np.uint32(k0))
+    hi1, lo1 = _mulhilo32(x0, PHILOX_M0)
+    return (
+        x0,
+        lo,
+        hi1,
+        lo1,
+        np.uint32(np.uint32(k1) ^ np.uint32(c3)),
+        _round_key(k0, PHILOX_W0, 1),
+        _round_key(k1, PHILOX_W1, 1),
+        _round_key(k0, PHILOX_W0, 2),
+        _round_key(k1, PHILOX_W1, 2),
+        _round_key(k0, PHILOX_W0, 3),
+        _round_key(k1, PHILOX_W1, 3),
+        _round_key(k0, PHILOX_W0, 4),
+        _round_key(k1, PHILOX_W1, 4),
+        _round_key(k0, PHILOX_W0, 5),
+        _round_key(k1, PHILOX_W1, 5),
+        _round_key(k0, PHILOX_W0, 6),
+        _round_key(k1, PHILOX_W1, 6),
+        _round_key(k0, PHILOX_W0, 7),
+        _round_key(k1, PHILOX_W1, 7),
+        _round_key(k0, PHILOX_W0, 8),
+        _round_key(k1, PHILOX_W1, 8),
+        _round_key(k0, PHILOX_W0, 9),
+        _round_key(k1, PHILOX_W1, 9),
+    )
+
+
+@cuda.jit(device=True, inline="always")
+def philox_group(g, st):
+    """Philox4x32-10 of counter ``(g, c1, c2, c3)`` given ``st = philox_setup(c1, c2, c3, k0, k1)``.
+
+    The four words of Philox4x32-10 of that counter under key ``(k0, k1)`` (the reference's
+    :func:`mamba_cache.precision.reference.philox4x32_10`): 18 products (two of the 20 are in
+    ``st``) and 19 three-way XORs per call, no key arithmetic.
+    """
+    # round 0: only the product of word 0 (the group) is new
+    hi0, lo0 = _mulhilo32(np.uint32(g), PHILOX_M0)
+    x0, x1, x2, x3 = st[0], st[1], np.uint32(hi0 ^ st[4]), lo0
+    # round 1: the product of word 0 is st[2], st[3]
+    hi1, lo1 = _mulhilo32(x2, PHILOX_M1)
+    x0, x1, x2, x3 = np.uint32(hi1 ^ x1 ^ st[5]), lo1, np.uint32(st[2] ^ x3 ^ st[6]), st[3]
+    # rounds 2 .. 9, written out: the round keys are tuple items at constant indices
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[7], st[8])
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[9], st[10])
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[11], st[12])
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[13], st[14])
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[15], st[16])
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[17], st[18])
+    x0, x1, x2, x3 = _philox_round(x0, x1, x2, x3, st[19], st[20])
+    return _philox_round(x0, x1, x2, x3, st[21], st[22])
+
+
+@cuda.jit(device=True, inline="always")
+def _philox_round(x0, x1, x2, x3, key0, key1):
+    hi0, lo0 = _mulhilo32(x0, PHILOX_M0)
+    hi1, lo1 = _mulhilo32(x2, PHILOX_M1)
+    return np.uint32(hi1 ^ x1 ^ key0), lo1, np.uint32(hi0 ^ x3 ^ key1), lo0
 
 
 # ---------------------------------------------------------------- element conversions (uint64 in, uint64 out)
@@ -156,7 +246,9 @@ def _f32_to_f16(x, stochastic, r):
                 return np.uint64(top | np.uint32(0x7C00))
             return np.uint64(top | np.uint32(0x7E00) | (man >> np.uint32(13)))
         # a normal float16 (or overflow): rebias, round 13 bits
-        a = np.uint32((x32 & np.uint32(0x7FFFFFFF)) - np.uint32(112 << 23))
+        a = np.uint32(
+            (np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (112 << 23))) & _U32
+        )  # mag - bias, wrapping
         if stochastic:
             q = np.uint32((a + (np.uint32(r) >> np.uint32(19))) >> np.uint32(13))
         else:
@@ -293,6 +385,99 @@ def _store8(d, g, e0, e1, e2, e3):
     d[4 * g + 3] = e3
 
 
+@cuda.jit(device=True, inline="always")
+def _bf16_high(x, add):
+    # float32 bits -> a word whose high half is the bfloat16: x + add (no carry can reach the sign of
+    # a finite or infinite x), a NaN the quiet NaN with the top payload bits (x | quiet bit)
+    x32 = np.uint32(x)
+    f = float32_from_bits(x32)
+    if f != f:
+        return np.uint32(x32 | np.uint32(0x00400000))
+    return np.uint32(x32 + np.uint32(add))
+
+
+@cuda.jit(device=True, inline="always")
+def _nearest_add(x):
+    # round to nearest even: 0x7FFF plus the last kept bit
+    return np.uint32(np.uint32(0x7FFF) + ((np.uint32(x) >> np.uint32(16)) & np.uint32(1)))
+
+
+@cuda.jit(device=True, inline="always")
+def _pack_high(lo, hi):
+    # the high halves of two 32-bit words as one word (``lo``'s half first)
+    return np.uint32((np.uint32(lo) >> np.uint32(16)) | (np.uint32(hi) & np.uint32(0xFFFF0000)))
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_bf16_group(buf, o, stochastic, r0, r1, r2, r3):
+    # a group of 4 float32 (two words of the buffer) as one word of 4 bfloat16, in 32-bit arithmetic
+    w0 = buf[o]
+    w1 = buf[o + 1]
+    x0, x1, x2, x3 = (
+        np.uint32(w0 & _U32),
+        np.uint32(w0 >> np.uint64(32)),
+        np.uint32(w1 & _U32),
+        np.uint32(w1 >> np.uint64(32)),
+    )
+    if stochastic:
+        a0, a1 = np.uint32(r0) >> np.uint32(16), np.uint32(r1) >> np.uint32(16)
+        a2, a3 = np.uint32(r2) >> np.uint32(16), np.uint32(r3) >> np.uint32(16)
+    else:
+        a0, a1, a2, a3 = _nearest_add(x0), _nearest_add(x1), _nearest_add(x2), _nearest_add(x3)
+    lo = _pack_high(_bf16_high(x0, a0), _bf16_high(x1, a1))
+    hi = _pack_high(_bf16_high(x2, a2), _bf16_high(x3, a3))
+    return np.uint64(lo) | (np.uint64(hi) << np.uint64(32))
+
+
+@cuda.jit(device=True, inline="always")
+def _f16_normal(x, stochastic, r):
+    # float32 bits -> float16 bits (uint32), right when the float32 exponent field is 113 .. 254 (a
+    # normal float16 or an overflow to infinity): rebias, round 13 bits, clamp; 32-bit operations
+    x32 = np.uint32(x)
+    a = np.uint32(
+        (np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (112 << 23))) & _U32
+    )  # mag - bias, wrapping
+    if stochastic:
+        q = np.uint32((a + (np.uint32(r) >> np.uint32(19))) >> np.uint32(13))
+    else:
+        q = np.uint32((a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+    return np.uint32(((x32 >> np.uint32(16)) & np.uint32(0x8000)) | min(q, np.uint32(0x7C00)))
+
+
+@cuda.jit(device=True, inline="always")
+def _f16_rare(x):
+    # the exponent field is outside 113 .. 254: a zero, a subnormal result, an infinity or a NaN
+    mag = np.uint64(np.uint32(x) & np.uint32(0x7FFFFFFF))
+    return np.uint32((mag + np.uint64(2**32 - (113 << 23))) & _U32) >= np.uint32(142 << 23)
+
+
+@cuda.jit(device=True, inline="always")
+def _f16_exact(x, q, stochastic, r):
+    # q if x takes the normal path, else the full steps of _f32_to_f16
+    if _f16_rare(x):
+        return np.uint32(_f32_to_f16(np.uint64(np.uint32(x)), stochastic, r))
+    return q
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_f16_group(buf, o, stochastic, r0, r1, r2, r3):
+    # a group of 4 float32 (two words of the buffer) as one word of 4 float16, in 32-bit arithmetic:
+    # every element through the normal path, then one test for the group sends the rare cases
+    # through the full steps (a branch per group, not per element)
+    w0 = buf[o]
+    w1 = buf[o + 1]
+    x0, x1 = np.uint32(w0 & _U32), np.uint32(w0 >> np.uint64(32))
+    x2, x3 = np.uint32(w1 & _U32), np.uint32(w1 >> np.uint64(32))
+    q0, q1 = _f16_normal(x0, stochastic, r0), _f16_normal(x1, stochastic, r1)
+    q2, q3 = _f16_normal(x2, stochastic, r2), _f16_normal(x3, stochastic, r3)
+    if _f16_rare(x0) or _f16_rare(x1) or _f16_rare(x2) or _f16_rare(x3):
+        q0, q1 = _f16_exact(x0, q0, stochastic, r0), _f16_exact(x1, q1, stochastic, r1)
+        q2, q3 = _f16_exact(x2, q2, stochastic, r2), _f16_exact(x3, q3, stochastic, r3)
+    lo = np.uint32(q0 | (q1 << np.uint32(16)))
+    hi = np.uint32(q2 | (q3 << np.uint32(16)))
+    return np.uint64(lo) | (np.uint64(hi) << np.uint64(32))
+
+
 _UNPACK = {2: _unpack2, 4: _unpack4, 8: _unpack8}
 _STORE = {2: _store2, 4: _store4, 8: _store8}
 
@@ -307,22 +492,29 @@ def _wide_chunk(spec: tuple):
     stochastic = mode == MODE_STOCHASTIC
     unpack, store = _UNPACK[src_size], _STORE[dst_size]
     conv = _bf16_to_f32 if copy else _converter(mode, se, sm, de, dm)  # unused when copying
+    to_bf16 = not copy and (se, sm, de, dm) == (8, 23, 8, 7)
+    to_f16 = not copy and (se, sm, de, dm) == (8, 23, 5, 10)
+    if not copy and src_size == 2 and dst_size == 4:
+        return _widening_chunk(spec, conv)
 
     @cuda.jit(device=True, inline="always")
     def chunk_fn(dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, seed_lo, seed_hi):
-        threads = cuda.blockDim.x
+        # 32-bit unsigned index arithmetic, as in _widening_chunk
+        threads = np.uint32(cuda.blockDim.x)
         d = dst[layer, dst_row]
         s = src[layer, src_row]
-        groups = d.shape[0] // dw
-        base = chunk * threads * per + cuda.threadIdx.x
+        groups = np.uint32(d.shape[0] // dw)
+        base = np.uint32(np.uint32(chunk) * np.uint32(threads * per) + np.uint32(cuda.threadIdx.x))
         buf = cuda.local.array(nbuf, np.uint64)
+        if stochastic:  # the Philox work every group shares, once per thread
+            st = philox_setup(np.uint64(position) & _U32, np.uint64(key_layer) & _U32, kind, seed_lo, seed_hi)
         for i in range(per):  # every load first
-            g = base + i * threads
+            g = np.uint32(base + np.uint32(i) * threads)
             if g < groups:
                 for k in range(sw):
                     buf[i * sw + k] = s[g * sw + k]
         for i in range(per):
-            g = base + i * threads
+            g = np.uint32(base + np.uint32(i) * threads)
             if g < groups:
                 if copy:
                     for k in range(sw):
@@ -330,16 +522,51 @@ def _wide_chunk(spec: tuple):
                 else:
                     r0 = r1 = r2 = r3 = np.uint32(0)
                     if stochastic:
-                        r0, r1, r2, r3 = philox32(
-                            np.uint64(g) & _U32,
-                            np.uint64(position) & _U32,
-                            np.uint64(key_layer) & _U32,
-                            kind,
-                            seed_lo,
-                            seed_hi,
-                        )
-                    e0, e1, e2, e3 = unpack(buf, i * sw)
-                    store(d, g, conv(e0, r0), conv(e1, r1), conv(e2, r2), conv(e3, r3))
+                        r0, r1, r2, r3 = philox_group(g, st)
+                    if to_bf16:
+                        d[g] = _f32_to_bf16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
+                    elif to_f16:
+                        d[g] = _f32_to_f16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
+                    else:
+                        e0, e1, e2, e3 = unpack(buf, i * sw)
+                        store(d, g, conv(e0, r0), conv(e1, r1), conv(e2, r2), conv(e3, r3))
+
+    return chunk_fn
+
+
+def _widening_chunk(spec: tuple, conv):
+    """The chunk function of a 2-byte -> 4-byte commit (exact): 32-bit words in, 64-bit words out.
+
+    A thread converts pairs of elements: it loads the uint32 word ``p`` of the source slot (elements
+    ``2p, 2p+1``) and stores the uint64 word ``p`` of the target, so consecutive lanes read
+    consecutive 4-byte words and write consecutive 8-byte words (each store instruction of a warp
+    one contiguous 256-byte span; with groups of 4 a lane wrote two words 16 bytes apart). A chunk
+    covers the same elements as :func:`launch_shape` gives it (``2 * per`` pairs per thread)::
+
+        thread t of chunk c owns pairs  (c * 2 * per + i) * threads + t,  i = 0 .. 2 * per - 1
+    """
+    pairs_per_thread = 2 * groups_per_thread(spec)
+
+    @cuda.jit(device=True, inline="always")
+    def chunk_fn(dst, src, layer, dst_row, src_row, chunk, key_layer, kind, position, seed_lo, seed_hi):
+        # 32-bit unsigned index arithmetic (a slot holds far fewer than 2**32 words): one wide
+        # multiply-add per address instead of sign-extended 64-bit sums
+        threads = np.uint32(cuda.blockDim.x)
+        d = dst[layer, dst_row]
+        s = src[layer, src_row].view(np.uint32)
+        pairs = np.uint32(d.shape[0])
+        base = np.uint32(np.uint32(chunk) * np.uint32(threads * pairs_per_thread) + np.uint32(cuda.threadIdx.x))
+        buf = cuda.local.array(pairs_per_thread, np.uint32)
+        for i in range(pairs_per_thread):  # every load first
+            p = np.uint32(base + np.uint32(i) * threads)
+            if p < pairs:
+                buf[i] = s[p]
+        for i in range(pairs_per_thread):
+            p = np.uint32(base + np.uint32(i) * threads)
+            if p < pairs:
+                w = np.uint64(buf[i])
+                zero = np.uint32(0)
+                d[p] = conv(w & _U16, zero) | (conv(w >> np.uint64(16), zero) << np.uint64(32))
 
     return chunk_fn
 

@@ -77,14 +77,15 @@ def _slot_words(pool: Any, rows: int, widest: int = 8) -> Any:
     return flat.view(_word_dtype(math.gcd(slot_bytes, widest)))
 
 
-def _aligned_word(array: Any) -> int:
+def _aligned_word(array: Any, pointer: int) -> int:
     """The widest word (8, 4, 2 or 1 bytes) the start of ``array``'s memory is aligned to.
 
-    The pools are allocated aligned, but a caller's output may be a view that starts at any
-    element (a slice of a larger buffer): an 8-byte word access there faults on the GPU
-    (misaligned address). Under the simulator the address is the host array's.
+    ``pointer`` is ``_device_pointer(array)``, which the caller needs anyway. The pools are
+    allocated aligned, but a caller's output may be a view that starts at any element (a slice of
+    a larger buffer): an 8-byte word access there faults on the GPU (misaligned address). Under
+    the simulator (where ``pointer`` is 0) the address is the host array's.
     """
-    address = int(array._ary.__array_interface__["data"][0]) if SIMULATOR else _device_pointer(array)
+    address = int(array._ary.__array_interface__["data"][0]) if SIMULATOR else pointer
     return min(8, address & -address) if address else 8
 
 
@@ -266,7 +267,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
-        word = _aligned_word(out)
+        pointer = _device_pointer(out)  # read once: it sets the word width and the argument
+        word = _aligned_word(out, pointer)
         key = ("capture", id(pool), word)
         entry = self._launches.get(key)
         if entry is None:
@@ -279,7 +281,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             self._launches[key] = entry
         launch, grid = entry
         dst = _slot_words(out, 1, word) if launch.needs_array else None
-        launch.set_array("dst", DeviceArg(dst, _device_pointer(out), ()))
+        launch.set_array("dst", DeviceArg(dst, pointer, ()))
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
 
@@ -290,7 +292,8 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         # pair it saw last) and sets the slot.
         last = self._launches.get("capture_pair")
         if last is None or last[0] is not outs:
-            words = (_aligned_word(outs[0]), _aligned_word(outs[1]))
+            pointers = [_device_pointer(o) for o in outs]  # read once: word widths and arguments
+            words = tuple(_aligned_word(o, p) for o, p in zip(outs, pointers, strict=True))
             key = ("capture_pair", *words)
             prepared = self._launches.get(key)
             if prepared is None:
@@ -305,7 +308,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 prepared = self._launches[key] = (launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]))
             launch = prepared[0]
             views = [_slot_words(o, 1, w) if launch.needs_array else None for o, w in zip(outs, words, strict=True)]
-            bound = [DeviceArg(v, _device_pointer(o), ()) for v, o in zip(views, outs, strict=True)]
+            bound = [DeviceArg(v, p, ()) for v, p in zip(views, pointers, strict=True)]
             last = self._launches["capture_pair"] = (outs, prepared, bound)
         _, (launch, grid), bound = last
         launch.set_array("dst_a", bound[0])

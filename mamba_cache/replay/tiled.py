@@ -2,7 +2,8 @@
 
 Same launch arguments, same results bit for bit and the same order of operations per element as
 :mod:`mamba_cache.replay.kernels` (whose device functions these call: the rounders, ``mamba2_update``,
-``gdn_accumulate`` / ``gdn_write``, the row / slot / tracking rules and the conv blocks); what
+``gdn_accumulate`` / ``gdn_write``, the row / slot / tracking rules, and the conv window update of
+a window wider than :data:`CONV_MAX_WIDTH`); what
 changes is how the work of one ``(layer, row)`` is spread over threads, because the first kernels
 were instruction-bound (Mamba2: five 64-bit divisions and the index math per element) or spilled
 (GDN at D = 128: a 128-float column per thread, 255 registers, kilobytes of spill per thread).
@@ -12,37 +13,48 @@ Pools and stash are seen as in :mod:`mamba_cache.replay.kernels`::
     rec     [L, B, H*D*N]      element (i, d, n) at (i * D + d) * N + n
     grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
 
-Mamba2: a block owns a tile of one head ``i``: ``tile_n`` columns times ``row_groups * RPT`` rows
-(``tile_n * row_groups == THREADS``; ``tile_n`` is the power of two >= N, at most THREADS). Thread
-``tx`` owns column ``n`` and ``RPT`` rows, strided by ``row_groups`` so a warp's loads are
-consecutive words::
+Mamba2: a block owns a tile of one head ``i``: ``row_groups * RPT`` rows times ``lanes * cpt``
+columns (:func:`mamba2_tiles`; ``lanes`` is the power of two >= N between ``RPT`` and a warp,
+``row_groups = THREADS / lanes``, ``cpt`` columns per thread, at most :data:`MAX_CPT`). Thread
+``tx = g * lanes + l`` owns the ``RPT x cpt`` elements of rows ``d0 + r * row_groups`` and
+columns ``n0 + k * lanes``, so each load and store instruction of a warp covers ``lanes``
+consecutive elements of one row::
 
-    block x -> (i, d_tile, n_tile)        one division each, once per thread
-    tx      -> n = n_tile * tile_n + tx % tile_n,   d_r = d_tile * row_groups * RPT + tx // tile_n + r * row_groups
+    block x -> (i, d_tile, n_tile)        32-bit divisions, once per thread
+    d0 = d_tile * row_groups * RPT + g,   n0 = n_tile * lanes * cpt + l
 
-    head i:   n ->  0 1 2 ... tile_n-1
-    d  0      t0 t1 t2 ...              r = 0
-    d  1      t. t. ..                  (row group 1)
+    head i:   n ->  0 .. lanes-1 | lanes .. 2 lanes-1 | ...    (k = 0, 1, .. cpt-1)
+    d  0      t0 t1 .. t31       | t0 t1 ..           |        r = 0, row group 0
+    d  1      t32 ..             | t32 ..             |        r = 0, row group 1
     ...
-    d  G      t0 t1 t2 ...              r = 1     (G = row_groups)
+    d  G      t0 t1 ..           | ..                 |        r = 1      (G = row_groups)
 
-Per step a thread loads ``dA[i]`` and ``B[j, n]`` once and ``u[i, d_r]`` per row (one address per
-row group: a broadcast), then ``h_r = round(fma(u_r, B, h_r * dA))`` for its ``RPT`` registers.
+Before its first step the block stages the stash of its first :data:`STAGED` steps in shared
+memory (``dA[i]``, the tile's ``u[i, d]`` rows and ``B[j, n]`` columns: every load issued
+first, beside the state's loads, so the block waits for memory once), then every thread applies
+the steps from registers and shared memory: per element-step ``h = round(fma(u, B, h * dA))``,
+four instructions for a float16 state (``FMUL``, ``FFMA``, ``cvt.rn.f16.f32`` and back). Later
+steps read global memory. Index arithmetic is 32-bit unsigned.
 
 Gated DeltaNet: a column ``S_i[:, e]`` is split over ``P = ceil(D / 32)`` threads (``P`` rounded up to
 a power of two), part ``q`` keeping ``d = 32 q .. 32 q + 31`` in registers. The prediction is one
 sequential chain ``pred = fma(S[d, e], k[d], pred)``, d = 0 .. D-1 (the decode step's order), so
 part ``q`` continues from the value part ``q - 1`` ended with, handed over through shared memory
-(one ``syncthreads`` per part and step); the last part's ``pred`` is read back by all parts::
+(one ``syncthreads`` per part and step); the last part's ``pred`` is read back by all parts. A
+block's columns belong to one head, so they share one key vector ``k[j, :]`` per step, which the
+block keeps in shared memory (two buffers, one per step parity); each thread loads the next
+step's share of it, and its ``g[i]``, ``beta[i]``, ``v[i, e]``, while the current step computes::
 
     block: CB = THREADS / P columns x P parts;  tx = q * CB + c   (consecutive threads: consecutive columns)
-    step:  all:     S[d] *= g[i]                        (their 32 d)
+    step:  all:     keys[t % 2] <- prefetched k;  prefetch step t + 1        | sync
+           all:     S[d] *= g[i]                        (their 32 d)
            q = 0:   pred = chain(0)            -> shared[0][c]   | sync
            q = 1:   pred = chain(shared[0][c]) -> shared[1][c]   | sync  ... (P parts)
            all:     delta = beta[i] * (v[i, e] - shared[P-1][c]);  S[d] = round(fma(k[d], delta, S[d]))
 
-Each part writes its own shared row, so one barrier per part suffices across steps. The conv blocks
-are the first kernels' (one thread per channel).
+Each part writes its own shared row, and a key buffer is rewritten two steps after it was read,
+past a barrier every thread has reached. The conv blocks (:func:`_conv_tile`) give a thread
+:data:`CONV_CPT` channels and load every value of their new windows before storing any.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from typing import Any
 
 import numpy as np
 from numba import cuda, float32
+from numba.np import numpy_support
 
 from ..core.numba_backend import SIMULATOR
 from ..precision.kernels import load_float32
@@ -73,22 +86,39 @@ from .kernels import (
 
 #: Threads per block.
 THREADS = 128
-#: State rows each Mamba2 thread keeps in registers.
+#: Lanes of a warp: a Mamba2 warp covers up to this many consecutive state columns.
+WARP = 32
+#: State rows (d) each Mamba2 thread keeps in registers.
 RPT = 8
+#: Most state columns (n) each Mamba2 thread keeps in registers (``lanes`` apart).
+MAX_CPT = 4
+#: Replayed steps whose Mamba2 stash a block stages in shared memory (later steps read global memory).
+STAGED = 8
+#: Conv channels per thread in the conv blocks.
+CONV_CPT = 2
+#: Widest conv window the conv blocks keep in registers (a wider one takes one channel per thread).
+CONV_MAX_WIDTH = 4
 #: Key-dim values each Gated DeltaNet thread keeps in registers (one part of a column).
 PART = 32
 #: Most parts of one column: ``MAX_KEY_DIM / PART``.
 MAX_PARTS = MAX_KEY_DIM // PART
-#: NVVM-level inlining of the GDN step (Numba-level ``inline=True`` refuses a closure of this many
-#: arguments); the simulator's ``jit`` takes no such option.
+#: NVVM-level inlining of the step functions (Numba-level ``inline=True`` refuses a closure of this
+#: many arguments); the simulator's ``jit`` takes no such option.
 _FORCE_INLINE = {} if SIMULATOR else {"forceinline": True}
 
 
-def mamba2_tiles(dim: int, size: int) -> tuple[int, int, int, int]:
-    """``(tile_n, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N."""
-    tile_n = min(THREADS, 1 << max(0, (size - 1).bit_length()))
-    row_groups = THREADS // tile_n
-    return tile_n, row_groups, -(-dim // (row_groups * RPT)), -(-size // tile_n)
+def mamba2_tiles(dim: int, size: int) -> tuple[int, int, int, int, int]:
+    """``(lanes, cpt, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N.
+
+    ``lanes`` threads side by side cover ``lanes`` consecutive columns (the power of two >= N, at
+    least :data:`RPT` and at most a warp), each thread ``cpt`` columns ``lanes`` apart (at most :data:`MAX_CPT`) and
+    :data:`RPT` rows ``row_groups`` apart; a block is ``row_groups * RPT`` rows x ``lanes * cpt``
+    columns of one head.
+    """
+    lanes = min(WARP, max(RPT, 1 << max(0, (size - 1).bit_length())))  # >= RPT: a tile has <= THREADS rows
+    cpt = min(MAX_CPT, -(-size // lanes))
+    row_groups = THREADS // lanes
+    return lanes, cpt, row_groups, -(-dim // (row_groups * RPT)), -(-size // (lanes * cpt))
 
 
 def gdn_parts(key_dim: int) -> int:
@@ -101,32 +131,230 @@ _MAMBA2_KERNELS: dict = {}
 _GDN_KERNELS: dict = {}
 
 
-def replay_mamba2_kernel(rounding: int = ROUND_STORED, bits16: int = 0) -> Any:
-    """The tiled Mamba2 replay kernel for a ``rounding`` (``ROUND_*``) and pool kind (``bits16``), cached."""
-    key = (rounding, int(bits16))
+def replay_mamba2_kernel(
+    rounding: int = ROUND_STORED,
+    bits16: int = 0,
+    lanes: int = WARP,
+    cpt: int = MAX_CPT,
+    conv_width: int = 4,
+    conv_dtype: Any = np.float16,
+) -> Any:
+    """The tiled Mamba2 replay kernel for a ``rounding`` (``ROUND_*``), a pool kind (``bits16``) and a tile, cached.
+
+    ``lanes`` and ``cpt`` (:func:`mamba2_tiles`) are compile-time constants: ``cpt`` sizes the
+    thread's register tile, and with ``lanes`` known a thread's ``cpt`` columns of one row are
+    constant offsets from one address. The conv window's width and the conv pool's dtype pick the
+    conv part (:func:`_conv_tile`).
+    """
+    key = (rounding, int(bits16), int(lanes), int(cpt), int(conv_width), np.dtype(conv_dtype).str)
     kernel = _MAMBA2_KERNELS.get(key)
     if kernel is None:
-        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key)
+        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:4], _conv_tile(conv_width, conv_dtype))
     return kernel
 
 
-def replay_gdn_kernel(key_dim: int, rounding: int = ROUND_STORED, bits16: int = 0) -> Any:
+def replay_gdn_kernel(
+    key_dim: int, rounding: int = ROUND_STORED, bits16: int = 0, conv_width: int = 4, conv_dtype: Any = np.float16
+) -> Any:
     """The tiled Gated DeltaNet replay kernel for key dim D, a rounding and a pool kind, cached.
 
     Compile-time: the number of parts ``P`` (:func:`gdn_parts`) and, when ``D == P * PART``, D itself
     (no guards in the d loops); any other D up to ``MAX_KEY_DIM`` is guarded against ``dim`` at run time.
+    The conv window's width and the conv pool's dtype pick the conv part (:func:`_conv_tile`).
     """
     parts = gdn_parts(key_dim)
     exact = key_dim if key_dim == parts * PART else 0
-    key = (parts, exact, rounding, int(bits16))
+    key = (parts, exact, rounding, int(bits16), int(conv_width), np.dtype(conv_dtype).str)
     kernel = _GDN_KERNELS.get(key)
     if kernel is None:
-        kernel = _GDN_KERNELS[key] = _make_gdn(*key)
+        kernel = _GDN_KERNELS[key] = _make_gdn(*key[:4], _conv_tile(conv_width, conv_dtype))
     return kernel
 
 
-def _make_mamba2(rounding: int, pool_bits16: int) -> Any:
+@cuda.jit(device=True, inline=True)
+def _u32(x):
+    """``x`` as a 32-bit unsigned integer: index arithmetic in 32 bits, with no negative-index wrap."""
+    return np.uint32(x)
+
+
+@cuda.jit(device=True, inline=True)
+def _at(first, r, pitch, offset):
+    """Element ``first + r * pitch + offset``: the row in 32 bits, the constant ``offset`` added in 64."""
+    return np.uint64(_u32(first + r * pitch)) + np.uint64(offset)  # so it becomes an address offset
+
+
+def conv_chunks(channels: int, width: int) -> int:
+    """The conv part's x blocks: :data:`CONV_CPT` channels per thread (one for a window over :data:`CONV_MAX_WIDTH`)."""
+    per_thread = CONV_CPT if width <= CONV_MAX_WIDTH else 1
+    return -(-channels // (THREADS * per_thread))
+
+
+_CONV_TILES: dict = {}
+
+
+def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
+    """The conv part of a replay block for a window of ``width`` and a conv pool dtype, cached.
+
+    For ``width <= CONV_MAX_WIDTH`` a thread owns ``CONV_CPT`` channels ``THREADS`` apart, loads every
+    value it will write (the new window, and the tracked one) into registers, then stores them: one
+    memory round trip instead of one per window position (:func:`~mamba_cache.replay.kernels._replay_conv`
+    shifts in place, so each load waits for the store before it). A wider window takes that function,
+    one channel per thread.
+    """
+    key = (width if width <= CONV_MAX_WIDTH else 0, np.dtype(conv_dtype).str)
+    tile = _CONV_TILES.get(key)
+    if tile is not None:
+        return tile
+    if not key[0]:
+
+        @cuda.jit(device=True, inline=True)
+        def tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, chunk, channels,
+                 window_width, node_ids, use_nodes):  # fmt: skip
+            c = chunk * THREADS + cuda.threadIdx.x
+            if c < channels:
+                if tracked >= 0:
+                    _track_conv(
+                        conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, window_width,
+                        node_ids, use_nodes,
+                    )  # fmt: skip
+                _replay_conv(
+                    conv, col, layer, slot, row, seq_len, accepted, c, channels, window_width, node_ids, use_nodes
+                )
+
+    else:
+        element = numpy_support.from_dtype(np.dtype(conv_dtype))
+        cells = CONV_CPT * width
+
+        @cuda.jit(device=True, inline=True)
+        def extended(window, columns, base, p, c, row, seq_len, channels, node_ids, use_nodes):
+            # position p of (window ++ accepted columns) for channel c
+            if p < width:
+                return window[base + p]
+            return columns[_u32(_u32(_step(node_ids, use_nodes, row, seq_len, p - width)) * channels + c)]
+
+        @cuda.jit(device=True, **_FORCE_INLINE)
+        def tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, chunk, channels,
+                 window_width, node_ids, use_nodes):  # fmt: skip
+            window, columns = conv[layer, slot], col[layer]
+            n_channels = _u32(channels)
+            kept = cuda.local.array(cells, element)
+            checkpoint = cuda.local.array(cells, element)
+            for q in range(CONV_CPT):  # every load first
+                c = _u32(_u32(chunk * CONV_CPT + q) * THREADS + cuda.threadIdx.x)
+                if c < n_channels:
+                    base = _u32(c * width)
+                    for k in range(width):
+                        kept[q * width + k] = extended(
+                            window, columns, base, accepted + k, c, row, seq_len, n_channels, node_ids, use_nodes
+                        )
+                        if tracked >= 0:
+                            checkpoint[q * width + k] = extended(
+                                window, columns, base, tracked + 1 + k, c, row, seq_len, n_channels, node_ids,
+                                use_nodes,
+                            )  # fmt: skip
+            for q in range(CONV_CPT):
+                c = _u32(_u32(chunk * CONV_CPT + q) * THREADS + cuda.threadIdx.x)
+                if c < n_channels:
+                    base = _u32(c * width)
+                    for k in range(width):
+                        window[base + k] = kept[q * width + k]
+                        if tracked >= 0:
+                            track_conv[layer, entry, base + k] = checkpoint[q * width + k]
+
+    _CONV_TILES[key] = tile
+    return tile
+
+
+def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_tile: Any) -> Any:
     rounder = _rounder(rounding)
+    cells = RPT * cpt
+    row_groups = THREADS // lanes
+    tile_rows, tile_cols = row_groups * RPT, lanes * cpt  # tile_cols <= THREADS
+
+    @cuda.jit(device=True, **_FORCE_INLINE)
+    def stage(
+        shared_decay, shared_u, shared_b, staged, row, i, j, d_base, n_base, heads, dim, size, groups, seq_len,
+        decays, inputs, projections, node_ids, use_nodes,
+    ):  # fmt: skip
+        """The block's stash of steps ``0 .. staged-1`` into shared memory: every load first, then the stores.
+
+        Thread ``tx`` loads ``B[j, n_base + tx]``, threads ``tx < tile_rows`` also ``u[i, d_base + tx]``,
+        thread ``tile_rows`` ``dA[i]``, for each staged step.
+        """
+        tx = _u32(cuda.threadIdx.x)
+        b_live = tx < tile_cols and n_base + tx < size
+        u_live = tx < tile_rows and d_base + tx < dim
+        a_live = tx == tile_rows % THREADS
+        b_ahead = cuda.local.array(STAGED, float32)
+        u_ahead = cuda.local.array(STAGED, float32)
+        a_ahead = cuda.local.array(STAGED, float32)
+        for t in range(STAGED):
+            if t < staged:
+                step = _u32(_step(node_ids, use_nodes, row, seq_len, t))
+                head = _u32(step * heads + i)
+                if b_live:
+                    b_ahead[t] = projections[_u32(_u32(step * groups + j) * size + n_base + tx)]
+                if u_live:
+                    u_ahead[t] = inputs[_u32(head * dim + d_base + tx)]
+                if a_live:
+                    a_ahead[t] = decays[head]
+        for t in range(STAGED):
+            if t < staged:
+                if b_live:
+                    shared_b[t, tx] = b_ahead[t]
+                if u_live:
+                    shared_u[t, tx] = u_ahead[t]
+                if a_live:
+                    shared_decay[t] = a_ahead[t]
+
+    @cuda.jit(device=True, **_FORCE_INLINE)
+    def step_tile(
+        h, shared_decay, shared_u, shared_b, t, row, layer, i, j, heads, dim, size, groups, seq_len, group, lane,
+        d0, n0, first, pitch, rows, cols, decays, inputs, projections, node_ids, use_nodes, positions, use_positions,
+        mode, exp_bits, man_bits, half, seed_lo, seed_hi,
+    ):  # fmt: skip
+        """Replayed step ``t`` of this thread's tile ``h`` (``RPT x cpt`` registers, row-major), in place.
+
+        The stash of a staged step comes from shared memory, of a later one from global memory.
+        """
+        b = cuda.local.array(MAX_CPT, float32)
+        u_rows = cuda.local.array(RPT, float32)
+        if t < STAGED:
+            decay = shared_decay[t]
+            for k in range(cpt):
+                b[k] = shared_b[t, lane + k * lanes]
+            for r in range(RPT):
+                u_rows[r] = shared_u[t, group + r * row_groups]
+        else:
+            step = _u32(_step(node_ids, use_nodes, row, seq_len, t))
+            decay = decays[_u32(step * heads + i)]
+            u_first = np.uint64(_u32(step * heads + i) * dim + d0)  # u[step, i, d0]; row r is r * row_groups on
+            b_first = np.uint64(_u32(step * groups + j) * size + n0)  # B[step, j, n0]; column k is k * lanes on
+            for k in range(cpt):
+                b[k] = float32(0.0)
+                if k < cols:
+                    b[k] = projections[b_first + np.uint64(k * lanes)]  # 64-bit sums of constants: address offsets
+            for r in range(RPT):
+                u_rows[r] = float32(0.0)
+                if r < rows:
+                    u_rows[r] = inputs[u_first + np.uint64(r * row_groups)]
+        position = _position(positions, use_positions, row, t)
+        for r in range(RPT):
+            if r < rows:
+                for k in range(cpt):
+                    if k < cols:
+                        h[r * cpt + k] = rounder(
+                            mamba2_update(h[r * cpt + k], decay, u_rows[r], b[k]),
+                            mode,
+                            exp_bits,
+                            man_bits,
+                            half,
+                            _u32(first + r * pitch + k * lanes),
+                            position,
+                            layer,
+                            seed_lo,
+                            seed_hi,
+                        )
 
     @cuda.jit(cache=False)
     def replay_mamba2_tiled(
@@ -163,7 +391,7 @@ def _make_mamba2(rounding: int, pool_bits16: int) -> Any:
         track_entries,
         track_steps,
         use_tracking,
-        tile_n,
+        tile_lanes,
         row_groups,
         d_tiles,
         n_tiles,
@@ -171,8 +399,10 @@ def _make_mamba2(rounding: int, pool_bits16: int) -> Any:
         """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
         Arguments as :func:`mamba_cache.replay.kernels.replay_mamba2`'s, with ``chunks_rec = H *
-        d_tiles * n_tiles`` and the tile shape ``tile_n, row_groups, d_tiles, n_tiles``
-        (:func:`mamba2_tiles`). Thread layout in the module docstring.
+        d_tiles * n_tiles`` and the tile shape ``tile_lanes, row_groups, d_tiles, n_tiles`` (this
+        kernel's ``lanes`` and ``cpt`` are the same tile's: :func:`mamba2_tiles`). Thread layout in
+        the module docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer than 2**32
+        elements; ``prepare`` checks).
 
         Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
         """
@@ -185,69 +415,78 @@ def _make_mamba2(rounding: int, pool_bits16: int) -> Any:
         tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
         block = cuda.blockIdx.x
         if block >= chunks_rec:
-            c = (block - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
-            if c < channels:
-                if tracked >= 0:
-                    _track_conv(
-                        conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, width, node_ids,
-                        use_nodes,
-                    )  # fmt: skip
-                _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
+            conv_tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, block - chunks_rec,
+                      channels, width, node_ids, use_nodes)  # fmt: skip
             return
-        tx = cuda.threadIdx.x
-        per_head = d_tiles * n_tiles
-        i = block // per_head
-        d_tile = (block - i * per_head) // n_tiles
-        n_tile = block - i * per_head - d_tile * n_tiles
-        group = tx // tile_n
-        n = n_tile * tile_n + (tx - group * tile_n)
-        if n >= size:
-            return
-        d0 = d_tile * row_groups * RPT + group
-        j = i // (heads // groups)
-        first = (i * dim + d0) * size + n  # element (i, d0, n); row r is first + r * row_groups * size
-        pitch = row_groups * size
-        u_pitch = np.uint64(row_groups)
-        state, track = rec[layer, slot], track_rec[layer, entry if entry >= 0 else 0]
+        shared_decay = cuda.shared.array(STAGED, float32)
+        shared_u = cuda.shared.array((STAGED, tile_rows), float32)
+        shared_b = cuda.shared.array((STAGED, tile_cols), float32)
+        n_heads, n_dim, n_size, n_groups = _u32(heads), _u32(dim), _u32(size), _u32(groups)
+        n_tiles32 = _u32(n_tiles)
+        tx = _u32(cuda.threadIdx.x)
+        per_head = _u32(_u32(d_tiles) * n_tiles32)
+        i = _u32(_u32(block) // per_head)  # 32-bit divisions, once per thread
+        rest = _u32(_u32(block) - i * per_head)
+        d_tile = _u32(rest // n_tiles32)
+        n_tile = _u32(rest - d_tile * n_tiles32)
+        group = _u32(tx // lanes)
+        lane = _u32(tx - group * lanes)
+        d_base, n_base = _u32(d_tile * tile_rows), _u32(n_tile * tile_cols)
+        n0, d0 = _u32(n_base + lane), _u32(d_base + group)
+        j = _u32(i // _u32(n_heads // n_groups))
         decays, inputs, projections = dA[layer], u[layer], B[layer]
-        h = cuda.local.array(RPT, float32)
+        stage(shared_decay, shared_u, shared_b, min(accepted, STAGED), row, i, j, d_base, n_base, n_heads, n_dim,
+              n_size, n_groups, seq_len, decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
+        rows, cols = _u32(0), _u32(0)  # live rows r < rows, live columns k < cols; 0 for a thread past the edge
+        if n0 < n_size and d0 < n_dim:
+            rows = _u32(_u32(n_dim - d0 + (row_groups - 1)) // row_groups)
+            cols = _u32(_u32(n_size - n0 + (lanes - 1)) // lanes)
+        first = _u32(_u32(i * n_dim + d0) * n_size + n0)  # element (i, d0, n0); (r, k) is first + r * pitch + k * lanes
+        pitch = _u32(row_groups * n_size)
+        state = rec[layer, slot]
+        h = cuda.local.array(cells, float32)
         for r in range(RPT):  # every load first, then the steps
-            if d0 + r * row_groups < dim:
-                h[r] = load_float32(state[first + r * pitch], pool_bits16)
-        for t in range(accepted):
-            step = _step(node_ids, use_nodes, row, seq_len, t)
-            decay = decays[step * heads + i]
-            b = projections[(step * groups + j) * size + n]
-            u_row = np.uint64((step * heads + i) * dim + d0)  # unsigned: no negative-index wrap per element
-            position = _position(positions, use_positions, row, t)
+            for k in range(cpt):
+                h[r * cpt + k] = float32(0.0)
+                if r < rows and k < cols:
+                    h[r * cpt + k] = load_float32(state[_at(first, r, pitch, k * lanes)], pool_bits16)
+        cuda.syncthreads()  # the staged stash is in (the block's only barrier: every thread reaches it)
+        if rows == 0 or cols == 0:
+            return
+        # the state after step `tracked` is stored between two step loops, not inside one (as in the GDN
+        # kernel: a store inside the loop keeps its addresses live in registers for the whole replay)
+        split = tracked + 1 if tracked >= 0 else 0
+        for t in range(split):
+            step_tile(h, shared_decay, shared_u, shared_b, t, row, layer, i, j, n_heads, n_dim, n_size, n_groups,
+                      seq_len, group, lane, d0, n0, first, pitch, rows, cols, decays, inputs, projections, node_ids,
+                      use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
+                      seed_hi)  # fmt: skip
+        if tracked >= 0:
+            track = track_rec[layer, entry]
             for r in range(RPT):
-                if d0 + r * row_groups < dim:
-                    h[r] = rounder(
-                        mamba2_update(h[r], decay, inputs[u_row + np.uint64(r) * u_pitch], b),
-                        mode,
-                        exp_bits,
-                        man_bits,
-                        half,
-                        first + r * pitch,
-                        position,
-                        layer,
-                        seed_lo,
-                        seed_hi,
-                    )
-            if t == tracked:
-                for r in range(RPT):
-                    if d0 + r * row_groups < dim:
-                        track[first + r * pitch] = _store_word(h[r], pool_bits16)
+                for k in range(cpt):
+                    if r < rows and k < cols:
+                        track[_at(first, r, pitch, k * lanes)] = _store_word(h[r * cpt + k], pool_bits16)
+        for t in range(split, accepted):
+            step_tile(h, shared_decay, shared_u, shared_b, t, row, layer, i, j, n_heads, n_dim, n_size, n_groups,
+                      seq_len, group, lane, d0, n0, first, pitch, rows, cols, decays, inputs, projections, node_ids,
+                      use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
+                      seed_hi)  # fmt: skip
         for r in range(RPT):
-            if d0 + r * row_groups < dim:
-                state[first + r * pitch] = _store_word(h[r], pool_bits16)
+            for k in range(cpt):
+                if r < rows and k < cols:
+                    state[_at(first, r, pitch, k * lanes)] = _store_word(h[r * cpt + k], pool_bits16)
 
     return replay_mamba2_tiled
 
 
-def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int) -> Any:
+def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile: Any) -> Any:
     rounder = _rounder(rounding)
     columns_per_block = THREADS // parts
+    key_span = exact if exact else MAX_KEY_DIM  # shared key buffer: one step's k[j, :]
+    keys_per_thread = -(-key_span // THREADS)
+    scalars = keys_per_thread  # the prefetch buffer: a thread's keys, then g[i], beta[i], v[i, e]
+    ahead_size = keys_per_thread + 3
 
     @cuda.jit(device=True, inline=True)
     def key_dim_of(dim):
@@ -257,16 +496,42 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int) -> Any:
     def inside(d, dim):  # d < D; always so when D is exactly the parts' span (the guard compiles away)
         return True if exact else d < dim
 
+    @cuda.jit(device=True, inline=True)
+    def prefetch(ahead, t, row, i, j, e, live, n_dim, heads, size, groups, seq_len, decays, strengths, keys, values,
+                 node_ids, use_nodes):  # fmt: skip
+        """Load step ``t``'s stash into ``ahead``: the thread's keys, ``g[i]``, ``beta[i]``, ``v[i, e]``."""
+        step = _u32(_step(node_ids, use_nodes, row, seq_len, t))
+        key_row = _u32(_u32(step * groups + j) * n_dim)
+        tx = _u32(cuda.threadIdx.x)
+        for q in range(keys_per_thread):
+            if tx + q * THREADS < n_dim:
+                ahead[q] = keys[_u32(key_row + tx + q * THREADS)]
+        head = _u32(step * heads + i)
+        ahead[scalars] = decays[head]
+        ahead[scalars + 1] = strengths[head]
+        ahead[scalars + 2] = values[_u32(head * size + e)] if live else float32(0.0)
+
     @cuda.jit(device=True, **_FORCE_INLINE)
     def step_column(
-        s, handover, t, part, local, d_first, n_dim, i, j, e, first, row, layer, heads, size, groups, seq_len,
-        decays, strengths, keys, values, node_ids, use_nodes, positions, use_positions, mode, exp_bits, man_bits,
-        half, seed_lo, seed_hi,
+        s, handover, shared_keys, ahead, t, accepted, part, local, d_first, n_dim, i, j, e, live, first, row, layer,
+        heads, size, groups, seq_len, decays, strengths, keys, values, node_ids, use_nodes, positions, use_positions,
+        mode, exp_bits, man_bits, half, seed_lo, seed_hi,
     ):  # fmt: skip
-        """Replayed step ``t`` of this thread's part ``s`` of column ``e``: every thread of the block calls it."""
-        step = _step(node_ids, use_nodes, row, seq_len, t)
-        decay = decays[step * heads + i]
-        key = keys[(step * groups + j) * n_dim + d_first :]  # k[j, d_first:]: constant offsets below
+        """Replayed step ``t`` of this thread's part ``s`` of column ``e``: every thread of the block calls it.
+
+        On entry ``ahead`` holds step ``t``'s stash (:func:`prefetch`); the keys go to shared buffer
+        ``t % 2``, the next step's stash is loaded while this one computes.
+        """
+        buf = t & 1
+        tx = _u32(cuda.threadIdx.x)
+        for q in range(keys_per_thread):
+            if tx + q * THREADS < n_dim:
+                shared_keys[buf, tx + q * THREADS] = ahead[q]
+        decay, strength, value = ahead[scalars], ahead[scalars + 1], ahead[scalars + 2]
+        if t + 1 < accepted:
+            prefetch(ahead, t + 1, row, i, j, e, live, n_dim, heads, size, groups, seq_len, decays, strengths, keys,
+                     values, node_ids, use_nodes)  # fmt: skip
+        cuda.syncthreads()  # the keys are in; buffer t % 2 was last read in step t - 2, before the previous barrier
         for d in range(PART):
             if inside(d_first + d, n_dim):
                 s[d] = s[d] * decay
@@ -275,20 +540,20 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int) -> Any:
                 pred = float32(0.0) if q == 0 else handover[q - 1, local]
                 for d in range(PART):
                     if inside(d_first + d, n_dim):
-                        pred = gdn_accumulate(pred, s[d], key[d])
+                        pred = gdn_accumulate(pred, s[d], shared_keys[buf, d_first + d])
                 handover[q, local] = pred
             cuda.syncthreads()
-        delta = strengths[step * heads + i] * (values[(step * heads + i) * size + e] - handover[parts - 1, local])
+        delta = strength * (value - handover[parts - 1, local])
         position = _position(positions, use_positions, row, t)
         for d in range(PART):
             if inside(d_first + d, n_dim):
                 s[d] = rounder(
-                    gdn_write(s[d], key[d], delta),  # k re-read (an L1 hit): 32 registers fewer
+                    gdn_write(s[d], shared_keys[buf, d_first + d], delta),
                     mode,
                     exp_bits,
                     man_bits,
                     half,
-                    first + d * size,
+                    _u32(first + d * size),
                     position,
                     layer,
                     seed_lo,
@@ -334,14 +599,15 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int) -> Any:
     ):
         """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
 
-        Arguments as :func:`mamba_cache.replay.kernels.replay_gdn`'s, with ``chunks_rec =
-        ceil(H * N / (THREADS / P))``. Thread layout and the hand-over of the prediction in the module
-        docstring; per element the operations and their order are
-        :func:`mamba_cache.replay.kernels.gdn_column_step`'s.
+        Arguments as :func:`mamba_cache.replay.kernels.replay_gdn`'s, with ``chunks_rec = H *
+        ceil(N / (THREADS / P))`` (a block's columns are of one head). Thread layout, the hand-over of
+        the prediction and the shared keys in the module docstring; per element the operations and
+        their order are :func:`mamba_cache.replay.kernels.gdn_column_step`'s.
 
         Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
         """
         handover = cuda.shared.array((parts, columns_per_block), float32)
+        shared_keys = cuda.shared.array((2, key_span), float32)
         layer, row = cuda.blockIdx.z, cuda.blockIdx.y
         accepted, slot = _row_slot(
             accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
@@ -351,28 +617,23 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int) -> Any:
         tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
         block = cuda.blockIdx.x
         if block >= chunks_rec:  # block-uniform as well
-            c = (block - chunks_rec) * cuda.blockDim.x + cuda.threadIdx.x
-            if c < channels:
-                if tracked >= 0:
-                    _track_conv(
-                        conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, width, node_ids,
-                        use_nodes,
-                    )  # fmt: skip
-                _replay_conv(conv, col, layer, slot, row, seq_len, accepted, c, channels, width, node_ids, use_nodes)
+            conv_tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, block - chunks_rec,
+                      channels, width, node_ids, use_nodes)  # fmt: skip
             return
-        n_dim = key_dim_of(dim)
-        tx = cuda.threadIdx.x
-        part = tx // columns_per_block
-        local = tx - part * columns_per_block
-        column = block * columns_per_block + local
-        live = column < heads * size  # a thread past the last column still takes every barrier
+        n_dim = _u32(key_dim_of(dim))
+        n_heads, n_size, n_groups = _u32(heads), _u32(size), _u32(groups)
+        tx = _u32(cuda.threadIdx.x)
+        part = _u32(tx // columns_per_block)
+        local = _u32(tx - part * columns_per_block)
+        tiles = _u32(_u32(n_size + (columns_per_block - 1)) // columns_per_block)  # column tiles per head
+        i = _u32(_u32(block) // tiles)
+        e = _u32(_u32(block - i * tiles) * columns_per_block + local)
+        live = e < n_size  # a thread past the head's last column still loads keys and takes every barrier
         if not live:
-            column = 0
-        i = column // size
-        e = column - i * size
-        j = i // (heads // groups)
-        d_first = part * PART
-        first = (i * n_dim + d_first) * size + e  # element (i, d_first, e); (i, d_first + d, e) is first + d * size
+            e = _u32(0)
+        j = _u32(i // _u32(n_heads // n_groups))
+        d_first = _u32(part * PART)
+        first = _u32(_u32(i * n_dim + d_first) * n_size + e)  # (i, d_first, e); (i, d_first + d, e) is + d * N
         # the thread's d-range of column e, as strided views: element d of it is (i, d_first + d, e)
         state = rec[layer, slot, first::size]
         track = track_rec[layer, entry if entry >= 0 else 0, first::size]
@@ -382,21 +643,26 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int) -> Any:
             s[d] = float32(0.0)
             if live and inside(d_first + d, n_dim):
                 s[d] = load_float32(state[d], pool_bits16)
+        ahead = cuda.local.array(ahead_size, float32)
+        prefetch(ahead, 0, row, i, j, e, live, n_dim, n_heads, n_size, n_groups, seq_len, decays, strengths, keys,
+                 values, node_ids, use_nodes)  # fmt: skip
         # the state after step `tracked` is stored between two step loops, not inside one: a store in the
         # loop keeps its 32 loop-invariant addresses live in registers for the whole replay
         split = tracked + 1 if tracked >= 0 else 0
         for t in range(split):
-            step_column(s, handover, t, part, local, d_first, n_dim, i, j, e, first, row, layer, heads, size, groups,
-                        seq_len, decays, strengths, keys, values, node_ids, use_nodes, positions, use_positions, mode,
-                        exp_bits, man_bits, half, seed_lo, seed_hi)  # fmt: skip
+            step_column(s, handover, shared_keys, ahead, t, accepted, part, local, d_first, n_dim, i, j, e, live, first,
+                        row, layer, n_heads, n_size, n_groups, seq_len, decays, strengths, keys, values, node_ids,
+                        use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
+                      seed_hi)  # fmt: skip
         if tracked >= 0 and live:
             for d in range(PART):
                 if inside(d_first + d, n_dim):
                     track[d] = _store_word(s[d], pool_bits16)
         for t in range(split, accepted):
-            step_column(s, handover, t, part, local, d_first, n_dim, i, j, e, first, row, layer, heads, size, groups,
-                        seq_len, decays, strengths, keys, values, node_ids, use_nodes, positions, use_positions, mode,
-                        exp_bits, man_bits, half, seed_lo, seed_hi)  # fmt: skip
+            step_column(s, handover, shared_keys, ahead, t, accepted, part, local, d_first, n_dim, i, j, e, live, first,
+                        row, layer, n_heads, n_size, n_groups, seq_len, decays, strengths, keys, values, node_ids,
+                        use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
+                      seed_hi)  # fmt: skip
         if live:
             for d in range(PART):
                 if inside(d_first + d, n_dim):
@@ -427,16 +693,19 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     half = int(dtype.name == "float16" and mode == 0)
     extra: tuple = ()
     if config.mixer == "mamba2":
-        kernel = replay_mamba2_kernel(rounding_of(mode, half), bits16)
+        lanes, cpt, row_groups, d_tiles, n_tiles = mamba2_tiles(dim, size)
+        kernel = replay_mamba2_kernel(rounding_of(mode, half), bits16, lanes, cpt, config.conv_kernel, conv.dtype)
         fields = ("dA", "u", "B")
-        tile_n, row_groups, d_tiles, n_tiles = mamba2_tiles(dim, size)
         chunks_rec = heads * d_tiles * n_tiles
-        extra = (tile_n, row_groups, d_tiles, n_tiles)
+        extra = (lanes, row_groups, d_tiles, n_tiles)
     else:
-        kernel = replay_gdn_kernel(dim, rounding_of(mode, half), bits16)
+        kernel = replay_gdn_kernel(dim, rounding_of(mode, half), bits16, config.conv_kernel, conv.dtype)
         fields = ("g", "beta", "k", "v")
-        chunks_rec = -(-heads * size // (THREADS // gdn_parts(dim)))
-    chunks_conv = -(-config.conv_dim // THREADS)
+        chunks_rec = heads * -(-size // (THREADS // gdn_parts(dim)))
+    chunks_conv = conv_chunks(config.conv_dim, config.conv_kernel)
+    widest = max(rec.shape[2], *(stash[name].shape[1] for name in fields))
+    if widest >= 2**32:  # the kernels index a slot and a layer's stash field with 32-bit arithmetic
+        raise ValueError(f"replay commit: a slot or a layer's stash field holds {widest} elements, at most 2**32 - 1")
     seed = config.rounding_seed
     args = (
         rec,

@@ -993,6 +993,30 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
     assert_same_bits(snapshot(managers[0]), snapshot(managers[1]), "tree commit")
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
+def test_tiled_replay_kernels_past_the_staged_steps_and_with_a_wide_conv_window(rng, monkeypatch, mixer):
+    """Steps past ``tiled.STAGED`` (Mamba2 reads their stash from global memory) and a conv window wider than
+    ``tiled.CONV_MAX_WIDTH`` (one channel per thread, the first kernels' conv update): the first kernels' bits."""
+    from conftest import assert_same_bits
+
+    from mamba_cache.replay import kernels, tiled
+
+    verify = tiled.STAGED + 3
+    assert tiled.CONV_MAX_WIDTH + 1 == 5  # the window below is one wider than the register path takes
+    config = replay_config(mixer, "float16", max_batch_size=3, max_intermediate_seq_len=verify, conv_kernel=5)
+    seed = int(rng.integers(1 << 30))
+    managers = []
+    for prepare in (kernels.prepare, tiled.prepare):
+        manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed))
+        with monkeypatch.context() as patch:
+            patch.setattr(tiled, "prepare", prepare)
+            manager.replay_mtp_states(device_int32("numba", [verify, tiled.STAGED + 1, 2]))
+        managers.append(manager)
+    first, second = (snapshot(m) for m in managers)
+    assert_same_bits(first, second, "replay past the staged steps")
+    assert (first["recurrent"] != state["recurrent"]).any() and (first["conv"] != state["conv"]).any()
+
+
 def _ptxas() -> str | None:
     import glob
     import shutil

@@ -54,7 +54,7 @@ from numba import cuda
 
 from ..core.numba_backend import SIMULATOR
 from . import kernels
-from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits, float32_from_bits
+from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits, float32_bits, float32_from_bits
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: uint64 loads each thread issues before converting (the groups per thread follow from it).
@@ -201,6 +201,61 @@ def _philox_round(x0, x1, x2, x3, key0, key1):
     return np.uint32(hi1 ^ x1 ^ key0), lo1, np.uint32(hi0 ^ x3 ^ key1), lo0
 
 
+# ---------------------------------------------------------------- float16 <-> float32 in hardware
+
+
+if SIMULATOR:  # the simulator has no libdevice: NumPy's casts (float32 -> float16 rounds to nearest even)
+
+    @cuda.jit(device=True, inline="always")
+    def _half_rn(f):
+        with np.errstate(over="ignore"):
+            return np.uint32(np.array(f, np.float32).astype(np.float16).view(np.uint16))
+
+    @cuda.jit(device=True, inline="always")
+    def _half_to_float(h):
+        return np.float32(np.array(h, np.uint32).astype(np.uint16).view(np.float16))
+
+else:  # cvt.rn.f16.f32 and cvt.f32.f16 (one instruction each)
+
+    @cuda.jit(device=True, inline="always")
+    def _half_rn(f):
+        return np.uint32(np.uint16(libdevice.float2half_rn(np.float32(f))))
+
+    @cuda.jit(device=True, inline="always")
+    def _half_to_float(h):
+        return libdevice.half2float(np.int16(np.uint16(h)))
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_f16_rn(x):
+    # float32 bits -> float16 bits (uint32), round to nearest even in hardware: the reference's bits
+    # for every non-NaN input (subnormal results and overflow to infinity included); a NaN is the
+    # reference's quiet NaN with the top payload bits (a select, not a branch)
+    x32 = np.uint32(x)
+    f = float32_from_bits(x32)
+    h = _half_rn(f)
+    if f != f:
+        h = np.uint32(
+            ((x32 >> np.uint32(16)) & np.uint32(0x8000))
+            | np.uint32(0x7E00)
+            | ((x32 >> np.uint32(13)) & np.uint32(0x3FF))
+        )
+    return h
+
+
+@cuda.jit(device=True, inline="always")
+def _f16_to_f32_hw(x):
+    # float16 bits (the low 16 of x) -> float32 bits, exact in hardware; a NaN the reference's quiet
+    # NaN with the payload (a select, not a branch)
+    x16 = np.uint32(np.uint32(x) & np.uint32(0xFFFF))
+    f = _half_to_float(x16)
+    w = float32_bits(f)
+    if f != f:
+        sign = np.uint32((x16 & np.uint32(0x8000)) << np.uint32(16))
+        w = np.uint32(sign | np.uint32(0x7FC00000) | ((x16 & np.uint32(0x3FF)) << np.uint32(13)))
+    return w
+
+
 # ---------------------------------------------------------------- element conversions (uint64 in, uint64 out)
 
 
@@ -280,7 +335,7 @@ def _f32_to_f16(x, stochastic, r):
 
 @cuda.jit(device=True, inline="always")
 def _f32_to_f16_nearest(x, r):
-    return _f32_to_f16(x, False, r)
+    return np.uint64(_f32_to_f16_rn(x & _U32))
 
 
 @cuda.jit(device=True, inline="always")
@@ -290,34 +345,19 @@ def _f32_to_f16_stochastic(x, r):
 
 @cuda.jit(device=True, inline="always")
 def _f16_to_f32(x, r):
-    x16 = np.uint32(x & _U16)
-    sign = np.uint32((x16 & np.uint32(0x8000)) << np.uint32(16))
-    exp = np.uint32((x16 >> np.uint32(10)) & np.uint32(0x1F))
-    man = np.uint32(x16 & np.uint32(0x3FF))
-    if exp == np.uint32(31):  # infinity, or the quiet NaN with the payload
-        if man == np.uint32(0):
-            return np.uint64(sign | np.uint32(0x7F800000))
-        return np.uint64(sign | np.uint32(0x7FC00000) | (man << np.uint32(13)))
-    if exp == np.uint32(0):
-        if man == np.uint32(0):
-            return np.uint64(sign)
-        # a subnormal: its leading one becomes the implicit bit of a normal float32 (exact)
-        lead = np.uint32(31 - cuda.clz(np.uint32(man)))
-        field = np.uint32((lead + np.uint32(103)) << np.uint32(23))
-        return np.uint64(sign | field | ((man << (np.uint32(23) - lead)) & np.uint32(0x7FFFFF)))
-    # normal: rebias the exponent, widen the mantissa (exact)
-    return np.uint64(sign | (((x16 & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(112 << 23)))
+    return np.uint64(_f16_to_f32_hw(x))
 
 
 @cuda.jit(device=True, inline="always")
 def _f16_to_bf16(x, r):
     # float32 holds every float16 exactly, so rounding it once to bfloat16 rounds the value once
-    return _f32_to_bf16_nearest(_f16_to_f32(x, r), r)
+    return _f32_to_bf16_nearest(np.uint64(_f16_to_f32_hw(x)), r)
 
 
 @cuda.jit(device=True, inline="always")
 def _bf16_to_f16(x, r):
-    return _f32_to_f16(_bf16_to_f32(x, r), False, r)
+    # bfloat16 -> float32 is exact (NaN: the quiet bit set), then one rounding to float16 in hardware
+    return np.uint64(_f32_to_f16_rn(_bf16_to_f32(x, r) & _U32))
 
 
 def _converter(mode: int, se: int, sm: int, de: int, dm: int):
@@ -430,49 +470,49 @@ def _f32_to_bf16_group(buf, o, stochastic, r0, r1, r2, r3):
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_normal(x, stochastic, r):
-    # float32 bits -> float16 bits (uint32), right when the float32 exponent field is 113 .. 254 (a
-    # normal float16 or an overflow to infinity): rebias, round 13 bits, clamp; 32-bit operations
+def _f16_stochastic_normal(x, r):
+    # float32 bits -> float16 bits (uint32) rounded stochastically, right when the float32 exponent
+    # field is 113 .. 254 (a normal float16 or an overflow to infinity), and the rare-case flag: with
+    # m = mag - (113 << 23) (wrapping), the rebiased magnitude plus the 13 random bits is one
+    # three-way add m + (1 << 23) + (r >> 19), and the exponent field is outside 113 .. 254 exactly
+    # when m >= 142 << 23
     x32 = np.uint32(x)
-    a = np.uint32(
-        (np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (112 << 23))) & _U32
-    )  # mag - bias, wrapping
-    if stochastic:
-        q = np.uint32((a + (np.uint32(r) >> np.uint32(19))) >> np.uint32(13))
-    else:
-        q = np.uint32((a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
-    return np.uint32(((x32 >> np.uint32(16)) & np.uint32(0x8000)) | min(q, np.uint32(0x7C00)))
+    m = np.uint32((np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (113 << 23))) & _U32)
+    q = np.uint32(
+        ((np.uint64(m) + np.uint64(1 << 23) + np.uint64(np.uint32(r) >> np.uint32(19))) & _U32) >> np.uint64(13)
+    )
+    h = np.uint32(((x32 >> np.uint32(16)) & np.uint32(0x8000)) | min(q, np.uint32(0x7C00)))
+    return h, m >= np.uint32(142 << 23)
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_rare(x):
-    # the exponent field is outside 113 .. 254: a zero, a subnormal result, an infinity or a NaN
-    mag = np.uint64(np.uint32(x) & np.uint32(0x7FFFFFFF))
-    return np.uint32((mag + np.uint64(2**32 - (113 << 23))) & _U32) >= np.uint32(142 << 23)
-
-
-@cuda.jit(device=True, inline="always")
-def _f16_exact(x, q, stochastic, r):
+def _f16_stochastic_exact(x, q, rare, r):
     # q if x takes the normal path, else the full steps of _f32_to_f16
-    if _f16_rare(x):
-        return np.uint32(_f32_to_f16(np.uint64(np.uint32(x)), stochastic, r))
+    if rare:
+        return np.uint32(_f32_to_f16(np.uint64(np.uint32(x)), True, r))
     return q
 
 
 @cuda.jit(device=True, inline="always")
 def _f32_to_f16_group(buf, o, stochastic, r0, r1, r2, r3):
-    # a group of 4 float32 (two words of the buffer) as one word of 4 float16, in 32-bit arithmetic:
-    # every element through the normal path, then one test for the group sends the rare cases
-    # through the full steps (a branch per group, not per element)
+    # a group of 4 float32 (two words of the buffer) as one word of 4 float16, in 32-bit arithmetic.
+    # Nearest: one hardware conversion per element (NaN fixed up by a select). Stochastic: every
+    # element through the normal path, then one test for the group sends the rare cases (zeros,
+    # subnormal results, infinities, NaNs) through the full steps (a branch per group)
     w0 = buf[o]
     w1 = buf[o + 1]
     x0, x1 = np.uint32(w0 & _U32), np.uint32(w0 >> np.uint64(32))
     x2, x3 = np.uint32(w1 & _U32), np.uint32(w1 >> np.uint64(32))
-    q0, q1 = _f16_normal(x0, stochastic, r0), _f16_normal(x1, stochastic, r1)
-    q2, q3 = _f16_normal(x2, stochastic, r2), _f16_normal(x3, stochastic, r3)
-    if _f16_rare(x0) or _f16_rare(x1) or _f16_rare(x2) or _f16_rare(x3):
-        q0, q1 = _f16_exact(x0, q0, stochastic, r0), _f16_exact(x1, q1, stochastic, r1)
-        q2, q3 = _f16_exact(x2, q2, stochastic, r2), _f16_exact(x3, q3, stochastic, r3)
+    if stochastic:
+        q0, k0 = _f16_stochastic_normal(x0, r0)
+        q1, k1 = _f16_stochastic_normal(x1, r1)
+        q2, k2 = _f16_stochastic_normal(x2, r2)
+        q3, k3 = _f16_stochastic_normal(x3, r3)
+        if k0 or k1 or k2 or k3:
+            q0, q1 = _f16_stochastic_exact(x0, q0, k0, r0), _f16_stochastic_exact(x1, q1, k1, r1)
+            q2, q3 = _f16_stochastic_exact(x2, q2, k2, r2), _f16_stochastic_exact(x3, q3, k3, r3)
+    else:
+        q0, q1, q2, q3 = _f32_to_f16_rn(x0), _f32_to_f16_rn(x1), _f32_to_f16_rn(x2), _f32_to_f16_rn(x3)
     lo = np.uint32(q0 | (q1 << np.uint32(16)))
     hi = np.uint32(q2 | (q3 << np.uint32(16)))
     return np.uint64(lo) | (np.uint64(hi) << np.uint64(32))

@@ -262,8 +262,9 @@ def _f16_to_f32_hw(x):
     f = _half_to_float(x16)
     w = float32_bits(f)
     if f != f:
-        sign = np.uint32((x16 & np.uint32(0x8000)) << np.uint32(16))
-        w = np.uint32(sign | np.uint32(0x7FC00000) | ((x16 & np.uint32(0x3FF)) << np.uint32(13)))
+        # sign | 0x7FC00000 | man << 13: (x16 << 16) shifted right by 3 as int32 keeps the sign at
+        # bit 31 and puts the payload at 22 .. 13; the OR sets the rest
+        w = np.uint32(np.uint32(np.int32(x16 << np.uint32(16)) >> np.int32(3)) | np.uint32(0x7FC00000))
     return w
 
 

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, device_int32, fill_random, small_config, snapshot, to_host
+from conftest import BACKENDS, ON_GPU, device_int32, fill_random, small_config, snapshot, to_host
 from numba import cuda
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
@@ -745,10 +745,10 @@ def test_hoisted_philox_matches_the_reference(rng):
 
 def test_commit_kernels_ptx_keeps_the_buffer_in_registers_and_batches_wide_loads():
     # The design the benchmark depends on, checked on the sm_90 PTX (no GPU needed): no local memory
-    # for any pair, every kind's 8 uint64 loads per thread (4 for the float64 paths' halved batch;
-    # a widening pair: 16 uint32 loads and 16 uint64 stores), and Philox on 32-bit high products
-    # (mul.hi.u32, which ptxas pairs with the low product into one IMAD.WIDE.U32) with the work
-    # its groups share done once per thread.
+    # for any pair, every kind's 8 uint64 loads per thread (16 for the stochastic narrowing of
+    # float32; 4 for the float64 paths' halved batch; a widening pair: 16 uint32 loads and 16
+    # uint64 stores), and Philox on 32-bit high products (mul.hi.u32, which ptxas pairs with the
+    # low product into one IMAD.WIDE.U32) with the work its groups share done once per thread.
     import os
     import subprocess
     import sys
@@ -791,10 +791,15 @@ def test_commit_kernels_ptx_keeps_the_buffer_in_registers_and_batches_wide_loads
     rows = [line.split() for line in result.stdout.strip().splitlines()]
     assert len(rows) == 7, result.stdout
     for src, dst, mode, local, loads, expected, products, groups in rows:
+        # float32 -> float16 stochastic redoes a rare group (zero, subnormal result, overflow, NaN)
+        # after the group loop, in a loop over the flagged groups: per kind its code once, 2 more
+        # uint64 loads and one more Philox call (more would mean that loop was unrolled)
+        redo = 1 if (src, dst, mode) == ("f32", "f16", "2") else 0
         assert local == "0", (src, dst, "local memory")
-        assert loads == expected, (src, dst, "word loads", loads, expected)
+        assert int(loads) == int(expected) + 2 * 2 * redo, (src, dst, "word loads", loads, expected)
         if mode == "2":  # Philox: 18 products per group, 2 more per kind shared by its groups
-            assert int(products) == 18 * int(groups) + 2 * 2, (src, dst, "Philox products", products, groups)
+            want = 18 * (int(groups) + 2 * redo) + 2 * 2
+            assert int(products) == want, (src, dst, "Philox products", products, groups)
 
 
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
@@ -873,3 +878,109 @@ def test_one_kind_converts_while_the_other_copies_in_the_same_launch(rng, conv_d
     conv = after[0]["conv"].reshape(layers, config.max_batch_size, -1)
     for row, (slot, accepted) in enumerate(((1, 2), (4, 3), (2, 1))):
         assert conv[:, slot].tobytes() == steps[:, row * 4 + accepted - 1].tobytes()
+
+
+F16_PAIRS = [("float16", "float32"), ("float32", "float16"), ("float16", "bfloat16"), ("bfloat16", "float16")]
+F16_PAIRS += [("float16", "float64")]
+
+
+def float16_edge_bits(rng, dtype, size):
+    """``size`` bit patterns of ``dtype`` (as its unsigned word) for a float16 conversion, shuffled.
+
+    Random patterns of every exponent; NaNs with random payloads (quiet and signalling, both
+    signs); infinities; zeros of both signs; subnormals of ``dtype``; values whose float16 is
+    subnormal, overflows or sits at the infinity edge; exact float16 ties (and their neighbours)
+    for a wider ``dtype``; and a share of ordinary values in the float16 normal range, so that some
+    groups of 4 have no rare element and others have one at each position.
+    """
+    dtype = as_dtype(dtype)
+    width = 8 * dtype.itemsize
+    word = np.dtype(f"u{dtype.itemsize}")
+    man = {16: 10 if dtype == np.float16 else 7, 32: 23, 64: 52}[width]
+    exp_all = ((1 << (width - 1 - man)) - 1) << man
+    sign = word.type(1) << word.type(width - 1)
+    n = max(size // 16, 32)  # about 14 n patterns: repeated or cut to size, then shuffled
+
+    def rand(count, high):
+        return rng.integers(0, high, count, dtype=np.uint64).astype(word)
+
+    signs = (rand(n, 2) * sign).astype(word)
+    nan_payload = rand(n, (1 << man) - 1) + word.type(1)  # never zero: a NaN, quiet or signalling
+    parts = [
+        rand(n, 1 << min(width, 63)) | (rand(n, 2) * sign if width == 64 else word.type(0)),
+        signs | word.type(exp_all) | nan_payload,
+        np.array([exp_all, exp_all | int(sign), 0, int(sign)], dtype=word),
+        signs | rand(n, 1 << man),  # zeros and subnormals of dtype
+    ]
+    with np.errstate(all="ignore"):
+        magnitudes = np.concatenate(
+            [
+                rng.uniform(0, 1, n) * 2.0**-14,  # float16 subnormal results
+                rng.uniform(0, 1, n) * 2.0**-24,  # half the smallest subnormal and below
+                rng.uniform(65504, 65536, n),  # the infinity edge
+                rng.uniform(65536, 1e6, n),  # overflow
+                np.array([65504.0, 65519.0, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26]),
+                rng.uniform(-60000, 60000, 4 * n),  # ordinary float16 normals
+            ]
+        )
+        values = magnitudes * rng.choice([-1.0, 1.0], magnitudes.size)
+        parts.append(values.astype(dtype).view(word))
+    if width > 16:  # exact float16 ties and their neighbours: dropped bits 100..0, 100..01, 011..1
+        drop = man - 10
+        tie = 1 << (drop - 1)
+        normal = np.clip(rng.uniform(-60000, 60000, n), -65000, 65000).astype(dtype).view(word)
+        base = normal & ~word.type((1 << drop) - 1)
+        for delta in (0, 1, -1):
+            parts.append(base | word.type(tie + delta))
+    bits = np.concatenate(parts).astype(word)
+    return np.resize(rng.permutation(bits), size)[rng.permutation(size)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("main,inter", F16_PAIRS, ids=str)
+def test_float16_commits_on_the_gpu_match_numpy_on_edge_bit_patterns(rng, main, inter, stochastic):
+    # The hardware conversions (cvt.rn.f16.f32, cvt.f32.f16) with the NaN select, and float32 ->
+    # float16 stochastic's rare groups redone after the group loop, which the simulator cannot
+    # run: every float16 pair on random bit patterns of every category, slots of several chunks
+    # (4096 elements: on a chunk edge; 3084: off it, still the word path), every pool bit for bit.
+    config = small_config(
+        num_recurrent_layers=2,
+        max_batch_size=4,
+        recurrent_state_num_heads=2,
+        recurrent_state_head_dim=16,
+        recurrent_state_size=128,
+        conv_dim=1028,
+        conv_kernel=3,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=main,
+        conv_state_dtype=main,
+        intermediate_recurrent_state_dtype=inter,
+        intermediate_conv_state_dtype=inter,
+        stochastic_rounding=stochastic,
+        rounding_seed=2**63 + 29,
+    )
+    managers = make_pair(config)
+    fill_bits(managers, rng)
+    for pool in ("intermediate_recurrent", "intermediate_conv"):
+        shape = getattr(managers[0]._pools, pool).shape
+        bits = float16_edge_bits(rng, inter, int(np.prod(shape)))
+        values = bits.view(as_dtype(inter))
+        with np.errstate(invalid="ignore"):  # signalling NaNs
+            wide = values.astype(np.float64)
+        assert np.isnan(wide).any() and np.isinf(wide).any() and (wide == 0).any()
+        write_same(managers, pool, values.reshape(shape))
+    before = host_pools(managers[0])
+    accept, indices, positions = [1, 2, 3, 3], [2, 0, 3, 1], [0, 9, 2**31 - 4, 65535]
+    for manager, backend in zip(managers, ("numpy", "numba"), strict=True):
+        manager.reshape_intermediate_states(4, 4)
+        manager.scatter_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, indices),
+            positions=device_int32(backend, positions),
+        )
+    after = [host_pools(m) for m in managers]
+    assert_pools_equal(after[0], after[1], f"{main} <- {inter}")
+    for pool in ("recurrent", "conv"):  # every slot was committed: none kept its old bits
+        for slot in range(4):
+            assert (after[0][pool][:, slot] != before[pool][:, slot]).any(), (pool, slot)

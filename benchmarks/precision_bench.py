@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name()
     stream = torch.cuda.Stream()
     records = []
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = out / f"precision-{card.replace(' ', '_')}-{date}.json"
     for name in args.configs.split(","):
         base, accept = CONFIGS[name]
         same = variant(base, "float32", "float32", False)
@@ -154,11 +158,8 @@ def main(argv=None) -> int:
                 f"ratio {gbps / ceiling:.2f} (target {spec['target']})  fp32 copy commit {copy_us:.1f} us",
                 flush=True,
             )
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    path = out / f"precision-{card.replace(' ', '_')}-{date}.json"
-    path.write_text(json.dumps({"meta": {"card": card, "date": date}, "records": records}, indent=1))
+            # written after every row, so a run stopped by a time limit keeps what it measured
+            path.write_text(json.dumps({"meta": {"card": card, "date": date}, "records": records}, indent=1))
     print(f"wrote {path}")
     return 0 if all(r["meets_target"] for r in records) else 1
 

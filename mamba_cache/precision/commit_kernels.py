@@ -11,8 +11,8 @@ random words, exactly the reference's keying: counter word 0 is ``element // 4``
 
     element size   words per group   groups per thread   u64 loads in flight per thread
     2 (f16, bf16)        1                  8                         8
-    4 (f32)              2                  4 (8: to bf16 or          8 (16)
-                                              f16, stochastic)
+    4 (f32)              2                  4 (8: to bf16,            8 (16)
+                                              stochastic)
     8 (f64)              4                  2                         8
 
     slot [E elements] = [E/4 groups]:
@@ -27,27 +27,16 @@ specialised at build time (closure constants, one compiled kernel per dtype pair
     float32 -> bfloat16   nearest: (x + 0x7FFF + ((x >> 16) & 1)) >> 16, NaN kept a quiet NaN;
                           stochastic: (x + (r >> 16)) >> 16
     bfloat16 -> float32   x << 16 (NaN: quiet bit set)
-    float32 -> float16    nearest: the hardware conversion cvt.rn.f16.f32 (libdevice float2half_rn),
-                          IEEE round-to-nearest-even, the reference's bits for every non-NaN input;
-                          a NaN selected to the reference's quiet NaN (sign | 0x7E00 | man >> 13);
-                          stochastic: in 32-bit arithmetic, every element rebiased, its 13 random
-                          bits added and 13 bits dropped ((mag - (112 << 23) + (r >> 19)) >> 13),
-                          no branch; a group holding a zero, a subnormal result, an overflow, an
-                          infinity or a NaN is flagged, and after the group loop a loop over the
-                          flagged groups reads them again and rounds them with the full steps
-    float16 -> float32    cvt.f32.f16 (libdevice half2float, exact); a NaN selected to the
-                          reference's sign | 0x7FC00000 | man << 13
-    float16 <-> bfloat16  through float32 (exact) with the pieces above, then one rounding
+    float32 -> float16    normal results: rebias and round 13 bits in 32-bit arithmetic;
+                          subnormal results: round the 24-bit significand (64-bit only there)
+    float16 -> float32    rebias (exact); a subnormal input normalised with one clz
+    float16 <-> bfloat16  through float32 (exact), then one rounding as above
     any other pair        the general integer steps (:func:`mamba_cache.precision.kernels.convert_bits`)
-
-The simulator has no libdevice: there the two conversions are NumPy's casts (float32 -> float16
-rounds to nearest even as the hardware does), with the same NaN selects.
 
 Stochastic rounding: the Philox work a thread's groups share (round keys, the two products that
 do not depend on the group) is done once per thread (:func:`philox_setup`), leaving 18 products
-per group (:func:`philox_group`). A widening pair (2 -> 4 bytes; bfloat16 or float16 to float32)
-moves pairs of elements instead (a uint32 load, a uint64 store: :func:`_widening_chunk`), so a
-warp's stores are contiguous.
+per group (:func:`philox_group`). A widening pair (2 -> 4 bytes) moves pairs of elements instead
+(a uint32 load, a uint64 store: :func:`_widening_chunk`), so a warp's stores are contiguous.
 
 A kind whose slot is not a multiple of 4 elements (its slots are then not 8-byte aligned) takes the
 element path (:func:`mamba_cache.precision.kernels._convert_chunk`), in the same launch: each kind
@@ -92,10 +81,10 @@ def groups_per_thread(spec: tuple) -> int:
     if not spec[7]:
         return kernels.GROUPS_PER_THREAD
     words = WORDS_IN_FLIGHT if spec[0] == MODE_COPY or spec[1:5] in _SPECIALISED else WORDS_IN_FLIGHT // 4
-    if spec[0] == MODE_STOCHASTIC and spec[1:5] in ((8, 23, 8, 7), (8, 23, 5, 10)):
-        # float32 -> bfloat16 / float16 stochastic: twice the groups per thread, so the per-thread
-        # setup (row, addresses, Philox keys) is shared by 32 elements (float16's rare cases are
-        # redone after the group loop, out of it, so that the loop stays unrolled in registers)
+    if spec[0] == MODE_STOCHASTIC and spec[1:5] == (8, 23, 8, 7):
+        # float32 -> bfloat16 stochastic: twice the groups per thread, so the per-thread setup (row,
+        # addresses, Philox keys) is shared by 32 elements (float16's larger rounding code would
+        # stop the unrolling and put the buffer in local memory)
         words *= 2
     return max(1, words // (spec[5] // 2))
 
@@ -482,63 +471,52 @@ def _f32_to_bf16_group(buf, o, stochastic, r0, r1, r2, r3):
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_stochastic_magnitude(x, r):
-    # float32 bits -> the float16 magnitude bits (uint32) rounded stochastically, right when the float32
-    # exponent field is 113 .. 142 (a normal float16, or 65520 .. 65535.99 rounding up to exactly
-    # infinity, 0x7C00): rebias, add 13 random bits, drop 13 bits (one three-way add, one shift). The
-    # rare-case flag: the exponent field outside 113 .. 142 (zeros, subnormal results, overflow,
-    # infinities, NaNs), i.e. mag - (113 << 23) >= 30 << 23 with wrapping
-    mag = np.uint64(np.uint32(x) & np.uint32(0x7FFFFFFF))
-    a = np.uint32((mag + np.uint64(2**32 - (112 << 23)) + np.uint64(np.uint32(r) >> np.uint32(19))) & _U32)
-    rare = np.uint32((mag + np.uint64(2**32 - (113 << 23))) & _U32) >= np.uint32(30 << 23)
-    return np.uint32(a >> np.uint32(13)), rare
+def _f16_stochastic_normal(x, r):
+    # float32 bits -> float16 bits (uint32) rounded stochastically, right when the float32 exponent
+    # field is 113 .. 254 (a normal float16 or an overflow to infinity), and the rare-case flag: with
+    # m = mag - (113 << 23) (wrapping), the rebiased magnitude plus the 13 random bits is one
+    # three-way add m + (1 << 23) + (r >> 19), and the exponent field is outside 113 .. 254 exactly
+    # when m >= 142 << 23
+    x32 = np.uint32(x)
+    m = np.uint32((np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (113 << 23))) & _U32)
+    q = np.uint32(
+        ((np.uint64(m) + np.uint64(1 << 23) + np.uint64(np.uint32(r) >> np.uint32(19))) & _U32) >> np.uint64(13)
+    )
+    h = np.uint32(((x32 >> np.uint32(16)) & np.uint32(0x8000)) | min(q, np.uint32(0x7C00)))
+    return h, m >= np.uint32(142 << 23)
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_pair(x0, x1, q0, q1):
-    # two float16 magnitudes and their float32 inputs' signs as one 32-bit word (x0's element first)
-    signs = np.uint32(((np.uint32(x0) >> np.uint32(16)) & np.uint32(0x8000)) | (np.uint32(x1) & np.uint32(0x80000000)))
-    return np.uint32(np.uint32(q0) | (np.uint32(q1) << np.uint32(16)) | signs)
-
-
-@cuda.jit(device=True, inline="always")
-def _pack4_f16(q0, q1, q2, q3):
-    lo = np.uint32(q0 | (q1 << np.uint32(16)))
-    hi = np.uint32(q2 | (q3 << np.uint32(16)))
-    return np.uint64(lo) | (np.uint64(hi) << np.uint64(32))
+def _f16_stochastic_exact(x, q, rare, r):
+    # q if x takes the normal path, else the full steps of _f32_to_f16
+    if rare:
+        return np.uint32(_f32_to_f16(np.uint64(np.uint32(x)), True, r))
+    return q
 
 
 @cuda.jit(device=True, inline="always")
 def _f32_to_f16_group(buf, o, stochastic, r0, r1, r2, r3):
-    # a group of 4 float32 (two words of the buffer) as one word of 4 float16 and a rare-case flag
-    # (uint32 0 / 1), in 32-bit arithmetic, with no branch. Nearest: one hardware conversion per
-    # element (NaN fixed up by a select), never rare. Stochastic: every element through the normal
-    # path; the flag says a zero, subnormal result, overflow, infinity or NaN made the word wrong, for
-    # _f32_to_f16_sr_exact to redo after the group loop
+    # a group of 4 float32 (two words of the buffer) as one word of 4 float16, in 32-bit arithmetic.
+    # Nearest: one hardware conversion per element (NaN fixed up by a select). Stochastic: every
+    # element through the normal path, then one test for the group sends the rare cases (zeros,
+    # subnormal results, infinities, NaNs) through the full steps (a branch per group)
     w0 = buf[o]
     w1 = buf[o + 1]
     x0, x1 = np.uint32(w0 & _U32), np.uint32(w0 >> np.uint64(32))
     x2, x3 = np.uint32(w1 & _U32), np.uint32(w1 >> np.uint64(32))
     if stochastic:
-        q0, k0 = _f16_stochastic_magnitude(x0, r0)
-        q1, k1 = _f16_stochastic_magnitude(x1, r1)
-        q2, k2 = _f16_stochastic_magnitude(x2, r2)
-        q3, k3 = _f16_stochastic_magnitude(x3, r3)
-        lo, hi = _f16_pair(x0, x1, q0, q1), _f16_pair(x2, x3, q2, q3)
-        word = np.uint64(lo) | (np.uint64(hi) << np.uint64(32))
-        return word, np.uint32(1 if k0 or k1 or k2 or k3 else 0)
-    q0, q1, q2, q3 = _f32_to_f16_rn(x0), _f32_to_f16_rn(x1), _f32_to_f16_rn(x2), _f32_to_f16_rn(x3)
-    return _pack4_f16(q0, q1, q2, q3), np.uint32(0)
-
-
-@cuda.jit(device=True, inline="always")
-def _f32_to_f16_sr_exact(w0, w1, r0, r1, r2, r3):
-    # a group of 4 float32 (two uint64 words) as one word of 4 float16, stochastic, the full steps
-    q0 = _f32_to_f16(w0 & _U32, True, r0)
-    q1 = _f32_to_f16(w0 >> np.uint64(32), True, r1)
-    q2 = _f32_to_f16(w1 & _U32, True, r2)
-    q3 = _f32_to_f16(w1 >> np.uint64(32), True, r3)
-    return q0 | (q1 << np.uint64(16)) | (q2 << np.uint64(32)) | (q3 << np.uint64(48))
+        q0, k0 = _f16_stochastic_normal(x0, r0)
+        q1, k1 = _f16_stochastic_normal(x1, r1)
+        q2, k2 = _f16_stochastic_normal(x2, r2)
+        q3, k3 = _f16_stochastic_normal(x3, r3)
+        if k0 or k1 or k2 or k3:
+            q0, q1 = _f16_stochastic_exact(x0, q0, k0, r0), _f16_stochastic_exact(x1, q1, k1, r1)
+            q2, q3 = _f16_stochastic_exact(x2, q2, k2, r2), _f16_stochastic_exact(x3, q3, k3, r3)
+    else:
+        q0, q1, q2, q3 = _f32_to_f16_rn(x0), _f32_to_f16_rn(x1), _f32_to_f16_rn(x2), _f32_to_f16_rn(x3)
+    lo = np.uint32(q0 | (q1 << np.uint32(16)))
+    hi = np.uint32(q2 | (q3 << np.uint32(16)))
+    return np.uint64(lo) | (np.uint64(hi) << np.uint64(32))
 
 
 _UNPACK = {2: _unpack2, 4: _unpack4, 8: _unpack8}
@@ -557,7 +535,6 @@ def _wide_chunk(spec: tuple):
     conv = _bf16_to_f32 if copy else _converter(mode, se, sm, de, dm)  # unused when copying
     to_bf16 = not copy and (se, sm, de, dm) == (8, 23, 8, 7)
     to_f16 = not copy and (se, sm, de, dm) == (8, 23, 5, 10)
-    f16_stochastic = to_f16 and stochastic
     if not copy and src_size == 2 and dst_size == 4:
         return _widening_chunk(spec, conv)
 
@@ -577,7 +554,6 @@ def _wide_chunk(spec: tuple):
             if g < groups:
                 for k in range(sw):
                     buf[i * sw + k] = s[g * sw + k]
-        redo = np.uint32(0)  # float32 -> float16 stochastic: bit i says group i needs the full steps
         for i in range(per):
             g = np.uint32(base + np.uint32(i) * threads)
             if g < groups:
@@ -591,21 +567,10 @@ def _wide_chunk(spec: tuple):
                     if to_bf16:
                         d[g] = _f32_to_bf16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
                     elif to_f16:
-                        word, rare = _f32_to_f16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
-                        d[g] = word
-                        redo = np.uint32(redo | (rare << np.uint32(i)))
+                        d[g] = _f32_to_f16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
                     else:
                         e0, e1, e2, e3 = unpack(buf, i * sw)
                         store(d, g, conv(e0, r0), conv(e1, r1), conv(e2, r2), conv(e3, r3))
-        if f16_stochastic:
-            # rare: each flagged group again, from global memory, through the full steps (a loop
-            # over the set bits, so its code is there once and the group loop above stays unrolled)
-            while redo != np.uint32(0):
-                rest = np.uint32(redo & (redo - np.uint32(1)))
-                g = np.uint32(base + np.uint32(31 - cuda.clz(np.uint32(redo ^ rest))) * threads)
-                redo = rest
-                r0, r1, r2, r3 = philox_group(g, st)
-                d[g] = _f32_to_f16_sr_exact(s[2 * g], s[2 * g + 1], r0, r1, r2, r3)
 
     return chunk_fn
 

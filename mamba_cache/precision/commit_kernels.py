@@ -291,7 +291,9 @@ def _bf16_to_f32(x, r):
 
 
 @cuda.jit(device=True, inline="always")
-def _f32_to_f16(x, stochastic, r):
+def _f32_to_f16_stochastic(x, r):
+    # float32 bits -> float16 bits rounded stochastically with the random word r, every case in
+    # integer steps (round to nearest even goes through the hardware: _f32_to_f16_rn)
     x32 = np.uint32(x & _U32)
     top = np.uint32((x32 >> np.uint32(16)) & np.uint32(0x8000))
     exp = np.uint32((x32 >> np.uint32(23)) & np.uint32(0xFF))
@@ -305,10 +307,7 @@ def _f32_to_f16(x, stochastic, r):
         a = np.uint32(
             (np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (112 << 23))) & _U32
         )  # mag - bias, wrapping
-        if stochastic:
-            q = np.uint32((a + (np.uint32(r) >> np.uint32(19))) >> np.uint32(13))
-        else:
-            q = np.uint32((a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13))
+        q = np.uint32((a + (np.uint32(r) >> np.uint32(19))) >> np.uint32(13))
         if q > np.uint32(0x7C00):
             q = np.uint32(0x7C00)
         return np.uint64(top | q)
@@ -320,28 +319,17 @@ def _f32_to_f16(x, stochastic, r):
         return np.uint64(top)
     a64 = np.uint64(man | np.uint32(0x800000))
     s64 = np.uint64(shift)
-    if stochastic:
-        r64 = np.uint64(np.uint32(r))
-        if shift <= np.uint32(32):
-            add = r64 >> (np.uint64(32) - s64)
-        else:
-            add = r64 << (s64 - np.uint64(32))
-        return np.uint64(top) | ((a64 + add) >> s64)
-    if shift > np.uint32(24):  # below half the smallest subnormal: zero
-        return np.uint64(top)
-    half = np.uint64(1) << (s64 - np.uint64(1))
-    odd = (a64 >> s64) & np.uint64(1)
-    return np.uint64(top) | ((a64 + half - np.uint64(1) + odd) >> s64)
+    r64 = np.uint64(np.uint32(r))
+    if shift <= np.uint32(32):
+        add = r64 >> (np.uint64(32) - s64)
+    else:
+        add = r64 << (s64 - np.uint64(32))
+    return np.uint64(top) | ((a64 + add) >> s64)
 
 
 @cuda.jit(device=True, inline="always")
 def _f32_to_f16_nearest(x, r):
     return np.uint64(_f32_to_f16_rn(x & _U32))
-
-
-@cuda.jit(device=True, inline="always")
-def _f32_to_f16_stochastic(x, r):
-    return _f32_to_f16(x, True, r)
 
 
 @cuda.jit(device=True, inline="always")
@@ -488,9 +476,9 @@ def _f16_stochastic_normal(x, r):
 
 @cuda.jit(device=True, inline="always")
 def _f16_stochastic_exact(x, q, rare, r):
-    # q if x takes the normal path, else the full steps of _f32_to_f16
+    # q if x takes the normal path, else the full steps of _f32_to_f16_stochastic
     if rare:
-        return np.uint32(_f32_to_f16(np.uint64(np.uint32(x)), True, r))
+        return np.uint32(_f32_to_f16_stochastic(np.uint64(np.uint32(x)), r))
     return q
 
 

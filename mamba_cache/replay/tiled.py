@@ -138,18 +138,26 @@ def replay_mamba2_kernel(
     cpt: int = MAX_CPT,
     conv_width: int = 4,
     conv_dtype: Any = np.float16,
+    state_dtype: Any = None,
 ) -> Any:
     """The tiled Mamba2 replay kernel for a ``rounding`` (``ROUND_*``), a pool kind (``bits16``) and a tile, cached.
 
     ``lanes`` and ``cpt`` (:func:`mamba2_tiles`) are compile-time constants: ``cpt`` sizes the
     thread's register tile, and with ``lanes`` known a thread's ``cpt`` columns of one row are
     constant offsets from one address. The conv window's width and the conv pool's dtype pick the
-    conv part (:func:`_conv_tile`).
+    conv part (:func:`_conv_tile`); the state pool's element dtype types the registers that receive
+    its raw loads (by default ``uint16`` for a bfloat16 pool, else ``float16``: a float32 pool must
+    say so, or its values would be narrowed on load).
     """
-    key = (rounding, int(bits16), int(lanes), int(cpt), int(conv_width), np.dtype(conv_dtype).str)
+    if state_dtype is None:
+        state_dtype = np.uint16 if bits16 else np.float16
+    key = (rounding, int(bits16), int(lanes), int(cpt), int(conv_width), np.dtype(conv_dtype).str,
+           np.dtype(state_dtype).str)  # fmt: skip
     kernel = _MAMBA2_KERNELS.get(key)
     if kernel is None:
-        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:4], _conv_tile(conv_width, conv_dtype))
+        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(
+            *key[:4], _conv_tile(conv_width, conv_dtype), numpy_support.from_dtype(np.dtype(state_dtype))
+        )
     return kernel
 
 
@@ -265,7 +273,7 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
     return tile
 
 
-def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_tile: Any) -> Any:
+def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_tile: Any, state_element: Any) -> Any:
     rounder = _rounder(rounding)
     cells = RPT * cpt
     row_groups = THREADS // lanes
@@ -435,8 +443,6 @@ def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_til
         n0, d0 = _u32(n_base + lane), _u32(d_base + group)
         j = _u32(i // _u32(n_heads // n_groups))
         decays, inputs, projections = dA[layer], u[layer], B[layer]
-        stage(shared_decay, shared_u, shared_b, min(accepted, STAGED), row, i, j, d_base, n_base, n_heads, n_dim,
-              n_size, n_groups, seq_len, decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
         rows, cols = _u32(0), _u32(0)  # live rows r < rows, live columns k < cols; 0 for a thread past the edge
         if n0 < n_size and d0 < n_dim:
             rows = _u32(_u32(n_dim - d0 + (row_groups - 1)) // row_groups)
@@ -444,12 +450,22 @@ def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_til
         first = _u32(_u32(i * n_dim + d0) * n_size + n0)  # element (i, d0, n0); (r, k) is first + r * pitch + k * lanes
         pitch = _u32(row_groups * n_size)
         state = rec[layer, slot]
+        # every load first, then the steps: the state's raw words, then the stash (staged first, the state's
+        # loads would wait behind the stores to shared memory, which wait for the stash; converted as they
+        # arrive, the stash's loads would wait for the state's), so the block waits for memory once
+        raw = cuda.local.array(cells, state_element)
+        for r in range(RPT):
+            for k in range(cpt):
+                if r < rows and k < cols:
+                    raw[r * cpt + k] = state[_at(first, r, pitch, k * lanes)]
+        stage(shared_decay, shared_u, shared_b, min(accepted, STAGED), row, i, j, d_base, n_base, n_heads, n_dim,
+              n_size, n_groups, seq_len, decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
         h = cuda.local.array(cells, float32)
-        for r in range(RPT):  # every load first, then the steps
+        for r in range(RPT):
             for k in range(cpt):
                 h[r * cpt + k] = float32(0.0)
                 if r < rows and k < cols:
-                    h[r * cpt + k] = load_float32(state[_at(first, r, pitch, k * lanes)], pool_bits16)
+                    h[r * cpt + k] = load_float32(raw[r * cpt + k], pool_bits16)
         cuda.syncthreads()  # the staged stash is in (the block's only barrier: every thread reaches it)
         if rows == 0 or cols == 0:
             return
@@ -694,7 +710,9 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     extra: tuple = ()
     if config.mixer == "mamba2":
         lanes, cpt, row_groups, d_tiles, n_tiles = mamba2_tiles(dim, size)
-        kernel = replay_mamba2_kernel(rounding_of(mode, half), bits16, lanes, cpt, config.conv_kernel, conv.dtype)
+        kernel = replay_mamba2_kernel(
+            rounding_of(mode, half), bits16, lanes, cpt, config.conv_kernel, conv.dtype, rec.dtype
+        )
         fields = ("dA", "u", "B")
         chunks_rec = heads * d_tiles * n_tiles
         extra = (lanes, row_groups, d_tiles, n_tiles)

@@ -43,12 +43,12 @@ writes the window after ``t + 1`` columns before it shifts the slot's window in 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import cuda, float32
 
-from ..precision.kernels import float32_bits, float32_from_bits, load_float32, stored_value
+from ..precision.kernels import float32_bits, float32_from_bits, load_float32, store_formats, stored_value
 
 #: Threads per block.
 THREADS = 128
@@ -572,6 +572,71 @@ def _make_replay_gdn(key_dim: int, rounding: int, pool_bits16: int) -> Any:
     return replay_gdn
 
 
+class LaunchLayout(NamedTuple):
+    """What every replay kernel's launch starts from (:func:`launch_layout`)."""
+
+    layers: int
+    rec: Any  #: the recurrent pool as ``[L, B, H*D*N]``
+    conv: Any  #: the conv pool as ``[L, B, C*K]``
+    fields: tuple  #: the stash fields the mixer's kernel takes, in argument order
+    mode: int  #: the state's store format: mode, exponent and mantissa bits, raw bfloat16 bits
+    exp_bits: int
+    man_bits: int
+    bits16: int
+    half: int  #: 1 for a float16 state rounded to nearest (the pool's own store rounds)
+    rounding: int  #: the ``ROUND_*`` the kernels are built for
+
+
+def launch_layout(pools: Any, config: Any) -> LaunchLayout:
+    """The pools flattened per slot and the state's store format, for :func:`prepare` and the tiled one."""
+    layers, slots = config.num_recurrent_layers, config.max_batch_size
+    rec = pools.recurrent.reshape(layers, slots, config.recurrent_slot_elems)
+    conv = pools.conv.reshape(layers, slots, config.conv_slot_elems)
+    dtype = config.recurrent_state_dtype
+    mode, exp_bits, man_bits, bits16 = (int(x) for x in store_formats(config, dtype, dtype)[:4])
+    half = int(dtype.name == "float16" and mode == 0)
+    fields = ("dA", "u", "B") if config.mixer == "mamba2" else ("g", "beta", "k", "v")
+    return LaunchLayout(layers, rec, conv, fields, mode, exp_bits, man_bits, bits16, half, rounding_of(mode, half))
+
+
+def launch_args(lay: LaunchLayout, stash: dict, config: Any, chunks_rec: int, placeholder: Any) -> tuple:
+    """The replay kernels' launch arguments, with no positions, indices, nodes or tracking bound (``use_*`` 0)."""
+    seed = config.rounding_seed
+    return (
+        lay.rec,
+        lay.conv,
+        *(stash[name] for name in lay.fields),
+        stash["conv"],
+        chunks_rec,
+        config.recurrent_state_num_heads,
+        config.recurrent_state_head_dim,
+        config.recurrent_state_size,
+        config.n_groups,
+        config.conv_dim,
+        config.conv_kernel,
+        lay.mode,
+        lay.exp_bits,
+        lay.man_bits,
+        lay.bits16,
+        lay.half,
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+        placeholder,
+        0,
+        placeholder,
+        placeholder,
+        0,
+        1,
+        placeholder.reshape((placeholder.size, 1)),
+        0,
+        lay.rec,  # tracking off: never written
+        lay.conv,
+        placeholder,
+        placeholder,
+        0,
+    )
+
+
 def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
     """(launch, x blocks, layers) of the replay kernel of ``config.mixer`` over a manager's pools.
 
@@ -585,60 +650,13 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
         placeholder: an int32 ``[B]`` device array bound to the index arguments until a call re-points them.
         launch_class: ``PreparedLaunch`` (GPU) or ``DispatcherLaunch`` (simulator).
     """
-    from ..precision.kernels import store_formats
-
-    layers, slots = config.num_recurrent_layers, config.max_batch_size
-    heads, dim, size, groups = (
-        config.recurrent_state_num_heads,
-        config.recurrent_state_head_dim,
-        config.recurrent_state_size,
-        config.n_groups,
-    )
-    rec = pools.recurrent.reshape(layers, slots, heads * dim * size)
-    conv = pools.conv.reshape(layers, slots, config.conv_dim * config.conv_kernel)
-    dtype = config.recurrent_state_dtype
-    mode, exp_bits, man_bits, bits16 = (int(x) for x in store_formats(config, dtype, dtype)[:4])
-    half = int(dtype.name == "float16" and mode == 0)
+    lay = launch_layout(pools, config)
+    heads, dim, size = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
     if config.mixer == "mamba2":
-        kernel = replay_mamba2_kernel(rounding_of(mode, half), bits16)
-        fields, elems = ("dA", "u", "B"), heads * dim * size
+        kernel, elems = replay_mamba2_kernel(lay.rounding, lay.bits16), heads * dim * size
     else:
-        kernel = replay_gdn_kernel(dim, rounding_of(mode, half), bits16)
-        fields, elems = ("g", "beta", "k", "v"), heads * size
+        kernel, elems = replay_gdn_kernel(dim, lay.rounding, lay.bits16), heads * size
     chunks_rec = -(-elems // THREADS)
     chunks_conv = -(-config.conv_dim // THREADS)
-    seed = config.rounding_seed
-    args = (
-        rec,
-        conv,
-        *(stash[name] for name in fields),
-        stash["conv"],
-        chunks_rec,
-        heads,
-        dim,
-        size,
-        groups,
-        config.conv_dim,
-        config.conv_kernel,
-        mode,
-        exp_bits,
-        man_bits,
-        bits16,
-        half,
-        seed & 0xFFFFFFFF,
-        seed >> 32,
-        placeholder,
-        0,
-        placeholder,
-        placeholder,
-        0,
-        1,
-        placeholder.reshape((placeholder.size, 1)),
-        0,
-        rec,  # tracking off: never written
-        conv,
-        placeholder,
-        placeholder,
-        0,
-    )
-    return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, layers
+    args = launch_args(lay, stash, config, chunks_rec, placeholder)
+    return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, lay.layers

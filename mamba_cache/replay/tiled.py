@@ -80,8 +80,9 @@ from .kernels import (
     _track_conv,
     gdn_accumulate,
     gdn_write,
+    launch_args,
+    launch_layout,
     mamba2_update,
-    rounding_of,
 )
 
 #: Threads per block.
@@ -690,73 +691,25 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
 def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
     """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer``; as :func:`.kernels.prepare`.
 
-    The launch arguments are :func:`mamba_cache.replay.kernels.prepare`'s by name (the backend
-    re-points the same ones per call), the Mamba2 kernel's tile shape appended.
+    The launch arguments are :func:`mamba_cache.replay.kernels.launch_args` (the backend re-points
+    the same ones per call), the Mamba2 kernel's tile shape appended.
     """
-    from ..precision.kernels import store_formats
-
-    layers, slots = config.num_recurrent_layers, config.max_batch_size
-    heads, dim, size, groups = (
-        config.recurrent_state_num_heads,
-        config.recurrent_state_head_dim,
-        config.recurrent_state_size,
-        config.n_groups,
-    )
-    rec = pools.recurrent.reshape(layers, slots, heads * dim * size)
-    conv = pools.conv.reshape(layers, slots, config.conv_dim * config.conv_kernel)
-    dtype = config.recurrent_state_dtype
-    mode, exp_bits, man_bits, bits16 = (int(x) for x in store_formats(config, dtype, dtype)[:4])
-    half = int(dtype.name == "float16" and mode == 0)
+    lay = launch_layout(pools, config)
+    heads, dim, size = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
     extra: tuple = ()
     if config.mixer == "mamba2":
         lanes, cpt, row_groups, d_tiles, n_tiles = mamba2_tiles(dim, size)
         kernel = replay_mamba2_kernel(
-            rounding_of(mode, half), bits16, lanes, cpt, config.conv_kernel, conv.dtype, rec.dtype
+            lay.rounding, lay.bits16, lanes, cpt, config.conv_kernel, lay.conv.dtype, lay.rec.dtype
         )
-        fields = ("dA", "u", "B")
         chunks_rec = heads * d_tiles * n_tiles
         extra = (lanes, row_groups, d_tiles, n_tiles)
     else:
-        kernel = replay_gdn_kernel(dim, rounding_of(mode, half), bits16, config.conv_kernel, conv.dtype)
-        fields = ("g", "beta", "k", "v")
+        kernel = replay_gdn_kernel(dim, lay.rounding, lay.bits16, config.conv_kernel, lay.conv.dtype)
         chunks_rec = heads * -(-size // (THREADS // gdn_parts(dim)))
     chunks_conv = conv_chunks(config.conv_dim, config.conv_kernel)
-    widest = max(rec.shape[2], *(stash[name].shape[1] for name in fields))
+    widest = max(lay.rec.shape[2], *(stash[name].shape[1] for name in lay.fields))
     if widest >= 2**32:  # the kernels index a slot and a layer's stash field with 32-bit arithmetic
         raise ValueError(f"replay commit: a slot or a layer's stash field holds {widest} elements, at most 2**32 - 1")
-    seed = config.rounding_seed
-    args = (
-        rec,
-        conv,
-        *(stash[name] for name in fields),
-        stash["conv"],
-        chunks_rec,
-        heads,
-        dim,
-        size,
-        groups,
-        config.conv_dim,
-        config.conv_kernel,
-        mode,
-        exp_bits,
-        man_bits,
-        bits16,
-        half,
-        seed & 0xFFFFFFFF,
-        seed >> 32,
-        placeholder,
-        0,
-        placeholder,
-        placeholder,
-        0,
-        1,
-        placeholder.reshape((placeholder.size, 1)),
-        0,
-        rec,  # tracking off: never written
-        conv,
-        placeholder,
-        placeholder,
-        0,
-        *extra,
-    )
-    return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, layers
+    args = (*launch_args(lay, stash, config, chunks_rec, placeholder), *extra)
+    return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, lay.layers

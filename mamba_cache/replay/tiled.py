@@ -139,26 +139,18 @@ def replay_mamba2_kernel(
     cpt: int = MAX_CPT,
     conv_width: int = 4,
     conv_dtype: Any = np.float16,
-    state_dtype: Any = None,
 ) -> Any:
     """The tiled Mamba2 replay kernel for a ``rounding`` (``ROUND_*``), a pool kind (``bits16``) and a tile, cached.
 
     ``lanes`` and ``cpt`` (:func:`mamba2_tiles`) are compile-time constants: ``cpt`` sizes the
     thread's register tile, and with ``lanes`` known a thread's ``cpt`` columns of one row are
     constant offsets from one address. The conv window's width and the conv pool's dtype pick the
-    conv part (:func:`_conv_tile`); the state pool's element dtype types the registers that receive
-    its raw loads (by default ``uint16`` for a bfloat16 pool, else ``float16``: a float32 pool must
-    say so, or its values would be narrowed on load).
+    conv part (:func:`_conv_tile`).
     """
-    if state_dtype is None:
-        state_dtype = np.uint16 if bits16 else np.float16
-    key = (rounding, int(bits16), int(lanes), int(cpt), int(conv_width), np.dtype(conv_dtype).str,
-           np.dtype(state_dtype).str)  # fmt: skip
+    key = (rounding, int(bits16), int(lanes), int(cpt), int(conv_width), np.dtype(conv_dtype).str)
     kernel = _MAMBA2_KERNELS.get(key)
     if kernel is None:
-        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(
-            *key[:4], _conv_tile(conv_width, conv_dtype), numpy_support.from_dtype(np.dtype(state_dtype))
-        )
+        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:4], _conv_tile(conv_width, conv_dtype))
     return kernel
 
 
@@ -274,7 +266,7 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
     return tile
 
 
-def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_tile: Any, state_element: Any) -> Any:
+def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_tile: Any) -> Any:
     rounder = _rounder(rounding)
     cells = RPT * cpt
     row_groups = THREADS // lanes
@@ -454,7 +446,7 @@ def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_til
         # every load first, then the steps: the state's raw words, then the stash (staged first, the state's
         # loads would wait behind the stores to shared memory, which wait for the stash; converted as they
         # arrive, the stash's loads would wait for the state's), so the block waits for memory once
-        raw = cuda.local.array(cells, state_element)
+        raw = cuda.local.array(cells, rec.dtype)  # the pool's own element type (uint16 for bfloat16)
         for r in range(RPT):
             for k in range(cpt):
                 if r < rows and k < cols:
@@ -699,9 +691,7 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     extra: tuple = ()
     if config.mixer == "mamba2":
         lanes, cpt, row_groups, d_tiles, n_tiles = mamba2_tiles(dim, size)
-        kernel = replay_mamba2_kernel(
-            lay.rounding, lay.bits16, lanes, cpt, config.conv_kernel, lay.conv.dtype, lay.rec.dtype
-        )
+        kernel = replay_mamba2_kernel(lay.rounding, lay.bits16, lanes, cpt, config.conv_kernel, lay.conv.dtype)
         chunks_rec = heads * d_tiles * n_tiles
         extra = (lanes, row_groups, d_tiles, n_tiles)
     else:

@@ -11,8 +11,8 @@ random words, exactly the reference's keying: counter word 0 is ``element // 4``
 
     element size   words per group   groups per thread   u64 loads in flight per thread
     2 (f16, bf16)        1                  8                         8
-    4 (f32)              2                  4 (8: to bf16,            8 (16)
-                                              stochastic)
+    4 (f32)              2                  4 (8: to bf16 or          8 (16)
+                                              f16, stochastic)
     8 (f64)              4                  2                         8
 
     slot [E elements] = [E/4 groups]:
@@ -27,9 +27,14 @@ specialised at build time (closure constants, one compiled kernel per dtype pair
     float32 -> bfloat16   nearest: (x + 0x7FFF + ((x >> 16) & 1)) >> 16, NaN kept a quiet NaN;
                           stochastic: (x + (r >> 16)) >> 16
     bfloat16 -> float32   x << 16 (NaN: quiet bit set)
-    float32 -> float16    normal results: rebias and round 13 bits in 32-bit arithmetic;
-                          subnormal results: round the 24-bit significand (64-bit only there)
-    float16 -> float32    rebias (exact); a subnormal input normalised with one clz
+    float32 -> float16    nearest: the hardware's cvt.rn.f16.f32 (a NaN selected to the reference's);
+                          stochastic: x + (r >> 19) on the float32 bits, truncated by the
+                          hardware's cvt.rz.f16.f32, for |x| < 2**-126 or 2**-14 <= |x| < 65504;
+                          a group holding any other value (a subnormal result, |x| >= 65504, an
+                          infinity, a NaN) is flagged and redone after the group loop with the
+                          integer steps (one loop over the flagged groups: the group loop stays
+                          straight-line code, one block per group, no branch inside)
+    float16 -> float32    the hardware's cvt.f32.f16 (exact; a NaN selected to the reference's)
     float16 <-> bfloat16  through float32 (exact), then one rounding as above
     any other pair        the general integer steps (:func:`mamba_cache.precision.kernels.convert_bits`)
 
@@ -67,6 +72,9 @@ MAX_THREADS = 256
 #: the loads in flight (with more, the compiler stops unrolling and the buffer goes to local memory).
 _SPECIALISED = ((8, 23, 8, 7), (8, 7, 8, 23), (8, 23, 5, 10), (5, 10, 8, 23), (5, 10, 8, 7), (8, 7, 5, 10))
 
+#: The stochastic pairs that convert twice the groups per thread (float32 -> bfloat16 / float16).
+_DOUBLED = ((8, 23, 8, 7), (8, 23, 5, 10))
+
 _U32 = np.uint64(0xFFFFFFFF)
 _U16 = np.uint64(0xFFFF)
 
@@ -81,10 +89,9 @@ def groups_per_thread(spec: tuple) -> int:
     if not spec[7]:
         return kernels.GROUPS_PER_THREAD
     words = WORDS_IN_FLIGHT if spec[0] == MODE_COPY or spec[1:5] in _SPECIALISED else WORDS_IN_FLIGHT // 4
-    if spec[0] == MODE_STOCHASTIC and spec[1:5] == (8, 23, 8, 7):
-        # float32 -> bfloat16 stochastic: twice the groups per thread, so the per-thread setup (row,
-        # addresses, Philox keys) is shared by 32 elements (float16's larger rounding code would
-        # stop the unrolling and put the buffer in local memory)
+    if spec[0] == MODE_STOCHASTIC and spec[1:5] in _DOUBLED:
+        # float32 -> bfloat16 / float16 stochastic: twice the groups per thread, so the per-thread
+        # setup (row, addresses, Philox keys) is shared by 32 elements
         words *= 2
     return max(1, words // (spec[5] // 2))
 
@@ -215,7 +222,33 @@ if SIMULATOR:  # the simulator has no libdevice: NumPy's casts (float32 -> float
     def _half_to_float(h):
         return np.float32(np.array(h, np.uint32).astype(np.uint16).view(np.float16))
 
-else:  # cvt.rn.f16.f32 and cvt.f32.f16 (one instruction each)
+    @cuda.jit(device=True, inline="always")
+    def _half_rz(f):
+        # round toward zero: NumPy's nearest, one step back toward zero when it rounded away (the
+        # float16 bit patterns are sign-magnitude, so one less is one step toward zero either sign)
+        with np.errstate(over="ignore", invalid="ignore"):
+            h = np.array(f, np.float32).astype(np.float16)
+            if abs(np.float32(h)) > abs(np.float32(f)):
+                return np.uint32(h.view(np.uint16) - np.uint16(1))
+            return np.uint32(h.view(np.uint16))
+
+else:  # cvt.rn.f16.f32, cvt.rz.f16.f32 and cvt.f32.f16 (one instruction each)
+    from llvmlite import ir
+    from numba.cuda import types as nbtypes
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _cvt_rz_f16(typingctx, f):
+        # cvt.rz.f16.f32 (libdevice has only the round-to-nearest conversion): the float16 bits
+        def codegen(context, builder, signature, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(16), [ir.FloatType()]), "cvt.rz.f16.f32 $0, $1;", "=h,f")
+            return builder.call(asm, args)
+
+        return nbtypes.uint16(nbtypes.float32), codegen
+
+    @cuda.jit(device=True, inline="always")
+    def _half_rz(f):
+        return np.uint32(_cvt_rz_f16(np.float32(f)))
 
     @cuda.jit(device=True, inline="always")
     def _half_rn(f):
@@ -459,52 +492,54 @@ def _f32_to_bf16_group(buf, o, stochastic, r0, r1, r2, r3):
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_stochastic_normal(x, r):
-    # float32 bits -> float16 bits (uint32) rounded stochastically, right when the float32 exponent
-    # field is 113 .. 254 (a normal float16 or an overflow to infinity), and the rare-case flag: with
-    # m = mag - (113 << 23) (wrapping), the rebiased magnitude plus the 13 random bits is one
-    # three-way add m + (1 << 23) + (r >> 19), and the exponent field is outside 113 .. 254 exactly
-    # when m >= 142 << 23
+def _f16_stochastic_fast(x, r):
+    # float32 bits -> float16 bits (uint32) rounded stochastically, and the rare-case flag. For |x| in
+    # [2**-14, 65504) (a normal float16 result that cannot overflow) the reference's steps are
+    # (mag - (112 << 23) + (r >> 19)) >> 13 with the sign: adding the 13 random bits to the float32
+    # bit pattern and truncating it toward zero to float16 (cvt.rz) is the same, since a float16
+    # normal is the float32 pattern rebiased with 13 bits dropped. For |x| < 2**-126 (zeros, float32
+    # subnormals) the sum stays below 2**-125 and truncates to the signed zero the reference gives.
+    # Everything else (subnormal results, |x| >= 65504, infinities, NaNs) is flagged, for the full steps
     x32 = np.uint32(x)
-    m = np.uint32((np.uint64(x32 & np.uint32(0x7FFFFFFF)) + np.uint64(2**32 - (113 << 23))) & _U32)
-    q = np.uint32(
-        ((np.uint64(m) + np.uint64(1 << 23) + np.uint64(np.uint32(r) >> np.uint32(19))) & _U32) >> np.uint64(13)
-    )
-    h = np.uint32(((x32 >> np.uint32(16)) & np.uint32(0x8000)) | min(q, np.uint32(0x7C00)))
-    return h, m >= np.uint32(142 << 23)
-
-
-@cuda.jit(device=True, inline="always")
-def _f16_stochastic_exact(x, q, rare, r):
-    # q if x takes the normal path, else the full steps of _f32_to_f16_stochastic
-    if rare:
-        return np.uint32(_f32_to_f16_stochastic(np.uint64(np.uint32(x)), r))
-    return q
+    h = _half_rz(float32_from_bits(np.uint32(x32 + (np.uint32(r) >> np.uint32(19)))))
+    f = abs(float32_from_bits(x32))
+    fast = (f < np.float32(2.0**-126)) | ((f >= np.float32(2.0**-14)) & (f < np.float32(65504.0)))
+    return h, not fast
 
 
 @cuda.jit(device=True, inline="always")
 def _f32_to_f16_group(buf, o, stochastic, r0, r1, r2, r3):
-    # a group of 4 float32 (two words of the buffer) as one word of 4 float16, in 32-bit arithmetic.
-    # Nearest: one hardware conversion per element (NaN fixed up by a select). Stochastic: every
-    # element through the normal path, then one test for the group sends the rare cases (zeros,
-    # subnormal results, infinities, NaNs) through the full steps (a branch per group)
+    # a group of 4 float32 (two words of the buffer) as one word of 4 float16 and a rare-case flag
+    # (uint32 0 / 1), in 32-bit arithmetic, with no branch. Nearest: one hardware conversion per
+    # element (NaN fixed up by a select), never rare. Stochastic: every element through
+    # _f16_stochastic_fast; the flag says a subnormal result, |x| >= 65504, an infinity or a NaN may
+    # have made the word wrong, for _f32_to_f16_sr_exact to redo after the group loop
     w0 = buf[o]
     w1 = buf[o + 1]
     x0, x1 = np.uint32(w0 & _U32), np.uint32(w0 >> np.uint64(32))
     x2, x3 = np.uint32(w1 & _U32), np.uint32(w1 >> np.uint64(32))
     if stochastic:
-        q0, k0 = _f16_stochastic_normal(x0, r0)
-        q1, k1 = _f16_stochastic_normal(x1, r1)
-        q2, k2 = _f16_stochastic_normal(x2, r2)
-        q3, k3 = _f16_stochastic_normal(x3, r3)
-        if k0 or k1 or k2 or k3:
-            q0, q1 = _f16_stochastic_exact(x0, q0, k0, r0), _f16_stochastic_exact(x1, q1, k1, r1)
-            q2, q3 = _f16_stochastic_exact(x2, q2, k2, r2), _f16_stochastic_exact(x3, q3, k3, r3)
+        q0, k0 = _f16_stochastic_fast(x0, r0)
+        q1, k1 = _f16_stochastic_fast(x1, r1)
+        q2, k2 = _f16_stochastic_fast(x2, r2)
+        q3, k3 = _f16_stochastic_fast(x3, r3)
+        rare = np.uint32(np.uint32(k0) | np.uint32(k1) | np.uint32(k2) | np.uint32(k3))
     else:
         q0, q1, q2, q3 = _f32_to_f16_rn(x0), _f32_to_f16_rn(x1), _f32_to_f16_rn(x2), _f32_to_f16_rn(x3)
+        rare = np.uint32(0)
     lo = np.uint32(q0 | (q1 << np.uint32(16)))
     hi = np.uint32(q2 | (q3 << np.uint32(16)))
-    return np.uint64(lo) | (np.uint64(hi) << np.uint64(32))
+    return np.uint64(lo) | (np.uint64(hi) << np.uint64(32)), rare
+
+
+@cuda.jit(device=True, inline="always")
+def _f32_to_f16_sr_exact(w0, w1, r0, r1, r2, r3):
+    # a group of 4 float32 (two uint64 words) as one word of 4 float16, stochastic, the full steps
+    q0 = _f32_to_f16_stochastic(w0 & _U32, r0)
+    q1 = _f32_to_f16_stochastic(w0 >> np.uint64(32), r1)
+    q2 = _f32_to_f16_stochastic(w1 & _U32, r2)
+    q3 = _f32_to_f16_stochastic(w1 >> np.uint64(32), r3)
+    return q0 | (q1 << np.uint64(16)) | (q2 << np.uint64(32)) | (q3 << np.uint64(48))
 
 
 _UNPACK = {2: _unpack2, 4: _unpack4, 8: _unpack8}
@@ -523,6 +558,7 @@ def _wide_chunk(spec: tuple):
     conv = _bf16_to_f32 if copy else _converter(mode, se, sm, de, dm)  # unused when copying
     to_bf16 = not copy and (se, sm, de, dm) == (8, 23, 8, 7)
     to_f16 = not copy and (se, sm, de, dm) == (8, 23, 5, 10)
+    f16_stochastic = to_f16 and stochastic
     if not copy and src_size == 2 and dst_size == 4:
         return _widening_chunk(spec, conv)
 
@@ -542,6 +578,7 @@ def _wide_chunk(spec: tuple):
             if g < groups:
                 for k in range(sw):
                     buf[i * sw + k] = s[g * sw + k]
+        redo = np.uint32(0)  # float32 -> float16 stochastic: bit i says group i needs the full steps
         for i in range(per):
             g = np.uint32(base + np.uint32(i) * threads)
             if g < groups:
@@ -555,10 +592,22 @@ def _wide_chunk(spec: tuple):
                     if to_bf16:
                         d[g] = _f32_to_bf16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
                     elif to_f16:
-                        d[g] = _f32_to_f16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
+                        word, rare = _f32_to_f16_group(buf, i * sw, stochastic, r0, r1, r2, r3)
+                        d[g] = word
+                        redo = np.uint32(redo | (rare << np.uint32(i)))
                     else:
                         e0, e1, e2, e3 = unpack(buf, i * sw)
                         store(d, g, conv(e0, r0), conv(e1, r1), conv(e2, r2), conv(e3, r3))
+        if f16_stochastic and redo != np.uint32(0):
+            # rare: each flagged group again, from global memory, through the full steps (a loop
+            # over the set bits, so its code is there once and the group loop above stays one
+            # block of straight-line code)
+            while redo != np.uint32(0):
+                rest = np.uint32(redo & (redo - np.uint32(1)))
+                g = np.uint32(base + np.uint32(31 - cuda.clz(np.uint32(redo ^ rest))) * threads)
+                redo = rest
+                r0, r1, r2, r3 = philox_group(g, st)
+                d[g] = _f32_to_f16_sr_exact(s[2 * g], s[2 * g + 1], r0, r1, r2, r3)
 
     return chunk_fn
 

@@ -11,6 +11,7 @@ the states agree within ``TOLERANCE`` (bit-exact GPU proofs against the GPU deco
 import numpy as np
 import pytest
 from conftest import BACKENDS, device_int32, snapshot, to_host
+from numba import cuda  # a module global, which the simulator swaps for its own in kernels
 
 from mamba_cache import Config
 from mamba_cache._config import COMMIT_MODES
@@ -1102,3 +1103,41 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
         else:
             assert spill == 0, f"{name}: {line}"
             assert not name.startswith("gdn") or registers <= 128, f"{name}: {line}"
+
+
+def test_bfloat16_state_rounding_matches_the_reference_on_edge_bit_patterns(rng):
+    # The replay kernels' bfloat16 rounding (the hardware's cvt.rn.bf16.f32 plus a NaN select on
+    # the GPU, the integer shortcut on the simulator) against the reference's conversion, bit for
+    # bit: NaN payloads of both signs, infinities, the largest finite values (which round to
+    # infinity), zeros, float32 subnormals, exact ties and their neighbours, random patterns.
+    from mamba_cache.precision.kernels import float32_bits, float32_from_bits
+    from mamba_cache.precision.reference import convert_bits
+    from mamba_cache.replay import kernels as rk
+
+    rounder = rk._rounder(rk.ROUND_BF16)
+
+    @cuda.jit
+    def run(out, bits):
+        i = cuda.grid(1)
+        if i < bits.shape[0]:
+            h = rounder(float32_from_bits(bits[i]), 1, 8, 7, 0, i, 0, 0, 0, 0)
+            out[i] = float32_bits(h)
+
+    signs = rng.integers(0, 2, 64, dtype=np.uint32) << np.uint32(31)
+    high = rng.integers(0, 2**16, 64, dtype=np.uint32) << np.uint32(16)
+    parts = [
+        rng.integers(0, 2**32, 512, dtype=np.uint64).astype(np.uint32),
+        signs | np.uint32(0x7F800000) | rng.integers(1, 2**23, 64, dtype=np.uint32),  # NaNs, quiet and signalling
+        np.array([0x7F800000, 0xFF800000, 0, 0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF, 0x7F7F8000], np.uint32),
+        signs | rng.integers(1, 2**23, 64, dtype=np.uint32),  # float32 subnormals
+        high | np.uint32(0x8000),  # ties: to even
+        high | np.uint32(0x8001),
+        high | np.uint32(0x7FFF),
+    ]
+    bits = np.concatenate(parts).astype(np.uint32)
+    out = cuda.to_device(np.zeros_like(bits))
+    run[-(-bits.size // 128), 128](out, cuda.to_device(bits))
+    got = out.copy_to_host()
+    want = convert_bits(bits.astype(np.uint64), (8, 23), (8, 7)).astype(np.uint32) << np.uint32(16)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, [(hex(bits[i]), hex(got[i]), hex(want[i])) for i in bad[:8]]

@@ -59,7 +59,7 @@ from numba import cuda
 
 from ..core.numba_backend import SIMULATOR
 from . import kernels
-from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits, float32_bits, float32_from_bits
+from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits, float32_bits, float32_from_bits, half_rz_bits
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: uint64 loads each thread issues before converting (the groups per thread follow from it).
@@ -222,33 +222,8 @@ if SIMULATOR:  # the simulator has no libdevice: NumPy's casts (float32 -> float
     def _half_to_float(h):
         return np.float32(np.array(h, np.uint32).astype(np.uint16).view(np.float16))
 
-    @cuda.jit(device=True, inline="always")
-    def _half_rz(f):
-        # round toward zero: NumPy's nearest, one step back toward zero when it rounded away (the
-        # float16 bit patterns are sign-magnitude, so one less is one step toward zero either sign)
-        with np.errstate(over="ignore", invalid="ignore"):
-            h = np.array(f, np.float32).astype(np.float16)
-            if abs(np.float32(h)) > abs(np.float32(f)):
-                return np.uint32(h.view(np.uint16) - np.uint16(1))
-            return np.uint32(h.view(np.uint16))
 
-else:  # cvt.rn.f16.f32, cvt.rz.f16.f32 and cvt.f32.f16 (one instruction each)
-    from llvmlite import ir
-    from numba.cuda import types as nbtypes
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def _cvt_rz_f16(typingctx, f):
-        # cvt.rz.f16.f32 (libdevice has only the round-to-nearest conversion): the float16 bits
-        def codegen(context, builder, signature, args):
-            asm = ir.InlineAsm(ir.FunctionType(ir.IntType(16), [ir.FloatType()]), "cvt.rz.f16.f32 $0, $1;", "=h,f")
-            return builder.call(asm, args)
-
-        return nbtypes.uint16(nbtypes.float32), codegen
-
-    @cuda.jit(device=True, inline="always")
-    def _half_rz(f):
-        return np.uint32(_cvt_rz_f16(np.float32(f)))
+else:  # cvt.rn.f16.f32 and cvt.f32.f16 (one instruction each; cvt.rz.f16.f32: kernels.half_rz_bits)
 
     @cuda.jit(device=True, inline="always")
     def _half_rn(f):
@@ -501,7 +476,7 @@ def _f16_stochastic_fast(x, r):
     # subnormals) the sum stays below 2**-125 and truncates to the signed zero the reference gives.
     # Everything else (subnormal results, |x| >= 65504, infinities, NaNs) is flagged, for the full steps
     x32 = np.uint32(x)
-    h = _half_rz(float32_from_bits(np.uint32(x32 + (np.uint32(r) >> np.uint32(19)))))
+    h = half_rz_bits(float32_from_bits(np.uint32(x32 + (np.uint32(r) >> np.uint32(19)))))
     f = abs(float32_from_bits(x32))
     fast = (f < np.float32(2.0**-126)) | ((f >= np.float32(2.0**-14)) & (f < np.float32(65504.0)))
     return h, not fast

@@ -24,6 +24,11 @@ thread, so one Philox4x32-10 call gives the 4 random words of a group):
 ``mode`` 0 copies the bits (equal dtypes), 1 rounds to nearest even, 2 rounds stochastically;
 ``src_e, src_m, dst_e, dst_m`` are the formats (exponent and mantissa bits).
 
+Two conversions PTX has and libdevice lacks are inline-PTX intrinsics here, each one instruction:
+:func:`half_rz_bits` (``cvt.rz.f16.f32``, the float16 stochastic commit's truncation) and
+:func:`bfloat16_rn_bits` (``cvt.rn.bf16.f32``, sm_80 and up: the replay kernels' bfloat16
+rounding). On the simulator NumPy stands in for them.
+
 Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
 bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
 """
@@ -278,6 +283,62 @@ else:  # on the GPU: libdevice's register bit casts (__float_as_int, __int_as_fl
     def float32_from_bits(bits):
         """The float32 of a 32-bit pattern."""
         return libdevice.int_as_float(np.int32(np.uint32(bits)))
+
+
+if SIMULATOR:  # NumPy stands in for the two conversions PTX has and libdevice lacks
+
+    @cuda.jit(device=True, inline="always")
+    def half_rz_bits(f):
+        """float32 ``f`` truncated toward zero to float16, as its bits (uint32): ``cvt.rz.f16.f32``."""
+        # NumPy's nearest, one step back toward zero when it rounded away (float16 bit patterns are
+        # sign-magnitude, so one less is one step toward zero for either sign)
+        with np.errstate(over="ignore", invalid="ignore"):
+            h = np.array(f, np.float32).astype(np.float16)
+            if abs(np.float32(h)) > abs(np.float32(f)):
+                return np.uint32(h.view(np.uint16) - np.uint16(1))
+            return np.uint32(h.view(np.uint16))
+
+    @cuda.jit(device=True, inline="always")
+    def bfloat16_rn_bits(f):
+        """float32 ``f`` rounded to the nearest even bfloat16, as its bits (uint32): ``cvt.rn.bf16.f32``."""
+        x = float32_bits(f)
+        if f != f:  # the hardware's canonical NaN (callers select their own NaN)
+            return np.uint32(0x7FFF)
+        return np.uint32((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+else:  # inline PTX: one instruction each
+    from llvmlite import ir
+    from numba.cuda import types as nbtypes
+    from numba.cuda.extending import intrinsic
+
+    def _cvt_intrinsic(instruction: str):
+        """An intrinsic ``float32 -> uint16`` that is the one PTX conversion ``instruction``."""
+
+        @intrinsic
+        def cvt(typingctx, f):
+            def codegen(context, builder, signature, args):
+                fnty = ir.FunctionType(ir.IntType(16), [ir.FloatType()])
+                return builder.call(ir.InlineAsm(fnty, f"{instruction} $0, $1;", "=h,f"), args)
+
+            return nbtypes.uint16(nbtypes.float32), codegen
+
+        return cvt
+
+    _cvt_rz_f16 = _cvt_intrinsic("cvt.rz.f16.f32")
+    _cvt_rn_bf16 = _cvt_intrinsic("cvt.rn.bf16.f32")  # sm_80 and later
+
+    @cuda.jit(device=True, inline="always")
+    def half_rz_bits(f):
+        """float32 ``f`` truncated toward zero to float16, as its bits (uint32): ``cvt.rz.f16.f32``."""
+        return np.uint32(_cvt_rz_f16(np.float32(f)))
+
+    @cuda.jit(device=True, inline="always")
+    def bfloat16_rn_bits(f):
+        """float32 ``f`` rounded to the nearest even bfloat16, as its bits (uint32): ``cvt.rn.bf16.f32`` (sm_80+).
+
+        A NaN gives the hardware's canonical NaN (callers select their own).
+        """
+        return np.uint32(_cvt_rn_bf16(np.float32(f)))
 
 
 @cuda.jit(device=True, inline="always")

@@ -535,6 +535,8 @@ def hard_values(rng, dtype, size):
     """``size`` values of ``dtype``: random patterns, specials, near-ties of every narrower format, subnormals."""
     dtype = as_dtype(dtype)
     pool = [sample_values(rng, dtype, 128)]
+    if dtype == np.float32:  # NaNs whose bit pattern plus a few random bits wraps past 2**32
+        pool.append(np.array([0xFFFFFFFF, 0xFFFFE001, 0xFFFFF000, 0x7FFFFFFF], np.uint32).view(dtype))
     if dtype.itemsize >= 4:  # exact ties and their neighbours for bfloat16 (16 dropped bits) and float16 (13)
         word = np.dtype(f"u{dtype.itemsize}")
         high = rng.integers(0, 2**31, 64, dtype=np.int64).astype(word) << word.type(8 * dtype.itemsize - 31)
@@ -988,3 +990,27 @@ def test_float16_commits_on_the_gpu_match_numpy_on_edge_bit_patterns(rng, main, 
     for pool in ("recurrent", "conv"):  # every slot was committed: none kept its old bits
         for slot in range(4):
             assert (after[0][pool][:, slot] != before[pool][:, slot]).any(), (pool, slot)
+
+
+def test_float16_stochastic_fast_path_flags_nans_whose_sum_wraps():
+    # float32 -> float16 stochastic adds the random bits to the float32 pattern before the
+    # truncating conversion: for a negative NaN that sum passes 2**32. It must wrap quietly (no
+    # overflow warning on the simulator's NumPy scalars) and the element must be flagged for the
+    # full steps; an ordinary value next to it takes the fast path.
+    from mamba_cache.precision import commit_kernels as ck
+
+    @cuda.jit
+    def run(out, xs, rs):
+        i = cuda.grid(1)
+        if i < xs.shape[0]:
+            h, rare = ck._f16_stochastic_fast(xs[i], rs[i])
+            out[i, 0] = h
+            out[i, 1] = 1 if rare else 0
+
+    xs = np.array([0xFFFFFFFF, 0xFFFFE001, 0x7FFFFFFF, 0x3F800000], np.uint32)  # three NaNs, then 1.0
+    rs = np.full(xs.size, 0xFFFFFFFF, np.uint32)
+    out = cuda.to_device(np.zeros((xs.size, 2), np.uint32))
+    run[1, 32](out, cuda.to_device(xs), cuda.to_device(rs))
+    got = out.copy_to_host()
+    assert got[:3, 1].tolist() == [1, 1, 1], got
+    assert got[3].tolist() == [0x3C00, 0], got  # 1.0 plus 8191 / 8192 of a float16 place, truncated

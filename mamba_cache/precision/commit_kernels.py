@@ -476,7 +476,9 @@ def _f16_stochastic_fast(x, r):
     # subnormals) the sum stays below 2**-125 and truncates to the signed zero the reference gives.
     # Everything else (subnormal results, |x| >= 65504, infinities, NaNs) is flagged, for the full steps
     x32 = np.uint32(x)
-    h = half_rz_bits(float32_from_bits(np.uint32(x32 + (np.uint32(r) >> np.uint32(19)))))
+    # the sum wraps only for a negative NaN (flagged below); added in 64 bits and masked, since the
+    # simulator's NumPy scalars warn on a wrapping 32-bit add (the GPU's code is the same either way)
+    h = half_rz_bits(float32_from_bits(np.uint32((np.uint64(x32) + np.uint64(np.uint32(r) >> np.uint32(19))) & _U32)))
     f = abs(float32_from_bits(x32))
     fast = (f < np.float32(2.0**-126)) | ((f >= np.float32(2.0**-14)) & (f < np.float32(65504.0)))
     return h, not fast

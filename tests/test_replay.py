@@ -1114,7 +1114,7 @@ def test_bfloat16_state_rounding_matches_the_reference_on_edge_bit_patterns(rng)
     from mamba_cache.precision.reference import convert_bits
     from mamba_cache.replay import kernels as rk
 
-    rounder = rk._rounder(rk.ROUND_BF16)
+    rounder = rk._rounder(rk.ROUND_BF16)  # on an sm_80+ GPU the hardware path; on the simulator the shortcut
 
     @cuda.jit
     def run(out, bits):
@@ -1122,6 +1122,12 @@ def test_bfloat16_state_rounding_matches_the_reference_on_edge_bit_patterns(rng)
         if i < bits.shape[0]:
             h = rounder(float32_from_bits(bits[i]), 1, 8, 7, 0, i, 0, 0, 0, 0)
             out[i] = float32_bits(h)
+
+    @cuda.jit
+    def run_hw(out, bits):  # the hardware path itself (on the simulator, ml_dtypes' cast stands in for cvt)
+        i = cuda.grid(1)
+        if i < bits.shape[0]:
+            out[i] = float32_bits(rk.round_bfloat16_hw(float32_from_bits(bits[i])))
 
     signs = rng.integers(0, 2, 64, dtype=np.uint32) << np.uint32(31)
     high = rng.integers(0, 2**16, 64, dtype=np.uint32) << np.uint32(16)
@@ -1135,9 +1141,10 @@ def test_bfloat16_state_rounding_matches_the_reference_on_edge_bit_patterns(rng)
         high | np.uint32(0x7FFF),
     ]
     bits = np.concatenate(parts).astype(np.uint32)
-    out = cuda.to_device(np.zeros_like(bits))
-    run[-(-bits.size // 128), 128](out, cuda.to_device(bits))
-    got = out.copy_to_host()
     want = convert_bits(bits.astype(np.uint64), (8, 23), (8, 7)).astype(np.uint32) << np.uint32(16)
-    bad = np.flatnonzero(got != want)
-    assert bad.size == 0, [(hex(bits[i]), hex(got[i]), hex(want[i])) for i in bad[:8]]
+    for kernel in (run, run_hw):
+        out = cuda.to_device(np.zeros_like(bits))
+        kernel[-(-bits.size // 128), 128](out, cuda.to_device(bits))
+        got = out.copy_to_host()
+        bad = np.flatnonzero(got != want)
+        assert bad.size == 0, [(kernel.__name__, hex(bits[i]), hex(got[i]), hex(want[i])) for i in bad[:8]]

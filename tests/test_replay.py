@@ -911,9 +911,11 @@ def test_gpu_tracked_stochastic_replay_captures_into_a_cuda_graph(rng, mixer):
 # ---------------------------------------------------------------- tiled kernels (issue 11: bandwidth-bound replay)
 #: (mixer, H, D, N, G, state dtype, stochastic): sizes on and off the tiled kernels' tile edges.
 TILED_CASES = [
-    ("mamba2", 3, 3, 5, 1, "float16", False),  # N = 5: an 8-wide tile; D = 3: one partial d-tile
-    ("mamba2", 2, 17, 33, 2, "bfloat16", True),  # a 64-wide tile, 33 live; D = 17 over two 16-row d-tiles
-    ("mamba2", 2, 9, 128, 1, "float32", False),  # one full 128-wide tile; D = 9 over two 8-row d-tiles
+    ("mamba2", 3, 3, 5, 1, "float16", False),  # N = 5: element accesses, one 8-column lane; D = 3 < RPT rows
+    ("mamba2", 2, 17, 33, 2, "bfloat16", True),  # elements: 64-wide tile, 33 live; D = 17: 1 live row in group 5
+    ("mamba2", 2, 9, 128, 1, "float32", False),  # 2 elements per word: one full 128-wide tile; D = 9
+    ("mamba2", 2, 6, 24, 2, "float16", False),  # 4 per word: a 32-wide tile, its last lane past N; D = 6
+    ("mamba2", 1, 4, 264, 1, "bfloat16", False),  # 4 per word: two 256-wide tiles, 8 live in the 2nd; D = RPT
     ("gdn", 3, 3, 5, 3, "float32", False),  # one part, guarded; the block spans heads
     ("gdn", 2, 33, 3, 1, "float32", False),  # two parts, guarded: the prediction chain crosses threads
     ("gdn", 1, 96, 3, 1, "float16", False),  # four parts, the last one past D
@@ -926,6 +928,28 @@ TILED_CASES = [
 ]
 #: Head size (H * D * N) above which a case runs on the GPU only.
 SIMULATED_HEADS = 4096
+
+
+@pytest.mark.parametrize(("dim", "size"), [(1, 1), (3, 5), (17, 33), (64, 128), (64, 264), (128, 64), (9, 2048)])
+def test_mamba2_tiles_cover_the_head_with_the_fewest_tiles(dim, size):
+    from mamba_cache.replay import tiled
+
+    lanes, row_groups, d_tiles, n_tiles = tiled.mamba2_tiles(dim, size)
+    assert lanes * row_groups == tiled.THREADS and lanes & (lanes - 1) == 0 and lanes <= tiled.WARP
+    rows, cols = row_groups * tiled.RPT, lanes * tiled.CPT
+    assert (d_tiles - 1) * rows < dim <= d_tiles * rows, "d tiles"
+    assert (n_tiles - 1) * cols < size <= n_tiles * cols, "n tiles"
+    assert lanes == tiled.WARP or lanes // 2 * tiled.CPT < size, "a narrower tile would cover N"
+
+
+def test_mamba2_word_accesses_need_2_or_4_byte_elements_and_whole_words_per_thread():
+    from mamba_cache.replay import tiled
+
+    cpt = tiled.CPT
+    for dtype, per_word in ((np.float16, 4), (np.uint16, 4), (np.float32, 2), (np.float64, 0)):
+        pool = cuda.device_array((1, 2, 4 * cpt), dtype)
+        assert tiled.mamba2_word_elems(pool, 2 * cpt) == per_word, dtype
+        assert tiled.mamba2_word_elems(pool, 2 * cpt + 4) == 0, "N not a multiple of CPT"
 
 
 @pytest.mark.parametrize(
@@ -995,14 +1019,15 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
-def test_tiled_replay_kernels_past_the_staged_steps_and_with_a_wide_conv_window(rng, monkeypatch, mixer):
-    """Steps past ``tiled.STAGED`` (Mamba2 reads their stash from global memory) and a conv window wider than
-    ``tiled.CONV_MAX_WIDTH`` (one channel per thread, the first kernels' conv update): the first kernels' bits."""
+def test_tiled_replay_kernels_over_many_steps_and_with_a_wide_conv_window(rng, monkeypatch, mixer):
+    """Eleven steps (Mamba2 carries its one-step-ahead stash loads along, GDN its key buffers) and a conv
+    window wider than ``tiled.CONV_MAX_WIDTH`` (one channel per thread, the first kernels' conv update): the
+    first kernels' bits."""
     from conftest import assert_same_bits
 
     from mamba_cache.replay import kernels, tiled
 
-    verify = tiled.STAGED + 3
+    verify = 11
     assert tiled.CONV_MAX_WIDTH + 1 == 5  # the window below is one wider than the register path takes
     config = replay_config(mixer, "float16", max_batch_size=3, max_intermediate_seq_len=verify, conv_kernel=5)
     seed = int(rng.integers(1 << 30))
@@ -1011,10 +1036,10 @@ def test_tiled_replay_kernels_past_the_staged_steps_and_with_a_wide_conv_window(
         manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed))
         with monkeypatch.context() as patch:
             patch.setattr(tiled, "prepare", prepare)
-            manager.replay_mtp_states(device_int32("numba", [verify, tiled.STAGED + 1, 2]))
+            manager.replay_mtp_states(device_int32("numba", [verify, 9, 2]))
         managers.append(manager)
     first, second = (snapshot(m) for m in managers)
-    assert_same_bits(first, second, "replay past the staged steps")
+    assert_same_bits(first, second, "replay over many steps")
     assert (first["recurrent"] != state["recurrent"]).any() and (first["conv"] != state["conv"]).any()
 
 
@@ -1050,12 +1075,14 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
         dispatcher.get_current_device = lambda: Device()
         from mamba_cache.replay import kernels as rk, tiled as tk
 
-        def signature(kernel, dtype):
+        def signature(kernel, dtype, words="uint64"):
             array = lambda dt, nd: types.Array(numpy_support.from_dtype(np.dtype(dt)), nd, "C")
             args = []
             for name in inspect.signature(kernel.py_func).parameters:
                 if name in ("rec", "track_rec", "conv", "track_conv"):
                     args.append(array(dtype, 3))
+                elif name == "rec_words":  # the pool's uint64 view (with words off, the pool again)
+                    args.append(array(words, 3))
                 elif name in ("dA", "u", "B", "g", "beta", "k", "v"):
                     args.append(array("float32", 2))
                 elif name == "col":
@@ -1069,16 +1096,19 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
             return tuple(args)
 
         cases = [
-            ("mamba2 float16", tk.replay_mamba2_kernel(rk.ROUND_HALF, 0), "float16"),
-            ("mamba2 bfloat16", tk.replay_mamba2_kernel(rk.ROUND_BF16, 1), "uint16"),
+            # Nemotron-H-8B's heads (D = 64, N = 128, 16 heads per group), as the backend builds them
+            ("mamba2 float16", tk.replay_mamba2_kernel(rk.ROUND_HALF, 0, 64, 128, 16, 4), "float16"),
+            ("mamba2 bfloat16", tk.replay_mamba2_kernel(rk.ROUND_BF16, 1, 64, 128, 16, 4), "uint16"),
+            ("mamba2 float32", tk.replay_mamba2_kernel(rk.ROUND_NONE, 0, 64, 128, 16, 2), "float32"),
+            ("mamba2 float16 edges", tk.replay_mamba2_kernel(rk.ROUND_HALF, 0, 17, 33, 2, 0), "float16", "float16"),
             ("gdn D=128 float32", tk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
             ("gdn D=64 float32", tk.replay_gdn_kernel(64, rk.ROUND_NONE, 0), "float32"),
             ("gdn D=128 bfloat16", tk.replay_gdn_kernel(128, rk.ROUND_BF16, 1), "uint16"),
             ("first gdn D=128 float32", rk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
         ]
         with tempfile.TemporaryDirectory() as tmp:
-            for name, kernel, dtype in cases:
-                ptx, _ = cuda.compile_ptx(kernel.py_func, signature(kernel, dtype), cc=(9, 0))
+            for name, kernel, dtype, *words in cases:
+                ptx, _ = cuda.compile_ptx(kernel.py_func, signature(kernel, dtype, *words), cc=(9, 0))
                 ptx = re.sub(r"^\\.version \\d+\\.\\d+", ".version 8.0", ptx, flags=re.M)  # any ptxas >= 12.0 reads it
                 with open(tmp + "/k.ptx", "w") as f:
                     f.write(ptx)
@@ -1095,7 +1125,7 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
     assert result.returncode == 0, result.stderr[-3000:]
     report = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     print(report)
-    assert len(report) == 6, result.stdout
+    assert len(report) == 8, result.stdout
     for name, line in report.items():
         registers, spill = (int(word) for word in line.split() if word.isdigit())
         if name.startswith("first"):

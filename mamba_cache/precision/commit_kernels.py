@@ -59,7 +59,16 @@ from numba import cuda
 
 from ..core.numba_backend import SIMULATOR
 from . import kernels
-from .kernels import MODE_COPY, MODE_STOCHASTIC, convert_bits, float32_bits, float32_from_bits, half_rz_bits
+from .kernels import (
+    MODE_COPY,
+    MODE_STOCHASTIC,
+    convert_bits,
+    float32_bits,
+    float32_from_bits,
+    half_bits_to_float32,
+    half_rn_bits,
+    half_rz_bits,
+)
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: uint64 loads each thread issues before converting (the groups per thread follow from it).
@@ -208,32 +217,6 @@ def _philox_round(x0, x1, x2, x3, key0, key1):
     return np.uint32(hi1 ^ x1 ^ key0), lo1, np.uint32(hi0 ^ x3 ^ key1), lo0
 
 
-# ---------------------------------------------------------------- float16 <-> float32 in hardware
-
-
-if SIMULATOR:  # the simulator has no libdevice: NumPy's casts (float32 -> float16 rounds to nearest even)
-
-    @cuda.jit(device=True, inline="always")
-    def _half_rn(f):
-        with np.errstate(over="ignore"):
-            return np.uint32(np.array(f, np.float32).astype(np.float16).view(np.uint16))
-
-    @cuda.jit(device=True, inline="always")
-    def _half_to_float(h):
-        return np.float32(np.array(h, np.uint32).astype(np.uint16).view(np.float16))
-
-
-else:  # cvt.rn.f16.f32 and cvt.f32.f16 (one instruction each; cvt.rz.f16.f32: kernels.half_rz_bits)
-
-    @cuda.jit(device=True, inline="always")
-    def _half_rn(f):
-        return np.uint32(np.uint16(libdevice.float2half_rn(np.float32(f))))
-
-    @cuda.jit(device=True, inline="always")
-    def _half_to_float(h):
-        return libdevice.half2float(np.int16(np.uint16(h)))
-
-
 @cuda.jit(device=True, inline="always")
 def _f32_to_f16_rn(x):
     # float32 bits -> float16 bits (uint32), round to nearest even in hardware: the reference's bits
@@ -241,7 +224,7 @@ def _f32_to_f16_rn(x):
     # reference's quiet NaN with the top payload bits (a select, not a branch)
     x32 = np.uint32(x)
     f = float32_from_bits(x32)
-    h = _half_rn(f)
+    h = half_rn_bits(f)
     if f != f:
         h = np.uint32(
             ((x32 >> np.uint32(16)) & np.uint32(0x8000))
@@ -256,7 +239,7 @@ def _f16_to_f32_hw(x):
     # float16 bits (the low 16 of x) -> float32 bits, exact in hardware; a NaN the reference's quiet
     # NaN with the payload (a select, not a branch)
     x16 = np.uint32(np.uint32(x) & np.uint32(0xFFFF))
-    f = _half_to_float(x16)
+    f = half_bits_to_float32(x16)
     w = float32_bits(f)
     if f != f:
         # sign | 0x7FC00000 | man << 13: (x16 << 16) shifted right by 3 as int32 keeps the sign at

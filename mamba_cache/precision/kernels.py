@@ -286,6 +286,35 @@ else:  # on the GPU: libdevice's register bit casts (__float_as_int, __int_as_fl
         return libdevice.int_as_float(np.int32(np.uint32(bits)))
 
 
+# ---------------------------------------------------------------- float16 <-> float32 in hardware
+
+
+if SIMULATOR:  # the simulator has no libdevice: NumPy's casts (float32 -> float16 rounds to nearest even)
+
+    @cuda.jit(device=True, inline="always")
+    def half_rn_bits(f):
+        """float32 ``f`` rounded to the nearest even float16, as its bits (uint32): ``cvt.rn.f16.f32``."""
+        with np.errstate(over="ignore"):
+            return np.uint32(np.array(f, np.float32).astype(np.float16).view(np.uint16))
+
+    @cuda.jit(device=True, inline="always")
+    def half_bits_to_float32(h):
+        """The float32 of the float16 bit pattern ``h`` (the low 16 bits): ``cvt.f32.f16``, exact."""
+        return np.float32(np.array(h, np.uint32).astype(np.uint16).view(np.float16))
+
+else:  # libdevice's __float2half_rn and __half2float: cvt.rn.f16.f32 and cvt.f32.f16, one instruction each
+
+    @cuda.jit(device=True, inline="always")
+    def half_rn_bits(f):
+        """float32 ``f`` rounded to the nearest even float16, as its bits (uint32): ``cvt.rn.f16.f32``."""
+        return np.uint32(np.uint16(libdevice.float2half_rn(np.float32(f))))
+
+    @cuda.jit(device=True, inline="always")
+    def half_bits_to_float32(h):
+        """The float32 of the float16 bit pattern ``h`` (the low 16 bits): ``cvt.f32.f16``, exact."""
+        return libdevice.half2float(np.int16(np.uint16(h)))
+
+
 if SIMULATOR:  # NumPy stands in for the two conversions PTX has and libdevice lacks
 
     @cuda.jit(device=True, inline="always")

@@ -13,28 +13,32 @@ Pools and stash are seen as in :mod:`mamba_cache.replay.kernels`::
     rec     [L, B, H*D*N]      element (i, d, n) at (i * D + d) * N + n
     grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
 
-Mamba2: a block owns a tile of one head ``i``: ``row_groups * RPT`` rows times ``lanes * cpt``
-columns (:func:`mamba2_tiles`; ``lanes`` is the power of two >= N between ``RPT`` and a warp,
-``row_groups = THREADS / lanes``, ``cpt`` columns per thread, at most :data:`MAX_CPT`). Thread
-``tx = g * lanes + l`` owns the ``RPT x cpt`` elements of rows ``d0 + r * row_groups`` and
-columns ``n0 + k * lanes``, so each load and store instruction of a warp covers ``lanes``
-consecutive elements of one row::
+Mamba2: a block owns a tile of one head ``i``: ``row_groups * RPT`` rows times ``lanes * CPT``
+columns (:func:`mamba2_tiles`; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
+``row_groups = THREADS / lanes``). Thread ``tx = g * lanes + l`` owns the ``RPT x CPT`` elements
+of the :data:`RPT` consecutive rows from ``d0`` and the :data:`CPT` consecutive columns from
+``n0``, so a row of its tile is two uint64 words of a 16-bit state (four of a float32 one) and
+each load and store instruction of a warp covers ``lanes * CPT`` consecutive elements::
 
-    block x -> (i, d_tile, n_tile)        32-bit divisions, once per thread
-    d0 = d_tile * row_groups * RPT + g,   n0 = n_tile * lanes * cpt + l
+    block x -> (i, d_tile, n_tile)        divisions by constants, once per thread
+    d0 = d_tile * row_groups * RPT + g * RPT,   n0 = n_tile * lanes * CPT + l * CPT
 
-    head i:   n ->  0 .. lanes-1 | lanes .. 2 lanes-1 | ...    (k = 0, 1, .. cpt-1)
-    d  0      t0 t1 .. t31       | t0 t1 ..           |        r = 0, row group 0
-    d  1      t32 ..             | t32 ..             |        r = 0, row group 1
+    head i:   n ->  0 .. 7 | 8 .. 15 | ... | 120 .. 127        (N = 128: 16 lanes of CPT = 8)
+    d  0..3         t0     | t1      | ... | t15               row group 0
+    d  4..7         t16    | t17     | ... | t31               row group 1
     ...
-    d  G      t0 t1 ..           | ..                 |        r = 1      (G = row_groups)
 
-Before its first step the block stages the stash of its first :data:`STAGED` steps in shared
-memory (``dA[i]``, the tile's ``u[i, d]`` rows and ``B[j, n]`` columns: every load issued
-first, beside the state's loads, so the block waits for memory once), then every thread applies
-the steps from registers and shared memory: per element-step ``h = round(fma(u, B, h * dA))``,
-four instructions for a float16 state (``FMUL``, ``FFMA``, ``cvt.rn.f16.f32`` and back). Later
-steps read global memory. Index arithmetic is 32-bit unsigned.
+The head shape (D, N, H / G) is compile-time (:func:`replay_mamba2_kernel`), so row pitches and
+the index divisions are constants, and where D is a multiple of :data:`RPT` a thread has no edge
+to test. A thread loads its state words, then step 0's stash (``dA[i]``, its ``u[i, d]`` rows,
+its ``B[j, n]`` columns: L1 / L2 hits shared by the block's warps), then converts the words to
+float32, so it waits for memory once; each step loads the next step's stash before it computes
+``h = round(fma(u, B, h * dA))`` per element (four instructions for a float16 state: ``FMUL``,
+``FFMA``, ``cvt.rn.f16.f32`` and back). Where N is not a multiple of :data:`CPT`, or the pool is
+neither 2- nor 4-byte, the state is read and written one element at a time
+(:func:`mamba2_word_elems`); a thread at the edge of the head repeats its last live row or column
+in the loads and computes it, but never stores it, so the step loop has no guard. Index
+arithmetic is 32-bit unsigned. No shared memory, no barrier.
 
 Gated DeltaNet: a column ``S_i[:, e]`` is split over ``P = ceil(D / 32)`` threads (``P`` rounded up to
 a power of two), part ``q`` keeping ``d = 32 q .. 32 q + 31`` in registers. The prediction is one
@@ -65,8 +69,8 @@ import numpy as np
 from numba import cuda, float32
 from numba.np import numpy_support
 
-from ..core.numba_backend import SIMULATOR
-from ..precision.kernels import load_float32
+from ..core.numba_backend import SIMULATOR, _device_pointer
+from ..precision.kernels import float32_bits, float32_from_bits, half_bits_to_float32, half_rn_bits, load_float32
 from .kernels import (
     MAX_KEY_DIM,
     ROUND_STORED,
@@ -78,6 +82,7 @@ from .kernels import (
     _store_word,
     _track,
     _track_conv,
+    bfloat16_in_hardware,
     gdn_accumulate,
     gdn_write,
     launch_args,
@@ -89,12 +94,11 @@ from .kernels import (
 THREADS = 128
 #: Lanes of a warp: a Mamba2 warp covers up to this many consecutive state columns.
 WARP = 32
-#: State rows (d) each Mamba2 thread keeps in registers.
-RPT = 8
-#: Most state columns (n) each Mamba2 thread keeps in registers (``lanes`` apart).
-MAX_CPT = 4
-#: Replayed steps whose Mamba2 stash a block stages in shared memory (later steps read global memory).
-STAGED = 8
+#: Consecutive state rows (d) each Mamba2 thread keeps in registers.
+RPT = 4
+#: Consecutive state columns (n) each Mamba2 thread keeps in registers: two uint64 words of a 16-bit
+#: state, four of a float32 one.
+CPT = 8
 #: Conv channels per thread in the conv blocks.
 CONV_CPT = 2
 #: Widest conv window the conv blocks keep in registers (a wider one takes one channel per thread).
@@ -108,18 +112,30 @@ MAX_PARTS = MAX_KEY_DIM // PART
 _FORCE_INLINE = {} if SIMULATOR else {"forceinline": True}
 
 
-def mamba2_tiles(dim: int, size: int) -> tuple[int, int, int, int, int]:
-    """``(lanes, cpt, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N.
+def mamba2_tiles(dim: int, size: int) -> tuple[int, int, int, int]:
+    """``(lanes, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N.
 
-    ``lanes`` threads side by side cover ``lanes`` consecutive columns (the power of two >= N, at
-    least :data:`RPT` and at most a warp), each thread ``cpt`` columns ``lanes`` apart (at most :data:`MAX_CPT`) and
-    :data:`RPT` rows ``row_groups`` apart; a block is ``row_groups * RPT`` rows x ``lanes * cpt``
-    columns of one head.
+    ``lanes`` threads side by side cover ``lanes * CPT`` consecutive columns (``lanes`` the power
+    of two >= ``N / CPT``, at most a warp), each thread :data:`CPT` consecutive columns of
+    :data:`RPT` consecutive rows; the ``row_groups = THREADS / lanes`` groups of lanes are
+    stacked, so a block is ``row_groups * RPT`` rows x ``lanes * CPT`` columns of one head.
     """
-    lanes = min(WARP, max(RPT, 1 << max(0, (size - 1).bit_length())))  # >= RPT: a tile has <= THREADS rows
-    cpt = min(MAX_CPT, -(-size // lanes))
+    lanes = min(WARP, 1 << max(0, (-(-size // CPT) - 1).bit_length()))
     row_groups = THREADS // lanes
-    return lanes, cpt, row_groups, -(-dim // (row_groups * RPT)), -(-size // (lanes * cpt))
+    return lanes, row_groups, -(-dim // (row_groups * RPT)), -(-size // (lanes * CPT))
+
+
+def mamba2_word_elems(pool: Any, size: int) -> int:
+    """State elements per uint64 word the Mamba2 kernel loads and stores: 4 (16-bit), 2 (float32), or 0.
+
+    0 (one element per access) unless the pool's elements are 2 or 4 bytes, ``N`` is a multiple of
+    :data:`CPT` (a thread's columns then start at a multiple of ``CPT`` in every row and slot) and
+    the pool starts on an 8-byte boundary.
+    """
+    itemsize = pool.dtype.itemsize
+    if itemsize not in (2, 4) or size % CPT or _device_pointer(pool) % 8:
+        return 0
+    return 8 // itemsize
 
 
 def gdn_parts(key_dim: int) -> int:
@@ -133,24 +149,30 @@ _GDN_KERNELS: dict = {}
 
 
 def replay_mamba2_kernel(
-    rounding: int = ROUND_STORED,
-    bits16: int = 0,
-    lanes: int = WARP,
-    cpt: int = MAX_CPT,
+    rounding: int,
+    bits16: int,
+    dim: int,
+    size: int,
+    group_heads: int,
+    word_elems: int = 0,
     conv_width: int = 4,
     conv_dtype: Any = np.float16,
 ) -> Any:
-    """The tiled Mamba2 replay kernel for a ``rounding`` (``ROUND_*``), a pool kind (``bits16``) and a tile, cached.
+    """The tiled Mamba2 replay kernel for a rounding (``ROUND_*``), a pool kind (``bits16``) and a head shape, cached.
 
-    ``lanes`` and ``cpt`` (:func:`mamba2_tiles`) are compile-time constants: ``cpt`` sizes the
-    thread's register tile, and with ``lanes`` known a thread's ``cpt`` columns of one row are
-    constant offsets from one address. The conv window's width and the conv pool's dtype pick the
-    conv part (:func:`_conv_tile`).
+    The head shape is compile-time: head dim ``dim`` (D), state size ``size`` (N) and the heads
+    per group ``group_heads`` (H / G), so the tile (:func:`mamba2_tiles`), every row pitch and
+    the index divisions are constants, and a thread of a D that is a multiple of :data:`RPT`
+    has no edge to test. ``word_elems`` (:func:`mamba2_word_elems`) says how the state is
+    accessed: 4 or 2 elements per uint64 word (16-bit: float16, or bfloat16 with ``bits16``;
+    2: float32), 0 one element at a time. The conv window's width and the conv pool's dtype pick
+    the conv part (:func:`_conv_tile`).
     """
-    key = (rounding, int(bits16), int(lanes), int(cpt), int(conv_width), np.dtype(conv_dtype).str)
+    key = (rounding, int(bits16), int(dim), int(size), int(group_heads), int(word_elems), int(conv_width),
+           np.dtype(conv_dtype).str, bfloat16_in_hardware())  # fmt: skip
     kernel = _MAMBA2_KERNELS.get(key)
     if kernel is None:
-        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:4], _conv_tile(conv_width, conv_dtype))
+        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:6], _conv_tile(conv_width, conv_dtype))
     return kernel
 
 
@@ -166,9 +188,10 @@ def replay_gdn_kernel(
     parts = gdn_parts(key_dim)
     exact = key_dim if key_dim == parts * PART else 0
     key = (parts, exact, rounding, int(bits16), int(conv_width), np.dtype(conv_dtype).str)
-    kernel = _GDN_KERNELS.get(key)
+    kernel = _GDN_KERNELS.get((*key, bfloat16_in_hardware()))
     if kernel is None:
-        kernel = _GDN_KERNELS[key] = _make_gdn(*key[:4], _conv_tile(conv_width, conv_dtype))
+        kernel = _make_gdn(*key[:4], _conv_tile(conv_width, conv_dtype))
+        _GDN_KERNELS[(*key, bfloat16_in_hardware())] = kernel
     return kernel
 
 
@@ -266,96 +289,98 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
     return tile
 
 
-def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_tile: Any) -> Any:
+def _make_mamba2(
+    rounding: int, pool_bits16: int, head_dim: int, state_size: int, group_heads: int, word_elems: int, conv_tile: Any
+) -> Any:
     rounder = _rounder(rounding)
-    cells = RPT * cpt
-    row_groups = THREADS // lanes
-    tile_rows, tile_cols = row_groups * RPT, lanes * cpt  # tile_cols <= THREADS
+    cells = RPT * CPT
+    lanes, row_groups, d_tiles, n_tiles = mamba2_tiles(head_dim, state_size)
+    tile_rows, tile_cols = row_groups * RPT, lanes * CPT
+    per_head = d_tiles * n_tiles
+    rows_exact = head_dim % RPT == 0  # every live thread has RPT live rows
+    word_pitch = state_size // word_elems if word_elems else 0  # uint64 words per state row
+    words = CPT // word_elems if word_elems else 1  # uint64 words of a thread's row
+    elem_bits = 64 // word_elems if word_elems else 64
+    elem_mask = (1 << elem_bits) - 1
+    word_cells, elem_cells = RPT * words, (1 if word_elems else cells)  # the raw loads' buffers
 
-    @cuda.jit(device=True, **_FORCE_INLINE)
-    def stage(
-        shared_decay, shared_u, shared_b, staged, row, i, j, d_base, n_base, heads, dim, size, groups, seq_len,
-        decays, inputs, projections, node_ids, use_nodes,
-    ):  # fmt: skip
-        """The block's stash of steps ``0 .. staged-1`` into shared memory: every load first, then the stores.
+    @cuda.jit(device=True, inline=True)
+    def unpack(w, e):
+        """Element ``e`` of the pool's uint64 word ``w``, as float32 (exact)."""
+        x = np.uint32((w >> np.uint64(e * elem_bits)) & np.uint64(elem_mask))
+        if word_elems == 2:
+            return float32_from_bits(x)
+        if pool_bits16:
+            return float32_from_bits(x << np.uint32(16))
+        return half_bits_to_float32(x)
 
-        Thread ``tx`` loads ``B[j, n_base + tx]``, threads ``tx < tile_rows`` also ``u[i, d_base + tx]``,
-        thread ``tile_rows`` ``dA[i]``, for each staged step.
+    @cuda.jit(device=True, inline=True)
+    def bits_of(h):
+        """The pool element's bits of a state value already rounded to the pool's format, as uint64."""
+        if word_elems == 2:
+            return np.uint64(float32_bits(h))
+        if pool_bits16:
+            return np.uint64(float32_bits(h) >> np.uint32(16))
+        return np.uint64(half_rn_bits(h))  # exact: h is a float16 value
+
+    @cuda.jit(device=True, inline=True)
+    def fetch(u_next, b_next, t, row, i, j, d0, n0, last_row, last_col, heads, groups, seq_len, decays, inputs,
+              projections, node_ids, use_nodes):  # fmt: skip
+        """Step ``t``'s stash for this thread, returning ``dA[i]``.
+
+        ``u[i, d]`` of its rows go into ``u_next``, ``B[j, n]`` of its columns into ``b_next``; a
+        row or column past the edge gets the last live one's (it is computed, never stored).
         """
-        tx = _u32(cuda.threadIdx.x)
-        b_live = tx < tile_cols and n_base + tx < size
-        u_live = tx < tile_rows and d_base + tx < dim
-        a_live = tx == tile_rows % THREADS
-        b_ahead = cuda.local.array(STAGED, float32)
-        u_ahead = cuda.local.array(STAGED, float32)
-        a_ahead = cuda.local.array(STAGED, float32)
-        for t in range(STAGED):
-            if t < staged:
-                step = _u32(_step(node_ids, use_nodes, row, seq_len, t))
-                head = _u32(step * heads + i)
-                if b_live:
-                    b_ahead[t] = projections[_u32(_u32(step * groups + j) * size + n_base + tx)]
-                if u_live:
-                    u_ahead[t] = inputs[_u32(head * dim + d_base + tx)]
-                if a_live:
-                    a_ahead[t] = decays[head]
-        for t in range(STAGED):
-            if t < staged:
-                if b_live:
-                    shared_b[t, tx] = b_ahead[t]
-                if u_live:
-                    shared_u[t, tx] = u_ahead[t]
-                if a_live:
-                    shared_decay[t] = a_ahead[t]
-
-    @cuda.jit(device=True, **_FORCE_INLINE)
-    def step_tile(
-        h, shared_decay, shared_u, shared_b, t, row, layer, i, j, heads, dim, size, groups, seq_len, group, lane,
-        d0, n0, first, pitch, rows, cols, decays, inputs, projections, node_ids, use_nodes, positions, use_positions,
-        mode, exp_bits, man_bits, half, seed_lo, seed_hi,
-    ):  # fmt: skip
-        """Replayed step ``t`` of this thread's tile ``h`` (``RPT x cpt`` registers, row-major), in place.
-
-        The stash of a staged step comes from shared memory, of a later one from global memory.
-        """
-        b = cuda.local.array(MAX_CPT, float32)
-        u_rows = cuda.local.array(RPT, float32)
-        if t < STAGED:
-            decay = shared_decay[t]
-            for k in range(cpt):
-                b[k] = shared_b[t, lane + k * lanes]
-            for r in range(RPT):
-                u_rows[r] = shared_u[t, group + r * row_groups]
-        else:
-            step = _u32(_step(node_ids, use_nodes, row, seq_len, t))
-            decay = decays[_u32(step * heads + i)]
-            u_first = np.uint64(_u32(step * heads + i) * dim + d0)  # u[step, i, d0]; row r is r * row_groups on
-            b_first = np.uint64(_u32(step * groups + j) * size + n0)  # B[step, j, n0]; column k is k * lanes on
-            for k in range(cpt):
-                b[k] = float32(0.0)
-                if k < cols:
-                    b[k] = projections[b_first + np.uint64(k * lanes)]  # 64-bit sums of constants: address offsets
-            for r in range(RPT):
-                u_rows[r] = float32(0.0)
-                if r < rows:
-                    u_rows[r] = inputs[u_first + np.uint64(r * row_groups)]
-        position = _position(positions, use_positions, row, t)
+        step = _u32(_step(node_ids, use_nodes, row, seq_len, t))
+        head = _u32(step * heads + i)
+        u_first = np.uint64(_u32(head * head_dim + d0))
+        b_first = np.uint64(_u32(_u32(step * groups + j) * state_size + n0))
         for r in range(RPT):
-            if r < rows:
-                for k in range(cpt):
-                    if k < cols:
-                        h[r * cpt + k] = rounder(
-                            mamba2_update(h[r * cpt + k], decay, u_rows[r], b[k]),
-                            mode,
-                            exp_bits,
-                            man_bits,
-                            half,
-                            _u32(first + r * pitch + k * lanes),
-                            position,
-                            layer,
-                            seed_lo,
-                            seed_hi,
-                        )
+            u_next[r] = inputs[u_first + np.uint64(min(r, last_row))]
+        for k in range(CPT):
+            b_next[k] = projections[b_first + np.uint64(min(k, last_col))]
+        return decays[head]
+
+    @cuda.jit(device=True, **_FORCE_INLINE)
+    def replay_steps(
+        h, u_next, b_next, decay_next, start, stop, accepted, row, layer, i, j, d0, n0, first, last_row, last_col,
+        heads, groups, seq_len, decays, inputs, projections, node_ids, use_nodes, positions, use_positions, mode,
+        exp_bits, man_bits, half, seed_lo, seed_hi,
+    ):  # fmt: skip
+        """Steps ``start .. stop-1`` on the thread's tile ``h`` (``RPT x CPT``, row-major), in place.
+
+        On entry ``u_next``, ``b_next``, ``decay_next`` hold step ``start``'s stash; each step
+        loads the next one's before it computes. Every element of the tile is computed (no guard in
+        the loop: past the edge the tile repeats its last live row or column, which is never
+        stored). Returns the next step's ``dA[i]``.
+        """
+        u_now = cuda.local.array(RPT, float32)
+        b_now = cuda.local.array(CPT, float32)
+        for t in range(start, stop):
+            decay = decay_next
+            for r in range(RPT):
+                u_now[r] = u_next[r]
+            for k in range(CPT):
+                b_now[k] = b_next[k]
+            if t + 1 < accepted:
+                decay_next = fetch(u_next, b_next, t + 1, row, i, j, d0, n0, last_row, last_col, heads, groups,
+                                   seq_len, decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
+            position = _position(positions, use_positions, row, t)
+            for r in range(RPT):
+                for k in range(CPT):
+                    h[r * CPT + k] = rounder(
+                        mamba2_update(h[r * CPT + k], decay, u_now[r], b_now[k]),
+                        mode,
+                        exp_bits,
+                        man_bits,
+                        half,
+                        _u32(first + r * state_size + k),
+                        position,
+                        layer,
+                        seed_lo,
+                        seed_hi,
+                    )
+        return decay_next
 
     @cuda.jit(cache=False)
     def replay_mamba2_tiled(
@@ -392,18 +417,16 @@ def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_til
         track_entries,
         track_steps,
         use_tracking,
-        tile_lanes,
-        row_groups,
-        d_tiles,
-        n_tiles,
+        rec_words,
     ):
         """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
-        Arguments as :func:`mamba_cache.replay.kernels.replay_mamba2`'s, with ``chunks_rec = H *
-        d_tiles * n_tiles`` and the tile shape ``tile_lanes, row_groups, d_tiles, n_tiles`` (this
-        kernel's ``lanes`` and ``cpt`` are the same tile's: :func:`mamba2_tiles`). Thread layout in
-        the module docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer than 2**32
-        elements; ``prepare`` checks).
+        Arguments as :func:`mamba_cache.replay.kernels.replay_mamba2`'s (``dim`` and ``size`` go
+        unread: the kernel's head shape is compile-time), with ``chunks_rec = H * d_tiles *
+        n_tiles`` (:func:`mamba2_tiles`) and ``rec_words``, the recurrent pool seen as uint64 words
+        ``[L, B, H*D*N / word_elems]`` (with ``word_elems`` 0: ``rec`` again, unused). Thread
+        layout in the module docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer
+        than 2**32 elements; ``prepare`` checks).
 
         Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
         """
@@ -419,72 +442,78 @@ def _make_mamba2(rounding: int, pool_bits16: int, lanes: int, cpt: int, conv_til
             conv_tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, block - chunks_rec,
                       channels, width, node_ids, use_nodes)  # fmt: skip
             return
-        shared_decay = cuda.shared.array(STAGED, float32)
-        shared_u = cuda.shared.array((STAGED, tile_rows), float32)
-        shared_b = cuda.shared.array((STAGED, tile_cols), float32)
-        n_heads, n_dim, n_size, n_groups = _u32(heads), _u32(dim), _u32(size), _u32(groups)
-        n_tiles32 = _u32(n_tiles)
+        n_heads, n_groups = _u32(heads), _u32(groups)
         tx = _u32(cuda.threadIdx.x)
-        per_head = _u32(_u32(d_tiles) * n_tiles32)
-        i = _u32(_u32(block) // per_head)  # 32-bit divisions, once per thread
+        i = _u32(_u32(block) // per_head)  # divisions by constants: multiply and shift
         rest = _u32(_u32(block) - i * per_head)
-        d_tile = _u32(rest // n_tiles32)
-        n_tile = _u32(rest - d_tile * n_tiles32)
+        d_tile = _u32(rest // n_tiles)
+        n_tile = _u32(rest - d_tile * n_tiles)
         group = _u32(tx // lanes)
-        lane = _u32(tx - group * lanes)
-        d_base, n_base = _u32(d_tile * tile_rows), _u32(n_tile * tile_cols)
-        n0, d0 = _u32(n_base + lane), _u32(d_base + group)
-        j = _u32(i // _u32(n_heads // n_groups))
+        d0 = _u32(_u32(d_tile * tile_rows) + group * RPT)
+        n0 = _u32(_u32(n_tile * tile_cols) + _u32(tx - group * lanes) * CPT)
+        if d0 >= head_dim or n0 >= state_size:  # past the head's edge (no barrier in this kernel)
+            return
+        # live rows r < rows, live columns k < cols; loads past the edge repeat the last live ones
+        rows = _u32(RPT) if rows_exact else min(_u32(RPT), _u32(head_dim - d0))
+        cols = _u32(CPT) if word_elems else min(_u32(CPT), _u32(state_size - n0))  # words: N is a multiple of CPT
+        last_row, last_col = _u32(rows - 1), _u32(cols - 1)
+        j = _u32(i // group_heads)
+        first = _u32(_u32(i * head_dim + d0) * state_size + n0)  # element (i, d0, n0); (r, k) is first + r * N + k
         decays, inputs, projections = dA[layer], u[layer], B[layer]
-        rows, cols = _u32(0), _u32(0)  # live rows r < rows, live columns k < cols; 0 for a thread past the edge
-        if n0 < n_size and d0 < n_dim:
-            rows = _u32(_u32(n_dim - d0 + (row_groups - 1)) // row_groups)
-            cols = _u32(_u32(n_size - n0 + (lanes - 1)) // lanes)
-        first = _u32(_u32(i * n_dim + d0) * n_size + n0)  # element (i, d0, n0); (r, k) is first + r * pitch + k * lanes
-        pitch = _u32(row_groups * n_size)
         state = rec[layer, slot]
-        # every load first, then the steps: the state's raw words, then the stash (staged first, the state's
-        # loads would wait behind the stores to shared memory, which wait for the stash; converted as they
-        # arrive, the stash's loads would wait for the state's), so the block waits for memory once
-        raw = cuda.local.array(cells, rec.dtype)  # the pool's own element type (uint16 for bfloat16)
-        for r in range(RPT):
-            for k in range(cpt):
-                if r < rows and k < cols:
-                    raw[r * cpt + k] = state[_at(first, r, pitch, k * lanes)]
-        stage(shared_decay, shared_u, shared_b, min(accepted, STAGED), row, i, j, d_base, n_base, n_heads, n_dim,
-              n_size, n_groups, seq_len, decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
+        # every load first: the state's raw words, then step 0's stash, so the thread waits for memory
+        # once; the conversions after both
+        raw_words = cuda.local.array(word_cells, np.uint64)
+        raw = cuda.local.array(elem_cells, rec.dtype)  # the pool's own element type (uint16 for bfloat16)
+        state_words = rec_words[layer, slot]
+        if word_elems:
+            for r in range(RPT):
+                for w in range(words):
+                    raw_words[r * words + w] = state_words[_at(first // word_elems, min(r, last_row), word_pitch, w)]
+        else:
+            for r in range(RPT):
+                for k in range(CPT):
+                    raw[r * CPT + k] = state[_at(first, min(r, last_row), state_size, min(k, last_col))]
+        u_next = cuda.local.array(RPT, float32)
+        b_next = cuda.local.array(CPT, float32)
+        decay_next = fetch(u_next, b_next, 0, row, i, j, d0, n0, last_row, last_col, n_heads, n_groups, seq_len,
+                           decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
         h = cuda.local.array(cells, float32)
         for r in range(RPT):
-            for k in range(cpt):
-                h[r * cpt + k] = float32(0.0)
-                if r < rows and k < cols:
-                    h[r * cpt + k] = load_float32(raw[r * cpt + k], pool_bits16)
-        cuda.syncthreads()  # the staged stash is in (the block's only barrier: every thread reaches it)
-        if rows == 0 or cols == 0:
-            return
-        # the state after step `tracked` is stored between two step loops, not inside one (as in the GDN
-        # kernel: a store inside the loop keeps its addresses live in registers for the whole replay)
+            for k in range(CPT):
+                if word_elems:
+                    h[r * CPT + k] = unpack(raw_words[r * words + k // word_elems], k % word_elems)
+                else:
+                    h[r * CPT + k] = load_float32(raw[r * CPT + k], pool_bits16)
+        # the state after step `tracked` is stored between two step loops, not inside one (a store
+        # inside the loop keeps its addresses live in registers for the whole replay)
         split = tracked + 1 if tracked >= 0 else 0
-        for t in range(split):
-            step_tile(h, shared_decay, shared_u, shared_b, t, row, layer, i, j, n_heads, n_dim, n_size, n_groups,
-                      seq_len, group, lane, d0, n0, first, pitch, rows, cols, decays, inputs, projections, node_ids,
-                      use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
-                      seed_hi)  # fmt: skip
-        if tracked >= 0:
+        decay_next = replay_steps(h, u_next, b_next, decay_next, 0, split, accepted, row, layer, i, j, d0, n0, first,
+                                  last_row, last_col, n_heads, n_groups, seq_len, decays, inputs, projections,
+                                  node_ids, use_nodes, positions, use_positions, mode, exp_bits, man_bits, half,
+                                  seed_lo, seed_hi)  # fmt: skip
+        if tracked >= 0:  # rare (a prefix-store checkpoint): element stores into the entry
             track = track_rec[layer, entry]
             for r in range(RPT):
-                for k in range(cpt):
+                for k in range(CPT):
                     if r < rows and k < cols:
-                        track[_at(first, r, pitch, k * lanes)] = _store_word(h[r * cpt + k], pool_bits16)
-        for t in range(split, accepted):
-            step_tile(h, shared_decay, shared_u, shared_b, t, row, layer, i, j, n_heads, n_dim, n_size, n_groups,
-                      seq_len, group, lane, d0, n0, first, pitch, rows, cols, decays, inputs, projections, node_ids,
-                      use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
-                      seed_hi)  # fmt: skip
-        for r in range(RPT):
-            for k in range(cpt):
-                if r < rows and k < cols:
-                    state[_at(first, r, pitch, k * lanes)] = _store_word(h[r * cpt + k], pool_bits16)
+                        track[_at(first, r, state_size, k)] = _store_word(h[r * CPT + k], pool_bits16)
+        replay_steps(h, u_next, b_next, decay_next, split, accepted, accepted, row, layer, i, j, d0, n0, first,
+                     last_row, last_col, n_heads, n_groups, seq_len, decays, inputs, projections, node_ids,
+                     use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo, seed_hi)  # fmt: skip
+        if word_elems:
+            for r in range(RPT):
+                if r < rows:
+                    for w in range(words):
+                        word = np.uint64(0)
+                        for e in range(word_elems):
+                            word |= bits_of(h[r * CPT + w * word_elems + e]) << np.uint64(e * elem_bits)
+                        state_words[_at(first // word_elems, r, word_pitch, w)] = word
+        else:
+            for r in range(RPT):
+                for k in range(CPT):
+                    if r < rows and k < cols:
+                        state[_at(first, r, state_size, k)] = _store_word(h[r * CPT + k], pool_bits16)
 
     return replay_mamba2_tiled
 
@@ -690,10 +719,12 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     heads, dim, size = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
     extra: tuple = ()
     if config.mixer == "mamba2":
-        lanes, cpt, row_groups, d_tiles, n_tiles = mamba2_tiles(dim, size)
-        kernel = replay_mamba2_kernel(lay.rounding, lay.bits16, lanes, cpt, config.conv_kernel, lay.conv.dtype)
+        _, _, d_tiles, n_tiles = mamba2_tiles(dim, size)
+        words = mamba2_word_elems(lay.rec, size)
+        kernel = replay_mamba2_kernel(lay.rounding, lay.bits16, dim, size, heads // config.n_groups, words,
+                                      config.conv_kernel, lay.conv.dtype)  # fmt: skip
         chunks_rec = heads * d_tiles * n_tiles
-        extra = (lanes, row_groups, d_tiles, n_tiles)
+        extra = (lay.rec.view(np.uint64) if words else lay.rec,)
     else:
         kernel = replay_gdn_kernel(dim, lay.rounding, lay.bits16, config.conv_kernel, lay.conv.dtype)
         chunks_rec = heads * -(-size // (THREADS // gdn_parts(dim)))

@@ -912,7 +912,7 @@ def test_gpu_tracked_stochastic_replay_captures_into_a_cuda_graph(rng, mixer):
 #: (mixer, H, D, N, G, state dtype, stochastic): sizes on and off the tiled kernels' tile edges.
 TILED_CASES = [
     ("mamba2", 3, 3, 5, 1, "float16", False),  # N = 5: element accesses, one 8-column lane; D = 3 < RPT rows
-    ("mamba2", 2, 17, 33, 2, "bfloat16", True),  # elements: 64-wide tile, 33 live; D = 17: 1 live row in group 5
+    ("mamba2", 2, 17, 33, 2, "bfloat16", True),  # elements: 64-wide tile, 33 live; D = 17: 1 live row in group 4
     ("mamba2", 2, 9, 128, 1, "float32", False),  # 2 elements per word: one full 128-wide tile; D = 9
     ("mamba2", 2, 6, 24, 2, "float16", False),  # 4 per word: a 32-wide tile, its last lane past N; D = 6
     ("mamba2", 1, 4, 264, 1, "bfloat16", False),  # 4 per word: two 256-wide tiles, 8 live in the 2nd; D = RPT
@@ -926,6 +926,9 @@ TILED_CASES = [
     ("gdn", 4, 128, 128, 2, "bfloat16", True),  # Qwen3-Next-like heads: four parts per column
     ("gdn", 4, 128, 128, 2, "float32", False),
 ]
+#: The Mamba2 cases whose state the tiled kernel reads as uint64 words: elements per word (others: 0).
+WORD_CASES = {(2, 9, 128, "float32"): 2, (2, 6, 24, "float16"): 4, (1, 4, 264, "bfloat16"): 4}
+WORD_CASES.update({(8, 64, 128, "bfloat16"): 4, (4, 64, 128, "float16"): 4})
 #: Head size (H * D * N) above which a case runs on the GPU only.
 SIMULATED_HEADS = 4096
 
@@ -987,12 +990,19 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
     )
     seed = int(rng.integers(1 << 30))
     managers, stores = [], []
+    built, word_elems = tiled.replay_mamba2_kernel, []
+
+    def spy(*args):  # which state access the tiled prepare chose: uint64 words or elements
+        word_elems.append(args[5])
+        return built(*args)
+
     for prepare in (kernels.prepare, tiled.prepare):
         manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed))
         store = PrefixStateCache(manager, entries=4, block_size=4)
         assert [store.reserve() for _ in range(4)] == [0, 1, 2, 3]
         with monkeypatch.context() as patch:  # the backend prepares its launch on the first call, then keeps it
             patch.setattr(tiled, "prepare", prepare)
+            patch.setattr(tiled, "replay_mamba2_kernel", spy)
             manager.reshape_intermediate_states(4, 3)
             manager.replay_mtp_states(
                 device_int32("numba", [3, 2, 0, 1]),
@@ -1004,6 +1014,8 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
             )
         managers.append(manager)
         stores.append(store)
+    if mixer == "mamba2":
+        assert word_elems == [WORD_CASES.get((heads, dim, size, dtype), 0)], "the state access the case is for"
     first, second = (snapshot(m) for m in managers)
     assert_same_bits(first, second, "linear commit with tracking")
     for pool_a, pool_b in zip(stores[0]._pools, stores[1]._pools, strict=True):

@@ -17,8 +17,9 @@ Mamba2: a block owns a tile of one head ``i``: ``row_groups * RPT`` rows times `
 columns (:func:`mamba2_tiles`; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
 ``row_groups = THREADS / lanes``). Thread ``tx = g * lanes + l`` owns the ``RPT x CPT`` elements
 of the :data:`RPT` consecutive rows from ``d0`` and the :data:`CPT` consecutive columns from
-``n0``, so a row of its tile is two uint64 words of a 16-bit state (four of a float32 one) and
-each load and store instruction of a warp covers ``lanes * CPT`` consecutive elements::
+``n0``, so a row of its tile is two uint64 words of a 16-bit state (four of a float32 one), and
+the two (four) load or store instructions of a row cover ``lanes * CPT`` consecutive elements
+across the warp::
 
     block x -> (i, d_tile, n_tile)        divisions by constants, once per thread
     d0 = d_tile * row_groups * RPT + g * RPT,   n0 = n_tile * lanes * CPT + l * CPT
@@ -34,8 +35,9 @@ to test. A thread loads its state words, then step 0's stash (``dA[i]``, its ``u
 its ``B[j, n]`` columns: L1 / L2 hits shared by the block's warps), then converts the words to
 float32, so it waits for memory once; each step loads the next step's stash before it computes
 ``h = round(fma(u, B, h * dA))`` per element (four instructions for a float16 state: ``FMUL``,
-``FFMA``, ``cvt.rn.f16.f32`` and back). Where N is not a multiple of :data:`CPT`, or the pool is
-neither 2- nor 4-byte, the state is read and written one element at a time
+``FFMA``, ``cvt.rn.f16.f32`` and back). Where N is not a multiple of :data:`CPT`, the pool is
+neither 2- nor 4-byte or does not start on an 8-byte boundary, the state is read and written one
+element at a time
 (:func:`mamba2_word_elems`); a thread at the edge of the head repeats its last live row or column
 in the loads and computes it, but never stores it, so the step loop has no guard. Index
 arithmetic is 32-bit unsigned. No shared memory, no barrier.
@@ -92,7 +94,7 @@ from .kernels import (
 
 #: Threads per block.
 THREADS = 128
-#: Lanes of a warp: a Mamba2 warp covers up to this many consecutive state columns.
+#: Most lanes side by side in a Mamba2 tile (a warp then covers up to ``WARP * CPT`` consecutive columns).
 WARP = 32
 #: Consecutive state rows (d) each Mamba2 thread keeps in registers.
 RPT = 4
@@ -428,7 +430,7 @@ def _make_mamba2(
         layout in the module docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer
         than 2**32 elements; ``prepare`` checks).
 
-        Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+        Grid ``(chunks_rec + conv_chunks(C, K), rows, L)``, block ``(THREADS,)``.
         """
         layer, row = cuda.blockIdx.z, cuda.blockIdx.y
         accepted, slot = _row_slot(
@@ -642,7 +644,7 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
         the prediction and the shared keys in the module docstring; per element the operations and
         their order are :func:`mamba_cache.replay.kernels.gdn_column_step`'s.
 
-        Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
+        Grid ``(chunks_rec + conv_chunks(C, K), rows, L)``, block ``(THREADS,)``.
         """
         handover = cuda.shared.array((parts, columns_per_block), float32)
         shared_keys = cuda.shared.array((2, key_span), float32)
@@ -713,7 +715,8 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer``; as :func:`.kernels.prepare`.
 
     The launch arguments are :func:`mamba_cache.replay.kernels.launch_args` (the backend re-points
-    the same ones per call), the Mamba2 kernel's tile shape appended.
+    the same ones per call), the Mamba2 kernel's ``rec_words`` appended (the pool's uint64 view, or
+    the pool again when it is read one element at a time).
     """
     lay = launch_layout(pools, config)
     heads, dim, size = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size

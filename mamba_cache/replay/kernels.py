@@ -328,10 +328,11 @@ def replay_gdn_kernel(key_dim: int, rounding: int = ROUND_NONE, bits16: int = 0)
     lives in local memory. Any other ``D`` (``<= MAX_KEY_DIM``) gets the generic kernel (``key_dim``
     0), whose column lives in a ``MAX_KEY_DIM`` local array: correct, same arithmetic, slower.
     """
-    key = (key_dim if key_dim in SPECIALISED_KEY_DIMS else 0, rounding, int(bits16))
-    kernel = _GDN_KERNELS.get((*key, bfloat16_in_hardware()))  # the bfloat16 rounder depends on it
+    # the bfloat16 rounder depends on bfloat16_in_hardware()
+    key = (key_dim if key_dim in SPECIALISED_KEY_DIMS else 0, rounding, int(bits16), bfloat16_in_hardware())
+    kernel = _GDN_KERNELS.get(key)
     if kernel is None:
-        kernel = _GDN_KERNELS[(*key, bfloat16_in_hardware())] = _make_replay_gdn(*key)
+        kernel = _GDN_KERNELS[key] = _make_replay_gdn(*key[:3])
     return kernel
 
 
@@ -345,10 +346,10 @@ def replay_mamba2_kernel(rounding: int = ROUND_STORED, bits16: int = 0) -> Any:
     compiles no conversion at all). ``ROUND_STORED`` (the general :func:`round_state`, reading the
     runtime ``mode``) is correct for every pool; the specialised kinds are smaller.
     """
-    key = (rounding, int(bits16))
-    kernel = _MAMBA2_KERNELS.get((*key, bfloat16_in_hardware()))
+    key = (rounding, int(bits16), bfloat16_in_hardware())
+    kernel = _MAMBA2_KERNELS.get(key)
     if kernel is None:
-        kernel = _MAMBA2_KERNELS[(*key, bfloat16_in_hardware())] = _make_replay_mamba2(*key)
+        kernel = _MAMBA2_KERNELS[key] = _make_replay_mamba2(*key[:2])
     return kernel
 
 

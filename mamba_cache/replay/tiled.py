@@ -189,11 +189,10 @@ def replay_gdn_kernel(
     """
     parts = gdn_parts(key_dim)
     exact = key_dim if key_dim == parts * PART else 0
-    key = (parts, exact, rounding, int(bits16), int(conv_width), np.dtype(conv_dtype).str)
-    kernel = _GDN_KERNELS.get((*key, bfloat16_in_hardware()))
+    key = (parts, exact, rounding, int(bits16), int(conv_width), np.dtype(conv_dtype).str, bfloat16_in_hardware())
+    kernel = _GDN_KERNELS.get(key)
     if kernel is None:
-        kernel = _make_gdn(*key[:4], _conv_tile(conv_width, conv_dtype))
-        _GDN_KERNELS[(*key, bfloat16_in_hardware())] = kernel
+        kernel = _GDN_KERNELS[key] = _make_gdn(*key[:4], _conv_tile(conv_width, conv_dtype))
     return kernel
 
 

@@ -914,32 +914,37 @@ TILED_CASES = [
     ("mamba2", 3, 3, 5, 1, "float16", False),  # N = 5: element accesses, one 8-column lane; D = 3 < RPT rows
     ("mamba2", 2, 17, 33, 2, "bfloat16", True),  # elements: 64-wide tile, 33 live; D = 17: 1 live row in group 4
     ("mamba2", 2, 9, 128, 1, "float32", False),  # 2 elements per word: one full 128-wide tile; D = 9
-    ("mamba2", 2, 6, 24, 2, "float16", False),  # 4 per word: a 32-wide tile, its last lane past N; D = 6
-    ("mamba2", 1, 4, 264, 1, "bfloat16", False),  # 4 per word: two 256-wide tiles, 8 live in the 2nd; D = RPT
+    ("mamba2", 2, 6, 24, 2, "float16", False),  # 4 per word, packed: a 32-wide tile, its last lane past N; D = 6
+    ("mamba2", 1, 4, 264, 1, "bfloat16", False),  # 4 per word, packed: two 256-wide tiles, 8 live in the 2nd; D = 4
     ("gdn", 3, 3, 5, 3, "float32", False),  # one part, guarded; the block spans heads
     ("gdn", 2, 33, 3, 1, "float32", False),  # two parts, guarded: the prediction chain crosses threads
     ("gdn", 1, 96, 3, 1, "float16", False),  # four parts, the last one past D
     ("gdn", 2, 64, 5, 2, "bfloat16", True),  # two exact parts, stochastic rounding
     # real head sizes, on the GPU only (the simulator is too slow there)
     ("mamba2", 8, 64, 128, 2, "bfloat16", True),  # Nemotron-H-like heads
+    ("mamba2", 8, 64, 128, 2, "bfloat16", False),
     ("mamba2", 4, 64, 128, 1, "float16", False),
     ("gdn", 4, 128, 128, 2, "bfloat16", True),  # Qwen3-Next-like heads: four parts per column
     ("gdn", 4, 128, 128, 2, "float32", False),
 ]
-#: The Mamba2 cases whose state the tiled kernel reads as uint64 words: elements per word (others: 0).
+#: The Mamba2 cases whose state the tiled kernel reads as uint64 words: elements per word (others: 0). A
+#: 16-bit one without stochastic rounding stays packed in the tile (``tiled.mamba2_packed``).
 WORD_CASES = {(2, 9, 128, "float32"): 2, (2, 6, 24, "float16"): 4, (1, 4, 264, "bfloat16"): 4}
 WORD_CASES.update({(8, 64, 128, "bfloat16"): 4, (4, 64, 128, "float16"): 4})
 #: Head size (H * D * N) above which a case runs on the GPU only.
 SIMULATED_HEADS = 4096
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(("dim", "size"), [(1, 1), (3, 5), (17, 33), (64, 128), (64, 264), (128, 64), (9, 2048)])
-def test_mamba2_tiles_cover_the_head_with_the_fewest_tiles(dim, size):
+def test_mamba2_tiles_cover_the_head_with_the_fewest_tiles(dim, size, packed):
     from mamba_cache.replay import tiled
 
-    lanes, row_groups, d_tiles, n_tiles = tiled.mamba2_tiles(dim, size)
+    per_thread = tiled.mamba2_rows(packed)
+    assert per_thread == (tiled.PACKED_RPT if packed else tiled.RPT)
+    lanes, row_groups, d_tiles, n_tiles = tiled.mamba2_tiles(dim, size, per_thread)
     assert lanes * row_groups == tiled.THREADS and lanes & (lanes - 1) == 0 and lanes <= tiled.WARP
-    rows, cols = row_groups * tiled.RPT, lanes * tiled.CPT
+    rows, cols = row_groups * per_thread, lanes * tiled.CPT
     assert (d_tiles - 1) * rows < dim <= d_tiles * rows, "d tiles"
     assert (n_tiles - 1) * cols < size <= n_tiles * cols, "n tiles"
     assert lanes == tiled.WARP or lanes // 2 * tiled.CPT < size, "a narrower tile would cover N"
@@ -992,8 +997,8 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
     managers, stores = [], []
     built, word_elems = tiled.replay_mamba2_kernel, []
 
-    def spy(*args):  # which state access the tiled prepare chose: uint64 words or elements
-        word_elems.append(args[5])
+    def spy(*args):  # which state access the tiled prepare chose: uint64 words or elements, packed or not
+        word_elems.append((args[5], tiled.mamba2_packed(args[0], args[1], args[5])))
         return built(*args)
 
     for prepare in (kernels.prepare, tiled.prepare):
@@ -1015,7 +1020,9 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
         managers.append(manager)
         stores.append(store)
     if mixer == "mamba2":
-        assert word_elems == [WORD_CASES.get((heads, dim, size, dtype), 0)], "the state access the case is for"
+        key = (heads, dim, size, dtype)
+        packed = dtype != "float32" and not stochastic and key in WORD_CASES
+        assert word_elems == [(WORD_CASES.get(key, 0), packed)], "the state access the case is for"
     first, second = (snapshot(m) for m in managers)
     assert_same_bits(first, second, "linear commit with tracking")
     for pool_a, pool_b in zip(stores[0]._pools, stores[1]._pools, strict=True):
@@ -1145,6 +1152,129 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
         else:
             assert spill == 0, f"{name}: {line}"
             assert not name.startswith("gdn") or registers <= 128, f"{name}: {line}"
+
+
+def _edge_float32_bits(rng) -> np.ndarray:
+    """float32 bit patterns a float16 or bfloat16 rounding must get right: random ones, NaNs, infinities,
+    the largest finite values, zeros, subnormals, float16's range edges, and ties to both formats."""
+    signs = rng.integers(0, 2, 64, dtype=np.uint32) << np.uint32(31)
+    high = rng.integers(0, 2**16, 64, dtype=np.uint32) << np.uint32(16)
+    near_half = signs | rng.integers(0x33000000, 0x47800000, 64, dtype=np.uint32)  # float16's range
+    parts = [
+        rng.integers(0, 2**32, 512, dtype=np.uint64).astype(np.uint32),
+        signs | np.uint32(0x7F800000) | rng.integers(1, 2**23, 64, dtype=np.uint32),  # NaNs, quiet and signalling
+        np.array([0x7F800000, 0xFF800000, 0, 0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF, 0x7F7F8000], np.uint32),
+        np.array([0x477FE000, 0x477FEFFF, 0x477FF000, 0x33000000, 0x33000001, 0x387FC000], np.uint32),  # fp16 edges
+        signs | rng.integers(1, 2**23, 64, dtype=np.uint32),  # float32 subnormals
+        high | np.uint32(0x8000),  # bfloat16 ties: to even
+        high | np.uint32(0x7FFF),
+        (near_half & np.uint32(0xFFFFE000)) | np.uint32(0x1000),  # float16 ties (normal range)
+        near_half,
+    ]
+    return np.concatenate(parts).astype(np.uint32)
+
+
+def test_paired_16bit_conversions_give_the_one_value_conversions_bits(rng):
+    # The packed Mamba2 replay tile's conversions (cvt.rn.f16x2.f32, cvt.rn.bf16x2.f32 and cvt.f32.f16
+    # of either half of a word on the GPU; compositions of the one-value ones on the simulator) against
+    # IEEE nearest even (NumPy's float16, ml_dtypes' bfloat16) and against the one-value conversions
+    # run beside them, both halves in their place.
+    import ml_dtypes
+
+    from mamba_cache.precision import kernels as pk
+
+    @cuda.jit
+    def pairs(half_pair, half_one, bf16_pair, bf16_one, bits):
+        i = cuda.grid(1)
+        if i < half_pair.shape[0]:
+            low, high = pk.float32_from_bits(bits[2 * i]), pk.float32_from_bits(bits[2 * i + 1])
+            half_pair[i] = pk.half2_rn_bits(low, high)
+            half_one[i] = pk.half_rn_bits(low) | (pk.half_rn_bits(high) << np.uint32(16))
+            bf16_pair[i] = pk.bfloat162_rn_bits(low, high)
+            bf16_one[i] = pk.bfloat16_rn_bits(low) | (pk.bfloat16_rn_bits(high) << np.uint32(16))
+
+    @cuda.jit
+    def halves(low, high, words):
+        i = cuda.grid(1)
+        if i < words.shape[0]:
+            low[i] = pk.float32_bits(pk.half_low_float32(words[i]))
+            high[i] = pk.float32_bits(pk.half_high_float32(words[i]))
+
+    bits = _edge_float32_bits(rng)
+    bits = bits[: bits.size // 2 * 2]
+    n = bits.size // 2
+    outs = [cuda.to_device(np.zeros(n, np.uint32)) for _ in range(4)]
+    pairs[-(-n // 128), 128](*outs, cuda.to_device(bits))
+    half_pair, half_one, bf16_pair, bf16_one = (out.copy_to_host() for out in outs)
+    values = bits.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = {
+            "float16": values.astype(np.float16).view(np.uint16).astype(np.uint32),
+            "bfloat16": values.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32),
+        }
+    for name, pair, one in (("float16", half_pair, half_one), ("bfloat16", bf16_pair, bf16_one)):
+        assert pair.tobytes() == one.tobytes(), f"{name}: the paired conversion != the one-value conversion twice"
+        got = np.stack([pair & np.uint32(0xFFFF), pair >> np.uint32(16)], axis=1).reshape(-1)
+        exp_mask = np.uint32(0x7C00 if name == "float16" else 0x7F80)
+        nan = (got & exp_mask == exp_mask) & (got & (np.uint32(0x7FFF) & ~exp_mask) != 0)
+        assert (nan == np.isnan(values)).all(), f"{name}: a NaN in, a NaN out, nothing else"
+        bad = np.flatnonzero((got != want[name]) & ~np.isnan(values))
+        assert bad.size == 0, [(name, hex(bits[i]), hex(got[i]), hex(want[name][i])) for i in bad[:8]]
+
+    edges = np.array([0, 0x8000, 1, 0x8001, 0x3FF, 0x400, 0x7BFF, 0x7C00, 0xFC00, 0x7C01, 0x7E00, 0xFFFF], np.uint32)
+    halves_in = np.concatenate([edges, rng.integers(0, 2**16, 1012, dtype=np.uint32)])
+    words = halves_in | (rng.permutation(halves_in) << np.uint32(16))
+    low, high = (cuda.to_device(np.zeros(words.size, np.uint32)) for _ in range(2))
+    halves[words.size // 128, 128](low, high, cuda.to_device(words))
+    for name, got, part in (("low", low, words & np.uint32(0xFFFF)), ("high", high, words >> np.uint32(16))):
+        expect = part.astype(np.uint16).view(np.float16).astype(np.float32)
+        got = got.copy_to_host().view(np.float32)
+        finite = ~np.isnan(expect)
+        assert np.isnan(got[~finite]).all(), f"{name} half: a NaN in, a NaN out"
+        bad = np.flatnonzero(got[finite].view(np.uint32) != expect[finite].view(np.uint32))
+        assert bad.size == 0, [(name, hex(part[finite][i]), got[finite][i], expect[finite][i]) for i in bad[:8]]
+
+
+def test_the_gpu_arithmetic_returns_the_canonical_nan(rng):
+    # Why the packed bfloat16 Mamba2 tile rounds with cvt.rn.bf16x2.f32 and no NaN select: every
+    # value it rounds is mamba2_update's result (FMUL, then FFMA), and on the GPU a NaN result is
+    # the canonical 0x7FFFFFFF whatever the operands' payloads and signs, which cvt.rn.bf16x2.f32
+    # and the reference's rounding both take to 0x7FFF. (NumPy's arithmetic keeps a payload, so the
+    # simulator's kernels keep the select.)
+    from conftest import ON_GPU
+
+    from mamba_cache.precision.kernels import float32_bits, float32_from_bits
+    from mamba_cache.precision.reference import convert_bits
+    from mamba_cache.replay import kernels as rk
+
+    if not ON_GPU:
+        pytest.skip("needs a CUDA GPU (runs on the GPU machine): a claim about the hardware's arithmetic")
+
+    @cuda.jit
+    def update(out, h, decay, u, b):
+        i = cuda.grid(1)
+        if i < out.shape[0]:
+            out[i] = float32_bits(
+                rk.mamba2_update(
+                    float32_from_bits(h[i]),
+                    float32_from_bits(decay[i]),
+                    float32_from_bits(u[i]),
+                    float32_from_bits(b[i]),
+                )
+            )
+
+    n = 1024
+    signs = rng.integers(0, 2, (4, n), dtype=np.uint32) << np.uint32(31)
+    nans = signs | np.uint32(0x7F800000) | rng.integers(1, 2**23, (4, n), dtype=np.uint32)
+    finite = rng.standard_normal((4, n)).astype(np.float32).view(np.uint32)
+    which = rng.integers(0, 4, n)  # one operand a NaN in each element, any of the four, some with more
+    operands = np.where(np.arange(4)[:, None] == which[None, :], nans, finite)
+    operands[:, : n // 8] = nans[:, : n // 8]
+    out = cuda.to_device(np.zeros(n, np.uint32))
+    update[n // 128, 128](out, *(cuda.to_device(np.ascontiguousarray(x)) for x in operands))
+    got = out.copy_to_host()
+    assert (got == np.uint32(0x7FFFFFFF)).all(), [hex(x) for x in got[got != 0x7FFFFFFF][:8]]
+    assert convert_bits(np.array([0x7FFFFFFF], np.uint64), (8, 23), (8, 7))[0] == 0x7FFF, "the reference's bits"
 
 
 def test_bfloat16_state_rounding_matches_the_reference_on_edge_bit_patterns(rng):

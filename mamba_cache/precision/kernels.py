@@ -372,6 +372,103 @@ else:  # inline PTX: one instruction each
         return np.uint32(_cvt_rn_bf16(np.float32(f)))
 
 
+# ---------------------------------------------------------------- two 16-bit values in one 32-bit word
+
+
+if SIMULATOR:  # the one-value conversions above, twice
+
+    @cuda.jit(device=True, inline="always")
+    def half2_rn_bits(low, high):
+        """float32 ``low`` and ``high`` rounded to the nearest even float16, packed as uint32 (``low`` in bits 0-15).
+
+        ``cvt.rn.f16x2.f32``: one instruction for two values, the bits of :func:`half_rn_bits` of each.
+        """
+        return half_rn_bits(low) | (half_rn_bits(high) << np.uint32(16))
+
+    @cuda.jit(device=True, inline="always")
+    def bfloat162_rn_bits(low, high):
+        """float32 ``low`` and ``high`` rounded to the nearest even bfloat16, packed as uint32 (``low`` in bits 0-15).
+
+        ``cvt.rn.bf16x2.f32`` (sm_80+): the bits of :func:`bfloat16_rn_bits` of each (a NaN gives the
+        hardware's canonical NaN).
+        """
+        return bfloat16_rn_bits(low) | (bfloat16_rn_bits(high) << np.uint32(16))
+
+    @cuda.jit(device=True, inline="always")
+    def half_low_float32(word):
+        """The float32 of the float16 in bits 0-15 of a uint32 ``word`` (exact)."""
+        return half_bits_to_float32(np.uint32(word) & np.uint32(0xFFFF))
+
+    @cuda.jit(device=True, inline="always")
+    def half_high_float32(word):
+        """The float32 of the float16 in bits 16-31 of a uint32 ``word`` (exact)."""
+        return half_bits_to_float32(np.uint32(word) >> np.uint32(16))
+
+else:  # inline PTX: one instruction each (the halves read in place, no shift)
+
+    def _pair_intrinsic(instruction: str):
+        """An intrinsic ``(float32 low, float32 high) -> uint32`` that is the one PTX conversion ``instruction``."""
+
+        @intrinsic
+        def cvt(typingctx, low, high):
+            def codegen(context, builder, signature, args):
+                fnty = ir.FunctionType(ir.IntType(32), [ir.FloatType(), ir.FloatType()])
+                # cvt.*x2 d, a, b puts a's result in the upper half
+                return builder.call(ir.InlineAsm(fnty, f"{instruction} $0, $2, $1;", "=r,f,f"), args)
+
+            return nbtypes.uint32(nbtypes.float32, nbtypes.float32), codegen
+
+        return cvt
+
+    def _half_intrinsic(half: str):
+        """An intrinsic ``uint32 -> float32``: ``cvt.f32.f16`` of the ``half`` ("low" or "high") of the word."""
+        pick = "{%lo, %hi}"
+        source = "%lo" if half == "low" else "%hi"
+
+        @intrinsic
+        def cvt(typingctx, word):
+            def codegen(context, builder, signature, args):
+                fnty = ir.FunctionType(ir.FloatType(), [ir.IntType(32)])
+                asm = f"{{ .reg .b16 %lo, %hi; mov.b32 {pick}, $1; cvt.f32.f16 $0, {source}; }}"
+                return builder.call(ir.InlineAsm(fnty, asm, "=f,r"), args)
+
+            return nbtypes.float32(nbtypes.uint32), codegen
+
+        return cvt
+
+    _cvt_rn_f16x2 = _pair_intrinsic("cvt.rn.f16x2.f32")
+    _cvt_rn_bf16x2 = _pair_intrinsic("cvt.rn.bf16x2.f32")  # sm_80 and later
+    _half_low = _half_intrinsic("low")
+    _half_high = _half_intrinsic("high")
+
+    @cuda.jit(device=True, inline="always")
+    def half2_rn_bits(low, high):
+        """float32 ``low`` and ``high`` rounded to the nearest even float16, packed as uint32 (``low`` in bits 0-15).
+
+        ``cvt.rn.f16x2.f32``: one instruction for two values, the bits of :func:`half_rn_bits` of each.
+        """
+        return _cvt_rn_f16x2(np.float32(low), np.float32(high))
+
+    @cuda.jit(device=True, inline="always")
+    def bfloat162_rn_bits(low, high):
+        """float32 ``low`` and ``high`` rounded to the nearest even bfloat16, packed as uint32 (``low`` in bits 0-15).
+
+        ``cvt.rn.bf16x2.f32`` (sm_80+): the bits of :func:`bfloat16_rn_bits` of each (a NaN gives the
+        hardware's canonical NaN).
+        """
+        return _cvt_rn_bf16x2(np.float32(low), np.float32(high))
+
+    @cuda.jit(device=True, inline="always")
+    def half_low_float32(word):
+        """The float32 of the float16 in bits 0-15 of a uint32 ``word`` (exact)."""
+        return _half_low(np.uint32(word))
+
+    @cuda.jit(device=True, inline="always")
+    def half_high_float32(word):
+        """The float32 of the float16 in bits 16-31 of a uint32 ``word`` (exact)."""
+        return _half_high(np.uint32(word))
+
+
 @cuda.jit(device=True, inline="always")
 def load_float32(value, bits16):
     """A state element as float32: a float pool's value, or (``bits16``) a bfloat16 pool's raw bits."""

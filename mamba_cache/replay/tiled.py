@@ -17,9 +17,10 @@ Mamba2: a block owns a tile of one head ``i``: ``row_groups * RPT`` rows times `
 columns (:func:`mamba2_tiles`; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
 ``row_groups = THREADS / lanes``). Thread ``tx = g * lanes + l`` owns the ``RPT x CPT`` elements
 of the :data:`RPT` consecutive rows from ``d0`` and the :data:`CPT` consecutive columns from
-``n0``, so a row of its tile is two uint64 words of a 16-bit state (four of a float32 one), and
-the two (four) load or store instructions of a row cover ``lanes * CPT`` consecutive elements
-across the warp::
+``n0`` (a packed 16-bit tile, below, has :data:`PACKED_RPT` rows in place of ``RPT``), so a
+row of its tile is two uint64 words of a 16-bit state (four of a float32 one), and the two
+(four) load or store instructions of a row cover ``lanes * CPT`` consecutive elements across
+the warp::
 
     block x -> (i, d_tile, n_tile)        divisions by constants, once per thread
     d0 = d_tile * row_groups * RPT + g * RPT,   n0 = n_tile * lanes * CPT + l * CPT
@@ -32,15 +33,18 @@ across the warp::
 The head shape (D, N, H / G) is compile-time (:func:`replay_mamba2_kernel`), so row pitches and
 the index divisions are constants, and where D is a multiple of :data:`RPT` a thread has no edge
 to test. A thread loads its state words, then step 0's stash (``dA[i]``, its ``u[i, d]`` rows,
-its ``B[j, n]`` columns: L1 / L2 hits shared by the block's warps), then converts the words to
-float32, so it waits for memory once; each step loads the next step's stash before it computes
-``h = round(fma(u, B, h * dA))`` per element (four instructions for a float16 state: ``FMUL``,
-``FFMA``, ``cvt.rn.f16.f32`` and back). Where N is not a multiple of :data:`CPT`, the pool is
-neither 2- nor 4-byte or does not start on an 8-byte boundary, the state is read and written one
-element at a time
-(:func:`mamba2_word_elems`); a thread at the edge of the head repeats its last live row or column
-in the loads and computes it, but never stores it, so the step loop has no guard. Index
-arithmetic is 32-bit unsigned. No shared memory, no barrier.
+its ``B[j, n]`` columns: L1 / L2 hits shared by the block's warps), so it waits for memory once;
+each step loads the next step's stash before it computes ``h = round(fma(u, B, h * dA))`` per
+element. A 16-bit state that every step rounds to its own format (:func:`mamba2_packed`) stays
+packed as it was loaded, two elements per uint32 register: a step unpacks a pair (``cvt.f32.f16``
+of each half, or a shift and a mask for bfloat16), computes both (``FMUL``, ``FFMA``) and rounds
+them back with one ``cvt.rn.f16x2.f32`` (``cvt.rn.bf16x2.f32``): 3.5 instructions per element
+and step, and no conversion before the first step or after the last. Other states are converted
+to float32 once, after the loads. Where N is not a multiple of :data:`CPT`, the pool is neither
+2- nor 4-byte or does not start on an 8-byte boundary, the state is read and written one element
+at a time (:func:`mamba2_word_elems`); a thread at the edge of the head repeats its last live
+row or column in the loads and computes it, but never stores it, so the step loop has no guard.
+Index arithmetic is 32-bit unsigned. No shared memory, no barrier.
 
 Gated DeltaNet: a column ``S_i[:, e]`` is split over ``P = ceil(D / 32)`` threads (``P`` rounded up to
 a power of two), part ``q`` keeping ``d = 32 q .. 32 q + 31`` in registers. The prediction is one
@@ -72,9 +76,21 @@ from numba import cuda, float32
 from numba.np import numpy_support
 
 from ..core.numba_backend import SIMULATOR, _device_pointer
-from ..precision.kernels import float32_bits, float32_from_bits, half_bits_to_float32, half_rn_bits, load_float32
+from ..precision.kernels import (
+    bfloat162_rn_bits,
+    float32_bits,
+    float32_from_bits,
+    half2_rn_bits,
+    half_bits_to_float32,
+    half_high_float32,
+    half_low_float32,
+    half_rn_bits,
+    load_float32,
+)
 from .kernels import (
     MAX_KEY_DIM,
+    ROUND_BF16,
+    ROUND_HALF,
     ROUND_STORED,
     _position,
     _replay_conv,
@@ -90,14 +106,19 @@ from .kernels import (
     launch_args,
     launch_layout,
     mamba2_update,
+    round_bfloat16,
 )
 
 #: Threads per block.
 THREADS = 128
 #: Most lanes side by side in a Mamba2 tile (a warp then covers up to ``WARP * CPT`` consecutive columns).
 WARP = 32
-#: Consecutive state rows (d) each Mamba2 thread keeps in registers.
+#: Consecutive state rows (d) each Mamba2 thread keeps in registers: a float32 tile of ``RPT x CPT``
+#: elements, 32 registers.
 RPT = 4
+#: ... when the tile is packed 16-bit pairs (:func:`mamba2_packed`): ``PACKED_RPT x CPT`` elements,
+#: 32 registers too.
+PACKED_RPT = 8
 #: Consecutive state columns (n) each Mamba2 thread keeps in registers: two uint64 words of a 16-bit
 #: state, four of a float32 one.
 CPT = 8
@@ -114,17 +135,23 @@ MAX_PARTS = MAX_KEY_DIM // PART
 _FORCE_INLINE = {} if SIMULATOR else {"forceinline": True}
 
 
-def mamba2_tiles(dim: int, size: int) -> tuple[int, int, int, int]:
+def mamba2_tiles(dim: int, size: int, rows: int = RPT) -> tuple[int, int, int, int]:
     """``(lanes, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N.
 
     ``lanes`` threads side by side cover ``lanes * CPT`` consecutive columns (``lanes`` the power
     of two >= ``N / CPT``, at most a warp), each thread :data:`CPT` consecutive columns of
-    :data:`RPT` consecutive rows; the ``row_groups = THREADS / lanes`` groups of lanes are
-    stacked, so a block is ``row_groups * RPT`` rows x ``lanes * CPT`` columns of one head.
+    ``rows`` consecutive rows (:func:`mamba2_rows`); the ``row_groups = THREADS / lanes`` groups
+    of lanes are stacked, so a block is ``row_groups * rows`` rows x ``lanes * CPT`` columns of
+    one head.
     """
     lanes = min(WARP, 1 << max(0, (-(-size // CPT) - 1).bit_length()))
     row_groups = THREADS // lanes
-    return lanes, row_groups, -(-dim // (row_groups * RPT)), -(-size // (lanes * CPT))
+    return lanes, row_groups, -(-dim // (row_groups * rows)), -(-size // (lanes * CPT))
+
+
+def mamba2_rows(packed: bool) -> int:
+    """Rows per Mamba2 thread: :data:`PACKED_RPT` for a packed tile (:func:`mamba2_packed`), else :data:`RPT`."""
+    return PACKED_RPT if packed else RPT
 
 
 def mamba2_word_elems(pool: Any, size: int) -> int:
@@ -138,6 +165,17 @@ def mamba2_word_elems(pool: Any, size: int) -> int:
     if itemsize not in (2, 4) or size % CPT or _device_pointer(pool) % 8:
         return 0
     return 8 // itemsize
+
+
+def mamba2_packed(rounding: int, bits16: int, word_elems: int) -> bool:
+    """Whether the Mamba2 kernel keeps its tile packed, two 16-bit elements per uint32 register.
+
+    So it does for a 16-bit state read as words (``word_elems`` 4) that every step rounds to its
+    own format (float16: ``ROUND_HALF``; bfloat16, ``bits16``: ``ROUND_BF16``): the loaded words
+    are the tile, each step unpacks a pair and rounds it back with one conversion, and the words
+    are stored as they are. Stochastic rounding (``ROUND_STORED``) keeps float32 elements.
+    """
+    return word_elems == 4 and rounding == (ROUND_BF16 if bits16 else ROUND_HALF)
 
 
 def gdn_parts(key_dim: int) -> int:
@@ -294,16 +332,60 @@ def _make_mamba2(
     rounding: int, pool_bits16: int, head_dim: int, state_size: int, group_heads: int, word_elems: int, conv_tile: Any
 ) -> Any:
     rounder = _rounder(rounding)
-    cells = RPT * CPT
-    lanes, row_groups, d_tiles, n_tiles = mamba2_tiles(head_dim, state_size)
-    tile_rows, tile_cols = row_groups * RPT, lanes * CPT
+    packed = mamba2_packed(rounding, pool_bits16, word_elems)
+    rpt = mamba2_rows(packed)
+    cells = rpt * CPT
+    lanes, row_groups, d_tiles, n_tiles = mamba2_tiles(head_dim, state_size, rpt)
+    tile_rows, tile_cols = row_groups * rpt, lanes * CPT
     per_head = d_tiles * n_tiles
-    rows_exact = head_dim % RPT == 0  # every live thread has RPT live rows
+    rows_exact = head_dim % rpt == 0  # every live thread has all its rows live
     word_pitch = state_size // word_elems if word_elems else 0  # uint64 words per state row
     words = CPT // word_elems if word_elems else 1  # uint64 words of a thread's row
     elem_bits = 64 // word_elems if word_elems else 64
     elem_mask = (1 << elem_bits) - 1
-    word_cells, elem_cells = RPT * words, (1 if word_elems else cells)  # the raw loads' buffers
+    word_cells, elem_cells = rpt * words, (1 if word_elems else cells)  # the raw loads' buffers
+    pairs = CPT // 2  # uint32 pairs of a packed tile row
+    bf16_pairs_in_hardware = bool(pool_bits16) and bfloat16_in_hardware()
+    tile_cells, tile_type = (rpt * pairs, np.uint32) if packed else (cells, float32)
+
+    @cuda.jit(device=True, inline=True)
+    def low_of(w):
+        """The float32 of the element in bits 0-15 of a packed pair (exact)."""
+        if pool_bits16:
+            return float32_from_bits(w << np.uint32(16))
+        return half_low_float32(w)
+
+    @cuda.jit(device=True, inline=True)
+    def high_of(w):
+        """The float32 of the element in bits 16-31 of a packed pair (exact)."""
+        if pool_bits16:
+            return float32_from_bits(w & np.uint32(0xFFFF0000))
+        return half_high_float32(w)
+
+    @cuda.jit(device=True, inline=True)
+    def round_pair(low, high):
+        """Two step results rounded to the pool's format, packed (``low`` in bits 0-15).
+
+        The bits of the rounder of each. bfloat16 on an sm_80+ GPU: ``cvt.rn.bf16x2.f32`` without the
+        rounder's NaN select, because a value rounded here is an ``FFMA``'s result, and the GPU's
+        arithmetic returns the canonical NaN ``0x7FFFFFFF``, which both round to ``0x7FFF``
+        (``tests/test_replay.py`` pins it on the GPU).
+        """
+        if not pool_bits16:
+            return half2_rn_bits(low, high)
+        if bf16_pairs_in_hardware:
+            return bfloat162_rn_bits(low, high)
+        return (float32_bits(round_bfloat16(low)) >> np.uint32(16)) | (
+            float32_bits(round_bfloat16(high)) & np.uint32(0xFFFF0000)
+        )
+
+    @cuda.jit(device=True, inline=True)
+    def element_of(h, c):
+        """Element ``c`` (``r * CPT + k``) of the thread's tile, as float32."""
+        if packed:
+            w = h[c // 2]
+            return high_of(w) if c % 2 else low_of(w)
+        return h[c]
 
     @cuda.jit(device=True, inline=True)
     def unpack(w, e):
@@ -336,7 +418,7 @@ def _make_mamba2(
         head = _u32(step * heads + i)
         u_first = np.uint64(_u32(head * head_dim + d0))
         b_first = np.uint64(_u32(_u32(step * groups + j) * state_size + n0))
-        for r in range(RPT):
+        for r in range(rpt):
             u_next[r] = inputs[u_first + np.uint64(min(r, last_row))]
         for k in range(CPT):
             b_next[k] = projections[b_first + np.uint64(min(k, last_col))]
@@ -348,26 +430,37 @@ def _make_mamba2(
         heads, groups, seq_len, decays, inputs, projections, node_ids, use_nodes, positions, use_positions, mode,
         exp_bits, man_bits, half, seed_lo, seed_hi,
     ):  # fmt: skip
-        """Steps ``start .. stop-1`` on the thread's tile ``h`` (``RPT x CPT``, row-major), in place.
+        """Steps ``start .. stop-1`` on the thread's tile ``h`` (``rpt x CPT``, row-major), in place.
+
+        ``h`` holds packed pairs (:func:`mamba2_packed`) or float32 elements.
 
         On entry ``u_next``, ``b_next``, ``decay_next`` hold step ``start``'s stash; each step
         loads the next one's before it computes. Every element of the tile is computed (no guard in
         the loop: past the edge the tile repeats its last live row or column, which is never
         stored). Returns the next step's ``dA[i]``.
         """
-        u_now = cuda.local.array(RPT, float32)
+        u_now = cuda.local.array(rpt, float32)
         b_now = cuda.local.array(CPT, float32)
         for t in range(start, stop):
             decay = decay_next
-            for r in range(RPT):
+            for r in range(rpt):
                 u_now[r] = u_next[r]
             for k in range(CPT):
                 b_now[k] = b_next[k]
             if t + 1 < accepted:
                 decay_next = fetch(u_next, b_next, t + 1, row, i, j, d0, n0, last_row, last_col, heads, groups,
                                    seq_len, decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
+            if packed:
+                for r in range(rpt):
+                    for p in range(pairs):
+                        w = h[r * pairs + p]
+                        h[r * pairs + p] = round_pair(
+                            mamba2_update(low_of(w), decay, u_now[r], b_now[2 * p]),
+                            mamba2_update(high_of(w), decay, u_now[r], b_now[2 * p + 1]),
+                        )
+                continue
             position = _position(positions, use_positions, row, t)
-            for r in range(RPT):
+            for r in range(rpt):
                 for k in range(CPT):
                     h[r * CPT + k] = rounder(
                         mamba2_update(h[r * CPT + k], decay, u_now[r], b_now[k]),
@@ -450,12 +543,12 @@ def _make_mamba2(
         d_tile = _u32(rest // n_tiles)
         n_tile = _u32(rest - d_tile * n_tiles)
         group = _u32(tx // lanes)
-        d0 = _u32(_u32(d_tile * tile_rows) + group * RPT)
+        d0 = _u32(_u32(d_tile * tile_rows) + group * rpt)
         n0 = _u32(_u32(n_tile * tile_cols) + _u32(tx - group * lanes) * CPT)
         if d0 >= head_dim or n0 >= state_size:  # past the head's edge (no barrier in this kernel)
             return
         # live rows r < rows, live columns k < cols; loads past the edge repeat the last live ones
-        rows = _u32(RPT) if rows_exact else min(_u32(RPT), _u32(head_dim - d0))
+        rows = _u32(rpt) if rows_exact else min(_u32(rpt), _u32(head_dim - d0))
         cols = _u32(CPT) if word_elems else min(_u32(CPT), _u32(state_size - n0))  # words: N is a multiple of CPT
         last_row, last_col = _u32(rows - 1), _u32(cols - 1)
         j = _u32(i // group_heads)
@@ -468,24 +561,29 @@ def _make_mamba2(
         raw = cuda.local.array(elem_cells, rec.dtype)  # the pool's own element type (uint16 for bfloat16)
         state_words = rec_words[layer, slot]
         if word_elems:
-            for r in range(RPT):
+            for r in range(rpt):
                 for w in range(words):
                     raw_words[r * words + w] = state_words[_at(first // word_elems, min(r, last_row), word_pitch, w)]
         else:
-            for r in range(RPT):
+            for r in range(rpt):
                 for k in range(CPT):
                     raw[r * CPT + k] = state[_at(first, min(r, last_row), state_size, min(k, last_col))]
-        u_next = cuda.local.array(RPT, float32)
+        u_next = cuda.local.array(rpt, float32)
         b_next = cuda.local.array(CPT, float32)
         decay_next = fetch(u_next, b_next, 0, row, i, j, d0, n0, last_row, last_col, n_heads, n_groups, seq_len,
                            decays, inputs, projections, node_ids, use_nodes)  # fmt: skip
-        h = cuda.local.array(cells, float32)
-        for r in range(RPT):
-            for k in range(CPT):
-                if word_elems:
-                    h[r * CPT + k] = unpack(raw_words[r * words + k // word_elems], k % word_elems)
-                else:
-                    h[r * CPT + k] = load_float32(raw[r * CPT + k], pool_bits16)
+        h = cuda.local.array(tile_cells, tile_type)
+        if packed:  # the words as they are: a row's CPT / 2 pairs are the halves of its uint64 words
+            for c in range(rpt * words):
+                h[2 * c] = np.uint32(raw_words[c] & np.uint64(0xFFFFFFFF))
+                h[2 * c + 1] = np.uint32(raw_words[c] >> np.uint64(32))
+        else:
+            for r in range(rpt):
+                for k in range(CPT):
+                    if word_elems:
+                        h[r * CPT + k] = unpack(raw_words[r * words + k // word_elems], k % word_elems)
+                    else:
+                        h[r * CPT + k] = load_float32(raw[r * CPT + k], pool_bits16)
         # the state after step `tracked` is stored between two step loops, not inside one (a store
         # inside the loop keeps its addresses live in registers for the whole replay)
         split = tracked + 1 if tracked >= 0 else 0
@@ -495,15 +593,22 @@ def _make_mamba2(
                                   seed_lo, seed_hi)  # fmt: skip
         if tracked >= 0:  # rare (a prefix-store checkpoint): element stores into the entry
             track = track_rec[layer, entry]
-            for r in range(RPT):
+            for r in range(rpt):
                 for k in range(CPT):
                     if r < rows and k < cols:
-                        track[_at(first, r, state_size, k)] = _store_word(h[r * CPT + k], pool_bits16)
+                        track[_at(first, r, state_size, k)] = _store_word(element_of(h, r * CPT + k), pool_bits16)
         replay_steps(h, u_next, b_next, decay_next, split, accepted, accepted, row, layer, i, j, d0, n0, first,
                      last_row, last_col, n_heads, n_groups, seq_len, decays, inputs, projections, node_ids,
                      use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo, seed_hi)  # fmt: skip
-        if word_elems:
-            for r in range(RPT):
+        if packed:
+            for r in range(rpt):
+                if r < rows:
+                    for w in range(words):
+                        c = r * words + w
+                        word = np.uint64(h[2 * c]) | (np.uint64(h[2 * c + 1]) << np.uint64(32))
+                        state_words[_at(first // word_elems, r, word_pitch, w)] = word
+        elif word_elems:
+            for r in range(rpt):
                 if r < rows:
                     for w in range(words):
                         word = np.uint64(0)
@@ -511,7 +616,7 @@ def _make_mamba2(
                             word |= bits_of(h[r * CPT + w * word_elems + e]) << np.uint64(e * elem_bits)
                         state_words[_at(first // word_elems, r, word_pitch, w)] = word
         else:
-            for r in range(RPT):
+            for r in range(rpt):
                 for k in range(CPT):
                     if r < rows and k < cols:
                         state[_at(first, r, state_size, k)] = _store_word(h[r * CPT + k], pool_bits16)
@@ -721,8 +826,8 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     heads, dim, size = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
     extra: tuple = ()
     if config.mixer == "mamba2":
-        _, _, d_tiles, n_tiles = mamba2_tiles(dim, size)
         words = mamba2_word_elems(lay.rec, size)
+        _, _, d_tiles, n_tiles = mamba2_tiles(dim, size, mamba2_rows(mamba2_packed(lay.rounding, lay.bits16, words)))
         kernel = replay_mamba2_kernel(lay.rounding, lay.bits16, dim, size, heads // config.n_groups, words,
                                       config.conv_kernel, lay.conv.dtype)  # fmt: skip
         chunks_rec = heads * d_tiles * n_tiles

@@ -63,8 +63,10 @@ step's share of it, and its ``g[i]``, ``beta[i]``, ``v[i, e]``, while the curren
            all:     delta = beta[i] * (v[i, e] - shared[P-1][c]);  S[d] = round(fma(k[d], delta, S[d]))
 
 Each part writes its own shared row, and a key buffer is rewritten two steps after it was read,
-past a barrier every thread has reached. The conv blocks (:func:`_conv_tile`) give a thread
-:data:`CONV_CPT` channels and load every value of their new windows before storing any.
+past a barrier every thread has reached. The chain, not memory, is what a block waits on, so at
+D = 128 the kernel is built for 8 resident blocks per SM (:func:`gdn_launch_bounds`). The conv
+blocks (:func:`_conv_tile`) give a thread :data:`CONV_CPT` channels and load every value of their
+new windows before storing any.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ CONV_MAX_WIDTH = 4
 PART = 32
 #: Most parts of one column: ``MAX_KEY_DIM / PART``.
 MAX_PARTS = MAX_KEY_DIM // PART
+#: Resident blocks per SM the Gated DeltaNet kernel at D = 128 is built for (:func:`gdn_launch_bounds`).
+GDN_MIN_BLOCKS = 8
 #: NVVM-level inlining of the step functions (Numba-level ``inline=True`` refuses a closure of this
 #: many arguments); the simulator's ``jit`` takes no such option.
 _FORCE_INLINE = {} if SIMULATOR else {"forceinline": True}
@@ -182,6 +186,20 @@ def gdn_parts(key_dim: int) -> int:
     """Threads sharing one Gated DeltaNet column: ``ceil(D / PART)`` rounded up to a power of two."""
     parts = -(-key_dim // PART)
     return 1 << max(0, (parts - 1).bit_length())
+
+
+def gdn_launch_bounds(key_dim: int, rounding: int) -> tuple[int, int] | None:
+    """The launch bounds ``(THREADS, GDN_MIN_BLOCKS)`` the Gated DeltaNet kernel is built with, or None.
+
+    At D = 128 (four parts) without stochastic rounding the kernel needs 82 registers or more,
+    so 6 blocks of 128 threads fit an SM; every step's prediction chain waits on the one before,
+    part after part, so more blocks in flight is what hides it. Asking for 8 (at most 64
+    registers) keeps a few scalars in local memory outside the step loops (``tests/test_replay.py``
+    bounds the bytes) and on an H200 took the Qwen3-Next commit from 0.79 to 0.85 of the copy
+    ceiling (``benchmarks/NOTES.md``). Other key dims and stochastic rounding keep the
+    compiler's choice (there the bound spills inside the step loops, or is not needed).
+    """
+    return (THREADS, GDN_MIN_BLOCKS) if key_dim == 4 * PART and rounding != ROUND_STORED else None
 
 
 _MAMBA2_KERNELS: dict = {}
@@ -631,6 +649,8 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
     keys_per_thread = -(-key_span // THREADS)
     scalars = keys_per_thread  # the prefetch buffer: a thread's keys, then g[i], beta[i], v[i, e]
     ahead_size = keys_per_thread + 3
+    bounds = gdn_launch_bounds(exact, rounding)
+    kernel_options = {"launch_bounds": bounds} if bounds and not SIMULATOR else {}  # the simulator takes none
 
     @cuda.jit(device=True, inline=True)
     def key_dim_of(dim):
@@ -704,7 +724,7 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
                     seed_hi,
                 )
 
-    @cuda.jit(cache=False)
+    @cuda.jit(cache=False, **kernel_options)
     def replay_gdn_tiled(
         rec,
         conv,

@@ -916,6 +916,8 @@ TILED_CASES = [
     ("mamba2", 2, 9, 128, 1, "float32", False),  # 2 elements per word: one full 128-wide tile; D = 9
     ("mamba2", 2, 6, 24, 2, "float16", False),  # 4 per word, packed: a 32-wide tile, its last lane past N; D = 6
     ("mamba2", 1, 4, 264, 1, "bfloat16", False),  # 4 per word, packed: two 256-wide tiles, 8 live in the 2nd; D = 4
+    ("mamba2", 2, 12, 24, 1, "float16", False),  # packed: row group 0 whole (8 rows), group 1 4 live rows
+    ("mamba2", 2, 6, 24, 2, "bfloat16", True),  # 4 per word, not packed (stochastic): float32 elements from words
     ("gdn", 3, 3, 5, 3, "float32", False),  # one part, guarded; the block spans heads
     ("gdn", 2, 33, 3, 1, "float32", False),  # two parts, guarded: the prediction chain crosses threads
     ("gdn", 1, 96, 3, 1, "float16", False),  # four parts, the last one past D
@@ -930,6 +932,7 @@ TILED_CASES = [
 #: The Mamba2 cases whose state the tiled kernel reads as uint64 words: elements per word (others: 0). A
 #: 16-bit one without stochastic rounding stays packed in the tile (``tiled.mamba2_packed``).
 WORD_CASES = {(2, 9, 128, "float32"): 2, (2, 6, 24, "float16"): 4, (1, 4, 264, "bfloat16"): 4}
+WORD_CASES.update({(2, 12, 24, "float16"): 4, (2, 6, 24, "bfloat16"): 4})
 WORD_CASES.update({(8, 64, 128, "bfloat16"): 4, (4, 64, 128, "float16"): 4})
 #: Head size (H * D * N) above which a case runs on the GPU only.
 SIMULATED_HEADS = 4096
@@ -941,7 +944,6 @@ def test_mamba2_tiles_cover_the_head_with_the_fewest_tiles(dim, size, packed):
     from mamba_cache.replay import tiled
 
     per_thread = tiled.mamba2_rows(packed)
-    assert per_thread == (tiled.PACKED_RPT if packed else tiled.RPT)
     lanes, row_groups, d_tiles, n_tiles = tiled.mamba2_tiles(dim, size, per_thread)
     assert lanes * row_groups == tiled.THREADS and lanes & (lanes - 1) == 0 and lanes <= tiled.WARP
     rows, cols = row_groups * per_thread, lanes * tiled.CPT
@@ -1128,6 +1130,7 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
             ("gdn D=128 float32", tk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
             ("gdn D=64 float32", tk.replay_gdn_kernel(64, rk.ROUND_NONE, 0), "float32"),
             ("gdn D=128 bfloat16", tk.replay_gdn_kernel(128, rk.ROUND_BF16, 1), "uint16"),
+            ("gdn D=128 float16", tk.replay_gdn_kernel(128, rk.ROUND_HALF, 0), "float16"),
             ("first gdn D=128 float32", rk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
         ]
         with tempfile.TemporaryDirectory() as tmp:
@@ -1151,7 +1154,7 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
     assert result.returncode == 0, result.stderr[-3000:]
     report = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     print(report)
-    assert len(report) == 8, result.stdout
+    assert len(report) == 9, result.stdout
     for name, line in report.items():
         registers, spill, blocks = (int(word) for word in line.split() if word.isdigit())
         if name.startswith("first"):
@@ -1186,9 +1189,10 @@ def _edge_float32_bits(rng) -> np.ndarray:
 
 def test_paired_16bit_conversions_give_the_one_value_conversions_bits(rng):
     # The packed Mamba2 replay tile's conversions (cvt.rn.f16x2.f32, cvt.rn.bf16x2.f32 and cvt.f32.f16
-    # of either half of a word on the GPU; compositions of the one-value ones on the simulator) against
-    # IEEE nearest even (NumPy's float16, ml_dtypes' bfloat16) and against the one-value conversions
-    # run beside them, both halves in their place.
+    # of either half of a word on the GPU) against IEEE nearest even (NumPy's float16, ml_dtypes'
+    # bfloat16) and against the one-value conversions run beside them, both halves in their place. On
+    # the simulator the pair functions are the one-value stand-ins (NumPy / ml_dtypes casts) twice, so
+    # there the test checks only that each half lands in its place; the conversions are checked on the GPU.
     import ml_dtypes
 
     from mamba_cache.precision import kernels as pk
@@ -1253,7 +1257,7 @@ def test_the_gpu_arithmetic_returns_the_canonical_nan(rng):
     # simulator's kernels keep the select.)
     from conftest import ON_GPU
 
-    from mamba_cache.precision.kernels import float32_bits, float32_from_bits
+    from mamba_cache.precision.kernels import bfloat162_rn_bits, float32_bits, float32_from_bits
     from mamba_cache.precision.reference import convert_bits
     from mamba_cache.replay import kernels as rk
 
@@ -1280,11 +1284,25 @@ def test_the_gpu_arithmetic_returns_the_canonical_nan(rng):
     which = rng.integers(0, 4, n)  # one operand a NaN in each element, any of the four, some with more
     operands = np.where(np.arange(4)[:, None] == which[None, :], nans, finite)
     operands[:, : n // 8] = nans[:, : n // 8]
+    inf, ninf, zero, one = (np.float32(x).view(np.uint32) for x in (np.inf, -np.inf, 0.0, 1.0))
+    operands[:, n // 8] = (inf, zero, one, one)  # h * dA = inf * 0: a NaN made, not passed on
+    operands[:, n // 8 + 1] = (inf, one, ninf, one)  # fma(-inf, 1, inf): inf - inf
+    operands[:, n // 8 + 2] = (zero, inf, one, one)  # 0 * inf
     out = cuda.to_device(np.zeros(n, np.uint32))
     update[n // 128, 128](out, *(cuda.to_device(np.ascontiguousarray(x)) for x in operands))
     got = out.copy_to_host()
     assert (got == np.uint32(0x7FFFFFFF)).all(), [hex(x) for x in got[got != 0x7FFFFFFF][:8]]
+    # ... which the pair rounding and the reference's rounding both take to 0x7FFF
     assert convert_bits(np.array([0x7FFFFFFF], np.uint64), (8, 23), (8, 7))[0] == 0x7FFF, "the reference's bits"
+
+    @cuda.jit
+    def pair(out):
+        nan = float32_from_bits(np.uint32(0x7FFFFFFF))
+        out[0] = bfloat162_rn_bits(nan, nan)
+
+    out = cuda.to_device(np.zeros(1, np.uint32))
+    pair[1, 1](out)
+    assert out.copy_to_host()[0] == 0x7FFF7FFF, hex(out.copy_to_host()[0])
 
 
 def test_bfloat16_state_rounding_matches_the_reference_on_edge_bit_patterns(rng):

@@ -24,10 +24,13 @@ thread, so one Philox4x32-10 call gives the 4 random words of a group):
 ``mode`` 0 copies the bits (equal dtypes), 1 rounds to nearest even, 2 rounds stochastically;
 ``src_e, src_m, dst_e, dst_m`` are the formats (exponent and mantissa bits).
 
-Two conversions PTX has and libdevice lacks are inline-PTX intrinsics here, each one instruction:
-:func:`half_rz_bits` (``cvt.rz.f16.f32``, the float16 stochastic commit's truncation) and
+Conversions PTX has and libdevice lacks are inline-PTX intrinsics here, each one instruction:
+:func:`half_rz_bits` (``cvt.rz.f16.f32``, the float16 stochastic commit's truncation),
 :func:`bfloat16_rn_bits` (``cvt.rn.bf16.f32``, sm_80 and up: the replay kernels' bfloat16
-rounding). On the simulator NumPy stands in for them.
+rounding), and for the replay's packed 16-bit tiles the pair roundings :func:`half2_rn_bits`
+(``cvt.rn.f16x2.f32``) and :func:`bfloat162_rn_bits` (``cvt.rn.bf16x2.f32``), both sm_80 and
+up, and :func:`half_low_float32` / :func:`half_high_float32` (``cvt.f32.f16`` of either half of
+a 32-bit word). On the simulator NumPy (ml_dtypes for bfloat16) stands in for them.
 
 Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
 bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
@@ -381,7 +384,7 @@ if SIMULATOR:  # the one-value conversions above, twice
     def half2_rn_bits(low, high):
         """float32 ``low`` and ``high`` rounded to the nearest even float16, packed as uint32 (``low`` in bits 0-15).
 
-        ``cvt.rn.f16x2.f32``: one instruction for two values, the bits of :func:`half_rn_bits` of each.
+        ``cvt.rn.f16x2.f32`` (sm_80+): one instruction for two values, the bits of :func:`half_rn_bits` of each.
         """
         return half_rn_bits(low) | (half_rn_bits(high) << np.uint32(16))
 
@@ -445,7 +448,7 @@ else:  # inline PTX: one instruction each (the halves read in place, no shift)
     def half2_rn_bits(low, high):
         """float32 ``low`` and ``high`` rounded to the nearest even float16, packed as uint32 (``low`` in bits 0-15).
 
-        ``cvt.rn.f16x2.f32``: one instruction for two values, the bits of :func:`half_rn_bits` of each.
+        ``cvt.rn.f16x2.f32`` (sm_80+): one instruction for two values, the bits of :func:`half_rn_bits` of each.
         """
         return _cvt_rn_f16x2(np.float32(low), np.float32(high))
 

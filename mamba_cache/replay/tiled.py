@@ -13,25 +13,26 @@ Pools and stash are seen as in :mod:`mamba_cache.replay.kernels`::
     rec     [L, B, H*D*N]      element (i, d, n) at (i * D + d) * N + n
     grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
 
-Mamba2: a block owns a tile of one head ``i``: ``row_groups * RPT`` rows times ``lanes * CPT``
-columns (:func:`mamba2_tiles`; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
-``row_groups = THREADS / lanes``). Thread ``tx = g * lanes + l`` owns the ``RPT x CPT`` elements
-of the :data:`RPT` consecutive rows from ``d0`` and the :data:`CPT` consecutive columns from
-``n0`` (a packed 16-bit tile, below, has :data:`PACKED_RPT` rows in place of ``RPT``), so a
-row of its tile is two uint64 words of a 16-bit state (four of a float32 one), and the two
-(four) load or store instructions of a row cover ``lanes * CPT`` consecutive elements across
-the warp::
+Mamba2: a thread keeps ``rpt`` consecutive rows x :data:`CPT` consecutive columns of a head in
+32 registers (:func:`mamba2_rows`: ``rpt`` is :data:`RPT` for float32 elements, :data:`PACKED_RPT`
+for a packed 16-bit tile, two elements per register, below). A block owns a
+tile of one head ``i``: ``row_groups * rpt`` rows times ``lanes * CPT`` columns
+(:func:`mamba2_tiles`; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
+``row_groups = THREADS / lanes``). Thread ``tx = g * lanes + l`` owns the rows from ``d0`` and
+the columns from ``n0``, so a row of its tile is two uint64 words of a 16-bit state (four of a
+float32 one), and the two (four) load or store instructions of a row cover ``lanes * CPT``
+consecutive elements across the warp::
 
     block x -> (i, d_tile, n_tile)        divisions by constants, once per thread
-    d0 = d_tile * row_groups * RPT + g * RPT,   n0 = n_tile * lanes * CPT + l * CPT
+    d0 = d_tile * row_groups * rpt + g * rpt,   n0 = n_tile * lanes * CPT + l * CPT
 
-    head i:   n ->  0 .. 7 | 8 .. 15 | ... | 120 .. 127        (N = 128: 16 lanes of CPT = 8)
-    d  0..3         t0     | t1      | ... | t15               row group 0
-    d  4..7         t16    | t17     | ... | t31               row group 1
+    head i:   n ->  0 .. 7 | 8 .. 15 | ... | 120 .. 127        (N = 128: 16 lanes of CPT = 8, rpt = 8)
+    d  0..7         t0     | t1      | ... | t15               row group 0
+    d  8..15        t16    | t17     | ... | t31               row group 1
     ...
 
 The head shape (D, N, H / G) is compile-time (:func:`replay_mamba2_kernel`), so row pitches and
-the index divisions are constants, and where D is a multiple of :data:`RPT` a thread has no edge
+the index divisions are constants, and where D is a multiple of ``rpt`` a thread has no edge
 to test. A thread loads its state words, then step 0's stash (``dA[i]``, its ``u[i, d]`` rows,
 its ``B[j, n]`` columns: L1 / L2 hits shared by the block's warps), so it waits for memory once;
 each step loads the next step's stash before it computes ``h = round(fma(u, B, h * dA))`` per
@@ -139,7 +140,7 @@ GDN_MIN_BLOCKS = 8
 _FORCE_INLINE = {} if SIMULATOR else {"forceinline": True}
 
 
-def mamba2_tiles(dim: int, size: int, rows: int = RPT) -> tuple[int, int, int, int]:
+def mamba2_tiles(dim: int, size: int, rows: int) -> tuple[int, int, int, int]:
     """``(lanes, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N.
 
     ``lanes`` threads side by side cover ``lanes * CPT`` consecutive columns (``lanes`` the power
@@ -195,7 +196,7 @@ def gdn_launch_bounds(key_dim: int, rounding: int) -> tuple[int, int] | None:
     so 6 blocks of 128 threads fit an SM; every step's prediction chain waits on the one before,
     part after part, so more blocks in flight is what hides it. Asking for 8 (at most 64
     registers) keeps a few scalars in local memory outside the step loops (``tests/test_replay.py``
-    bounds the bytes) and on an H200 took the Qwen3-Next commit from 0.79 to 0.85 of the copy
+    bounds the bytes) and on an H200 took the Qwen3-Next commit from 0.79 to 0.86 of the copy
     ceiling (``benchmarks/NOTES.md``). Other key dims and stochastic rounding keep the
     compiler's choice (there the bound spills inside the step loops, or is not needed).
     """
@@ -220,11 +221,13 @@ def replay_mamba2_kernel(
 
     The head shape is compile-time: head dim ``dim`` (D), state size ``size`` (N) and the heads
     per group ``group_heads`` (H / G), so the tile (:func:`mamba2_tiles`), every row pitch and
-    the index divisions are constants, and a thread of a D that is a multiple of :data:`RPT`
-    has no edge to test. ``word_elems`` (:func:`mamba2_word_elems`) says how the state is
-    accessed: 4 or 2 elements per uint64 word (16-bit: float16, or bfloat16 with ``bits16``;
-    2: float32), 0 one element at a time. The conv window's width and the conv pool's dtype pick
-    the conv part (:func:`_conv_tile`).
+    the index divisions are constants, and a thread of a D that is a multiple of its rows
+    (:func:`mamba2_rows`) has no edge to test. ``word_elems`` (:func:`mamba2_word_elems`) says
+    how the state is accessed: 4 or 2 elements per uint64 word (16-bit: float16, or bfloat16
+    with ``bits16``; 2: float32), 0 one element at a time; with the rounding it says whether the
+    tile is packed (:func:`mamba2_packed`). The conv window's width and the conv pool's dtype
+    pick the conv part (:func:`_conv_tile`). The kernel's blocks per head are
+    :func:`mamba2_head_blocks`.
     """
     key = (rounding, int(bits16), int(dim), int(size), int(group_heads), int(word_elems), int(conv_width),
            np.dtype(conv_dtype).str, bfloat16_in_hardware())  # fmt: skip
@@ -232,6 +235,11 @@ def replay_mamba2_kernel(
     if kernel is None:
         kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:6], _conv_tile(conv_width, conv_dtype))
     return kernel
+
+
+def mamba2_head_blocks(kernel: Any) -> int:
+    """Blocks per head of a kernel from :func:`replay_mamba2_kernel`: ``d_tiles * n_tiles`` of its own tile."""
+    return kernel.head_blocks
 
 
 def replay_gdn_kernel(
@@ -363,7 +371,7 @@ def _make_mamba2(
     elem_mask = (1 << elem_bits) - 1
     word_cells, elem_cells = rpt * words, (1 if word_elems else cells)  # the raw loads' buffers
     pairs = CPT // 2  # uint32 pairs of a packed tile row
-    bf16_pairs_in_hardware = bool(pool_bits16) and bfloat16_in_hardware()
+    pairs_in_hardware = bfloat16_in_hardware()  # cvt.rn.f16x2.f32 and cvt.rn.bf16x2.f32: sm_80 and up too
     tile_cells, tile_type = (rpt * pairs, np.uint32) if packed else (cells, float32)
 
     @cuda.jit(device=True, inline=True)
@@ -384,18 +392,19 @@ def _make_mamba2(
     def round_pair(low, high):
         """Two step results rounded to the pool's format, packed (``low`` in bits 0-15).
 
-        The bits of the rounder of each. bfloat16 on an sm_80+ GPU: ``cvt.rn.bf16x2.f32`` without the
-        rounder's NaN select, because a value rounded here is an ``FFMA``'s result, and the GPU's
-        arithmetic returns the canonical NaN ``0x7FFFFFFF``, which both round to ``0x7FFF``
-        (``tests/test_replay.py`` pins it on the GPU).
+        The bits of the rounder of each. On an sm_80+ GPU one ``cvt.rn.f16x2.f32`` /
+        ``cvt.rn.bf16x2.f32``; the bfloat16 one without the rounder's NaN select, because a value
+        rounded here is an ``FFMA``'s result, and the GPU's arithmetic returns the canonical NaN
+        ``0x7FFFFFFF``, which both round to ``0x7FFF`` (``tests/test_replay.py`` pins it on the GPU).
+        Elsewhere (an older GPU, the simulator) the one-value rounding of each.
         """
-        if not pool_bits16:
-            return half2_rn_bits(low, high)
-        if bf16_pairs_in_hardware:
-            return bfloat162_rn_bits(low, high)
-        return (float32_bits(round_bfloat16(low)) >> np.uint32(16)) | (
-            float32_bits(round_bfloat16(high)) & np.uint32(0xFFFF0000)
-        )
+        if pairs_in_hardware:
+            return bfloat162_rn_bits(low, high) if pool_bits16 else half2_rn_bits(low, high)
+        if pool_bits16:
+            return (float32_bits(round_bfloat16(low)) >> np.uint32(16)) | (
+                float32_bits(round_bfloat16(high)) & np.uint32(0xFFFF0000)
+            )
+        return half_rn_bits(low) | (half_rn_bits(high) << np.uint32(16))
 
     @cuda.jit(device=True, inline=True)
     def element_of(h, c):
@@ -534,8 +543,8 @@ def _make_mamba2(
         """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
         Arguments as :func:`mamba_cache.replay.kernels.replay_mamba2`'s (``dim`` and ``size`` go
-        unread: the kernel's head shape is compile-time), with ``chunks_rec = H * d_tiles *
-        n_tiles`` (:func:`mamba2_tiles`) and ``rec_words``, the recurrent pool seen as uint64 words
+        unread: the kernel's head shape is compile-time), with ``chunks_rec = H *``
+        :func:`mamba2_head_blocks` (its :func:`mamba2_tiles`) and ``rec_words``, the recurrent pool seen as uint64 words
         ``[L, B, H*D*N / word_elems]`` (with ``word_elems`` 0: ``rec`` again, unused). Thread
         layout in the module docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer
         than 2**32 elements; ``prepare`` checks).
@@ -639,6 +648,7 @@ def _make_mamba2(
                     if r < rows and k < cols:
                         state[_at(first, r, state_size, k)] = _store_word(h[r * CPT + k], pool_bits16)
 
+    replay_mamba2_tiled.head_blocks = per_head  # the grid's blocks per head, for prepare (mamba2_head_blocks)
     return replay_mamba2_tiled
 
 
@@ -847,10 +857,9 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     extra: tuple = ()
     if config.mixer == "mamba2":
         words = mamba2_word_elems(lay.rec, size)
-        _, _, d_tiles, n_tiles = mamba2_tiles(dim, size, mamba2_rows(mamba2_packed(lay.rounding, lay.bits16, words)))
         kernel = replay_mamba2_kernel(lay.rounding, lay.bits16, dim, size, heads // config.n_groups, words,
                                       config.conv_kernel, lay.conv.dtype)  # fmt: skip
-        chunks_rec = heads * d_tiles * n_tiles
+        chunks_rec = heads * mamba2_head_blocks(kernel)  # the kernel's own tile decides
         extra = (lay.rec.view(np.uint64) if words else lay.rec,)
     else:
         kernel = replay_gdn_kernel(dim, lay.rounding, lay.bits16, config.conv_kernel, lay.conv.dtype)

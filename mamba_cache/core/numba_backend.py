@@ -21,29 +21,17 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from numba import cuda
-from numba.cuda.core import config as numba_config
 
 from .._config import Config, ConfigError, format_bytes
-from . import kernels
-from .launch import DeviceArg, DispatcherLaunch, make_launch
+from . import kernels, numba_convert
+from .device import SIMULATOR, DeviceArray, Launch, device_pointer
+from .launch import DeviceArg
 from .manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
 
 __all__ = ["NumbaMambaCacheManager"]
 
-#: True when Numba runs kernels in its CPU simulator (``NUMBA_ENABLE_CUDASIM=1``).
-SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
-
 #: CUDA limits the y and z grid dimensions (batch rows, layers) to 65535.
 MAX_GRID_YZ = 65535
-
-if SIMULATOR:
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _DeviceArray
-
-    _Launch = DispatcherLaunch
-else:
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
-
-    _Launch = make_launch  # a checked PreparedLaunch, or DispatcherLaunch if the check fails
 
 
 class StreamRef(NamedTuple):
@@ -80,7 +68,7 @@ def _slot_words(pool: Any, rows: int, widest: int = 8) -> Any:
 def _aligned_word(array: Any, pointer: int) -> int:
     """The widest word (8, 4, 2 or 1 bytes) the start of ``array``'s memory is aligned to.
 
-    ``pointer`` is ``_device_pointer(array)``, which the caller needs anyway. The pools are
+    ``pointer`` is ``device_pointer(array)``, which the caller needs anyway. The pools are
     allocated aligned, but a caller's output may be a view that starts at any element (a slice of
     a larger buffer): an 8-byte word access there faults on the GPU (misaligned address). Under
     the simulator (where ``pointer`` is 0) the address is the host array's.
@@ -235,7 +223,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         words = array.reshape(array.size).view(_word_dtype(array.nbytes))
         (blocks,), threads = kernels.launch_shape(words.shape[0])
         # blocks_a covers the whole grid, so the second pool argument is never touched
-        _Launch(kernels.zero_words, (words, words, blocks), threads).launch((blocks, 1, 1), stream)
+        Launch(kernels.zero_words, (words, words, blocks), threads).launch((blocks, 1, 1), stream)
         return array
 
     def _zero_launch(self, pool_a: Any, pool_b: Any) -> tuple:
@@ -245,7 +233,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         if entry is None:
             words = [p.reshape(p.size).view(_word_dtype(p.nbytes)) for p in (pool_a, pool_b)]
             (blocks_a, blocks_b), threads = kernels.launch_shape(words[0].shape[0], words[1].shape[0])
-            entry = (_Launch(kernels.zero_words, (*words, blocks_a), threads), (blocks_a + blocks_b, 1, 1))
+            entry = (Launch(kernels.zero_words, (*words, blocks_a), threads), (blocks_a + blocks_b, 1, 1))
             self._launches[key] = entry
         return entry
 
@@ -267,7 +255,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
-        pointer = _device_pointer(out)  # read once: it sets the word width and the argument
+        pointer = device_pointer(out)  # read once: it sets the word width and the argument
         word = _aligned_word(out, pointer)
         key = ("capture", id(pool), word)
         entry = self._launches.get(key)
@@ -276,7 +264,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             (chunks,), threads = kernels.launch_shape(dst.shape[2])
             # The first output only fixes the signature; every launch re-points dst, so the
             # launch need not keep that capture alive (the pool, src, lives with the manager).
-            launch = _Launch(kernels.copy_slot, (dst, src, 0), threads, keep_alive=False)
+            launch = Launch(kernels.copy_slot, (dst, src, 0), threads, keep_alive=False)
             entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
@@ -292,7 +280,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         # pair it saw last) and sets the slot.
         last = self._launches.get("capture_pair")
         if last is None or last[0] is not outs:
-            pointers = [_device_pointer(o) for o in outs]  # read once: word widths and arguments
+            pointers = [device_pointer(o) for o in outs]  # read once: word widths and arguments
             words = tuple(_aligned_word(o, p) for o, p in zip(outs, pointers, strict=True))
             key = ("capture_pair", *words)
             prepared = self._launches.get(key)
@@ -304,7 +292,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 placeholder = self._placeholder().array
                 args = (dst[0], src[0], dst[1], src[1], chunks_a, placeholder, placeholder, 0, 0, 0)
                 # Every call re-points dst_a / dst_b, so the launch need not keep the first outputs alive.
-                launch = _Launch(kernels.copy_rows, args, threads, keep_alive=False)
+                launch = Launch(kernels.copy_rows, args, threads, keep_alive=False)
                 prepared = self._launches[key] = (launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]))
             launch = prepared[0]
             views = [_slot_words(o, 1, w) if launch.needs_array else None for o, w in zip(outs, words, strict=True)]
@@ -351,7 +339,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         checked = self._check_int32_array(name, array, layout, stream)
         if not SIMULATOR:
             kind = type(array)
-            if kind is _DeviceArray:
+            if kind is DeviceArray:
                 self._last_arrays[name] = (array, checked, None)
             elif kind.__module__.startswith("torch"):
                 self._last_arrays[name] = (array, checked, "torch", array.shape, array.dtype)
@@ -375,10 +363,10 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         if isinstance(array, np.ndarray):
             shape = check_int32_array(name, array.dtype, array.shape, array.flags.c_contiguous, layout)
             return (DeviceArg(*self._stage(name, array, stream), shape), shape)
-        if SIMULATOR and isinstance(array, _DeviceArray):
+        if SIMULATOR and isinstance(array, DeviceArray):
             shape = check_int32_array(name, array.dtype, array.shape, array.is_c_contiguous(), layout)
             return (DeviceArg(array, 0, shape), shape)
-        if hasattr(array, "__dlpack__") and not isinstance(array, _DeviceArray):
+        if hasattr(array, "__dlpack__") and not isinstance(array, DeviceArray):
             # e.g. a JAX array. DLPack before __cuda_array_interface__ (JAX has both): its exchange
             # passes our stream to the producer, which orders its pending writes before our launch.
             return self._int32_from_dlpack(name, array, layout, stream)
@@ -443,14 +431,14 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             staged = staging[: host.size].reshape(host.shape) if host.size else staging
             if host.size:
                 staged.copy_to_device(host, stream=stream.stream)
-            return staged, _device_pointer(staged)
+            return staged, device_pointer(staged)
         # The view (and its pointer) per shape is built once: DeviceNDArray slicing and
         # copy_to_device cost tens of microseconds of Python each; the raw driver copy a few. From
         # pageable memory the driver has read ``host`` when the call returns (safe to reuse).
         view = self._staging.get(("view", name, host.shape))
         if view is None:
             staged = staging[: host.size].reshape(host.shape) if host.size else staging
-            view = self._staging[("view", name, host.shape)] = (staged, _device_pointer(staged))
+            view = self._staging[("view", name, host.shape)] = (staged, device_pointer(staged))
         if host.size:
             from cuda.bindings import driver
 
@@ -463,7 +451,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         """An int32 ``[B]`` device array standing in for an unused index argument."""
         if self._placeholder_array is None:
             array = cuda.device_array(max(self._config.max_batch_size, 1), dtype=np.int32)
-            self._placeholder_array = DeviceArg(array, _device_pointer(array), array.shape)
+            self._placeholder_array = DeviceArg(array, device_pointer(array), array.shape)
         return self._placeholder_array
 
     def _commit_words(self) -> tuple[list, int, int, int]:
@@ -497,7 +485,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 rest = (placeholder.reshape((placeholder.size, 1)), placeholder, placeholder, 0, 1)
             else:  # accept_lengths, state_indices, use_indices, seq_len, max_accept
                 rest = (placeholder, placeholder, 0, 1, 1)
-            launch = _Launch(kernel, (*words, chunks_a, *rest), threads)
+            launch = Launch(kernel, (*words, chunks_a, *rest), threads)
             entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
         return entry
 
@@ -505,9 +493,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any, positions: Any = None
     ) -> None:
         if self._converting_commit():
-            from ..precision import numba_binding
-
-            return numba_binding.scatter(self, accept, indices, active, seq_len, max_accept, stream, positions)
+            return numba_convert.scatter(self, accept, indices, active, seq_len, max_accept, stream, positions)
         launch, blocks, layers = self._commit_launch("scatter", kernels.scatter_accepted)
         launch.set_array("accept_lengths", accept, shape_changes=True)
         self._set_indices(launch, indices)
@@ -519,9 +505,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, positions: Any = None
     ) -> None:
         if self._converting_commit():
-            from ..precision import numba_binding
-
-            return numba_binding.scatter_tree(self, nodes, accept, indices, active, seq_len, stream, positions)
+            return numba_convert.scatter_tree(self, nodes, accept, indices, active, seq_len, stream, positions)
         launch, blocks, layers = self._commit_launch("tree", kernels.scatter_tree)
         launch.set_array("node_ids", nodes, shape_changes=True)
         launch.set_array("accept_lengths", accept, shape_changes=True)
@@ -558,7 +542,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
             placeholder = self._placeholder().array
             # keep_alive holds the pools (so the ids in the key cannot be reused while it lives)
-            launch = _Launch(kernels.copy_rows, (*words, chunks_a, placeholder, placeholder, 0, 0, 0), threads)
+            launch = Launch(kernels.copy_rows, (*words, chunks_a, placeholder, placeholder, 0, 0, 0), threads)
             entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
         launch, blocks, layers = entry
         if isinstance(src_rows, DeviceArg):
@@ -585,9 +569,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         positions: Any = None,
     ) -> None:
         if self._converting_commit():
-            from ..precision import numba_binding
-
-            return numba_binding.scatter_tracked(
+            return numba_convert.scatter_tracked(
                 self, accept, indices, active, seq_len, max_accept, store, entries, steps, stream, positions
             )
         track_a, track_b = store._pools
@@ -598,7 +580,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             tracks = [_slot_words(track, track.shape[1]) for track in (track_a, track_b)]
             placeholder = self._placeholder().array
             args = (*words, chunks_a, placeholder, placeholder, 0, 1, 1, *tracks, placeholder, placeholder)
-            launch = _Launch(kernels.scatter_tracked, args, threads)
+            launch = Launch(kernels.scatter_tracked, args, threads)
             entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
         launch, blocks, layers = entry
         launch.set_array("accept_lengths", accept, shape_changes=True)
@@ -658,7 +640,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             pools, slots = self._pools, self._config.max_batch_size
             rec, conv = _slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)
             (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
-            launch = _Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
+            launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
             entry = self._launches["zero_slot"] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
         launch, grid = entry
         launch.set_scalar("slot", slot)
@@ -680,7 +662,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         entry = self._launches.get("replay")
         if entry is None:
             entry = self._launches["replay"] = replay_kernels.prepare(
-                self._pools, self._stash, self._config, self._placeholder().array, _Launch
+                self._pools, self._stash, self._config, self._placeholder().array, Launch
             )
         launch, blocks, layers = entry
         launch.set_array("accept_lengths", accept, shape_changes=True)
@@ -701,7 +683,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             views = []  # the store's [L, P, ...] pools seen flat per entry (host-side views, nothing allocated)
             for pool in store._pools:
                 flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
-                views.append(DeviceArg(flat, _device_pointer(flat), flat.shape))
+                views.append(DeviceArg(flat, device_pointer(flat), flat.shape))
             launch.set_array("track_rec", views[0], shape_changes=True)
             launch.set_array("track_conv", views[1], shape_changes=True)
             launch.set_array("track_entries", entries, shape_changes=True)
@@ -711,9 +693,9 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> Any:
         if isinstance(array, np.ndarray):
             raise TypeError(f"{name} must be a device array for the Numba backend, got a host numpy.ndarray")
-        if not isinstance(array, _DeviceArray) and hasattr(array, "__dlpack__"):
+        if not isinstance(array, DeviceArray) and hasattr(array, "__dlpack__"):
             array = self._state_from_dlpack(name, array, dtype)
-        if not isinstance(array, _DeviceArray):
+        if not isinstance(array, DeviceArray):
             if SIMULATOR or not hasattr(array, "__cuda_array_interface__"):
                 raise TypeError(f"{name} must be a device array for the Numba backend, got {type(array).__name__}")
             array = cuda.as_cuda_array(array, sync=False)
@@ -862,8 +844,4 @@ def _device_empty(shape: tuple, dtype: np.dtype, stream: StreamRef) -> Any:
 
     memory = MemoryPointer(cuda.current_context(), pointer, nbytes, finalizer=free)
     strides = tuple(int(np.prod(shape[i + 1 :])) * dtype.itemsize for i in range(len(shape)))
-    return _DeviceArray(shape, strides, dtype, gpu_data=memory)
-
-
-def _device_pointer(array: Any) -> int:
-    return 0 if SIMULATOR else int(array.device_ctypes_pointer.value or 0)
+    return DeviceArray(shape, strides, dtype, gpu_data=memory)

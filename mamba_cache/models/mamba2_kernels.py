@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from numba import cuda, float32
 
-from ..core.numba_backend import SIMULATOR
+from ..core.device import SIMULATOR
 from ..precision.kernels import float32_bits, load_float32, store_formats, stored_value
 from ..replay.kernels import mamba2_update
 

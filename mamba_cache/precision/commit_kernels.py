@@ -57,7 +57,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ..core.numba_backend import SIMULATOR
+from ..core.device import SIMULATOR
 from . import kernels
 from .kernels import (
     MODE_COPY,

@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 from numba import cuda
 
-from ..core.numba_backend import SIMULATOR
+from ..core.device import SIMULATOR
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: Groups of 4 elements each thread converts.

@@ -49,7 +49,7 @@ import numpy as np
 from numba import cuda, float32
 from numba.cuda.cudadrv.error import CudaSupportError
 
-from ..core.numba_backend import SIMULATOR
+from ..core.device import SIMULATOR
 from ..precision.kernels import (
     bfloat16_rn_bits,
     float32_bits,

@@ -78,7 +78,7 @@ import numpy as np
 from numba import cuda, float32
 from numba.np import numpy_support
 
-from ..core.numba_backend import SIMULATOR, _device_pointer
+from ..core.device import SIMULATOR, device_pointer
 from ..precision.kernels import (
     bfloat162_rn_bits,
     float32_bits,
@@ -167,7 +167,7 @@ def mamba2_word_elems(pool: Any, size: int) -> int:
     the pool starts on an 8-byte boundary.
     """
     itemsize = pool.dtype.itemsize
-    if itemsize not in (2, 4) or size % CPT or _device_pointer(pool) % 8:
+    if itemsize not in (2, 4) or size % CPT or device_pointer(pool) % 8:
         return 0
     return 8 // itemsize
 

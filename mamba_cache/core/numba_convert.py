@@ -1,4 +1,4 @@
-"""Binds the converting commit kernels to a :class:`NumbaMambaCacheManager` (imports numba).
+"""The Numba backend's converting commits: binds ``mamba_cache.precision``'s kernels to its pools.
 
 Chosen by the Numba backend when a main pool's dtype differs from its per-step pool's; equal
 dtypes keep the word-copy kernels of :mod:`mamba_cache.core.kernels` untouched. The kernels are
@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from . import commit_kernels, kernels
-from .reference import dtype_format
+from ..precision import commit_kernels, kernels
+from ..precision.reference import dtype_format
+from .device import Launch
 
 KINDS = ("recurrent", "conv")
 
@@ -54,8 +55,6 @@ def _view(pool: Any, rows: int, wide: bool) -> Any:
 
 def _launch(manager: Any, variant: str, store: Any = None) -> tuple:
     """(prepared launch, x blocks, layers) of a converting commit, built once per manager (and store)."""
-    from ..core.numba_backend import _Launch
-
     key = ("precision", variant, None if store is None else id(store._pools[0]))
     entry = manager._launches.get(key)
     if entry is None:
@@ -87,7 +86,7 @@ def _launch(manager: Any, variant: str, store: Any = None) -> tuple:
             ]
             args = (*args, *tracks, placeholder, placeholder)
         kernel = {"scatter": built.scatter, "tree": built.tree, "tracked": built.tracked}[variant]
-        launch = _Launch(kernel, args, threads)
+        launch = Launch(kernel, args, threads)
         entry = manager._launches[key] = (launch, chunks_a + chunks_b, config.num_recurrent_layers)
     return entry
 

@@ -10,7 +10,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import assert_same_bits, fill_random, snapshot, to_host
+from helpers import assert_same_bits, fill_random, snapshot, to_host
 
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
 

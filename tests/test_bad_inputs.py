@@ -7,7 +7,7 @@ before and after the refused call. ``pytest --collect-only -q tests/test_bad_inp
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, ON_GPU, assert_same_bits, fill_random, small_config, snapshot
+from helpers import BACKENDS, ON_GPU, assert_same_bits, fill_random, small_config, snapshot
 
 from mamba_cache import Config, ConfigError
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     BACKENDS,
-    ON_GPU,
     NumbaMambaCacheManager,
     assert_same_bits,
     fill_random,
+    needs_gpu,
     random_bits,
     small_config,
     snapshot,
     to_host,
 )
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
 GUARD = 37  # elements of guard memory before and after each output
 

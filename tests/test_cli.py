@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ON_GPU
+from helpers import ON_GPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

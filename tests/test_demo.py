@@ -1,7 +1,7 @@
 """``make demo`` runs mamba_cache.demo: it must keep passing on every backend available."""
 
 import pytest
-from conftest import ON_GPU
+from helpers import ON_GPU
 
 from mamba_cache import demo
 

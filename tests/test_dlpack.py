@@ -16,11 +16,9 @@ import weakref
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import BACKENDS, ON_GPU, NumbaMambaCacheManager, NumpyMambaCacheManager, small_config, to_host
+from helpers import BACKENDS, NumbaMambaCacheManager, NumpyMambaCacheManager, needs_gpu, small_config, to_host
 
 from mamba_cache.interop import dlpack
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _api = ctypes.pythonapi
@@ -374,7 +372,7 @@ def dlpack_only(backend, values, **kwargs):
 
 
 def test_dlpack_only_index_arrays_drive_every_commit(backend, rng):
-    from conftest import assert_same_bits, fill_random, snapshot
+    from helpers import assert_same_bits, fill_random, snapshot
 
     config = small_config()
     ref, cache = NumpyMambaCacheManager(config), BACKENDS[backend](config)
@@ -392,7 +390,7 @@ def test_dlpack_only_index_arrays_drive_every_commit(backend, rng):
         ref.copy_slots(src, dst)
         cache.copy_slots(dlpack_only(backend, src), dlpack_only(backend, dst))
         if backend == "numba":
-            from conftest import sync
+            from helpers import sync
 
             sync()
         assert_same_bits(snapshot(ref), snapshot(cache), f"round {round_}")
@@ -416,7 +414,7 @@ def test_numba_passes_its_stream_to_the_producer():
 
 
 def test_a_host_dlpack_index_array_is_staged_by_the_numba_backend(rng):
-    from conftest import assert_same_bits, fill_random, snapshot, sync
+    from helpers import assert_same_bits, fill_random, snapshot, sync
 
     config = small_config()
     ref, cache = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config)
@@ -432,7 +430,7 @@ def test_a_host_dlpack_index_array_is_staged_by_the_numba_backend(rng):
     "case", ["int64", "2-D", "strided", "other device type", "other GPU", "float bits"], ids=lambda c: c
 )
 def test_bad_dlpack_index_arrays_are_refused_before_anything_changes(backend, rng, case):
-    from conftest import assert_same_bits, fill_random, snapshot
+    from helpers import assert_same_bits, fill_random, snapshot
 
     cache = BACKENDS[backend](small_config())
     fill_random([cache], rng)
@@ -464,7 +462,7 @@ def test_bad_dlpack_index_arrays_are_refused_before_anything_changes(backend, rn
 
 def test_dlpack_only_outputs_and_states(backend, rng):
     """capture_states(out=) and restore_slot take DLPack-only tensors; bfloat16 ones for bfloat16 pools."""
-    from conftest import fill_random, snapshot
+    from helpers import fill_random, snapshot
 
     dtypes = ("bfloat16", "float16") if backend == "numba" else ("float32", "float16")
     cache = BACKENDS[backend](small_config(recurrent_state_dtype=dtypes[0], conv_state_dtype=dtypes[1]))
@@ -496,7 +494,7 @@ def test_dlpack_only_outputs_and_states(backend, rng):
 
 @needs_gpu
 def test_torch_and_jax_index_arrays_seen_only_through_dlpack(rng):
-    from conftest import assert_same_bits, fill_random, snapshot
+    from helpers import assert_same_bits, fill_random, snapshot
 
     torch = pytest.importorskip("torch")
 
@@ -535,7 +533,7 @@ def test_torch_and_jax_index_arrays_seen_only_through_dlpack(rng):
     fill_random([ref, dev], rng)
     dev.scatter_mtp_states(jax.device_put(accept, jax.devices("gpu")[0]))
     ref.scatter_mtp_states(accept)
-    from conftest import sync
+    from helpers import sync
 
     sync()
     assert_same_bits(snapshot(ref), snapshot(dev), "jax")

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     BACKENDS,
     ON_GPU,
     NumbaMambaCacheManager,
     NumpyMambaCacheManager,
     assert_same_bits,
     fill_random,
+    needs_gpu,
     small_config,
     snapshot,
     to_host,
 )
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
 
 def empty_like_capture(backend, manager, kind):

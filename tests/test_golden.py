@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, to_host, write_pool
+from helpers import BACKENDS, to_host, write_pool
 
 from mamba_cache import Config
 

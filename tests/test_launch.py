@@ -13,7 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ON_GPU, assert_same_bits, fill_random, small_config, snapshot, to_host
+from helpers import assert_same_bits, fill_random, needs_gpu, small_config, snapshot, to_host
 from numba import types
 
 from mamba_cache import NumbaMambaCacheManager, NumpyMambaCacheManager
@@ -26,8 +26,6 @@ from mamba_cache.core.launch import (
     parameter_layout,
     ptx_parameter_sizes,
 )
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
 
 def test_parameter_layout_matches_the_compiled_ptx():

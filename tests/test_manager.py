@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     BACKENDS,
     assert_same_bits,
     device_int32,

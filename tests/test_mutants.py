@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_same_bits, fill_random, small_config, snapshot, to_host
+from helpers import BACKENDS, assert_same_bits, fill_random, small_config, snapshot, to_host
 
 from mamba_cache import NumbaMambaCacheManager, NumpyMambaCacheManager
 from mamba_cache.core.kernels import WORDS_PER_THREAD, launch_shape

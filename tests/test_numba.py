@@ -10,13 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import ON_GPU, assert_same_bits, fill_random, small_config, snapshot, to_host
+from helpers import ON_GPU, assert_same_bits, fill_random, needs_gpu, small_config, snapshot, to_host
 from numba import cuda
 
 from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
 from mamba_cache.core.kernels import MAX_THREADS, WORDS_PER_THREAD, launch_shape
-
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
 
 
 @pytest.mark.parametrize(

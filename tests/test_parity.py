@@ -8,7 +8,7 @@ a fresh one, ``MAMBA_CACHE_SEED=<n>`` replays one).
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     ON_GPU,
     assert_same_bits,
     fill_random,

@@ -8,7 +8,7 @@ peer's own rule expects. The recipes below are the ones the guide quotes.
 
 import numpy as np
 import pytest
-from conftest import fill_random, small_config
+from helpers import fill_random, small_config
 from numpy.lib.stride_tricks import sliding_window_view
 
 from mamba_cache import NumpyMambaCacheManager

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, ON_GPU, device_int32, fill_random, small_config, snapshot, to_host
+from helpers import BACKENDS, ON_GPU, device_int32, fill_random, small_config, snapshot, to_host
 from numba import cuda
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
@@ -746,6 +746,7 @@ def test_hoisted_philox_matches_the_reference(rng):
         assert out.tobytes() == want.tobytes(), (c1, c2, c3, k0, k1)
 
 
+@pytest.mark.slow  # NVVM over seven converting-commit kernels: a minute of compiles
 def test_commit_kernels_ptx_keeps_the_buffer_in_registers_and_batches_wide_loads():
     # The design the benchmark depends on, checked on the sm_90 PTX (no GPU needed): no local memory
     # for any pair, every kind's 8 uint64 loads per thread (16 for float32 -> bfloat16 / float16

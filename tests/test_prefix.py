@@ -9,7 +9,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from conftest import (
+from helpers import (
     BACKENDS,
     ON_GPU,
     assert_same_bits,

@@ -11,7 +11,7 @@ import zlib
 from collections import Counter, OrderedDict
 
 import numpy as np
-from conftest import small_config
+from helpers import small_config
 from hypothesis import given
 from hypothesis import strategies as st
 

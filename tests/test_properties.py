@@ -8,7 +8,7 @@ and prints hypothesis' statistics.
 import os
 
 import numpy as np
-from conftest import assert_same_bits, random_bits, snapshot, to_host
+from helpers import assert_same_bits, random_bits, snapshot, to_host
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

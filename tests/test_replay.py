@@ -10,7 +10,7 @@ the states agree within ``TOLERANCE`` (bit-exact GPU proofs against the GPU deco
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, device_int32, snapshot, to_host
+from helpers import BACKENDS, SIMULATOR_LONG, device_int32, simulator_long, snapshot, to_host
 from numba import cuda  # a module global, which the simulator swaps for its own in kernels
 
 from mamba_cache import Config
@@ -432,7 +432,7 @@ def test_numba_refuses_a_key_dim_its_replay_kernel_cannot_hold():
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_gpu_replay_captures_into_a_cuda_graph(rng, mixer):
     """Captured on a user's stream with accept_lengths on the device, replayed with new values."""
-    from conftest import ON_GPU
+    from helpers import ON_GPU
 
     if not ON_GPU:
         pytest.skip("needs a CUDA GPU (runs on the GPU machine)")
@@ -465,6 +465,8 @@ def test_gpu_replay_captures_into_a_cuda_graph(rng, mixer):
     assert (got["recurrent"][:, 0] != state["recurrent"][:, 0]).any()
 
 
+@simulator_long(backend="numba", mixer="gdn", dtype="float32")
+@simulator_long(backend="numba", mixer="gdn", dtype="float64")
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tree_replay_follows_each_accepted_path(backend, rng, mixer, dtype):
@@ -801,7 +803,7 @@ def test_replay_kernels_keep_the_state_in_registers():
 @pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
 def test_gpu_rounded_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, dtype, stochastic):
     """On the GPU: Mamba2 heads of 64 x 128, bf16 / stochastic rounding: replay kernel == decode kernels, bitwise."""
-    from conftest import ON_GPU
+    from helpers import ON_GPU
 
     if not ON_GPU:
         pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")
@@ -838,7 +840,7 @@ def test_gpu_rounded_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, d
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_gpu_tracked_stochastic_replay_captures_into_a_cuda_graph(rng, mixer):
     """positions + tracking bound on device arrays, captured once, replayed with new values == NumPy reference."""
-    from conftest import ON_GPU
+    from helpers import ON_GPU
 
     if not ON_GPU:
         pytest.skip("needs a CUDA GPU (runs on the GPU machine)")
@@ -918,6 +920,8 @@ TILED_CASES = [
     ("mamba2", 1, 4, 264, 1, "bfloat16", False),  # 4 per word, packed: two 256-wide tiles, 8 live in the 2nd; D = 4
     ("mamba2", 2, 12, 24, 1, "float16", False),  # packed: row group 0 whole (8 rows), group 1 4 live rows
     ("mamba2", 2, 6, 24, 2, "bfloat16", True),  # 4 per word, not packed (stochastic): float32 elements from words
+    ("mamba2", 2, 6, 24, 1, "bfloat16", False),  # packed bfloat16: a 32-wide tile, its last lane past N; D = 6
+    ("mamba2", 1, 3, 16, 1, "float32", False),  # 2 per word: a 16-wide tile; D = 3
     ("gdn", 3, 3, 5, 3, "float32", False),  # one part, guarded; the block spans heads
     ("gdn", 2, 33, 3, 1, "float32", False),  # two parts, guarded: the prediction chain crosses threads
     ("gdn", 1, 96, 3, 1, "float16", False),  # four parts, the last one past D
@@ -929,10 +933,13 @@ TILED_CASES = [
     ("gdn", 4, 128, 128, 2, "bfloat16", True),  # Qwen3-Next-like heads: four parts per column
     ("gdn", 4, 128, 128, 2, "float32", False),
 ]
+#: Cases that ``make test`` leaves to ``make test-long`` on the simulator (20-60 s each there): each path they
+#: take has a smaller case in the list (the last two Mamba2 cases stand in for the float32 and bfloat16 ones).
+TILED_LONG = {TILED_CASES[i] for i in (1, 2, 4, 11, 12)}
 #: The Mamba2 cases whose state the tiled kernel reads as uint64 words: elements per word (others: 0). A
 #: 16-bit one without stochastic rounding stays packed in the tile (``tiled.mamba2_packed``).
 WORD_CASES = {(2, 9, 128, "float32"): 2, (2, 6, 24, "float16"): 4, (1, 4, 264, "bfloat16"): 4}
-WORD_CASES.update({(2, 12, 24, "float16"): 4, (2, 6, 24, "bfloat16"): 4})
+WORD_CASES.update({(2, 12, 24, "float16"): 4, (2, 6, 24, "bfloat16"): 4, (1, 3, 16, "float32"): 2})
 WORD_CASES.update({(8, 64, 128, "bfloat16"): 4, (4, 64, 128, "float16"): 4})
 #: Head size (H * D * N) above which a case runs on the GPU only.
 SIMULATED_HEADS = 4096
@@ -964,8 +971,14 @@ def test_mamba2_word_accesses_need_2_or_4_byte_elements_and_whole_words_per_thre
 
 @pytest.mark.parametrize(
     ("mixer", "heads", "dim", "size", "groups", "dtype", "stochastic"),
-    TILED_CASES,
-    ids=[f"{c[0]}-H{c[1]}-D{c[2]}-N{c[3]}-{c[5]}{'-sr' if c[6] else ''}" for c in TILED_CASES],
+    [
+        pytest.param(
+            *c,
+            id=f"{c[0]}-H{c[1]}-D{c[2]}-N{c[3]}-{c[5]}{'-sr' if c[6] else ''}",
+            marks=SIMULATOR_LONG if c in TILED_LONG else (),
+        )
+        for c in TILED_CASES
+    ],
 )
 def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixer, heads, dim, size, groups, dtype,
                                                           stochastic):  # fmt: skip
@@ -975,7 +988,7 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
     positions and tracking, then a tree commit, every pool and store entry compared whole. (A float32
     state shows a changed summation order; a 16-bit store can round the difference away.)
     """
-    from conftest import ON_GPU, assert_same_bits
+    from helpers import ON_GPU, assert_same_bits
 
     from mamba_cache.prefix import PrefixStateCache
     from mamba_cache.replay import kernels, tiled
@@ -1044,7 +1057,7 @@ def test_tiled_replay_kernels_over_many_steps_and_with_a_wide_conv_window(rng, m
     """Eleven steps (Mamba2 carries its one-step-ahead stash loads along, GDN its key buffers) and a conv
     window wider than ``tiled.CONV_MAX_WIDTH`` (one channel per thread, the first kernels' conv update): the
     first kernels' bits."""
-    from conftest import assert_same_bits
+    from helpers import assert_same_bits
 
     from mamba_cache.replay import kernels, tiled
 
@@ -1072,6 +1085,7 @@ def _ptxas() -> str | None:
     return found if isinstance(found, str) else (found[-1] if found else None)
 
 
+@pytest.mark.slow  # ptxas over every tiled kernel variant: 40 s of compiles
 def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
     """ptxas -v (sm_90, no GPU needed), each kernel built with the launch bounds the backend gives it: 0 spill
     bytes for the tiled Mamba2 kernels and the tiled GDN kernel at D = 64, at most 128 registers for GDN; the
@@ -1255,7 +1269,7 @@ def test_the_gpu_arithmetic_returns_the_canonical_nan(rng):
     # the canonical 0x7FFFFFFF whatever the operands' payloads and signs, which cvt.rn.bf16x2.f32
     # and the reference's rounding both take to 0x7FFF. (NumPy's arithmetic keeps a payload, so the
     # simulator's kernels keep the select.)
-    from conftest import ON_GPU
+    from helpers import ON_GPU
 
     from mamba_cache.precision.kernels import bfloat162_rn_bits, float32_bits, float32_from_bits
     from mamba_cache.precision.reference import convert_bits

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, device_int32, snapshot
+from helpers import BACKENDS, device_int32, simulator_long, snapshot
 
 from mamba_cache import Config
 from mamba_cache.models.gdn import TinyGatedDeltaNet
@@ -63,6 +63,8 @@ def main_pools(manager):
     return {k: pools[k] for k in ("recurrent", "conv")}
 
 
+@simulator_long(backend="numba", mixer="gdn", dtype="float32")
+@simulator_long(backend="numba", mixer="gdn", dtype="float64")
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_replay_equals_sequential(backend, rng, dtype, mixer):
@@ -88,6 +90,7 @@ def test_replay_equals_sequential(backend, rng, dtype, mixer):
     assert np.abs(got["recurrent"].astype(np.float64)).sum() > 0
 
 
+@simulator_long(backend="numba", mixer="gdn")
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_scatter_and_replay_mode_give_the_same_tokens(backend, rng, mixer):
     """A speculative loop: scatter-mode and replay-mode caches commit the same rows, then decode."""
@@ -146,7 +149,7 @@ def test_gdn_model_checks_its_config():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gpu_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, mixer, dtype):
     """On the GPU: key dim 128 / state size 128 heads, replay kernel vs decode kernels, bit for bit."""
-    from conftest import ON_GPU
+    from helpers import ON_GPU
 
     if not ON_GPU:
         pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")

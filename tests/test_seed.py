@@ -1,7 +1,7 @@
 """The test seed: fixed by default, replayable, fresh on request."""
 
 import pytest
-from conftest import DEFAULT_SEED, SEED, session_seed
+from helpers import DEFAULT_SEED, SEED, session_seed
 
 
 def test_default_seed_is_fixed():

@@ -6,7 +6,7 @@ backend's vectorised code, and every byte of every pool is compared.
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_same_bits, device_int32, fill_random, small_config, snapshot
+from helpers import BACKENDS, assert_same_bits, device_int32, fill_random, small_config, snapshot
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 

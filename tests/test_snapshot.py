@@ -6,7 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, assert_same_bits, fill_random, small_config, snapshot
+from helpers import BACKENDS, assert_same_bits, fill_random, small_config, snapshot
 
 from mamba_cache.snapshot import SnapshotError, load_snapshot, save_snapshot
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import ON_GPU, assert_same_bits, fill_random, small_config, snapshot
+from helpers import ON_GPU, assert_same_bits, fill_random, small_config, snapshot
 from numba import cuda
 
 from mamba_cache import NumbaMambaCacheManager, NumpyMambaCacheManager

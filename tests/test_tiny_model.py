@@ -8,7 +8,7 @@ turn that into one fp16 ulp.
 
 import numpy as np
 import pytest
-from conftest import BACKENDS, snapshot
+from helpers import BACKENDS, snapshot
 
 from mamba_cache import Config
 from mamba_cache.models.mamba2 import TinyMamba2

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ON_GPU
+from helpers import ON_GPU
 
 TUTORIALS = sorted((pathlib.Path(__file__).resolve().parents[1] / "tutorials").glob("[0-9][0-9]-*.py"))
 

@@ -1,0 +1,150 @@
+"""Helpers the test files share: the backends, the session's seed, pools written and compared whole, markers.
+
+Importing it picks the Numba target first (the GPU if there is one, else the CUDA simulator), as
+``conftest.py`` does, so a test file may import it before anything imports Numba.
+
+Markers (registered in ``pyproject.toml``):
+
+- ``slow``: left out of ``make test`` and run by ``make test-long`` (and by CI). Put it on a case
+  only through `simulator_long` (a case that is long only because the CUDA simulator runs
+  every thread in Python: on a GPU it stays in the default run) or on a run whose length is its
+  point (the 2000-example property profile, every PTX variant).
+- ``needs_gpu``: skipped without a CUDA GPU, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mamba_cache import select_numba_target
+
+ON_GPU = select_numba_target()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the GPU machine)")
+
+
+#: ``marks=`` of a ``pytest.param`` case that is long only on the CUDA simulator (``slow`` there, none on a GPU).
+SIMULATOR_LONG = () if ON_GPU else (pytest.mark.slow,)
+
+
+def simulator_long(**params) -> pytest.MarkDecorator:
+    """Mark the cases of a parametrized test whose parameters equal ``params`` as long under the simulator.
+
+    Such a case is marked ``slow`` (``make test-long``) where Numba runs on the CUDA simulator, and
+    stays in the default run on a GPU, where it takes milliseconds. Apply several to one test for
+    several groups of cases; ``conftest.py`` reads them at collection.
+    """
+    return pytest.mark.simulator_long(**params)
+
+
+BACKENDS = {"numpy": NumpyMambaCacheManager, "numba": NumbaMambaCacheManager}
+POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+
+
+#: The seed of every ``rng`` fixture unless ``MAMBA_CACHE_SEED`` says otherwise (a fixed seed: a CI
+#: run is reproducible, and fails again on a rerun when it should).
+DEFAULT_SEED = 20261128
+
+
+def session_seed(value: str | None) -> int:
+    """The seed for ``MAMBA_CACHE_SEED=value``: unset -> DEFAULT_SEED, "random" -> a fresh one, else the int."""
+    if value is None or not value.strip():
+        return DEFAULT_SEED
+    if value.strip().lower() == "random":
+        return int(np.random.SeedSequence().entropy % 2**32)
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"MAMBA_CACHE_SEED must be an integer or 'random', got {value!r}") from None
+
+
+SEED = session_seed(os.environ.get("MAMBA_CACHE_SEED"))
+
+
+def small_config(**overrides) -> Config:
+    fields = dict(
+        num_recurrent_layers=3,
+        max_batch_size=5,
+        recurrent_state_num_heads=2,
+        recurrent_state_head_dim=3,
+        recurrent_state_size=5,
+        conv_dim=7,
+        conv_kernel=3,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype="float32",
+        conv_state_dtype="float16",
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def to_host(array) -> np.ndarray:
+    """A host copy of a NumPy or Numba array."""
+    if isinstance(array, np.ndarray):
+        return array.copy()
+    return array.copy_to_host()
+
+
+def random_bits(rng, shape, dtype) -> np.ndarray:
+    """Random, non-zero bit patterns of ``dtype`` (NaN payloads included: copies must keep them)."""
+    dtype = np.dtype(dtype)
+    words = rng.integers(1, 2 ** (8 * dtype.itemsize), size=shape, dtype=np.uint64 if dtype.itemsize == 8 else np.int64)
+    return words.astype(f"u{dtype.itemsize}").view(dtype)
+
+
+def write_pool(manager, pool: str, values: np.ndarray) -> None:
+    """Overwrite a whole stacked pool of ``manager`` with ``values``."""
+    target = getattr(manager._pools, pool)
+    if values.dtype != target.dtype and values.dtype.itemsize == target.dtype.itemsize:
+        values = values.view(target.dtype)  # bfloat16 as uint16 raw bits (files, Numba pools)
+    if isinstance(target, np.ndarray):
+        target[...] = values
+    else:
+        target.copy_to_device(np.ascontiguousarray(values))
+
+
+def fill_random(managers, rng) -> None:
+    """Write the same random bits into every pool of each manager."""
+    for pool in POOLS:
+        target = getattr(managers[0]._pools, pool)
+        if target is None:
+            continue
+        values = random_bits(rng, target.shape, target.dtype)
+        for manager in managers:
+            write_pool(manager, pool, values)
+
+
+def snapshot(manager) -> dict:
+    """Host copies of every pool (the whole buffers, untouched slots included)."""
+    if manager._pools is None:
+        return {}
+    return {pool: to_host(getattr(manager._pools, pool)) for pool in POOLS if getattr(manager._pools, pool) is not None}
+
+
+def assert_same_bits(a: dict, b: dict, context: str = "") -> None:
+    assert a.keys() == b.keys(), context
+    for pool in a:
+        if a[pool].tobytes() != b[pool].tobytes():
+            diff = np.flatnonzero(a[pool].view(f"u{a[pool].itemsize}") != b[pool].view(f"u{b[pool].itemsize}"))
+            raise AssertionError(f"{context}: pool {pool} differs at {diff.size} elements, first flat index {diff[0]}")
+
+
+def device_int32(backend: str, values) -> object:
+    """``values`` as an int32 array the backend's scatter takes (on the device for Numba)."""
+    host = np.asarray(values, dtype=np.int32)
+    if backend == "numpy":
+        return host
+    from numba import cuda
+
+    return cuda.to_device(host)
+
+
+def sync() -> None:
+    from numba import cuda
+
+    cuda.synchronize()

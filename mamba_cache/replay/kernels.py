@@ -59,8 +59,10 @@ from ..precision.kernels import (
     stored_value,
 )
 
-#: Threads per block.
-THREADS = 128
+#: Threads per block: 128 on a GPU. The CUDA simulator runs every thread of a block as a Python
+#: thread, so there a block is one warp (the same code and index math, four times fewer threads to
+#: run through each barrier); the GPU test suite runs 128.
+THREADS = 32 if SIMULATOR else 128
 #: Largest Gated DeltaNet key dim D (the generic kernel's per-thread column is a local array of this size).
 MAX_KEY_DIM = 256
 

@@ -97,9 +97,14 @@ def random_bits(rng, shape, dtype) -> np.ndarray:
     return words.astype(f"u{dtype.itemsize}").view(dtype)
 
 
+def writable_pools(manager):
+    """The manager's stacked pools for a test's set-up to write (``manager.pools`` is read-only on NumPy)."""
+    return manager._pools
+
+
 def write_pool(manager, pool: str, values: np.ndarray) -> None:
     """Overwrite a whole stacked pool of ``manager`` with ``values``."""
-    target = getattr(manager._pools, pool)
+    target = getattr(writable_pools(manager), pool)
     if values.dtype != target.dtype and values.dtype.itemsize == target.dtype.itemsize:
         values = values.view(target.dtype)  # bfloat16 as uint16 raw bits (files, Numba pools)
     if isinstance(target, np.ndarray):
@@ -111,7 +116,7 @@ def write_pool(manager, pool: str, values: np.ndarray) -> None:
 def fill_random(managers, rng) -> None:
     """Write the same random bits into every pool of each manager."""
     for pool in POOLS:
-        target = getattr(managers[0]._pools, pool)
+        target = getattr(managers[0].pools, pool)
         if target is None:
             continue
         values = random_bits(rng, target.shape, target.dtype)
@@ -121,9 +126,9 @@ def fill_random(managers, rng) -> None:
 
 def snapshot(manager) -> dict:
     """Host copies of every pool (the whole buffers, untouched slots included)."""
-    if manager._pools is None:
+    if manager.pools is None:
         return {}
-    return {pool: to_host(getattr(manager._pools, pool)) for pool in POOLS if getattr(manager._pools, pool) is not None}
+    return {pool: to_host(getattr(manager.pools, pool)) for pool in POOLS if getattr(manager.pools, pool) is not None}
 
 
 def assert_same_bits(a: dict, b: dict, context: str = "") -> None:

@@ -70,7 +70,7 @@ def test_capture_first_and_last_slot(rng, slot):
 
 def test_clear_and_construction_zero_exactly_the_pools(rng):
     dev = NumbaMambaCacheManager(CONFIG)
-    assert not any(to_host(p).any() for p in dev._pools)
+    assert not any(to_host(p).any() for p in dev.pools)
     fill_random([dev], rng)
     before = snapshot(dev)
     dev.clear_states()

@@ -25,13 +25,13 @@ GUARD = 37  # elements of guard memory before and after each output
 
 
 def out_shapes(cache) -> list[tuple]:
-    return [(p.shape[0], 1, *p.shape[2:]) for p in (cache._pools.recurrent, cache._pools.conv)]
+    return [(p.shape[0], 1, *p.shape[2:]) for p in (cache.pools.recurrent, cache.pools.conv)]
 
 
 def guarded_outputs(backend, cache, rng):
     """Each output as a view into a larger buffer of random bits (the guards must survive)."""
     buffers, outs = [], []
-    for shape, pool in zip(out_shapes(cache), (cache._pools.recurrent, cache._pools.conv), strict=True):
+    for shape, pool in zip(out_shapes(cache), (cache.pools.recurrent, cache.pools.conv), strict=True):
         size = int(np.prod(shape))
         host = random_bits(rng, size + 2 * GUARD, pool.dtype)
         if backend == "numpy":
@@ -129,7 +129,7 @@ def test_a_bad_output_is_refused_before_anything_is_written(backend, rng, case):
     _, make, error, message = bad_outputs(backend)[case]
     cache = BACKENDS[backend](small_config())
     fill_random([cache], rng)
-    pools = (cache._pools.recurrent, cache._pools.conv)
+    pools = (cache.pools.recurrent, cache.pools.conv)
     out = make(out_shapes(cache), [p.dtype for p in pools])
     outs_before = [host_bits(o) for o in out] if isinstance(out, tuple) else None
     before = snapshot(cache)
@@ -203,8 +203,8 @@ def test_capture_states_is_one_prepared_launch_replayable_from_a_cuda_graph(rng)
         fill_random([cache], rng)
         assert driver.cuGraphLaunch(exec_graph, handle)[0] == 0
         stream.synchronize()
-        assert to_host(out[0]).tobytes() == to_host(cache._pools.recurrent)[:, 3:4].tobytes()
-        assert to_host(out[1]).tobytes() == to_host(cache._pools.conv)[:, 3:4].tobytes()
+        assert to_host(out[0]).tobytes() == to_host(cache.pools.recurrent)[:, 3:4].tobytes()
+        assert to_host(out[1]).tobytes() == to_host(cache.pools.conv)[:, 3:4].tobytes()
 
 
 @needs_gpu
@@ -219,8 +219,8 @@ def test_capture_states_into_torch_outputs_including_bfloat16(rng):
     )
     cache.capture_states(2, torch.cuda.current_stream(), out=out)
     torch.cuda.synchronize()
-    assert out[0].view(torch.uint16).cpu().numpy().tobytes() == to_host(cache._pools.recurrent)[:, 2:3].tobytes()
-    assert out[1].cpu().numpy().tobytes() == to_host(cache._pools.conv)[:, 2:3].tobytes()
+    assert out[0].view(torch.uint16).cpu().numpy().tobytes() == to_host(cache.pools.recurrent)[:, 2:3].tobytes()
+    assert out[1].cpu().numpy().tobytes() == to_host(cache.pools.conv)[:, 2:3].tobytes()
 
 
 def test_the_capture_kernel_compiles_to_wide_loads_without_local_memory():
@@ -270,5 +270,5 @@ def test_an_output_that_starts_off_an_8_byte_boundary_is_copied_in_narrower_word
     word = {0: 8, 1: 2, 2: 4, 3: 2}[offset]  # float16 elements: 2 bytes each
     assert ("capture_pair", word, word) in cache._launches
     assert any(key[:1] == ("capture",) and key[-1] == word for key in cache._launches if isinstance(key, tuple))
-    assert host_bits(outs[0]) == host_bits(cache._pools.recurrent[:, 1:2])
-    assert host_bits(outs[1]) == host_bits(cache._pools.conv[:, 2:3])
+    assert host_bits(outs[0]) == host_bits(cache.pools.recurrent[:, 1:2])
+    assert host_bits(outs[1]) == host_bits(cache.pools.conv[:, 2:3])

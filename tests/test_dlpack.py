@@ -253,12 +253,12 @@ def test_numpy_backend_tensors_are_shared_with_numpy_and_torch(rng):
     cache = NumpyMambaCacheManager(small_config(conv_state_dtype="bfloat16"))
     state = np.from_dlpack(cache.get_recurrent_state(1))
     state[...] = 2.5
-    assert (cache._pools.recurrent[1] == 2.5).all() and not cache._pools.recurrent[0].any()
+    assert (cache.pools.recurrent[1] == 2.5).all() and not cache.pools.recurrent[0].any()
     torch = pytest.importorskip("torch")
     conv = torch.from_dlpack(cache.get_conv_state(0))
-    assert conv.dtype == torch.bfloat16 and conv.data_ptr() == cache._pools.conv[0].ctypes.data
+    assert conv.dtype == torch.bfloat16 and conv.data_ptr() == cache.pools.conv[0].ctypes.data
     conv[3] = -1.25
-    assert (cache._pools.conv[0, 3] == -1.25).all() and not cache._pools.conv[0, 2].astype(np.float32).any()
+    assert (cache.pools.conv[0, 3] == -1.25).all() and not cache.pools.conv[0, 2].astype(np.float32).any()
 
 
 def test_numba_bfloat16_pools_stay_uint16_to_numba():

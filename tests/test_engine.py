@@ -24,7 +24,7 @@ from helpers import (
 
 
 def empty_like_capture(backend, manager, kind):
-    pool = getattr(manager._pools, kind)
+    pool = getattr(manager.pools, kind)
     shape = (pool.shape[0], 1, *pool.shape[2:])
     if backend == "numpy":
         return np.full(shape, 7, dtype=pool.dtype)
@@ -60,7 +60,7 @@ def test_capture_into_out_matches_the_allocating_capture(backend, rng, kind):
 def test_capture_into_bad_out_is_refused(backend, rng, make, error, message):
     cache = BACKENDS[backend](small_config())
     fill_random([cache], rng)
-    pool = cache._pools.recurrent
+    pool = cache.pools.recurrent
     host = make((pool.shape[0], 1, *pool.shape[2:]), pool.dtype)
     if backend == "numba" and isinstance(host, np.ndarray):
         from numba import cuda
@@ -99,7 +99,7 @@ def test_capture_into_out_replays_from_a_cuda_graph(rng):
         fill_random([cache], rng)
         assert driver.cuGraphLaunch(exec_graph, handle)[0] == 0
         stream.synchronize()
-        assert to_host(out).tobytes() == to_host(cache._pools.recurrent)[:, 3:4].tobytes()
+        assert to_host(out).tobytes() == to_host(cache.pools.recurrent)[:, 3:4].tobytes()
 
 
 @needs_gpu
@@ -277,6 +277,6 @@ def test_two_managers_on_two_gpus_do_not_interfere(rng):
             cuda.synchronize()
         assert_same_bits(snapshot(refs[i]), snapshot(devs[i]), f"gpu {i}")
     with cuda.gpus[1]:  # a Numba array is copied within its own device's context
-        assert to_host(out[0]).tobytes() == refs[1]._pools.conv[0, 1:2].tobytes()
+        assert to_host(out[0]).tobytes() == refs[1].pools.conv[0, 1:2].tobytes()
     with pytest.raises(ValueError, match=r"device must be in \[0, 2\)"):
         NumbaMambaCacheManager(config, device=2)

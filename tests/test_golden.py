@@ -115,7 +115,7 @@ def test_replay_cases_are_exact_in_float32(monkeypatch, case):
         generator.pool_array(manager, pool)[...] = expected[f"initial_{pool}"]
     for i, step in enumerate(case["steps"]):
         generator.apply(manager, step["op"], step["args"], {})
-        np.testing.assert_array_equal(manager._pools.recurrent, expected[f"step{i}_recurrent"].astype(np.float64))
+        np.testing.assert_array_equal(manager.pools.recurrent, expected[f"step{i}_recurrent"].astype(np.float64))
     assert (expected["initial_recurrent"] != expected[f"step{len(case['steps']) - 1}_recurrent"]).any()
 
 

@@ -49,8 +49,8 @@ def test_layer_views_write_through(backend, rng):
         view[...] = values
     else:
         view.copy_to_device(values)
-    assert np.array_equal(to_host(cache._pools.recurrent[1]), values)
-    assert not to_host(cache._pools.recurrent[0]).any()
+    assert np.array_equal(to_host(cache.pools.recurrent[1]), values)
+    assert not to_host(cache.pools.recurrent[0]).any()
 
 
 @pytest.mark.parametrize("config", [None, Config(), Config(num_recurrent_layers=0, max_batch_size=8)])

@@ -165,7 +165,7 @@ def test_scatter_and_clear_capture_into_a_cuda_graph(rng):
     fill_random([dev], rng)
     check(driver.cuGraphLaunch(clear_graph, handle))
     stream.synchronize()
-    assert not to_host(dev._pools.recurrent).any() and not to_host(dev._pools.conv).any()
+    assert not to_host(dev.pools.recurrent).any() and not to_host(dev.pools.conv).any()
 
 
 def test_kernels_compile_to_wide_loads_without_local_memory():

@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, ON_GPU, device_int32, fill_random, small_config, snapshot, to_host
+from helpers import BACKENDS, ON_GPU, device_int32, fill_random, small_config, snapshot, to_host, write_pool
 from numba import cuda
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
@@ -162,14 +162,10 @@ def make_pair(config):
 def fill_bits(managers, rng):
     """The same random finite values (within float16 range, so every conversion is interesting)."""
     for pool in ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv"):
-        target = managers[0]._pools[("recurrent", "conv", "intermediate_recurrent", "intermediate_conv").index(pool)]
+        target = managers[0].pools[("recurrent", "conv", "intermediate_recurrent", "intermediate_conv").index(pool)]
         values = rng.uniform(-100, 100, target.shape).astype(target.dtype)
         for manager in managers:
-            pool_array = getattr(manager._pools, pool)
-            if isinstance(pool_array, np.ndarray):
-                pool_array[...] = values
-            else:
-                pool_array.copy_to_device(np.ascontiguousarray(values).view(pool_array.dtype))
+            write_pool(manager, pool, values)
 
 
 def host_pools(manager):
@@ -218,8 +214,8 @@ def test_converting_scatter_numba_matches_numpy(rng, main, inter, stochastic, co
     for kind, pool in enumerate(("recurrent", "conv")):
         untouched = [s for s in range(config.max_batch_size) if s not in (3, 4)]
         assert after[0][pool][:, untouched].tobytes() == before[pool][:, untouched].tobytes()
-        inter_pool = getattr(reference._pools, f"intermediate_{pool}")
-        dst_dtype = getattr(reference._pools, pool).dtype
+        inter_pool = getattr(reference.pools, f"intermediate_{pool}")
+        dst_dtype = getattr(reference.pools, pool).dtype
         steps = inter_pool.reshape(config.num_recurrent_layers, config.max_batch_size * 4, -1)
         for row, slot in ((0, 3), (3, 4)):
             expected = convert(
@@ -275,24 +271,20 @@ def test_stochastic_state_is_the_same_wherever_it_was_computed(rng):
         manager = BACKENDS[backend](config)
         manager.reshape_intermediate_states(3, 4)
         for pool in ("intermediate_recurrent", "intermediate_conv"):
-            flat = to_host(getattr(manager._pools, pool))
+            flat = to_host(getattr(manager.pools, pool))
             layer_steps = flat.reshape(flat.shape[0], 5 * 4, -1)
             state = rng.uniform(-1, 1, (flat.shape[0], layer_steps.shape[2])).astype(np.float32)
             layer_steps[:, 0 * 4 + 2] = state  # row 0, step 2: consumed 10 + 3 tokens
             layer_steps[:, 1 * 4 + 0] = state  # row 1, step 0: consumed 12 + 1 tokens
             layer_steps[:, 2 * 4 + 0] = state  # row 2, step 0: consumed 13 + 1 tokens
-            target = getattr(manager._pools, pool)
-            if isinstance(target, np.ndarray):
-                target[...] = flat
-            else:
-                target.copy_to_device(flat)
+            write_pool(manager, pool, flat)
         manager.scatter_mtp_states(
             device_int32(backend, [3, 1, 1]),
             state_indices=device_int32(backend, [4, 0, 2]),
             positions=device_int32(backend, [10, 12, 13]),
         )
         for pool in ("recurrent", "conv"):
-            got = bits_of(to_host(getattr(manager._pools, pool)))
+            got = bits_of(to_host(getattr(manager.pools, pool)))
             assert got[:, 4].tobytes() == got[:, 0].tobytes(), (backend, pool)
             assert got[:, 4].tobytes() != got[:, 2].tobytes(), (backend, pool)
 
@@ -555,12 +547,7 @@ def hard_values(rng, dtype, size):
 
 def write_same(managers, pool, values):
     for manager in managers:
-        target = getattr(manager._pools, pool)
-        host = np.ascontiguousarray(values).view(target.dtype)
-        if isinstance(target, np.ndarray):
-            target[...] = host
-        else:
-            target.copy_to_device(host)
+        write_pool(manager, pool, values)
 
 
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
@@ -581,7 +568,7 @@ def test_word_path_converts_hard_values_bit_for_bit(rng, main, inter, stochastic
     managers = make_pair(config)
     fill_bits(managers, rng)
     for pool in ("intermediate_recurrent", "intermediate_conv"):
-        shape = getattr(managers[0]._pools, pool).shape
+        shape = getattr(managers[0].pools, pool).shape
         write_same(managers, pool, hard_values(rng, inter, int(np.prod(shape))).reshape(shape))
     before = host_pools(managers[0])
     accept, indices, positions = [1, 2, 3, 3, 1], [4, 3, 2, 1, 0], [0, 7, 2**31 - 2, 100, 65535]
@@ -663,9 +650,9 @@ def test_tracking_with_mixed_dtypes_converts_into_the_store(rng, main, inter, co
     managers = make_pair(config)
     fill_bits(managers, rng)
     stores = [PrefixStateCache(m, entries=6, block_size=4) for m in managers]
-    store_bits = [rng.uniform(-1, 1, pool.shape).astype(pool.dtype) for pool in stores[0]._pools]
+    store_bits = [rng.uniform(-1, 1, pool.shape).astype(pool.dtype) for pool in stores[0].entry_pools]
     for store in stores:
-        for pool, values in zip(store._pools, store_bits, strict=True):
+        for pool, values in zip(store.entry_pools, store_bits, strict=True):
             host = np.ascontiguousarray(values).view(pool.dtype)
             if isinstance(pool, np.ndarray):
                 pool[...] = host
@@ -695,7 +682,7 @@ def test_tracking_with_mixed_dtypes_converts_into_the_store(rng, main, inter, co
         )
     after = [host_pools(m) for m in managers]
     assert_pools_equal(after[0], after[1], "commit")
-    got = [[bits_of(to_host(p)) for p in s._pools] for s in stores]
+    got = [[bits_of(to_host(p)) for p in s.entry_pools] for s in stores]
     for kind in range(2):
         assert got[0][kind].tobytes() == got[1][kind].tobytes(), f"store kind {kind}"
     # the definition: entry e holds convert(step t of row b) at position p + t + 1; others untouched
@@ -970,7 +957,7 @@ def test_float16_commits_on_the_gpu_match_numpy_on_edge_bit_patterns(rng, main, 
     managers = make_pair(config)
     fill_bits(managers, rng)
     for pool in ("intermediate_recurrent", "intermediate_conv"):
-        shape = getattr(managers[0]._pools, pool).shape
+        shape = getattr(managers[0].pools, pool).shape
         bits = float16_edge_bits(rng, inter, int(np.prod(shape)))
         values = bits.view(as_dtype(inter))
         with np.errstate(invalid="ignore"):  # signalling NaNs

@@ -27,11 +27,11 @@ from mamba_cache.prefix import PrefixHandle, PrefixStateCache, block_digests, ro
 
 
 def store_snapshot(store) -> dict:
-    return {"entries_recurrent": to_host(store._pools[0]), "entries_conv": to_host(store._pools[1])}
+    return {"entries_recurrent": to_host(store.entry_pools[0]), "entries_conv": to_host(store.entry_pools[1])}
 
 
 def fill_store(store, rng) -> None:
-    for pool in store._pools:
+    for pool in store.entry_pools:
         values = random_bits(rng, pool.shape, pool.dtype)
         if isinstance(pool, np.ndarray):
             pool[...] = values
@@ -260,7 +260,7 @@ def test_tracking_commit_checkpoints_in_the_same_launch(backend, rng, writes_mai
     reference, ref_store = make("numpy", rng, entries=6, block_size=4, config=config)
     fill_random([manager, reference], rng)
     fill_store(ref_store, rng)
-    for pool, ref in zip(store._pools, ref_store._pools, strict=True):
+    for pool, ref in zip(store.entry_pools, ref_store.entry_pools, strict=True):
         ref[...] = to_host(pool)
     manager.reshape_intermediate_states(5, 3)
     reference.reshape_intermediate_states(5, 3)
@@ -902,8 +902,8 @@ def test_host_tier_copy_on_the_gpu_one_2d_copy_per_kind(rng, pitch):
     limit = host_copy.max_pitch(manager.device_id) if pitch == "2d" else 1
     stream = cuda.stream()
     ref = manager._stream(stream)
-    down = host_copy.HostTierCopy(store._pools, store._host_pools, True, limit)
-    up = host_copy.HostTierCopy((manager._pools.recurrent, manager._pools.conv), store._host_pools, False, limit)
+    down = host_copy.HostTierCopy(store.entry_pools, store._host_pools, True, limit)
+    up = host_copy.HostTierCopy((manager.pools.recurrent, manager.pools.conv), store._host_pools, False, limit)
     assert down.copies_per_call == (2 if pitch == "2d" else 2 * config.num_recurrent_layers)
     entries, host_before, before = store_snapshot(store), [p.copy() for p in store._host_pools], snapshot(manager)
     down.copy(1, 2, ref.handle)
@@ -1071,7 +1071,7 @@ def test_copy_slots_and_tracking_commit_capture_into_a_cuda_graph(rng):
     exec_graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
     for _ in range(3):
         fill_random([ref, dev], rng)
-        for pool, ref_pool in zip(dev_store._pools, ref_store._pools, strict=True):
+        for pool, ref_pool in zip(dev_store.entry_pools, ref_store.entry_pools, strict=True):
             values = random_bits(rng, pool.shape, pool.dtype)
             pool.copy_to_device(values)
             ref_pool[...] = values

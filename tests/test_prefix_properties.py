@@ -11,7 +11,7 @@ import zlib
 from collections import Counter, OrderedDict
 
 import numpy as np
-from helpers import small_config
+from helpers import small_config, writable_pools
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -111,8 +111,9 @@ def current(store, prefix):
 
 def write_slot(manager, slot, prefix):
     rec, conv = tag(prefix)
-    manager._pools.recurrent[:, slot] = rec
-    manager._pools.conv[:, slot] = conv
+    pools = writable_pools(manager)
+    pools.recurrent[:, slot] = rec
+    pools.conv[:, slot] = conv
 
 
 def same_state(rec, conv, prefix):
@@ -145,7 +146,7 @@ def test_store_follows_the_model(entries, host_entries, ops):
             if handle is not None:
                 assert handle == current(store, want)
                 store.restore(handle, slot)
-                assert same_state(manager._pools.recurrent[:, slot], manager._pools.conv[:, slot], want)
+                assert same_state(manager.pools.recurrent[:, slot], manager.pools.conv[:, slot], want)
                 assert store.stats.host_hits == host_hits + handle.host
                 host_hits = store.stats.host_hits
         elif kind == "pin" and (model.lru or model.host):
@@ -169,8 +170,8 @@ def test_store_follows_the_model(entries, host_entries, ops):
             model.reserved += 1
             # what a tracking commit writes: the state after the prefix
             rec, conv = tag(prefix)
-            store._pools[0][:, entry] = rec
-            store._pools[1][:, entry] = conv
+            store.entry_pools[0][:, entry] = rec
+            store.entry_pools[1][:, entry] = conv
             model.reserved -= 1
             if reached:
                 handle = store.publish(entry, list(prefix))
@@ -184,7 +185,7 @@ def test_store_follows_the_model(entries, host_entries, ops):
         # invariants
         assert store.stats.dropped_inserts == model.dropped
         for tier, index, pools, view in (
-            (model.lru, store._index, store._pools, lambda pool, e: pool[:, e]),  # [L, P, ...]
+            (model.lru, store._index, store.entry_pools, lambda pool, e: pool[:, e]),  # [L, P, ...]
             (model.host, store._hindex, store._host_pools, lambda pool, e: pool[e]),  # [P_host, L, ...]
         ):
             keys = {block_digests(list(p), BS)[-1]: p for p in tier}

@@ -10,7 +10,7 @@ the states agree within ``TOLERANCE`` (bit-exact GPU proofs against the GPU deco
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, SIMULATOR_LONG, device_int32, simulator_long, snapshot, to_host
+from helpers import BACKENDS, SIMULATOR_LONG, device_int32, simulator_long, snapshot, to_host, write_pool
 from numba import cuda  # a module global, which the simulator swaps for its own in kernels
 
 from mamba_cache import Config
@@ -79,11 +79,11 @@ def filled_pair(config, backend, rng):
     """A manager with random main pools and stash, and host copies of what was written."""
     manager = BACKENDS[backend](config)
     state = {
-        "recurrent": rng.standard_normal(manager._pools.recurrent.shape).astype(config.recurrent_state_dtype),
-        "conv": rng.standard_normal(manager._pools.conv.shape).astype(config.conv_state_dtype),
+        "recurrent": rng.standard_normal(manager.pools.recurrent.shape).astype(config.recurrent_state_dtype),
+        "conv": rng.standard_normal(manager.pools.conv.shape).astype(config.conv_state_dtype),
     }
     for pool, values in state.items():
-        write(getattr(manager._pools, pool), values)
+        write_pool(manager, pool, values)
     stash = stash_values(config, rng)
     for name, values in stash.items():
         write(manager._stash[name], values)
@@ -716,7 +716,7 @@ def test_replay_tracking_copies_the_state_after_the_step_and_refuses_bad_entries
         track_entries=device_int32(backend, entries),
         track_steps=device_int32(backend, steps),
     )
-    entry_rec, entry_conv = (to_host(pool) for pool in store._pools)
+    entry_rec, entry_conv = (to_host(pool) for pool in store.entry_pools)
     for row, t in ((0, 1), (3, 0)):  # the state after step t is the replay of t + 1 steps
         partial = expected_after(config, state, stash, [t + 1 if r == row else 0 for r in range(5)], None, 3)
         got_rec = entry_rec[:, entries[row]].astype(np.float64)
@@ -900,7 +900,7 @@ def test_gpu_tracked_stochastic_replay_captures_into_a_cuda_graph(rng, mixer):
     got_rec = got["recurrent"].view(want["recurrent"].dtype)  # a bfloat16 pool snapshots as its uint16 bits
     tol = dict(rtol=3.2e-2, atol=3.2e-2)  # bfloat16 (ulp 2**-7): FMA vs two roundings, then SR, over 3 steps
     np.testing.assert_allclose(got_rec.astype(np.float64), want["recurrent"].astype(np.float64), **tol)
-    got_entries, want_entries = [to_host(p) for p in stores[0]._pools], stores[1]._pools
+    got_entries, want_entries = [to_host(p) for p in stores[0].entry_pools], stores[1].entry_pools
     assert got_entries[1].view(np.uint16).tobytes() == want_entries[1].view(np.uint16).tobytes()
     np.testing.assert_allclose(
         got_entries[0].view(want_entries[0].dtype).astype(np.float64),
@@ -1040,7 +1040,7 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
         assert word_elems == [(WORD_CASES.get(key, 0), packed)], "the state access the case is for"
     first, second = (snapshot(m) for m in managers)
     assert_same_bits(first, second, "linear commit with tracking")
-    for pool_a, pool_b in zip(stores[0]._pools, stores[1]._pools, strict=True):
+    for pool_a, pool_b in zip(stores[0].entry_pools, stores[1].entry_pools, strict=True):
         assert to_host(pool_a).tobytes() == to_host(pool_b).tobytes(), "tracked entries"
     assert (first["recurrent"][:, [0, 2, 3]] != state["recurrent"][:, [0, 2, 3]]).any(), "the replay changed nothing"
     assert first["recurrent"][:, 1].tobytes() == state["recurrent"][:, 1].tobytes(), "a padding row's slot moved"

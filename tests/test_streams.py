@@ -47,7 +47,7 @@ def test_scatter_waits_for_earlier_work_on_its_stream():
     cache = NumbaMambaCacheManager(config, stream=stream)
     accept = cuda.to_device(np.array([1, 2, 3, 0, 4], dtype=np.int32), stream=stream)
     for layer in range(config.num_recurrent_layers):
-        flat = cache._pools.intermediate_recurrent[layer]
+        flat = cache.pools.intermediate_recurrent[layer]
         slow_fill[(flat.shape[0] + 127) // 128, 128, stream](flat, np.float32(layer + 7), 2000)  # ~2 ms
     cache.scatter_mtp_states(accept, stream=stream)
     captured = cache.capture_recurrent_states(2, stream=stream)

@@ -24,9 +24,10 @@ from numba import cuda
 
 from .._config import Config, ConfigError, format_bytes
 from . import kernels, numba_convert
+from .checks import check_int32_array, is_c_contiguous
 from .device import SIMULATOR, DeviceArray, Launch, device_pointer
 from .launch import DeviceArg
-from .manager import MambaCacheManagerBase, check_int32_array, is_c_contiguous
+from .manager import MambaCacheManagerBase
 
 __all__ = ["NumbaMambaCacheManager"]
 
@@ -572,7 +573,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             return numba_convert.scatter_tracked(
                 self, accept, indices, active, seq_len, max_accept, store, entries, steps, stream, positions
             )
-        track_a, track_b = store._pools
+        track_a, track_b = store.entry_pools
         key = ("scatter_tracked", id(track_a))
         entry = self._launches.get(key)
         if entry is None:
@@ -624,6 +625,13 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
                 device, host, to_host, host_copy.max_pitch(self.device_id)
             )
         return copy
+
+    def _forget(self, arrays: tuple, staging_name: str | None = None) -> None:
+        ids = {id(array) for array in arrays}
+        for key in [k for k in self._launches if isinstance(k, tuple) and ids.intersection(k)]:
+            del self._launches[key]
+        for key in [k for k in self._staging if k == staging_name or (isinstance(k, tuple) and staging_name in k)]:
+            del self._staging[key]
 
     def _new_event(self) -> Any:
         return cuda.event() if SIMULATOR else cuda.event(timing=False)  # no timing: a lighter event
@@ -681,7 +689,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         if track is not None:
             store, entries, steps = track
             views = []  # the store's [L, P, ...] pools seen flat per entry (host-side views, nothing allocated)
-            for pool in store._pools:
+            for pool in store.entry_pools:
                 flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
                 views.append(DeviceArg(flat, device_pointer(flat), flat.shape))
             launch.set_array("track_rec", views[0], shape_changes=True)

@@ -55,7 +55,7 @@ def _view(pool: Any, rows: int, wide: bool) -> Any:
 
 def _launch(manager: Any, variant: str, store: Any = None) -> tuple:
     """(prepared launch, x blocks, layers) of a converting commit, built once per manager (and store)."""
-    key = ("precision", variant, None if store is None else id(store._pools[0]))
+    key = ("precision", variant, None if store is None else id(store.entry_pools[0]))
     entry = manager._launches.get(key)
     if entry is None:
         pools, config = manager._pools, manager._config
@@ -82,7 +82,7 @@ def _launch(manager: Any, variant: str, store: Any = None) -> tuple:
         if variant == "tracked":  # the store's entries in the main dtypes, viewed as the main pools are
             tracks = [
                 _view(track, track.shape[1], spec[7])
-                for track, spec in zip(store._pools, (spec_a, spec_b), strict=True)
+                for track, spec in zip(store.entry_pools, (spec_a, spec_b), strict=True)
             ]
             args = (*args, *tracks, placeholder, placeholder)
         kernel = {"scatter": built.scatter, "tree": built.tree, "tracked": built.tracked}[variant]

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .manager import MambaCacheManagerBase, check_int32_array
+from .checks import check_int32_array
+from .manager import MambaCacheManagerBase
 
 __all__ = ["NumpyMambaCacheManager"]
 
@@ -71,6 +72,11 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
 
     def _capture(self, pool: np.ndarray, slot: int, stream: Any) -> np.ndarray:
         return self._export(pool[:, slot : slot + 1].copy(), pool.dtype)
+
+    def _read_only(self, array: np.ndarray) -> np.ndarray:
+        view = array.view()
+        view.flags.writeable = False
+        return view
 
     def _export(self, array: np.ndarray, dtype: np.dtype) -> np.ndarray:
         # NumPy exports DLPack itself, except ml_dtypes' bfloat16: those views get a subclass that does
@@ -205,13 +211,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         step, entry = steps.astype(np.int64), entries.astype(np.int64)
         track = (step >= 0) & (step < accept) & (step < seq_len) & (entry >= 0) & (entry < store.entries)
         rows = np.flatnonzero(track)
-        store._check_tracked_entries(entry[rows])
+        store.check_tracked_entries(entry[rows])
         commit = accept.astype(np.int64) - 1
         ok = (commit >= 0) & (commit < max_accept)
         self._commit(commit, ok, indices, seq_len, positions, commit + 1)  # may refuse: nothing moved yet
         pools = self._pools
         for kind, (dst, inter) in enumerate(
-            zip(store._pools, (pools.intermediate_recurrent, pools.intermediate_conv), strict=True)
+            zip(store.entry_pools, (pools.intermediate_recurrent, pools.intermediate_conv), strict=True)
         ):
             src = inter.reshape(inter.shape[0], -1, *dst.shape[2:])
             states = src[:, rows * seq_len + step[rows]]
@@ -295,7 +301,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         shapes = {name: shape for name, (shape, _) in config.replay_stash_fields.items()}
         if track is not None:
             store, entries, steps = track
-            track = (store._pools, entries, steps, store._check_tracked_entries)
+            track = (store.entry_pools, entries, steps, store.check_tracked_entries)
         replay_commit(
             self._pools.recurrent,
             self._pools.conv,

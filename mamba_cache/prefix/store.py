@@ -28,7 +28,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._config import ConfigError, format_bytes
-from ..core.manager import INT32_MAX, MambaCacheManagerBase, check_index, check_int32_array, check_size
+from ..core.backend import EntryStore
+from ..core.checks import INT32_MAX, check_index, check_int32_array, check_size
+from ..core.manager import MambaCacheManagerBase
 from .keys import digest_chain, root_digest, token_array
 
 __all__ = ["PrefixHandle", "PrefixStateCache", "PrefixStats"]
@@ -83,7 +85,7 @@ def _on_manager_device(method: Any) -> Any:
     return wrapper
 
 
-class PrefixStateCache:
+class PrefixStateCache(EntryStore):
     """``P`` checkpoints of whole-slot recurrent + conv state, keyed by block-aligned token prefixes.
 
     Args:
@@ -230,11 +232,19 @@ class PrefixStateCache:
             raise ValueError(f"{what}: this PrefixStateCache was closed")
         self.manager._check_open(what)
 
-    def _check_owner(self, manager: Any, name: str) -> None:
-        """Called by ``scatter_mtp_states``: this store must belong to ``manager`` and be open."""
-        self._check_open("scatter_mtp_states")
+    @property
+    def entry_pools(self) -> tuple:
+        """The entries: recurrent ``[L, P, H, D, N]`` and conv ``[L, P, C, K]``, in the main pools' dtypes.
+
+        The live device (NumPy: host) arrays a tracking commit writes into; ``()`` once closed.
+        """
+        return self._pools
+
+    def check_tracking(self, manager: Any, what: str) -> None:
+        """Raise ``ValueError`` unless this store is open and belongs to ``manager`` (``what``: the calling commit)."""
+        self._check_open(what)
         if manager is not self.manager:
-            raise ValueError(f"{name} belongs to another manager; nothing was changed")
+            raise ValueError(f"{what}: store belongs to another manager; nothing was changed")
 
     def _prefix(self, name: str, tokens: Any) -> tuple[np.ndarray, bytes]:
         """Check a block-aligned prefix; return (int32 tokens, its key ``d_n``)."""
@@ -262,7 +272,7 @@ class PrefixStateCache:
             )
         return entry
 
-    def _check_tracked_entries(self, entries: np.ndarray) -> None:
+    def check_tracked_entries(self, entries: np.ndarray) -> None:
         """NumPy reference: the tracking rows name distinct, reserved entries (``ValueError``)."""
         values, counts = np.unique(entries, return_counts=True)
         if (counts > 1).any():
@@ -347,8 +357,8 @@ class PrefixStateCache:
             for entry in entries:
                 self._written[entry] = event
 
-    def _tracked_on(self, stream: Any) -> None:
-        """Called by ``scatter_mtp_states`` after a tracking commit on ``stream``."""
+    def tracked_on(self, stream: Any) -> None:
+        """Called by a commit after it queued a tracking copy into this store on ``stream``."""
         if self.host_entries:
             self._tracked = self._recorded(self._tracked, stream)
 
@@ -700,15 +710,7 @@ class PrefixStateCache:
         """Release the entries and the manager's launches bound to them. Idempotent."""
         if self._closed:
             return
-        launches = getattr(self.manager, "_launches", {})
-        pools = (*self._pools, *self._host_pools)  # entry copies and host-tier copies
-        for key in [k for k in launches if isinstance(k, tuple) and any(id(p) in k for p in pools)]:
-            del launches[key]
-        staging = getattr(self.manager, "_staging", {})
-        for key in [
-            k for k in staging if k == self._staging_name or (isinstance(k, tuple) and self._staging_name in k)
-        ]:
-            del staging[key]
+        self.manager._forget((*self._pools, *self._host_pools), self._staging_name)  # entry and host-tier copies
         self._staged = None
         self._pools = ()
         self._host_pools = ()

@@ -15,7 +15,6 @@ ON_GPU = select_numba_target()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
 
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
 
@@ -42,17 +41,25 @@ def session_seed(value: str | None) -> int:
 
 SEED = session_seed(os.environ.get("MAMBA_CACHE_SEED"))
 
-# The property tests' profiles (tests/test_properties.py, tests/test_prefix_properties.py). CI
-# (default): a fixed set of examples, the same every run (derandomize), so a red run is red again on
-# a rerun. ``HYPOTHESIS_PROFILE=long`` fuzzes: fresh random examples each run, failures kept in the
-# database. Loaded here so a property test file run on its own gets the same profile.
-settings.register_profile(
-    "default", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "long", max_examples=2000, deadline=None, derandomize=False, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+def _load_hypothesis_profile() -> None:
+    """The property tests' profiles (tests/test_properties.py, tests/test_prefix_properties.py).
+
+    CI (default): a fixed set of examples, the same every run (derandomize), so a red run is red
+    again on a rerun. ``HYPOTHESIS_PROFILE=long`` fuzzes: fresh random examples each run, failures
+    kept in the database. Loaded here so a property test file run on its own gets the same profile.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # only the property test files need it (and fail on their own import)
+        return
+    slow = [HealthCheck.too_slow]
+    settings.register_profile("default", max_examples=25, deadline=None, derandomize=True, suppress_health_check=slow)
+    settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False, suppress_health_check=slow)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+_load_hypothesis_profile()
 
 
 def pytest_report_header(config):

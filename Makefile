@@ -27,9 +27,9 @@ lint: $(STAMP)  # ruff with the settings in pyproject.toml: lint rules and forma
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test-long: $(STAMP)  # what `make test` leaves out: the `slow` cases, then the property tests with 2000 examples
+test-long: $(STAMP)  # what `make test` leaves out: the `slow` cases, then the property tests (both backends; the prefix store's model) with 2000 examples
 	$(PY) -m pytest -n 2 -m slow
-	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py --hypothesis-show-statistics
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py tests/test_prefix_properties.py --hypothesis-show-statistics
 
 sanitize: $(STAMP)  # GPU only: kernel tests under compute-sanitizer memcheck
 	.ci/sanitize $(PY)

@@ -8,9 +8,31 @@ tests run everywhere and are never skipped; with a GPU they run on it. Set
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from helpers import BACKENDS, ON_GPU, SEED  # picks the Numba target before anything imports Numba
+
+
+def _load_hypothesis_profile() -> None:
+    """The property tests' profiles (tests/test_properties.py, tests/test_prefix_properties.py).
+
+    CI (default): a fixed set of examples, the same every run (derandomize), so a red run is red
+    again on a rerun. ``HYPOTHESIS_PROFILE=long`` fuzzes: fresh random examples each run, failures
+    kept in the database. Loaded here so a property test file run on its own gets the same profile.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # only the property test files need it (and fail on their own import)
+        return
+    slow = [HealthCheck.too_slow]
+    settings.register_profile("default", max_examples=25, deadline=None, derandomize=True, suppress_health_check=slow)
+    settings.register_profile("long", max_examples=2000, deadline=None, derandomize=False, suppress_health_check=slow)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+_load_hypothesis_profile()
 
 
 def pytest_report_header(config):

@@ -1002,3 +1002,64 @@ def test_float16_stochastic_fast_path_flags_nans_whose_sum_wraps():
     got = out.copy_to_host()
     assert got[:3, 1].tolist() == [1, 1, 1], got
     assert got[3].tolist() == [0x3C00, 0], got  # 1.0 plus 8191 / 8192 of a float16 place, truncated
+
+
+def test_float16_stochastic_fast_path_flag_at_its_bounds():
+    # The fast path covers |x| < 2**-126 and 2**-14 <= |x| < 65504; one float32 pattern either side of
+    # each bound, both signs: the flag must send exactly the outside ones to the full steps (the redo
+    # of a flagged group would hide a bound moved inward, and a bound moved outward gives wrong bits
+    # only for some random words), and an unflagged result must be the reference's bits.
+    from mamba_cache.precision import commit_kernels as ck
+    from mamba_cache.precision.reference import convert_bits
+
+    @cuda.jit
+    def run(out, xs, rs):
+        i = cuda.grid(1)
+        if i < xs.shape[0]:
+            h, rare = ck._f16_stochastic_fast(xs[i], rs[i])
+            out[i, 0] = h
+            out[i, 1] = 1 if rare else 0
+
+    edges = {0x007FFFFF: 0, 0x00800000: 1, 0x387FFFFF: 1, 0x38800000: 0, 0x477FDFFF: 0, 0x477FE000: 1}
+    xs = np.array([x | sign for x in edges for sign in (0, 0x80000000)], np.uint32)
+    flags = [edges[x & 0x7FFFFFFF] for x in xs.tolist()]
+    rs = np.resize(np.array([0, 0xFFFFFFFF, 0x80000000, 0x1234ABCD], np.uint32), xs.size)
+    out = cuda.to_device(np.zeros((xs.size, 2), np.uint32))
+    run[1, 32](out, cuda.to_device(xs), cuda.to_device(rs))
+    got = out.copy_to_host()
+    assert got[:, 1].tolist() == flags, [hex(x) for x in xs[got[:, 1] != flags]]
+    fast = np.array(flags) == 0
+    want = convert_bits(xs[fast], (8, 23), (5, 10), rs[fast])
+    assert got[fast, 0].tolist() == want.tolist()
+
+
+def test_device_stored_value_matches_the_reference_bit_for_bit():
+    # stored_value (replay and decode with 16-bit states) keys its stochastic rounding by
+    # (element // 4, position, layer, kind) and the seed, as rounding_bits does: a few values,
+    # elements of two groups, positions and layers that differ, both 16-bit formats and kinds
+    from mamba_cache.precision.reference import convert_bits
+
+    @cuda.jit
+    def run(out, values, elements, positions, layers, kind, de, dm, seed_lo, seed_hi):
+        i = cuda.grid(1)
+        if i < values.shape[0]:
+            element, position, layer = np.int64(elements[i]), np.int64(positions[i]), np.int64(layers[i])  # as callers
+            out[i] = kernels.stored_value(
+                values[i], kernels.MODE_STOCHASTIC, de, dm, element, position, layer, kind, seed_lo, seed_hi
+            )
+
+    values = np.array([1.0 + 2.0**-20, -3.3, 0.1, 1e-3, 7.77, -0.5 - 2.0**-18, 123.456, 2.0**-15 * 1.3] * 2, np.float32)
+    elements = np.arange(values.size, dtype=np.int32) % 8
+    positions = np.array([0, 1, 5, 2**31 - 1, 17, 3, 65536, 9] * 2, np.int32)
+    layers = np.array([3, 0, 2, 1, 4, 3, 0, 2, 1, 4, 2, 0, 3, 1, 0, 2], np.int32)
+    seed = 0x0123456789ABCDEF
+    for (de, dm), kind in (((5, 10), 0), ((8, 7), 1)):
+        out = cuda.to_device(np.zeros(values.size, np.float32))
+        run[1, 32](
+            out, cuda.to_device(values), cuda.to_device(elements), cuda.to_device(positions), cuda.to_device(layers),
+            kind, de, dm, seed & 0xFFFFFFFF, seed >> 32,
+        )  # fmt: skip
+        words = rounding_bits(seed, layers, kind, positions, 8)[np.arange(values.size), elements]
+        narrow = convert_bits(values.view(np.uint32), (8, 23), (de, dm), words)
+        want = convert_bits(narrow, (de, dm), (8, 23)).astype(np.uint32)
+        assert out.copy_to_host().view(np.uint32).tolist() == want.tolist(), (de, dm)

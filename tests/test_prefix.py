@@ -83,6 +83,20 @@ def test_copy_slots_empty_and_no_layers(backend):
     empty.copy_slots(device_int32(backend, [0]), device_int32(backend, [1]))  # no layers: nothing to copy
 
 
+def test_copy_slots_skips_negative_destinations(backend, rng):
+    """A negative destination is padding (a GPU write there would land outside the pool): every pool unchanged."""
+    manager = BACKENDS[backend](small_config())
+    fill_random([manager], rng)
+    before = snapshot(manager)
+    manager.copy_slots(device_int32(backend, [0, 1]), device_int32(backend, [-1, -(2**31)]))
+    assert_same_bits(snapshot(manager), before, "negative destinations")
+    manager.copy_slots(device_int32(backend, [0, 1, 2]), device_int32(backend, [-1, 3, -2]))
+    expected = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        expected[kind][:, 3] = before[kind][:, 1]
+    assert_same_bits(snapshot(manager), expected, "the one valid pair among negative destinations")
+
+
 @pytest.mark.parametrize(
     ("src", "dst", "msg"),
     [
@@ -117,6 +131,18 @@ def test_key_chain_is_the_documented_blake2b_chain(rng):
     changed = tokens.copy()
     changed[0] += 1
     assert all(a != b for a, b in zip(block_digests(changed, bs, namespace), want, strict=True))  # a chain
+
+
+def test_block_digests_never_names_blocks_past_the_tokens():
+    """``blocks`` above the whole blocks present: their digests only, none for a partial or missing block."""
+    tokens = np.arange(11)  # bs = 4: two whole blocks and three tokens of a third
+    want = block_digests(tokens, 4, "ns")
+    assert len(want) == 2
+    for blocks in (2, 3, 10):
+        assert block_digests(tokens, 4, "ns", blocks=blocks) == want, blocks
+    assert block_digests(tokens, 4, "ns", blocks=1) == want[:1]
+    assert block_digests(tokens, 4, "ns", blocks=0) == []
+    assert block_digests(tokens[:3], 4, "ns", blocks=5) == []
 
 
 # ---------------------------------------------------------------- store basics
@@ -234,6 +260,21 @@ def test_restore_many_restages_only_a_changed_entry_list(backend, rng, slot_kind
     assert state(got, 3) == entry(store_snapshot(store), new.entry) and state(got, 4) == entry(entries, 1)
 
 
+def test_restore_many_skips_negative_slots(backend, rng):
+    """A negative slot is padding (a GPU write there would land outside the pool): every pool unchanged."""
+    manager, store = make(backend, rng, entries=2, block_size=2)
+    handles = store.insert_many([[1, 1], [2, 2]], np.array([0, 1], np.int32))
+    before, sbefore = snapshot(manager), store_snapshot(store)
+    store.restore_many(handles, device_int32(backend, [-1, -(2**31)]))
+    assert_same_bits(snapshot(manager), before, "negative slots")
+    store.restore_many(handles, device_int32(backend, [-1, 3]))
+    want = {k: v.copy() for k, v in before.items()}
+    for kind in ("recurrent", "conv"):
+        want[kind][:, 3] = before[kind][:, 1]
+    assert_same_bits(snapshot(manager), want, "the one valid slot among negative ones")
+    assert_same_bits(store_snapshot(store), sbefore, "a restore writes no entry")
+
+
 def test_insert_many_never_writes_an_entry_twice(backend, rng):
     """More new prefixes than entries: the extra ones are dropped, not written over this batch's own."""
     manager, store = make(backend, rng, entries=2, block_size=1)
@@ -243,6 +284,21 @@ def test_insert_many_never_writes_an_entry_twice(backend, rng):
     snap = store_snapshot(store)
     assert entry(snap, handles[0].entry) == state(before, 0)
     assert entry(snap, handles[1].entry) == state(before, 1)
+
+
+def test_insert_many_never_evicts_a_present_entry_it_returns(backend, rng):
+    """A full store: the batch's present prefix is protected for the batch, so the new one is dropped."""
+    manager, store = make(backend, rng, entries=1, block_size=2)
+    before = snapshot(manager)
+    a = store.insert([1, 1], slot=0)
+    sbefore = store_snapshot(store)
+    handles = store.insert_many([[1, 1], [2, 2]], np.array([3, 4], np.int32))
+    assert handles == [a, None]
+    assert store.stats.dropped_inserts == 1 and store.stats.evictions == 0 and store.stats.inserts == 1
+    assert_same_bits(store_snapshot(store), sbefore, "a dropped insert writes nothing")
+    assert store.match([1, 1, 0]) == a
+    store.restore(a, slot=2)  # the returned handle is still valid
+    assert state(snapshot(manager), 2) == state(before, 0)
 
 
 def test_block_size_must_cover_a_verify_window(backend):
@@ -326,6 +382,19 @@ def test_reserve_publish_release(backend, rng):
     c = store.reserve()
     assert store.publish(c, [1, 2]) == h  # already cached elsewhere: c goes back
     assert len(store) == 1 and store.reserve() is not None
+
+
+def test_publish_of_a_cached_prefix_frees_its_reserved_entry(backend, rng):
+    """The reserved entry goes back to the free list: the next insert takes it and evicts nothing."""
+    manager, store = make(backend, rng, entries=2, block_size=2)
+    before = snapshot(manager)
+    h = store.insert([1, 1], slot=0)
+    e = store.reserve()
+    assert store.publish(e, [1, 1]) == h and not store.is_pinned(e)
+    other = store.insert([2, 2], slot=1)
+    assert other.entry == e and store.stats.evictions == 0 and len(store) == 2
+    store.restore(h, slot=3)  # still valid: not evicted to make room
+    assert state(snapshot(manager), 3) == state(before, 0)
 
 
 # ---------------------------------------------------------------- the proof on TinyMamba2
@@ -655,6 +724,13 @@ STORE_CASES = [
         r"dst_slots must have the length of src_slots \(1\), got 2",
     ),
     (
+        "copy_slots(shorter dst)",
+        None,
+        lambda b, m, s, h, r: m.copy_slots(dev(b, [0, 2]), dev(b, [1])),
+        ValueError,
+        r"dst_slots must have the length of src_slots \(2\), got 1",
+    ),
+    (
         "copy_slots(2-D)",
         None,
         lambda b, m, s, h, r: m.copy_slots(dev(b, [[0]]), dev(b, [1])),
@@ -807,6 +883,23 @@ def test_a_pinned_host_entry_is_never_overwritten(backend, rng):
     assert got.host
     store.restore(got, slot=4)
     assert state(snapshot(manager), 4) == state(before, 2)
+
+
+def test_a_host_hit_refreshes_the_host_tier_lru(backend, rng):
+    """Host tier [1, 1], [2, 2] (least recent first); a hit on [1, 1] makes [2, 2] the one the next offload drops."""
+    manager, store = make(backend, rng, entries=1, block_size=2, host_entries=2)
+    before = snapshot(manager)
+    store.insert([1, 1], slot=0)
+    store.insert([2, 2], slot=1)  # [1, 1] -> host
+    store.insert([3, 3], slot=2)  # [2, 2] -> host
+    hit = store.match([1, 1, 0])
+    assert hit.host
+    store.insert([4, 4], slot=3)  # [3, 3] -> host, which drops its least recently used entry: [2, 2]
+    assert store.stats.offloads == 3
+    assert store.match([2, 2, 0]) is None
+    assert store.match([1, 1, 0]) == hit and store.match([3, 3, 0]).host
+    store.restore(hit, slot=4)
+    assert state(snapshot(manager), 4) == state(before, 0)
 
 
 def _host_tier_state(store, host_entry):

@@ -1,12 +1,17 @@
 """Property tests of the prefix-state store against a plain Python model of its contract.
 
-Hypothesis draws sequences of insert / match / restore / pin / unpin / reserve+publish on a tiny
-store (bs = 2, binary tokens, so prefixes share blocks constantly). After every step the store must
-agree with the model (which prefixes are cached, the LRU choice of victims, dropped inserts) and
-keep its invariants: no pinned entry is evicted, a match is the longest cached prefix, and every
-entry holds exactly the state recorded for its own prefix (never another prefix's).
+Hypothesis draws sequences of insert / insert_many / match+restore / pin / unpin / reserve,
+publish and release (a reservation may stay open across other operations) on a tiny store (1 to
+3 device entries, 0 to 3 host entries, bs = 2, a pool of nine nested prefixes over two tokens), so
+that within a few steps the store is full, prefixes repeat, evictions go to the host tier and
+matches hit there. Most choices name a prefix the model holds now (a repeat, a host hit) rather
+than a random one. After every step the store must agree with the model: the same prefixes in the
+same LRU order in each tier, the same free entries, every counter of ``stats``, and its
+invariants: no pinned entry is evicted, a match is the longest cached prefix, every handle
+returned names its prefix, and every entry holds exactly the state recorded for its own prefix.
 """
 
+import itertools
 import zlib
 from collections import Counter, OrderedDict
 
@@ -16,21 +21,65 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba_cache import NumpyMambaCacheManager
-from mamba_cache.prefix import PrefixHandle, PrefixStateCache, block_digests
+from mamba_cache.prefix import PrefixHandle, PrefixStateCache, PrefixStats, block_digests
 
 BS = 2
+#: The prefixes drawn, shortest first (hypothesis shrinks toward them): chains that share blocks.
+PREFIXES = [
+    (0, 0),
+    (1, 1),
+    (0, 1),
+    (0, 0, 1, 1),
+    (1, 1, 0, 0),
+    (0, 0, 0, 0),
+    (0, 1, 1, 1),
+    (0, 0, 1, 1, 0, 1),
+    (1, 1, 0, 0, 1, 1),
+]
+KEYS = {p: block_digests(list(p), BS)[-1] for p in PREFIXES}
 
-tokens = st.lists(st.integers(0, 1), min_size=1, max_size=7)
-prefixes = st.integers(1, 3).flatmap(lambda n: st.lists(st.integers(0, 1), min_size=BS * n, max_size=BS * n))
+#: A prefix: ("held", i) the i-th (mod their number) the model holds now, ("host", i) the i-th of
+#: its host tier, least recent first (a host hit that reorders it), else ("any", prefix).
+choices = st.one_of(
+    st.tuples(st.just("held"), st.integers(0, 7)),
+    st.tuples(st.just("host"), st.integers(0, 2)),
+    st.tuples(st.just("any"), st.sampled_from(PREFIXES)),
+)
+slots = st.integers(0, 4)
+inserts = st.tuples(st.just("insert"), choices, slots)
+batches = st.tuples(st.just("insert_many"), st.lists(choices, min_size=1, max_size=4))
+repeats = st.tuples(  # a batch that starts with a prefix held now, then others that may need its entry
+    st.just("insert_many"),
+    st.builds(
+        lambda first, rest: [first, *rest],
+        st.tuples(st.just("held"), st.integers(0, 7)),
+        st.lists(choices, min_size=1, max_size=3),
+    ),
+)
+matches = st.tuples(
+    st.just("match"),
+    choices,
+    st.lists(st.integers(0, 1), max_size=3),  # tokens after the prefix (none: no hit on it)
+    st.one_of(st.none(), st.integers(0, 7)),
+    slots,
+)
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("insert"), prefixes, st.integers(0, 4)),
-        st.tuples(st.just("match"), tokens, st.one_of(st.none(), st.integers(0, 8)), st.integers(0, 4)),
-        st.tuples(st.just("pin"), st.integers(0, 10)),
-        st.tuples(st.just("unpin"), st.integers(0, 10)),
-        st.tuples(st.just("track"), prefixes, st.booleans()),
+        inserts,
+        batches,
+        matches,
+        inserts,  # twice as likely as the rest: what fills the store and moves entries between tiers
+        repeats,
+        matches,
+        st.tuples(st.just("pin"), st.integers(0, 7)),
+        st.tuples(st.just("unpin"), st.integers(0, 7)),
+        st.tuples(st.just("track"), choices, st.booleans()),  # reserve, fill, then publish or release
+        st.tuples(st.just("reserve")),
+        st.tuples(st.just("publish"), st.integers(0, 3), choices),
+        st.tuples(st.just("release"), st.integers(0, 3)),
     ),
-    max_size=40,
+    min_size=20,  # hypothesis' lists average about 5 elements unless min_size says otherwise
+    max_size=60,
 )
 
 
@@ -44,28 +93,45 @@ def tag(prefix) -> tuple:
 
 
 class Model:
-    """The contract in plain Python: prefixes in LRU order per tier, pin counts, reserved entries."""
+    """The contract in plain Python: prefixes in LRU order per tier, pins, reservations, counters."""
 
     def __init__(self, entries, host_entries):
         self.entries, self.host_entries = entries, host_entries
-        self.lru = OrderedDict()  # device tier, least recent first
-        self.host = OrderedDict()  # host tier, least recent first
+        self.lru = OrderedDict()  # device tier, least recent first: prefix -> instance
+        self.host = OrderedDict()  # host tier, least recent first: prefix -> instance
+        self.instances = itertools.count()  # a new one each time a prefix is stored in a tier
         self.pins = Counter()
-        self.reserved = 0
-        self.dropped = 0
+        self.reserved = 0  # reservations not yet published or released
+        self.stats = PrefixStats()
 
     def cached(self, prefix):
         return prefix in self.lru or prefix in self.host
 
-    def take(self):
+    def instance(self, prefix):
+        """Which storing of ``prefix`` the model holds now (None: not cached); a handle names one."""
+        return self.lru.get(prefix, self.host.get(prefix))
+
+    def held(self):
+        return list(self.lru) + list(self.host)
+
+    def pick(self, choice):
+        how, what = choice
+        pool = self.held() if how == "held" else list(self.host)
+        if how != "any" and pool:
+            return pool[what % len(pool)]
+        return what if how == "any" else PREFIXES[what % len(PREFIXES)]
+
+    def take(self, keep=()):
+        """Whether an entry is found: a free one, else the least recent unpinned one not in ``keep``."""
         if len(self.lru) + self.reserved < self.entries:
             return True
         for prefix in self.lru:
-            if not self.pins[prefix]:
+            if not self.pins[prefix] and prefix not in keep:
                 del self.lru[prefix]
+                self.stats.evictions += 1
                 self.offload(prefix)
                 return True
-        self.dropped += 1
+        self.stats.dropped_inserts += 1
         return False
 
     def offload(self, prefix):
@@ -76,18 +142,57 @@ class Model:
             if victim is None:
                 return
             del self.host[victim]
-        self.host[prefix] = None
+        self.host[prefix] = next(self.instances)
+        self.stats.offloads += 1
 
     def refresh(self, prefix):
         (self.lru if prefix in self.lru else self.host).move_to_end(prefix)
+
+    def add(self, prefix):
+        self.lru[prefix] = next(self.instances)
+        self.stats.inserts += 1
 
     def insert(self, prefix):
         if self.cached(prefix):
             self.refresh(prefix)
         elif self.take():
-            self.lru[prefix] = None
+            self.add(prefix)
+
+    def insert_many(self, batch):
+        """The instance each item's handle names (None: dropped); the batch's device entries are not evicted by it.
+
+        A host-tier hit is not protected: a later item's offload may push it out (its handle is then stale).
+        """
+        keep, planned, out = set(), set(), []
+        for prefix in batch:
+            if prefix in planned:
+                pass
+            elif self.cached(prefix):
+                self.refresh(prefix)
+                if prefix in self.lru:
+                    keep.add(prefix)
+            elif self.take(keep):
+                self.add(prefix)
+                keep.add(prefix)
+                planned.add(prefix)
+            out.append(self.instance(prefix))
+        return out
+
+    def reserve(self):
+        if not self.take():
+            return False
+        self.reserved += 1
+        return True
+
+    def publish(self, prefix):
+        self.reserved -= 1
+        if self.cached(prefix):
+            self.refresh(prefix)
+        else:
+            self.add(prefix)
 
     def match(self, tokens, max_tokens):
+        self.stats.lookups += 1
         n = max(0, (len(tokens) - 1) // BS)
         if max_tokens is not None:
             n = min(n, max_tokens // BS)
@@ -95,17 +200,23 @@ class Model:
             prefix = tuple(tokens[: k * BS])
             if self.cached(prefix):
                 self.refresh(prefix)
+                self.stats.hits += 1
+                self.stats.hit_tokens += len(prefix)
+                self.stats.host_hits += prefix in self.host
                 return prefix
         return None
 
 
+def key(prefix) -> bytes:
+    return KEYS.get(prefix) or block_digests(list(prefix), BS)[-1]
+
+
 def current(store, prefix):
     """The handle naming ``prefix`` now (read from the store's bookkeeping, recency untouched)."""
-    key = block_digests(list(prefix), BS)[-1]
-    if key in store._index:
-        entry = store._index[key]
+    if key(prefix) in store._index:
+        entry = store._index[key(prefix)]
         return PrefixHandle(entry, store._generations[entry], len(prefix))
-    entry = store._hindex[key]
+    entry = store._hindex[key(prefix)]
     return PrefixHandle(entry, store._hgenerations[entry], len(prefix), True)
 
 
@@ -121,25 +232,58 @@ def same_state(rec, conv, prefix):
     return rec.tobytes() == want_rec.tobytes() and conv.tobytes() == want_conv.tobytes()
 
 
-@given(entries=st.integers(1, 4), host_entries=st.integers(0, 3), ops=operations)
+def check(store, model, pinned):
+    """The store agrees with the model after a step (see the module docstring)."""
+    assert store.stats == model.stats, f"stats: {store.stats} != model {model.stats}"
+    assert [store._keys[e] for e in store._lru] == [key(p) for p in model.lru], "device LRU order"
+    assert [store._hkeys[h] for h in store._hlru] == [key(p) for p in model.host], "host LRU order"
+    assert len(store._free) == model.entries - len(model.lru) - model.reserved, "free device entries"
+    assert len(store._reserved) == model.reserved
+    assert len(store._hfree) == model.host_entries - len(model.host), "free host entries"
+    for tier, index, pools, view in (
+        (model.lru, store._index, store.entry_pools, lambda pool, e: pool[:, e]),  # [L, P, ...]
+        (model.host, store._hindex, store._host_pools, lambda pool, e: pool[e]),  # [P_host, L, ...]
+    ):
+        keys = {key(p): p for p in tier}
+        assert set(index) == set(keys), "the cached prefixes differ from the model's"
+        for k, entry in index.items():
+            held = view(pools[0], entry), view(pools[1], entry)
+            assert same_state(*held, keys[k]), "an entry holds a wrong state"
+    for prefix, handle in pinned:  # never evicted nor moved: the pinned handle is still current
+        assert model.cached(prefix) and current(store, prefix) == handle
+    assert len(store) == len(model.lru) + len(model.host)
+
+
+@given(entries=st.integers(1, 3), host_entries=st.integers(0, 3), ops=operations)
 def test_store_follows_the_model(entries, host_entries, ops):
     manager = NumpyMambaCacheManager(small_config(max_intermediate_seq_len=2))
     store = PrefixStateCache(manager, entries=entries, block_size=BS, host_entries=host_entries)
     model = Model(entries, host_entries)
     pinned = []  # (prefix, handle), one per pin
-    host_hits = 0
+    open_entries = []  # reserved entries not yet published or released
     for op in ops:
         kind = op[0]
         if kind == "insert":
-            prefix, slot = tuple(op[1]), op[2]
+            prefix, slot = model.pick(op[1]), op[2]
             write_slot(manager, slot, prefix)
             handle = store.insert(list(prefix), slot)
             model.insert(prefix)
             assert (handle is None) == (not model.cached(prefix))
             if handle is not None:
                 assert handle == current(store, prefix)
+        elif kind == "insert_many":
+            batch = [model.pick(c) for c in op[1]]
+            for slot, prefix in enumerate(batch):  # one source slot per item
+                write_slot(manager, slot, prefix)
+            handles = store.insert_many([list(p) for p in batch], np.arange(len(batch), dtype=np.int32))
+            for prefix, want, handle in zip(batch, model.insert_many(batch), handles, strict=True):
+                assert (handle is None) == (want is None), (batch, handles)
+                if want is not None and model.instance(prefix) == want:
+                    assert handle == current(store, prefix), (batch, handles)
+                elif want is not None:  # a host hit pushed out by a later item's offload: stale
+                    assert not model.cached(prefix) or handle != current(store, prefix), (batch, handles)
         elif kind == "match":
-            seq, max_tokens, slot = op[1], op[2], op[3]
+            seq, max_tokens, slot = list(model.pick(op[1])) + op[2], op[3], op[4]
             handle = store.match(seq, max_tokens)
             want = model.match(seq, max_tokens)
             assert (None if handle is None else handle.length) == (None if want is None else len(want))
@@ -147,11 +291,8 @@ def test_store_follows_the_model(entries, host_entries, ops):
                 assert handle == current(store, want)
                 store.restore(handle, slot)
                 assert same_state(manager.pools.recurrent[:, slot], manager.pools.conv[:, slot], want)
-                assert store.stats.host_hits == host_hits + handle.host
-                host_hits = store.stats.host_hits
-        elif kind == "pin" and (model.lru or model.host):
-            everything = list(model.lru) + list(model.host)
-            prefix = everything[op[1] % len(everything)]
+        elif kind == "pin" and model.held():
+            prefix = model.held()[op[1] % len(model.held())]
             handle = current(store, prefix)
             store.pin(handle)
             model.pins[prefix] += 1
@@ -160,39 +301,33 @@ def test_store_follows_the_model(entries, host_entries, ops):
             prefix, handle = pinned.pop(op[1] % len(pinned))
             store.unpin(handle)
             model.pins[prefix] -= 1
-        elif kind == "track":
-            prefix, reached = tuple(op[1]), op[2]
+        elif kind in ("track", "reserve"):
             entry = store.reserve()
-            model_took = model.take()
-            assert (entry is not None) == model_took
+            assert (entry is not None) == model.reserve()
             if entry is None:
                 continue
-            model.reserved += 1
-            # what a tracking commit writes: the state after the prefix
-            rec, conv = tag(prefix)
-            store.entry_pools[0][:, entry] = rec
-            store.entry_pools[1][:, entry] = conv
-            model.reserved -= 1
+            if kind == "reserve":
+                open_entries.append(entry)
+                continue
+            prefix, reached = model.pick(op[1]), op[2]
             if reached:
-                handle = store.publish(entry, list(prefix))
-                assert handle == current(store, prefix)
-                if model.cached(prefix):
-                    model.refresh(prefix)
-                else:
-                    model.lru[prefix] = None
+                publish(store, model, entry, prefix)
             else:
                 store.release(entry)
-        # invariants
-        assert store.stats.dropped_inserts == model.dropped
-        for tier, index, pools, view in (
-            (model.lru, store._index, store.entry_pools, lambda pool, e: pool[:, e]),  # [L, P, ...]
-            (model.host, store._hindex, store._host_pools, lambda pool, e: pool[e]),  # [P_host, L, ...]
-        ):
-            keys = {block_digests(list(p), BS)[-1]: p for p in tier}
-            assert set(index) == set(keys), "the cached prefixes differ from the model's"
-            for key, entry in index.items():
-                held = view(pools[0], entry), view(pools[1], entry)
-                assert same_state(*held, keys[key]), "an entry holds a wrong state"
-        for prefix, handle in pinned:  # never evicted nor moved: the pinned handle is still current
-            assert model.cached(prefix) and current(store, prefix) == handle
-        assert len(store) <= entries + host_entries
+                model.reserved -= 1
+        elif kind == "publish" and open_entries:
+            publish(store, model, open_entries.pop(op[1] % len(open_entries)), model.pick(op[2]))
+        elif kind == "release" and open_entries:
+            store.release(open_entries.pop(op[1] % len(open_entries)))
+            model.reserved -= 1
+        check(store, model, pinned)
+
+
+def publish(store, model, entry, prefix):
+    """What a tracking commit writes (the state after the prefix), then publish."""
+    rec, conv = tag(prefix)
+    store.entry_pools[0][:, entry] = rec
+    store.entry_pools[1][:, entry] = conv
+    handle = store.publish(entry, list(prefix))
+    model.publish(prefix)
+    assert handle == current(store, prefix)

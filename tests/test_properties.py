@@ -2,27 +2,15 @@
 
 ``make test`` runs a bounded, derandomized set of examples (profile ``default``: the same every run);
 ``make test-long`` runs the ``long`` profile (``HYPOTHESIS_PROFILE=long``, 2000 fresh random examples)
-and prints hypothesis' statistics.
+and prints hypothesis' statistics. The profiles are registered and loaded in ``conftest.py``.
 """
-
-import os
 
 import numpy as np
 from helpers import assert_same_bits, random_bits, snapshot, to_host
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager
-
-# CI (default): a fixed set of examples, the same every run (derandomize), so a red run is red again
-# on a rerun. The long profile fuzzes: fresh random examples each run, failures kept in the database.
-settings.register_profile(
-    "default", max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile(
-    "long", max_examples=2000, deadline=None, derandomize=False, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 

@@ -366,8 +366,13 @@ class Config:
             n_groups=groups,
         )
 
-    def memory_table(self) -> str:
-        """A plain-text table of each pool's per-layer shape, dtype and bytes, with the total."""
+    def memory_table(self, *, compare_commit_modes: bool = True) -> str:
+        """A plain-text table of each pool's per-layer shape, dtype and bytes, with the total.
+
+        Args:
+            compare_commit_modes: with MTP on, also the per-step buffers of both commit modes side
+                by side (``mamba-cache plan`` prints its own comparison instead).
+        """
         rows = [("pool", "per-layer shape", "dtype", "bytes")]
         shapes = {
             "recurrent": (self.recurrent_state_shape, self.recurrent_state_dtype),
@@ -388,7 +393,7 @@ class Config:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        if self.enabled and self.max_intermediate_seq_len > 0:
+        if compare_commit_modes and self.enabled and self.max_intermediate_seq_len > 0:
             lines += ["", self._commit_mode_table()]
         return "\n".join(lines)
 

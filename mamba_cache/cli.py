@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
+
+import numpy as np
 
 from ._config import ConfigError, format_bytes
-from .presets import PRESETS, parse_bytes
+from .presets import PRESETS, SIZE_FORMS, parse_bytes
 
 #: The most memory one accelerator has today (288 GB of HBM3e: NVIDIA B300, AMD MI355X). A plan or
 #: budget above it is per rank, so it cannot be one device's: the CLI says so.
@@ -23,10 +26,112 @@ def _warn_if_beyond_any_device(what: str, nbytes: int) -> None:
         )
 
 
+#: Lines of ``plan`` and ``presets`` are wrapped to this width.
+WIDTH = 100
+
+#: What each commit mode keeps for the steps of an MTP verify pass, by ``Config.commit_mode``.
+#: ``plan --commit-mode`` offers these, and its comparison has one row each: a new mode (once
+#: ``Config`` accounts its bytes) is one entry here.
+PER_STEP_BUFFERS = {
+    "scatter": "per-step states",
+    "replay": "stash",
+}
+
+
+def _size(text: str) -> int:
+    """The argparse ``type`` of every size option: :func:`mamba_cache.presets.parse_bytes`'s grammar."""
+    try:
+        return parse_bytes(text, name="value")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _wrap(text: str, indent: str = "", first: str | None = None) -> str:
+    """``text`` wrapped to ``WIDTH``, its first line starting with ``first`` (``indent`` if None)."""
+    return textwrap.fill(
+        text,
+        WIDTH,
+        initial_indent=indent if first is None else first,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _dtype_lines(preset, config, given: bool) -> list[str]:
+    """The dtypes the table is in, then (labelled) the model's shipped dtypes where they differ.
+
+    Args:
+        preset: the model preset.
+        config: the config the table is printed from.
+        given: whether a dtype option set any of the config's dtypes.
+    """
+    used = (np.dtype(config.recurrent_state_dtype).name, np.dtype(config.conv_state_dtype).name)
+    how = "as given" if given else "the preset's planning default"
+    lines = [
+        _wrap(
+            f"state dtypes of this plan: recurrent {used[0]}, conv {used[1]} ({how}; the per-step pools follow "
+            f"them; --dtype, --recurrent-dtype, --conv-dtype set them)",
+            "  ",
+        )
+    ]
+    recurrent, conv = preset.shipped_dtypes
+    if (recurrent, conv) == used:
+        lines.append("  (the model's shipped state dtypes)")
+    else:
+        lines.append(_wrap(f"shipped state dtypes, not this plan's: recurrent {recurrent}, conv {conv}", "  "))
+    lines.append(_wrap(preset.dtype_source, "    ", first="  source: "))
+    return lines
+
+
+def _commit_mode_table(config, budget: int | None) -> str:
+    """Each commit mode's main pools, per-step buffers, total, bytes per sequence and batch in ``budget``.
+
+    The bytes are ``Config.pool_bytes()`` of the config in that mode: the main pools are the
+    ``recurrent`` and ``conv`` pools, every other pool is a per-step buffer of the mode.
+    """
+    header = ["commit mode", "main pools", "per-step buffers", "total", "per sequence"]
+    if budget is not None:
+        header.append(f"batch in {format_bytes(budget)}")
+    rows = [header]
+    per_step = {}
+    for mode in PER_STEP_BUFFERS:
+        mode_config = dataclasses.replace(config, commit_mode=mode)
+        pools = mode_config.pool_bytes()
+        main = pools["recurrent"] + pools["conv"]
+        per_step[mode] = mode_config.total_bytes - main
+        mark = "*" if mode == config.commit_mode else " "
+        row = [f"{mark} {mode}", format_bytes(main), format_bytes(per_step[mode])]
+        row += [format_bytes(mode_config.total_bytes), format_bytes(mode_config.slot_bytes)]
+        if budget is not None:
+            row.append(str(mode_config.max_batch_size_for(budget)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    kinds = ", ".join(f"{mode} {buffers}" for mode, buffers in PER_STEP_BUFFERS.items())
+    lines.append(f"(*) the pools above: --commit-mode {config.commit_mode}; per-step buffers: {kinds}")
+    scatter = per_step["scatter"]
+    for mode in PER_STEP_BUFFERS:
+        if mode != "scatter" and scatter:
+            ratio = per_step[mode] / scatter
+            lines.append(f"{mode} {PER_STEP_BUFFERS[mode]} / scatter {PER_STEP_BUFFERS['scatter']}: {ratio:.4f}")
+    return "\n".join(lines)
+
+
+def _stash_line(config) -> str:
+    """The replay stash of one row and one step, field by field."""
+    fields = ", ".join(
+        f"{name} [{', '.join(map(str, shape))}] {np.dtype(dtype).name}"
+        for name, (shape, dtype) in config.replay_stash_fields.items()
+    )
+    return _wrap(f"replay stash per row and step ({config.mixer}): {fields}", "  ")
+
+
 def _plan(args) -> int:
     preset = PRESETS[args.preset]
     try:  # every input is checked before anything is printed
-        config = preset.config(args.batch, args.mtp, args.tp)
+        config = preset.config(args.batch, args.mtp, args.tp, commit_mode=args.commit_mode)
         dtypes = {
             "recurrent_state_dtype": args.recurrent_dtype or args.dtype,
             "conv_state_dtype": args.conv_dtype or args.dtype,
@@ -36,19 +141,27 @@ def _plan(args) -> int:
         dtypes.update({f"intermediate_{field}": None for field in list(dtypes)})
         if dtypes:
             config = dataclasses.replace(config, **dtypes)
-        budget = None if args.budget is None else parse_bytes(args.budget)
+        budget = args.budget
         fits = None if budget is None else config.max_batch_size_for(budget)
     except (ConfigError, ValueError) as error:
         print(f"mamba-cache plan: {error}", file=sys.stderr)
         return 2
     _warn_if_beyond_any_device("the cache", config.total_bytes)
-    print(f"{preset.description}")
-    print(preset.shipped())
+    print(_wrap(preset.description))
+    print("\n".join(_dtype_lines(preset, config, given=bool(dtypes))))
     print(
-        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp}\n"
-        f"per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels\n"
+        f"batch {args.batch}, MTP verify length {args.mtp}, tensor parallel {args.tp}, "
+        f"commit mode {config.commit_mode}\n"
+        f"per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels, "
+        f"{config.n_groups} group{'s' * (config.n_groups != 1)}, mixer {config.mixer}"
     )
-    print(config.memory_table())
+    if config.has_replay_stash:
+        print(_stash_line(config))
+    print()
+    print(config.memory_table(compare_commit_modes=False))
+    if config.max_intermediate_seq_len > 0:
+        print()
+        print(_commit_mode_table(config, budget))
     print(f"\nper sequence (one slot, every pool): {format_bytes(config.slot_bytes)} ({config.slot_bytes} bytes)")
     if budget is not None:
         _warn_if_beyond_any_device("the budget", budget)
@@ -66,17 +179,41 @@ def _plan_prefix(args, config) -> None:
     print(f"\nprefix-state store: one entry (one slot of every layer) is {format_bytes(size)} ({size} bytes)")
     print(prefix_memory_table(config, entries, args.host_entries))
     if args.budget is not None:
-        budget = parse_bytes(args.budget)
         print(
-            f"prefix entries within {format_bytes(budget)} per rank beside batch {args.batch}: "
-            f"{prefix_entries_for(config, budget)}"
+            f"prefix entries within {format_bytes(args.budget)} per rank beside batch {args.batch}: "
+            f"{prefix_entries_for(config, args.budget)}"
         )
 
 
 def _presets(args) -> int:
+    blocks = []
     for name, preset in PRESETS.items():
-        print(f"{name:<20} {preset.description}")
-        print(f"{'':<20} {preset.shipped()}")
+        config = preset.config(1)
+        recurrent, conv = (np.dtype(preset.recurrent_state_dtype).name, np.dtype(preset.conv_state_dtype).name)
+        groups = f"{preset.n_groups} group{'s' * (preset.n_groups != 1)}"
+        lines = [
+            _wrap(preset.description, " " * 4, first=f"{name}: "),
+            _wrap(
+                f"{preset.mixer}, {preset.num_recurrent_layers} recurrent layers, {preset.num_heads} heads x "
+                f"{preset.head_dim} x {preset.state_size}, {groups}, {preset.conv_dim} conv channels x "
+                f"{preset.conv_kernel}; one sequence: {format_bytes(config.slot_bytes)}",
+                "    ",
+                first="  dims: ",
+            ),
+            _wrap(
+                f"recurrent {recurrent}, conv {conv}",
+                "    ",
+                first="  planning dtypes: ",
+            ),
+            _wrap(
+                f"recurrent {preset.shipped_dtypes[0]}, conv {preset.shipped_dtypes[1]}",
+                "    ",
+                first="  shipped state dtypes: ",
+            ),
+            _wrap(preset.dtype_source, "    ", first="    source: "),
+        ]
+        blocks.append("\n".join(lines))
+    print("\n\n".join(blocks))
     return 0
 
 
@@ -121,7 +258,18 @@ def main(argv=None) -> int:
     plan.add_argument("--dtype", help=f"state dtype of both kinds ({dtypes}); default: the preset's")
     plan.add_argument("--recurrent-dtype", help=f"recurrent state dtype ({dtypes}); overrides --dtype")
     plan.add_argument("--conv-dtype", help=f"conv state dtype ({dtypes}); overrides --dtype")
-    plan.add_argument("--budget", help="bytes per rank for the cache, e.g. 20GiB: print the largest batch that fits")
+    plan.add_argument(
+        "--budget",
+        type=_size,
+        help=f"memory per rank for the cache, {SIZE_FORMS}: print the largest batch that fits",
+    )
+    plan.add_argument(
+        "--commit-mode",
+        choices=list(PER_STEP_BUFFERS),
+        default="scatter",
+        help="how an MTP verify pass is committed: scatter keeps every per-step state, replay a small stash "
+        "and recomputes (default scatter); the plan compares every mode",
+    )
     plan.add_argument("--prefix-entries", type=int, help="device entries of a prefix-state store: its rows and bytes")
     plan.add_argument("--host-entries", type=int, default=0, help="host-tier entries of the prefix-state store")
     plan.set_defaults(run=_plan)

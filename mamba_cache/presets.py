@@ -15,7 +15,7 @@ import re
 
 from ._config import Config, ConfigError
 
-__all__ = ["ModelPreset", "PRESETS", "parse_bytes"]
+__all__ = ["ModelPreset", "PRESETS", "SIZE_FORMS", "parse_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,40 +197,56 @@ PRESETS: dict[str, ModelPreset] = {
     )
 }
 
+#: The units of a size, lower-cased, to bytes: decimal (powers of 1000) and binary (powers of 1024).
 _UNITS = {
-    "": 1,
     "b": 1,
     "kb": 10**3,
     "mb": 10**6,
     "gb": 10**9,
     "tb": 10**12,
+    "pb": 10**15,
+    "eb": 10**18,
     "kib": 2**10,
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
-    "pb": 10**15,
-    "eb": 10**18,
     "pib": 2**50,
     "eib": 2**60,
 }
 
+#: The size grammar in words, for messages and help texts.
+SIZE_FORMS = (
+    "a number and a unit, e.g. 20GiB, 1.5 GB or 512mib: B, KB, MB, GB, TB, PB, EB (powers of 1000) or "
+    "KiB, MiB, GiB, TiB, PiB, EiB (powers of 1024), any case, a space allowed"
+)
 
-def parse_bytes(text: str) -> int:
-    """``"20GiB"`` -> 21474836480; ``"1.5GB"``, ``"512MiB"``, ``"1000"``, ``"1e12"`` likewise.
+
+def parse_bytes(text: str, name: str = "size") -> int:
+    """A size with its unit in bytes: ``"20GiB"`` -> 21474836480, ``"1.5 GB"`` -> 1500000000.
+
+    The one grammar of every size the CLI takes: a non-negative number (``12``, ``1.5``, ``1e3``)
+    followed by a unit, B, KB, MB, GB, TB, PB, EB (powers of 1000) or KiB, MiB, GiB, TiB, PiB, EiB
+    (powers of 1024), in any case, with an optional space between. A bare number is refused: it
+    could mean bytes or gigabytes.
+
+    Args:
+        text: the size as written.
+        name: what the size is, for the error message (e.g. ``"--budget"``).
 
     Raises:
-        ValueError: not a non-negative number followed by an optional unit (B, KB ... EB,
-            KiB ... EiB), or more than 2**64 bytes.
+        ValueError: not of that form, negative, or more than 2**64 bytes; the message names
+            ``name`` and the accepted forms.
     """
-    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    text = str(text)
+    number = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+    match = re.fullmatch(rf"\s*({number})\s*([a-zA-Z]*)\s*", text)
+    if match and not match.group(2):
+        raise ValueError(f"{name} {text.strip()!r} has no unit (bytes? gigabytes?): write {SIZE_FORMS}")
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"budget must look like 20GiB, 1.5GB or 1000000: a number of bytes and an optional unit "
-            f"(B, KB, MB, GB, TB, PB, EB, KiB ... EiB); got {text!r}"
-        )
+        raise ValueError(f"{name} must be {SIZE_FORMS}; got {text!r}")
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value < 0:
-        raise ValueError(f"budget must be >= 0 bytes, got {text!r}")
+        raise ValueError(f"{name} must be >= 0 bytes, got {text!r}")
     if not value <= 2**64:
-        raise ValueError(f"budget must be at most 16 EiB (2**64 bytes, the 64-bit address space), got {text!r}")
+        raise ValueError(f"{name} must be at most 16 EiB (2**64 bytes, the 64-bit address space), got {text!r}")
     return int(value)

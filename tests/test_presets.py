@@ -1,5 +1,6 @@
 """Memory planner: preset byte counts against figures worked out by hand, sharding, the CLI."""
 
+import re
 import subprocess
 import sys
 
@@ -100,15 +101,40 @@ def test_max_batch_for_budget():
 
 
 @pytest.mark.parametrize(
-    ("text", "value"), [("20GiB", 20 * 2**30), ("1.5GB", 1_500_000_000), ("512 MiB", 2**29), ("1000", 1000)]
+    ("text", "value"),
+    [
+        ("20GiB", 20 * 2**30),
+        ("1.5GB", 1_500_000_000),
+        ("512 MiB", 2**29),
+        ("1000B", 1000),
+        ("12gb", 12 * 10**9),
+        ("12 kib", 12 * 1024),
+        ("1e3KB", 10**6),
+        (".5TiB", 2**39),
+        ("2 TB", 2 * 10**12),
+        ("0B", 0),
+    ],
 )
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
 
-def test_parse_bytes_refuses_nonsense():
-    with pytest.raises(ValueError, match="budget must look like 20GiB"):
-        parse_bytes("twenty gigs")
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("twenty gigs", "budget must be a number and a unit, e.g. 20GiB"),
+        ("12", "budget '12' has no unit (bytes? gigabytes?)"),
+        ("1e12", "budget '1e12' has no unit"),
+        ("12 XB", "budget must be a number and a unit"),
+        ("-1GiB", "budget must be >= 0 bytes"),
+        ("17EiB", "budget must be at most 16 EiB"),
+    ],
+)
+def test_parse_bytes_refuses_nonsense_and_bare_numbers(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        parse_bytes(text, name="budget")
+    if "must be >= 0" not in message and "at most" not in message:  # a form error lists the accepted forms
+        assert "KiB" in str(error.value) and "KB" in str(error.value)
 
 
 def test_cli_plan_prints_the_table(capsys):
@@ -142,7 +168,22 @@ def test_every_preset_states_its_shipped_state_dtypes_and_their_source(capsys):
             assert dtype in names or "model dtype" in dtype, (name, dtype)
         assert "vLLM" in preset.dtype_source and ".py" in preset.dtype_source, name  # cites the engine's file
         assert cli.main(["plan", "--preset", name, "--batch", "1"]) == 0
-        assert f"shipped state dtypes: recurrent {recurrent}, conv {conv}" in capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())  # unwrapped
+        assert f"shipped state dtypes, not this plan's: recurrent {recurrent}, conv {conv}" in out
+        assert f"source: {preset.dtype_source}" in out
     assert PRESETS["nemotron-h-8b"].shipped_dtypes[0] == "float32"  # vLLM's NemotronH default
     assert cli.main(["presets"]) == 0
-    assert capsys.readouterr().out.count("shipped state dtypes") == len(PRESETS)
+    out = " ".join(capsys.readouterr().out.split())
+    for preset in PRESETS.values():
+        recurrent, conv = preset.shipped_dtypes
+        assert f"shipped state dtypes: recurrent {recurrent}, conv {conv} source: {preset.dtype_source}" in out
+
+
+def test_presets_carry_mixer_and_groups_for_a_replay_plan():
+    for name, preset in PRESETS.items():
+        assert preset.mixer in ("mamba2", "gdn"), name
+        assert preset.num_heads % preset.n_groups == 0, name
+        if preset.mixer == "mamba2":  # the group channels are B and C
+            assert preset.group_channels == 2 * preset.n_groups * preset.state_size, name
+        config = preset.config(batch=2, mtp=3, commit_mode="replay")
+        assert (config.mixer, config.n_groups, config.has_replay_stash) == (preset.mixer, preset.n_groups, True)

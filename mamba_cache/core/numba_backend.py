@@ -352,6 +352,10 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         module = type(array).__module__
         if module.startswith("torch"):  # read the tensor directly: its __cuda_array_interface__ costs microseconds
             if not array.is_cuda:
+                if SIMULATOR:  # its device memory is host memory: the tensor's memory is staged as NumPy's is
+                    from ..interop.arrays import host_index_array
+
+                    return self._check_int32_array(name, host_index_array(name, array), layout, stream)
                 raise TypeError(f"{name} must be on the GPU, got a torch tensor on {array.device}")
             dtype = str(array.dtype).removeprefix("torch.")
             if dtype != "int32":

@@ -198,6 +198,36 @@ def numba_array(view: Any, simulator: bool) -> Any:
     return DeviceNDArray(view.shape, strides, dtype, gpu_data=memory)
 
 
+def host_index_array(name: str, array: Any) -> np.ndarray:
+    """A CPU tensor's memory as a NumPy array (no copy where the producer allows): an index argument.
+
+    What the CUDA simulator does with a CPU torch tensor passed as an index argument (e.g.
+    ``accept_lengths = torch.tensor([...], dtype=torch.int32)``): the simulator's device memory
+    is host memory, so the tensor is taken as the NumPy array of its memory and staged like one.
+    DLPack first (``__dlpack_device__`` must say ``kDLCPU``), else ``__array__``. The caller
+    checks the dtype, shape and contiguity, as for any NumPy array. On a real GPU the backend
+    does not call this: a CPU torch tensor for a device argument stays refused there.
+
+    Args:
+        name: the argument, for the error message.
+        array: the tensor (anything exporting host DLPack or ``__array__``).
+
+    Raises:
+        TypeError: the tensor is not in host memory, or exports neither DLPack nor ``__array__``.
+    """
+    if hasattr(array, "__dlpack__") and hasattr(array, "__dlpack_device__"):
+        device_type = int(array.__dlpack_device__()[0])
+        if device_type != KDL_CPU:
+            raise TypeError(f"{name} must be a host or GPU tensor, got a DLPack tensor on device type {device_type}")
+        try:
+            return np.from_dlpack(array)
+        except (BufferError, RuntimeError, TypeError) as error:
+            raise TypeError(f"{name}: could not import it through DLPack ({error})") from None
+    if hasattr(array, "__array__"):
+        return np.asarray(array)
+    raise TypeError(f"{name} must export DLPack (host memory) or __array__, got {type(array).__name__}")
+
+
 class _CUDAArrayInterface:
     """An imported DLPack tensor as a ``__cuda_array_interface__`` (what a dispatcher launch takes)."""
 

@@ -121,3 +121,28 @@ def test_tensor_parallel_ranks_commit_alike():
     assert result["heads"] == [2, 2] and result["n_groups"] == 1
     assert result["conv_dim"] == 2 * 2 + 2 * 1 * 4  # each rank: its x channels, its group's B and C
     assert result["committed"] == [1.0, 2.0] and result["padding"] == [0.0, 0.0]
+
+
+def test_every_snippet_the_pages_include_is_a_section_of_a_file_run_here():
+    """The docs show only code from the files above (pymdownx.snippets ``--8<-- "path:section"``)."""
+    import re
+
+    root = EXAMPLES.parent
+    run_here = {
+        "examples/integrate_engine.py",
+        "examples/integrate_engine_numpy.py",
+        "examples/integrate_prefill.py",
+        "examples/integrate_tp.py",
+        "examples/integrate_cuda_graph.py",
+    }
+    includes = []
+    for page in sorted((root / "docs" / "integrate").glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        includes += re.findall(r'^--8<-- "([^":]+):([a-z-]+)"$', text, re.M)
+        fences = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+        assert all(block.startswith("--8<-- ") for block in fences), f"{page.name}: inline code not from a tested file"
+    assert len(includes) >= 12
+    for path, section in includes:
+        assert path in run_here, path
+        source = (root / path).read_text(encoding="utf-8")
+        assert f"# --8<-- [start:{section}]" in source and f"# --8<-- [end:{section}]" in source, (path, section)

@@ -4,7 +4,7 @@ a CPU torch tensor for a device argument."""
 
 import numpy as np
 import pytest
-from conftest import ON_GPU, assert_same_bits, fill_random, small_config, snapshot
+from helpers import ON_GPU, assert_same_bits, fill_random, small_config, snapshot
 
 from mamba_cache import NumbaMambaCacheManager, NumpyMambaCacheManager
 from mamba_cache.interop.arrays import host_index_array

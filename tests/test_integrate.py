@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ON_GPU
+from helpers import ON_GPU
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))

@@ -235,7 +235,7 @@ def speculative(model, manager, prompt, oracle, steps: int, rng, verify_len: int
 
     Args:
         model: a ``Mamba2ForCausalLM``.
-        manager: a cache manager built with :func:`cache_config` for this model and batch.
+        manager: a cache manager built with `cache_config` for this model and batch.
         prompt: ``[B, T]`` int64 prompt.
         oracle: ``[B, >= steps + verify_len]`` the plain greedy continuation the drafts come from.
         steps: tokens to produce per row.

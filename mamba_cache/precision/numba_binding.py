@@ -1,8 +1,8 @@
-"""Binds the converting commit kernels to a :class:`NumbaMambaCacheManager` (imports numba).
+"""Binds the converting commit kernels to a `NumbaMambaCacheManager` (imports numba).
 
 Chosen by the Numba backend when a main pool's dtype differs from its per-step pool's; equal
-dtypes keep the word-copy kernels of :mod:`mamba_cache.core.kernels` untouched. The kernels are
-built per dtype pair by :func:`mamba_cache.precision.commit_kernels.commit_kernels`.
+dtypes keep the word-copy kernels of [`mamba_cache.core.kernels`][mamba_cache.core.kernels] untouched. The kernels are
+built per dtype pair by `mamba_cache.precision.commit_kernels.commit_kernels`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def formats(config: Any) -> np.ndarray:
 
 
 def specs(config: Any) -> tuple[tuple, tuple]:
-    """The two kinds' kernel specs (:func:`mamba_cache.precision.commit_kernels.spec_of`)."""
+    """The two kinds' kernel specs (`mamba_cache.precision.commit_kernels.spec_of`)."""
     fmt = formats(config).tolist()
     out = []
     for i, kind in enumerate(KINDS):

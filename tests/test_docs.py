@@ -154,6 +154,25 @@ def test_diagrams_tutorial_output_and_api_reference_are_built(site):
     assert "mamba_cache.core.kernels" not in (site / "api/managers/index.html").read_text()
 
 
+def test_home_page_leads_to_every_capability_and_its_example_is_short(site):
+    body = (site / "index.html").read_text(encoding="utf-8").partition("<article")[2]  # not the nav
+    for page in ("prefix", "replay", "precision", "glossary"):
+        assert f'href="concepts/{page}/"' in body, f"the home page does not link concepts/{page}"
+    for words in ("prefix store", "replay commit", "stochastic rounding", "mixed dtypes"):
+        assert words in body.lower(), words
+    source = (ROOT / "docs/index.md").read_text(encoding="utf-8")
+    example = source.partition("## Ten lines")[2].partition("```python\n")[2].partition("```")[0]
+    assert example and len([line for line in example.splitlines() if line.strip()]) <= 10, example
+
+
+def test_tutorial_code_and_output_wrap_at_whitespace_and_are_shown_whole(site):
+    css = (site / "stylesheets/extra.css").read_text(encoding="utf-8")
+    assert "overflow-wrap: anywhere" not in css and "word-break: break-all" not in css
+    assert re.search(r"outputsScrolled[^{]*\{[^}]*max-height: none", css, re.S)
+    tutorial = (site / "tutorials/07-prefix-cache/index.html").read_text(encoding="utf-8")
+    assert "hit_rate=" in tutorial  # executed output, shown whole by the rules above
+
+
 # A reST role (":func:`x`") or a reST literal-block marker ("text::") left in a docstring or a page:
 # mkdocstrings reads Markdown, so either would be printed as it stands.
 _REST_ROLE = re.compile(r"(?<![\w:-]):(?:meth|class|func|attr|mod|data|obj|exc|ref|py:\w+):(?=`|<code>)")

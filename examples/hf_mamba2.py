@@ -10,6 +10,10 @@ the model's cache object are the library's per-layer views, zero copy:
 - Numba backend: ``torch.as_tensor(view, device="cuda")`` shares the device memory through
   ``__cuda_array_interface__``.
 
+Both are for the float16 / float32 pools this example builds: for a bfloat16 pool
+``torch.from_numpy`` raises and the CUDA array interface says ``uint16``, so use
+``torch.from_dlpack(view)`` (a ``torch.bfloat16`` tensor on either backend, zero copy).
+
 The model updates those tensors in place (``copy_``) when it decodes, so the library sees every
 step without a copy, and a ``scatter_mtp_states`` commit is what the model reads next.
 

@@ -41,6 +41,14 @@ class PrefixHandle(NamedTuple):
 
     A handle stays valid until its entry is evicted or reused (its generation changes); pin it to
     hold it across inserts.
+
+    Attributes:
+        entry: the entry's index in its tier, ``[0, P)`` (or ``[0, P_host)`` when ``host``).
+        generation: the entry's generation when the handle was made; a restore checks it, so a
+            handle to an entry evicted or reused since then raises ``LookupError``.
+        length: the tokens the checkpoint covers, a multiple of the block size.
+        host: the entry is in the host tier (a restore copies host to device); False for the
+            device tier.
     """
 
     entry: int
@@ -51,7 +59,18 @@ class PrefixHandle(NamedTuple):
 
 @dataclass
 class PrefixStats:
-    """Counters of a store (all since construction)."""
+    """Counters of a store (all since construction); ``str()`` adds ``hit_rate``, hits per lookup.
+
+    Attributes:
+        lookups: ``match`` calls.
+        hits: matches that found a checkpoint.
+        hit_tokens: prompt tokens covered by those checkpoints (prefill saved).
+        inserts: checkpoints written (``insert`` copies and ``publish``).
+        dropped_inserts: inserts / reserves refused because every entry was pinned.
+        evictions: entries evicted to make room.
+        host_hits: hits served from the host tier.
+        offloads: evicted device entries copied into the host tier.
+    """
 
     lookups: int = 0  #: ``match`` calls
     hits: int = 0  #: matches that found a checkpoint

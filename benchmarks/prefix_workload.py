@@ -5,7 +5,7 @@
 
 Runs on the CPU in seconds (NumPy backend, tiny states): the hit statistics depend only on the
 keys, the LRU and the protocol, not on the state sizes. It drives a real
-:class:`~mamba_cache.prefix.PrefixStateCache` through the calls an engine makes:
+`PrefixStateCache` through the calls an engine makes:
 
 - a workload of ``--conversations`` conversations over ``--system-prompts`` shared system prompts
   (Zipf-ish popularity), each of several turns; turn ``k``'s prompt is the system prompt plus every

@@ -10,6 +10,10 @@ the model's cache object are the library's per-layer views, zero copy:
 - Numba backend: ``torch.as_tensor(view, device="cuda")`` shares the device memory through
   ``__cuda_array_interface__``.
 
+Both are for the float16 / float32 pools this example builds: for a bfloat16 pool
+``torch.from_numpy`` raises and the CUDA array interface says ``uint16``, so use
+``torch.from_dlpack(view)`` (a ``torch.bfloat16`` tensor on either backend, zero copy).
+
 The model updates those tensors in place (``copy_``) when it decodes, so the library sees every
 step without a copy, and a ``scatter_mtp_states`` commit is what the model reads next.
 
@@ -235,7 +239,7 @@ def speculative(model, manager, prompt, oracle, steps: int, rng, verify_len: int
 
     Args:
         model: a ``Mamba2ForCausalLM``.
-        manager: a cache manager built with :func:`cache_config` for this model and batch.
+        manager: a cache manager built with `cache_config` for this model and batch.
         prompt: ``[B, T]`` int64 prompt.
         oracle: ``[B, >= steps + verify_len]`` the plain greedy continuation the drafts come from.
         steps: tokens to produce per row.

@@ -126,7 +126,7 @@ def logits(head: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- one rank, NumPy
 class NumpyRank:
-    """One rank's weights and cache on the NumPy backend; :meth:`partial` is its share of a layer."""
+    """One rank's weights and cache on the NumPy backend; `partial` is its share of a layer."""
 
     def __init__(self, model: TinyMamba2, tp: int, rank: int) -> None:
         self.shell = rank_model(model, tp, rank)
@@ -468,7 +468,7 @@ def run_distributed(seed: int = 0, tp: int = 2, batch: int = 3, prompt_len: int 
     """One GPU reference (Numba backend, GPU 0), then ``tp`` spawned ranks over NCCL; the evidence.
 
     Returns:
-        The dict of :func:`run_simulated`, plus ``rank_tokens`` (every rank's greedy tokens).
+        The dict of `run_simulated`, plus ``rank_tokens`` (every rank's greedy tokens).
     """
     import torch.multiprocessing as mp
 

@@ -39,7 +39,7 @@ PER_STEP_BUFFERS = {
 
 
 def _size(text: str) -> int:
-    """The argparse ``type`` of every size option: :func:`mamba_cache.presets.parse_bytes`'s grammar."""
+    """The argparse ``type`` of every size option: `mamba_cache.presets.parse_bytes`'s grammar."""
     try:
         return parse_bytes(text, name="value")
     except ValueError as error:

@@ -29,6 +29,7 @@ MAIN_PAGES = [
     "concepts/mtp/index.html",
     "tutorials/03-speculative-decoding/index.html",
     "api/index.html",
+    "api/managers/index.html",
 ]
 
 
@@ -131,9 +132,60 @@ def test_diagrams_tutorial_output_and_api_reference_are_built(site):
     tutorial = (site / "tutorials/03-speculative-decoding/index.html").read_text()
     assert "speculative == sequential, bit for bit: True" in tutorial  # executed output, not just code
     assert "speculative tokens == plain greedy tokens: True" in tutorial
-    api = (site / "api/index.html").read_text()
-    for name in ("NumpyMambaCacheManager", "NumbaMambaCacheManager", "scatter_mtp_states", "ConfigError", "TinyMamba2"):
-        assert name in api, name
+    api = {
+        "managers": ("NumpyMambaCacheManager", "NumbaMambaCacheManager", "scatter_mtp_states", "replay_mtp_states"),
+        "config": ("ConfigError", "format_bytes"),
+        "prefix": ("PrefixStateCache", "PrefixHandle", "block_digests"),
+        "replay": ("mamba_cache.replay.reference",),
+        "precision": ("stochastic", "rounding_bits"),
+        "models": ("TinyMamba2", "TinyGatedDeltaNet"),
+        "snapshots": ("save_snapshot",),
+        "internals/core-kernels": ("scatter_accepted",),
+        "internals/replay-kernels": ("round_state",),
+        "internals/replay-tiled": ("mamba2_tiles",),
+    }
+    overview = (site / "api/index.html").read_text().partition("<article")[2]  # the page body, not the nav
+    for page, names in api.items():
+        html = (site / f"api/{page}/index.html").read_text()
+        for name in names:
+            assert name in html, f"api/{page}: {name}"
+        assert f'href="{page}/"' in overview, f"the API overview does not link api/{page}"
+    # the public pages come first and carry no kernel internals
+    assert "mamba_cache.core.kernels" not in (site / "api/managers/index.html").read_text()
+
+
+def test_home_page_leads_to_every_capability_and_its_example_is_short(site):
+    body = (site / "index.html").read_text(encoding="utf-8").partition("<article")[2]  # not the nav
+    for page in ("prefix", "replay", "precision", "glossary"):
+        assert f'href="concepts/{page}/"' in body, f"the home page does not link concepts/{page}"
+    for words in ("prefix store", "replay commit", "stochastic rounding", "mixed dtypes"):
+        assert words in body.lower(), words
+    source = (ROOT / "docs/index.md").read_text(encoding="utf-8")
+    example = source.partition("## Ten lines")[2].partition("```python\n")[2].partition("```")[0]
+    assert example and len([line for line in example.splitlines() if line.strip()]) <= 10, example
+
+
+def test_tutorial_code_and_output_wrap_at_whitespace_and_are_shown_whole(site):
+    css = (site / "stylesheets/extra.css").read_text(encoding="utf-8")
+    assert "overflow-wrap: anywhere" not in css and "word-break: break-all" not in css
+    assert re.search(r"outputsScrolled[^{]*\{[^}]*max-height: none", css, re.S)
+    tutorial = (site / "tutorials/07-prefix-cache/index.html").read_text(encoding="utf-8")
+    assert "hit_rate=" in tutorial  # executed output, shown whole by the rules above
+
+
+# A reST role (":func:`x`") or a reST literal-block marker ("text::") left in a docstring or a page:
+# mkdocstrings reads Markdown, so either would be printed as it stands.
+_REST_ROLE = re.compile(r"(?<![\w:-]):(?:meth|class|func|attr|mod|data|obj|exc|ref|py:\w+):(?=`|<code>)")
+_REST_LITERAL = re.compile(r"::\s*</p>")
+
+
+def test_no_rest_markup_is_rendered(site):
+    found = []
+    for page in sorted(site.rglob("*.html")):
+        html = page.read_text(encoding="utf-8")
+        for match in [*_REST_ROLE.finditer(html), *_REST_LITERAL.finditer(html)]:
+            found.append(f"{page.relative_to(site)}: ...{html[max(0, match.start() - 60) : match.end() + 40]!r}")
+    assert not found, f"{len(found)} reST roles or '::' markers rendered as text:\n" + "\n".join(found[:20])
 
 
 def _chromium():

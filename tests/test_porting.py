@@ -186,3 +186,27 @@ def test_the_guide_quotes_the_tested_recipes(recipe):
 
     guide = (pathlib.Path(__file__).resolve().parents[1] / "docs/concepts/porting.md").read_text(encoding="utf-8")
     assert inspect.getsource(recipe) in guide, f"docs/concepts/porting.md must quote {recipe.__name__} as tested here"
+
+
+@pytest.mark.parametrize(
+    "recipe", [from_vllm, from_trtllm, from_int64, per_step_conv_windows], ids=lambda f: f.__name__
+)
+def test_each_python_block_of_the_guide_runs_on_its_own(recipe):
+    """A reader copies one block: it must carry its imports (a missing one is a NameError when called)."""
+    import pathlib
+    import re
+
+    guide = (pathlib.Path(__file__).resolve().parents[1] / "docs/concepts/porting.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if f"def {recipe.__name__}(" in b]
+    assert len(blocks) == 1, recipe.__name__
+    namespace = {}
+    exec(blocks[0], namespace)  # a fresh namespace: only what the block imports
+    quoted = namespace[recipe.__name__]
+    args = {
+        "from_vllm": (np.array([0, 3, 2]), np.array([4, 0, 2])),
+        "from_trtllm": (np.array([1, 3, 2]), np.array([7, 1, 7]), 7),
+        "from_int64": (np.array([-1, 2, 2**32 + 1], dtype=np.int64), B),
+        "per_step_conv_windows": (np.arange(2 * 3 * (4 + V), dtype=np.float32).reshape(2, 3, 4 + V), 4, V),
+    }[recipe.__name__]
+    for got, want in zip(np.atleast_1d(quoted(*args)), np.atleast_1d(recipe(*args)), strict=True):
+        assert np.array_equal(got, want), recipe.__name__

@@ -129,8 +129,8 @@ class CommitOperations:
                 consumed ``p + t + 1``. Required when ``Config.stochastic_rounding`` is on and a
                 float32/float64 per-step state is stored into a 16-bit pool (its rounding bits are
                 keyed by that position, never by the slot or the step); ignored otherwise.
-            store: a :class:`mamba_cache.prefix.PrefixStateCache` of this manager whose entries
-                receive tracked checkpoints (keyword only; give all three tracking arguments or none).
+            store: a [`mamba_cache.prefix.PrefixStateCache`][mamba_cache.prefix.PrefixStateCache] of this manager whose
+                entries receive tracked checkpoints (keyword only; give all three tracking arguments or none).
             track_entries: ``[active]`` int32, the store entry (from ``store.reserve()``) row ``b``
                 checkpoints into; any value outside ``[0, P)`` tracks nothing.
             track_steps: ``[active]`` int32, the draft step whose state row ``b`` checkpoints, ``-1``
@@ -244,11 +244,12 @@ class CommitOperations:
     def get_replay_stash(self, recurrent_layer_idx: int) -> dict:
         """The replay stash of one layer: field name to a ``[active, V, ...]`` view.
 
-        ``(active, V)`` is ``(B, S)`` until :meth:`reshape_intermediate_states` changes it; like the
-        intermediate states, each view is the first ``active * V * elems`` elements of the layer's
-        buffer (a reinterpretation). Fields (``Config.replay_stash_fields``): Mamba2 ``dA [H]``,
-        ``u [H, D]``, ``B [G, N]`` float32; Gated DeltaNet ``g [H]``, ``beta [H]``, ``k [G, D]``,
-        ``v [H, N]`` float32; both ``conv [C]`` in the conv dtype (the conv input column).
+        ``(active, V)`` is ``(B, S)`` until
+        [`reshape_intermediate_states`][mamba_cache.MambaCacheManagerBase.reshape_intermediate_states] changes it; like
+        the intermediate states, each view is the first ``active * V * elems`` elements of the layer's buffer (a
+        reinterpretation). Fields (``Config.replay_stash_fields``): Mamba2 ``dA [H]``, ``u [H, D]``, ``B [G, N]``
+        float32; Gated DeltaNet ``g [H]``, ``beta [H]``, ``k [G, D]``, ``v [H, N]`` float32; both ``conv [C]`` in the
+        conv dtype (the conv input column).
 
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
@@ -308,8 +309,8 @@ class CommitOperations:
                 consumed before the verify pass, ``p``; the state after step ``t`` has consumed
                 ``p + t + 1``. Required when ``Config.stochastic_rounding`` is on and the recurrent
                 state is 16-bit (each step's store is keyed by that position); ignored otherwise.
-            store: a :class:`mamba_cache.prefix.PrefixStateCache` of this manager whose entries
-                receive tracked checkpoints (keyword only; give all three tracking arguments or none).
+            store: a [`mamba_cache.prefix.PrefixStateCache`][mamba_cache.prefix.PrefixStateCache] of this manager whose
+                entries receive tracked checkpoints (keyword only; give all three tracking arguments or none).
             track_entries: ``[active]`` int32, the store entry (from ``store.reserve()``) row ``b``
                 checkpoints into; any value outside ``[0, P)`` tracks nothing.
             track_steps: ``[active]`` int32, the step whose state row ``b`` checkpoints, ``-1`` for
@@ -397,20 +398,21 @@ class CommitOperations:
     ) -> None:
         """Tree verification in replay mode: replay each row's accepted path of tree nodes into its slot.
 
-        The verify pass wrote each tree node's inputs into the stash (``[b, node]`` of the current
-        ``[active, V]`` view), each computed from its parent's state. Row ``b`` replays the nodes
-        ``accepted_node_ids[b, :min(accept_lengths[b], max_accept_len)]`` in order (its accepted
-        root-to-leaf path, as in :meth:`replay_mtp_states`); a row with no such node, any of them
-        outside ``[0, V)`` (``-1`` included: a path has no holes), or a slot outside ``[0, B)`` is
-        skipped. One launch covers every layer and both state kinds.
+        The verify pass wrote each tree node's inputs into the stash (``[b, node]`` of the current ``[active, V]``
+        view), each computed from its parent's state. Row ``b`` replays the nodes
+        ``accepted_node_ids[b, :min(accept_lengths[b], max_accept_len)]`` in order (its accepted root-to-leaf path, as
+        in [`replay_mtp_states`][mamba_cache.MambaCacheManagerBase.replay_mtp_states]); a row with no such node, any of
+        them outside ``[0, V)`` (``-1`` included: a path has no holes), or a slot outside ``[0, B)`` is skipped. One
+        launch covers every layer and both state kinds.
 
         Args:
             accepted_node_ids: ``[active, max_accept_len]`` int32 node ids in path order.
             accept_lengths: ``[active]`` int32, ``active`` at most the view's active batch.
             state_indices: optional ``[active]`` int32 pool slot of each row (default: row ``b``).
             stream: the stream to run on (ignored by the NumPy backend).
-            positions: optional ``[active]`` int32 (keyword only), as in :meth:`replay_mtp_states`: the
-                state after the ``t``-th node of the path has consumed ``positions[b] + t + 1`` tokens.
+            positions: optional ``[active]`` int32 (keyword only), as in
+                [`replay_mtp_states`][mamba_cache.MambaCacheManagerBase.replay_mtp_states]: the state after the ``t``-th
+                node of the path has consumed ``positions[b] + t + 1`` tokens.
 
         Raises:
             ValueError: not in replay mode, wrong rank / rows / contiguity, ``accept_lengths`` longer

@@ -65,10 +65,12 @@ def scatter_accepted(
     ``0 <= s < B`` then ``dst[l, s, :] = src[l, b * seq_len + a - 1, :]`` for both state kinds, else
     nothing. ``max_accept`` is ``V - 1`` when the verify pass wrote the final state into the main
     pool, ``V`` when it did not. The x blocks ``[0, chunks_a)`` copy kind a (the recurrent state),
-    the rest kind b (the conv state), so one launch commits both::
+    the rest kind b (the conv state), so one launch commits both:
 
-        blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
-                     recurrent slot  | conv slot
+    ```text
+    blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
+                 recurrent slot  | conv slot
+    ```
 
     Args:
         dst_a (DeviceNDArray): ``[L, B, W]`` words, the recurrent pool (written).
@@ -249,11 +251,13 @@ def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows
     index array); if ``0 <= s < R_src`` and ``0 <= d < R_dst`` then ``dst[l, d, :] = src[l, s, :]``
     for both kinds, else nothing. Serves slot-to-slot copies (src and dst the same pool: the
     caller keeps destinations distinct and disjoint from sources) and the prefix store's
-    restore (store -> main pool) and insert (main pool -> store)::
+    restore (store -> main pool) and insert (main pool -> store):
 
-        src [L, R_src, W] --row s--> dst [L, R_dst, W]     (and likewise [.., W'] for kind b)
-        blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
-                     recurrent row   | conv row
+    ```text
+    src [L, R_src, W] --row s--> dst [L, R_dst, W]     (and likewise [.., W'] for kind b)
+    blockIdx.x:  0 .. chunks_a-1 | chunks_a .. chunks_a+chunks_b-1
+                 recurrent row   | conv row
+    ```
 
     Args:
         dst_a (DeviceNDArray): ``[L, R_dst, W]`` words, kind a (written).
@@ -303,17 +307,18 @@ def scatter_tracked(
     track_entries,
     track_steps,
 ):
-    """The MTP commit of :func:`scatter_accepted` fused with prefix-checkpoint tracking.
+    """The MTP commit of `scatter_accepted` fused with prefix-checkpoint tracking.
 
-    Row ``b = blockIdx.y`` first commits exactly as :func:`scatter_accepted`. Then, with
-    ``t = track_steps[b]``, ``e = track_entries[b]`` and ``a = accept_lengths[b]``: if
-    ``0 <= t < a``, ``t < seq_len`` and ``0 <= e < P``, the state after draft step ``t`` is copied
-    into store entry ``e``: ``track[l, e, :] = src[l, b * seq_len + t, :]`` for both kinds. The
-    two copies read the same intermediate buffers and write disjoint ones, so their order within
-    the block does not matter::
+    Row ``b = blockIdx.y`` first commits exactly as [`scatter_accepted`][mamba_cache.core.kernels.scatter_accepted].
+    Then, with ``t = track_steps[b]``, ``e = track_entries[b]`` and ``a = accept_lengths[b]``: if ``0 <= t < a``,
+    ``t < seq_len`` and ``0 <= e < P``, the state after draft step ``t`` is copied into store entry ``e``:
+    ``track[l, e, :] = src[l, b * seq_len + t, :]`` for both kinds. The two copies read the same intermediate buffers
+    and write disjoint ones, so their order within the block does not matter:
 
-        src [L, B*S, W] --row b*V + a-1--> dst   [L, B, W]   (the commit)
-                        --row b*V + t----> track [L, P, W]   (the checkpoint)
+    ```text
+    src [L, B*S, W] --row b*V + a-1--> dst   [L, B, W]   (the commit)
+                    --row b*V + t----> track [L, P, W]   (the checkpoint)
+    ```
 
     Args:
         dst_a (DeviceNDArray): ``[L, B, W]`` words, the recurrent pool (written).

@@ -13,11 +13,11 @@ Under the CUDA simulator there is no driver; ``DispatcherLaunch`` offers the sam
 on top of the ordinary dispatcher call.
 
 The prepared launch relies on Numba internals: the order in which an array argument is marshalled
-(:func:`parameter_layout`) and the private ``_prepare_args`` / ``_codelibrary`` of a compiled
-kernel. :func:`make_launch` therefore checks, for every launch it builds, that the marshalled block
+(`parameter_layout`) and the private ``_prepare_args`` / ``_codelibrary`` of a compiled
+kernel. `make_launch` therefore checks, for every launch it builds, that the marshalled block
 holds each example argument where that layout says and has as many parameters, of the same sizes,
 as the kernel's PTX entry; on any mismatch or error it warns once per kernel and falls back to
-:class:`DispatcherLaunch` (correct, slower), so a numba-cuda release that changes the convention
+`DispatcherLaunch` (correct, slower), so a numba-cuda release that changes the convention
 cannot silently launch a kernel with scrambled arguments.
 """
 
@@ -63,7 +63,7 @@ def argument_positions(dispatcher: Any) -> dict[str, int]:
 
 
 class LaunchLayoutError(RuntimeError):
-    """A kernel's marshalled parameters do not follow the layout :class:`PreparedLaunch` assumes."""
+    """A kernel's marshalled parameters do not follow the layout `PreparedLaunch` assumes."""
 
 
 class ArrayFacts(NamedTuple):
@@ -77,7 +77,7 @@ class ArrayFacts(NamedTuple):
 
 
 def array_facts(array: Any) -> ArrayFacts:
-    """The :class:`ArrayFacts` of a device array, read from its ``__cuda_array_interface__``.
+    """The `ArrayFacts` of a device array, read from its ``__cuda_array_interface__``.
 
     The strides are the array's own ``strides`` where it has them (a Numba array's strides of a
     length-1 axis are what Numba marshals, whatever they are), else those of the interface.
@@ -99,8 +99,8 @@ def parameter_layout(argument_types: Sequence[Any], names: Sequence[str] | None 
 
     An array of rank ``n`` becomes ``5 + 2 n`` pointer-sized parameters: ``meminfo, parent,
     nitems, itemsize, data, shape[0..n), strides[0..n)``; an integer one parameter of its width.
-    This is the layout :class:`PreparedLaunch` patches; the PTX ``.param`` list of the compiled
-    kernel must agree with it (:func:`ptx_parameter_sizes`).
+    This is the layout `PreparedLaunch` patches; the PTX ``.param`` list of the compiled
+    kernel must agree with it (`ptx_parameter_sizes`).
 
     Raises:
         LaunchLayoutError: an argument type other than an array or an integer.
@@ -134,11 +134,11 @@ def check_parameter_block(
     ptx_sizes: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
 ) -> None:
-    """Check that a marshalled parameter block is laid out as :func:`parameter_layout` says.
+    """Check that a marshalled parameter block is laid out as `parameter_layout` says.
 
     Args:
         argument_types: the compiled kernel's Numba argument types.
-        arguments: per argument, the :class:`ArrayFacts` of an array or the value of an integer.
+        arguments: per argument, the `ArrayFacts` of an array or the value of an integer.
         values: the marshalled parameter block, one int per parameter.
         offsets: the index in ``values`` where each argument starts.
         ptx_sizes: the byte sizes of the kernel's PTX ``.param`` list (not checked when ``None``).
@@ -337,10 +337,10 @@ def numba_cuda_version() -> str:
 def make_launch(
     dispatcher: Any, args: tuple, threads: int, keep_alive: bool = True
 ) -> PreparedLaunch | DispatcherLaunch:
-    """A checked :class:`PreparedLaunch`, or a :class:`DispatcherLaunch` when it cannot be trusted.
+    """A checked `PreparedLaunch`, or a `DispatcherLaunch` when it cannot be trusted.
 
-    Building the prepared launch checks the marshalled block against :func:`parameter_layout` and
-    the kernel's PTX (:func:`check_parameter_block`). On a mismatch, or any error from the Numba
+    Building the prepared launch checks the marshalled block against `parameter_layout` and
+    the kernel's PTX (`check_parameter_block`). On a mismatch, or any error from the Numba
     internals it uses, this warns once per kernel (``RuntimeWarning`` naming the numba-cuda version
     and the kernel) and returns the public dispatcher launch instead: correct, slower.
     """

@@ -58,7 +58,7 @@ def _word_dtype(nbytes: int) -> np.dtype:
 def _slot_words(pool: Any, rows: int, widest: int = 8) -> Any:
     """View a stacked pool ``[L, ...]`` as ``[L, rows, W]`` words, W as wide as the slot allows.
 
-    ``widest`` caps the word (a caller's buffer may start at any element: see :func:`_aligned_word`).
+    ``widest`` caps the word (a caller's buffer may start at any element: see `_aligned_word`).
     """
     layers = pool.shape[0]
     slot_bytes = pool.size // (layers * rows) * pool.dtype.itemsize

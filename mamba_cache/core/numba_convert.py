@@ -1,8 +1,8 @@
 """The Numba backend's converting commits: binds ``mamba_cache.precision``'s kernels to its pools.
 
 Chosen by the Numba backend when a main pool's dtype differs from its per-step pool's; equal
-dtypes keep the word-copy kernels of :mod:`mamba_cache.core.kernels` untouched. The kernels are
-built per dtype pair by :func:`mamba_cache.precision.commit_kernels.commit_kernels`.
+dtypes keep the word-copy kernels of [`mamba_cache.core.kernels`][mamba_cache.core.kernels] untouched. The kernels are
+built per dtype pair by `mamba_cache.precision.commit_kernels.commit_kernels`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def formats(config: Any) -> np.ndarray:
 
 
 def specs(config: Any) -> tuple[tuple, tuple]:
-    """The two kinds' kernel specs (:func:`mamba_cache.precision.commit_kernels.spec_of`)."""
+    """The two kinds' kernel specs (`mamba_cache.precision.commit_kernels.spec_of`)."""
     fmt = formats(config).tolist()
     out = []
     for i, kind in enumerate(KINDS):

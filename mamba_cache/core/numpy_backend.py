@@ -137,9 +137,9 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     ) -> None:
         """``pool[:, slot[b]] = intermediate[:, b * V + step[b]]`` for the rows where ``ok``, both kinds.
 
-        Converted to the pool's dtype when the dtypes differ (:func:`mamba_cache.precision.convert`);
-        a stochastic rounding takes the state of row ``b`` as having consumed
-        ``positions[b] + consumed[b]`` tokens.
+        Converted to the pool's dtype when the dtypes differ
+        ([`mamba_cache.precision.convert`][mamba_cache.precision.reference.convert]); a stochastic rounding takes the
+        state of row ``b`` as having consumed ``positions[b] + consumed[b]`` tokens.
         """
         active = step.shape[0]
         pools = self._pools

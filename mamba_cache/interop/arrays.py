@@ -10,7 +10,7 @@ On the GPU, views derived with ``reshape`` / ``[...]`` keep the class (Numba bui
 ``type(self)``); ``.view(dtype)`` gives a plain Numba array.
 
 The NumPy backend's arrays export DLPack natively except bfloat16 (NumPy refuses to export an
-``ml_dtypes`` dtype): bfloat16 views are :class:`BFloat16HostArray`, an ``ndarray`` subclass whose
+``ml_dtypes`` dtype): bfloat16 views are `BFloat16HostArray`, an ``ndarray`` subclass whose
 ``__dlpack__`` writes the bfloat16 type code.
 
 Streams: the exported capsule names no stream (like the manager's ``__cuda_array_interface__``);
@@ -50,7 +50,7 @@ class BFloat16HostArray(np.ndarray):
 
 
 def host_export(array: np.ndarray) -> np.ndarray:
-    """``array`` itself, or for bfloat16 a :class:`BFloat16HostArray` view of it (same memory)."""
+    """``array`` itself, or for bfloat16 a `BFloat16HostArray` view of it (same memory)."""
     if array.dtype.name == "bfloat16" and not isinstance(array, BFloat16HostArray):
         return array.view(BFloat16HostArray)
     return array
@@ -168,7 +168,7 @@ def numba_array(view: Any, simulator: bool) -> Any:
     The array holds ``view.keeper``, so the producer's deleter runs only once the array is gone.
 
     Args:
-        view: a :class:`mamba_cache.interop.dlpack.DLPackView` of CUDA memory (under the CUDA
+        view: a `mamba_cache.interop.dlpack.DLPackView` of CUDA memory (under the CUDA
             simulator: of host memory, which is what the simulator's device memory is).
         simulator: whether Numba runs in its CUDA simulator.
     """
@@ -246,7 +246,7 @@ class _CUDAArrayInterface:
 
 
 def index_array(view: Any, simulator: bool) -> Any:
-    """An imported DLPack index tensor as a kernel argument, built cheaply (see :func:`numba_array`).
+    """An imported DLPack index tensor as a kernel argument, built cheaply (see `numba_array`).
 
     On the GPU a prepared launch needs only the pointer; this object is what a dispatcher launch
     (the fallback) passes, and it holds the producer's tensor for as long as it is referenced.

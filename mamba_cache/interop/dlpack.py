@@ -16,7 +16,7 @@ callback would lose the exception. A reference to ``owner`` (the object whose li
 memory valid) is held until the consumer calls the deleter; an unconsumed capsule lets go when
 it is garbage-collected.
 
-Import (``from_dlpack``): read a producer's capsule into a :class:`DLPackView` (pointer, shape,
+Import (``from_dlpack``): read a producer's capsule into a `DLPackView` (pointer, shape,
 byte strides, dtype, device), which holds the managed tensor until it is dropped and then calls
 the producer's deleter.
 
@@ -304,7 +304,7 @@ def from_dlpack(obj: Any, stream: int | None = None) -> DLPackView:
             stream, -1 = no synchronisation); ``None`` leaves it to the producer.
 
     Raises:
-        BufferError: the producer's or :func:`consume_capsule`'s.
+        BufferError: the producer's or `consume_capsule`'s.
     """
     kwargs = {} if stream is None else {"stream": stream}
     try:

@@ -19,9 +19,9 @@ Recurrent state per slot ``[H, D, N]`` = ``[value heads, key dim, value dim]``. 
     o[i, e]     = sum_d S[i, d, e] * q[i // (H/G), d]                  [R, H, N]
     x           = x + o.reshape(R, M) @ out_proj                       [R, M]
 
-Float32 arithmetic, states stored in the cache's dtypes. Verify, replay-mode scratch and
-sequential decoding work as in :class:`mamba_cache.models.mamba2.TinyMamba2` (this class reuses
-its driving methods); the replay stash holds ``g``, ``beta``, ``k``, ``v`` and the conv column.
+Float32 arithmetic, states stored in the cache's dtypes. Verify, replay-mode scratch and sequential decoding work as in
+[`mamba_cache.models.mamba2.TinyMamba2`][mamba_cache.models.mamba2.TinyMamba2] (this class reuses its driving methods);
+the replay stash holds ``g``, ``beta``, ``k``, ``v`` and the conv column.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class TinyGatedDeltaNet(TinyMamba2):
         positions: np.ndarray | None = None,
         scratch: list | None = None,
     ) -> np.ndarray:
-        """One token per row through every layer (``scratch``: as in :meth:`TinyMamba2._decode`)."""
+        """One token per row through every layer (``scratch``: as in `TinyMamba2._decode`)."""
         w, config = self.weights, self.config
         heads, dim, size, groups = (
             config.recurrent_state_num_heads,

@@ -1,6 +1,6 @@
-"""CUDA kernels of :class:`mamba_cache.models.gdn.TinyGatedDeltaNet`: its decode step on device arrays.
+"""CUDA kernels of `mamba_cache.models.gdn.TinyGatedDeltaNet`: its decode step on device arrays.
 
-The embedding, RMSNorm, projections and causal conv are :mod:`mamba_cache.models.mamba2_kernels`'
+The embedding, RMSNorm, projections and causal conv are `mamba_cache.models.mamba2_kernels`'
 (the conv input is the first C columns of ``z`` in both models). Grids:
 
     gdn_gates    (n, max(H, 2G))   g, beta per value head; q, k L2-normalised per key head
@@ -52,10 +52,10 @@ def gdn_state(rec, qk, xbc, g, beta, groups, slots, o, inter, step, stash_g, sta
     """Delta-rule state update of one layer, in place; grid ``(n, ceil(H*N / threads))``.
 
     ``rec`` ``[B, H, D, N]`` (state dtype); thread ``(i, e)`` advances column ``S_i[:, e]`` with
-    :func:`mamba_cache.replay.kernels.gdn_column_step` (so a replay commit reproduces it bit for bit),
-    stores it, and writes ``o[r, i*N + e]``. ``step >= 0``: the new state also goes to
-    ``inter[slots[r], step]``; ``stash_step >= 0``: the step's ``g``, ``beta``, ``k``, ``v`` go to the
-    replay stash (``[active, V, H]``, ``[active, V, H]``, ``[active, V, G, D]``, ``[active, V, H, N]``).
+    [`mamba_cache.replay.kernels.gdn_column_step`][mamba_cache.replay.kernels.gdn_column_step] (so a replay commit
+    reproduces it bit for bit), stores it, and writes ``o[r, i*N + e]``. ``step >= 0``: the new state also goes to
+    ``inter[slots[r], step]``; ``stash_step >= 0``: the step's ``g``, ``beta``, ``k``, ``v`` go to the replay stash
+    (``[active, V, H]``, ``[active, V, H]``, ``[active, V, G, D]``, ``[active, V, H, N]``).
     """
     r = cuda.blockIdx.x
     column = cuda.blockIdx.y * cuda.blockDim.x + cuda.threadIdx.x
@@ -89,7 +89,7 @@ def gdn_state(rec, qk, xbc, g, beta, groups, slots, o, inter, step, stash_g, sta
 
 
 class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
-    """The device side of a :class:`~mamba_cache.models.gdn.TinyGatedDeltaNet`."""
+    """The device side of a `TinyGatedDeltaNet`."""
 
     def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
         config, w = self.model.config, self.weights

@@ -1,7 +1,7 @@
 """A small Mamba2-style model that uses the cache the way an inference engine does.
 
 Random weights, no downloads. Glossary: every letter has one meaning. Upper case letters are
-dimensions (as in :mod:`mamba_cache._config`); parameters and activations are lower-case words.
+dimensions (as in `mamba_cache._config`); parameters and activations are lower-case words.
 
     L layers    B slots    H heads    D head dim    N state size    G groups (1 here)
     C conv channels = H*D + 2N        K conv width  M model width = H*D
@@ -25,14 +25,14 @@ The replay stash keeps its own field names (``Config.replay_stash_fields``): ``d
 
 Arithmetic is float32; the states are stored in the cache's dtypes (any of float16, bfloat16,
 float32, float64; with ``Config.stochastic_rounding`` a 16-bit state is rounded stochastically,
-keyed by the tokens it has consumed: pass ``positions``). The conv output is computed
-from the stored (rounded) window and ``y`` from the float32 ``h`` before it is stored, identically
-in both backends. :meth:`TinyMamba2.verify` runs V tokens and writes the state after each token
-into the intermediate buffers and the state after all V into the main pool, as the C++ verify pass
-does; ``scatter_mtp_states`` then commits each row's accepted prefix.
+keyed by the tokens it has consumed: pass ``positions``). The conv output is computed from the stored (rounded) window
+and ``y`` from the float32 ``h`` before it is stored, identically in both backends.
+[`TinyMamba2.verify`][mamba_cache.models.mamba2.TinyMamba2.verify] runs V tokens and writes the state after each token
+into the intermediate buffers and the state after all V into the main pool, as the C++ verify pass does;
+``scatter_mtp_states`` then commits each row's accepted prefix.
 
 The NumPy decode step is here; the Numba one (same function, on device arrays, in place) is in
-:mod:`mamba_cache.models.mamba2_kernels`.
+`mamba_cache.models.mamba2_kernels`.
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ class TinyMamba2:
         Replay mode (``commit_mode="replay"``): reshapes the stash to ``[active, V]`` and writes each
         step's inputs there (``dA``, ``u = dt * x``, ``B``, and the conv input column); the main
         pools are NOT written: the pass runs on a scratch copy of the rows' states
-        (:meth:`scratch_bytes`), and ``replay_mtp_states`` then recomputes the accepted steps.
+        ([`scratch_bytes`][mamba_cache.models.mamba2.TinyMamba2.scratch_bytes]), and ``replay_mtp_states`` then
+        recomputes the accepted steps.
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape

@@ -1,6 +1,6 @@
-"""CUDA kernels of :class:`mamba_cache.models.mamba2.TinyMamba2`: its decode step on device arrays.
+"""CUDA kernels of `mamba_cache.models.mamba2.TinyMamba2`: its decode step on device arrays.
 
-The same function as the NumPy decode step in :mod:`mamba_cache.models.mamba2`, reading and
+The same function as the NumPy decode step in `mamba_cache.models.mamba2`, reading and
 writing the cache manager's tensors in place. One thread per output element; these kernels are
 for correctness and for showing the cache in use, not tuned. Grids:
 
@@ -10,7 +10,7 @@ for correctness and for showing the cache in use, not tuned. Grids:
     conv_step    (R, C)            shift slot's conv window, append xbc_raw, xbc = silu(conv)
     ssm_step     (R, H*D)          h = fma(dt*x, b_in, h*decay) over n < N, y = h.c_out + d_skip*x
 
-Letters as in :mod:`mamba_cache.models.mamba2` (R rows, one token each; i, d, n index H, D, N).
+Letters as in `mamba_cache.models.mamba2` (R rows, one token each; i, d, n index H, D, N).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def conv_step(
     new window also goes to ``inter[slots[r], step]`` (``[active, V, C, K]``); if ``stash_step >= 0``
     the input column (the window's last, in the conv dtype) goes to ``stash_col[slots[r], stash_step]``
     (``[active, V, C]``, the replay stash). Stores round as ``fmt`` (``[8]`` int32,
-    :func:`mamba_cache.precision.kernels.store_formats`) says, keyed by ``positions[r] + 1`` tokens,
+    `mamba_cache.precision.kernels.store_formats`) says, keyed by ``positions[r] + 1`` tokens,
     ``layer`` and the seed halves.
     """
     r = cuda.blockIdx.x  # row
@@ -150,7 +150,7 @@ def ssm_step(
     float32 out; if ``step >= 0`` the new state also goes to ``inter[slots[r], step]``; if
     ``stash_step >= 0`` the step's inputs go to the replay stash ``stash_da [active, V, H]``,
     ``stash_u [active, V, H, D]``, ``stash_b [active, V, 1, N]`` at ``[slots[r], stash_step]``. Stores
-    round as in :func:`conv_step`.
+    round as in `conv_step`.
 
     The state update is the replay kernel's own device function,
     ``h = mamba2_update(h, decay, dt * x, b_in) = fma(dt * x, b_in, h * decay)``, so a replay commit
@@ -198,7 +198,7 @@ def ssm_step(
 
 
 class NumbaTinyMamba2:
-    """The device side of a :class:`~mamba_cache.models.mamba2.TinyMamba2`: weights and decode step."""
+    """The device side of a `TinyMamba2`: weights and decode step."""
 
     def __init__(self, model) -> None:
         self.model = model

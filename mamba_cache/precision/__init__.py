@@ -1,8 +1,8 @@
 """Precision options: bfloat16 states, mixed main / per-step dtypes, stochastic rounding.
 
-:mod:`mamba_cache.precision.reference` is the NumPy definition (conversions as integer arithmetic
-on bit patterns, Philox4x32-10); :mod:`mamba_cache.precision.kernels` repeats it in Numba device
-functions (imported lazily: this package does not import numba).
+[`mamba_cache.precision.reference`][mamba_cache.precision.reference] is the NumPy definition (conversions as integer
+arithmetic on bit patterns, Philox4x32-10); `mamba_cache.precision.kernels` repeats it in Numba device functions
+(imported lazily: this package does not import numba).
 """
 
 from .reference import (

@@ -1,9 +1,9 @@
 """The converting commits' kernels, specialised per dtype pair and built for bandwidth.
 
-A converting commit (main pool dtype != per-step dtype) moves each committed slot once: read the
-per-step state, convert each element, write the main slot (and, for a tracked commit, a prefix-store
-entry). Rounding is the reference's (:mod:`mamba_cache.precision.reference`) bit for bit; what
-changes here is how the bytes move.
+A converting commit (main pool dtype != per-step dtype) moves each committed slot once: read the per-step state, convert
+each element, write the main slot (and, for a tracked commit, a prefix-store entry). Rounding is the reference's
+([`mamba_cache.precision.reference`][mamba_cache.precision.reference]) bit for bit; what changes here is how the bytes
+move.
 
 A slot whose element count is a multiple of 4 is seen as uint64 words (the fast, "wide" path);
 each thread owns whole groups of 4 consecutive elements (one Philox4x32-10 call gives a group's 4
@@ -36,15 +36,15 @@ specialised at build time (closure constants, one compiled kernel per dtype pair
                           straight-line code, one block per group, no branch inside)
     float16 -> float32    the hardware's cvt.f32.f16 (exact; a NaN selected to the reference's)
     float16 <-> bfloat16  through float32 (exact), then one rounding as above
-    any other pair        the general integer steps (:func:`mamba_cache.precision.kernels.convert_bits`)
+    any other pair        the general integer steps (`mamba_cache.precision.kernels.convert_bits`)
 
 Stochastic rounding: the Philox work a thread's groups share (round keys, the two products that
-do not depend on the group) is done once per thread (:func:`philox_setup`), leaving 18 products
-per group (:func:`philox_group`). A widening pair (2 -> 4 bytes) moves pairs of elements instead
-(a uint32 load, a uint64 store: :func:`_widening_chunk`), so a warp's stores are contiguous.
+do not depend on the group) is done once per thread (`philox_setup`), leaving 18 products
+per group (`philox_group`). A widening pair (2 -> 4 bytes) moves pairs of elements instead
+(a uint32 load, a uint64 store: `_widening_chunk`), so a warp's stores are contiguous.
 
 A kind whose slot is not a multiple of 4 elements (its slots are then not 8-byte aligned) takes the
-element path (:func:`mamba_cache.precision.kernels._convert_chunk`), in the same launch: each kind
+element path (`mamba_cache.precision.kernels._convert_chunk`), in the same launch: each kind
 picks its own path. Equal dtypes copy words. The grid is ``(chunks_a + chunks_b, rows, L)``: one
 launch covers every layer and both kinds, with no allocation and no synchronisation.
 """
@@ -146,7 +146,7 @@ def _round_key(seed, weyl, round_):
 
 @cuda.jit(device=True, inline="always")
 def philox_setup(c1, c2, c3, k0, k1):
-    """What Philox4x32-10 of every counter ``(g, c1, c2, c3)`` shares, for :func:`philox_group`.
+    """What Philox4x32-10 of every counter ``(g, c1, c2, c3)`` shares, for `philox_group`.
 
     Only counter word 0 (the group) differs between a thread's groups, so the product of round 0
     that reads word 2, the product of round 1 that reads round 0's word 0, and every round key
@@ -190,8 +190,8 @@ def philox_group(g, st):
     """Philox4x32-10 of counter ``(g, c1, c2, c3)`` given ``st = philox_setup(c1, c2, c3, k0, k1)``.
 
     The four words of Philox4x32-10 of that counter under key ``(k0, k1)`` (the reference's
-    :func:`mamba_cache.precision.reference.philox4x32_10`): 18 products (two of the 20 are in
-    ``st``) and 19 three-way XORs per call, no key arithmetic.
+    [`mamba_cache.precision.reference.philox4x32_10`][mamba_cache.precision.reference.philox4x32_10]): 18 products (two
+    of the 20 are in ``st``) and 19 three-way XORs per call, no key arithmetic.
     """
     # round 0: only the product of word 0 (the group) is new
     hi0, lo0 = _mulhilo32(np.uint32(g), PHILOX_M0)
@@ -579,9 +579,11 @@ def _widening_chunk(spec: tuple, conv):
     ``2p, 2p+1``) and stores the uint64 word ``p`` of the target, so consecutive lanes read
     consecutive 4-byte words and write consecutive 8-byte words (each store instruction of a warp
     one contiguous 256-byte span; with groups of 4 a lane wrote two words 16 bytes apart). A chunk
-    covers the same elements as :func:`launch_shape` gives it (``2 * per`` pairs per thread)::
+    covers the same elements as `launch_shape` gives it (``2 * per`` pairs per thread):
 
-        thread t of chunk c owns pairs  (c * 2 * per + i) * threads + t,  i = 0 .. 2 * per - 1
+    ```text
+    thread t of chunk c owns pairs  (c * 2 * per + i) * threads + t,  i = 0 .. 2 * per - 1
+    ```
     """
     pairs_per_thread = 2 * groups_per_thread(spec)
 
@@ -628,7 +630,7 @@ def _chunk(spec: tuple):
 
 @functools.cache
 def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
-    """The scatter, tree and tracked converting kernels of one pair of kind specs (see :func:`spec_of`).
+    """The scatter, tree and tracked converting kernels of one pair of kind specs (see `spec_of`).
 
     Returns:
         A namespace with ``scatter``, ``tree`` and ``tracked`` (``@cuda.jit`` kernels), built once
@@ -661,7 +663,7 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         seed_lo,
         seed_hi,
     ):
-        """``scatter_accepted`` converting to the main pools' dtypes: see :func:`scatter_convert_doc`."""
+        """``scatter_accepted`` converting to the main pools' dtypes: see `scatter_convert_doc`."""
         row = cuda.blockIdx.y
         accepted = accept_lengths[row]
         if accepted < 1 or accepted > max_accept:
@@ -688,7 +690,7 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         seed_lo,
         seed_hi,
     ):
-        """``scatter_tree`` converting to the main pools' dtypes: see :func:`scatter_convert_doc`."""
+        """``scatter_tree`` converting to the main pools' dtypes: see `scatter_convert_doc`."""
         row = cuda.blockIdx.y
         width = node_ids.shape[1]
         count = accept_lengths[row]
@@ -729,7 +731,7 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         track_entries,
         track_steps,
     ):
-        """``scatter_tracked`` converting to the main pools' dtypes: see :func:`scatter_convert_doc`."""
+        """``scatter_tracked`` converting to the main pools' dtypes: see `scatter_convert_doc`."""
         row = cuda.blockIdx.y
         accepted = accept_lengths[row]
         if accepted >= 1 and accepted <= max_accept:
@@ -749,14 +751,16 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
 
 
 def scatter_convert_doc() -> None:
-    """The contract of the three converting commit kernels built by :func:`commit_kernels`.
+    """The contract of the three converting commit kernels built by `commit_kernels`.
 
     Arrays are ``[L, rows, W]`` views of each pool: uint64 words when the kind's slot is a multiple
-    of 4 elements, else unsigned integers of the element size (bfloat16 pools are uint16 already)::
+    of 4 elements, else unsigned integers of the element size (bfloat16 pools are uint16 already):
 
-        dst_a / dst_b       [L, B, W]      main pools (written)
-        src_a / src_b       [L, B*S, W]    per-step pools; (row b, step t) is row b*V + t
-        track_a / track_b   [L, P, W]      prefix-store entries, main dtypes (written; tracked only)
+    ```text
+    dst_a / dst_b       [L, B, W]      main pools (written)
+    src_a / src_b       [L, B*S, W]    per-step pools; (row b, step t) is row b*V + t
+    track_a / track_b   [L, P, W]      prefix-store entries, main dtypes (written; tracked only)
+    ```
 
     ``scatter``: row ``b = blockIdx.y`` with ``a = accept_lengths[b]`` in ``[1, max_accept]`` and
     slot ``s`` (``state_indices[b]`` or ``b``) in ``[0, B)`` gets
@@ -768,5 +772,5 @@ def scatter_convert_doc() -> None:
     position ``positions[b] + t + 1``. ``positions`` is read only by a stochastic kind (the
     placeholder otherwise); ``seed_lo`` / ``seed_hi`` are the rounding seed's 32-bit halves.
 
-    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)`` from :func:`launch_shape`.
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)`` from `launch_shape`.
     """

@@ -1,10 +1,10 @@
 """CUDA device functions of the precision options: conversions, Philox4x32-10, storing a float32 state.
 
-The device functions repeat :mod:`mamba_cache.precision.reference` line for line on uint64
+The device functions repeat [`mamba_cache.precision.reference`][mamba_cache.precision.reference] line for line on uint64
 scalars (integer arithmetic only), so the GPU gives the reference's bits. The converting commits
 (scatter, tree, tracked) are built from them per dtype pair in
-:mod:`mamba_cache.precision.commit_kernels`; this module keeps the general element path they fall
-back to for slots that are not a multiple of 4 elements, and :func:`convert_array` (a test and
+`mamba_cache.precision.commit_kernels`; this module keeps the general element path they fall
+back to for slots that are not a multiple of 4 elements, and `convert_array` (a test and
 benchmark helper). Pools are seen as unsigned integers of their element size (bit patterns; a
 bfloat16 pool is uint16 already):
 
@@ -25,14 +25,14 @@ thread, so one Philox4x32-10 call gives the 4 random words of a group):
 ``src_e, src_m, dst_e, dst_m`` are the formats (exponent and mantissa bits).
 
 Conversions PTX has and libdevice lacks are inline-PTX intrinsics here, each one instruction:
-:func:`half_rz_bits` (``cvt.rz.f16.f32``, the float16 stochastic commit's truncation),
-:func:`bfloat16_rn_bits` (``cvt.rn.bf16.f32``, sm_80 and up: the replay kernels' bfloat16
-rounding), and for the replay's packed 16-bit tiles the pair roundings :func:`half2_rn_bits`
-(``cvt.rn.f16x2.f32``) and :func:`bfloat162_rn_bits` (``cvt.rn.bf16x2.f32``), both sm_80 and
-up, and :func:`half_low_float32` / :func:`half_high_float32` (``cvt.f32.f16`` of either half of
+`half_rz_bits` (``cvt.rz.f16.f32``, the float16 stochastic commit's truncation),
+`bfloat16_rn_bits` (``cvt.rn.bf16.f32``, sm_80 and up: the replay kernels' bfloat16
+rounding), and for the replay's packed 16-bit tiles the pair roundings `half2_rn_bits`
+(``cvt.rn.f16x2.f32``) and `bfloat162_rn_bits` (``cvt.rn.bf16x2.f32``), both sm_80 and
+up, and `half_low_float32` / `half_high_float32` (``cvt.f32.f16`` of either half of
 a 32-bit word). On the simulator NumPy (ml_dtypes for bfloat16) stands in for them.
 
-Cost: float32 <-> bfloat16 takes a shortcut in :func:`convert_bits` (a shift and an add on the
+Cost: float32 <-> bfloat16 takes a shortcut in `convert_bits` (a shift and an add on the
 bit pattern, same bits as the general steps); the other pairs run the general uint64 steps.
 """
 
@@ -384,7 +384,7 @@ if SIMULATOR:  # the one-value conversions above, twice
     def half2_rn_bits(low, high):
         """float32 ``low`` and ``high`` rounded to the nearest even float16, packed as uint32 (``low`` in bits 0-15).
 
-        ``cvt.rn.f16x2.f32`` (sm_80+): one instruction for two values, the bits of :func:`half_rn_bits` of each.
+        ``cvt.rn.f16x2.f32`` (sm_80+): one instruction for two values, the bits of `half_rn_bits` of each.
         """
         return half_rn_bits(low) | (half_rn_bits(high) << np.uint32(16))
 
@@ -392,7 +392,7 @@ if SIMULATOR:  # the one-value conversions above, twice
     def bfloat162_rn_bits(low, high):
         """float32 ``low`` and ``high`` rounded to the nearest even bfloat16, packed as uint32 (``low`` in bits 0-15).
 
-        ``cvt.rn.bf16x2.f32`` (sm_80+): the bits of :func:`bfloat16_rn_bits` of each (a NaN gives the
+        ``cvt.rn.bf16x2.f32`` (sm_80+): the bits of `bfloat16_rn_bits` of each (a NaN gives the
         hardware's canonical NaN).
         """
         return bfloat16_rn_bits(low) | (bfloat16_rn_bits(high) << np.uint32(16))
@@ -448,7 +448,7 @@ else:  # inline PTX: one instruction each (the halves read in place, no shift)
     def half2_rn_bits(low, high):
         """float32 ``low`` and ``high`` rounded to the nearest even float16, packed as uint32 (``low`` in bits 0-15).
 
-        ``cvt.rn.f16x2.f32`` (sm_80+): one instruction for two values, the bits of :func:`half_rn_bits` of each.
+        ``cvt.rn.f16x2.f32`` (sm_80+): one instruction for two values, the bits of `half_rn_bits` of each.
         """
         return _cvt_rn_f16x2(np.float32(low), np.float32(high))
 
@@ -456,7 +456,7 @@ else:  # inline PTX: one instruction each (the halves read in place, no shift)
     def bfloat162_rn_bits(low, high):
         """float32 ``low`` and ``high`` rounded to the nearest even bfloat16, packed as uint32 (``low`` in bits 0-15).
 
-        ``cvt.rn.bf16x2.f32`` (sm_80+): the bits of :func:`bfloat16_rn_bits` of each (a NaN gives the
+        ``cvt.rn.bf16x2.f32`` (sm_80+): the bits of `bfloat16_rn_bits` of each (a NaN gives the
         hardware's canonical NaN).
         """
         return _cvt_rn_bf16x2(np.float32(low), np.float32(high))
@@ -484,12 +484,12 @@ def load_float32(value, bits16):
 def stored_value(value, mode, dst_e, dst_m, element, position, layer, kind, seed_lo, seed_hi):
     """A computed float32 ``value`` as a state of format ``(dst_e, dst_m)`` stores it, as a float32.
 
-    ``mode`` 0 returns ``value`` (the pool's own store rounds it: a float32 or wider pool, or a
-    float16 pool rounding to nearest in hardware, which agrees with the reference); 1 rounds to
-    nearest even and 2 stochastically, with the bits of ``(seed, layer, kind, position, element)``
-    as in :func:`mamba_cache.precision.reference.rounding_bits`. The result is exactly
-    representable in the target, so storing it into a float16 pool is exact; a bfloat16 (uint16)
-    pool takes ``float32_bits(result) >> 16``.
+    ``mode`` 0 returns ``value`` (the pool's own store rounds it: a float32 or wider pool, or a float16 pool rounding to
+    nearest in hardware, which agrees with the reference); 1 rounds to nearest even and 2 stochastically, with the bits
+    of ``(seed, layer, kind, position, element)`` as in
+    [`mamba_cache.precision.reference.rounding_bits`][mamba_cache.precision.reference.rounding_bits]. The result is
+    exactly representable in the target, so storing it into a float16 pool is exact; a bfloat16 (uint16) pool takes
+    ``float32_bits(result) >> 16``.
     """
     if mode == MODE_COPY:
         return np.float32(value)
@@ -505,7 +505,7 @@ def stored_value(value, mode, dst_e, dst_m, element, position, layer, kind, seed
 
 
 def store_formats(config, main_dtype, inter_dtype) -> np.ndarray:
-    """``[8]`` int32 ``mode, e, m, bits16`` of a main pool, then of its per-step pool, for :func:`stored_value`.
+    """``[8]`` int32 ``mode, e, m, bits16`` of a main pool, then of its per-step pool, for `stored_value`.
 
     ``bits16`` is 1 for bfloat16 (stored as uint16 raw bits). Stochastic rounding (mode 2) where the
     config asks for it and the pool is 16-bit; otherwise nearest even by integer arithmetic for

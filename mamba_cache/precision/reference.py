@@ -2,7 +2,7 @@
 
 Every conversion between the four state dtypes (float16, bfloat16, float32, float64) is written as
 integer arithmetic on the bit patterns, so the Numba device functions in
-:mod:`mamba_cache.precision.kernels`, which repeat the same arithmetic line for line, give the
+`mamba_cache.precision.kernels`, which repeat the same arithmetic line for line, give the
 same bits on the GPU as this module gives on the host (no dependence on the hardware's float
 conversion instructions, their rounding mode or their NaN handling).
 
@@ -10,7 +10,7 @@ A format is ``(e, m)``: exponent bits and stored mantissa bits.
 
     float16  (5, 10)    bfloat16 (8, 7)    float32 (8, 23)    float64 (11, 52)
 
-The conversion (:func:`convert_bits`), for a finite non-zero source:
+The conversion ([`convert_bits`][mamba_cache.precision.reference.convert_bits]), for a finite non-zero source:
 
 1. normalise: ``value = sig * 2**(u - m_src)`` with ``sig`` in ``[2**m_src, 2**(m_src + 1))``
    (source subnormals are normalised with a leading-bit count);
@@ -224,8 +224,8 @@ def convert(
 ) -> np.ndarray:
     """Convert whole slots of states to ``dtype``, the way the cache stores them.
 
-    Rounds to nearest even, or stochastically when ``stochastic`` is set and a 4- or 8-byte value
-    is stored into a 2-byte dtype (:func:`rounding_bits` gives the random words). Equal dtypes
+    Rounds to nearest even, or stochastically when ``stochastic`` is set and a 4- or 8-byte value is stored into a
+    2-byte dtype ([`rounding_bits`][mamba_cache.precision.reference.rounding_bits] gives the random words). Equal dtypes
     return an exact copy of the bits.
 
     Args:

@@ -1,7 +1,8 @@
 """Prefix-state store: checkpoints of recurrent state for shared prompt prefixes.
 
-:class:`PrefixStateCache` keeps whole-slot checkpoints at block boundaries, keyed by the block-digest
-chain of :func:`block_digests`; the same host logic serves both backends.
+[`PrefixStateCache`][mamba_cache.prefix.PrefixStateCache] keeps whole-slot checkpoints at block boundaries, keyed by the
+block-digest chain of [`block_digests`][mamba_cache.prefix.keys.block_digests]; the same host logic serves both
+backends.
 """
 
 from .keys import block_digests, root_digest

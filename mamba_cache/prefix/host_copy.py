@@ -3,15 +3,17 @@
 On the device a row (a live slot, or a store entry) of a stacked ``[L, rows, ...]`` pool is ``L``
 pieces of ``width`` bytes, one layer stride (``pitch = rows * width``) apart. The host tier keeps
 its entries as ``[P_host, L, ...]``, so one host entry is ``L * width`` dense bytes. One
-``cuMemcpy2DAsync`` per state kind moves a whole entry::
+``cuMemcpy2DAsync`` per state kind moves a whole entry:
 
-    device pool [L, rows, ...]                    host tier [P_host, L, ...]
-    base + row*width                                host + e*L*width
-      |<- width ->|                                 |<- width ->|
-      [ layer 0   ] . . . rows*width . . .          [ layer 0   ][ layer 1   ] ... [ layer L-1 ]
-      [ layer 1   ] . . .                                (pitch = width: dense)
-      ...
-      [ layer L-1 ]                                 Height = L rows of the 2-D copy
+```text
+device pool [L, rows, ...]                    host tier [P_host, L, ...]
+base + row*width                                host + e*L*width
+  |<- width ->|                                 |<- width ->|
+  [ layer 0   ] . . . rows*width . . .          [ layer 0   ][ layer 1   ] ... [ layer L-1 ]
+  [ layer 1   ] . . .                                (pitch = width: dense)
+  ...
+  [ layer L-1 ]                                 Height = L rows of the 2-D copy
+```
 
 where the per-layer form (the earlier binding) queued ``2 L`` copies through Numba's array
 methods, each with tens of microseconds of Python in front of it, so the copy engine idled between
@@ -45,7 +47,7 @@ class KindGeometry(NamedTuple):
 
 
 def kind_geometry(device_shape: tuple, itemsize: int) -> KindGeometry:
-    """The :class:`KindGeometry` of a stacked device pool ``[L, rows, ...]`` of ``itemsize``-byte elements."""
+    """The `KindGeometry` of a stacked device pool ``[L, rows, ...]`` of ``itemsize``-byte elements."""
     width = math.prod(device_shape[2:]) * itemsize
     return KindGeometry(width, device_shape[1] * width, device_shape[0])
 
@@ -108,7 +110,7 @@ class HostTierCopy:
 
     @property
     def copies_per_call(self) -> int:
-        """Driver copy calls one :meth:`copy` queues (2 when both kinds take the 2-D copy)."""
+        """Driver copy calls one `copy` queues (2 when both kinds take the 2-D copy)."""
         return sum(1 if k.params is not None else k.geometry.height for k in self._kinds)
 
     def copy(self, row: int, host_entry: int, stream_handle: int) -> None:

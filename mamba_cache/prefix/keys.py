@@ -1,10 +1,12 @@
 """Keys of prefix checkpoints: a chain of block digests over the token ids.
 
 A recurrent state exists only for the exact prefix it was computed after, so a checkpoint's key
-must name the whole prefix, not just its last block. With block size ``bs``::
+must name the whole prefix, not just its last block. With block size ``bs``:
 
-    d_0 = blake2b(namespace.encode("utf-8"), digest_size=16)
-    d_i = blake2b(d_{i-1} || tokens[(i-1)*bs : i*bs] as int32 little-endian, digest_size=16)
+```text
+d_0 = blake2b(namespace.encode("utf-8"), digest_size=16)
+d_i = blake2b(d_{i-1} || tokens[(i-1)*bs : i*bs] as int32 little-endian, digest_size=16)
+```
 
 The checkpoint taken after ``n * bs`` tokens has key ``d_n``. The namespace separates models and
 adapters whose states differ for the same tokens.
@@ -74,8 +76,8 @@ def block_digests(tokens: Any, block_size: int, namespace: str = "", blocks: int
 def digest_chain(data: np.ndarray, block_size: int, root: bytes, count: int) -> list[bytes]:
     """``[d_1, ..., d_count]`` from ``d_0 = root`` over checked tokens (``token_array``'s result).
 
-    The unchecked core of :func:`block_digests`, for callers that already hold checked tokens and
-    the namespace's root digest (the store computes both once).
+    The unchecked core of [`block_digests`][mamba_cache.prefix.keys.block_digests], for callers that already hold
+    checked tokens and the namespace's root digest (the store computes both once).
     """
     out = []
     digest = root

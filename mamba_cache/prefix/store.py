@@ -3,14 +3,16 @@
 Attention KV can be reused for any prefix of a cached prompt, but a recurrent state exists only for
 the exact prefix it was computed after. The store therefore keeps whole-slot checkpoints (the
 recurrent and conv state of every layer) taken at block boundaries, keyed by the block-digest
-chain of :mod:`mamba_cache.prefix.keys`.
+chain of [`mamba_cache.prefix.keys`][mamba_cache.prefix.keys].
 
 Storage: ``P`` entries allocated once, one allocation per state kind, in the main pools' dtypes
-and layouts, on the manager's backend and device::
+and layouts, on the manager's backend and device:
 
-    entries recurrent  [L, P, H, D, N]      (main pool: [L, B, H, D, N])
-    entries conv       [L, P, C, K]         (main pool: [L, B, C, K])
-    host tier          [P_host, L, H, D, N] and [P_host, L, C, K]  (one host entry dense)
+```text
+entries recurrent  [L, P, H, D, N]      (main pool: [L, B, H, D, N])
+entries conv       [L, P, C, K]         (main pool: [L, B, C, K])
+host tier          [P_host, L, H, D, N] and [P_host, L, C, K]  (one host entry dense)
+```
 
 Everything here is host bookkeeping written once for both backends (keys, recency, pins,
 generations, statistics); the copies between entries and slots are the manager's one-launch row
@@ -41,6 +43,14 @@ class PrefixHandle(NamedTuple):
 
     A handle stays valid until its entry is evicted or reused (its generation changes); pin it to
     hold it across inserts.
+
+    Attributes:
+        entry: the entry's index in its tier, ``[0, P)`` (or ``[0, P_host)`` when ``host``).
+        generation: the entry's generation when the handle was made; a restore checks it, so a
+            handle to an entry evicted or reused since then raises ``LookupError``.
+        length: the tokens the checkpoint covers, a multiple of the block size.
+        host: the entry is in the host tier (a restore copies host to device); False for the
+            device tier.
     """
 
     entry: int
@@ -51,7 +61,18 @@ class PrefixHandle(NamedTuple):
 
 @dataclass
 class PrefixStats:
-    """Counters of a store (all since construction)."""
+    """Counters of a store (all since construction); ``str()`` adds ``hit_rate``, hits per lookup.
+
+    Attributes:
+        lookups: ``match`` calls.
+        hits: matches that found a checkpoint.
+        hit_tokens: prompt tokens covered by those checkpoints (prefill saved).
+        inserts: checkpoints written (``insert`` copies and ``publish``).
+        dropped_inserts: inserts / reserves refused because every entry was pinned.
+        evictions: entries evicted to make room.
+        host_hits: hits served from the host tier.
+        offloads: evicted device entries copied into the host tier.
+    """
 
     lookups: int = 0  #: ``match`` calls
     hits: int = 0  #: matches that found a checkpoint
@@ -400,7 +421,7 @@ class PrefixStateCache(EntryStore):
             max_tokens: optional upper bound on the matched length, >= 0.
 
         Returns:
-            A :class:`PrefixHandle` ``(entry, generation, length)``, or ``None``.
+            A [`PrefixHandle`][mamba_cache.prefix.PrefixHandle] ``(entry, generation, length)``, or ``None``.
 
         Raises:
             TypeError / ValueError: ``tokens`` is not 1-D integers, or ``max_tokens`` is not an int >= 0.
@@ -426,7 +447,9 @@ class PrefixStateCache(EntryStore):
         """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
 
         Args:
-            handle: from :meth:`match` (or :meth:`insert` / :meth:`publish`).
+            handle: from [`match`][mamba_cache.prefix.PrefixStateCache.match] (or
+                [`insert`][mamba_cache.prefix.PrefixStateCache.insert] /
+                [`publish`][mamba_cache.prefix.PrefixStateCache.publish]).
             slot: in ``[0, B)``.
             stream: the stream to copy on (ignored by the NumPy backend).
 
@@ -452,7 +475,8 @@ class PrefixStateCache(EntryStore):
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
 
         Args:
-            handles: a list of ``n`` :class:`PrefixHandle` (an entry may appear more than once).
+            handles: a list of ``n`` [`PrefixHandle`][mamba_cache.prefix.PrefixHandle] (an entry may appear more than
+                once).
             slots: ``[n]`` int32 destination slots, distinct (NumPy backend: a host array; Numba:
                 device or host). A slot outside ``[0, B)`` is skipped (padding).
             stream: the stream to copy on (ignored by the NumPy backend).
@@ -548,7 +572,7 @@ class PrefixStateCache(EntryStore):
 
     @_on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
-        """:meth:`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
+        """`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
 
         Args:
             tokens: a list of ``n`` block-aligned token sequences.
@@ -560,7 +584,8 @@ class PrefixStateCache(EntryStore):
             ``n`` handles (``None`` for dropped inserts). A prefix given twice is copied once.
 
         Raises:
-            TypeError / ValueError / IndexError: as :meth:`insert`, for any element (nothing changed).
+            TypeError / ValueError / IndexError: as [`insert`][mamba_cache.prefix.PrefixStateCache.insert], for any
+                element (nothing changed).
         """
         self._check_open("insert_many")
         manager = self.manager
@@ -618,7 +643,7 @@ class PrefixStateCache(EntryStore):
         (self._hpins if handle.host else self._pins)[entry] += 1
 
     def unpin(self, handle: PrefixHandle) -> None:
-        """Undo one :meth:`pin`.
+        """Undo one `pin`.
 
         Raises:
             ValueError: the entry is not pinned. LookupError: the handle is stale.
@@ -640,9 +665,9 @@ class PrefixStateCache(EntryStore):
     def reserve(self, stream: Any = None) -> int | None:
         """Take an entry for a checkpoint tracked during speculative decoding (pinned, no key yet).
 
-        Pass it as ``track_entries[b]`` to ``scatter_mtp_states(..., store=self, ...)``; once the
-        accepted lengths are known call :meth:`publish` (the row reached the boundary) or
-        :meth:`release`.
+        Pass it as ``track_entries[b]`` to ``scatter_mtp_states(..., store=self, ...)``; once the accepted lengths are
+        known call [`publish`][mamba_cache.prefix.PrefixStateCache.publish] (the row reached the boundary) or
+        [`release`][mamba_cache.prefix.PrefixStateCache.release].
 
         Args:
             stream: the stream of the commit that will fill the entry (an eviction's offload to the
@@ -673,7 +698,7 @@ class PrefixStateCache(EntryStore):
         released.
 
         Args:
-            entry: from :meth:`reserve`, filled by a tracking commit.
+            entry: from [`reserve`][mamba_cache.prefix.PrefixStateCache.reserve], filled by a tracking commit.
             tokens: ``[n * bs]`` host integer token ids: the prefix up to the tracked boundary.
 
         Returns:

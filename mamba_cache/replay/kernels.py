@@ -2,27 +2,28 @@
 
 One launch covers every layer, every committing row and both state kinds of one mixer. The pools
 are seen flat per slot; the stash fields flat per layer (the verify pass wrote ``[active, V, ...]``
-from the start of each layer, so row ``b``, step ``t`` is stash row ``b * V + t``)::
+from the start of each layer, so row ``b``, step ``t`` is stash row ``b * V + t``):
 
-    rec     [L, B, H*D*N]      state dtype; element (i, d, n) at (i * D + d) * N + n
-    conv    [L, B, C*K]        conv dtype;  element (c, k) at c * K + k
-    stash   [L, B*S*elems]     float32 fields, conv column in the conv dtype
+```text
+rec     [L, B, H*D*N]      state dtype; element (i, d, n) at (i * D + d) * N + n
+conv    [L, B, C*K]        conv dtype;  element (c, k) at c * K + k
+stash   [L, B*S*elems]     float32 fields, conv column in the conv dtype
 
-    grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
-    blockIdx.z -> layer, blockIdx.y -> row b, blockIdx.x < chunks_rec -> a tile of the state,
-    else a tile of the conv channels.
+grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
+blockIdx.z -> layer, blockIdx.y -> row b, blockIdx.x < chunks_rec -> a tile of the state,
+else a tile of the conv channels.
+```
 
-Each thread owns its part of one row's state for the whole replay: it reads it once, applies the
-``a`` accepted steps in registers, and writes it once. A 16-bit state is rounded in registers after
-every step exactly as the decode step's store rounds it (:func:`round_state`: float16 by the
-hardware's ``cvt.rn.f16.f32``, bfloat16 by integer round-to-nearest-even, stochastic rounding by the
-Philox bits of :mod:`mamba_cache.precision`, keyed by the position ``positions[b] + t + 1``), so
-no step goes through memory. The stash reads are small and shared by many threads of the block
-(L1 hits).
+Each thread owns its part of one row's state for the whole replay: it reads it once, applies the ``a`` accepted steps in
+registers, and writes it once. A 16-bit state is rounded in registers after every step exactly as the decode step's
+store rounds it ([`round_state`][mamba_cache.replay.kernels.round_state]: float16 by the hardware's ``cvt.rn.f16.f32``,
+bfloat16 by integer round-to-nearest-even, stochastic rounding by the Philox bits of `mamba_cache.precision`, keyed by
+the position ``positions[b] + t + 1``), so no step goes through memory. The stash reads are small and shared by many
+threads of the block (L1 hits).
 
     Mamba2   one thread per state element (i, d, n):  h = fma(u[i, d], B[j, n], h * dA[i])
     GDN      one thread per column e of head i: the D values S_i[:, e] live in registers (a kernel
-             specialised per key dim, :func:`replay_gdn_kernel`); per step
+             specialised per key dim, [`replay_gdn_kernel`][mamba_cache.replay.kernels.replay_gdn_kernel]); per step
                  S_i[d, e] = S_i[d, e] * g[i]                         (d = 0 .. D-1)
                  pred = fma(S_i[d, e], k[j, d], pred)                 (d increasing, from 0)
                  delta = beta[i] * (v[i, e] - pred)
@@ -89,11 +90,13 @@ def gdn_write(s, k, delta):
 def gdn_column_step(s, dim, decay, beta, value, keys, key_offset):
     """One Gated DeltaNet step of one state column ``s = S_i[:, e]`` (a float32 local array), in place.
 
-    ``keys[key_offset + d]`` is ``k[j, d]``; ``value`` is ``v[i, e]``. Order of operations::
+    ``keys[key_offset + d]`` is ``k[j, d]``; ``value`` is ``v[i, e]``. Order of operations:
 
-        for d = 0 .. dim-1:  s[d] = s[d] * decay;  pred = fma(s[d], k[d], pred)     (pred starts at 0)
-        delta = beta * (value - pred)
-        for d = 0 .. dim-1:  s[d] = fma(k[d], delta, s[d])
+    ```text
+    for d = 0 .. dim-1:  s[d] = s[d] * decay;  pred = fma(s[d], k[d], pred)     (pred starts at 0)
+    delta = beta * (value - pred)
+    for d = 0 .. dim-1:  s[d] = fma(k[d], delta, s[d])
+    ```
 
     The tiny GDN model's decode kernel and the GDN replay kernel both call this, so they agree bit for bit.
     """
@@ -161,7 +164,7 @@ def round_state(h, mode, exp_bits, man_bits, half, element, position, layer, see
     """A float32 state value ``h`` as its pool stores it, as a float32, computed in registers.
 
     ``half`` (a float16 pool, round to nearest even): ``cvt.rn.f16.f32`` then back, the very
-    conversion the pool's store performs. Otherwise :func:`mamba_cache.precision.kernels.stored_value`
+    conversion the pool's store performs. Otherwise `mamba_cache.precision.kernels.stored_value`
     with the pool's ``(mode, exp_bits, man_bits)``: ``mode`` 0 returns ``h`` (float32 / float64
     pools keep it exactly), 1 is bfloat16's integer round to nearest even, 2 stochastic rounding
     keyed by ``(seed, layer, kind 0, position, element)``.
@@ -203,7 +206,7 @@ def _track(track_entries, track_steps, use_tracking, row, accepted, entries):
 def _track_conv(conv, col, track_conv, entry, layer, slot, row, seq_len, t, c, channels, width, node_ids, use_nodes):
     """Channel ``c`` of the window after step ``t`` into store entry ``entry``: ``(window ++ cols)[t + 1 + k]``.
 
-    Reads the slot's window before :func:`_replay_conv` overwrites it.
+    Reads the slot's window before `_replay_conv` overwrites it.
     """
     base = c * width
     for k in range(width):
@@ -236,7 +239,7 @@ _GDN_KERNELS: dict = {}
 
 #: Key dims with a register-resident specialised GDN replay kernel.
 SPECIALISED_KEY_DIMS = (32, 64, 128)
-#: How a GDN replay kernel rounds its state after every step (a compile-time choice, see :func:`rounding_of`).
+#: How a GDN replay kernel rounds its state after every step (a compile-time choice, see `rounding_of`).
 ROUND_NONE, ROUND_HALF, ROUND_BF16, ROUND_STORED = 0, 1, 2, 3
 
 
@@ -251,7 +254,7 @@ def rounding_of(mode: int, half: int) -> int:
 def round_bfloat16(h):
     """``h`` rounded to the nearest even bfloat16, as a float32, in 32-bit registers.
 
-    The integer shortcut of :func:`mamba_cache.precision.kernels.convert_bits` (same bits; NaN quieted).
+    The integer shortcut of `mamba_cache.precision.kernels.convert_bits` (same bits; NaN quieted).
     """
     x = float32_bits(h)
     top = x & np.uint32(0x80000000)
@@ -263,7 +266,7 @@ def round_bfloat16(h):
 
 @cuda.jit(device=True, inline=True)
 def round_bfloat16_hw(h):
-    """:func:`round_bfloat16` through the hardware's ``cvt.rn.bf16.f32`` (sm_80 and later): the same bits.
+    """`round_bfloat16` through the hardware's ``cvt.rn.bf16.f32`` (sm_80 and later): the same bits.
 
     IEEE round to nearest even is the integer shortcut for every non-NaN float32 (subnormals and
     overflow to infinity included); a NaN is selected to the shortcut's quiet NaN with the top
@@ -288,8 +291,8 @@ def bfloat16_in_hardware() -> bool:
 def _rounder(rounding: int) -> Any:
     """A device function rounding a float32 state value as ``rounding`` says.
 
-    Its arguments are :func:`round_state`'s; the cases ``rounding`` rules out are compiled away, so
-    the d-loops that call it stay small enough for LLVM to unroll.
+    Its arguments are [`round_state`][mamba_cache.replay.kernels.round_state]'s; the cases ``rounding`` rules out are
+    compiled away, so the d-loops that call it stay small enough for LLVM to unroll.
     """
     if rounding == ROUND_NONE:
 
@@ -322,7 +325,7 @@ def _rounder(rounding: int) -> Any:
 def replay_gdn_kernel(key_dim: int, rounding: int = ROUND_NONE, bits16: int = 0) -> Any:
     """The Gated DeltaNet replay kernel for key dim ``key_dim`` and a ``rounding`` (cached).
 
-    For ``key_dim`` in :data:`SPECIALISED_KEY_DIMS` the key dim is a compile-time constant: the
+    For ``key_dim`` in `SPECIALISED_KEY_DIMS` the key dim is a compile-time constant: the
     column array has exactly ``D`` entries and every ``d`` loop has a constant trip count, so LLVM
     unrolls them fully and keeps the column in registers (no local memory with ``ROUND_NONE``,
     ``ROUND_HALF`` and ``ROUND_BF16``; ``tests/test_replay.py`` checks the PTX). Stochastic
@@ -344,9 +347,9 @@ _MAMBA2_KERNELS: dict = {}
 def replay_mamba2_kernel(rounding: int = ROUND_STORED, bits16: int = 0) -> Any:
     """The Mamba2 replay kernel for a ``rounding`` (``ROUND_*``) and pool kind (``bits16``: bfloat16), cached.
 
-    Both are compile-time constants, so the kernel holds only the rounding it uses (a float32 state
-    compiles no conversion at all). ``ROUND_STORED`` (the general :func:`round_state`, reading the
-    runtime ``mode``) is correct for every pool; the specialised kinds are smaller.
+    Both are compile-time constants, so the kernel holds only the rounding it uses (a float32 state compiles no
+    conversion at all). ``ROUND_STORED`` (the general [`round_state`][mamba_cache.replay.kernels.round_state], reading
+    the runtime ``mode``) is correct for every pool; the specialised kinds are smaller.
     """
     key = (rounding, int(bits16), bfloat16_in_hardware())
     kernel = _MAMBA2_KERNELS.get(key)
@@ -396,10 +399,11 @@ def _make_replay_mamba2(rounding: int, pool_bits16: int) -> Any:
     ):
         """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
-        Thread ``e`` owns state element ``(i, d, n)``; ``h`` stays in a register for all ``a`` steps and
-        is rounded there after every step exactly as the decode step's store rounds it
-        (:func:`round_state`; the rounding kind and the pool kind are compile-time constants of this
-        kernel, see :func:`replay_mamba2_kernel`), then stored once.
+        Thread ``e`` owns state element ``(i, d, n)``; ``h`` stays in a register for all ``a`` steps and is rounded
+        there after every step exactly as the decode step's store rounds it
+        ([`round_state`][mamba_cache.replay.kernels.round_state]; the rounding kind and the pool kind are compile-time
+        constants of this kernel, see [`replay_mamba2_kernel`][mamba_cache.replay.kernels.replay_mamba2_kernel]), then
+        stored once.
 
         Args:
             rec (DeviceNDArray): ``[L, B, H*D*N]`` recurrent pool (read once, written once); a bfloat16
@@ -531,10 +535,10 @@ def _make_replay_gdn(key_dim: int, rounding: int, pool_bits16: int) -> Any:
     ):
         """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
 
-        Thread ``(i, e)`` (``i * N + e`` over the x blocks ``< chunks_rec``) owns column ``e`` of head
-        ``i``'s state ``S_i [D, N]``; the order of operations is :func:`gdn_column_step`'s. Arguments
-        as :func:`replay_mamba2`'s, with the stash fields ``g [L, B*S*H]``, ``beta [L, B*S*H]``,
-        ``k [L, B*S*G*D]``, ``v [L, B*S*H*N]`` (float32) and ``chunks_rec`` covering ``H*N`` columns.
+        Thread ``(i, e)`` (``i * N + e`` over the x blocks ``< chunks_rec``) owns column ``e`` of head ``i``'s state
+        ``S_i [D, N]``; the order of operations is [`gdn_column_step`][mamba_cache.replay.kernels.gdn_column_step]'s.
+        Arguments as `replay_mamba2`'s, with the stash fields ``g [L, B*S*H]``, ``beta [L, B*S*H]``, ``k [L, B*S*G*D]``,
+        ``v [L, B*S*H*N]`` (float32) and ``chunks_rec`` covering ``H*N`` columns.
 
         Grid ``(chunks_rec + ceil(C / THREADS), rows, L)``, block ``(THREADS,)``.
         """
@@ -610,7 +614,7 @@ def _make_replay_gdn(key_dim: int, rounding: int, pool_bits16: int) -> Any:
 
 
 class LaunchLayout(NamedTuple):
-    """What every replay kernel's launch starts from (:func:`launch_layout`)."""
+    """What every replay kernel's launch starts from (`launch_layout`)."""
 
     layers: int
     rec: Any  #: the recurrent pool as ``[L, B, H*D*N]``
@@ -625,7 +629,7 @@ class LaunchLayout(NamedTuple):
 
 
 def launch_layout(pools: Any, config: Any) -> LaunchLayout:
-    """The pools flattened per slot and the state's store format, for :func:`prepare` and the tiled one."""
+    """The pools flattened per slot and the state's store format, for `prepare` and the tiled one."""
     layers, slots = config.num_recurrent_layers, config.max_batch_size
     rec = pools.recurrent.reshape(layers, slots, config.recurrent_slot_elems)
     conv = pools.conv.reshape(layers, slots, config.conv_slot_elems)

@@ -13,9 +13,9 @@ NumPy never fuses a multiply-add):
                delta[e] = beta[i] * (v[i, e] - pred[e])
                S'[d, e] = S1[d, e] + k[j, d] * delta[e]
 
-The tiny models' NumPy decode steps call these same functions, which is what makes replay equal
-to sequential decoding bit for bit on the NumPy backend. The Numba kernels use ``cuda.fma`` for the
-multiply-adds (see :mod:`mamba_cache.replay.kernels`), so NumPy and Numba agree within a tolerance.
+The tiny models' NumPy decode steps call these same functions, which is what makes replay equal to sequential decoding
+bit for bit on the NumPy backend. The Numba kernels use ``cuda.fma`` for the multiply-adds (see
+[`mamba_cache.replay.kernels`][mamba_cache.replay.kernels]), so NumPy and Numba agree within a tolerance.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def replay_commit(
         positions: optional ``[active]`` int tokens row ``b``'s state had consumed before the verify
             pass (``p``); the state after replayed step ``t`` has consumed ``p + t + 1`` (0 when None).
         stochastic: round into a 16-bit recurrent dtype stochastically
-            (:func:`mamba_cache.precision.convert`, keyed by layer, kind 0, that position and the element).
+            ([`mamba_cache.precision.convert`][mamba_cache.precision.reference.convert], keyed by layer, kind 0, that
+            position and the element).
         seed: ``Config.rounding_seed``.
         track: optional ``(pools, entries, steps, check)``: prefix-store ``(recurrent [L, P, H, D, N],
             conv [L, P, C, K])``, ``[active]`` int entries and steps, and a callable that refuses a

@@ -1,51 +1,53 @@
 """Tiled replay kernels: the replay commit at memory speed (the ones the Numba backend launches).
 
 Same launch arguments, same results bit for bit and the same order of operations per element as
-:mod:`mamba_cache.replay.kernels` (whose device functions these call: the rounders, ``mamba2_update``,
-``gdn_accumulate`` / ``gdn_write``, the row / slot / tracking rules, and the conv window update of
-a window wider than :data:`CONV_MAX_WIDTH`); what
-changes is how the work of one ``(layer, row)`` is spread over threads, because the first kernels
-were instruction-bound (Mamba2: five 64-bit divisions and the index math per element) or spilled
-(GDN at D = 128: a 128-float column per thread, 255 registers, kilobytes of spill per thread).
+[`mamba_cache.replay.kernels`][mamba_cache.replay.kernels] (whose device functions these call: the rounders,
+``mamba2_update``, ``gdn_accumulate`` / ``gdn_write``, the row / slot / tracking rules, and the conv window update of a
+window wider than `CONV_MAX_WIDTH`); what changes is how the work of one ``(layer, row)`` is spread over threads,
+because the first kernels were instruction-bound (Mamba2: five 64-bit divisions and the index math per element) or
+spilled (GDN at D = 128: a 128-float column per thread, 255 registers, kilobytes of spill per thread).
 
-Pools and stash are seen as in :mod:`mamba_cache.replay.kernels`::
+Pools and stash are seen as in [`mamba_cache.replay.kernels`][mamba_cache.replay.kernels]:
 
-    rec     [L, B, H*D*N]      element (i, d, n) at (i * D + d) * N + n
-    grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
+```text
+rec     [L, B, H*D*N]      element (i, d, n) at (i * D + d) * N + n
+grid  = (chunks_rec + chunks_conv, rows, L),  block = (THREADS,)
+```
 
-Mamba2: a thread keeps ``rpt`` consecutive rows x :data:`CPT` consecutive columns of a head in
-32 registers (:func:`mamba2_rows`: ``rpt`` is :data:`RPT` for float32 elements, :data:`PACKED_RPT`
+Mamba2: a thread keeps ``rpt`` consecutive rows x `CPT` consecutive columns of a head in
+32 registers ([`mamba2_rows`][mamba_cache.replay.tiled.mamba2_rows]: ``rpt`` is `RPT` for float32 elements, `PACKED_RPT`
 for a packed 16-bit tile, two elements per register, below). A block owns a
 tile of one head ``i``: ``row_groups * rpt`` rows times ``lanes * CPT`` columns
-(:func:`mamba2_tiles`; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
+([`mamba2_tiles`][mamba_cache.replay.tiled.mamba2_tiles]; ``lanes`` is the power of two >= ``N / CPT``, at most a warp,
 ``row_groups = THREADS / lanes``). Thread ``tx = g * lanes + l`` owns the rows from ``d0`` and
 the columns from ``n0``, so a row of its tile is two uint64 words of a 16-bit state (four of a
 float32 one), and the two (four) load or store instructions of a row cover ``lanes * CPT``
-consecutive elements across the warp::
+consecutive elements across the warp:
 
-    block x -> (i, d_tile, n_tile)        divisions by constants, once per thread
-    d0 = d_tile * row_groups * rpt + g * rpt,   n0 = n_tile * lanes * CPT + l * CPT
+```text
+block x -> (i, d_tile, n_tile)        divisions by constants, once per thread
+d0 = d_tile * row_groups * rpt + g * rpt,   n0 = n_tile * lanes * CPT + l * CPT
 
-    head i:   n ->  0 .. 7 | 8 .. 15 | ... | 120 .. 127        (N = 128: 16 lanes of CPT = 8, rpt = 8)
-    d  0..7         t0     | t1      | ... | t15               row group 0
-    d  8..15        t16    | t17     | ... | t31               row group 1
-    ...
+head i:   n ->  0 .. 7 | 8 .. 15 | ... | 120 .. 127        (N = 128: 16 lanes of CPT = 8, rpt = 8)
+d  0..7         t0     | t1      | ... | t15               row group 0
+d  8..15        t16    | t17     | ... | t31               row group 1
+...
+```
 
-The head shape (D, N, H / G) is compile-time (:func:`replay_mamba2_kernel`), so row pitches and
-the index divisions are constants, and where D is a multiple of ``rpt`` a thread has no edge
-to test. A thread loads its state words, then step 0's stash (``dA[i]``, its ``u[i, d]`` rows,
-its ``B[j, n]`` columns: L1 / L2 hits shared by the block's warps), so it waits for memory once;
-each step loads the next step's stash before it computes ``h = round(fma(u, B, h * dA))`` per
-element. A 16-bit state that every step rounds to its own format (:func:`mamba2_packed`) stays
-packed as it was loaded, two elements per uint32 register: a step unpacks a pair (``cvt.f32.f16``
-of each half, or a shift and a mask for bfloat16), computes both (``FMUL``, ``FFMA``) and rounds
-them back with one ``cvt.rn.f16x2.f32`` (``cvt.rn.bf16x2.f32``): 3.5 instructions per element
-and step, and no conversion before the first step or after the last. Other states are converted
-to float32 once, after the loads. Where N is not a multiple of :data:`CPT`, the pool is neither
-2- nor 4-byte or does not start on an 8-byte boundary, the state is read and written one element
-at a time (:func:`mamba2_word_elems`); a thread at the edge of the head repeats its last live
-row or column in the loads and computes it, but never stores it, so the step loop has no guard.
-Index arithmetic is 32-bit unsigned. No shared memory, no barrier.
+The head shape (D, N, H / G) is compile-time ([`replay_mamba2_kernel`][mamba_cache.replay.tiled.replay_mamba2_kernel]),
+so row pitches and the index divisions are constants, and where D is a multiple of ``rpt`` a thread has no edge to test.
+A thread loads its state words, then step 0's stash (``dA[i]``, its ``u[i, d]`` rows, its ``B[j, n]`` columns: L1 / L2
+hits shared by the block's warps), so it waits for memory once; each step loads the next step's stash before it computes
+``h = round(fma(u, B, h * dA))`` per element. A 16-bit state that every step rounds to its own format
+([`mamba2_packed`][mamba_cache.replay.tiled.mamba2_packed]) stays packed as it was loaded, two elements per uint32
+register: a step unpacks a pair (``cvt.f32.f16`` of each half, or a shift and a mask for bfloat16), computes both
+(``FMUL``, ``FFMA``) and rounds them back with one ``cvt.rn.f16x2.f32`` (``cvt.rn.bf16x2.f32``): 3.5 instructions per
+element and step, and no conversion before the first step or after the last. Other states are converted to float32 once,
+after the loads. Where N is not a multiple of `CPT`, the pool is neither 2- nor 4-byte or does not start on an 8-byte
+boundary, the state is read and written one element at a time
+([`mamba2_word_elems`][mamba_cache.replay.tiled.mamba2_word_elems]); a thread at the edge of the head repeats its last
+live row or column in the loads and computes it, but never stores it, so the step loop has no guard. Index arithmetic is
+32-bit unsigned. No shared memory, no barrier.
 
 Gated DeltaNet: a column ``S_i[:, e]`` is split over ``P = ceil(D / 32)`` threads (``P`` rounded up to
 a power of two), part ``q`` keeping ``d = 32 q .. 32 q + 31`` in registers. The prediction is one
@@ -54,20 +56,21 @@ part ``q`` continues from the value part ``q - 1`` ended with, handed over throu
 (one ``syncthreads`` per part and step); the last part's ``pred`` is read back by all parts. A
 block's columns belong to one head, so they share one key vector ``k[j, :]`` per step, which the
 block keeps in shared memory (two buffers, one per step parity); each thread loads the next
-step's share of it, and its ``g[i]``, ``beta[i]``, ``v[i, e]``, while the current step computes::
+step's share of it, and its ``g[i]``, ``beta[i]``, ``v[i, e]``, while the current step computes:
 
-    block: CB = THREADS / P columns x P parts;  tx = q * CB + c   (consecutive threads: consecutive columns)
-    step:  all:     keys[t % 2] <- prefetched k;  prefetch step t + 1        | sync
-           all:     S[d] *= g[i]                        (their 32 d)
-           q = 0:   pred = chain(0)            -> shared[0][c]   | sync
-           q = 1:   pred = chain(shared[0][c]) -> shared[1][c]   | sync  ... (P parts)
-           all:     delta = beta[i] * (v[i, e] - shared[P-1][c]);  S[d] = round(fma(k[d], delta, S[d]))
+```text
+block: CB = THREADS / P columns x P parts;  tx = q * CB + c   (consecutive threads: consecutive columns)
+step:  all:     keys[t % 2] <- prefetched k;  prefetch step t + 1        | sync
+       all:     S[d] *= g[i]                        (their 32 d)
+       q = 0:   pred = chain(0)            -> shared[0][c]   | sync
+       q = 1:   pred = chain(shared[0][c]) -> shared[1][c]   | sync  ... (P parts)
+       all:     delta = beta[i] * (v[i, e] - shared[P-1][c]);  S[d] = round(fma(k[d], delta, S[d]))
+```
 
-Each part writes its own shared row, and a key buffer is rewritten two steps after it was read,
-past a barrier every thread has reached. The chain, not memory, is what a block waits on, so at
-D = 128 the kernel is built for 8 resident blocks per SM (:func:`gdn_launch_bounds`). The conv
-blocks (:func:`_conv_tile`) give a thread :data:`CONV_CPT` channels and load every value of their
-new windows before storing any.
+Each part writes its own shared row, and a key buffer is rewritten two steps after it was read, past a barrier every
+thread has reached. The chain, not memory, is what a block waits on, so at D = 128 the kernel is built for 8 resident
+blocks per SM ([`gdn_launch_bounds`][mamba_cache.replay.tiled.gdn_launch_bounds]). The conv blocks (`_conv_tile`) give a
+thread `CONV_CPT` channels and load every value of their new windows before storing any.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ WARP = 32
 #: Consecutive state rows (d) each Mamba2 thread keeps in registers: a float32 tile of ``RPT x CPT``
 #: elements, 32 registers.
 RPT = 4
-#: ... when the tile is packed 16-bit pairs (:func:`mamba2_packed`): ``PACKED_RPT x CPT`` elements,
+#: ... when the tile is packed 16-bit pairs (`mamba2_packed`): ``PACKED_RPT x CPT`` elements,
 #: 32 registers too.
 PACKED_RPT = 8
 #: Consecutive state columns (n) each Mamba2 thread keeps in registers: two uint64 words of a 16-bit
@@ -133,7 +136,7 @@ CONV_MAX_WIDTH = 4
 PART = 32
 #: Most parts of one column: ``MAX_KEY_DIM / PART``.
 MAX_PARTS = MAX_KEY_DIM // PART
-#: Resident blocks per SM the Gated DeltaNet kernel at D = 128 is built for (:func:`gdn_launch_bounds`).
+#: Resident blocks per SM the Gated DeltaNet kernel at D = 128 is built for (`gdn_launch_bounds`).
 GDN_MIN_BLOCKS = 8
 #: NVVM-level inlining of the step functions (Numba-level ``inline=True`` refuses a closure of this
 #: many arguments); the simulator's ``jit`` takes no such option.
@@ -143,11 +146,10 @@ _FORCE_INLINE = {} if SIMULATOR else {"forceinline": True}
 def mamba2_tiles(dim: int, size: int, rows: int) -> tuple[int, int, int, int]:
     """``(lanes, row_groups, d_tiles, n_tiles)`` of the tiled Mamba2 kernel for head dim D and state size N.
 
-    ``lanes`` threads side by side cover ``lanes * CPT`` consecutive columns (``lanes`` the power
-    of two >= ``N / CPT``, at most a warp), each thread :data:`CPT` consecutive columns of
-    ``rows`` consecutive rows (:func:`mamba2_rows`); the ``row_groups = THREADS / lanes`` groups
-    of lanes are stacked, so a block is ``row_groups * rows`` rows x ``lanes * CPT`` columns of
-    one head.
+    ``lanes`` threads side by side cover ``lanes * CPT`` consecutive columns (``lanes`` the power of two >= ``N / CPT``,
+    at most a warp), each thread `CPT` consecutive columns of ``rows`` consecutive rows
+    ([`mamba2_rows`][mamba_cache.replay.tiled.mamba2_rows]); the ``row_groups = THREADS / lanes`` groups of lanes are
+    stacked, so a block is ``row_groups * rows`` rows x ``lanes * CPT`` columns of one head.
     """
     lanes = min(WARP, 1 << max(0, (-(-size // CPT) - 1).bit_length()))
     row_groups = THREADS // lanes
@@ -155,7 +157,7 @@ def mamba2_tiles(dim: int, size: int, rows: int) -> tuple[int, int, int, int]:
 
 
 def mamba2_rows(packed: bool) -> int:
-    """Rows per Mamba2 thread: :data:`PACKED_RPT` for a packed tile (:func:`mamba2_packed`), else :data:`RPT`."""
+    """Rows per Mamba2 thread: `PACKED_RPT` for a packed tile (`mamba2_packed`), else `RPT`."""
     return PACKED_RPT if packed else RPT
 
 
@@ -163,7 +165,7 @@ def mamba2_word_elems(pool: Any, size: int) -> int:
     """State elements per uint64 word the Mamba2 kernel loads and stores: 4 (16-bit), 2 (float32), or 0.
 
     0 (one element per access) unless the pool's elements are 2 or 4 bytes, ``N`` is a multiple of
-    :data:`CPT` (a thread's columns then start at a multiple of ``CPT`` in every row and slot) and
+    `CPT` (a thread's columns then start at a multiple of ``CPT`` in every row and slot) and
     the pool starts on an 8-byte boundary.
     """
     itemsize = pool.dtype.itemsize
@@ -219,15 +221,16 @@ def replay_mamba2_kernel(
 ) -> Any:
     """The tiled Mamba2 replay kernel for a rounding (``ROUND_*``), a pool kind (``bits16``) and a head shape, cached.
 
-    The head shape is compile-time: head dim ``dim`` (D), state size ``size`` (N) and the heads
-    per group ``group_heads`` (H / G), so the tile (:func:`mamba2_tiles`), every row pitch and
+    The head shape is compile-time: head dim ``dim`` (D), state size ``size`` (N) and the heads per group
+    ``group_heads`` (H / G), so the tile ([`mamba2_tiles`][mamba_cache.replay.tiled.mamba2_tiles]), every row pitch and
     the index divisions are constants, and a thread of a D that is a multiple of its rows
-    (:func:`mamba2_rows`) has no edge to test. ``word_elems`` (:func:`mamba2_word_elems`) says
-    how the state is accessed: 4 or 2 elements per uint64 word (16-bit: float16, or bfloat16
-    with ``bits16``; 2: float32), 0 one element at a time; with the rounding it says whether the
-    tile is packed (:func:`mamba2_packed`). The conv window's width and the conv pool's dtype
-    pick the conv part (:func:`_conv_tile`). The kernel's blocks per head are
-    :func:`mamba2_head_blocks`.
+    ([`mamba2_rows`][mamba_cache.replay.tiled.mamba2_rows]) has no edge to test. ``word_elems``
+    ([`mamba2_word_elems`][mamba_cache.replay.tiled.mamba2_word_elems]) says
+    how the state is accessed: 4 or 2 elements per uint64 word (16-bit: float16, or bfloat16 with ``bits16``; 2:
+    float32), 0 one element at a time; with the rounding it says whether the tile is packed
+    ([`mamba2_packed`][mamba_cache.replay.tiled.mamba2_packed]). The conv window's width and the conv pool's dtype pick
+    the conv part (`_conv_tile`). The kernel's blocks per head are
+    [`mamba2_head_blocks`][mamba_cache.replay.tiled.mamba2_head_blocks].
     """
     key = (rounding, int(bits16), int(dim), int(size), int(group_heads), int(word_elems), int(conv_width),
            np.dtype(conv_dtype).str, bfloat16_in_hardware())  # fmt: skip
@@ -238,7 +241,7 @@ def replay_mamba2_kernel(
 
 
 def mamba2_head_blocks(kernel: Any) -> int:
-    """Blocks per head of a kernel from :func:`replay_mamba2_kernel`: ``d_tiles * n_tiles`` of its own tile."""
+    """Blocks per head of a kernel from `replay_mamba2_kernel`: ``d_tiles * n_tiles`` of its own tile."""
     return kernel.head_blocks
 
 
@@ -247,9 +250,9 @@ def replay_gdn_kernel(
 ) -> Any:
     """The tiled Gated DeltaNet replay kernel for key dim D, a rounding and a pool kind, cached.
 
-    Compile-time: the number of parts ``P`` (:func:`gdn_parts`) and, when ``D == P * PART``, D itself
-    (no guards in the d loops); any other D up to ``MAX_KEY_DIM`` is guarded against ``dim`` at run time.
-    The conv window's width and the conv pool's dtype pick the conv part (:func:`_conv_tile`).
+    Compile-time: the number of parts ``P`` ([`gdn_parts`][mamba_cache.replay.tiled.gdn_parts]) and, when
+    ``D == P * PART``, D itself (no guards in the d loops); any other D up to ``MAX_KEY_DIM`` is guarded against ``dim``
+    at run time. The conv window's width and the conv pool's dtype pick the conv part (`_conv_tile`).
     """
     parts = gdn_parts(key_dim)
     exact = key_dim if key_dim == parts * PART else 0
@@ -273,7 +276,7 @@ def _at(first, r, pitch, offset):
 
 
 def conv_chunks(channels: int, width: int) -> int:
-    """The conv part's x blocks: :data:`CONV_CPT` channels per thread (one for a window over :data:`CONV_MAX_WIDTH`)."""
+    """The conv part's x blocks: `CONV_CPT` channels per thread (one for a window over `CONV_MAX_WIDTH`)."""
     per_thread = CONV_CPT if width <= CONV_MAX_WIDTH else 1
     return -(-channels // (THREADS * per_thread))
 
@@ -286,7 +289,7 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
 
     For ``width <= CONV_MAX_WIDTH`` a thread owns ``CONV_CPT`` channels ``THREADS`` apart, loads every
     value it will write (the new window, and the tracked one) into registers, then stores them: one
-    memory round trip instead of one per window position (:func:`~mamba_cache.replay.kernels._replay_conv`
+    memory round trip instead of one per window position (`_replay_conv`
     shifts in place, so each load waits for the store before it). A wider window takes that function,
     one channel per thread.
     """
@@ -459,7 +462,7 @@ def _make_mamba2(
     ):  # fmt: skip
         """Steps ``start .. stop-1`` on the thread's tile ``h`` (``rpt x CPT``, row-major), in place.
 
-        ``h`` holds packed pairs (:func:`mamba2_packed`) or float32 elements.
+        ``h`` holds packed pairs ([`mamba2_packed`][mamba_cache.replay.tiled.mamba2_packed]) or float32 elements.
 
         On entry ``u_next``, ``b_next``, ``decay_next`` hold step ``start``'s stash; each step
         loads the next one's before it computes. Every element of the tile is computed (no guard in
@@ -542,12 +545,12 @@ def _make_mamba2(
     ):
         """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
-        Arguments as :func:`mamba_cache.replay.kernels.replay_mamba2`'s (``dim`` and ``size`` go
+        Arguments as `mamba_cache.replay.kernels.replay_mamba2`'s (``dim`` and ``size`` go
         unread: the kernel's head shape is compile-time), with ``chunks_rec = H *``
-        :func:`mamba2_head_blocks` (its :func:`mamba2_tiles`) and ``rec_words``, the recurrent pool seen as uint64 words
-        ``[L, B, H*D*N / word_elems]`` (with ``word_elems`` 0: ``rec`` again, unused). Thread
-        layout in the module docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer
-        than 2**32 elements; ``prepare`` checks).
+        [`mamba2_head_blocks`][mamba_cache.replay.tiled.mamba2_head_blocks] (its
+        [`mamba2_tiles`][mamba_cache.replay.tiled.mamba2_tiles]) and ``rec_words``, the recurrent pool seen as uint64
+        words ``[L, B, H*D*N / word_elems]`` (with ``word_elems`` 0: ``rec`` again, unused). Thread layout in the module
+        docstring. Index arithmetic is 32-bit unsigned (a slot holds fewer than 2**32 elements; ``prepare`` checks).
 
         Grid ``(chunks_rec + conv_chunks(C, K), rows, L)``, block ``(THREADS,)``.
         """
@@ -693,7 +696,7 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
     ):  # fmt: skip
         """Replayed step ``t`` of this thread's part ``s`` of column ``e``: every thread of the block calls it.
 
-        On entry ``ahead`` holds step ``t``'s stash (:func:`prefetch`); the keys go to shared buffer
+        On entry ``ahead`` holds step ``t``'s stash (`prefetch`); the keys go to shared buffer
         ``t % 2``, the next step's stash is loaded while this one computes.
         """
         buf = t & 1
@@ -773,10 +776,10 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
     ):
         """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
 
-        Arguments as :func:`mamba_cache.replay.kernels.replay_gdn`'s, with ``chunks_rec = H *
+        Arguments as `mamba_cache.replay.kernels.replay_gdn`'s, with ``chunks_rec = H *
         ceil(N / (THREADS / P))`` (a block's columns are of one head). Thread layout, the hand-over of
         the prediction and the shared keys in the module docstring; per element the operations and
-        their order are :func:`mamba_cache.replay.kernels.gdn_column_step`'s.
+        their order are [`mamba_cache.replay.kernels.gdn_column_step`][mamba_cache.replay.kernels.gdn_column_step]'s.
 
         Grid ``(chunks_rec + conv_chunks(C, K), rows, L)``, block ``(THREADS,)``.
         """
@@ -846,10 +849,10 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
 
 
 def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
-    """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer``; as :func:`.kernels.prepare`.
+    """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer``; as `kernels.prepare`.
 
-    The launch arguments are :func:`mamba_cache.replay.kernels.launch_args` (the backend re-points
-    the same ones per call), the Mamba2 kernel's ``rec_words`` appended (the pool's uint64 view, or
+    The launch arguments are [`mamba_cache.replay.kernels.launch_args`][mamba_cache.replay.kernels.launch_args] (the
+    backend re-points the same ones per call), the Mamba2 kernel's ``rec_words`` appended (the pool's uint64 view, or
     the pool again when it is read one element at a time).
     """
     lay = launch_layout(pools, config)

@@ -9,7 +9,7 @@ prefix store (``mamba_cache.prefix``) drives the same hooks on the manager it is
 arguments (``_int32_array``); nothing else.
 
 Types, as the hooks take and return them (each backend fixes them; to the type checker they are
-``Any``): an [`Array`][mamba_cache.core.backend.Array] is a ``numpy.ndarray`` (NumPy reference) or a
+``Any``): an ``Array`` is a ``numpy.ndarray`` (NumPy reference) or a
 ``numba.cuda`` device array (Numba); a ``Stream`` is ``None`` (NumPy) or a ``StreamRef`` (Numba); an
 ``IndexArg`` is a checked int32 index array: the host ``numpy.ndarray`` (NumPy) or a
 ``launch.DeviceArg`` (array, device pointer, shape) (Numba).

@@ -632,6 +632,27 @@ def _chunk(spec: tuple):
 def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
     """The scatter, tree and tracked converting kernels of one pair of kind specs (see `spec_of`).
 
+    Arrays are ``[L, rows, W]`` views of each pool: uint64 words when the kind's slot is a multiple
+    of 4 elements, else unsigned integers of the element size (bfloat16 pools are uint16 already):
+
+    ```text
+    dst_a / dst_b       [L, B, W]      main pools (written)
+    src_a / src_b       [L, B*S, W]    per-step pools; (row b, step t) is row b*V + t
+    track_a / track_b   [L, P, W]      prefix-store entries, main dtypes (written; tracked only)
+    ```
+
+    ``scatter``: row ``b = blockIdx.y`` with ``a = accept_lengths[b]`` in ``[1, max_accept]`` and
+    slot ``s`` (``state_indices[b]`` or ``b``) in ``[0, B)`` gets
+    ``dst[l, s] = convert(src[l, b*V + a - 1])``, rounding keyed by position ``positions[b] + a``.
+    ``tree``: the last non-negative id ``n`` (at index ``j``) of ``node_ids[b, :min(a, M)]``, if
+    ``n < V``: ``dst[l, s] = convert(src[l, b*V + n])``, position ``positions[b] + j + 1``.
+    ``tracked``: the scatter, then with ``t = track_steps[b]``, ``e = track_entries[b]``: if
+    ``0 <= t < a``, ``t < V`` and ``0 <= e < P``: ``track[l, e] = convert(src[l, b*V + t])``,
+    position ``positions[b] + t + 1``. ``positions`` is read only by a stochastic kind (the
+    placeholder otherwise); ``seed_lo`` / ``seed_hi`` are the rounding seed's 32-bit halves.
+
+    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)`` from `launch_shape`.
+
     Returns:
         A namespace with ``scatter``, ``tree`` and ``tracked`` (``@cuda.jit`` kernels), built once
         per pair of specs.
@@ -663,7 +684,7 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         seed_lo,
         seed_hi,
     ):
-        """``scatter_accepted`` converting to the main pools' dtypes: see `scatter_convert_doc`."""
+        """``scatter_accepted`` converting to the main pools' dtypes: see `commit_kernels`."""
         row = cuda.blockIdx.y
         accepted = accept_lengths[row]
         if accepted < 1 or accepted > max_accept:
@@ -690,7 +711,7 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         seed_lo,
         seed_hi,
     ):
-        """``scatter_tree`` converting to the main pools' dtypes: see `scatter_convert_doc`."""
+        """``scatter_tree`` converting to the main pools' dtypes: see `commit_kernels`."""
         row = cuda.blockIdx.y
         width = node_ids.shape[1]
         count = accept_lengths[row]
@@ -731,7 +752,7 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         track_entries,
         track_steps,
     ):
-        """``scatter_tracked`` converting to the main pools' dtypes: see `scatter_convert_doc`."""
+        """``scatter_tracked`` converting to the main pools' dtypes: see `commit_kernels`."""
         row = cuda.blockIdx.y
         accepted = accept_lengths[row]
         if accepted >= 1 and accepted <= max_accept:
@@ -748,29 +769,3 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         both(track_a, src_a, track_b, src_b, chunks_a, entry, row * seq_len + step, position, seed_lo, seed_hi)
 
     return SimpleNamespace(scatter=scatter_convert, tree=scatter_tree_convert, tracked=scatter_tracked_convert)
-
-
-def scatter_convert_doc() -> None:
-    """The contract of the three converting commit kernels built by `commit_kernels`.
-
-    Arrays are ``[L, rows, W]`` views of each pool: uint64 words when the kind's slot is a multiple
-    of 4 elements, else unsigned integers of the element size (bfloat16 pools are uint16 already):
-
-    ```text
-    dst_a / dst_b       [L, B, W]      main pools (written)
-    src_a / src_b       [L, B*S, W]    per-step pools; (row b, step t) is row b*V + t
-    track_a / track_b   [L, P, W]      prefix-store entries, main dtypes (written; tracked only)
-    ```
-
-    ``scatter``: row ``b = blockIdx.y`` with ``a = accept_lengths[b]`` in ``[1, max_accept]`` and
-    slot ``s`` (``state_indices[b]`` or ``b``) in ``[0, B)`` gets
-    ``dst[l, s] = convert(src[l, b*V + a - 1])``, rounding keyed by position ``positions[b] + a``.
-    ``tree``: the last non-negative id ``n`` (at index ``j``) of ``node_ids[b, :min(a, M)]``, if
-    ``n < V``: ``dst[l, s] = convert(src[l, b*V + n])``, position ``positions[b] + j + 1``.
-    ``tracked``: the scatter, then with ``t = track_steps[b]``, ``e = track_entries[b]``: if
-    ``0 <= t < a``, ``t < V`` and ``0 <= e < P``: ``track[l, e] = convert(src[l, b*V + t])``,
-    position ``positions[b] + t + 1``. ``positions`` is read only by a stochastic kind (the
-    placeholder otherwise); ``seed_lo`` / ``seed_hi`` are the rounding seed's 32-bit halves.
-
-    Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)`` from `launch_shape`.
-    """

@@ -11,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ..precision.reference import rounds_stochastically
 from .backend import EntryStore
 from .checks import check_index, check_size
+
+KINDS = ("recurrent", "conv")
 
 
 class CommitOperations:
@@ -68,28 +71,31 @@ class CommitOperations:
                 raise ValueError(f"state_indices must have the length of accept_lengths ({active}), got {count}")
         return accept, indices, active
 
-    def _rounds_stochastically(self) -> bool:
-        """True when a commit stores a 4- or 8-byte per-step state into a 2-byte pool with stochastic rounding."""
-        config = self._config
-        if not config.stochastic_rounding:
-            return False
-        return any(
-            getattr(config, f"{kind}_state_dtype").itemsize == 2
-            and getattr(config, f"intermediate_{kind}_state_dtype").itemsize >= 4
-            for kind in ("recurrent", "conv")
-        )
-
-    def _positions(self, positions: Any, active: int, stream: Any) -> Any:
+    def _positions(self, what: str, positions: Any, active: int, stream: Any) -> Any:
         """Check the optional ``positions`` ``[active]`` int32 argument of a commit (None stays None).
+
+        Required when the commit rounds stochastically: a scatter that stores a wider per-step state
+        into a 2-byte main pool, a replay whose computed float32 steps are stored into a 2-byte
+        recurrent state (``rounds_stochastically``).
 
         Raises:
             ValueError: it is missing while the commit rounds stochastically, or has another length.
         """
         if positions is None:
-            if self._rounds_stochastically():
+            config = self._config
+            if config.commit_mode == "replay":
+                sources = [("recurrent", np.float32)]
+            else:
+                sources = [
+                    (kind, getattr(config, f"intermediate_{kind}_state_dtype")) for kind in ("recurrent", "conv")
+                ]
+            if any(
+                rounds_stochastically(config.stochastic_rounding, getattr(config, f"{kind}_state_dtype"), source)
+                for kind, source in sources
+            ):
                 raise ValueError(
-                    "positions (int32 [active], tokens each row's main state had consumed before the verify "
-                    "pass) is required: this commit rounds stochastically; nothing was changed"
+                    f"{what}: positions (int32 [active], tokens each row's main state had consumed before the "
+                    "verify pass) is required: this commit rounds stochastically; nothing was changed"
                 )
             return None
         checked, (count,) = self._int32_array("positions", positions, "[active]", stream)
@@ -164,7 +170,7 @@ class CommitOperations:
         if not self.has_intermediate_recurrent_states():
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
-        checked_positions = self._positions(positions, active, stream)
+        checked_positions = self._positions("scatter_mtp_states", positions, active, stream)
         if store is not None:
             entries, steps = self._tracking("scatter_mtp_states", store, track_entries, track_steps, active, stream)
             if active:
@@ -223,7 +229,7 @@ class CommitOperations:
         nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
         if shape[0] != active:
             raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
-        checked_positions = self._positions(positions, active, stream)
+        checked_positions = self._positions("scatter_accepted_tree_states", positions, active, stream)
         if active and shape[1]:
             self._scatter_tree(
                 nodes, accept, indices, active, self._verify_shape[1], stream, positions=checked_positions
@@ -346,7 +352,7 @@ class CommitOperations:
         if not self._stash:
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
-        checked_positions = self._replay_positions("replay_mtp_states", positions, active, stream)
+        checked_positions = self._positions("replay_mtp_states", positions, active, stream)
         track = None
         if store is not None:
             track = (store, *self._tracking("replay_mtp_states", store, track_entries, track_steps, active, stream))
@@ -372,20 +378,6 @@ class CommitOperations:
                 raise ValueError(f"{name} must have the length of accept_lengths ({active}), got {count}")
             checked.append(values)
         return tuple(checked)
-
-    def _replay_positions(self, what: str, positions: Any, active: int, stream: Any) -> Any:
-        """Check a replay commit's optional ``positions`` (required when a 16-bit state rounds stochastically)."""
-        if positions is None:
-            if self._config.stochastic_rounding and self._config.recurrent_state_dtype.itemsize == 2:
-                raise ValueError(
-                    f"{what}: positions (int32 [active], tokens each row's main state had consumed before the "
-                    "verify pass) is required: the replay rounds its 16-bit states stochastically; nothing was changed"
-                )
-            return None
-        checked, (count,) = self._int32_array("positions", positions, "[active]", stream)
-        if count != active:
-            raise ValueError(f"positions must have the length of accept_lengths ({active}), got {count}")
-        return checked
 
     def replay_accepted_tree_states(
         self,
@@ -433,7 +425,7 @@ class CommitOperations:
         nodes, shape = self._int32_array("accepted_node_ids", accepted_node_ids, "[active, max_accept_len]", stream)
         if shape[0] != active:
             raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, got {shape[0]}")
-        checked_positions = self._replay_positions("replay_accepted_tree_states", positions, active, stream)
+        checked_positions = self._positions("replay_accepted_tree_states", positions, active, stream)
         if active and shape[1]:
             seq_len = self._verify_shape[1]
             self._replay(accept, indices, active, seq_len, stream, nodes=nodes, positions=checked_positions)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..precision import commit_kernels, kernels
-from ..precision.reference import dtype_format
+from ..precision.reference import dtype_format, rounds_stochastically
 from .device import Launch
 
 KINDS = ("recurrent", "conv")
@@ -25,7 +25,7 @@ def formats(config: Any) -> np.ndarray:
         main, inter = getattr(config, f"{kind}_state_dtype"), getattr(config, f"intermediate_{kind}_state_dtype")
         if main == inter:
             mode = kernels.MODE_COPY
-        elif config.stochastic_rounding and main.itemsize == 2 and inter.itemsize >= 4:
+        elif rounds_stochastically(config.stochastic_rounding, main, inter):
             mode = kernels.MODE_STOCHASTIC
         else:
             mode = kernels.MODE_NEAREST

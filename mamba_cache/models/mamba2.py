@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .._config import Config
+from ..precision.reference import rounds_stochastically
 from ..replay.reference import mamba2_step
 
 __all__ = ["TinyMamba2"]
@@ -243,7 +244,7 @@ class TinyMamba2:
         return flat.reshape(values.shape)
 
     def _rounds(self, dtype: Any) -> bool:
-        return self.config.stochastic_rounding and np.dtype(dtype).itemsize == 2
+        return rounds_stochastically(self.config.stochastic_rounding, dtype)
 
     def _decode(
         self,

@@ -14,6 +14,7 @@ from .reference import (
     dtype_format,
     philox4x32_10,
     rounding_bits,
+    rounds_stochastically,
     storage_dtype,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "dtype_format",
     "philox4x32_10",
     "rounding_bits",
+    "rounds_stochastically",
     "storage_dtype",
 ]

@@ -511,11 +511,11 @@ def store_formats(config, main_dtype, inter_dtype) -> np.ndarray:
     config asks for it and the pool is 16-bit; otherwise nearest even by integer arithmetic for
     bfloat16 (mode 1), and the pool's own store for the float types (mode 0).
     """
-    from .reference import dtype_format
+    from .reference import dtype_format, rounds_stochastically
 
     values = []
     for dtype in (main_dtype, inter_dtype):
-        if config.stochastic_rounding and dtype.itemsize == 2:
+        if rounds_stochastically(config.stochastic_rounding, dtype):
             mode = MODE_STOCHASTIC
         elif dtype.name == "bfloat16":
             mode = MODE_NEAREST

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "rounds_stochastically",
     "FORMATS",
     "STATE_DTYPE_NAMES",
     "bfloat16",
@@ -67,6 +68,16 @@ PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 KIND_RECURRENT, KIND_CONV = 0, 1
 
 _U32 = np.uint64(0xFFFFFFFF)
+
+
+def rounds_stochastically(stochastic: bool, target: Any, source: Any = np.float32) -> bool:
+    """Whether a ``source`` value stored into a ``target`` pool rounds stochastically: the one rule.
+
+    So it does when the config asks for stochastic rounding (``stochastic``) and a value of 4 or
+    more bytes (a float32 computed step, a float32 / float64 per-step state) is stored into a
+    2-byte pool (float16, bfloat16); every other store rounds to nearest even (or copies).
+    """
+    return bool(stochastic) and np.dtype(target).itemsize == 2 and np.dtype(source).itemsize >= 4
 
 
 def dtype_format(dtype: Any) -> tuple[int, int]:

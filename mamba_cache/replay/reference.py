@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ..precision.reference import rounds_stochastically
+
 F32 = np.float32
 
 __all__ = ["conv_after", "gdn_step", "mamba2_step", "replay_commit"]
@@ -201,7 +203,7 @@ def replay_commit(
 
 def _store(values: np.ndarray, dtype: Any, stochastic: bool, seed: int, position: np.ndarray) -> np.ndarray:
     """``[L, R, ...]`` float32 states as a pool of ``dtype`` stores them (``position`` ``[R]``)."""
-    if not (stochastic and np.dtype(dtype).itemsize == 2):
+    if not rounds_stochastically(stochastic, dtype):
         return values.astype(dtype)
     from ..precision import convert
 

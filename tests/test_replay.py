@@ -75,9 +75,9 @@ def stash_values(config, rng):
     return values
 
 
-def filled_pair(config, backend, rng):
-    """A manager with random main pools and stash, and host copies of what was written."""
-    manager = BACKENDS[backend](config)
+def filled_pair(config, backend, rng, **options):
+    """A manager (built with ``options``) with random main pools and stash, and host copies of what was written."""
+    manager = BACKENDS[backend](config, **options)
     state = {
         "recurrent": rng.standard_normal(manager.pools.recurrent.shape).astype(config.recurrent_state_dtype),
         "conv": rng.standard_normal(manager.pools.conv.shape).astype(config.conv_state_dtype),
@@ -731,75 +731,6 @@ def test_replay_tracking_copies_the_state_after_the_step_and_refuses_bad_entries
     assert snapshot(manager)["conv"].tobytes() == want["conv"].tobytes()
 
 
-def test_replay_kernels_keep_the_state_in_registers():
-    """PTX (sm_90): no local memory in the Mamba2 kernels (every rounding) nor the GDN kernel at D = 64, 128
-    (float32, float16); float16 rounds in registers with cvt.rn.f16.f32."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
-
-    script = textwrap.dedent("""
-        import inspect
-        import numpy as np
-        import numba.cuda.dispatcher as dispatcher
-        from numba import cuda, types
-        from numba.np import numpy_support
-
-        class Device:  # compiling a non-inlined device function asks the current device for its cc
-            compute_capability = (9, 0)
-
-        dispatcher.get_current_device = lambda: Device()
-        from mamba_cache.replay import kernels as rk
-
-        def signature(kernel, dtype):
-            array = lambda dt, nd: types.Array(numpy_support.from_dtype(np.dtype(dt)), nd, "C")
-            args = []
-            for name in inspect.signature(kernel.py_func).parameters:
-                if name in ("rec", "track_rec", "conv", "track_conv"):
-                    args.append(array(dtype, 3))
-                elif name in ("dA", "u", "B", "g", "beta", "k", "v"):
-                    args.append(array("float32", 2))
-                elif name == "col":
-                    args.append(array(dtype, 2))
-                elif name == "node_ids":
-                    args.append(array("int32", 2))
-                elif name in ("accept_lengths", "state_indices", "positions", "track_entries", "track_steps"):
-                    args.append(array("int32", 1))
-                else:
-                    args.append(types.int64)
-            return tuple(args)
-
-        cases = [
-            ("mamba2 general", rk.replay_mamba2, "float16", 1),
-            ("mamba2 float16", rk.replay_mamba2_kernel(rk.ROUND_HALF, 0), "float16", 1),
-            ("mamba2 float32", rk.replay_mamba2_kernel(rk.ROUND_NONE, 0), "float32", 0),
-            ("mamba2 bfloat16", rk.replay_mamba2_kernel(rk.ROUND_BF16, 1), "uint16", 0),
-            ("mamba2 bfloat16 SR", rk.replay_mamba2_kernel(rk.ROUND_STORED, 1), "uint16", 0),
-            ("gdn D=128 float32", rk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32", 0),
-            ("gdn D=64 float32", rk.replay_gdn_kernel(64, rk.ROUND_NONE, 0), "float32", 0),
-            ("gdn D=128 float16", rk.replay_gdn_kernel(128, rk.ROUND_HALF, 0), "float16", 128),
-            ("gdn D=64 float16", rk.replay_gdn_kernel(64, rk.ROUND_HALF, 0), "float16", 64),
-        ]
-        for name, kernel, dtype, min_cvt in cases:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, signature(kernel, dtype), cc=(9, 0))
-            body = ptx[ptx.index(".entry"):]
-            assert ".local" not in body, name + " uses local memory"
-            assert body.count("cvt.rn.f16.f32") >= min_cvt, name
-            print(name, "ok")
-        generic = rk.replay_gdn_kernel(100, rk.ROUND_NONE, 0)
-        ptx, _ = cuda.compile_ptx(generic.py_func, signature(generic, "float32"), cc=(9, 0))
-        assert ".local" in ptx, "the generic kernel's column is a local array: this check must be able to fail"
-        print("generic ok")
-    """)
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
-    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
-        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count(" ok") == 10, result.stdout
-
-
 @pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
 def test_gpu_rounded_replay_equals_the_gpu_decode_step_at_real_head_sizes(rng, dtype, stochastic):
     """On the GPU: Mamba2 heads of 64 x 128, bf16 / stochastic rounding: replay kernel == decode kernels, bitwise."""
@@ -989,9 +920,10 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
     state shows a changed summation order; a 16-bit store can round the difference away.)
     """
     from helpers import ON_GPU, assert_same_bits
+    from replay_oracle import prepare_first
 
     from mamba_cache.prefix import PrefixStateCache
-    from mamba_cache.replay import kernels, tiled
+    from mamba_cache.replay import tiled
 
     if heads * dim * size > SIMULATED_HEADS and not ON_GPU:
         pytest.skip("needs a CUDA GPU (runs on the GPU machine): the simulator is too slow at these sizes")
@@ -1016,12 +948,11 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
         word_elems.append((args[5], tiled.mamba2_packed(args[0], args[1], args[5])))
         return built(*args)
 
-    for prepare in (kernels.prepare, tiled.prepare):
-        manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed))
+    for prepare in (prepare_first, tiled.prepare):
+        manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed), replay_kernels=prepare)
         store = PrefixStateCache(manager, entries=4, block_size=4)
         assert [store.reserve() for _ in range(4)] == [0, 1, 2, 3]
-        with monkeypatch.context() as patch:  # the backend prepares its launch on the first call, then keeps it
-            patch.setattr(tiled, "prepare", prepare)
+        with monkeypatch.context() as patch:  # a spy on the tiled kernel's choice; the launch is built on this call
             patch.setattr(tiled, "replay_mamba2_kernel", spy)
             manager.reshape_intermediate_states(4, 3)
             manager.replay_mtp_states(
@@ -1053,24 +984,23 @@ def test_tiled_replay_kernels_give_the_first_kernels_bits(rng, monkeypatch, mixe
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
-def test_tiled_replay_kernels_over_many_steps_and_with_a_wide_conv_window(rng, monkeypatch, mixer):
+def test_tiled_replay_kernels_over_many_steps_and_with_a_wide_conv_window(rng, mixer):
     """Eleven steps (Mamba2 carries its one-step-ahead stash loads along, GDN its key buffers) and a conv
     window wider than ``tiled.CONV_MAX_WIDTH`` (one channel per thread, the first kernels' conv update): the
     first kernels' bits."""
     from helpers import assert_same_bits
+    from replay_oracle import prepare_first
 
-    from mamba_cache.replay import kernels, tiled
+    from mamba_cache.replay import tiled
 
     verify = 11
     assert tiled.CONV_MAX_WIDTH + 1 == 5  # the window below is one wider than the register path takes
     config = replay_config(mixer, "float16", max_batch_size=3, max_intermediate_seq_len=verify, conv_kernel=5)
     seed = int(rng.integers(1 << 30))
     managers = []
-    for prepare in (kernels.prepare, tiled.prepare):
-        manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed))
-        with monkeypatch.context() as patch:
-            patch.setattr(tiled, "prepare", prepare)
-            manager.replay_mtp_states(device_int32("numba", [verify, 9, 2]))
+    for prepare in (prepare_first, tiled.prepare):
+        manager, state, _ = filled_pair(config, "numba", np.random.default_rng(seed), replay_kernels=prepare)
+        manager.replay_mtp_states(device_int32("numba", [verify, 9, 2]))
         managers.append(manager)
     first, second = (snapshot(m) for m in managers)
     assert_same_bits(first, second, "replay over many steps")
@@ -1115,6 +1045,9 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
         dispatcher.get_current_device = lambda: Device()
         from mamba_cache.replay import kernels as rk, tiled as tk
 
+        sys.path.insert(0, sys.argv[2])  # the tests' folder: the first kernels are the tests' oracle
+        from replay_oracle import first_gdn_kernel
+
         def signature(kernel, dtype, words="uint64"):
             array = lambda dt, nd: types.Array(numpy_support.from_dtype(np.dtype(dt)), nd, "C")
             args = []
@@ -1145,7 +1078,7 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
             ("gdn D=64 float32", tk.replay_gdn_kernel(64, rk.ROUND_NONE, 0), "float32"),
             ("gdn D=128 bfloat16", tk.replay_gdn_kernel(128, rk.ROUND_BF16, 1), "uint16"),
             ("gdn D=128 float16", tk.replay_gdn_kernel(128, rk.ROUND_HALF, 0), "float16"),
-            ("first gdn D=128 float32", rk.replay_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
+            ("first gdn D=128 float32", first_gdn_kernel(128, rk.ROUND_NONE, 0), "float32"),
         ]
         with tempfile.TemporaryDirectory() as tmp:
             for name, kernel, dtype, *words in cases:
@@ -1162,7 +1095,10 @@ def test_tiled_replay_kernels_neither_spill_nor_crowd_the_register_file():
                 print(f"{name}: {registers} registers, {spill} spill bytes, bounds {bounds[1] if bounds else 0}")
     """)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    result = subprocess.run([sys.executable, "-c", script, ptxas], env=env, capture_output=True, text=True, timeout=900)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", script, ptxas, tests], env=env, capture_output=True, text=True, timeout=900
+    )
     if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
         pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,9 +7,11 @@ Each state kind is one device allocation holding all layers; the layer tensors a
 Numba has no bfloat16 type and ``__cuda_array_interface__`` cannot express one: a bfloat16 pool is
 a uint16 device array of the raw bits, and CAI consumers see uint16 (``.view(torch.bfloat16)``).
 
-The kernels are in ``mamba_cache.core.kernels``. ``clear_states`` and ``scatter_mtp_states`` launch
-prepared kernels (``mamba_cache.core.launch``): one launch per state kind covering every layer, no
-allocation, no host synchronisation, so both can be captured into a CUDA graph.
+The kernels are in ``mamba_cache.core.kernels`` (copies, scatters, captures), ``mamba_cache.replay.tiled``
+(the replay commit) and ``mamba_cache.precision`` (converting commits, bound in ``core/numba_convert.py``).
+The commits, clears, captures into a caller's buffers and slot copies launch prepared kernels
+(``mamba_cache.core.launch``): one launch covering every layer and both state kinds, no allocation,
+no host synchronisation, so they can be captured into a CUDA graph.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from numba import cuda
 
 from .._config import Config, ConfigError, format_bytes
+from ..replay import tiled as replay_tiled
 from . import kernels, numba_convert
 from .checks import check_int32_array, is_c_contiguous
 from .device import SIMULATOR, DeviceArray, Launch, device_pointer
@@ -101,6 +104,10 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         config: the cache configuration; ``None`` builds an empty manager.
         stream: the stream on which the buffers are zeroed.
         device: the GPU the pools live on (keyword only), see above.
+        replay_kernels: what builds the replay commit's launch (keyword only): a function with the
+            signature of `mamba_cache.replay.tiled.prepare` (the default, the kernels the benchmarks
+            time). For checking kernels against each other: the tests pass their one-element-per-thread
+            oracle here.
 
     Raises:
         TypeError: ``config`` is not a [`Config`][mamba_cache.Config], or ``stream`` is of an
@@ -113,8 +120,11 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
 
     backend = "numba"
 
-    def __init__(self, config: Config | None = None, stream: Any = None, *, device: Any = None) -> None:
+    def __init__(
+        self, config: Config | None = None, stream: Any = None, *, device: Any = None, replay_kernels: Any = None
+    ) -> None:
         self._streams: dict[int, Any] = {}
+        self._replay_prepare = replay_tiled.prepare if replay_kernels is None else replay_kernels
         self._gpu, self._context_handle = _resolve_device(device)
         if self._gpu is None:
             super().__init__(config, stream)
@@ -669,11 +679,9 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
         positions: Any = None,
         track: Any = None,
     ) -> None:
-        from ..replay import tiled as replay_kernels
-
         entry = self._launches.get("replay")
         if entry is None:
-            entry = self._launches["replay"] = replay_kernels.prepare(
+            entry = self._launches["replay"] = self._replay_prepare(
                 self._pools, self._stash, self._config, self._placeholder().array, Launch
             )
         launch, blocks, layers = entry

@@ -1,11 +1,13 @@
 """Tiled replay kernels: the replay commit at memory speed (the ones the Numba backend launches).
 
-Same launch arguments, same results bit for bit and the same order of operations per element as
-[`mamba_cache.replay.kernels`][mamba_cache.replay.kernels] (whose device functions these call: the rounders,
-``mamba2_update``, ``gdn_accumulate`` / ``gdn_write``, the row / slot / tracking rules, and the conv window update of a
-window wider than `CONV_MAX_WIDTH`); what changes is how the work of one ``(layer, row)`` is spread over threads,
-because the first kernels were instruction-bound (Mamba2: five 64-bit divisions and the index math per element) or
-spilled (GDN at D = 128: a 128-float column per thread, 255 registers, kilobytes of spill per thread).
+Built from the device functions of [`mamba_cache.replay.kernels`][mamba_cache.replay.kernels] (the
+rounders, ``mamba2_update``, ``gdn_accumulate`` / ``gdn_write``, the row / slot / tracking rules, and
+the conv window update of a window wider than `CONV_MAX_WIDTH`), so each element sees the same
+operations in the same order as the decode step; what this module decides is how the work of one
+``(layer, row)`` is spread over threads. The tests check it bit for bit against simpler kernels that
+give each thread one element (Mamba2) or one whole column (Gated DeltaNet): those were
+instruction-bound (five 64-bit divisions and the index math per element) or spilled (a 128-float
+column per thread, 255 registers, kilobytes of spill at D = 128).
 
 Pools and stash are seen as in [`mamba_cache.replay.kernels`][mamba_cache.replay.kernels]:
 
@@ -545,7 +547,7 @@ def _make_mamba2(
     ):
         """Replay the accepted Mamba2 steps of each row into its slot, every layer, both state kinds.
 
-        Arguments as `mamba_cache.replay.kernels.replay_mamba2`'s (``dim`` and ``size`` go
+        Arguments as `launch_args` lays them out (``dim`` and ``size`` go
         unread: the kernel's head shape is compile-time), with ``chunks_rec = H *``
         [`mamba2_head_blocks`][mamba_cache.replay.tiled.mamba2_head_blocks] (its
         [`mamba2_tiles`][mamba_cache.replay.tiled.mamba2_tiles]) and ``rec_words``, the recurrent pool seen as uint64
@@ -776,7 +778,7 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
     ):
         """Replay the accepted Gated DeltaNet steps of each row into its slot, every layer, both state kinds.
 
-        Arguments as `mamba_cache.replay.kernels.replay_gdn`'s, with ``chunks_rec = H *
+        Arguments as `launch_args` lays them out, with ``chunks_rec = H *
         ceil(N / (THREADS / P))`` (a block's columns are of one head). Thread layout, the hand-over of
         the prediction and the shared keys in the module docstring; per element the operations and
         their order are [`mamba_cache.replay.kernels.gdn_column_step`][mamba_cache.replay.kernels.gdn_column_step]'s.
@@ -849,7 +851,11 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
 
 
 def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
-    """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer``; as `kernels.prepare`.
+    """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer`` over a manager's pools.
+
+    The launch starts with no positions, indices, nodes or tracking bound (the ``use_*`` flags 0); each
+    call re-points the ones it uses (``launch_class``: ``PreparedLaunch`` on a GPU, ``DispatcherLaunch``
+    under the simulator; ``placeholder``: an int32 ``[B]`` device array bound to the index arguments).
 
     The launch arguments are [`mamba_cache.replay.kernels.launch_args`][mamba_cache.replay.kernels.launch_args] (the
     backend re-points the same ones per call), the Mamba2 kernel's ``rec_words`` appended (the pool's uint64 view, or

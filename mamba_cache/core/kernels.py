@@ -35,23 +35,19 @@ from __future__ import annotations
 
 from numba import cuda
 
+from .launch import MAX_THREADS as MAX_THREADS  # the largest block (tests and benchmarks read it here)
+from .launch import slot_launch_shape
+
 #: Words each thread copies (its loads are all issued before the stores).
 WORDS_PER_THREAD = 4
-#: Largest block; smaller slots get the smallest multiple of 32 that covers them.
-MAX_THREADS = 256
 
 
 def launch_shape(*words: int) -> tuple[tuple[int, ...], int]:
     """Return ``((chunks, ...), threads)`` covering slots of ``words`` words each, in one launch.
 
-    ``threads`` is the smallest multiple of 32 (at most ``MAX_THREADS``) such that one chunk
-    of ``threads * WORDS_PER_THREAD`` words covers the largest slot, so tiny states do not launch
-    idle warps; ``chunks[i]`` is the number of such chunks per slot of ``words[i]`` words.
+    `WORDS_PER_THREAD` words per thread and chunk, by the rule of `mamba_cache.core.launch.slot_launch_shape`.
     """
-    per_thread_words = -(-max(words) // WORDS_PER_THREAD)
-    threads = min(MAX_THREADS, max(32, -(-per_thread_words // 32) * 32))
-    chunk = threads * WORDS_PER_THREAD
-    return tuple(-(-w // chunk) for w in words), threads
+    return slot_launch_shape(words, [WORDS_PER_THREAD] * len(words))
 
 
 @cuda.jit(cache=False)

@@ -53,6 +53,24 @@ class DeviceArg(NamedTuple):
     shape: tuple
 
 
+#: The most threads a copy or converting block launches (tiny slots launch fewer, whole warps).
+MAX_THREADS = 256
+
+
+def slot_launch_shape(units: Sequence[int], per_thread: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """``((chunks, ...), threads)`` of one launch covering one slot of each kind, a kind ``i`` per ``units[i]``.
+
+    A thread does ``per_thread[i]`` work units (words, groups of elements) of kind ``i`` per chunk.
+    ``threads`` is the smallest multiple of 32 (at most `MAX_THREADS`) whose chunk covers the
+    largest kind's slot, so tiny states do not launch idle warps; ``chunks[i]`` is the number of
+    such chunks per slot of kind ``i``. The copy kernels, the converting commits and the element
+    path of the precision kernels all size their blocks by this rule.
+    """
+    needed = max(-(-u // p) for u, p in zip(units, per_thread, strict=True))
+    threads = min(MAX_THREADS, max(32, -(-needed // 32) * 32))
+    return tuple(-(-u // (threads * p)) for u, p in zip(units, per_thread, strict=True)), threads
+
+
 def argument_positions(dispatcher: Any) -> dict[str, int]:
     """Each parameter name of a ``@cuda.jit`` kernel mapped to its position in the signature.
 

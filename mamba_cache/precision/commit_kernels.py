@@ -58,6 +58,7 @@ import numpy as np
 from numba import cuda
 
 from ..core.device import SIMULATOR
+from ..core.launch import slot_launch_shape
 from . import kernels
 from .kernels import (
     MODE_COPY,
@@ -73,8 +74,6 @@ from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: uint64 loads each thread issues before converting (the groups per thread follow from it).
 WORDS_IN_FLIGHT = 8
-#: Largest block.
-MAX_THREADS = 256
 
 #: The (src_e, src_m, dst_e, dst_m) pairs with a specialised conversion; the others (float64 to or
 #: from anything) run the general uint64 steps, whose larger code keeps a thread to a quarter of
@@ -107,11 +106,7 @@ def groups_per_thread(spec: tuple) -> int:
 
 def launch_shape(specs: tuple, elems: tuple) -> tuple[tuple[int, ...], int]:
     """``((chunks per kind), threads)``: the x blocks covering one slot of each kind, in one launch."""
-    groups = [-(-e // 4) for e in elems]
-    per = [groups_per_thread(s) for s in specs]
-    per_thread = max(-(-g // p) for g, p in zip(groups, per, strict=True))
-    threads = min(MAX_THREADS, max(32, -(-per_thread // 32) * 32))
-    return tuple(-(-g // (threads * p)) for g, p in zip(groups, per, strict=True)), threads
+    return slot_launch_shape([-(-e // 4) for e in elems], [groups_per_thread(s) for s in specs])
 
 
 # ---------------------------------------------------------------- Philox4x32-10 on 32-bit words

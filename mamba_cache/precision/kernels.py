@@ -43,23 +43,18 @@ import numpy as np
 from numba import cuda
 
 from ..core.device import SIMULATOR
+from ..core.launch import slot_launch_shape
 from .reference import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 
 #: Groups of 4 elements each thread converts.
 GROUPS_PER_THREAD = 2
-#: Largest block.
-MAX_THREADS = 256
 #: Conversion modes.
 MODE_COPY, MODE_NEAREST, MODE_STOCHASTIC = 0, 1, 2
 
 
 def launch_shape(*elems: int) -> tuple[tuple[int, ...], int]:
     """``((chunks, ...), threads)`` covering slots of ``elems`` elements each, in one launch."""
-    groups = [-(-e // 4) for e in elems]
-    per_thread = -(-max(groups) // GROUPS_PER_THREAD)
-    threads = min(MAX_THREADS, max(32, -(-per_thread // 32) * 32))
-    chunk = threads * GROUPS_PER_THREAD
-    return tuple(-(-g // chunk) for g in groups), threads
+    return slot_launch_shape([-(-e // 4) for e in elems], [GROUPS_PER_THREAD] * len(elems))
 
 
 @cuda.jit(device=True, inline="always")

@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NUMPY = "mamba_cache/core/numpy_backend.py"
 KERNELS = "mamba_cache/core/kernels.py"
-MANAGER = "mamba_cache/core/manager.py"
+CHECKS = "mamba_cache/core/checks.py"
+COMMITS = "mamba_cache/core/commits.py"
+SLOTS = "mamba_cache/core/slots.py"
+LAUNCH = "mamba_cache/core/launch.py"
 NUMBA = "mamba_cache/core/numba_backend.py"
 
 # The focused tests of each file, fastest-failing first (``-x`` stops at the first failure).
@@ -53,7 +56,10 @@ TESTS = {
         "tests/test_mutants.py::test_parity_on_slots_of_more_than_two_chunks",
         "tests/test_parity.py",
     ],
-    MANAGER: [*MUTANTS_CHECKS, "tests/test_slots_and_trees.py", "tests/test_bad_inputs.py"],
+    CHECKS: [*MUTANTS_CHECKS, "tests/test_slots_and_trees.py", "tests/test_bad_inputs.py"],
+    COMMITS: [*MUTANTS_CHECKS, "tests/test_slots_and_trees.py", "tests/test_bad_inputs.py"],
+    SLOTS: ["tests/test_bad_inputs.py", "tests/test_slots_and_trees.py"],
+    LAUNCH: ["tests/test_numba.py::test_launch_shape_covers_the_slot", "tests/test_golden.py", "tests/test_parity.py"],
     NUMBA: [
         "tests/test_mutants.py::test_non_contiguous_device_state_is_refused_by_restore_slot",
         "tests/test_bad_inputs.py",
@@ -125,8 +131,8 @@ MUTANTS = [
     Mutant(
         "np-skip-conv",
         NUMPY,
-        "for pool, inter in ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv)):",
-        "for pool, inter in ((pools.recurrent, pools.intermediate_recurrent),):",
+        "((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv))",
+        "((pools.recurrent, pools.intermediate_recurrent),)",
         "commit: skipped the conv state kind",
     ),
     Mutant(
@@ -139,15 +145,17 @@ MUTANTS = [
     Mutant(
         "np-capture-alias",
         NUMPY,
-        "return pool[:, slot : slot + 1].copy()",
-        "return pool[:, slot : slot + 1]",
+        "return self._export(pool[:, slot : slot + 1].copy(), pool.dtype)",
+        "return self._export(pool[:, slot : slot + 1], pool.dtype)",
         "capture: returns a view of the pool, not a copy",
     ),
     Mutant(
         "np-duplicates",
         NUMPY,
-        "if (counts > 1).any():",
-        "if (counts > 2).any():",
+        "if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses\n"
+        '            raise ValueError(\n                f"committing rows',
+        "if (counts > 2).any():  # the GPU gives no defined winner: the checked reference refuses\n"
+        '            raise ValueError(\n                f"committing rows',
         "commit: lets two rows name one slot",
     ),
     # ---- the kernels
@@ -230,60 +238,66 @@ MUTANTS = [
     ),
     Mutant(
         "k-chunks-floor",
-        KERNELS,
-        "return tuple(-(-w // chunk) for w in words), threads",
-        "return tuple(w // chunk for w in words), threads",
+        LAUNCH,
+        "return tuple(-(-u // (threads * p)) for u, p in zip(units, per_thread, strict=True)), threads",
+        "return tuple(u // (threads * p) for u, p in zip(units, per_thread, strict=True)), threads",
         "launch_shape: floor instead of ceil (the last partial chunk not launched)",
     ),
     # ---- the checks
     Mutant(
-        "m-index-le", MANAGER, "if not 0 <= index < stop:", "if not 0 <= index <= stop:", "check_index: accepts stop"
+        "m-index-le", CHECKS, "if not 0 <= index < stop:", "if not 0 <= index <= stop:", "check_index: accepts stop"
     ),
     Mutant(
         "m-size-lt",
-        MANAGER,
+        CHECKS,
         "if not low <= size <= high:",
         "if not low <= size < high:",
         "check_size: refuses the maximum",
     ),
     Mutant(
         "m-view-plus-1",
-        MANAGER,
+        COMMITS,
         "if active > view:",
         "if active > view + 1:",
         "accept_lengths one row longer than the view accepted",
     ),
     Mutant(
         "m-indices-longer",
-        MANAGER,
-        "if count != active:",
-        "if count < active:",
+        COMMITS,
+        'if count != active:\n                raise ValueError(f"state_indices',
+        'if count < active:\n                raise ValueError(f"state_indices',
         "state_indices longer than accept_lengths accepted",
     ),
     Mutant(
         "m-tree-rows",
-        MANAGER,
-        "if shape[0] != active:",
-        "if shape[0] < active:",
+        COMMITS,
+        "if shape[0] != active:\n"
+        '            raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, '
+        'got {shape[0]}")\n'
+        '        checked_positions = self._positions("scatter_accepted_tree_states"',
+        "if shape[0] < active:\n"
+        '            raise ValueError(f"accepted_node_ids must have len(accept_lengths) = {active} rows, '
+        'got {shape[0]}")\n'
+        '        checked_positions = self._positions("scatter_accepted_tree_states"',
         "tree: more node rows than accept_lengths accepted",
     ),
     Mutant(
         "m-restore-layers",
-        MANAGER,
+        SLOTS,
         "if len(states) > config.num_recurrent_layers:",
         "if len(states) > config.num_recurrent_layers + 1:",
         "restore_slot: one list entry too many accepted",
     ),
     Mutant(
         "m-max-accept",
-        MANAGER,
+        COMMITS,
         "return seq_len - 1 if self._config.verify_writes_main_pool else seq_len",
         "return seq_len - 1",
         "scatter: ignores verify_writes_main_pool",
     ),
     Mutant(
         "m-contiguous",
-        MANAGER,
+        CHECKS,
         '    if not contiguous:\n        raise ValueError(f"{name} must be contiguous")',
         '    if False:\n        raise ValueError(f"{name} must be contiguous")',
         "check_int32_array: dropped the contiguity check",

@@ -12,7 +12,7 @@ Two ops, both mixers:
     NumPy reference on 2 layers of the same sizes. Reported: device time; the ratio to the scatter
     commit of the same rows (``verify_writes_main_pool=False``: every accepted row copies a state;
     target <= 1.3); the device time of the first, one-element-per-thread kernels
-    (``mamba_cache.replay.kernels``, "first us") beside it; and the bytes it must move (state
+    (the tests' oracle, ``tests/replay_oracle.py``, "first us") beside it; and the bytes it must move (state
     read + write, conv read + write, the accepted steps' stash) over that time, against an eager
     device-to-device copy of the same byte count measured in the same run (target >= 0.8).
 ``verify_plus_commit``

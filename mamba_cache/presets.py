@@ -59,11 +59,6 @@ class ModelPreset:
     shipped_dtypes: tuple[str, str] = ("model dtype", "model dtype")
     dtype_source: str = ""
 
-    def shipped(self) -> str:
-        """``shipped_dtypes`` and their source as one line, for listings."""
-        recurrent, conv = self.shipped_dtypes
-        return f"shipped state dtypes: recurrent {recurrent}, conv {conv} ({self.dtype_source})"
-
     def config(self, batch: int, mtp: int = 0, tp: int = 1, commit_mode: str = "scatter") -> Config:
         """The cache config of one tensor-parallel rank for ``batch`` slots and MTP verify length ``mtp``.
 

@@ -6,9 +6,10 @@ Importing it picks the Numba target first (the GPU if there is one, else the CUD
 Markers (registered in ``pyproject.toml``):
 
 - ``slow``: left out of ``make test`` and run by ``make test-long`` (and by CI). Put it on a case
-  only through `simulator_long` (a case that is long only because the CUDA simulator runs
-  every thread in Python: on a GPU it stays in the default run) or on a run whose length is its
-  point (the 2000-example property profile, every PTX variant).
+  through `simulator_long` / `SIMULATOR_LONG` (a case that is long only because the CUDA simulator
+  runs every thread in Python: on a GPU it stays in the default run), or directly on a run whose
+  length is its point (the PTX / ptxas sweeps over every kernel variant). The 2000-example property
+  profile is not a marker: ``make test-long`` runs the property files with ``HYPOTHESIS_PROFILE=long``.
 - ``needs_gpu``: skipped without a CUDA GPU, with the reason.
 """
 

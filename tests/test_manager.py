@@ -321,3 +321,26 @@ def test_close_and_context_manager(backend):
     with pytest.raises(ValueError, match="closed or moved from"):
         cache.get_intermediate_recurrent_state(0)
     cache.close()  # idempotent
+
+
+def test_pools_is_a_read_only_view_of_the_live_pools(backend, rng):
+    manager = BACKENDS[backend](small_config())
+    pools = manager.pools
+    assert [name for name in pools._fields if getattr(pools, name) is not None] == list(pools._fields)
+    fill_random([manager], rng)
+    for layer in range(manager.num_layers()):  # the same memory the layer views show
+        assert (
+            to_host(manager.pools.recurrent)[layer].tobytes() == to_host(manager.get_recurrent_state(layer)).tobytes()
+        )
+        assert to_host(manager.pools.conv)[layer].tobytes() == to_host(manager.get_conv_state(layer)).tobytes()
+    manager.clear_slot(2)  # the view follows the pools
+    assert not to_host(manager.pools.recurrent)[:, 2].any() and to_host(manager.pools.recurrent)[:, 1].any()
+    if backend == "numpy":
+        with pytest.raises(ValueError, match="read-only"):
+            manager.pools.recurrent[0, 0] = 1
+    moved = manager.move()
+    assert manager.pools is None and moved.pools is not None
+    assert to_host(moved.pools.conv)[0].tobytes() == to_host(moved.get_conv_state(0)).tobytes()
+    moved.close()
+    assert moved.pools is None
+    assert BACKENDS[backend](small_config(num_recurrent_layers=0)).pools is None

@@ -890,6 +890,15 @@ def test_mamba2_tiles_cover_the_head_with_the_fewest_tiles(dim, size, packed):
     assert lanes == tiled.WARP or lanes // 2 * tiled.CPT < size, "a narrower tile would cover N"
 
 
+def test_replay_blocks_are_128_threads_on_a_gpu_and_one_warp_on_the_simulator():
+    from helpers import ON_GPU
+
+    from mamba_cache.replay import kernels, tiled
+
+    assert tiled.THREADS == kernels.THREADS
+    assert kernels.THREADS == (128 if ON_GPU else 32)  # the GPU geometry the benchmarks measured
+
+
 def test_mamba2_word_accesses_need_2_or_4_byte_elements_and_whole_words_per_thread():
     from mamba_cache.replay import tiled
 

@@ -5,8 +5,9 @@ hooks of [`BackendHooks`][mamba_cache.core.backend.BackendHooks] for its arrays 
 manager's public operations (``core/slots.py``, ``core/commits.py``) call nothing else of it. The
 prefix store (``mamba_cache.prefix``) drives the same hooks on the manager it is built on: pools
 (``_zeros``, ``_host_zeros``), streams (``_stream``), row copies (``_copy_rows``, ``_entry_to_host``,
-``_host_to_rows``), events (``_new_event``, ``_record_event``, ``_wait_event``) and index
-arguments (``_int32_array``); nothing else.
+``_host_to_rows``), events (``_new_event``, ``_record_event``, ``_wait_event``), index arguments
+(``_int32_array``), launch-cache invalidation (``_forget``) and the device context
+(``_run_on_device``), besides the manager's own state (``_check_open``, the stacked pools).
 
 Types, as the hooks take and return them (each backend fixes them; to the type checker they are
 ``Any``): an ``Array`` is a ``numpy.ndarray`` (NumPy reference) or a
@@ -53,6 +54,8 @@ class EntryStore:
     #: The entries, one ``[L, P, ...]`` array per state kind (recurrent, conv), in the main pools'
     #: dtypes and layouts: a tracking commit writes the state after step ``t`` into ``[:, entry]``.
     entry_pools: tuple[Array, Array]
+    #: ``P``, the number of entries (a tracked entry outside ``[0, P)`` tracks nothing).
+    entries: int
 
     def check_tracking(self, manager: Any, what: str) -> None:
         """Raise ``ValueError`` unless this store is open and belongs to ``manager`` (``what``: the caller)."""
@@ -148,6 +151,25 @@ class BackendHooks:
         The slot is ``indices[b]`` (``b`` when ``indices`` is None), skipped outside ``[0, B)``.
         Pools of other dtypes than their intermediate ones are converted in the same launch
         (``positions``, checked, or None: the stochastic-rounding positions, see ``_positions``).
+        """
+        raise NotImplementedError
+
+    def _replay(
+        self,
+        accept: Any,
+        indices: Any,
+        active: int,
+        seq_len: int,
+        stream: Any,
+        nodes: Any = None,
+        positions: Any = None,
+        track: Any = None,
+    ) -> None:
+        """Replay row ``b``'s steps ``0 .. accept[b] - 1`` into its slot when ``1 <= accept[b] <= V``.
+
+        With ``nodes`` (``[active, M]``, a tree): the steps are ``nodes[b, :min(accept[b], M)]``.
+        ``positions``: checked ``[active]`` int32 or None (stochastic rounding keys). ``track``:
+        ``(store, entries, steps)`` or None (prefix-store checkpoints, in the same launch).
         """
         raise NotImplementedError
 

@@ -86,9 +86,7 @@ class CommitOperations:
             if config.commit_mode == "replay":
                 sources = [("recurrent", np.float32)]
             else:
-                sources = [
-                    (kind, getattr(config, f"intermediate_{kind}_state_dtype")) for kind in ("recurrent", "conv")
-                ]
+                sources = [(kind, getattr(config, f"intermediate_{kind}_state_dtype")) for kind in KINDS]
             if any(
                 rounds_stochastically(config.stochastic_rounding, getattr(config, f"{kind}_state_dtype"), source)
                 for kind, source in sources
@@ -159,14 +157,7 @@ class CommitOperations:
         self._check_open("scatter_mtp_states")
         self._refuse_in_replay_mode("scatter_mtp_states")
         stream = self._stream(stream)
-        if store is not None or track_entries is not None or track_steps is not None:
-            tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
-            given = [name for name, value in tracking.items() if value is not None]
-            if len(given) != len(tracking):
-                raise ValueError(
-                    f"scatter_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
-                    "only; nothing was changed"
-                )
+        self._tracking_given("scatter_mtp_states", store, track_entries, track_steps)
         if not self.has_intermediate_recurrent_states():
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
@@ -336,18 +327,8 @@ class CommitOperations:
                 or ``store`` is not a prefix store.
         """
         self._check_open("replay_mtp_states")
-        tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
-        given = [name for name, value in tracking.items() if value is not None]
-        if given and len(given) != len(tracking):
-            raise ValueError(
-                f"replay_mtp_states: store, track_entries and track_steps go together; got {', '.join(given)} "
-                "only; nothing was changed"
-            )
-        if self._pools is not None and self._config.commit_mode != "replay":
-            raise ValueError(
-                "replay_mtp_states needs Config.commit_mode='replay' (this cache keeps per-step states: "
-                "use scatter_mtp_states); nothing changed"
-            )
+        self._tracking_given("replay_mtp_states", store, track_entries, track_steps)
+        self._require_replay_mode("replay_mtp_states", "scatter_mtp_states")
         stream = self._stream(stream)
         if not self._stash:
             return
@@ -361,6 +342,25 @@ class CommitOperations:
             self._replay(accept, indices, active, seq_len, stream, positions=checked_positions, track=track)
             if store is not None:
                 store.tracked_on(stream)
+
+    @staticmethod
+    def _tracking_given(what: str, store: Any, track_entries: Any, track_steps: Any) -> None:
+        """Refuse a commit given some but not all of ``store``, ``track_entries`` and ``track_steps``."""
+        tracking = {"store": store, "track_entries": track_entries, "track_steps": track_steps}
+        given = [name for name, value in tracking.items() if value is not None]
+        if given and len(given) != len(tracking):
+            raise ValueError(
+                f"{what}: store, track_entries and track_steps go together; got {', '.join(given)} only; "
+                "nothing was changed"
+            )
+
+    def _require_replay_mode(self, what: str, instead: str) -> None:
+        """Refuse a replay commit on a cache that keeps per-step states (naming the commit to use)."""
+        if self._pools is not None and self._config.commit_mode != "replay":
+            raise ValueError(
+                f"{what} needs Config.commit_mode='replay' (this cache keeps per-step states: use {instead}); "
+                "nothing changed"
+            )
 
     def _tracking(self, what: str, store: Any, track_entries: Any, track_steps: Any, active: int, stream: Any) -> tuple:
         """Check a commit's tracking arguments (the store, ``track_entries`` / ``track_steps`` ``[active]``).
@@ -413,11 +413,7 @@ class CommitOperations:
             TypeError: an array is of the wrong kind or not int32; or ``stream`` is of an unknown kind.
         """
         self._check_open("replay_accepted_tree_states")
-        if self._pools is not None and self._config.commit_mode != "replay":
-            raise ValueError(
-                "replay_accepted_tree_states needs Config.commit_mode='replay' (this cache keeps per-step "
-                "states: use scatter_accepted_tree_states); nothing changed"
-            )
+        self._require_replay_mode("replay_accepted_tree_states", "scatter_accepted_tree_states")
         stream = self._stream(stream)
         if not self._stash:
             return
@@ -429,22 +425,3 @@ class CommitOperations:
         if active and shape[1]:
             seq_len = self._verify_shape[1]
             self._replay(accept, indices, active, seq_len, stream, nodes=nodes, positions=checked_positions)
-
-    def _replay(
-        self,
-        accept: Any,
-        indices: Any,
-        active: int,
-        seq_len: int,
-        stream: Any,
-        nodes: Any = None,
-        positions: Any = None,
-        track: Any = None,
-    ) -> None:
-        """Replay row ``b``'s steps ``0 .. accept[b] - 1`` into its slot when ``1 <= accept[b] <= V``.
-
-        With ``nodes`` (``[active, M]``, a tree): the steps are ``nodes[b, :min(accept[b], M)]``.
-        ``positions``: checked ``[active]`` int32 or None (stochastic rounding keys). ``track``:
-        ``(store, entries, steps)`` or None (prefix-store checkpoints, in the same launch).
-        """
-        raise NotImplementedError

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from numba import cuda
 
-from .launch import MAX_THREADS as MAX_THREADS  # the largest block (tests and benchmarks read it here)
+from .launch import MAX_THREADS as MAX_THREADS  # the largest block (the tests read it here)
 from .launch import slot_launch_shape
 
 #: Words each thread copies (its loads are all issued before the stores).

@@ -151,7 +151,7 @@ class NumbaMambaCacheManager(MambaCacheManagerBase):
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
         if config.has_replay_stash and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
-            # the replay kernel keeps a key-dim column per thread (mamba_cache.replay.kernels.MAX_KEY_DIM)
+            # a column of the state is split over at most MAX_KEY_DIM / 32 threads (mamba_cache.replay.tiled)
             raise ConfigError(
                 "recurrent_state_head_dim (the Gated DeltaNet key dim) must be <= 256 for the Numba replay "
                 f"commit, got {config.recurrent_state_head_dim}"

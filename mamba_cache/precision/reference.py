@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "rounds_stochastically",
     "FORMATS",
     "STATE_DTYPE_NAMES",
     "bfloat16",
@@ -46,6 +45,7 @@ __all__ = [
     "dtype_format",
     "philox4x32_10",
     "rounding_bits",
+    "rounds_stochastically",
     "storage_dtype",
 ]
 
@@ -258,7 +258,7 @@ def convert(
     src_size, dst_size = values.dtype.itemsize, dtype.itemsize
     bits = values.view(f"u{src_size}")
     random = None
-    if stochastic and dst_size == 2 and src_size >= 4:
+    if rounds_stochastically(stochastic, dtype, values.dtype):
         batch = values.shape[:-1]
         layer = np.broadcast_to(np.asarray(layer, np.int64), batch)
         random = rounding_bits(

@@ -58,7 +58,7 @@ from ..precision.kernels import (
 #: thread, so there a block is one warp (the same code and index math, four times fewer threads to
 #: run through each barrier); the GPU test suite runs 128.
 THREADS = 32 if SIMULATOR else 128
-#: Largest Gated DeltaNet key dim D (the generic kernel's per-thread column is a local array of this size).
+#: Largest Gated DeltaNet key dim D (a column's values in registers: at most ``MAX_KEY_DIM / 32`` parts of 32).
 MAX_KEY_DIM = 256
 
 

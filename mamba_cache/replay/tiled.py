@@ -100,6 +100,7 @@ from .kernels import (
     ROUND_BF16,
     ROUND_HALF,
     ROUND_STORED,
+    THREADS,
     _position,
     _replay_conv,
     _rounder,
@@ -117,8 +118,6 @@ from .kernels import (
     round_bfloat16,
 )
 
-#: Threads per block (128 on a GPU, one warp under the simulator: see ``mamba_cache.replay.kernels.THREADS``).
-THREADS = 32 if SIMULATOR else 128
 #: Most lanes side by side in a Mamba2 tile (a warp then covers up to ``WARP * CPT`` consecutive columns).
 WARP = 32
 #: Consecutive state rows (d) each Mamba2 thread keeps in registers: a float32 tile of ``RPT x CPT``

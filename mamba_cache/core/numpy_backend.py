@@ -330,7 +330,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
 
     def _committing_slots(self, slots: np.ndarray, ok: np.ndarray, what: str) -> np.ndarray:
         """The rows where ``ok`` and the slot is in ``[0, B)``; refuses two of them naming one slot."""
-        ok = ok & (slots >= 0) & (slots < self._config.max_batch_size)
+        in_range = (slots >= 0) & (slots < self._config.max_batch_size)
+        ok = ok & in_range
         rows = np.flatnonzero(ok)
         targets, counts = np.unique(slots[rows], return_counts=True)
         if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses

@@ -462,6 +462,12 @@ def test_other_commits_are_refused_in_checkpoint_mode_and_it_elsewhere(rng):
             other.materialize(np.zeros(1, np.int32))
         with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
             other.get_history(0)
+        with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
+            other.set_positions(np.zeros(1, np.int32), np.zeros(1, np.int64))
+        write_pool(other, "recurrent", rng.standard_normal(other.pools.recurrent.shape).astype(F32))
+        recurrent, conv = other.current_state(4)  # the main pools' state in the other modes
+        assert np.stack([a[0] for a in recurrent]).tobytes() == other.pools.recurrent[:, 4].tobytes()
+        assert np.stack([a[0] for a in conv]).tobytes() == other.pools.conv[:, 4].tobytes()
 
 
 @pytest.mark.parametrize(

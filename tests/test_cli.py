@@ -240,6 +240,20 @@ def test_plan_commit_mode_replay_by_hand(capsys):
     assert commit_mode_rows(scatter)[1] == rows
 
 
+def test_plan_commit_mode_checkpoint_by_hand(capsys):
+    # As the replay case above, with R = S = 4: the ring is the stash's 22,216,704 B plus 12 B of counters
+    # per slot (8 x 12 = 96): 22,216,800 B = 21.19 MiB; per sequence 28,925,952 + 12 = 28,925,964 B.
+    args = ["--preset", "nemotron-h-8b", "--batch", "8", "--mtp", "4", "--tp", "2", "--budget", "20GiB"]
+    lines = plan_lines(capsys, *args, "--commit-mode", "checkpoint")
+    text = "\n".join(lines)
+    assert "replay_stash" not in text and "intermediate_recurrent" not in text and "history " in text
+    assert "history ring (R = 4) per slot and step (mamba2): dA [64] float32" in " ".join(text.split())
+    _, rows = commit_mode_rows(lines)
+    assert rows["checkpoint"] == ["checkpoint", "199.50 MiB", "21.19 MiB", "220.69 MiB", "27.59 MiB", "742"]
+    assert "per sequence (one slot, every pool): 27.59 MiB (28925964 bytes)" in text
+    assert "\n* checkpoint " in text and "\n  replay " in text
+
+
 def test_plan_commit_mode_replay_gdn_by_hand(capsys):
     # Qwen3-Next, batch 32, MTP 4: g 32 x 4 + beta 32 x 4 + k 16 x 128 x 4 + v 32 x 128 x 4 + conv 8192 x 2
     # = 41,216 B per row and step; x 36 layers x 32 rows x 4 steps = 189,923,328 B = 181.12 MiB.

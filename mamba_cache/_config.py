@@ -10,6 +10,7 @@ Dimension letters used throughout the package:
     C  conv_dim                   conv1d channels
     K  conv_kernel                conv1d kernel width
     S  max_intermediate_seq_len   MTP verify length the intermediate buffers hold (0 = MTP off)
+    R  history_len                checkpoint mode: steps of the history ring per slot (R >= S)
     V  (per call)                 the current verify length, 1 <= V <= S
     G  n_groups                   Mamba2's B/C groups, or Gated DeltaNet's key heads (H % G == 0)
     P  (prefix store)             entries of a prefix-state store
@@ -35,8 +36,9 @@ __all__ = ["Config", "ConfigError", "format_bytes"]
 #: from ml_dtypes (the Numba backend stores it as uint16 raw bits).
 SUPPORTED_DTYPES = (np.dtype(np.float16), bfloat16, np.dtype(np.float32), np.dtype(np.float64))
 
-#: ``Config.commit_mode`` values: keep every per-step state and copy one, or replay the accepted steps.
-COMMIT_MODES = ("scatter", "replay")
+#: ``Config.commit_mode`` values: keep every per-step state and copy one, replay the accepted steps, or keep
+#: a checkpoint and a history ring of steps past it (checkpointed decoding).
+COMMIT_MODES = ("scatter", "replay", "checkpoint")
 #: ``Config.mixer`` values: the recurrence a replay commit recomputes.
 MIXERS = ("mamba2", "gdn")
 
@@ -115,18 +117,23 @@ class Config:
         verify_writes_main_pool: True (the seed's behaviour) when the MTP verify pass also writes
             the state after all ``V`` tokens into the main pool, so a full accept needs no copy;
             False when it leaves the main pool untouched, so ``accept_lengths[b] == V`` commits
-            step ``V - 1`` too. Normalised to False in replay mode (the verify pass never writes
-            the main pools there).
+            step ``V - 1`` too. Normalised to False in replay and checkpoint mode (the verify pass
+            never writes the main pools there).
         intermediate_recurrent_state_dtype: dtype of the per-step recurrent states; ``None`` (the
             default) means ``recurrent_state_dtype``. Commits convert in the same launch.
         intermediate_conv_state_dtype: likewise for the per-step conv states.
         stochastic_rounding: round stochastically (instead of to nearest even) wherever a float32
             value, or a wider state, is stored into a 16-bit state.
         rounding_seed: the seed of the stochastic-rounding bits (an int in ``[0, 2**64)``).
-        commit_mode: ``"scatter"`` (keep every per-step state, copy the accepted one) or
-            ``"replay"`` (keep a small per-step stash, recompute the accepted state).
+        commit_mode: ``"scatter"`` (keep every per-step state, copy the accepted one),
+            ``"replay"`` (keep a small per-step stash, recompute the accepted state) or
+            ``"checkpoint"`` (keep a checkpoint in the main pools and a ring of ``history_len``
+            stashed steps past it; a commit only counts the accepted steps, and folds them into
+            the checkpoint when the ring could not hold another verify window).
         mixer: ``"mamba2"`` or ``"gdn"`` (Gated DeltaNet): the recurrence a replay commit runs.
         n_groups: G, Mamba2's B/C groups or Gated DeltaNet's key heads; must divide H.
+        history_len: R, the steps of the history ring per slot in checkpoint mode; there it must
+            be ``>= max_intermediate_seq_len >= 1``; 0 (the default) in the other modes.
 
     Raises:
         ConfigError: a field is invalid; the message names it, its value and the allowed range.
@@ -150,6 +157,7 @@ class Config:
     commit_mode: str = "scatter"
     mixer: str = "mamba2"
     n_groups: int = 1
+    history_len: int = 0
 
     def __post_init__(self) -> None:
         for name in ("verify_writes_main_pool", "stochastic_rounding"):
@@ -160,8 +168,15 @@ class Config:
         for name, allowed in (("commit_mode", COMMIT_MODES), ("mixer", MIXERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
-        if self.commit_mode == "replay":
+        if self.commit_mode in ("replay", "checkpoint"):
             object.__setattr__(self, "verify_writes_main_pool", False)
+        history = _as_int("history_len", self.history_len)
+        if history < 0 or (history and self.commit_mode != "checkpoint"):
+            raise ConfigError(
+                f"history_len must be 0 unless commit_mode='checkpoint' (and >= 0), got {history} "
+                f"with commit_mode={self.commit_mode!r}"
+            )
+        object.__setattr__(self, "history_len", history)
         seed = _as_int("rounding_seed", self.rounding_seed)
         if not 0 <= seed < 2**64:
             raise ConfigError(f"rounding_seed must be in [0, 2**64), got {seed}")
@@ -195,6 +210,17 @@ class Config:
                 f"got {groups}"
             )
         object.__setattr__(self, "n_groups", groups)
+        if self.commit_mode == "checkpoint":
+            if seq < 1:
+                raise ConfigError(
+                    "max_intermediate_seq_len must be >= 1 with commit_mode='checkpoint' (the ring holds verify "
+                    f"windows), got {seq}"
+                )
+            if history < seq:
+                raise ConfigError(
+                    f"history_len must be >= max_intermediate_seq_len ({seq}) with commit_mode='checkpoint' "
+                    f"(a verify window must fit in the ring), got {history}"
+                )
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -211,6 +237,11 @@ class Config:
     def has_replay_stash(self) -> bool:
         """True when the replay stash is allocated (layers, ``S > 0``, replay mode)."""
         return self.enabled and self.max_intermediate_seq_len > 0 and self.commit_mode == "replay"
+
+    @property
+    def has_history(self) -> bool:
+        """True when the checkpoint mode's history ring is allocated (layers, checkpoint mode)."""
+        return self.enabled and self.commit_mode == "checkpoint"
 
     @property
     def replay_stash_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -279,9 +310,11 @@ class Config:
         """Bytes of each pool, all layers together.
 
         Returns:
-            ``{"recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash"}``
-            to byte counts; all 0 when ``num_recurrent_layers == 0``; the intermediate ones 0 when
-            MTP is off or in replay mode, the stash 0 unless in replay mode.
+            ``{"recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash",
+            "history"}`` to byte counts; all 0 when ``num_recurrent_layers == 0``; the intermediate
+            ones 0 when MTP is off or not in scatter mode, the stash 0 unless in replay mode; the
+            history (checkpoint mode only) is ``L * B * R`` steps of the replay stash's fields plus
+            the per-slot counters (``h`` int32 and ``p0`` int64: 12 bytes a slot).
         """
         if not self.enabled:
             return dict.fromkeys(_POOLS, 0)
@@ -294,6 +327,7 @@ class Config:
             "intermediate_recurrent": 0,
             "intermediate_conv": 0,
             "replay_stash": 0,
+            "history": 0,
         }
         if self.has_intermediate_states:
             pools["intermediate_recurrent"] = rec * seq * self.intermediate_recurrent_state_dtype.itemsize
@@ -301,6 +335,9 @@ class Config:
         if self.has_replay_stash:
             per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
             pools["replay_stash"] = layers * slots * seq * per_step
+        if self.has_history:
+            per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
+            pools["history"] = layers * slots * self.history_len * per_step + slots * _COUNTER_BYTES
         return pools
 
     @property
@@ -366,6 +403,11 @@ class Config:
             n_groups=groups,
         )
 
+    def in_commit_mode(self, mode: str) -> Config:
+        """This config in another commit mode (``history_len`` kept, at least S, in checkpoint mode; else 0)."""
+        history = max(self.history_len, self.max_intermediate_seq_len) if mode == "checkpoint" else 0
+        return dataclasses.replace(self, commit_mode=mode, history_len=history)
+
     def memory_table(self, *, compare_commit_modes: bool = True) -> str:
         """A plain-text table of each pool's per-layer shape, dtype and bytes, with the total.
 
@@ -383,6 +425,7 @@ class Config:
             ),
             "intermediate_conv": (self.intermediate_conv_state_shape, self.intermediate_conv_state_dtype),
             "replay_stash": ((self.max_batch_size, self.max_intermediate_seq_len, "fields"), "mixed"),
+            "history": ((self.max_batch_size, self.history_len, "fields"), "mixed"),
         }
         for pool, nbytes in self.pool_bytes().items():
             shape, dtype = shapes[pool]
@@ -398,8 +441,8 @@ class Config:
         return "\n".join(lines)
 
     def _commit_mode_table(self) -> str:
-        """The speculative-decoding buffers of both commit modes side by side (same batch and S)."""
-        modes = {mode: dataclasses.replace(self, commit_mode=mode).pool_bytes() for mode in COMMIT_MODES}
+        """The speculative-decoding buffers of the scatter and replay modes side by side (same batch and S)."""
+        modes = {mode: self.in_commit_mode(mode).pool_bytes() for mode in ("scatter", "replay")}
         per_step = {
             "scatter": modes["scatter"]["intermediate_recurrent"] + modes["scatter"]["intermediate_conv"],
             "replay": modes["replay"]["replay_stash"],
@@ -417,4 +460,6 @@ class Config:
         return "\n".join(lines)
 
 
-_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash")
+_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash", "history")
+#: Bytes of the per-slot counters of checkpoint mode: ``h`` (int32) and ``p0`` (int64).
+_COUNTER_BYTES = 4 + 8

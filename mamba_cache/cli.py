@@ -35,6 +35,7 @@ WIDTH = 100
 PER_STEP_BUFFERS = {
     "scatter": "per-step states",
     "replay": "stash",
+    "checkpoint": "history ring (R = S)",
 }
 
 
@@ -88,7 +89,8 @@ def _commit_mode_table(config, budget: int | None) -> str:
     """Each commit mode's main pools, per-step buffers, total, bytes per sequence and batch in ``budget``.
 
     The bytes are ``Config.pool_bytes()`` of the config in that mode: the main pools are the
-    ``recurrent`` and ``conv`` pools, every other pool is a per-step buffer of the mode.
+    ``recurrent`` and ``conv`` pools, every other pool is a per-step buffer of the mode (checkpoint
+    mode: the history ring of ``Config.in_commit_mode``, ``R = max(history_len, S)``, with its counters).
     """
     header = ["commit mode", "main pools", "per-step buffers", "total", "per sequence"]
     if budget is not None:
@@ -96,7 +98,7 @@ def _commit_mode_table(config, budget: int | None) -> str:
     rows = [header]
     per_step = {}
     for mode in PER_STEP_BUFFERS:
-        mode_config = dataclasses.replace(config, commit_mode=mode)
+        mode_config = config.in_commit_mode(mode)
         pools = mode_config.pool_bytes()
         main = pools["recurrent"] + pools["conv"]
         per_step[mode] = mode_config.total_bytes - main
@@ -110,7 +112,8 @@ def _commit_mode_table(config, budget: int | None) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     kinds = ", ".join(f"{mode} {buffers}" for mode, buffers in PER_STEP_BUFFERS.items())
-    lines.append(f"(*) the pools above: --commit-mode {config.commit_mode}; per-step buffers: {kinds}")
+    lines.append(f"(*) the pools above: --commit-mode {config.commit_mode}")
+    lines.append(_wrap(f"per-step buffers: {kinds}"))
     scatter = per_step["scatter"]
     for mode in PER_STEP_BUFFERS:
         if mode != "scatter" and scatter:
@@ -120,12 +123,17 @@ def _commit_mode_table(config, budget: int | None) -> str:
 
 
 def _stash_line(config) -> str:
-    """The replay stash of one row and one step, field by field."""
+    """The replay stash of one row and one step (checkpoint mode: the ring of one slot and step), field by field."""
     fields = ", ".join(
         f"{name} [{', '.join(map(str, shape))}] {np.dtype(dtype).name}"
         for name, (shape, dtype) in config.replay_stash_fields.items()
     )
-    return _wrap(f"replay stash per row and step ({config.mixer}): {fields}", "  ")
+    what = (
+        f"history ring (R = {config.history_len}) per slot and step"
+        if config.has_history
+        else "replay stash per row and step"
+    )
+    return _wrap(f"{what} ({config.mixer}): {fields}", "  ")
 
 
 def _plan(args) -> int:
@@ -155,7 +163,7 @@ def _plan(args) -> int:
         f"per rank: {config.recurrent_state_num_heads} heads, {config.conv_dim} conv channels, "
         f"{config.n_groups} group{'s' * (config.n_groups != 1)}, mixer {config.mixer}"
     )
-    if config.has_replay_stash:
+    if config.has_replay_stash or config.has_history:
         print(_stash_line(config))
     print()
     print(config.memory_table(compare_commit_modes=False))

@@ -64,7 +64,8 @@ class ModelPreset:
 
         ``mixer`` and ``n_groups`` come from the preset (a rank whose ``tp`` does not divide the
         groups keeps them all; its config then says ``n_groups=1``, as the uniform head-to-group map
-        of a replay commit cannot express that split).
+        of a replay commit cannot express that split). In checkpoint mode the history ring holds
+        ``mtp`` steps (``history_len = max_intermediate_seq_len``: a fold at every commit).
 
         Raises:
             ConfigError: a bad batch, mtp or tp (tp must divide the heads).
@@ -81,6 +82,7 @@ class ModelPreset:
             recurrent_state_dtype=self.recurrent_state_dtype,
             conv_state_dtype=self.conv_state_dtype,
             commit_mode=commit_mode,
+            history_len=mtp if commit_mode == "checkpoint" else 0,
             mixer=self.mixer,
             n_groups=self.n_groups if not (isinstance(tp, int) and tp > 1 and self.n_groups % tp) else 1,
         )

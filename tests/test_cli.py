@@ -37,7 +37,8 @@ def assert_one_line_error(result, *words):
         (["--budget", "-5GiB"], ["argument --budget: value must be >= 0", "'-5GiB'"]),
         (["--budget", "nan"], ["argument --budget: value must be a number and a unit"]),
         (["--budget"], ["--budget: expected one argument"]),
-        (["--commit-mode", "checkpoint"], ["--commit-mode: invalid choice: 'checkpoint'", "'scatter', 'replay'"]),
+        (["--commit-mode", "rewind"], ["--commit-mode: invalid choice: 'rewind'", "'scatter', 'replay', 'checkpoint'"]),
+        (["--commit-mode", "checkpoint"], ["max_intermediate_seq_len must be >= 1", "commit_mode='checkpoint'"]),
         (["--batch", "-1"], ["max_batch_size must be >= 1, got -1"]),
         (["--batch", "x"], ["--batch: invalid int value: 'x'"]),
         (["--mtp", "-3"], ["max_intermediate_seq_len must be >= 0", "-3"]),
@@ -237,6 +238,20 @@ def test_plan_commit_mode_replay_by_hand(capsys):
     scatter = plan_lines(capsys, *args)  # the default mode: scatter's pools, the same comparison
     assert "intermediate_recurrent" in "\n".join(scatter) and "per rank: 164" in "\n".join(scatter)
     assert commit_mode_rows(scatter)[1] == rows
+
+
+def test_plan_commit_mode_checkpoint_by_hand(capsys):
+    # As the replay case above, with R = S = 4: the ring is the stash's 22,216,704 B plus 12 B of counters
+    # per slot (8 x 12 = 96): 22,216,800 B = 21.19 MiB; per sequence 28,925,952 + 12 = 28,925,964 B.
+    args = ["--preset", "nemotron-h-8b", "--batch", "8", "--mtp", "4", "--tp", "2", "--budget", "20GiB"]
+    lines = plan_lines(capsys, *args, "--commit-mode", "checkpoint")
+    text = "\n".join(lines)
+    assert "replay_stash" not in text and "intermediate_recurrent" not in text and "history " in text
+    assert "history ring (R = 4) per slot and step (mamba2): dA [64] float32" in " ".join(text.split())
+    _, rows = commit_mode_rows(lines)
+    assert rows["checkpoint"] == ["checkpoint", "199.50 MiB", "21.19 MiB", "220.69 MiB", "27.59 MiB", "742"]
+    assert "per sequence (one slot, every pool): 27.59 MiB (28925964 bytes)" in text
+    assert "\n* checkpoint " in text and "\n  replay " in text
 
 
 def test_plan_commit_mode_replay_gdn_by_hand(capsys):

@@ -54,6 +54,7 @@ def test_field_order_is_the_documented_one():
         "commit_mode",
         "mixer",
         "n_groups",
+        "history_len",
     ]
 
 
@@ -123,6 +124,7 @@ def test_byte_accounting_by_hand():
         "intermediate_recurrent": 5040,
         "intermediate_conv": 2112,
         "replay_stash": 0,
+        "history": 0,
     }
     assert config.total_bytes == 9536
     fp32 = Config(**{**VALID, "recurrent_state_dtype": "float32", "max_intermediate_seq_len": 0})
@@ -132,6 +134,7 @@ def test_byte_accounting_by_hand():
         "intermediate_recurrent": 0,
         "intermediate_conv": 0,
         "replay_stash": 0,
+        "history": 0,
     }
 
 

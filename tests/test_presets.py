@@ -21,6 +21,7 @@ def test_mamba2_130m_by_hand():
         "intermediate_recurrent": 0,
         "intermediate_conv": 0,
         "replay_stash": 0,
+        "history": 0,
     }
     assert config.total_bytes == 78_249_984
 
@@ -37,6 +38,7 @@ def test_nemotron_h_8b_mtp_tp2_by_hand():
         "intermediate_recurrent": 805_306_368,
         "intermediate_conv": 31_457_280,
         "replay_stash": 0,
+        "history": 0,
     }
     assert config.total_bytes == 1_045_954_560
     assert config.max_batch_size_for(20 * 2**30) == 164  # 21,474,836,480 // 130,744,320

@@ -258,6 +258,37 @@ class BackendHooks:
         """
         raise NotImplementedError
 
+    # ------------------------------------------------------------ checkpoint mode (core/checkpoint.py)
+    def _checkpoint_commit(
+        self, accept: IndexArg, indices: IndexArg | None, active: int, seq_len: int, stream: Stream
+    ) -> None:
+        """Count row ``b``'s ``accept[b]`` ring steps into its slot, folding when ``h' + S > R``.
+
+        See ``checkpoint_mtp_states``: rows with ``accept[b]`` outside ``[1, seq_len]`` or a slot
+        outside ``[0, B)`` are skipped; the NumPy reference refuses repeated committing slots.
+        """
+        raise NotImplementedError
+
+    def _materialize(self, slots: IndexArg, count: int, stream: Stream) -> None:
+        """Fold each listed slot (its ``h`` ring steps) into its checkpoint; ``p0 += h``, ``h = 0``."""
+        raise NotImplementedError
+
+    def _folded(self, slot: int, stream: Stream) -> tuple[Array, Array]:
+        """New ``(recurrent [L, 1, H, D, N], conv [L, 1, C, K])`` arrays: slot ``slot`` after ``p0 + h`` tokens."""
+        raise NotImplementedError
+
+    def _copy_folded(self, src: IndexArg, dst: IndexArg, count: int, stream: Stream) -> None:
+        """``copy_slots`` in checkpoint mode: each destination gets its source's folded state, ``p0 + h`` and ``h = 0``.
+
+        Pairs with a slot out of range are skipped; the NumPy reference refuses repeated
+        destinations and destinations that are also sources. Sources are unchanged.
+        """
+        raise NotImplementedError
+
+    def _reset_checkpoints(self, slots: np.ndarray | None, positions: np.ndarray | None, stream: Stream) -> None:
+        """``h[slots] = 0`` and, given ``positions`` (host int64), ``p0[slots] = positions``; ``slots`` None: all."""
+        raise NotImplementedError
+
     def _state_array(self, name: str, array: Any, shape: Shape, dtype: np.dtype) -> Array:
         """Check one captured state against a pool slot (kind, device, dtype, shape); return a handle."""
         raise NotImplementedError

@@ -27,8 +27,10 @@ class CommitOperations:
         The verify pass writes its per-token states contiguously from the start of each layer's
         buffer; afterwards each intermediate tensor is a view of the first
         ``active_batch_size * seq_len * elems`` elements. No data moves. In replay mode the
-        stash views (``get_replay_stash``) are reshaped the same way. No-op without
-        intermediate buffers or stash.
+        stash views (``get_replay_stash``) are reshaped the same way. In checkpoint mode only
+        the view is recorded (``[active, V]``: the rows a commit may name, the window it counts
+        in); the ring views (``get_history``) stay ``[B, R, ...]``. No-op without intermediate
+        buffers, stash or ring.
 
         Args:
             active_batch_size: in ``[1, B]``.
@@ -39,7 +41,7 @@ class CommitOperations:
             TypeError: an argument is not an integer.
         """
         self._check_open("reshape_intermediate_states")
-        if not self.has_intermediate_recurrent_states() and not self._stash:
+        if not self.has_intermediate_recurrent_states() and not self._stash and not self._history:
             return
         config = self._config
         active = check_size("active_batch_size", active_batch_size, 1, config.max_batch_size)
@@ -228,11 +230,27 @@ class CommitOperations:
 
     # ------------------------------------------------------------ replay commit
     def _refuse_in_replay_mode(self, what: str) -> None:
+        """Refuse a scatter commit on a cache that keeps no per-step states (naming the commit to use)."""
         if self._config.commit_mode == "replay":
             raise ValueError(
                 f"{what}: this cache has commit_mode='replay' and keeps no per-step states; "
                 "commit with replay_mtp_states / replay_accepted_tree_states instead (nothing changed)"
             )
+        self._refuse_in_checkpoint_mode(what)
+
+    def _refuse_in_checkpoint_mode(self, what: str) -> None:
+        """Refuse a scatter, replay or tree commit in checkpoint mode (naming ``checkpoint_mtp_states``)."""
+        if self._pools is None or self._config.commit_mode != "checkpoint":
+            return
+        if "tree" in what:
+            raise ValueError(
+                f"{what}: commit_mode='checkpoint' has no tree commit: an accepted tree path is not contiguous "
+                "in the history ring (a commit only counts accepted ring steps); nothing changed"
+            )
+        raise ValueError(
+            f"{what}: this cache has commit_mode='checkpoint' and keeps a history ring; commit with "
+            "checkpoint_mtp_states instead (nothing changed)"
+        )
 
     def has_replay_stash(self) -> bool:
         """True when the replay stash is allocated (``commit_mode='replay'``, layers, ``S > 0``)."""
@@ -255,6 +273,11 @@ class CommitOperations:
         """
         self._require_pools("get_replay_stash")
         index = check_index("recurrent_layer_idx", recurrent_layer_idx, self._config.num_recurrent_layers)
+        if self._history:
+            raise ValueError(
+                "get_replay_stash: commit_mode='checkpoint' keeps no replay stash; the verify pass writes the "
+                "history ring (get_history) instead"
+            )
         if not self._stash:
             raise ValueError(
                 "get_replay_stash: no replay stash is allocated (needs commit_mode='replay' and "
@@ -355,7 +378,8 @@ class CommitOperations:
             )
 
     def _require_replay_mode(self, what: str, instead: str) -> None:
-        """Refuse a replay commit on a cache that keeps per-step states (naming the commit to use)."""
+        """Refuse a replay commit on a cache that keeps per-step states or a ring (naming the commit to use)."""
+        self._refuse_in_checkpoint_mode(what)
         if self._pools is not None and self._config.commit_mode != "replay":
             raise ValueError(
                 f"{what} needs Config.commit_mode='replay' (this cache keeps per-step states: use {instead}); "

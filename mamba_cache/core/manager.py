@@ -6,6 +6,7 @@ The manager is assembled from parts a reader can find by name, each written once
   the layer and intermediate views, the queries, copy / move / close;
 - ``core/slots.py``: clear, capture, copy, restore, save and load slots;
 - ``core/commits.py``: the verify view (reshape) and the scatter, tree and replay commits;
+- ``core/checkpoint.py``: checkpoint mode's ring, counters, commit and folds;
 - ``core/checks.py``: the argument checks (they name the argument and its range);
 - ``core/backend.py``: the hooks a backend binds to its arrays and streams (the declared interface).
 
@@ -17,6 +18,8 @@ Storage, per state kind, is ONE allocation holding all layers (see ``docs/concep
     conv                    [L, B, C, K]
     intermediate recurrent  [L, B*S*H*D*N]   flat per layer: the verify pass writes it as
     intermediate conv       [L, B*S*C*K]     [active, V, ...] from the start of the layer
+    replay stash field      [L, B*S*elems]   (replay mode) likewise
+    history ring field      [L, B*R*elems]   (checkpoint mode) [B, R, ...]: indexed by slot and ring step
 
 Layer tensors handed out are views of these allocations.
 """
@@ -30,6 +33,7 @@ import numpy as np
 
 from .._config import Config, format_bytes
 from .backend import BackendHooks, StatePools
+from .checkpoint import CheckpointOperations
 from .checks import check_index
 from .commits import CommitOperations
 from .slots import SlotOperations
@@ -39,7 +43,7 @@ logger = logging.getLogger("mamba_cache")
 __all__ = ["MambaCacheManagerBase"]
 
 
-class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
+class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperations, BackendHooks):
     """Per-layer Mamba (recurrent + conv) state manager.
 
     The interface both backends share, documented once here; the NumPy reference,
@@ -85,6 +89,13 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
         main_pools, stash_steps = len(shapes), config.max_batch_size * config.max_intermediate_seq_len
         for shape, dtype in stash_fields.values():
             shapes.append(((layers, stash_steps * int(np.prod(shape))), dtype))
+        # Checkpoint mode: one allocation per ring field, [L, B*R*elems], then the counters h and p0.
+        ring_fields = config.replay_stash_fields if config.has_history else {}
+        ring_steps = config.max_batch_size * config.history_len
+        for shape, dtype in ring_fields.values():
+            shapes.append(((layers, ring_steps * int(np.prod(shape))), dtype))
+        if ring_fields:
+            shapes += [((config.max_batch_size,), np.dtype(np.int32)), ((config.max_batch_size,), np.dtype(np.int64))]
         pools: list = []
         try:
             for shape, dtype in shapes:
@@ -93,7 +104,11 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
             pools.clear()  # leave no partial allocation behind
             self._release_partial()
             raise
-        self._stash = dict(zip(stash_fields, pools[main_pools:], strict=True))
+        extra = pools[main_pools:]
+        self._stash = dict(zip(stash_fields, extra[: len(stash_fields)], strict=True))
+        if ring_fields:
+            self._history = dict(zip(ring_fields, extra[: len(ring_fields)], strict=True))
+            self._history_lengths, self._checkpoint_positions = extra[len(ring_fields) :]
         pools = pools[:main_pools]
         rec, conv, inter_rec, inter_conv = pools + [None] * (4 - len(pools))
         self._config = config
@@ -116,6 +131,9 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
         self._capture_outs: dict = {}
         self._closed = False
         self._stash: dict = {}  # replay mode: stash field name -> [L, B*S*elems] pool
+        self._history: dict = {}  # checkpoint mode: ring field name -> [L, B*R*elems] pool
+        self._history_lengths = None  # checkpoint mode: h, int32 [B], ring steps past the checkpoint
+        self._checkpoint_positions = None  # checkpoint mode: p0, int64 [B], tokens the checkpoint consumed
 
     def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)`` with this manager's device current (the Numba backend's override).
@@ -157,6 +175,11 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
             raise ValueError(
                 f"get_intermediate_{kind}_state: commit_mode='replay' keeps no per-step states; "
                 "the verify pass writes the replay stash (get_replay_stash) instead"
+            )
+        if flat is None and self._config.commit_mode == "checkpoint":
+            raise ValueError(
+                f"get_intermediate_{kind}_state: commit_mode='checkpoint' keeps no per-step states; "
+                "the verify pass writes the history ring (get_history) instead"
             )
         if flat is None:
             raise RuntimeError(
@@ -218,12 +241,15 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
 
         ``(B, S)`` until the first reshape; ``(0, 0)`` without intermediate buffers.
         """
-        return self._verify_shape if self.has_intermediate_recurrent_states() or self._stash else (0, 0)
+        has_view = self.has_intermediate_recurrent_states() or self._stash or self._history
+        return self._verify_shape if has_view else (0, 0)
 
     def get_recurrent_state(self, recurrent_layer_idx: int) -> Any:
         """The recurrent state of one layer: a view of the pool, ``[B, H, D, N]``, recurrent dtype.
 
-        Writes through the view change the cache.
+        Writes through the view change the cache. In checkpoint mode the pool holds each slot's
+        checkpoint (the state after ``p0`` tokens), not the state after the ``h`` ring steps past
+        it: read that with ``current_state`` (or fold it in with ``materialize``).
 
         Raises:
             IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers (also
@@ -234,6 +260,8 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
 
     def get_conv_state(self, recurrent_layer_idx: int) -> Any:
         """The conv state of one layer: a view of the pool, ``[B, C, K]``, conv dtype.
+
+        In checkpoint mode: the checkpoint's window (see ``get_recurrent_state``).
 
         Raises:
             IndexError: ``recurrent_layer_idx`` outside ``[0, num_layers())``, or no layers (also
@@ -254,7 +282,8 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
             RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
-            ValueError: ``commit_mode="replay"``: no per-step states exist (see ``get_replay_stash``).
+            ValueError: ``commit_mode="replay"`` or ``"checkpoint"``: no per-step states exist (see
+                ``get_replay_stash``, ``get_history``).
         """
         return self._intermediate_layer("recurrent", recurrent_layer_idx)
 
@@ -264,7 +293,8 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, BackendHooks):
         Raises:
             IndexError: ``recurrent_layer_idx`` out of range, or no layers.
             RuntimeError: the intermediate buffers are not allocated (``max_intermediate_seq_len == 0``).
-            ValueError: ``commit_mode="replay"``: no per-step states exist (see ``get_replay_stash``).
+            ValueError: ``commit_mode="replay"`` or ``"checkpoint"``: no per-step states exist (see
+                ``get_replay_stash``, ``get_history``).
         """
         return self._intermediate_layer("conv", recurrent_layer_idx)
 

@@ -150,6 +150,11 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
             value = getattr(config, name)
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
+        if config.commit_mode == "checkpoint":
+            raise ConfigError(
+                "commit_mode='checkpoint' is not built yet for the Numba backend: the NumPy reference "
+                "(NumpyMambaCacheManager) has it, the Numba kernels do not; use commit_mode='scatter' or 'replay'"
+            )
         if config.has_replay_stash and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
             # a column of the state is split over at most MAX_KEY_DIM / 32 threads (mamba_cache.replay.tiled)
             raise ConfigError(

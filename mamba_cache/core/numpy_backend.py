@@ -318,6 +318,100 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             track=track,
         )
 
+    # ------------------------------------------------------------ checkpoint mode
+    def _fold_slots(self, slots: np.ndarray, steps: np.ndarray) -> None:
+        """Fold ``steps`` ring steps into each slot's checkpoint (reference arithmetic); ``p0 += steps``, ``h = 0``."""
+        from ..checkpoint.reference import fold
+
+        positions = self._checkpoint_positions
+        fold(self._config, self._pools.recurrent, self._pools.conv, self._history, slots, steps, positions[slots])
+        positions[slots] += steps
+        self._history_lengths[slots] = 0
+
+    def _committing_slots(self, slots: np.ndarray, ok: np.ndarray, what: str) -> np.ndarray:
+        """The rows where ``ok`` and the slot is in ``[0, B)``; refuses two of them naming one slot."""
+        in_range = (slots >= 0) & (slots < self._config.max_batch_size)
+        ok = ok & in_range
+        rows = np.flatnonzero(ok)
+        targets, counts = np.unique(slots[rows], return_counts=True)
+        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+            raise ValueError(
+                f"{what} must name distinct slots; slot {int(targets[counts > 1][0])} is named "
+                f"{int(counts.max())} times; nothing was changed"
+            )
+        return rows
+
+    def _checkpoint_commit(self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+        accepted = accept.astype(np.int64)
+        slots = np.arange(active) if indices is None else indices.astype(np.int64)
+        rows = self._committing_slots(slots, (accepted >= 1) & (accepted <= seq_len), "committing rows")
+        config = self._config
+        targets = slots[rows]
+        after = self._history_lengths[targets].astype(np.int64) + accepted[rows]
+        folds = after + config.max_intermediate_seq_len > config.history_len
+        self._history_lengths[targets[~folds]] = after[~folds]
+        if folds.any():
+            self._fold_slots(targets[folds], after[folds])
+
+    def _materialize(self, slots: np.ndarray, count: int, stream: Any) -> None:
+        values = slots.astype(np.int64)
+        rows = self._committing_slots(values, np.ones(count, dtype=bool), "materialize: slots")
+        targets = values[rows]
+        self._fold_slots(targets, self._history_lengths[targets].astype(np.int64))
+
+    def _folded(self, slot: int, stream: Any) -> tuple[np.ndarray, np.ndarray]:
+        from ..checkpoint.reference import state_after
+
+        slots = np.array([slot])
+        recurrent, conv = state_after(
+            self._config,
+            self._pools.recurrent,
+            self._pools.conv,
+            self._history,
+            slots,
+            self._history_lengths[slots],
+            self._checkpoint_positions[slots],
+        )
+        return self._export(recurrent, recurrent.dtype), self._export(conv, conv.dtype)
+
+    def _copy_folded(self, src: np.ndarray, dst: np.ndarray, count: int, stream: Any) -> None:
+        from ..checkpoint.reference import state_after
+
+        src_rows, dst_rows = src.astype(np.int64).reshape(count), dst.astype(np.int64).reshape(count)
+        batch = self._config.max_batch_size
+        ok = (src_rows >= 0) & (src_rows < batch) & (dst_rows >= 0) & (dst_rows < batch)
+        s, d = src_rows[ok], dst_rows[ok]
+        targets, counts = np.unique(d, return_counts=True)
+        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+            raise ValueError(
+                f"copy destinations must be distinct; row {int(targets[counts > 1][0])} is a destination "
+                f"{int(counts.max())} times; nothing was changed"
+            )
+        if np.intersect1d(s, d).size:  # the GPU would race a read against a write
+            raise ValueError(
+                f"copy destinations must not also be sources; slot {int(np.intersect1d(s, d)[0])} is both; "
+                "nothing was changed"
+            )
+        if not s.size:
+            return
+        # A source may feed several destinations: fold each distinct source once.
+        sources, inverse = np.unique(s, return_inverse=True)
+        steps = self._history_lengths[sources].astype(np.int64)
+        positions = self._checkpoint_positions[sources]
+        recurrent, conv = state_after(
+            self._config, self._pools.recurrent, self._pools.conv, self._history, sources, steps, positions
+        )
+        self._pools.recurrent[:, d] = recurrent[:, inverse]
+        self._pools.conv[:, d] = conv[:, inverse]
+        self._checkpoint_positions[d] = (positions + steps)[inverse]
+        self._history_lengths[d] = 0
+
+    def _reset_checkpoints(self, slots: Any, positions: Any, stream: Any) -> None:
+        where = slice(None) if slots is None else slots
+        self._history_lengths[where] = 0
+        if positions is not None:
+            self._checkpoint_positions[where] = positions
+
 
 def _host_dlpack(name: str, array: Any) -> Any:
     """A host DLPack tensor (a CPU torch tensor, ...) as a NumPy array of its memory; anything else as is.

@@ -3,13 +3,22 @@
 A mixin of [`MambaCacheManagerBase`][mamba_cache.MambaCacheManagerBase] (documented there): each
 operation checks its arguments (``core/checks.py``), then calls the backend's hooks
 (``core/backend.py``).
+
+In checkpoint mode a slot's current state is its checkpoint advanced through its ``h`` ring steps
+(``core/checkpoint.py``): capture, save and ``copy_slots`` (as the source) read that folded state and
+leave the source's checkpoint and ring as they are; clearing, restoring and copying into a slot
+empty its ring (``h = 0``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .checks import check_index
+
+KINDS = ("recurrent", "conv")
 
 
 class SlotOperations:
@@ -18,7 +27,9 @@ class SlotOperations:
     def clear_states(self, stream: Any = None) -> None:
         """Zero every main recurrent and conv buffer (all layers, all slots).
 
-        The intermediate buffers are left as they are (as in the C++). No-op with no layers.
+        The intermediate buffers are left as they are (as in the C++). No-op with no layers. In
+        checkpoint mode every slot's ring is emptied and its checkpoint position reset: ``h = 0``,
+        ``p0 = 0`` (the zero state has consumed no tokens).
 
         Args:
             stream: the stream to run on (ignored by the NumPy backend).
@@ -31,9 +42,13 @@ class SlotOperations:
         if self._pools is None:
             return
         self._zero_fill(self._pools.recurrent, self._pools.conv, stream)
+        if self._history:
+            self._reset_checkpoints(None, np.zeros(self._config.max_batch_size, np.int64), stream)
 
     def capture_recurrent_states(self, batch_idx: int, stream: Any = None, *, out: Any = None) -> Any:
         """Copy one slot's recurrent state of every layer into new arrays, or into ``out``.
+
+        In checkpoint mode the slot's current state (after ``p0 + h`` tokens, as ``current_state``).
 
         Args:
             batch_idx: the slot, in ``[0, B)``.
@@ -84,6 +99,8 @@ class SlotOperations:
             return []
         slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
         pool = getattr(self._pools, kind)
+        if self._history:  # checkpoint mode: the folded state, as a one-slot [L, 1, ...] pool
+            pool, slot = self._folded(slot, stream)[KINDS.index(kind)], 0
         if out is None:
             return self._split_layers(self._capture(pool, slot, stream))
         last = self._capture_outs.get(kind)
@@ -103,7 +120,7 @@ class SlotOperations:
         every layer, so the call can be captured in a CUDA graph (make one eager call first: it
         prepares the launch). Reuse one ``out`` pair across calls: it is checked once, and later
         calls with the same two objects only re-launch. The allocating ``capture_*_states``
-        stay for the C++ API.
+        stay for the C++ API. In checkpoint mode: the slot's current (folded) state.
 
         Args:
             batch_idx: the slot, in ``[0, B)``.
@@ -144,6 +161,10 @@ class SlotOperations:
                 for i, (array, pool) in enumerate(zip(out, (self._pools.recurrent, self._pools.conv), strict=True))
             )
             self._capture_outs["both"] = (out[0], out[1], targets)
+        if self._history:
+            for pool, target in zip(self._folded(slot, stream), targets, strict=True):
+                self._capture_into(pool, 0, target, stream)
+            return out
         self._capture_pair_into(slot, targets, stream)
         return out
 
@@ -152,7 +173,9 @@ class SlotOperations:
 
         All pairs in one launch (no allocation, no synchronisation: graph-capturable when the
         arrays are on the device). A pair with either slot outside ``[0, B)`` is skipped (padding).
-        The destinations must be distinct and none may also be a source.
+        The destinations must be distinct and none may also be a source. In checkpoint mode each
+        destination receives its source's current (folded) state, ``p0 = src p0 + src h`` and
+        ``h = 0``; the sources' checkpoints and rings are unchanged.
 
         Args:
             src_slots: ``[n]`` int32 source slots (NumPy backend: a host ``numpy.ndarray``; Numba
@@ -173,11 +196,16 @@ class SlotOperations:
             raise ValueError(f"dst_slots must have the length of src_slots ({count}), got {dst_count}")
         if self._pools is None or not count:
             return
+        if self._history:
+            self._copy_folded(src, dst, count, stream)
+            return
         main = (self._pools.recurrent, self._pools.conv)
         self._copy_rows(main, main, src, dst, count, stream)
 
     def clear_slot(self, slot: int, stream: Any = None) -> None:
         """Zero one slot of every layer's recurrent and conv state (a finished sequence).
+
+        In checkpoint mode also ``h = 0`` and ``p0 = 0`` for the slot.
 
         Args:
             slot: in ``[0, B)``.
@@ -190,10 +218,16 @@ class SlotOperations:
         stream = self._stream(stream)
         if self._pools is None:
             return
-        self._zero_slot(check_index("slot", slot, self._config.max_batch_size), stream)
+        index = check_index("slot", slot, self._config.max_batch_size)
+        self._zero_slot(index, stream)
+        if self._history:
+            self._reset_checkpoints(np.array([index]), np.zeros(1, np.int64), stream)
 
     def restore_slot(self, slot: int, recurrent_states: Any, conv_states: Any, stream: Any = None) -> None:
         """Copy captured states (e.g. a system-prompt snapshot) back into one slot of every layer.
+
+        In checkpoint mode the states become the slot's checkpoint with an empty ring (``h = 0``);
+        ``p0`` is kept: declare the state's token count with ``set_positions``.
 
         Args:
             slot: in ``[0, B)``.
@@ -232,6 +266,8 @@ class SlotOperations:
         for pool, states in checked:
             for layer, state in enumerate(states):
                 self._write_slot(pool, layer, slot, state, stream)
+        if self._history:
+            self._reset_checkpoints(np.array([slot]), None, stream)
 
     def save_slot(self, path: Any, slot: int, stream: Any = None) -> None:
         """Save one slot of every layer, with the config and a checksum, to ``path`` (``.npz``).

@@ -167,6 +167,11 @@ class PrefixStateCache(EntryStore):
         if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)):
             raise TypeError(f"block_size must be an integer, got {type(block_size).__name__}")
         config = manager.get_config()
+        if config.commit_mode == "checkpoint":
+            raise ConfigError(
+                "PrefixStateCache: a prefix store is not built yet for commit_mode='checkpoint' (the manager's "
+                "main pools hold checkpoints, not the current states); use commit_mode='scatter' or 'replay'"
+            )
         low = max(1, config.max_intermediate_seq_len)
         if block_size < low:
             raise ConfigError(

@@ -1,0 +1,497 @@
+"""Checkpointed decoding (``commit_mode="checkpoint"``, NumPy reference): a checkpoint plus a history ring per slot.
+
+Three independent references: with ``R = S`` every commit folds, so the main pools must equal a
+replay-mode manager's, call for call; with ``R > S`` the current (folded) state must equal a
+token-by-token decode through the step functions from the initial state, whenever the folds
+happen; and the reading function ``state_after`` must equal ``current_state``.
+"""
+
+import numpy as np
+import pytest
+from helpers import BACKENDS, snapshot, write_pool
+
+from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
+from mamba_cache.checkpoint.reference import state_after
+from mamba_cache.precision import convert
+from mamba_cache.replay.reference import gdn_step, mamba2_step
+
+F32 = np.float32
+INT32_MIN = -(2**31)
+MIXERS = ["mamba2", "gdn"]
+#: (state dtype, stochastic rounding): every stored step rounds, stochastically keyed by position in the last.
+PRECISIONS = [("float32", False), ("float16", False), ("bfloat16", False), ("bfloat16", True)]
+
+
+def ckpt_config(mixer="mamba2", dtype="float32", seq=3, ring=3, commit_mode="checkpoint", **overrides):
+    fields = dict(
+        num_recurrent_layers=2,
+        max_batch_size=5,
+        recurrent_state_num_heads=4,
+        recurrent_state_head_dim=3,
+        recurrent_state_size=5,
+        conv_dim=7,
+        conv_kernel=3,
+        max_intermediate_seq_len=seq,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode=commit_mode,
+        history_len=ring if commit_mode == "checkpoint" else 0,
+        mixer=mixer,
+        n_groups=2,
+        rounding_seed=12345,
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def window_values(config, rng, active, seq_len):
+    """One verify window's stash, ``[L, active, V, *shape]`` per field: decays in (0.5, 1), unit keys, N(0, 1)."""
+    values = {}
+    for name, (shape, dtype) in config.replay_stash_fields.items():
+        full = (config.num_recurrent_layers, active, seq_len, *shape)
+        if name in ("dA", "g"):
+            value = rng.uniform(0.5, 1.0, full)
+        elif name == "beta":
+            value = rng.uniform(0.0, 1.0, full)
+        elif name == "k":
+            value = rng.standard_normal(full)
+            value /= np.linalg.norm(value, axis=-1, keepdims=True)
+        else:
+            value = rng.standard_normal(full)
+        values[name] = value.astype(dtype)
+    return values
+
+
+def write_ring(manager, values, slots):
+    """The verify pass of checkpoint mode: window step t of row b goes to ring step h[s] + t of its slot."""
+    h = manager.history_lengths()
+    for layer in range(manager.num_layers()):
+        ring = manager.get_history(layer)
+        for row, slot in enumerate(slots):
+            if 0 <= slot < manager.get_config().max_batch_size:
+                for name, value in values.items():
+                    seq_len = value.shape[2]
+                    ring[name][slot, h[slot] : h[slot] + seq_len] = value[layer, row]
+
+
+def write_stash(manager, values):
+    """The verify pass of replay mode: window step t of row b goes to stash [b, t]."""
+    for layer in range(manager.num_layers()):
+        stash = manager.get_replay_stash(layer)
+        for name, value in values.items():
+            stash[name][...] = value[layer]
+
+
+def random_main_pools(managers, config, rng):
+    """The same random (normal) states in the main pools of each manager."""
+    recurrent = rng.standard_normal(managers[0].pools.recurrent.shape).astype(config.recurrent_state_dtype)
+    conv = rng.standard_normal(managers[0].pools.conv.shape).astype(config.conv_state_dtype)
+    for manager in managers:
+        write_pool(manager, "recurrent", recurrent)
+        write_pool(manager, "conv", conv)
+
+
+def main_pools(manager):
+    return {kind: value for kind, value in snapshot(manager).items() if kind in ("recurrent", "conv")}
+
+
+def current(manager, slot):
+    """A slot's current state, stacked: ``(recurrent [L, H, D, N], conv [L, C, K])``."""
+    recurrent, conv = manager.current_state(slot)
+    return np.stack([a[0] for a in recurrent]), np.stack([a[0] for a in conv])
+
+
+# ---------------------------------------------------------------- 1. R = S: the replay commit, call for call
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize(("dtype", "stochastic"), PRECISIONS)
+def test_ring_of_one_window_folds_at_every_commit_as_the_replay_commit(rng, mixer, dtype, stochastic):
+    seq = 3
+    config = ckpt_config(mixer, dtype, seq=seq, ring=seq, stochastic_rounding=stochastic)
+    checkpoint = NumpyMambaCacheManager(config)
+    replay = NumpyMambaCacheManager(
+        ckpt_config(mixer, dtype, seq=seq, commit_mode="replay", stochastic_rounding=stochastic)
+    )
+    random_main_pools([checkpoint, replay], config, rng)
+    start = rng.integers(0, 10_000, config.max_batch_size)
+    checkpoint.set_positions(np.arange(config.max_batch_size, dtype=np.int32), start.astype(np.int64))
+    # rows name permuted slots; slot 2 is never named; one row pads (0, INT32_MIN, V + 1)
+    slots = np.array([3, 0, 4, 1], dtype=np.int32)
+    before_untouched = main_pools(checkpoint)
+    windows = [(4, 3), (4, 3), (3, 2), (4, 3), (4, 1)]
+    for window, (active, seq_len) in enumerate(windows):
+        accept = rng.choice([1, seq_len, 2 if seq_len >= 2 else 1], size=active).astype(np.int32)
+        accept[window % active] = [0, INT32_MIN, seq_len + 1, -1, 0][window]  # a padding row
+        values = window_values(config, rng, active, seq_len)
+        for manager in (checkpoint, replay):
+            manager.reshape_intermediate_states(active, seq_len)
+        write_ring(checkpoint, values, slots[:active])
+        write_stash(replay, values)
+        p0 = checkpoint.checkpoint_positions()
+        positions = p0[slots[:active]].astype(np.int32)
+        checkpoint.checkpoint_mtp_states(accept, state_indices=slots[:active])
+        replay.replay_mtp_states(accept, state_indices=slots[:active], positions=positions)
+        got, want = main_pools(checkpoint), main_pools(replay)
+        for kind in got:
+            assert got[kind].tobytes() == want[kind].tobytes(), (
+                f"window {window}: {kind} differs from the replay commit"
+            )
+        committed = (accept >= 1) & (accept <= seq_len)
+        moved = np.zeros(config.max_batch_size, np.int64)
+        moved[slots[:active][committed]] = accept[committed]
+        assert checkpoint.history_lengths().tolist() == [0] * config.max_batch_size  # folded at every commit
+        assert (checkpoint.checkpoint_positions() == p0 + moved).all()
+        for kind in got:  # slot 2 is named by no row
+            assert got[kind][:, 2].tobytes() == before_untouched[kind][:, 2].tobytes()
+    assert (checkpoint.checkpoint_positions() > start).sum() == 4  # every named slot committed something
+
+
+# ---------------------------------------------------------------- 2. R > S: token-by-token decoding
+class Decoder:
+    """The independent reference: each slot's state, advanced one accepted token at a time from the start."""
+
+    def __init__(self, config, recurrent, conv, positions):
+        self.config = config
+        self.recurrent, self.conv = recurrent.copy(), conv.copy()
+        self.positions = positions.astype(np.int64).copy()
+        self.step_fn = mamba2_step if config.mixer == "mamba2" else gdn_step
+        self.names = ["dA", "u", "B"] if config.mixer == "mamba2" else ["g", "beta", "k", "v"]
+
+    def decode(self, slot, values, row, steps):
+        config, layers = self.config, self.config.num_recurrent_layers
+        for t in range(steps):
+            self.positions[slot] += 1
+            for layer in range(layers):
+                new = self.step_fn(
+                    self.recurrent[layer, slot].astype(F32), *(values[n][layer, row, t] for n in self.names)
+                )
+                stored = convert(
+                    new.reshape(1, -1),
+                    config.recurrent_state_dtype,
+                    stochastic=config.stochastic_rounding,
+                    seed=config.rounding_seed,
+                    kind=0,
+                    layer=np.array([layer]),
+                    position=np.array([self.positions[slot]]),
+                )
+                self.recurrent[layer, slot] = stored.reshape(new.shape)
+                window = self.conv[layer, slot]
+                self.conv[layer, slot] = np.concatenate([window[:, 1:], values["conv"][layer, row, t][:, None]], axis=1)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize(("dtype", "stochastic"), [("float32", False), ("bfloat16", True)])
+def test_long_run_keeps_the_decoded_state_whenever_it_folds(rng, mixer, dtype, stochastic):
+    seq, ring = 3, 8
+    config = ckpt_config(mixer, dtype, seq=seq, ring=ring, stochastic_rounding=stochastic)
+    manager = NumpyMambaCacheManager(config)
+    random_main_pools([manager], config, rng)
+    start = rng.integers(0, 10_000, config.max_batch_size).astype(np.int64)
+    manager.set_positions(np.arange(config.max_batch_size, dtype=np.int32), start)
+    initial = main_pools(manager)
+    decoder = Decoder(config, initial["recurrent"], initial["conv"], start)
+    slots = np.array([4, 1, 0, 3], dtype=np.int32)  # slot 2 is never named
+    folds = 0
+    for window in range(14):
+        active, seq_len = 4, (3, 2, 3, 1)[window % 4]
+        accept = rng.integers(0, seq_len + 1, active).astype(np.int32)
+        accept[window % active] = (0, seq_len, INT32_MIN, seq_len + 1)[window % 4]
+        values = window_values(config, rng, active, seq_len)
+        manager.reshape_intermediate_states(active, seq_len)
+        write_ring(manager, values, slots)
+        before, p0, h = main_pools(manager), manager.checkpoint_positions(), manager.history_lengths()
+        manager.checkpoint_mtp_states(accept, state_indices=slots)
+        for row, slot in enumerate(slots):
+            if 1 <= accept[row] <= seq_len:
+                decoder.decode(slot, values, row, int(accept[row]))
+        after, p0_after, h_after = main_pools(manager), manager.checkpoint_positions(), manager.history_lengths()
+        assert ((h_after >= 0) & (h_after <= ring - seq)).all(), h_after
+        assert (p0_after + h_after == decoder.positions).all()  # the current state's token count
+        for slot in range(config.max_batch_size):
+            folded = p0_after[slot] != p0[slot]
+            folds += folded
+            assert folded == (h[slot] + (p0_after + h_after - p0 - h)[slot] + seq > ring)
+            for kind in after:  # the main pools change only where a slot folds
+                same = after[kind][:, slot].tobytes() == before[kind][:, slot].tobytes()
+                assert same or folded, (window, slot, kind)
+            recurrent, conv = current(manager, slot)
+            assert recurrent.tobytes() == decoder.recurrent[:, slot].tobytes(), (window, slot, "recurrent")
+            assert conv.tobytes() == decoder.conv[:, slot].tobytes(), (window, slot, "conv")
+        for kind in after:
+            assert after[kind][:, 2].tobytes() == initial[kind][:, 2].tobytes()
+    assert folds >= 6, folds  # the run folded several times, and not only
+    assert manager.history_lengths().any()
+
+
+# ---------------------------------------------------------------- 3. reading, copying, materializing, counters
+def filled_ring(rng, mixer="gdn", dtype="bfloat16", stochastic=True):
+    """A checkpoint manager (S = 3, R = 8) that has committed two windows without folding (h = 5 for slot 1)."""
+    config = ckpt_config(mixer, dtype, seq=3, ring=8, stochastic_rounding=stochastic)
+    manager = NumpyMambaCacheManager(config)
+    random_main_pools([manager], config, rng)
+    manager.set_positions(np.array([0, 1, 2, 3, 4], np.int32), np.array([7, 100, 5, 0, 3], np.int64))
+    slots = np.array([1, 3, 0], dtype=np.int32)
+    for accept in ([3, 1, 0], [2, 2, 0]):
+        values = window_values(config, rng, 3, 3)
+        manager.reshape_intermediate_states(3, 3)
+        write_ring(manager, values, slots)
+        manager.checkpoint_mtp_states(np.array(accept, np.int32), state_indices=slots)
+    assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0]
+    return config, manager
+
+
+def test_state_after_reads_the_state_before_each_window_step(rng):
+    config, manager = filled_ring(rng)
+    h, p0 = manager.history_lengths(), manager.checkpoint_positions()
+    pools = manager.pools
+    history = {name: manager._history[name] for name in config.replay_stash_fields}
+    slots = np.array([1, 3])
+    recurrent, conv = state_after(config, pools.recurrent, pools.conv, history, slots, h[slots], p0[slots])
+    for i, slot in enumerate(slots):
+        want = current(manager, slot)
+        assert recurrent[:, i].tobytes() == want[0].tobytes() and conv[:, i].tobytes() == want[1].tobytes()
+    # the next window writes step t at h + t; the state before step t is state_after(h + t): commit t steps to see it
+    values = window_values(config, rng, 1, 3)
+    manager.reshape_intermediate_states(1, 3)
+    write_ring(manager, values, [3])
+    ring = {name: view[:, :] for name, view in history.items()}
+    before = [state_after(config, pools.recurrent, pools.conv, ring, [3], [h[3] + t], [p0[3]]) for t in range(3)]
+    manager.checkpoint_mtp_states(np.array([2], np.int32), state_indices=np.array([3], np.int32))
+    assert manager.history_lengths()[3] == 5  # no fold: 3 + 2 + 3 <= 8
+    got = current(manager, 3)
+    assert before[2][0][:, 0].tobytes() == got[0].tobytes() and before[2][1][:, 0].tobytes() == got[1].tobytes()
+    assert before[1][0][:, 0].tobytes() != got[0].tobytes()  # one step short is another state
+    assert before[0][0].tobytes() == recurrent[:, 1:2].tobytes()  # step 0 starts from the state after h
+    # the ring views of get_history are the [L, B, R, ...] layout state_after reads: flat pools work the same
+    flat = state_after(config, pools.recurrent, pools.conv, manager._history, [3], [5], [p0[3]])
+    assert flat[0].tobytes() == got[0].tobytes()
+    with pytest.raises(ValueError, match="steps must be in"):
+        state_after(config, pools.recurrent, pools.conv, history, [3], [9], [0])
+    with pytest.raises(ValueError, match="distinct"):
+        state_after(config, pools.recurrent, pools.conv, history, [3, 3], [1, 1], [0, 0])
+
+
+def test_capture_copy_and_save_give_the_folded_state_and_leave_the_source(rng, tmp_path):
+    config, manager = filled_ring(rng)
+    want = current(manager, 1)
+    assert want[0].tobytes() != manager.pools.recurrent[:, 1].tobytes()  # the ring matters
+    before, h, p0 = main_pools(manager), manager.history_lengths(), manager.checkpoint_positions()
+    ring = {name: value.copy() for name, value in manager._history.items()}
+    recurrent = np.stack([a[0] for a in manager.capture_recurrent_states(1)])
+    conv = np.stack([a[0] for a in manager.capture_conv_states(1)])
+    assert recurrent.tobytes() == want[0].tobytes() and conv.tobytes() == want[1].tobytes()
+    out = (np.zeros_like(manager.pools.recurrent[:, :1]), np.zeros_like(manager.pools.conv[:, :1]))
+    manager.capture_states(1, out=out)
+    assert out[0][:, 0].tobytes() == want[0].tobytes() and out[1][:, 0].tobytes() == want[1].tobytes()
+    into = np.zeros_like(manager.pools.recurrent[:, :1])
+    manager.capture_recurrent_states(1, out=into)
+    assert into[:, 0].tobytes() == want[0].tobytes()
+    path = tmp_path / "slot.npz"
+    manager.save_slot(path, 1)
+    plain = NumpyMambaCacheManager(ckpt_config("gdn", "bfloat16", commit_mode="scatter", stochastic_rounding=True))
+    plain.load_slot(path, 0)
+    assert plain.pools.recurrent[:, 0].tobytes() == want[0].tobytes()
+    assert plain.pools.conv[:, 0].tobytes() == want[1].tobytes()
+
+    def source_unchanged():
+        after = main_pools(manager)
+        for kind in after:
+            assert after[kind][:, 1].tobytes() == before[kind][:, 1].tobytes()
+        assert manager.history_lengths()[1] == 5 and manager.checkpoint_positions()[1] == 100
+        for name, value in manager._history.items():
+            assert value.tobytes() == ring[name].tobytes()
+
+    source_unchanged()
+    manager.copy_slots(np.array([1, 1, -1], np.int32), np.array([2, 4, 0], np.int32))  # one source, two destinations
+    source_unchanged()
+    for slot in (2, 4):
+        assert current(manager, slot)[0].tobytes() == want[0].tobytes()
+        assert manager.pools.recurrent[:, slot].tobytes() == want[0].tobytes()  # folded into the checkpoint
+        assert manager.pools.conv[:, slot].tobytes() == want[1].tobytes()
+    assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0]
+    assert manager.checkpoint_positions().tolist() == [p0[0], 100, 105, p0[3], 105]
+    assert manager.pools.recurrent[:, 0].tobytes() == before["recurrent"][:, 0].tobytes()  # the padding pair
+    with pytest.raises(ValueError, match="distinct"):
+        manager.copy_slots(np.array([1, 3], np.int32), np.array([2, 2], np.int32))
+    with pytest.raises(ValueError, match="also be sources"):
+        manager.copy_slots(np.array([1, 3], np.int32), np.array([3, 2], np.int32))
+    assert manager.history_lengths()[3] == h[3]
+
+
+def test_materialize_folds_into_the_checkpoint(rng):
+    config, manager = filled_ring(rng)
+    want = {slot: current(manager, slot) for slot in range(config.max_batch_size)}
+    before = main_pools(manager)
+    p0 = manager.checkpoint_positions()
+    manager.materialize(np.array([1, 0, -1, 7], np.int32))  # slot 0 has h = 0: a no-op; -1 and 7 pad
+    assert manager.history_lengths().tolist() == [0, 0, 0, 3, 0]
+    assert manager.checkpoint_positions().tolist() == [p0[0], 105, p0[2], p0[3], p0[4]]
+    for layer in range(config.num_recurrent_layers):
+        assert manager.get_recurrent_state(layer)[1].tobytes() == want[1][0][layer].tobytes()
+        assert manager.get_conv_state(layer)[1].tobytes() == want[1][1][layer].tobytes()
+    after = main_pools(manager)
+    for kind in after:
+        for slot in (0, 2, 3, 4):
+            assert after[kind][:, slot].tobytes() == before[kind][:, slot].tobytes()
+    for slot in range(config.max_batch_size):  # the current state is where it was
+        assert current(manager, slot)[0].tobytes() == want[slot][0].tobytes()
+    with pytest.raises(ValueError, match="distinct"):
+        manager.materialize(np.array([3, 3], np.int32))
+    with pytest.raises(TypeError, match="int32"):
+        manager.materialize(np.array([3], np.int64))
+    assert manager.history_lengths()[3] == 3
+    manager.materialize(np.array([3], np.int32))
+    assert manager.pools.recurrent[:, 3].tobytes() == want[3][0].tobytes()
+
+
+def test_counters_round_trip_and_reset(rng):
+    config, manager = filled_ring(rng)
+    h, p0 = manager.history_lengths(), manager.checkpoint_positions()
+    assert h.dtype == np.int32 and p0.dtype == np.int64 and h.shape == p0.shape == (5,)
+    h[:] = 9  # copies: writing them changes nothing
+    assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0]
+    manager.set_positions(np.array([3, 0], np.int32), np.array([2**40, 11], np.int64))
+    assert manager.history_lengths().tolist() == [0, 5, 0, 0, 0]
+    assert manager.checkpoint_positions().tolist() == [11, 100, 5, 2**40, 3]
+    state = main_pools(manager)
+    bad = [
+        (np.array([1], np.int64), np.array([0], np.int64), TypeError, "slots must have dtype int32"),
+        (np.array([1], np.int32), np.array([0], np.int32), TypeError, "positions must have dtype int64"),
+        ([1], np.array([0], np.int64), TypeError, "slots must be a host numpy.ndarray"),
+        (np.array([5], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),
+        (np.array([-1], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),
+        (np.array([1, 1], np.int32), np.array([0, 1], np.int64), ValueError, "slots must be distinct"),
+        (np.array([1, 2], np.int32), np.array([0, -1], np.int64), ValueError, "positions must be >= 0"),
+        (np.array([1, 2], np.int32), np.array([0], np.int64), ValueError, "length of slots"),
+        (np.array([[1]], np.int32), np.array([0], np.int64), ValueError, "1-D"),
+    ]
+    for slots, positions, error, message in bad:
+        with pytest.raises(error, match=message):
+            manager.set_positions(slots, positions)
+        assert manager.history_lengths().tolist() == [0, 5, 0, 0, 0]
+        assert manager.checkpoint_positions().tolist() == [11, 100, 5, 2**40, 3]
+    after = main_pools(manager)
+    assert all(after[kind].tobytes() == state[kind].tobytes() for kind in after)
+    # h = 0 after restore_slot (p0 kept), clear_slot and clear_states (p0 = 0 too)
+    recurrent, conv = manager.current_state(1)
+    manager.restore_slot(1, recurrent, conv)
+    assert manager.history_lengths()[1] == 0 and manager.checkpoint_positions()[1] == 100
+    assert manager.pools.recurrent[:, 1].tobytes() == np.stack([a[0] for a in recurrent]).tobytes()
+    manager.set_positions(np.array([1], np.int32), np.array([100], np.int64))
+    values = window_values(config, rng, 2, 3)
+    manager.reshape_intermediate_states(2, 3)
+    write_ring(manager, values, [1, 4])
+    manager.checkpoint_mtp_states(np.array([2, 1], np.int32), state_indices=np.array([1, 4], np.int32))
+    assert manager.history_lengths().tolist() == [0, 2, 0, 0, 1]
+    manager.clear_slot(1)
+    assert manager.history_lengths().tolist() == [0, 0, 0, 0, 1] and manager.checkpoint_positions()[1] == 0
+    assert not manager.pools.recurrent[:, 1].any()
+    manager.clear_states()
+    assert not manager.history_lengths().any() and not manager.checkpoint_positions().any()
+    fresh = NumpyMambaCacheManager(config)
+    assert not fresh.history_lengths().any() and not fresh.checkpoint_positions().any()
+
+
+def test_checkpoint_mode_buffers_and_bytes():
+    config = ckpt_config("mamba2", "float16", seq=3, ring=7, verify_writes_main_pool=True)
+    assert config.verify_writes_main_pool is False
+    manager = NumpyMambaCacheManager(config)
+    assert manager.has_history() and not manager.has_replay_stash()
+    assert not manager.has_intermediate_recurrent_states() and not manager.has_intermediate_conv_states()
+    assert {k: v.shape for k, v in manager.get_history(1).items()} == {
+        "dA": (5, 7, 4),
+        "u": (5, 7, 4, 3),
+        "B": (5, 7, 2, 5),
+        "conv": (5, 7, 7),
+    }
+    assert manager.get_history(0)["conv"].dtype == np.float16 and manager.get_history(0)["u"].dtype == np.float32
+    manager.reshape_intermediate_states(2, 2)
+    assert manager.intermediate_shape == (2, 2)
+    assert manager.get_history(0)["dA"].shape == (5, 7, 4)  # indexed by slot and ring step, never reinterpreted
+    view = manager.get_history(1)["dA"]
+    view[3, 2] = [1, 2, 3, 4]
+    flat = manager._history["dA"][1].reshape(5 * 7, 4)
+    assert flat[3 * 7 + 2].tolist() == [1, 2, 3, 4]
+    ring_bytes = sum(a.nbytes for a in manager._history.values())
+    counters = manager._history_lengths.nbytes + manager._checkpoint_positions.nbytes
+    assert ring_bytes + counters == config.pool_bytes()["history"]
+    per_step = 4 * 4 + 4 * 3 * 4 + 2 * 5 * 4 + 7 * 2
+    assert config.pool_bytes()["history"] == 2 * 5 * 7 * per_step + 5 * 12
+    assert config.pool_bytes()["replay_stash"] == 0 == config.pool_bytes()["intermediate_recurrent"]
+    assert "history" in config.memory_table()
+    with pytest.raises(ValueError, match="get_history"):
+        manager.get_replay_stash(0)
+    for getter in (manager.get_intermediate_recurrent_state, manager.get_intermediate_conv_state):
+        with pytest.raises(ValueError, match="get_history"):
+            getter(0)
+
+
+# ---------------------------------------------------------------- 4. refusals
+def test_other_commits_are_refused_in_checkpoint_mode_and_it_elsewhere(rng):
+    config, manager = filled_ring(rng, "mamba2", "float32", False)
+    state, h = main_pools(manager), manager.history_lengths()
+    accept = np.array([1, 1, 1], np.int32)
+    with pytest.raises(ValueError, match="checkpoint_mtp_states"):
+        manager.scatter_mtp_states(accept)
+    with pytest.raises(ValueError, match="checkpoint_mtp_states"):
+        manager.replay_mtp_states(accept, positions=np.zeros(3, np.int32))
+    for tree in (manager.scatter_accepted_tree_states, manager.replay_accepted_tree_states):
+        with pytest.raises(ValueError, match="not contiguous in the history ring"):
+            tree(np.zeros((3, 1), np.int32), accept)
+    with pytest.raises(ValueError, match="not built yet for commit_mode='checkpoint'"):
+        manager.checkpoint_mtp_states(
+            accept, store=object(), track_entries=np.zeros(3, np.int32), track_steps=np.zeros(3, np.int32)
+        )
+    with pytest.raises(ValueError, match="not built yet"):
+        manager.checkpoint_mtp_states(accept, track_steps=np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match="distinct slots"):
+        manager.checkpoint_mtp_states(accept, state_indices=np.array([1, 1, 0], np.int32))
+    with pytest.raises(ValueError, match="accept_lengths must have length"):
+        manager.checkpoint_mtp_states(np.ones(4, np.int32))
+    with pytest.raises(TypeError, match="int32"):
+        manager.checkpoint_mtp_states(accept.astype(np.int64))
+    after = main_pools(manager)
+    assert all(after[k].tobytes() == state[k].tobytes() for k in after) and (manager.history_lengths() == h).all()
+    for mode, instead in (("scatter", "scatter_mtp_states"), ("replay", "replay_mtp_states")):
+        other = NumpyMambaCacheManager(ckpt_config(commit_mode=mode))
+        with pytest.raises(ValueError, match=f"checkpoint_mtp_states needs.*use {instead}"):
+            other.checkpoint_mtp_states(accept)
+        for method in ("history_lengths", "checkpoint_positions"):
+            with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
+                getattr(other, method)()
+        with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
+            other.materialize(np.zeros(1, np.int32))
+        with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
+            other.get_history(0)
+        with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
+            other.set_positions(np.zeros(1, np.int32), np.zeros(1, np.int64))
+        write_pool(other, "recurrent", rng.standard_normal(other.pools.recurrent.shape).astype(F32))
+        recurrent, conv = other.current_state(4)  # the main pools' state in the other modes
+        assert np.stack([a[0] for a in recurrent]).tobytes() == other.pools.recurrent[:, 4].tobytes()
+        assert np.stack([a[0] for a in conv]).tobytes() == other.pools.conv[:, 4].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(history_len=2), r"history_len must be >= max_intermediate_seq_len \(3\)"),
+        (dict(history_len=0), r"history_len must be >= max_intermediate_seq_len \(3\)"),
+        (dict(max_intermediate_seq_len=0, history_len=4), "max_intermediate_seq_len must be >= 1"),
+        (dict(history_len=-1), "history_len must be 0 unless"),
+        (dict(history_len=2.0), "history_len must be an integer"),
+        (dict(commit_mode="replay", history_len=4), "history_len must be 0 unless commit_mode='checkpoint'"),
+    ],
+)
+def test_history_len_is_checked(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ckpt_config(**fields)
+
+
+def test_numba_backend_and_prefix_store_refuse_checkpoint_mode():
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = ckpt_config()
+    with pytest.raises(ConfigError, match="commit_mode='checkpoint' is not built yet for the Numba backend"):
+        BACKENDS["numba"](config)
+    manager = NumpyMambaCacheManager(config)
+    with pytest.raises(ConfigError, match="not built yet for commit_mode='checkpoint'"):
+        PrefixStateCache(manager, entries=4, block_size=4)

@@ -21,14 +21,14 @@ demo: $(STAMP)
 # Every test file, two workers; the cases marked `slow` (long only on the CUDA simulator, or long runs) are
 # left to `make test-long`. About 4 minutes on an idle 2-core machine without a GPU (README).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow"
 
 lint: $(STAMP)  # ruff with the settings in pyproject.toml: lint rules and formatting
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test-long: $(STAMP)  # what `make test` leaves out: the `slow` cases, then the property tests (both backends; the prefix store's model) with 2000 examples
-	$(PY) -m pytest -n 2 --dist loadgroup -m slow
+	$(PY) -m pytest -n 2 -m slow
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py tests/test_prefix_properties.py --hypothesis-show-statistics
 
 sanitize: $(STAMP)  # GPU only: kernel tests under compute-sanitizer memcheck

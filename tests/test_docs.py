@@ -21,9 +21,6 @@ import pytest
 
 pytest.importorskip("mkdocs_jupyter", reason="the docs extra is not installed (pip install -e '.[docs]')")
 
-# One xdist worker builds the site (make test runs --dist loadgroup): the build executes every tutorial.
-pytestmark = pytest.mark.xdist_group("docs-site")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAIN_PAGES = [
     "index.html",

@@ -220,6 +220,54 @@ CASES = {
             ),
         ],
     ),
+    # Checkpointed decoding, one case per mixer: the ring holds the same kind of dyadic values, the
+    # counters start inside their bounds (0 <= h <= R - S), and each case commits rows that only count,
+    # rows that fold (h + a + S > R), a padding row, then materializes.
+    "checkpoint-mamba2-fp32-fp16": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=4,
+            recurrent_state_num_heads=4,
+            recurrent_state_head_dim=2,
+            recurrent_state_size=3,
+            conv_dim=5,
+            conv_kernel=3,
+            max_intermediate_seq_len=2,
+            recurrent_state_dtype="float32",
+            commit_mode="checkpoint",
+            history_len=4,
+            mixer="mamba2",
+            n_groups=2,
+        ),
+        [
+            ("checkpoint_mtp_states", {"accept_lengths": [1, 2, 0, 2]}),
+            ("materialize", {"slots": [0, 2]}),
+            ("reshape_intermediate_states", {"active_batch_size": 3, "seq_len": 1}),
+            ("checkpoint_mtp_states", {"accept_lengths": [1, INT32_MAX, 1], "state_indices": [3, 0, 9]}),
+        ],
+    ),
+    "checkpoint-gdn-fp32-fp16": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=4,
+            recurrent_state_size=3,
+            conv_dim=4,
+            conv_kernel=2,
+            max_intermediate_seq_len=2,
+            recurrent_state_dtype="float32",
+            commit_mode="checkpoint",
+            history_len=3,
+            mixer="gdn",
+            n_groups=1,
+        ),
+        [
+            ("checkpoint_mtp_states", {"accept_lengths": [2, INT32_MIN, 1]}),
+            ("materialize", {"slots": [2, 1]}),
+            ("checkpoint_mtp_states", {"accept_lengths": [1, 2, 2], "state_indices": [1, 2, 0]}),
+        ],
+    ),
 }
 
 #: The block-digest chain of prefix keys, for implementations in other languages.
@@ -230,6 +278,9 @@ def pool_names(config: Config) -> list[str]:
     """The pools of a case: the four of scatter mode, or the main two and the stash fields (``stash_<name>``)."""
     if config.commit_mode == "replay":
         return ["recurrent", "conv", *(f"stash_{name}" for name in config.replay_stash_fields)]
+    if config.commit_mode == "checkpoint":  # the ring's fields, then the counters h and p0
+        ring = [f"history_{name}" for name in config.replay_stash_fields]
+        return ["recurrent", "conv", *ring, "history_lengths", "checkpoint_positions"]
     return list(POOLS)
 
 
@@ -237,21 +288,30 @@ def pool_array(manager, pool: str):
     """The stacked array of ``pool`` (a name from :func:`pool_names`) in ``manager``."""
     if pool.startswith("stash_"):
         return manager._stash[pool[len("stash_") :]]
+    if pool in ("history_lengths", "checkpoint_positions"):
+        return getattr(manager, f"_{pool}")
+    if pool.startswith("history_"):
+        return manager._history[pool[len("history_") :]]
     return getattr(manager._pools, pool)
 
 
 def dyadic_pools(config: Config, seed: int) -> dict[str, np.ndarray]:
-    """Replay cases: values whose replay arithmetic is exact in float32 (see CASES)."""
+    """Replay and checkpoint cases: values whose replay arithmetic is exact in float32 (see CASES)."""
     manager = NumpyMambaCacheManager(config)
     rng = np.random.default_rng(seed)
     pools = {}
     for pool in pool_names(config):
         target = pool_array(manager, pool)
-        if pool in ("stash_dA", "stash_g"):
+        field = pool.split("_", 1)[-1]  # the stash / ring field
+        if pool == "history_lengths":  # steps past the checkpoint: 0 <= h <= R - S
+            values = rng.integers(0, config.history_len - config.max_intermediate_seq_len + 1, size=target.shape)
+        elif pool == "checkpoint_positions":
+            values = rng.integers(0, 100, size=target.shape)
+        elif field in ("dA", "g"):
             values = rng.choice([0.5, 0.75, 1.0], size=target.shape)
-        elif pool == "stash_beta":
+        elif field == "beta":
             values = rng.choice([0.25, 0.5, 1.0], size=target.shape)
-        elif pool == "stash_k":
+        elif field == "k":
             values = rng.choice([-0.5, 0.5], size=target.shape)  # D = 4: unit norm exactly
         else:
             values = rng.integers(-8, 9, size=target.shape) / 8
@@ -321,7 +381,7 @@ def build(out: pathlib.Path) -> dict:
         manager = NumpyMambaCacheManager(config)
         arrays = {}
         pools = pool_names(config)
-        fill = dyadic_pools if config.commit_mode == "replay" else initial_pools
+        fill = initial_pools if config.commit_mode == "scatter" else dyadic_pools
         for pool, values in fill(config, seed=1000 + index).items():
             pool_array(manager, pool)[...] = values
             arrays[f"initial_{pool}"] = values.copy()

@@ -18,23 +18,24 @@ from mamba_cache.models.mamba2 import TinyMamba2
 MODELS = {"mamba2": TinyMamba2, "gdn": TinyGatedDeltaNet}
 VOCAB = 32
 SEQ = 3
-#: (mixer, state dtype, stochastic rounding). TinyGatedDeltaNet refuses bfloat16 and stochastic rounding.
+#: (mixer, state dtype, stochastic rounding, groups). TinyGatedDeltaNet refuses bfloat16 and stochastic rounding.
 CASES = [
-    ("mamba2", "float32", False),
-    ("mamba2", "bfloat16", False),
-    ("mamba2", "bfloat16", True),
-    ("gdn", "float32", False),
-    ("gdn", "float16", False),
+    ("mamba2", "float32", False, 1),
+    ("mamba2", "bfloat16", False, 1),
+    ("mamba2", "bfloat16", True, 1),
+    ("mamba2", "float32", False, 2),
+    ("gdn", "float32", False, 2),
+    ("gdn", "float16", False, 2),
 ]
 
 
-def model_config(mixer, dtype, stochastic=False, commit_mode="checkpoint", ring=SEQ, batch=4):
-    if mixer == "gdn":  # 4 value heads sharing 2 key heads; key dim 8, value dim 4
-        heads, dim, size, groups = 4, 8, 4, 2
+def model_config(mixer, dtype, stochastic=False, commit_mode="checkpoint", ring=SEQ, batch=4, groups=1):
+    if mixer == "gdn":  # 4 value heads sharing `groups` key heads; key dim 8, value dim 4
+        heads, dim, size = 4, 8, 4
         conv_dim = 2 * groups * dim + heads * size
-    else:
-        heads, dim, size, groups = 2, 4, 8, 1
-        conv_dim = heads * dim + 2 * size
+    else:  # `groups` B/C groups of two heads each
+        heads, dim, size = 2 * groups, 4, 8
+        conv_dim = heads * dim + 2 * groups * size
     return Config(
         num_recurrent_layers=2,
         max_batch_size=batch,
@@ -55,10 +56,10 @@ def model_config(mixer, dtype, stochastic=False, commit_mode="checkpoint", ring=
     )
 
 
-def make(mixer, dtype, stochastic, ring, seed, batch=4):
+def make(mixer, dtype, stochastic, ring, seed, batch=4, groups=1):
     """A model and three caches: checkpoint mode, and two scatter-mode ones for the sequential reference."""
-    ckpt = model_config(mixer, dtype, stochastic, ring=ring, batch=batch)
-    scatter = model_config(mixer, dtype, stochastic, commit_mode="scatter", batch=batch)
+    ckpt = model_config(mixer, dtype, stochastic, ring=ring, batch=batch, groups=groups)
+    scatter = model_config(mixer, dtype, stochastic, commit_mode="scatter", batch=batch, groups=groups)
     model = MODELS[mixer](ckpt, vocab_size=VOCAB, seed=seed)
     ref_model = MODELS[mixer](scatter, vocab_size=VOCAB, seed=seed)
     assert all(np.array_equal(model.weights[k], ref_model.weights[k]) for k in model.weights)
@@ -88,10 +89,11 @@ def greedy(logits, accepted):
 
 
 @pytest.mark.parametrize("ring", [SEQ, 7], ids=["R=S", "R=7"])
-@pytest.mark.parametrize(("mixer", "dtype", "stochastic"), CASES)
-def test_speculative_decoding_in_checkpoint_mode_equals_sequential(rng, mixer, dtype, stochastic, ring):
+@pytest.mark.parametrize(("mixer", "dtype", "stochastic", "groups"), CASES)
+def test_speculative_decoding_in_checkpoint_mode_equals_sequential(rng, mixer, dtype, stochastic, groups, ring):
     """10 verify windows (V in [1, S]) with accept lengths 0 (padding), 1, V and random, over many folds."""
-    model, ref_model, (spec, seq, full) = make(mixer, dtype, stochastic, ring, int(rng.integers(1 << 30)))
+    seed = int(rng.integers(1 << 30))
+    model, ref_model, (spec, seq, full) = make(mixer, dtype, stochastic, ring, seed, groups=groups)
     active, layers = 4, range(spec.num_layers())
     prompt = rng.integers(0, VOCAB, size=(active, 2))
     model.prefill(spec, prompt)
@@ -132,10 +134,10 @@ def test_speculative_decoding_in_checkpoint_mode_equals_sequential(rng, mixer, d
 
 
 @pytest.mark.parametrize("ring", [SEQ, 7], ids=["R=S", "R=7"])
-@pytest.mark.parametrize(("mixer", "dtype", "stochastic"), [CASES[0], CASES[2], CASES[4]])
-def test_plain_decoding_in_checkpoint_mode_equals_sequential(rng, mixer, dtype, stochastic, ring):
+@pytest.mark.parametrize(("mixer", "dtype", "stochastic", "groups"), [CASES[0], CASES[2], CASES[5]])
+def test_plain_decoding_in_checkpoint_mode_equals_sequential(rng, mixer, dtype, stochastic, groups, ring):
     """Greedy decoding (V = 1: a window of one step, then its commit) over 2R + 3 tokens, slots out of order."""
-    model, ref_model, (spec, seq, _) = make(mixer, dtype, stochastic, ring, int(rng.integers(1 << 30)), batch=5)
+    model, ref_model, (spec, seq, _) = make(mixer, dtype, stochastic, ring, int(rng.integers(1 << 30)), 5, groups)
     slots = np.array([3, 0, 4], np.int64)  # rows decode into these slots (state_indices of the commit)
     tokens = {"spec": rng.integers(0, VOCAB, size=3), "seq": None}
     tokens["seq"] = tokens["spec"].copy()
@@ -166,10 +168,10 @@ def test_checkpoint_mode_positions_must_match_the_cache(rng):
     model.verify(spec, rng.integers(0, VOCAB, size=(4, 2)), positions=np.full(4, 2, np.int64))  # p0 + h = 2
 
 
-@pytest.mark.parametrize(("mixer", "dtype", "stochastic"), [CASES[2], CASES[4]])
-def test_chunked_prefill_in_checkpoint_mode_equals_sequential(rng, mixer, dtype, stochastic):
+@pytest.mark.parametrize(("mixer", "dtype", "stochastic", "groups"), [CASES[2], CASES[5]])
+def test_chunked_prefill_in_checkpoint_mode_equals_sequential(rng, mixer, dtype, stochastic, groups):
     """A prompt prefilled in three chunks (each continuing from the slot's p0 + h) equals one sequential prefill."""
-    model, ref_model, (spec, seq, _) = make(mixer, dtype, stochastic, 7, int(rng.integers(1 << 30)))
+    model, ref_model, (spec, seq, _) = make(mixer, dtype, stochastic, 7, int(rng.integers(1 << 30)), groups=groups)
     prompt = rng.integers(0, VOCAB, size=(4, 11))
     for chunk in (prompt[:, :3], prompt[:, 3:4], prompt[:, 4:]):
         model.prefill(spec, chunk)

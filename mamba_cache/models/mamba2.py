@@ -3,21 +3,22 @@
 Random weights, no downloads. Glossary: every letter has one meaning. Upper case letters are
 dimensions (as in `mamba_cache._config`); parameters and activations are lower-case words.
 
-    L layers    B slots    H heads    D head dim    N state size    G groups (1 here)
-    C conv channels = H*D + 2N        K conv width  M model width = H*D
+    L layers    B slots    H heads    D head dim    N state size    G B/C groups (n_groups; H % G == 0)
+    C conv channels = H*D + 2GN       K conv width  M model width = H*D
     R rows in this call (one token each)            V verify length
     i, d, n  indices over H, D, N     t  draft step
 
-Each layer is one Mamba2 mixer (one B/C group) with a residual connection; per token and layer:
+Each layer is one Mamba2 mixer (``G`` B/C groups, head ``i`` reading group ``i // (H/G)``) with a
+residual connection; per token and layer:
 
     z          = rmsnorm(hidden) @ in_proj                          [R, C + H]
     xbc_raw    = z[:, :C];  dt_raw = z[:, C:]
     conv state : shift left by one token, append xbc_raw            [B, C, K] (in place)
     xbc        = silu(sum_k(conv_state * conv_weight) + conv_bias)  [R, C]
-    x, b_in, c_out = xbc[:, :H*D] as [R, H, D], xbc[:, H*D:H*D+N], xbc[:, H*D+N:]
+    x, b_in, c_out = xbc[:, :H*D] as [R, H, D], xbc[:, H*D:H*D+GN], xbc[:, H*D+GN:] as [R, G, N]
     dt         = softplus(dt_raw + dt_bias);  decay = exp(dt * a)   [R, H]   (a = Mamba's A, < 0)
     h          = h * decay + (dt * x) (outer) b_in                  [B, H, D, N] (in place)
-    y          = h . c_out + d_skip * x                             [R, H, D]
+    y          = h . c_out[group of the head] + d_skip * x          [R, H, D]
     hidden    = hidden + y.reshape(R, H*D) @ out_proj             [R, M]
 
 The replay stash keeps its own field names (``Config.replay_stash_fields``): ``dA`` = ``decay``, ``u`` = ``dt * x``,
@@ -80,7 +81,7 @@ class TinyMamba2:
     """A random-weight Mamba2 stack whose recurrent and conv states live in a cache manager.
 
     Args:
-        config: the cache configuration; ``conv_dim`` must be ``H * D + 2 * N``.
+        config: the cache configuration; ``conv_dim`` must be ``H * D + 2 * G * N`` (``G = n_groups``).
         vocab_size: number of token ids.
         seed: seed of the random weights.
 
@@ -95,11 +96,11 @@ class TinyMamba2:
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
         )
-        if config.n_groups != 1:
-            raise ValueError(f"TinyMamba2 has one B/C group: n_groups must be 1, got {config.n_groups}")
-        if config.conv_dim != heads * dim + 2 * state:
+        groups = config.n_groups  # Config checks that it divides H
+        if config.conv_dim != heads * dim + 2 * groups * state:
             raise ValueError(
-                f"conv_dim must be H * D + 2 * N = {heads * dim + 2 * state} for TinyMamba2, got {config.conv_dim}"
+                f"conv_dim must be H * D + 2 * G * N = {heads * dim + 2 * groups * state} for TinyMamba2, "
+                f"got {config.conv_dim}"
             )
         self.config = config
         self.vocab_size = vocab_size
@@ -359,10 +360,11 @@ class TinyMamba2:
         the step's inputs go in the history ring (``cache.get_history``).
         """
         w, config = self.weights, self.config
-        heads, dim, state = (
+        heads, dim, state, groups = (
             config.recurrent_state_num_heads,
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
+            config.n_groups,
         )
         channels, width = config.conv_dim, heads * dim
         rows = tokens.shape[0]
@@ -378,14 +380,16 @@ class TinyMamba2:
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
             x = xbc[:, :width].reshape(rows, heads, dim)
-            b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
+            b_in = xbc[:, width : width + groups * state].reshape(rows, groups, state)  # [R, G, N]
+            c_out = xbc[:, width + groups * state :].reshape(rows, groups, state)  # [R, G, N]
             dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [R, H]
             decay = np.exp(dt * w["a"][layer])  # [R, H]
             rec = cache.get_recurrent_state(layer) if scratch is None else scratch[layer][0]  # [B, H, D, N]
             dtx = dt[:, :, None] * x  # [R, H, D]
-            h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in[:, None, :])  # the replay's step (G = 1)
+            h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in)  # the replay's step
             rec[slots] = self._store(h, rec.dtype, 0, layer, positions) if self._rounds(rec.dtype) else h
-            y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
+            c_heads = np.repeat(c_out, heads // groups, axis=1)  # [R, H, N]: each head's group
+            y = (h * c_heads[:, :, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
             hidden = hidden + matvec(y.reshape(rows, width), w["out_proj"][layer])
             if ring is not None or (step is not None and scratch is not None):
                 stash, at = (
@@ -393,7 +397,7 @@ class TinyMamba2:
                 )
                 stash["dA"][at] = decay
                 stash["u"][at] = dtx
-                stash["B"][at] = b_in[:, None, :]
+                stash["B"][at] = b_in
                 stash["conv"][at] = window[:, :, -1]
             elif step is not None:
                 inter_conv = cache.get_intermediate_conv_state(layer)

@@ -24,7 +24,7 @@ MIXERS = ["mamba2", "gdn"]
 MODELS = {"mamba2": TinyMamba2, "gdn": TinyGatedDeltaNet}
 
 
-def tiny_config(dtype, commit_mode="replay", layers=2, batch=4, verify=3, mixer="mamba2"):
+def tiny_config(dtype, commit_mode="replay", layers=2, batch=4, verify=3, mixer="mamba2", groups=1):
     if mixer == "gdn":  # 4 value heads sharing 2 key heads; key dim 8, value dim 4
         heads, dim, size, groups = 4, 8, 4, 2
         return Config(
@@ -42,19 +42,20 @@ def tiny_config(dtype, commit_mode="replay", layers=2, batch=4, verify=3, mixer=
             mixer="gdn",
             n_groups=groups,
         )
-    heads, dim, state = 2, 4, 8
+    heads, dim, state = 2 * groups, 4, 8  # groups B/C groups of two heads each
     return Config(
         num_recurrent_layers=layers,
         max_batch_size=batch,
         recurrent_state_num_heads=heads,
         recurrent_state_head_dim=dim,
         recurrent_state_size=state,
-        conv_dim=heads * dim + 2 * state,
+        conv_dim=heads * dim + 2 * groups * state,
         conv_kernel=4,
         max_intermediate_seq_len=verify,
         recurrent_state_dtype=dtype,
         conv_state_dtype=dtype,
         commit_mode=commit_mode,
+        n_groups=groups,
     )
 
 
@@ -88,6 +89,33 @@ def test_replay_equals_sequential(backend, rng, dtype, mixer):
         for kind in got:
             assert got[kind].tobytes() == want[kind].tobytes(), f"{backend} {dtype} {kind} after {accept}"
     assert np.abs(got["recurrent"].astype(np.float64)).sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_mamba2_with_two_groups_replay_equals_sequential(backend, rng, dtype):
+    """TinyMamba2 with n_groups = 2: the stash's B is [G, N] per step, and the replay reads each head's group."""
+    config = tiny_config(dtype, groups=2)
+    model = TinyMamba2(config, vocab_size=32, seed=int(rng.integers(1 << 30)))
+    spec, seq = BACKENDS[backend](config), BACKENDS[backend](config)
+    prompt = rng.integers(0, 32, size=(4, 2))
+    model.prefill(spec, prompt)
+    model.prefill(seq, prompt)
+    for accept in ([0, 1, 3, 2], [3, 2, 1, 0]):
+        drafts = rng.integers(0, 32, size=(4, 3))
+        model.verify(spec, drafts)
+        stash_b = np.asarray(snapshot_stash_b(spec, backend))
+        assert stash_b.shape == (4, 3, 2, 8) and not np.array_equal(stash_b[:, :, 0], stash_b[:, :, 1])
+        spec.replay_mtp_states(device_int32(backend, accept))
+        model.decode_accepted(seq, drafts, accept)
+        got, want = main_pools(spec), main_pools(seq)
+        for kind in got:
+            assert got[kind].tobytes() == want[kind].tobytes(), f"{backend} {dtype} {kind} after {accept}"
+
+
+def snapshot_stash_b(manager, backend):
+    """Layer 0's stashed B ``[active, V, G, N]`` as a host array."""
+    values = manager.get_replay_stash(0)["B"]
+    return values if backend == "numpy" else values.copy_to_host()
 
 
 @simulator_long(backend="numba", mixer="gdn")
@@ -141,8 +169,8 @@ def test_gdn_scatter_mode_verify_matches_sequential(rng):
 def test_gdn_model_checks_its_config():
     with pytest.raises(ValueError, match="mixer='gdn'"):
         TinyGatedDeltaNet(tiny_config("float32"))
-    with pytest.raises(ValueError, match="n_groups must be 1"):
-        TinyMamba2(dataclasses.replace(tiny_config("float32"), n_groups=2))
+    with pytest.raises(ValueError, match="conv_dim must be H \\* D \\+ 2 \\* G \\* N = 40"):
+        TinyMamba2(dataclasses.replace(tiny_config("float32"), n_groups=2))  # conv_dim sized for one group
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

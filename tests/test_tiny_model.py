@@ -6,6 +6,8 @@ multiply-adds into FMAs and its exp/log1p differ from NumPy's by an ulp or so, a
 turn that into one fp16 ulp.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from helpers import BACKENDS, snapshot
@@ -16,19 +18,20 @@ from mamba_cache.models.mamba2 import TinyMamba2
 TOLERANCE = {"float16": dict(rtol=4e-3, atol=4e-3), "float32": dict(rtol=2e-5, atol=2e-5)}
 
 
-def tiny_config(dtype, layers=2, batch=4, verify=3):
-    heads, dim, state = 2, 4, 8
+def tiny_config(dtype, layers=2, batch=4, verify=3, groups=1):
+    heads, dim, state = 2 * groups, 4, 8  # groups B/C groups of two heads each
     return Config(
         num_recurrent_layers=layers,
         max_batch_size=batch,
         recurrent_state_num_heads=heads,
         recurrent_state_head_dim=dim,
         recurrent_state_size=state,
-        conv_dim=heads * dim + 2 * state,
+        conv_dim=heads * dim + 2 * groups * state,
         conv_kernel=4,
         max_intermediate_seq_len=verify,
         recurrent_state_dtype=dtype,
         conv_state_dtype=dtype,
+        n_groups=groups,
     )
 
 
@@ -67,10 +70,12 @@ def main_pools(manager):
     return {k: pools[k] for k in ("recurrent", "conv")}
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("active", [4, 3])
-def test_speculative_equals_sequential(backend, rng, dtype, active):
-    spec, seq, _ = run_both_paths(backend, tiny_config(dtype), rng, active=active)
+@pytest.mark.parametrize(
+    ("dtype", "active", "groups"),
+    [("float16", 4, 1), ("float16", 3, 1), ("float32", 4, 1), ("float32", 3, 1), ("float32", 3, 2)],
+)
+def test_speculative_equals_sequential(backend, rng, dtype, active, groups):
+    spec, seq, _ = run_both_paths(backend, tiny_config(dtype, groups=groups), rng, active=active)
     got, want = main_pools(spec), main_pools(seq)
     for kind in got:
         assert got[kind].tobytes() == want[kind].tobytes(), f"{backend} {kind} state differs"
@@ -90,9 +95,9 @@ def test_a_wrong_scatter_is_caught(rng):
     assert main_pools(spec)["recurrent"].tobytes() != main_pools(seq)["recurrent"].tobytes()
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_backends_agree_within_float_tolerance(dtype):
-    config = tiny_config(dtype)
+@pytest.mark.parametrize(("dtype", "groups"), [("float16", 1), ("float32", 1), ("float32", 2)])
+def test_backends_agree_within_float_tolerance(dtype, groups):
+    config = tiny_config(dtype, groups=groups)
     states = {}
     for backend in ("numpy", "numba"):
         rng = np.random.default_rng(7)  # the same tokens and accept lengths on both
@@ -105,7 +110,7 @@ def test_backends_agree_within_float_tolerance(dtype):
 
 
 def test_conv_dim_must_match_the_mixer():
-    with pytest.raises(ValueError, match="conv_dim must be H \\* D \\+ 2 \\* N = 24"):
+    with pytest.raises(ValueError, match="conv_dim must be H \\* D \\+ 2 \\* G \\* N = 24"):
         TinyMamba2(
             Config(
                 num_recurrent_layers=1,
@@ -118,3 +123,37 @@ def test_conv_dim_must_match_the_mixer():
                 max_intermediate_seq_len=0,
             )
         )
+    with pytest.raises(ValueError, match="conv_dim must be H \\* D \\+ 2 \\* G \\* N = 48"):
+        TinyMamba2(dataclasses.replace(tiny_config("float32", groups=2), conv_dim=24))  # sized for one group
+
+
+def test_each_head_reads_its_own_b_c_group(rng):
+    """One step of a 2-group TinyMamba2 from a zero state against a per-head loop written out here.
+
+    With ``h = 0`` the step is ``h = (dt * x) (outer) b_in[g]`` and ``y = h . c_out[g] + d_skip * x`` for the
+    head's group ``g = i // (H / G)``; equal-valued groups would hide a wrong mapping, so the groups differ.
+    """
+    from mamba_cache.models.mamba2 import matvec, rmsnorm, silu, softplus
+
+    config = tiny_config("float32", layers=1, batch=1, groups=2)
+    model = TinyMamba2(config, vocab_size=32, seed=3)
+    cache = BACKENDS["numpy"](config)
+    out = model.decode_step(cache, [5])
+    w, heads, dim, size, groups = model.weights, 4, 4, 8, 2
+    width, channels = heads * dim, config.conv_dim
+    hidden = w["embedding"][[5]]
+    z = matvec(rmsnorm(hidden), w["in_proj"][0])[0]
+    xbc = silu(z[:channels] * w["conv_weight"][0][:, -1] + w["conv_bias"][0])  # zero window but the new column
+    dt = softplus(z[channels:] + w["dt_bias"][0])
+    b_all = xbc[width : width + groups * size].reshape(groups, size)
+    c_all = xbc[width + groups * size :].reshape(groups, size)
+    assert not np.allclose(b_all[0], b_all[1]) and not np.allclose(c_all[0], c_all[1])
+    state, y = np.zeros((heads, dim, size)), np.zeros((heads, dim))
+    for i in range(heads):
+        g = i // (heads // groups)
+        x = xbc[i * dim : (i + 1) * dim].astype(np.float64)
+        state[i] = np.outer(dt[i] * x, b_all[g])
+        y[i] = state[i] @ c_all[g] + w["d_skip"][0][i] * x
+    np.testing.assert_allclose(cache.get_recurrent_state(0)[0], state, rtol=1e-5, atol=1e-6)
+    want = hidden[0] + y.reshape(-1) @ w["out_proj"][0].astype(np.float64)
+    np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=1e-5)

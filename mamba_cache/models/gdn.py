@@ -113,8 +113,9 @@ class TinyGatedDeltaNet(TinyMamba2):
         step: int | None,
         positions: np.ndarray | None = None,
         scratch: list | None = None,
+        ring: tuple | None = None,
     ) -> np.ndarray:
-        """One token per row through every layer (``scratch``: as in `TinyMamba2._decode`)."""
+        """One token per row through every layer (``scratch``, ``ring``: as in `TinyMamba2._decode`)."""
         w, config = self.weights, self.config
         heads, dim, size, groups = (
             config.recurrent_state_num_heads,
@@ -142,13 +143,15 @@ class TinyGatedDeltaNet(TinyMamba2):
             q_heads = np.repeat(q, heads // groups, axis=1)  # [R, H, D]
             o = (state * q_heads[..., None]).sum(axis=2, dtype=F32)  # [R, H, N]
             x = x + matvec(o.reshape(n, heads * size), w["out_proj"][layer])
-            if step is not None and scratch is not None:
-                stash = cache.get_replay_stash(layer)
-                stash["g"][slots, step] = g
-                stash["beta"][slots, step] = beta
-                stash["k"][slots, step] = k
-                stash["v"][slots, step] = v
-                stash["conv"][slots, step] = window[:, :, -1]
+            if ring is not None or (step is not None and scratch is not None):
+                stash, at = (
+                    (cache.get_replay_stash(layer), (slots, step)) if ring is None else (cache.get_history(layer), ring)
+                )
+                stash["g"][at] = g
+                stash["beta"][at] = beta
+                stash["k"][at] = k
+                stash["v"][at] = v
+                stash["conv"][at] = window[:, :, -1]
             elif step is not None:
                 cache.get_intermediate_conv_state(layer)[slots, step] = window
                 cache.get_intermediate_recurrent_state(layer)[slots, step] = state

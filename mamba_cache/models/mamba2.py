@@ -3,21 +3,22 @@
 Random weights, no downloads. Glossary: every letter has one meaning. Upper case letters are
 dimensions (as in `mamba_cache._config`); parameters and activations are lower-case words.
 
-    L layers    B slots    H heads    D head dim    N state size    G groups (1 here)
-    C conv channels = H*D + 2N        K conv width  M model width = H*D
+    L layers    B slots    H heads    D head dim    N state size    G B/C groups (n_groups; H % G == 0)
+    C conv channels = H*D + 2GN       K conv width  M model width = H*D
     R rows in this call (one token each)            V verify length
     i, d, n  indices over H, D, N     t  draft step
 
-Each layer is one Mamba2 mixer (one B/C group) with a residual connection; per token and layer:
+Each layer is one Mamba2 mixer (``G`` B/C groups, head ``i`` reading group ``i // (H/G)``) with a
+residual connection; per token and layer:
 
     z          = rmsnorm(hidden) @ in_proj                          [R, C + H]
     xbc_raw    = z[:, :C];  dt_raw = z[:, C:]
     conv state : shift left by one token, append xbc_raw            [B, C, K] (in place)
     xbc        = silu(sum_k(conv_state * conv_weight) + conv_bias)  [R, C]
-    x, b_in, c_out = xbc[:, :H*D] as [R, H, D], xbc[:, H*D:H*D+N], xbc[:, H*D+N:]
+    x, b_in, c_out = xbc[:, :H*D] as [R, H, D], xbc[:, H*D:H*D+GN], xbc[:, H*D+GN:] as [R, G, N]
     dt         = softplus(dt_raw + dt_bias);  decay = exp(dt * a)   [R, H]   (a = Mamba's A, < 0)
     h          = h * decay + (dt * x) (outer) b_in                  [B, H, D, N] (in place)
-    y          = h . c_out + d_skip * x                             [R, H, D]
+    y          = h . c_out[group of the head] + d_skip * x          [R, H, D]
     hidden    = hidden + y.reshape(R, H*D) @ out_proj             [R, M]
 
 The replay stash keeps its own field names (``Config.replay_stash_fields``): ``dA`` = ``decay``, ``u`` = ``dt * x``,
@@ -80,7 +81,7 @@ class TinyMamba2:
     """A random-weight Mamba2 stack whose recurrent and conv states live in a cache manager.
 
     Args:
-        config: the cache configuration; ``conv_dim`` must be ``H * D + 2 * N``.
+        config: the cache configuration; ``conv_dim`` must be ``H * D + 2 * G * N`` (``G = n_groups``).
         vocab_size: number of token ids.
         seed: seed of the random weights.
 
@@ -95,11 +96,11 @@ class TinyMamba2:
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
         )
-        if config.n_groups != 1:
-            raise ValueError(f"TinyMamba2 has one B/C group: n_groups must be 1, got {config.n_groups}")
-        if config.conv_dim != heads * dim + 2 * state:
+        groups = config.n_groups  # Config checks that it divides H
+        if config.conv_dim != heads * dim + 2 * groups * state:
             raise ValueError(
-                f"conv_dim must be H * D + 2 * N = {heads * dim + 2 * state} for TinyMamba2, got {config.conv_dim}"
+                f"conv_dim must be H * D + 2 * G * N = {heads * dim + 2 * groups * state} for TinyMamba2, "
+                f"got {config.conv_dim}"
             )
         self.config = config
         self.vocab_size = vocab_size
@@ -143,13 +144,23 @@ class TinyMamba2:
             step: when given, also write the state after this token into the intermediate
                 buffers at ``[slot, step]`` (of the current ``[active, V]`` view).
             positions: ``[R]`` int tokens each row's state had consumed before this token (the
-                stored state has consumed one more); required with stochastic rounding.
+                stored state has consumed one more); required with stochastic rounding. In
+                checkpoint mode it is optional and, when given, must equal each slot's ``p0 + h``.
+
+        Checkpoint mode (``commit_mode="checkpoint"``): the step is a verify window of length 1
+        (reading the slot's state with ``state_after``, writing ring step ``h``) followed by
+        ``checkpoint_mtp_states`` of one accepted step per row (``state_indices=slots``); the main
+        pools change only when that commit folds. The verify view becomes ``[R, 1]``.
 
         Returns:
             ``[R, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
         """
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         slots = np.arange(tokens.shape[0]) if slots is None else np.asarray(slots, dtype=np.int64)
+        if cache.get_config().commit_mode == "checkpoint":
+            if step is not None:
+                raise ValueError("checkpoint mode has no intermediate buffers: use verify, not decode_step(step=...)")
+            return self._checkpoint_decode(cache, tokens, slots, positions)
         if positions is None and self.config.stochastic_rounding:
             raise ValueError("positions is required: the cache rounds its 16-bit states stochastically")
         positions = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
@@ -159,8 +170,15 @@ class TinyMamba2:
         """Run ``tokens`` ``[active, T]`` through slots ``0 .. active-1``, one token at a time.
 
         ``positions``: ``[active]`` tokens consumed before the first (default 0).
+
+        Checkpoint mode: every token is a checkpoint-mode ``decode_step`` (a verify window of one
+        step and its commit, folding when the ring is full), so the bits are those of sequential
+        decoding and ``p0 + h`` counts the prompt. ``positions``, when given, must equal each slot's
+        ``p0 + h`` (declare a slot's count with ``cache.set_positions`` first).
         """
         tokens = np.asarray(tokens)
+        if positions is None and cache.get_config().commit_mode == "checkpoint":
+            positions = self._slot_positions(cache, np.arange(tokens.shape[0]))
         start = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for t in range(tokens.shape[1]):
             self.decode_step(cache, tokens[:, t], positions=start + t)
@@ -174,15 +192,18 @@ class TinyMamba2:
             cache: the manager whose slots ``0 .. active-1`` are decoded in place.
             draft_tokens: ``[active, V]`` host token ids.
             accept_lengths: ``[active]`` host ints.
-            positions: ``[active]`` tokens each row had consumed before the drafts (default 0).
+            positions: ``[active]`` tokens each row had consumed before the drafts (default 0; in
+                checkpoint mode each slot's ``p0 + h``).
         """
         draft_tokens = np.asarray(draft_tokens)
+        if positions is None and cache.get_config().commit_mode == "checkpoint":
+            positions = self._slot_positions(cache, np.arange(draft_tokens.shape[0]))
         start = np.zeros(draft_tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for row, accepted in enumerate(np.asarray(accept_lengths)):
             for t in range(int(accepted)):
                 self.decode_step(cache, [draft_tokens[row, t]], slots=[row], positions=[start[row] + t])
 
-    def verify(self, cache: Any, draft_tokens: Any, positions: Any = None) -> None:
+    def verify(self, cache: Any, draft_tokens: Any, positions: Any = None) -> np.ndarray | None:
         """The MTP verify pass over ``draft_tokens`` ``[active, V]`` for slots ``0 .. active-1``.
 
         Scatter mode: reshapes the intermediate buffers to ``[active, V]``, writes the state after
@@ -194,16 +215,29 @@ class TinyMamba2:
         pools are NOT written: the pass runs on a scratch copy of the rows' states
         ([`scratch_bytes`][mamba_cache.models.mamba2.TinyMamba2.scratch_bytes]), and ``replay_mtp_states`` then
         recomputes the accepted steps.
+
+        Checkpoint mode (``commit_mode="checkpoint"``, NumPy backend): window step ``t`` of row ``b``
+        (slot ``b``) reads the state before it with
+        [`state_after`][mamba_cache.checkpoint.reference.state_after] (the checkpoint advanced through
+        ring steps ``0 .. h_b + t - 1``), runs the decode step on that copy, and writes the step's
+        stash fields into the history ring at ring step ``h_b + t``; the main pools are NOT written.
+        ``checkpoint_mtp_states`` then counts (and, when the ring is full, folds) the accepted
+        steps. ``positions`` is optional there (it must equal ``p0 + h``). Returns the layer-stack
+        outputs ``[active, V, M]`` float32 of every window step in this mode, ``None`` in the others.
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
-        start = np.zeros(active, np.int64) if positions is None else np.asarray(positions, np.int64)
         cache.reshape_intermediate_states(active, verify_len)
+        if cache.get_config().commit_mode == "checkpoint":
+            tokens = np.ascontiguousarray(draft_tokens, dtype=np.int64)
+            return self._checkpoint_window(cache, tokens, np.arange(active), positions)
+        start = np.zeros(active, np.int64) if positions is None else np.asarray(positions, np.int64)
         if cache.get_config().commit_mode == "replay":
             self._runner(cache)._verify_replay(cache, np.ascontiguousarray(draft_tokens, dtype=np.int64), start)
             return
         for t in range(verify_len):
             self.decode_step(cache, draft_tokens[:, t], step=t, positions=start + t)
+        return None
 
     def scratch_bytes(self, active: int) -> int:
         """Bytes of the scratch states a replay-mode verify pass of ``active`` rows keeps (all layers).
@@ -226,6 +260,67 @@ class TinyMamba2:
         ]
         for t in range(draft_tokens.shape[1]):
             self._decode(cache, draft_tokens[:, t], np.arange(active), t, positions=start + t, scratch=scratch)
+
+    # ------------------------------------------------------------ checkpoint mode (NumPy backend)
+    @staticmethod
+    def _slot_positions(cache: Any, slots: np.ndarray) -> np.ndarray:
+        """``p0 + h`` of each slot: the tokens its current state has consumed (checkpoint mode)."""
+        return cache.checkpoint_positions()[slots] + cache.history_lengths()[slots].astype(np.int64)
+
+    def _checkpoint_window(
+        self, cache: Any, draft_tokens: np.ndarray, slots: np.ndarray, positions: Any = None
+    ) -> np.ndarray:
+        """Checkpoint mode's verify pass over ``draft_tokens`` ``[n, V]`` for distinct ``slots`` ``[n]``.
+
+        Window step ``t`` of row ``b`` reads the state before it with ``state_after`` (slot
+        ``slots[b]``'s checkpoint advanced through ring steps ``0 .. h + t - 1``: the library's reading
+        function, so the order of operations is the fold's), runs ``_decode`` on that copy and writes
+        the step's stash fields at ring step ``h + t``. The main pools are never written. Returns the
+        outputs ``[n, V, M]``.
+        """
+        from ..checkpoint.reference import state_after
+
+        config = cache.get_config()
+        rows, verify_len = draft_tokens.shape
+        ring_steps = cache.history_lengths()[slots].astype(np.int64)
+        p0 = cache.checkpoint_positions()[slots]
+        if positions is not None and not np.array_equal(np.asarray(positions, np.int64).reshape(-1), p0 + ring_steps):
+            raise ValueError(
+                f"positions must equal each slot's p0 + h ({(p0 + ring_steps).tolist()}) in checkpoint mode, got "
+                f"{np.asarray(positions).tolist()} (declare a slot's count with set_positions)"
+            )
+        if (ring_steps + verify_len > config.history_len).any():
+            raise ValueError(f"the ring cannot hold a window of {verify_len} steps past h = {ring_steps.tolist()}")
+        layers = range(config.num_recurrent_layers)
+        recurrent = np.stack([cache.get_recurrent_state(layer) for layer in layers])  # the checkpoints [L, B, ...]
+        conv = np.stack([cache.get_conv_state(layer) for layer in layers])
+        outputs = []
+        for t in range(verify_len):
+            history = {
+                name: np.stack([cache.get_history(layer)[name] for layer in layers])
+                for name in config.replay_stash_fields
+            }  # [L, B, R, ...], ring steps up to h + t - 1 written by this window's earlier steps
+            before_r, before_c = state_after(config, recurrent, conv, history, slots, ring_steps + t, p0)
+            scratch = [(before_r[layer], before_c[layer]) for layer in layers]  # [n, ...] per layer, row-indexed
+            out = self._decode(
+                cache,
+                draft_tokens[:, t],
+                np.arange(rows),
+                None,
+                positions=p0 + ring_steps + t,
+                scratch=scratch,
+                ring=(slots, ring_steps + t),
+            )
+            outputs.append(out)
+        return np.stack(outputs, axis=1)
+
+    def _checkpoint_decode(self, cache: Any, tokens: np.ndarray, slots: np.ndarray, positions: Any) -> np.ndarray:
+        """A plain decode step in checkpoint mode: a verify window of one step, then its commit."""
+        rows = tokens.shape[0]
+        cache.reshape_intermediate_states(rows, 1)
+        out = self._checkpoint_window(cache, tokens[:, None], slots, positions)
+        cache.checkpoint_mtp_states(np.ones(rows, np.int32), state_indices=slots.astype(np.int32))
+        return out[:, 0]
 
     # ------------------------------------------------------------ the NumPy decode step
     def _store(self, values: np.ndarray, dtype: Any, kind: int, layer: int, positions: np.ndarray) -> np.ndarray:
@@ -254,18 +349,22 @@ class TinyMamba2:
         step: int | None,
         positions: np.ndarray | None = None,
         scratch: list | None = None,
+        ring: tuple | None = None,
     ) -> np.ndarray:
         """One token per row through every layer.
 
         ``positions``: ``[R]`` tokens each row's state had consumed (stochastic rounding keys).
         ``scratch`` (replay-mode verify): per layer the ``(recurrent, conv)`` copies to advance
         instead of the cache's pools; step ``step``'s inputs then go to the replay stash.
+        ``ring`` (checkpoint-mode verify, with ``scratch``): ``(slots [R], ring steps [R])``, where
+        the step's inputs go in the history ring (``cache.get_history``).
         """
         w, config = self.weights, self.config
-        heads, dim, state = (
+        heads, dim, state, groups = (
             config.recurrent_state_num_heads,
             config.recurrent_state_head_dim,
             config.recurrent_state_size,
+            config.n_groups,
         )
         channels, width = config.conv_dim, heads * dim
         rows = tokens.shape[0]
@@ -281,21 +380,25 @@ class TinyMamba2:
             conv[slots] = window
             xbc = silu((window.astype(F32) * w["conv_weight"][layer]).sum(axis=2, dtype=F32) + w["conv_bias"][layer])
             x = xbc[:, :width].reshape(rows, heads, dim)
-            b_in, c_out = xbc[:, width : width + state], xbc[:, width + state :]
+            b_in = xbc[:, width : width + groups * state].reshape(rows, groups, state)  # [R, G, N]
+            c_out = xbc[:, width + groups * state :].reshape(rows, groups, state)  # [R, G, N]
             dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [R, H]
             decay = np.exp(dt * w["a"][layer])  # [R, H]
             rec = cache.get_recurrent_state(layer) if scratch is None else scratch[layer][0]  # [B, H, D, N]
             dtx = dt[:, :, None] * x  # [R, H, D]
-            h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in[:, None, :])  # the replay's step (G = 1)
+            h = mamba2_step(rec[slots].astype(F32), decay, dtx, b_in)  # the replay's step
             rec[slots] = self._store(h, rec.dtype, 0, layer, positions) if self._rounds(rec.dtype) else h
-            y = (h * c_out[:, None, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
+            c_heads = np.repeat(c_out, heads // groups, axis=1)  # [R, H, N]: each head's group
+            y = (h * c_heads[:, :, None, :]).sum(axis=3, dtype=F32) + w["d_skip"][layer][None, :, None] * x
             hidden = hidden + matvec(y.reshape(rows, width), w["out_proj"][layer])
-            if step is not None and scratch is not None:
-                stash = cache.get_replay_stash(layer)
-                stash["dA"][slots, step] = decay
-                stash["u"][slots, step] = dtx
-                stash["B"][slots, step] = b_in[:, None, :]
-                stash["conv"][slots, step] = window[:, :, -1]
+            if ring is not None or (step is not None and scratch is not None):
+                stash, at = (
+                    (cache.get_replay_stash(layer), (slots, step)) if ring is None else (cache.get_history(layer), ring)
+                )
+                stash["dA"][at] = decay
+                stash["u"][at] = dtx
+                stash["B"][at] = b_in
+                stash["conv"][at] = window[:, :, -1]
             elif step is not None:
                 inter_conv = cache.get_intermediate_conv_state(layer)
                 inter_rec = cache.get_intermediate_recurrent_state(layer)

@@ -149,8 +149,9 @@ def ssm_step(
     ``dt_bias``/``a``/``d_skip`` ``[H]`` (``a`` is Mamba's A, < 0; ``d_skip`` its D), ``y`` ``[R, H*D]``
     float32 out; if ``step >= 0`` the new state also goes to ``inter[slots[r], step]``; if
     ``stash_step >= 0`` the step's inputs go to the replay stash ``stash_da [active, V, H]``,
-    ``stash_u [active, V, H, D]``, ``stash_b [active, V, 1, N]`` at ``[slots[r], stash_step]``. Stores
-    round as in `conv_step`.
+    ``stash_u [active, V, H, D]``, ``stash_b [active, V, G, N]`` at ``[slots[r], stash_step]``. Stores
+    round as in `conv_step`. ``G`` B/C groups (``C = H*D + 2*G*N``): head ``i`` reads group
+    ``i // (H/G)``, whose ``b_in`` is ``xbc[r, H*D + g*N :]`` and ``c_out`` ``xbc[r, H*D + G*N + g*N :]``.
 
     The state update is the replay kernel's own device function,
     ``h = mamba2_update(h, decay, dt * x, b_in) = fma(dt * x, b_in, h * decay)``, so a replay commit
@@ -170,17 +171,22 @@ def ssm_step(
     x = xbc[r, hd]
     dtx = float32(dt * x)
     width = heads * dim
+    groups = (channels - width) // (2 * size)
+    per_group = heads // groups
+    group = i // per_group
+    b_at = width + group * size  # this head's group's b_in, then c_out
+    c_at = width + groups * size + group * size
     if stash_step >= 0:
         if d == 0:
             stash_da[slot, stash_step, i] = decay
         stash_u[slot, stash_step, i, d] = dtx
-        if hd == 0:
+        if d == 0 and i % per_group == 0:  # the group's first head writes its B
             for n in range(size):
-                stash_b[slot, stash_step, 0, n] = xbc[r, width + n]
+                stash_b[slot, stash_step, group, n] = xbc[r, b_at + n]
     acc = float32(0.0)
     position = np.int64(positions[r]) + 1
     for n in range(size):
-        new = mamba2_update(load_float32(rec[slot, i, d, n], fmt[3]), decay, dtx, xbc[r, width + n])
+        new = mamba2_update(load_float32(rec[slot, i, d, n], fmt[3]), decay, dtx, xbc[r, b_at + n])
         element = hd * size + n
         kept = stored_value(new, fmt[0], fmt[1], fmt[2], element, position, layer, 0, seed_lo, seed_hi)
         if fmt[3]:
@@ -193,7 +199,7 @@ def ssm_step(
                 inter[slot, step, i, d, n] = float32_bits(kept) >> np.uint32(16)
             else:
                 inter[slot, step, i, d, n] = kept
-        acc += new * xbc[r, width + size + n]
+        acc += new * xbc[r, c_at + n]
     y[r, hd] = acc + d_skip[i] * x
 
 

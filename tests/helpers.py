@@ -154,3 +154,45 @@ def sync() -> None:
     from numba import cuda
 
     cuda.synchronize()
+
+
+def replay_config(mixer="mamba2", dtype="float32", **overrides) -> Config:
+    """A small replay-mode config (both state kinds in ``dtype``, ``G = 2``); ``overrides`` win."""
+    fields = dict(
+        num_recurrent_layers=2,
+        max_batch_size=5,
+        recurrent_state_num_heads=4,
+        recurrent_state_head_dim=3,
+        recurrent_state_size=5,
+        conv_dim=7,
+        conv_kernel=3,
+        max_intermediate_seq_len=4,
+        recurrent_state_dtype=dtype,
+        conv_state_dtype=dtype,
+        commit_mode="replay",
+        mixer=mixer,
+        n_groups=2,
+    )
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def stash_values(config, rng, leading: tuple) -> dict:
+    """Random, realistic stash (or ring) contents, ``[L, *leading, *shape]`` per field, in its dtype.
+
+    Decays in (0.5, 1), strengths in (0, 1), unit-norm keys, the rest N(0, 1).
+    """
+    values = {}
+    for name, (shape, dtype) in config.replay_stash_fields.items():
+        full = (config.num_recurrent_layers, *leading, *shape)
+        if name in ("dA", "g"):
+            value = rng.uniform(0.5, 1.0, full)
+        elif name == "beta":
+            value = rng.uniform(0.0, 1.0, full)
+        elif name == "k":
+            value = rng.standard_normal(full)
+            value /= np.linalg.norm(value, axis=-1, keepdims=True)
+        else:
+            value = rng.standard_normal(full)
+        values[name] = value.astype(dtype)
+    return values

@@ -8,9 +8,9 @@ happen; and the reading function ``state_after`` must equal ``current_state``.
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, snapshot, write_pool
+from helpers import BACKENDS, replay_config, snapshot, stash_values, write_pool
 
-from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
+from mamba_cache import ConfigError, NumpyMambaCacheManager
 from mamba_cache.checkpoint.reference import state_after
 from mamba_cache.precision import convert
 from mamba_cache.replay.reference import gdn_step, mamba2_step
@@ -23,43 +23,14 @@ PRECISIONS = [("float32", False), ("float16", False), ("bfloat16", False), ("bfl
 
 
 def ckpt_config(mixer="mamba2", dtype="float32", seq=3, ring=3, commit_mode="checkpoint", **overrides):
-    fields = dict(
-        num_recurrent_layers=2,
-        max_batch_size=5,
-        recurrent_state_num_heads=4,
-        recurrent_state_head_dim=3,
-        recurrent_state_size=5,
-        conv_dim=7,
-        conv_kernel=3,
-        max_intermediate_seq_len=seq,
-        recurrent_state_dtype=dtype,
-        conv_state_dtype=dtype,
-        commit_mode=commit_mode,
-        history_len=ring if commit_mode == "checkpoint" else 0,
-        mixer=mixer,
-        n_groups=2,
-        rounding_seed=12345,
-    )
-    fields.update(overrides)
-    return Config(**fields)
+    history = ring if commit_mode == "checkpoint" else 0
+    fields = dict(max_intermediate_seq_len=seq, commit_mode=commit_mode, history_len=history, rounding_seed=12345)
+    return replay_config(mixer, dtype, **{**fields, **overrides})
 
 
 def window_values(config, rng, active, seq_len):
-    """One verify window's stash, ``[L, active, V, *shape]`` per field: decays in (0.5, 1), unit keys, N(0, 1)."""
-    values = {}
-    for name, (shape, dtype) in config.replay_stash_fields.items():
-        full = (config.num_recurrent_layers, active, seq_len, *shape)
-        if name in ("dA", "g"):
-            value = rng.uniform(0.5, 1.0, full)
-        elif name == "beta":
-            value = rng.uniform(0.0, 1.0, full)
-        elif name == "k":
-            value = rng.standard_normal(full)
-            value /= np.linalg.norm(value, axis=-1, keepdims=True)
-        else:
-            value = rng.standard_normal(full)
-        values[name] = value.astype(dtype)
-    return values
+    """One verify window's stash, ``[L, active, V, *shape]`` per field (`helpers.stash_values`)."""
+    return stash_values(config, rng, (active, seq_len))
 
 
 def write_ring(manager, values, slots):

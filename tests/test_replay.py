@@ -8,9 +8,10 @@ the states agree within ``TOLERANCE`` (bit-exact GPU proofs against the GPU deco
 ``test_replay_models.py``).
 """
 
+import helpers
 import numpy as np
 import pytest
-from helpers import BACKENDS, SIMULATOR_LONG, device_int32, simulator_long, snapshot, to_host, write_pool
+from helpers import BACKENDS, SIMULATOR_LONG, device_int32, replay_config, simulator_long, snapshot, to_host, write_pool
 from numba import cuda  # a module global, which the simulator swaps for its own in kernels
 
 from mamba_cache import Config
@@ -29,26 +30,6 @@ TOLERANCE = {
 }
 
 
-def replay_config(mixer="mamba2", dtype="float32", **overrides):
-    fields = dict(
-        num_recurrent_layers=2,
-        max_batch_size=5,
-        recurrent_state_num_heads=4,
-        recurrent_state_head_dim=3,
-        recurrent_state_size=5,
-        conv_dim=7,
-        conv_kernel=3,
-        max_intermediate_seq_len=4,
-        recurrent_state_dtype=dtype,
-        conv_state_dtype=dtype,
-        commit_mode="replay",
-        mixer=mixer,
-        n_groups=2,
-    )
-    fields.update(overrides)
-    return Config(**fields)
-
-
 def write(target, values):
     if isinstance(target, np.ndarray):
         target[...] = values
@@ -57,22 +38,12 @@ def write(target, values):
 
 
 def stash_values(config, rng):
-    """Random, realistic stash contents: decays in (0, 1), unit-norm keys, the rest N(0, 1)."""
-    layers, steps = config.num_recurrent_layers, config.max_batch_size * config.max_intermediate_seq_len
-    values = {}
-    for name, (shape, dtype) in config.replay_stash_fields.items():
-        full = (layers, steps, *shape)
-        if name in ("dA", "g"):
-            value = rng.uniform(0.5, 1.0, full)
-        elif name == "beta":
-            value = rng.uniform(0.0, 1.0, full)
-        elif name == "k":
-            value = rng.standard_normal(full)
-            value /= np.linalg.norm(value, axis=-1, keepdims=True)
-        else:
-            value = rng.standard_normal(full)
-        values[name] = value.astype(dtype).reshape(layers, -1)
-    return values
+    """Random, realistic stash contents, ``[L, B*S*elems]`` per field (`helpers.stash_values`)."""
+    steps = config.max_batch_size * config.max_intermediate_seq_len
+    return {
+        name: value.reshape(config.num_recurrent_layers, -1)
+        for name, value in helpers.stash_values(config, rng, (steps,)).items()
+    }
 
 
 def filled_pair(config, backend, rng, **options):

@@ -34,7 +34,7 @@ CHECKS = "mamba_cache/core/checks.py"
 COMMITS = "mamba_cache/core/commits.py"
 SLOTS = "mamba_cache/core/slots.py"
 LAUNCH = "mamba_cache/core/launch.py"
-NUMBA = "mamba_cache/core/numba_backend.py"
+NUMBA = "mamba_cache/core/numba_args.py"  # the Numba backend's argument checks
 
 # The focused tests of each file, fastest-failing first (``-x`` stops at the first failure).
 MUTANTS_CHECKS = [

@@ -176,21 +176,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             )
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
-        src_rows = np.asarray(src_rows, dtype=np.int64).reshape(count)
-        dst_rows = np.asarray(dst_rows, dtype=np.int64).reshape(count)
-        ok = (src_rows >= 0) & (src_rows < src[0].shape[1]) & (dst_rows >= 0) & (dst_rows < dst[0].shape[1])
-        s, d = src_rows[ok], dst_rows[ok]
-        targets, counts = np.unique(d, return_counts=True)
-        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
-            raise ValueError(
-                f"copy destinations must be distinct; row {int(targets[counts > 1][0])} is a destination "
-                f"{int(counts.max())} times; nothing was changed"
-            )
-        if dst is src and np.intersect1d(s, d).size:  # the GPU would race a read against a write
-            raise ValueError(
-                f"copy destinations must not also be sources; slot {int(np.intersect1d(s, d)[0])} is both; "
-                "nothing was changed"
-            )
+        s, d = _copy_pairs(src_rows, dst_rows, count, src[0].shape[1], dst[0].shape[1], dst is src)
         for to, frm in zip(dst, src, strict=True):
             to[:, d] = frm[:, s]
 
@@ -377,21 +363,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     def _copy_folded(self, src: np.ndarray, dst: np.ndarray, count: int, stream: Any) -> None:
         from ..checkpoint.reference import state_after
 
-        src_rows, dst_rows = src.astype(np.int64).reshape(count), dst.astype(np.int64).reshape(count)
         batch = self._config.max_batch_size
-        ok = (src_rows >= 0) & (src_rows < batch) & (dst_rows >= 0) & (dst_rows < batch)
-        s, d = src_rows[ok], dst_rows[ok]
-        targets, counts = np.unique(d, return_counts=True)
-        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
-            raise ValueError(
-                f"copy destinations must be distinct; row {int(targets[counts > 1][0])} is a destination "
-                f"{int(counts.max())} times; nothing was changed"
-            )
-        if np.intersect1d(s, d).size:  # the GPU would race a read against a write
-            raise ValueError(
-                f"copy destinations must not also be sources; slot {int(np.intersect1d(s, d)[0])} is both; "
-                "nothing was changed"
-            )
+        s, d = _copy_pairs(src, dst, count, batch, batch, True)
         if not s.size:
             return
         # A source may feed several destinations: fold each distinct source once.
@@ -411,6 +384,30 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         self._history_lengths[where] = 0
         if positions is not None:
             self._checkpoint_positions[where] = positions
+
+
+def _copy_pairs(src_rows: Any, dst_rows: Any, count: int, src_bound: int, dst_bound: int, same_pool: bool) -> tuple:
+    """The ``(source, destination)`` rows of a row copy that are both in range, checked as the reference checks.
+
+    Raises:
+        ValueError: a destination repeats, or (``same_pool``) is also a source; nothing was changed.
+    """
+    src_rows = np.asarray(src_rows, dtype=np.int64).reshape(count)
+    dst_rows = np.asarray(dst_rows, dtype=np.int64).reshape(count)
+    ok = (src_rows >= 0) & (src_rows < src_bound) & (dst_rows >= 0) & (dst_rows < dst_bound)
+    s, d = src_rows[ok], dst_rows[ok]
+    targets, counts = np.unique(d, return_counts=True)
+    if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+        raise ValueError(
+            f"copy destinations must be distinct; row {int(targets[counts > 1][0])} is a destination "
+            f"{int(counts.max())} times; nothing was changed"
+        )
+    if same_pool and np.intersect1d(s, d).size:  # the GPU would race a read against a write
+        raise ValueError(
+            f"copy destinations must not also be sources; slot {int(np.intersect1d(s, d)[0])} is both; "
+            "nothing was changed"
+        )
+    return s, d
 
 
 def _host_dlpack(name: str, array: Any) -> Any:

@@ -17,7 +17,8 @@ FLOORS = [
     {"mamba_cache._target", "mamba_cache._config", "mamba_cache.core", "mamba_cache.core.launch",
      "mamba_cache.core.device", "mamba_cache.core.checks", "mamba_cache.interop", "mamba_cache.interop.dlpack",
      "mamba_cache.interop.arrays", "mamba_cache.precision", "mamba_cache.precision.reference",
-     "mamba_cache.prefix.keys", "mamba_cache.snapshot"},
+     "mamba_cache.prefix.keys", "mamba_cache.prefix.placement", "mamba_cache.prefix.policy",
+     "mamba_cache.prefix.stats", "mamba_cache.snapshot"},
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
@@ -28,7 +29,7 @@ FLOORS = [
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
      "mamba_cache.core.numpy_backend",
-     "mamba_cache.prefix", "mamba_cache.prefix.store"},
+     "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index"},
 ]  # fmt: skip
 
 

@@ -75,16 +75,19 @@ class RadixView:
             nodes.popitem(last=False)
 
     def _add_continuation(self, kept: list, tail: np.ndarray) -> None:
+        """Count ``tail`` among the kept ``[tokens, times seen]`` (an extension of a kept one replaces it)."""
         if not tail.size:
             return
-        for i, other in enumerate(kept):
+        for item in kept:
+            other = item[0]
             common = min(other.size, tail.size)
             if np.array_equal(other[:common], tail[:common]):
                 if tail.size > other.size:
-                    kept[i] = tail.copy()  # an extension of a kept continuation replaces it
+                    item[0] = tail.copy()
+                item[1] += 1
                 return
         if len(kept) < self.fanout:
-            kept.append(tail.copy())
+            kept.append([tail.copy(), 1])
 
     def passes(self, digest: bytes) -> int:
         """Matched requests that passed block digest ``digest`` (0: unknown)."""
@@ -106,14 +109,14 @@ class RadixView:
         if node is None:
             return min(best, limit)
         segment = data[q * bs : min((q + 1) * bs, limit)]
-        for other in node[1]:
+        for other, seen in node[1]:
             common = min(other.size, segment.size)
             if not common:
                 continue
             differs = np.flatnonzero(other[:common] != segment[:common])
             same = int(differs[0]) if differs.size else common
-            if same == segment.size and other.size == segment.size and node[0] < 2:
-                continue  # only this request's own continuation
+            if same == segment.size and seen < 2:
+                continue  # this request's own continuation, seen once: nobody else went this far
             best = max(best, q * bs + same)
         return min(best, limit)
 

@@ -104,7 +104,7 @@ def _zipf(rng, n, s=1.1) -> int:
     return int(rng.choice(n, p=p / p.sum()))
 
 
-def _interleave(rng, plans: list, concurrency: int) -> list:
+def interleave(rng, plans: list, concurrency: int) -> list:
     """Requests of ``plans`` (one list per stream), ``concurrency`` streams open at once, turns in random order."""
     order, waiting, active = [], list(range(len(plans))), []
     while waiting or active:
@@ -144,7 +144,7 @@ class Chat:
             streams.append(np.concatenate(parts))
             tiers.append([(systems[s].size, ("system", s))])
             plans.append(plan)
-        return Trace("chat", streams, tiers, _interleave(rng, plans, self.concurrency))
+        return Trace("chat", streams, tiers, interleave(rng, plans, self.concurrency))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Agentic:
             streams.append(np.concatenate(parts))
             tiers.append([(shared.size, ("agent", 0))])
             plans.append(plan)
-        return Trace("agentic", streams, tiers, _interleave(rng, plans, self.concurrency))
+        return Trace("agentic", streams, tiers, interleave(rng, plans, self.concurrency))
 
 
 @dataclasses.dataclass(frozen=True)

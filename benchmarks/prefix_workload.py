@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import prefix_families  # noqa: E402
+from benchmarks.prefix_traces import interleave  # noqa: E402
 from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
 from mamba_cache.prefix import PrefixStateCache  # noqa: E402
 
@@ -117,16 +118,7 @@ def build(w: Workload) -> tuple[list[Stream], list[Turn]]:
             at += user + reply
         streams.append(Stream(np.concatenate(parts), s, systems[s].size))
         plans.append(turns)
-    order, waiting, active = [], list(range(w.conversations)), []
-    while waiting or active:
-        while waiting and len(active) < w.concurrency:
-            active.append(waiting.pop(0))
-        pick = int(rng.integers(len(active)))
-        c = active[pick]
-        order.append(plans[c].pop(0))
-        if not plans[c]:
-            active.pop(pick)
-    return streams, order
+    return streams, interleave(rng, plans, w.concurrency)
 
 
 def state_bytes(stream: Stream, conversation: int, n: int) -> np.ndarray:

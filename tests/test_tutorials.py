@@ -12,7 +12,7 @@ TUTORIALS = sorted((pathlib.Path(__file__).resolve().parents[1] / "tutorials").g
 
 
 def test_there_are_tutorials():
-    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
+    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05", "06", "07", "08", "10"]
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)

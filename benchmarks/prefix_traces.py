@@ -37,7 +37,7 @@ computes one row of logits either way).
 
 TTFT model: ``TTFT = fixed + prefill FLOPs / (peak * MFU) + restore``: fixed 8 ms (scheduling,
 tokenisation, the first decode step), peak 989 TFLOP/s (H100 SXM dense BF16) at MFU 0.45, restore = one
-entry's bytes (24 layers of fp32 [128, 64, 128] recurrent plus bf16 [10240, 4] conv = 101.6 MB) at
+entry's bytes (24 layers of fp32 [128, 64, 128] recurrent plus bf16 [10240, 4] conv = 102.6 MB) at
 2.5 TB/s when there is a hit. Attention KV is assumed cached for any prefix (a hybrid engine's KV
 cache is not the bottleneck modelled here).
 """

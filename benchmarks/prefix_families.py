@@ -34,7 +34,7 @@ PLACEMENTS = (
     "before_end:8+end_of_request",
 )
 POLICIES = ("lru", "flop_aware", "seglen")
-SIZES = (1, 4, 16, 64, 256, 1024, 8192)
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 8192)
 BASELINE = ("every_block", "lru")
 
 
@@ -322,7 +322,7 @@ def svg(records, family_order) -> str:
         for v in (0, 0.5, 1):
             y = bottom - v * (bottom - top)
             out.append(f'<text x="{x0 + 34}" y="{y + 4}" text-anchor="end">{v:g}</text>')
-        for n in sizes:
+        for n in sizes[:: max(1, len(sizes) // 6)]:
             out.append(f'<text x="{x_of(n, x0):.1f}" y="{bottom + 13}" text-anchor="middle">{n}</text>')
         rows_here = [r for r in records if r["family"] == family and r["block_size"] == bs]
         oracle = next(r for r in rows_here if r["placement"] == "oracle")["token_hit_rate"]

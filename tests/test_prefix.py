@@ -760,7 +760,7 @@ def bookkeeping(store):
         list(store._lru),
         list(store._free),
         str(store.stats),
-        {base: dict(lengths) for base, lengths in store._tails.items()},
+        {base: {r: dict(checks) for r, checks in lengths.items()} for base, lengths in store._tails.items()},
         store._facts.used.tolist(),
     )
 

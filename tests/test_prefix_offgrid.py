@@ -68,7 +68,13 @@ def test_off_grid_insert_match_restore(backend, rng):
     assert "token_hit_rate=0.460" in str(stats)
 
 
-def test_match_hashes_each_block_once_plus_the_tails_registered_under_it(rng, monkeypatch):
+def tail_count(store) -> int:
+    """Off-grid entries the tail index counts (both tiers)."""
+    return sum(n for lengths in store._tails.values() for checks in lengths.values() for n in checks.values())
+
+
+def test_match_digests_each_block_once_and_only_tails_that_can_match(rng, monkeypatch):
+    """One block digest per whole block; a tail digest only where a stored tail's hash check passes."""
     _, store = make("numpy", rng, entries=8, block_size=4)
     prompt = rng.integers(0, 1000, size=40)
     other = prompt.copy()
@@ -87,11 +93,15 @@ def test_match_hashes_each_block_once_plus_the_tails_registered_under_it(rng, mo
     assert blocks == [39 // 4] and tails == [1]  # the first tail tried, under d_3, is the hit
     tails.clear(), blocks.clear()
     assert store.match(prompt, max_tokens=12).length == 6
-    # d_3's tail (13) is past the limit: not hashed; d_2 holds other's tail (r = 2); d_1: r = 2 hits
-    assert blocks == [12 // 4] and tails == [2, 2]
+    # d_3's tail (13) is past the limit; d_2 holds other's tail (r = 2), whose check fails: no digest;
+    # d_1: r = 2 passes and hits
+    assert blocks == [12 // 4] and tails == [2]
+    tails.clear(), blocks.clear()
+    assert store.match(other[:11]).length == 10  # other's tail: its check passes, then its digest
+    assert tails == [2]
     tails.clear(), blocks.clear()
     assert store.match(rng.integers(2000, 3000, size=4000)) is None
-    assert blocks == [3999 // 4] and tails == [3]  # only the unrelated 3-token tail under d_0
+    assert blocks == [3999 // 4] and tails == []  # the unrelated 3-token tail under d_0 fails its check
 
 
 def test_evictions_and_the_host_tier_keep_the_tail_index(backend, rng):
@@ -109,7 +119,7 @@ def test_evictions_and_the_host_tier_keep_the_tail_index(backend, rng):
     store.insert(np.concatenate([c, [5, 5]]), slot=4)  # evicts c to the host tier, which drops b
     assert store.match(np.concatenate([b, [1]])) is None
     assert store.match(np.concatenate([a, [1]])) == ha  # pinned: never evicted
-    assert sum(len(v) for v in store._tails.values()) == len(store)  # every key in either tier, no more
+    assert tail_count(store) == len(store)  # every key in either tier, no more
     store.unpin(ha)
     for i in range(3):
         store.insert(rng.integers(200, 300, size=8), slot=i)  # grid entries push out every tail

@@ -47,13 +47,16 @@ class KeyIndex:
         tail = self._tail_of.pop(key, None)
         if tail is None:
             return
-        base, rest = tail
+        base, rest, check = tail
         lengths = self._tails[base]
-        lengths[rest] -= 1
-        if not lengths[rest]:
-            del lengths[rest]
-            if not lengths:
-                del self._tails[base]
+        checks = lengths[rest]
+        checks[check] -= 1
+        if not checks[check]:
+            del checks[check]
+            if not checks:
+                del lengths[rest]
+                if not lengths:
+                    del self._tails[base]
 
     def _unlink(self, entry: int) -> None:
         """``seglen``: an evicted entry's children inherit its ancestor (their replay grows by its own)."""
@@ -107,9 +110,10 @@ class KeyIndex:
         ``n <= max_tokens`` (a hybrid model passes its attention KV hit length). Only the matched
         entry's recency is refreshed. No match is a result (``None``), not an error.
 
-        Cost: one block digest per whole block of the prompt below the limit, plus one tail digest
-        per off-grid length registered under those block digests (an index of tail lengths per
-        block digest; never a digest per token).
+        Cost: one block digest per whole block of the prompt below the limit, plus, for each
+        off-grid length registered under those block digests (an index of tail lengths per block
+        digest), a 64-bit hash of that many tokens, and a tail digest only where the hash equals a
+        stored tail's (never a digest per token).
 
         Args:
             tokens: ``[T]`` host integer token ids (int32 range).
@@ -158,7 +162,10 @@ class KeyIndex:
                 at = q * bs
                 for rest in sorted(lengths, reverse=True):
                     if at + rest <= limit:
-                        handle = lookup(tail_digest(base, data[at : at + rest]))
+                        piece = data[at : at + rest]
+                        if hash(piece.tobytes()) not in lengths[rest]:
+                            continue  # no stored tail of this length has these tokens
+                        handle = lookup(tail_digest(base, piece))
                         if handle is not None:
                             return handle
             if q:

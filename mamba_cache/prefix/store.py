@@ -171,9 +171,10 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._clock = 0
         self._parent = [-1] * entries  # seglen: the nearest cached ancestor entry on the device
         self._children: dict[int, set] = {}
-        # off-grid keys: block digest d_q -> {tail length r: entries (either tier) keyed under it}
-        self._tails: dict[bytes, dict[int, int]] = {}
-        self._tail_of: dict[bytes, tuple[bytes, int]] = {}
+        # off-grid keys: block digest d_q -> {tail length r: {check of the tail: entries (either tier)}},
+        # the check a 64-bit hash of the tail's bytes that spares match the digest of a tail that differs
+        self._tails: dict[bytes, dict[int, dict[int, int]]] = {}
+        self._tail_of: dict[bytes, tuple[bytes, int, int]] = {}
         self._closed = False
         self._keys: list[bytes | None] = [None] * entries
         self._lengths = [0] * entries
@@ -248,7 +249,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             raise ValueError(f"{what}: store belongs to another manager; nothing was changed")
 
     def _prefix(self, name: str, tokens: Any) -> tuple[np.ndarray, bytes, tuple | None]:
-        """Check a prefix of any length >= 1; return (int32 tokens, its key, ``(d_q, r)`` if off the grid)."""
+        """Check a prefix of any length >= 1; return (int32 tokens, its key, ``(d_q, r, check)`` if off the grid)."""
         data = token_array(name, tokens)
         count = data.shape[0]
         if count == 0:
@@ -260,7 +261,8 @@ class PrefixStateCache(KeyIndex, EntryStore):
         base = chain[-1] if chain else self._root
         if not rest:
             return data, base, None
-        return data, tail_digest(base, data[whole * self.block_size :]), (base, rest)
+        piece = data[whole * self.block_size :]
+        return data, tail_digest(base, piece), (base, rest, hash(piece.tobytes()))
 
     def _check_handle(self, name: str, handle: Any) -> int:
         if not isinstance(handle, PrefixHandle):
@@ -386,8 +388,8 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._tick(entry)
         if tail is not None:
             self._tail_of[key] = tail
-            lengths = self._tails.setdefault(tail[0], {})
-            lengths[tail[1]] = lengths.get(tail[1], 0) + 1
+            checks = self._tails.setdefault(tail[0], {}).setdefault(tail[1], {})
+            checks[tail[2]] = checks.get(tail[2], 0) + 1
         if self.policy.needs_ancestors:
             ancestor = self._longest(data, length - 1, device_only=True)
             parent = -1 if ancestor is None else ancestor.entry

@@ -1,4 +1,4 @@
-"""The prefix store's key index: lookups in both tiers, the longest match, placements, admission.
+"""The prefix store's key index: lookups in both tiers, publishing keys, the longest match, placements, admission.
 
 A mixin of [`PrefixStateCache`][mamba_cache.prefix.PrefixStateCache] (it reads the store's
 bookkeeping: the device and host indexes, the index of off-grid tail lengths per block digest, the
@@ -101,6 +101,29 @@ class KeyIndex:
             return True
         self.stats.rejected_inserts += 1
         return False
+
+    def _publish(self, entry: int, key: bytes, data: np.ndarray, tail: tuple | None) -> PrefixHandle:
+        length = data.shape[0]
+        self._keys[entry] = key
+        self._lengths[entry] = length
+        self._facts.lengths[entry] = length
+        self._generations[entry] += 1
+        self._index[key] = entry
+        self._lru[entry] = None
+        self._tick(entry)
+        if tail is not None:
+            self._tail_of[key] = tail
+            checks = self._tails.setdefault(tail[0], {}).setdefault(tail[1], {})
+            checks[tail[2]] = checks.get(tail[2], 0) + 1
+        if self.policy.needs_ancestors:
+            ancestor = self._longest(data, length - 1, device_only=True)
+            parent = -1 if ancestor is None else ancestor.entry
+            self._parent[entry] = parent
+            self._facts.replay[entry] = length - (0 if ancestor is None else ancestor.length)
+            if parent >= 0:
+                self._children.setdefault(parent, set()).add(entry)
+        self.stats.inserts += 1
+        return self._handle(entry)
 
     # ------------------------------------------------------------ match
     def match(self, tokens: Any, max_tokens: int | None = None) -> PrefixHandle | None:

@@ -2,8 +2,11 @@
 
 Attention KV can be reused for any prefix of a cached prompt, but a recurrent state exists only for
 the exact prefix it was computed after. The store therefore keeps whole-slot checkpoints (the
-recurrent and conv state of every layer) taken at block boundaries, keyed by the block-digest
-chain of [`mamba_cache.prefix.keys`][mamba_cache.prefix.keys].
+recurrent and conv state of every layer) taken after chosen prefixes (block boundaries by default,
+any length a placement names), keyed by the block-digest chain of
+[`mamba_cache.prefix.keys`][mamba_cache.prefix.keys] and, off the block grid, a tail digest. Which
+positions to checkpoint is the placement's answer (`mamba_cache.prefix.placement`), which entries
+to keep the policy's (`mamba_cache.prefix.policy`); lookups live in `mamba_cache.prefix.index`.
 
 Storage: ``P`` entries allocated once, one allocation per state kind, in the main pools' dtypes
 and layouts, on the manager's backend and device:
@@ -375,30 +378,6 @@ class PrefixStateCache(KeyIndex, EntryStore):
         """Called by a commit after it queued a tracking copy into this store on ``stream``."""
         if self.host_entries:
             self._tracked = self._recorded(self._tracked, stream)
-
-    # ------------------------------------------------------------ restore
-    def _publish(self, entry: int, key: bytes, data: np.ndarray, tail: tuple | None) -> PrefixHandle:
-        length = data.shape[0]
-        self._keys[entry] = key
-        self._lengths[entry] = length
-        self._facts.lengths[entry] = length
-        self._generations[entry] += 1
-        self._index[key] = entry
-        self._lru[entry] = None
-        self._tick(entry)
-        if tail is not None:
-            self._tail_of[key] = tail
-            checks = self._tails.setdefault(tail[0], {}).setdefault(tail[1], {})
-            checks[tail[2]] = checks.get(tail[2], 0) + 1
-        if self.policy.needs_ancestors:
-            ancestor = self._longest(data, length - 1, device_only=True)
-            parent = -1 if ancestor is None else ancestor.entry
-            self._parent[entry] = parent
-            self._facts.replay[entry] = length - (0 if ancestor is None else ancestor.length)
-            if parent >= 0:
-                self._children.setdefault(parent, set()).add(entry)
-        self.stats.inserts += 1
-        return self._handle(entry)
 
     def _main(self) -> tuple:
         pools = self.manager._pools

@@ -249,6 +249,41 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
+def markdown(records, checks, family: str = "chat", block_size: int = 528) -> str:
+    """The docs' tables: the targets per family and block size, then every placement and policy side by side
+    for ``family`` at ``block_size`` at the baseline's half-best store size."""
+    lines = [
+        "| family | bs | P | baseline hit rate | best placement / policy | its hit rate | oracle | hit tokens "
+        "| FLOPs saved |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in checks:
+        if c["where"] != "half":
+            continue
+        ratio = "-" if c["hit_ratio"] is None else f"{c['hit_ratio']:.2f}x"
+        flops = "-" if c["flops_ratio"] is None else f"{c['flops_ratio']:.2f}x"
+        lines.append(
+            f"| {c['family']} | {c['block_size']} | {c['entries']} | {c['baseline_rate']:.3f} | {c['best']} | "
+            f"{c['best_rate']:.3f} | {c['oracle_rate']:.3f} | {ratio} | {flops} |"
+        )
+    at = next(c for c in checks if c["family"] == family and c["block_size"] == block_size and c["where"] == "half")
+    lines += [
+        "",
+        f"{family}, block size {block_size}, P = {at['entries']} entries (where the baseline reaches half its best):",
+        "",
+        "| placement | policy | token hit rate | FLOPs saved | TTFT P50 ms | TTFT P95 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = [r for r in records if r["family"] == family and r["block_size"] == block_size]
+    chosen = [r for r in rows if r["entries"] == at["entries"]] + [r for r in rows if not r["entries"]]
+    for r in sorted(chosen, key=lambda r: -r["token_hit_rate"]):
+        lines.append(
+            f"| {r['placement']} | {r['policy']} | {r['token_hit_rate']:.3f} | {r['flops_saved_fraction']:.3f} | "
+            f"{r['ttft_p50_ms']:.1f} | {r['ttft_p95_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- match timing
 def time_match(seed: int, length: int = 32_768, block_size: int = 64, repeat: int = 30) -> dict:
     """Host time of ``match`` on a ``length``-token prompt: grid-only store vs the same with tail keys registered.

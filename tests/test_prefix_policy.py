@@ -64,6 +64,27 @@ def test_flop_aware_keeps_the_checkpoint_that_saves_most(rng):
     assert kept == {"lru": False, "flop_aware": True}
 
 
+def test_flop_aware_evicts_a_superseded_turn_first_and_a_branch_point_last(rng):
+    _, store = make("numpy", rng, entries=4, block_size=4, policy="flop_aware")
+    chat = rng.integers(0, 50, size=40)
+    turn1 = store.insert(chat[:10], slot=0)
+    store.insert(rng.integers(50, 99, size=3), slot=1)  # short, old: the first to go by utility alone
+    turn2 = store.insert(chat[:25], slot=2)  # supersedes turn 1 (its one cached extension)
+    assert store._facts.children[turn1.entry] == 1 and store._facts.children[turn2.entry] == 0
+    store.insert(rng.integers(100, 150, size=30), slot=3)
+    store.insert(rng.integers(150, 199, size=30), slot=4)  # full: turn 1 goes, not the short old one
+    assert store._generations[turn1.entry] != turn1.generation
+    assert store.match(chat).length == 25
+    # a branch point: two cached extensions of one prefix stay while anything else can go
+    _, store = make("numpy", rng, entries=3, block_size=4, policy="flop_aware")
+    shared = store.insert(chat[:6], slot=0)
+    for tail in (chat[6:9], rng.integers(100, 150, size=3)):
+        store.insert(np.concatenate([chat[:6], tail]), slot=1)
+    assert store._facts.children[shared.entry] == 2
+    store.insert(rng.integers(150, 199, size=40), slot=2)
+    assert store._generations[shared.entry] == shared.generation
+
+
 def test_flop_aware_admits_a_block_boundary_only_once_shared(rng):
     manager, store = make("numpy", rng, entries=3, block_size=4, policy="flop_aware", placement="every_block")
     prompt = rng.integers(0, 100, size=9)

@@ -59,19 +59,21 @@ class KeyIndex:
                     del self._tails[base]
 
     def _unlink(self, entry: int) -> None:
-        """``seglen``: an evicted entry's children inherit its ancestor (their replay grows by its own)."""
+        """An evicted entry's children inherit its ancestor (their replay grows by its own)."""
         if not self.policy.needs_ancestors:
             return
-        parent, replay = self._parent[entry], self._facts.replay
+        parent, replay, children = self._parent[entry], self._facts.replay, self._facts.children
         for child in self._children.pop(entry, ()):
             self._parent[child] = parent
             replay[child] += replay[entry]
             if parent >= 0:
                 self._children.setdefault(parent, set()).add(child)
+                children[parent] += 1
         if parent >= 0:
-            self._children.get(parent, set()).discard(entry)
+            self._children[parent].discard(entry)
+            children[parent] -= 1
         self._parent[entry] = -1
-        replay[entry] = 0
+        replay[entry] = children[entry] = 0
 
     def _tick(self, entry: int) -> None:
         self._clock += 1
@@ -122,6 +124,7 @@ class KeyIndex:
             self._facts.replay[entry] = length - (0 if ancestor is None else ancestor.length)
             if parent >= 0:
                 self._children.setdefault(parent, set()).add(entry)
+                self._facts.children[parent] += 1
         self.stats.inserts += 1
         return self._handle(entry)
 

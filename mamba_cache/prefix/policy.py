@@ -16,10 +16,14 @@ Policies, by name:
   MLSys 2025, arXiv 2411.19379). Utility = recency + ``alpha`` x FLOP efficiency, each scaled to
   ``[0, 1]`` over the candidates; FLOP efficiency = the FLOPs a hit on the entry saves (``flops(n)``
   for a checkpoint after ``n`` tokens) per byte the entry holds (one entry = one slot of state, the
-  same bytes for every entry). The lowest utility is evicted. Admission: only checkpoints that can
-  be reused: a checkpoint a placement offers as a plain block boundary (kind ``"block"``) is
-  admitted only where the store has seen a second request pass that boundary; ends of prompts and
-  requests, branch points and direct inserts (no kind) are admitted.
+  same bytes for every entry). The lowest utility is evicted, among Marconi's candidates first: an
+  entry that is a branch point (two or more cached extensions, each with it as nearest cached
+  ancestor) is evicted only when nothing else can be. Ours, stated: an entry with exactly one cached
+  extension is superseded by it (every request that would hit it and goes on along the chain hits
+  the longer one: a chat's earlier turn once the next turn is cached) and goes before any other.
+  Admission: only checkpoints that can be reused: a checkpoint a placement offers as a plain block
+  boundary (kind ``"block"``) is admitted only where the store has seen a second request pass that
+  boundary; ends of prompts and requests, branch points and direct inserts (no kind) are admitted.
 - ``seglen``: the SegLen rule (Abdelfattah lab, "Rethinking Prefix Caching for Hybrid LLMs", 2026,
   and its SGLang eviction policy ``--radix-eviction-policy seglen``): utility = (1 - ``weight``) x
   recency + ``weight`` x replay length, scaled to ``[0, 1]``, where the replay length of an entry is
@@ -72,12 +76,14 @@ class EntryFacts:
         used: ``[P]`` int64, the store's clock at the entry's last publish or hit (larger: more recent).
         lengths: ``[P]`` int64, tokens the entry covers (0: empty).
         replay: ``[P]`` int64, its length minus its nearest cached ancestor's (``seglen``).
+        children: ``[P]`` int64, cached entries whose nearest cached ancestor it is (``flop_aware``).
     """
 
     def __init__(self, entries: int) -> None:
         self.used = np.zeros(entries, np.int64)
         self.lengths = np.zeros(entries, np.int64)
         self.replay = np.zeros(entries, np.int64)
+        self.children = np.zeros(entries, np.int64)
 
 
 class Lru(Policy):
@@ -116,6 +122,7 @@ class FlopAware(Policy):
 
     name = "flop_aware"
     needs_sharing = True
+    needs_ancestors = True
 
     def __init__(
         self, flops: Callable[[np.ndarray], np.ndarray] | None = None, alpha: float = 1.0, entry_bytes: int = 1
@@ -131,11 +138,13 @@ class FlopAware(Policy):
         return kind != "block" or shared
 
     def victim(self, candidates: Iterable[int], facts: EntryFacts) -> int | None:
-        """The candidate of lowest recency + ``alpha`` x FLOPs saved per byte."""
+        """The lowest recency + ``alpha`` x FLOPs saved per byte; superseded entries first, branch points last."""
 
         def score(ids):
             efficiency = np.asarray(self.flops(facts.lengths[ids]), dtype=np.float64) / self.entry_bytes
-            return _scaled(facts.used[ids].astype(np.float64)) + self.alpha * _scaled(efficiency)
+            utility = _scaled(facts.used[ids].astype(np.float64)) + self.alpha * _scaled(efficiency)
+            children = facts.children[ids]
+            return utility + np.where(children == 1, -3.0, np.where(children > 1, 3.0, 0.0))
 
         return _lowest(candidates, score)
 

@@ -146,21 +146,52 @@ def simulate(
             for bs in BLOCK_SIZES:
                 records.append({**base, "block_size": bs, "placement": "oracle", "policy": "-", "entries": 0, **oracle})
                 records.append({**base, "block_size": bs, "placement": "none", "policy": "-", "entries": 0, **nothing})
-                for placement in placements:
-                    for policy in policies:
-                        for entries in sizes:
-                            hits = run_store(trace, bs, entries, placement, policy)
-                            records.append(
-                                {
-                                    **base,
-                                    "block_size": bs,
-                                    "placement": placement,
-                                    "policy": policy,
-                                    "entries": entries,
-                                    **summary(trace, hits),
-                                }
-                            )
+                grid = [
+                    (placement, policy, entries) for placement in placements for policy in policies for entries in sizes
+                ]
+                for placement, policy, entries in grid:
+                    hits = run_store(trace, bs, entries, placement, policy)
+                    records.append(
+                        {**base, "block_size": bs, "placement": placement, "policy": policy, "entries": entries}
+                        | summary(trace, hits)
+                    )
+                if BASELINE[0] in placements and BASELINE[1] in policies:
+                    for entries in refined_sizes(trace, bs, records, family):
+                        for placement in placements:
+                            for policy in policies:
+                                hits = run_store(trace, bs, entries, placement, policy)
+                                records.append(
+                                    {**base, "block_size": bs, "placement": placement, "policy": policy}
+                                    | {"entries": entries, "refined": True}
+                                    | summary(trace, hits)
+                                )
     return records
+
+
+def refined_sizes(trace: pt.Trace, bs: int, records: list, family: str) -> list[int]:
+    """Store sizes where the baseline first reaches half of its best and its best, found to within 1/16.
+
+    The swept sizes go in steps of 2, and a baseline curve can jump (agentic: 0.45 -> 0.95 between 256
+    and 512 entries): bisecting between two swept sizes finds the size the targets are defined at.
+    """
+    rows = [r for r in records if r["family"] == family and r["block_size"] == bs and r["entries"]]
+    curve = {r["entries"]: r["hit_tokens"] for r in rows if (r["placement"], r["policy"]) == BASELINE}
+    top, found = max(curve.values()), []
+    for fraction in (0.5, 1.0):
+        want = top * fraction
+        if not want:
+            continue
+        hi = min(n for n, h in curve.items() if h >= want)
+        lo = max((n for n in curve if n < hi), default=hi)
+        while hi - lo > max(1, lo // 16):
+            mid = (lo + hi) // 2
+            if int(run_store(trace, bs, mid, *BASELINE).sum()) >= want:
+                hi = mid
+            else:
+                lo = mid
+        if hi not in curve and hi not in found:
+            found.append(hi)
+    return found
 
 
 def scaled(family: str, scale: float) -> dict:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ._config import Config, ConfigError, format_bytes
 from ._target import gpu_present, select_numba_target
+from .core.checks import pad_slot_id
 from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
 from .precision import bfloat16
@@ -38,6 +39,7 @@ __all__ = [
     "format_bytes",
     "gpu_present",
     "load_snapshot",
+    "pad_slot_id",
     "save_snapshot",
     "select_numba_target",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_int32_array
+from .checks import check_int32_array, pad_slot_id
 from .manager import MambaCacheManagerBase
 
 __all__ = ["NumpyMambaCacheManager"]
@@ -196,6 +196,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         # Checkpoint rows: 0 <= t < accept, t < V, entry in [0, P). Check them all before moving anything.
         step, entry = steps.astype(np.int64), entries.astype(np.int64)
         track = (step >= 0) & (step < accept) & (step < seq_len) & (entry >= 0) & (entry < store.entries)
+        if indices is not None:  # a padding row tracks nothing (other out-of-range slots still track)
+            track &= indices != pad_slot_id
         rows = np.flatnonzero(track)
         store.check_tracked_entries(entry[rows])
         commit = accept.astype(np.int64) - 1
@@ -211,7 +213,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 from ..precision import convert
 
                 consumed = 0 if positions is None else positions.astype(np.int64)[rows] + step[rows] + 1
-                flat = states.reshape(*states.shape[:2], -1)
+                flat = states.reshape(*states.shape[:2], int(np.prod(states.shape[2:])))  # no tracked row: size 0
                 states = convert(
                     flat,
                     dst.dtype,

@@ -263,6 +263,11 @@ class Config:
         return self.enabled and self.commit_mode == "checkpoint"
 
     @property
+    def _head_dims(self) -> tuple[int, int, int, int]:
+        """``(H, D, N, G)``."""
+        return self.recurrent_state_num_heads, self.recurrent_state_head_dim, self.recurrent_state_size, self.n_groups
+
+    @property
     def replay_stash_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The replay stash of one row and one draft step: field name to (shape, dtype).
 
@@ -271,12 +276,7 @@ class Config:
         factor), ``beta [H]``, ``k [G, D]``, ``v [H, N]``, float32, and ``conv [C]``.
         """
         f32 = np.dtype(np.float32)
-        heads, dim, size, groups = (
-            self.recurrent_state_num_heads,
-            self.recurrent_state_head_dim,
-            self.recurrent_state_size,
-            self.n_groups,
-        )
+        heads, dim, size, groups = self._head_dims
         if self.mixer == "mamba2":
             fields = {"dA": ((heads,), f32), "u": ((heads, dim), f32), "B": ((groups, size), f32)}
         else:
@@ -352,12 +352,7 @@ class Config:
         ``None`` when ``conv_dim`` is not the sum of the sections (a config whose conv channels
         follow no mixer layout: it can be moved between equal shards only).
         """
-        heads, dim, size, groups = (
-            self.recurrent_state_num_heads,
-            self.recurrent_state_head_dim,
-            self.recurrent_state_size,
-            self.n_groups,
-        )
+        heads, dim, size, groups = self._head_dims
         if self.mixer == "mamba2":
             layout = (("x", heads * dim, "heads"), ("B", groups * size, "groups"), ("C", groups * size, "groups"))
         else:

@@ -18,6 +18,7 @@ from ._target import gpu_present, select_numba_target
 from .core.checks import pad_slot_id
 from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
+from .moving import ParcelError, StateParcel
 from .precision import bfloat16
 from .prefix import PrefixHandle, PrefixStateCache, PrefixStats
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
@@ -31,10 +32,12 @@ __all__ = [
     "MambaCacheManagerBase",
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
+    "ParcelError",
     "PrefixHandle",
     "PrefixStateCache",
     "PrefixStats",
     "SnapshotError",
+    "StateParcel",
     "bfloat16",
     "format_bytes",
     "gpu_present",

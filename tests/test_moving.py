@@ -6,6 +6,7 @@ Every refusal is checked to leave every buffer bit-identical. The real-process p
 in ``test_moving_processes.py``.
 """
 
+import dataclasses
 import zlib
 
 import numpy as np
@@ -207,8 +208,6 @@ def test_checkpoint_mode_exports_the_folded_state_and_leaves_the_source(rng):
 
 # ---------------------------------------------------------------- refusals
 def damaged(parcel, **changes) -> StateParcel:
-    import dataclasses
-
     (descriptor, buffer), *rest = parcel.pieces
     return StateParcel(((dataclasses.replace(descriptor, **changes), buffer), *rest))
 
@@ -293,3 +292,49 @@ def test_offload_and_resume_are_bit_exact_and_single_use(backend, rng):
     with pytest.raises(ValueError, match="are parked; resume them first"):
         manager.reserve_offload(8)
     assert_same_bits(snapshot(manager), got, "refusals")
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
+@pytest.mark.parametrize("mode", ["scatter", "replay", "checkpoint"])
+def test_preempt_and_resume_mid_speculative_decoding_changes_nothing(rng, mode, mixer):
+    """Random slots parked, their slots cleared, then resumed, between verify windows: the same bits and tokens."""
+    from mamba_cache.models.gdn import TinyGatedDeltaNet
+    from mamba_cache.models.mamba2 import TinyMamba2, matvec, rmsnorm
+
+    config = dataclasses.replace(model(mixer, 2, conv_dtype="float32"), max_intermediate_seq_len=3)
+    config = config.in_commit_mode(mode)
+    if mode == "checkpoint":
+        config = dataclasses.replace(config, history_len=5)
+    tiny = (TinyMamba2 if mixer == "mamba2" else TinyGatedDeltaNet)(config, seed=int(rng.integers(1 << 30)))
+    plain, preempted = NumpyMambaCacheManager(config), NumpyMambaCacheManager(config)
+    prompt = rng.integers(0, tiny.vocab_size, (4, 3))
+    for cache in (plain, preempted):
+        tiny.prefill(cache, prompt)
+    parked = 0
+    for _ in range(4):
+        drafts = rng.integers(0, tiny.vocab_size, (4, 3))
+        accept = rng.integers(1, 4, 4).astype(np.int32)
+        for cache in (plain, preempted):
+            tiny.verify(cache, drafts)
+            {"scatter": cache.scatter_mtp_states, "replay": cache.replay_mtp_states}.get(
+                mode, cache.checkpoint_mtp_states
+            )(accept)
+        slots = rng.choice(4, size=2, replace=False).astype(np.int32)
+        handles = preempted.offload_slots(slots)
+        for slot in slots:
+            preempted.clear_slot(int(slot))  # another request takes the slot meanwhile
+        for handle, slot in zip(handles, slots, strict=True):
+            preempted.resume(handle, int(slot))
+        parked += len(handles)
+    for slot in range(4):
+        for a, b in zip(*(sum(c.current_state(slot), []) for c in (plain, preempted)), strict=True):
+            assert a.tobytes() == b.tobytes(), (mode, slot)
+    head = rng.standard_normal((tiny.weights["embedding"].shape[1], tiny.vocab_size)).astype(np.float32)
+    tokens = [np.zeros(4, np.int64), np.zeros(4, np.int64)]
+    emitted = [[], []]
+    for _ in range(4):
+        for i, cache in enumerate((plain, preempted)):
+            u = tiny.decode_step(cache, tokens[i])
+            tokens[i] = matvec(rmsnorm(u), head).argmax(axis=1)
+            emitted[i].append(tokens[i])
+    assert np.array_equal(emitted[0], emitted[1]) and parked == 8

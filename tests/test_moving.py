@@ -338,3 +338,19 @@ def test_preempt_and_resume_mid_speculative_decoding_changes_nothing(rng, mode, 
             tokens[i] = matvec(rmsnorm(u), head).argmax(axis=1)
             emitted[i].append(tokens[i])
     assert np.array_equal(emitted[0], emitted[1]) and parked == 8
+
+
+def test_another_transport_recipe(rng):
+    """The docs' recipe: a parcel is the descriptor's JSON and the buffer's bytes, whatever carries them."""
+    from mamba_cache.moving import ParcelDescriptor
+
+    config = model()
+    (source,) = ranks("numpy", config, 1, states=random_states(config, rng))
+    (cache,) = ranks("numpy", config, 1, rng=rng)
+    parcel, slots, dest_rank = source.export_slots(np.array([1, 3], np.int32), namespace="my-model"), None, 0
+    descriptor, buffer = parcel.piece(dest_rank)
+    header, payload = descriptor.to_json(), bytes(buffer)  # two byte strings on the wire
+    slots = np.array([0, 2], np.int32)
+    received = StateParcel(((ParcelDescriptor.from_json(header), payload),))
+    cache.import_slots(received, slots, namespace="my-model")
+    assert snapshot(cache)["recurrent"][:, [0, 2]].tobytes() == snapshot(source)["recurrent"][:, [1, 3]].tobytes()

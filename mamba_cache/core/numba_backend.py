@@ -31,6 +31,7 @@ from .device import SIMULATOR, DeviceArray, Launch, device_pointer
 from .launch import DeviceArg
 from .manager import MambaCacheManagerBase
 from .numba_args import DeviceArguments
+from .numba_moving import NumbaParcelHooks
 
 __all__ = ["NumbaMambaCacheManager"]
 
@@ -81,7 +82,7 @@ def _aligned_word(array: Any, pointer: int) -> int:
     return min(8, address & -address) if address else 8
 
 
-class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
+class NumbaMambaCacheManager(DeviceArguments, NumbaParcelHooks, MambaCacheManagerBase):
     """Per-layer Mamba (recurrent + conv) state manager on a CUDA device, through Numba.
 
     Same interface, semantics and results (bit for bit) as

@@ -27,7 +27,7 @@ class PrefillPlan:
     Attributes:
         tokens: ``[T]`` int64 token ids.
         slot: the live slot advanced through the prompt.
-        chunk: ``Q``, tokens per chunk.
+        chunk: ``Q``, tokens per chunk (``chunk_size``, at most ``T``: a longer chunk is the same single chunk).
         start: tokens the slot's state had consumed before the prompt (stochastic rounding keys).
         positions: ``[n]`` int64 checkpoint positions, each in ``[1, T]`` (tokens of this prompt consumed).
         targets: ``[n]`` int64 destination of each: a store entry or a slot.
@@ -94,8 +94,8 @@ def plan_prefill(
         )
     batch = config.max_batch_size
     slot = check_index("slot", slot, batch)
-    chunk = check_size("chunk_size", chunk_size, 1, INT32_MAX)
     length = ids.shape[0]
+    chunk = min(check_size("chunk_size", chunk_size, 1, INT32_MAX), length)  # one chunk at most the prompt
     positions = _int_list("checkpoints", checkpoints)
     if positions.size and (positions.min() < 1 or positions.max() > length):
         raise ValueError(

@@ -25,13 +25,11 @@ FLOORS = [
      "mamba_cache.models.chunked", "mamba_cache.models.chunked_kernels"},
     # the backend-neutral manager and its declared backend interface
     {"mamba_cache.core.backend", "mamba_cache.core.slots", "mamba_cache.core.commits", "mamba_cache.core.checkpoint",
-     "mamba_cache.core.manager"},
+     "mamba_cache.core.manager", "mamba_cache.models.prefill"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
      "mamba_cache.core.numpy_backend",
-     "mamba_cache.prefix", "mamba_cache.prefix.store",
-     # the chunked prefill's argument checks (it checks a store's entries through the declared interface)
-     "mamba_cache.models.prefill"},
+     "mamba_cache.prefix", "mamba_cache.prefix.store"},
 ]  # fmt: skip
 
 

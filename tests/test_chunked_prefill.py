@@ -73,6 +73,8 @@ def run_prefill(backend, mixer, dtype, chunk, rng, positions=POSITIONS, **overri
     for p, entry in zip(positions, entries, strict=True):
         rec, conv = (host(pool, dtype) for pool in store.entry_state(entry))
         got[p] = (rec, conv)
+        # layer 0's conv inputs do not depend on any mixer: its windows are the per-token ones, bit for bit
+        assert conv[0].tobytes() == want[HEAD + p][0][1].tobytes(), f"checkpoint {p}: layer 0's conv window"
         for layer in layers:
             close(rec[layer], want[HEAD + p][layer][0], dtype, "recurrent", f"checkpoint {p}, layer {layer}")
             close(conv[layer], want[HEAD + p][layer][1], dtype, "conv", f"checkpoint {p}, layer {layer}")

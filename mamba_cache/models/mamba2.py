@@ -211,7 +211,8 @@ class TinyMamba2:
         The chunked algebra sums in another order than the per-token decode, so the states equal
         [`prefill`][mamba_cache.models.mamba2.TinyMamba2.prefill]'s within the tolerance table of the docs
         ("Several checkpoints from one prefill"), not bit for bit; ``prefill`` and ``decode_step`` are
-        unchanged.
+        unchanged. An engine's use (reserve, one call, publish) is ``admit`` in
+        ``examples/chunked_checkpoints.py``.
 
         Args:
             cache: a Numpy- or NumbaMambaCacheManager built with this model's config (scatter or
@@ -235,11 +236,6 @@ class TinyMamba2:
         Raises:
             ValueError / IndexError / TypeError: a bad argument (see
                 [`plan_prefill`][mamba_cache.models.prefill.plan_prefill]); nothing was changed.
-
-        Example:
-            >>> entries = [store.reserve() for _ in (16, 20)]  # doctest: +SKIP
-            >>> model.prefill_chunked(cache, prompt, 0, chunk_size=8, checkpoints=[16, 20],
-            ...                       store=store, entries=entries)  # doctest: +SKIP
         """
         plan = plan_prefill(
             self, cache, tokens, slot, chunk_size, checkpoints, store, entries, checkpoint_slots, position

@@ -164,6 +164,26 @@ def test_stochastic_rounding_checkpoints(rng, dtype):
     run_prefill("numpy", "mamba2", dtype, 5, rng, stochastic_rounding=True, rounding_seed=7)
 
 
+def test_chunks_of_one_token_update_mamba2_state_as_the_decode_step(rng):
+    """With Q = 1 the SSD state update is ``h * exp(dt * A) + u B``, the decode step's own operations.
+
+    So layer 0 (whose inputs no mixer output touches) matches the per-token decode bit for bit in float32;
+    only layers above see the outputs' other summation order (the docs' tolerance-table notes).
+    """
+    positions = list(range(1, COUNT + 1))
+    model, cache, store, prompt, want, _ = setup("numpy", "mamba2", "float32", rng, entries=COUNT)
+    entries = [store.reserve() for _ in positions]
+    model.prefill_chunked(cache, prompt, SLOT, chunk_size=1, checkpoints=positions, store=store, entries=entries)
+    for p, entry in zip(positions, entries, strict=True):
+        assert store.entry_state(entry)[0][0].tobytes() == want[HEAD + p][0][0].tobytes(), p
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
+def test_replay_mode_main_pools(rng, mixer):
+    """In replay mode the main pools hold the current states too: the prefill reads and writes them alike."""
+    run_prefill("numpy", mixer, "float32", 4, rng, commit_mode="replay")
+
+
 @pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
 def test_checkpoint_slots_hold_the_entries_bits(rng, mixer):
     model, cache, store, prompt, _, _ = setup("numpy", mixer, "float16", rng)
@@ -212,20 +232,21 @@ def test_restored_checkpoint_decodes_like_the_whole_prompt(backend, rng, mixer):
 
 # ---------------------------------------------------------------- Numba (the CUDA simulator here)
 NUMBA_CASES = [
-    ("mamba2", "float32", 4),
-    ("gdn", "float32", 5),
-    pytest.param("mamba2", "float16", 5, marks=SIMULATOR_LONG),
-    pytest.param("mamba2", "bfloat16", 4, marks=SIMULATOR_LONG),
-    pytest.param("gdn", "float16", 4, marks=SIMULATOR_LONG),
+    ("mamba2", "float32", 4, {}),
+    ("gdn", "float32", 5, {}),
+    pytest.param("mamba2", "float16", 5, {}, marks=SIMULATOR_LONG),
+    pytest.param("mamba2", "bfloat16", 4, {}, marks=SIMULATOR_LONG),
+    pytest.param("mamba2", "bfloat16", 5, {"stochastic_rounding": True, "rounding_seed": 7}, marks=SIMULATOR_LONG),
+    pytest.param("gdn", "float16", 4, {}, marks=SIMULATOR_LONG),
 ]
 
 
-@pytest.mark.parametrize(("mixer", "dtype", "chunk"), NUMBA_CASES)
-def test_numba_checkpoints(mixer, dtype, chunk):
+@pytest.mark.parametrize(("mixer", "dtype", "chunk", "overrides"), NUMBA_CASES)
+def test_numba_checkpoints(mixer, dtype, chunk, overrides):
     """Numba: checkpoints equal Numba's per-token states, and NumPy's chunked ones, within the table."""
     positions = [1, 4, 5, 8, 12]
-    got, out = run_prefill("numba", mixer, dtype, chunk, np.random.default_rng(SEED), positions=positions)
-    want, want_out = run_prefill("numpy", mixer, dtype, chunk, np.random.default_rng(SEED), positions=positions)
+    got, out = run_prefill("numba", mixer, dtype, chunk, np.random.default_rng(SEED), positions, **overrides)
+    want, want_out = run_prefill("numpy", mixer, dtype, chunk, np.random.default_rng(SEED), positions, **overrides)
     close(out, want_out, dtype, "prefill output", "numba vs numpy outputs")
     for p in positions:
         for kind, index in (("recurrent", 0), ("conv", 1)):

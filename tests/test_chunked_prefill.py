@@ -314,17 +314,3 @@ def test_refusals_in_other_modes(rng):
     with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
         model_c.prefill_chunked(BACKENDS["numpy"](checkpoint), [1, 2], 0)
     assert_same_bits(snapshot(cache), before, "stochastic")
-
-
-def test_the_example_admits_with_checkpoints_from_one_prefill():
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-    import chunked_checkpoints
-
-    result = chunked_checkpoints.demo()
-    assert result["restored"] == [0, 16]  # the second request skips the shared 16 tokens
-    assert [(request, length) for request, length, _, _ in result["checkpoints"]] == [
-        (r, n) for r in (0, 1) for n in (8, 16, 24)
-    ]
-    for request, length, recurrent, conv in result["checkpoints"]:
-        assert recurrent <= CHUNKED_TOLERANCE["float32"]["recurrent"], (request, length, recurrent)
-        assert conv <= CHUNKED_TOLERANCE["float32"]["conv"], (request, length, conv)

@@ -212,7 +212,7 @@ class TinyMamba2:
         [`prefill`][mamba_cache.models.mamba2.TinyMamba2.prefill]'s within the tolerance table of the docs
         ("Several checkpoints from one prefill"), not bit for bit; ``prefill`` and ``decode_step`` are
         unchanged. An engine's use (reserve, one call, publish) is ``admit`` in
-        ``examples/chunked_checkpoints.py``.
+        ``examples/integrate_chunked_prefill.py``.
 
         Args:
             cache: a Numpy- or NumbaMambaCacheManager built with this model's config (scatter or

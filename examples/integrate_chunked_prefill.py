@@ -3,7 +3,7 @@
 ``examples/integrate_prefill.py`` stops its prefill at each block boundary to insert a checkpoint;
 here the prefill runs the whole rest of the prompt in one call (chunks of ``chunk_size``, which
 need not divide the block size) and writes the state after each boundary straight into entries
-reserved beforehand, which are then keyed with ``publish``. ``tests/test_chunked_prefill.py`` runs
+reserved beforehand, which are then keyed with ``publish``. ``tests/test_integrate.py`` runs
 ``demo`` and checks that every checkpoint, restored into a spare slot, equals the per-token decode of
 its prefix within the tolerance table (the chunked algebra orders its sums differently).
 """

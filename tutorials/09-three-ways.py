@@ -3,7 +3,7 @@
 #
 # What you will learn: how to run the same speculative decoding in the three commit modes, that all
 # three leave the same state bits, and what each costs in bytes per accepted token
-# (the [concept page](../concepts/strategies.md) has the equations and the real models' table).
+# (the concept page "Three ways to keep the state" has the equations and the real models' table).
 
 # %%
 import numpy as np

@@ -1,7 +1,7 @@
 """Sending a state parcel over ``torch.distributed`` point-to-point (NCCL between GPUs, gloo between CPUs).
 
 The process group is the caller's: nothing here initialises, owns or tears down a group. A parcel
-travels as, per piece::
+travels as, per piece:
 
     int64 [4]  (MAGIC, pieces, header bytes, buffer bytes)   the first tensor of each piece
     uint8 [header bytes]                                      ParcelDescriptor.to_json()

@@ -156,6 +156,17 @@ def sync() -> None:
     cuda.synchronize()
 
 
+#: Numba vs NumPy after a replay commit or a checkpoint fold, per state dtype: FMA vs two roundings over up to V
+#: (or R) steps of magnitude-1 values (a few float32 ulps), which a 16-bit store can turn into one ulp of its
+#: own (bfloat16's is 2**-7, then a stochastic rounding may land on the other neighbour).
+REPLAY_TOLERANCE = {
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "bfloat16": dict(rtol=3.2e-2, atol=3.2e-2),
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float64": dict(rtol=1e-5, atol=1e-5),
+}
+
+
 def replay_config(mixer="mamba2", dtype="float32", **overrides) -> Config:
     """A small replay-mode config (both state kinds in ``dtype``, ``G = 2``); ``overrides`` win."""
     fields = dict(

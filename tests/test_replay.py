@@ -21,13 +21,8 @@ from mamba_cache.replay.reference import conv_after, gdn_step, mamba2_step
 F32 = np.float32
 DTYPES = ["float16", "float32", "float64"]
 MIXERS = ["mamba2", "gdn"]
-#: Numba vs NumPy, per state dtype: FMA vs two roundings over up to V steps of magnitude-1 values
-#: (a few float32 ulps), which a 16-bit store can turn into one float16 ulp.
-TOLERANCE = {
-    "float16": dict(rtol=2e-3, atol=2e-3),
-    "float32": dict(rtol=1e-5, atol=1e-5),
-    "float64": dict(rtol=1e-5, atol=1e-5),
-}
+#: Numba vs NumPy, per state dtype (`helpers.REPLAY_TOLERANCE`, shared with checkpoint mode's folds).
+TOLERANCE = helpers.REPLAY_TOLERANCE
 
 
 def write(target, values):

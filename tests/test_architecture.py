@@ -22,7 +22,7 @@ FLOORS = [
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
      "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference",
-     "mamba_cache.checkpoint.kernels"},
+     "mamba_cache.checkpoint.kernels", "mamba_cache.checkpoint.reading"},
     # the backend-neutral manager and its declared backend interface
     {"mamba_cache.core.backend", "mamba_cache.core.slots", "mamba_cache.core.commits", "mamba_cache.core.checkpoint",
      "mamba_cache.core.manager"},

@@ -618,3 +618,33 @@ def test_numba_reads_copies_and_materialize_as_the_reference(rng, mixer, dtype, 
     folded = main_pools(numba)
     for kind in kinds:
         assert folded[kind][:, 1].tobytes() == captured[kind].tobytes()  # the fold's bits are the read's
+
+
+@pytest.mark.parametrize(
+    ("mixer", "dtype", "stochastic"),
+    [("mamba2", "bfloat16", True), ("gdn", "float16", False)],
+)
+def test_numba_reading_functions_give_the_reference_state_after(rng, mixer, dtype, stochastic):
+    """``checkpoint.reading.states_after`` (the device functions a model's kernel calls) == NumPy ``state_after``."""
+    from mamba_cache.checkpoint.reading import states_after
+
+    config, (reference, numba) = filled_rings(rng, mixer, dtype, stochastic, backends=("numpy", "numba"))
+    slots, steps = np.array([1, 3, 4, 0], np.int32), np.array([5, 2, 0, 8], np.int32)  # up to R, past h too
+    p0 = reference.checkpoint_positions()[slots]
+    pools = reference.pools
+    want_rec, want_conv = state_after(config, pools.recurrent, pools.conv, reference._history, slots, steps, p0)
+    args = [cuda.to_device(a) for a in (slots, steps, p0)]
+    for layer in range(config.num_recurrent_layers):
+        got_rec, got_conv = states_after(
+            config,
+            numba.get_recurrent_state(layer),
+            numba.get_conv_state(layer),
+            numba.get_history(layer),
+            *args,
+            layer,
+        )
+        got = {"recurrent": to_host(got_rec), "conv": to_host(got_conv)}
+        got = {kind: value.view(getattr(config, f"{kind}_state_dtype")) for kind, value in got.items()}
+        want = {"recurrent": want_rec[layer], "conv": want_conv[layer]}
+        assert_close(got, want, dtype, f"layer {layer}")
+    assert want_rec[:, 0].tobytes() != pools.recurrent[:, 1].tobytes()  # five ring steps moved the state

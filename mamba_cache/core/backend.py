@@ -277,6 +277,14 @@ class BackendHooks:
         """New ``(recurrent [L, 1, H, D, N], conv [L, 1, C, K])`` arrays: slot ``slot`` after ``p0 + h`` tokens."""
         raise NotImplementedError
 
+    def _capture_folded_into(self, slot: int, targets: tuple, stream: Stream) -> None:
+        """``capture_states`` in checkpoint mode: slot ``slot`` after ``p0 + h`` tokens into the checked outputs.
+
+        This default captures ``_folded``'s new arrays; a backend may write the outputs directly.
+        """
+        for pool, target in zip(self._folded(slot, stream), targets, strict=True):
+            self._capture_into(pool, 0, target, stream)
+
     def _copy_folded(self, src: IndexArg, dst: IndexArg, count: int, stream: Stream) -> None:
         """``copy_slots`` in checkpoint mode: each destination gets its source's folded state, ``p0 + h`` and ``h = 0``.
 

@@ -135,13 +135,17 @@ class CheckpointBinding:
     def _folded(self, slot: int, stream: Any) -> tuple:
         pools = self._pools
         outs = tuple(self._empty((p.shape[0], 1, *p.shape[2:]), p.dtype, stream) for p in (pools.recurrent, pools.conv))
-        self._capture_pair_into(slot, outs, stream)
-        self._read_into(outs, slot, 0, 1, False, stream)
+        self._capture_folded_into(slot, outs, stream)
         config = self._config
         return tuple(
             self._export(out, getattr(config, f"{kind}_state_dtype"))
             for out, kind in zip(outs, ("recurrent", "conv"), strict=True)
         )
+
+    def _capture_folded_into(self, slot: int, targets: tuple, stream: Any) -> None:
+        # the checkpoint into the outputs, then the ring onto them: no allocation, graph-capturable
+        self._capture_pair_into(slot, targets, stream)
+        self._read_into(targets, slot, 0, 1, False, stream)
 
     def _copy_folded(self, src: Any, dst: Any, count: int, stream: Any) -> None:
         main = (self._pools.recurrent, self._pools.conv)

@@ -91,7 +91,9 @@ def gdn_state(rec, qk, xbc, g, beta, groups, slots, o, inter, step, stash_g, sta
 class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
     """The device side of a `TinyGatedDeltaNet`."""
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    def _decode_layers(
+        self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash_views=None
+    ):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]
         heads, dim, size, groups = (
@@ -123,11 +125,7 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
             rmsnorm[-(-n // 32), 32](x, normed)
             grid, threads = _grid(n, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
-            if scratch is None:
-                conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
-            else:
-                rec_state, conv_state = scratch[layer]
-            stash = cache.get_replay_stash(layer) if replay_step else None
+            rec_state, conv_state, stash = self._layer_states(cache, layer, scratch, replay_step, stash_views)
             # arguments a launch does not use (step or stash_step -1) only need the right rank and dtype
             inter_conv = (
                 cache.get_intermediate_conv_state(layer) if inter_step else conv_state.reshape((1, *conv_state.shape))

@@ -443,18 +443,27 @@ def test_other_commits_are_refused_in_checkpoint_mode_and_it_elsewhere(rng):
     for tree in (manager.scatter_accepted_tree_states, manager.replay_accepted_tree_states):
         with pytest.raises(ValueError, match="not contiguous in the history ring"):
             tree(np.zeros((3, 1), np.int32), accept)
-    with pytest.raises(ValueError, match="not built yet for commit_mode='checkpoint'"):
+    with pytest.raises(TypeError, match="PrefixStateCache"):
         manager.checkpoint_mtp_states(
             accept, store=object(), track_entries=np.zeros(3, np.int32), track_steps=np.zeros(3, np.int32)
         )
-    with pytest.raises(ValueError, match="not built yet"):
+    with pytest.raises(ValueError, match="go together"):
         manager.checkpoint_mtp_states(accept, track_steps=np.zeros(3, np.int32))
-    with pytest.raises(ValueError, match="distinct slots"):
-        manager.checkpoint_mtp_states(accept, state_indices=np.array([1, 1, 0], np.int32))
-    with pytest.raises(ValueError, match="accept_lengths must have length"):
-        manager.checkpoint_mtp_states(np.ones(4, np.int32))
-    with pytest.raises(TypeError, match="int32"):
-        manager.checkpoint_mtp_states(accept.astype(np.int64))
+    from mamba_cache.prefix import PrefixStateCache
+
+    other_store = PrefixStateCache(NumpyMambaCacheManager(config), entries=2, block_size=4)
+    steps = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="another manager"):
+        manager.checkpoint_mtp_states(accept, store=other_store, track_entries=np.zeros(3, np.int32), track_steps=steps)
+    store = PrefixStateCache(manager, entries=2, block_size=4)
+    with pytest.raises(ValueError, match="not reserved"):
+        manager.checkpoint_mtp_states(
+            accept, store=store, track_entries=np.array([0, 1, -1], np.int32), track_steps=steps
+        )
+    entry = store.reserve()
+    with pytest.raises(ValueError, match="track_entries must be distinct"):
+        manager.checkpoint_mtp_states(accept, store=store, track_entries=np.array([entry, entry, -1], np.int32),
+                                      track_steps=steps)  # fmt: skip
     after = main_pools(manager)
     assert all(after[k].tobytes() == state[k].tobytes() for k in after) and (manager.history_lengths() == h).all()
     for mode, instead in (("scatter", "scatter_mtp_states"), ("replay", "replay_mtp_states")):
@@ -492,13 +501,59 @@ def test_history_len_is_checked(fields, message):
         ckpt_config(**fields)
 
 
-def test_prefix_store_refuses_checkpoint_mode():
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=SIMULATOR_LONG)])
+def test_prefix_store_keeps_the_folded_state_and_tracks_ring_steps(backend, rng):
+    """insert stores the current (folded) state; restore sets p0 = length, h = 0; tracking stores ring step h + t."""
     from mamba_cache.prefix import PrefixStateCache
 
-    config = ckpt_config()
-    manager = NumpyMambaCacheManager(config)
-    with pytest.raises(ConfigError, match="not built yet for commit_mode='checkpoint'"):
-        PrefixStateCache(manager, entries=4, block_size=4)
+    config, (manager,) = filled_rings(rng, "mamba2", "bfloat16", True, backends=(backend,))
+    store = PrefixStateCache(manager, entries=4, block_size=4)
+    before, ring = main_pools(manager), {name: to_host(value) for name, value in manager._history.items()}
+    want = current(manager, 1)
+    handle = store.insert(np.arange(8), 1)
+    entry_bits = [to_host(pool)[:, handle.entry] for pool in store.entry_pools]
+    assert [bits.tobytes() for bits in entry_bits] == [state.tobytes() for state in want]  # not the checkpoint
+    assert all(main_pools(manager)[k].tobytes() == before[k].tobytes() for k in before)  # the source stays
+    assert all(to_host(value).tobytes() == ring[name].tobytes() for name, value in manager._history.items())
+    assert manager.history_lengths()[1] == 5 and manager.checkpoint_positions()[1] == 100
+    store.restore(handle, 2)
+    assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0] and manager.checkpoint_positions()[2] == 8
+    assert [state.tobytes() for state in current(manager, 2)] == [state.tobytes() for state in want]
+    store.restore_many([handle, handle], np.array([4, -1], np.int32))  # -1: padding
+    assert manager.checkpoint_positions().tolist() == [7, 100, 8, 0, 8]
+    # tracking: the state after ring step h + t of the committing slot, from the checkpoint before the commit
+    entries = [store.reserve(), store.reserve()]
+    values = window_values(config, rng, 3, 3)
+    slots = np.array([1, 3, 0], np.int32)
+    manager.reshape_intermediate_states(3, 3)
+    write_ring(manager, values, slots)
+    reference = NumpyMambaCacheManager(config)  # the reading reference on a host copy of the cache
+    for kind in ("recurrent", "conv"):
+        write_pool(reference, kind, main_pools(manager)[kind])
+    for name, value in manager._history.items():
+        reference._history[name][...] = to_host(value).view(reference._history[name].dtype)
+    h, p0 = manager.history_lengths(), manager.checkpoint_positions()
+    tracked = [(3, 1), (0, 0)]  # (slot, t): slot 3 folds (3 + 3 + 3 > 8), slot 0 does not
+    wants = [
+        state_after(
+            config, reference.pools.recurrent, reference.pools.conv, reference._history, [s], [h[s] + t + 1], [p0[s]]
+        )  # fmt: skip
+        for s, t in tracked
+    ]
+    untouched = [to_host(pool)[:, handle.entry].tobytes() for pool in store.entry_pools]
+    manager.checkpoint_mtp_states(
+        np.array([2, 3, 1], np.int32),
+        state_indices=slots,
+        store=store,
+        track_entries=np.array([handle.entry, entries[0], entries[1]], np.int32),
+        track_steps=np.array([2, 1, 0], np.int32),  # row 0: t = 2 >= a = 2 tracks nothing
+    )
+    assert manager.history_lengths().tolist() == [1, 0, 0, 0, 0]  # slots 1 and 3 folded
+    for entry, (rec, conv) in zip(entries, wants, strict=True):
+        got = [to_host(pool)[:, entry].view(want[i].dtype) for i, pool in enumerate(store.entry_pools)]
+        assert_close({"recurrent": got[0], "conv": got[1]}, {"recurrent": rec[:, 0], "conv": conv[:, 0]}, "bfloat16",
+                     f"entry {entry}")  # fmt: skip
+    assert [to_host(pool)[:, handle.entry].tobytes() for pool in store.entry_pools] == untouched
 
 
 # ---------------------------------------------------------------- 5. the Numba backend against the reference

@@ -11,7 +11,15 @@ Numba agree within the replay tolerance.
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, REPLAY_TOLERANCE, SIMULATOR_LONG, snapshot, to_host
+from helpers import (
+    BACKENDS,
+    REPLAY_TOLERANCE,
+    SIMULATOR_LONG,
+    publish_tracked,
+    snapshot,
+    to_host,
+    track_next_boundaries,
+)
 
 from mamba_cache import Config
 from mamba_cache.models.gdn import TinyGatedDeltaNet
@@ -229,3 +237,47 @@ def test_numba_checkpoint_decoding_matches_numpy(rng, mixer, dtype, stochastic, 
         for a, b in zip(rec_a + conv_a, rec_b + conv_b, strict=True):
             got = to_host(b).view(a.dtype).astype(np.float64)
             np.testing.assert_allclose(got, a.astype(np.float64), **tol, err_msg=f"slot {slot}, {dtype_of}")
+
+
+@ON_BACKENDS
+@pytest.mark.parametrize(("mixer", "dtype", "stochastic", "groups"), [CASES[2], CASES[5]])
+def test_restored_prefix_decodes_as_the_whole_prompt_in_checkpoint_mode(backend, rng, mixer, dtype, stochastic, groups):
+    """Prefixes inserted after a prefill and tracked by checkpoint commits restore to the whole prompt's bits."""
+    from mamba_cache.prefix import PrefixStateCache
+
+    bs, active = 4, 2
+    model, ref_model, (cache, _, _) = make(mixer, dtype, stochastic, 5, int(rng.integers(1 << 30)), 3, groups, backend)
+    store = PrefixStateCache(cache, entries=8, block_size=bs)
+    prompt = rng.integers(0, VOCAB, size=(active, 2 * bs))
+    model.prefill(cache, prompt)  # R = 5: the slots folded and hold unfolded steps
+    assert cache.history_lengths()[:active].any()
+    inserted = store.insert_many([row for row in prompt], np.arange(active, dtype=np.int32))
+    history = [list(row) for row in prompt]
+    published = 0
+    for _ in range(4):
+        drafts = rng.integers(0, VOCAB, size=(active, SEQ))
+        accept = rng.integers(1, SEQ + 1, size=active).astype(np.int32)
+        entries, steps = track_next_boundaries(store, history, bs, SEQ)
+        model.verify(cache, drafts)
+        cache.checkpoint_mtp_states(accept, store=store, track_entries=entries, track_steps=steps)
+        published += publish_tracked(store, history, drafts, accept, entries, steps)
+    assert published >= 2
+    cases = [(inserted[b], history[b][: 2 * bs] + [int(rng.integers(0, VOCAB))]) for b in range(active)]
+    for b in range(active):
+        tokens = history[b] + [int(rng.integers(0, VOCAB))]
+        cases.append((store.match(np.array(tokens)), tokens))
+    for handle, tokens in cases:
+        assert handle is not None and handle.length == (len(tokens) - 1) // bs * bs
+        store.restore(handle, slot=2)
+        assert cache.checkpoint_positions()[2] == handle.length and cache.history_lengths()[2] == 0
+        out = np.stack([model.decode_step(cache, [t], slots=[2])[0] for t in tokens[handle.length :]])
+        plain = BACKENDS[backend](ref_model.config)  # scatter mode: the whole prompt, token by token
+        want = np.stack(
+            [to_host(ref_model.decode_step(plain, [t], slots=[2], positions=[i]))[0] for i, t in enumerate(tokens)]
+        )[handle.length :]
+        assert out.tobytes() == want.tobytes(), handle
+        recurrent, conv = cache.current_state(2)
+        plain_bits = snapshot(plain)
+        for layer in range(cache.num_layers()):
+            assert to_host(recurrent[layer]).tobytes() == plain_bits["recurrent"][layer, 2:3].tobytes()
+            assert to_host(conv[layer]).tobytes() == plain_bits["conv"][layer, 2:3].tobytes()

@@ -141,7 +141,9 @@ def plan_read(
 
 @cuda.jit
 def reset_counters(slots, positions, count, every_slot, use_positions, h, p0):
-    """``h[s] = 0`` and, with ``use_positions``, ``p0[s] = positions[i]`` for ``s = slots[i]``, ``i < count``.
+    """``h[s] = 0`` and, with ``use_positions``, ``p0[s] = positions[i]``, for ``s = slots[i]`` and ``i < count``.
+
+    A slot outside ``[0, B)`` is skipped (padding).
 
     With ``every_slot``: ``s = i`` for every slot (``count = B``) and ``p0[s] = 0`` when ``use_positions``.
     Grid `rows_grid` ``(count)``, block ``(THREADS,)``.
@@ -150,6 +152,8 @@ def reset_counters(slots, positions, count, every_slot, use_positions, h, p0):
     if i >= count:
         return
     slot = i if every_slot else slots[i]
+    if slot < 0 or slot >= h.shape[0]:  # padding
+        return
     h[slot] = 0
     if use_positions:
         p0[slot] = 0 if every_slot else positions[i]

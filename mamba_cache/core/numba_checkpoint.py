@@ -59,10 +59,13 @@ class CheckpointBinding:
         return entry
 
     # ------------------------------------------------------------ the commit and materialize
-    def _plan_and_fold(self, accept: Any, indices: Any, rows: int, seq_len: int, force: bool, stream: Any) -> None:
+    def _plan_and_fold(
+        self, accept: Any, indices: Any, rows: int, seq_len: int, force: bool, stream: Any, track: Any = None
+    ) -> None:
         config = self._config
         h, p0 = self._ckpt_counters()
         fold_len, fold_start = self._ckpt_buffer("fold_len", rows), self._ckpt_buffer("fold_start", 0, np.int64)
+        track_len, track_step = self._ckpt_buffer("track_len", rows), self._ckpt_buffer("track_step", rows)
         placeholder = self._placeholder()
         plan = self._ckpt_kernel(
             "plan_commit",
@@ -78,15 +81,25 @@ class CheckpointBinding:
         plan.set_scalar("seq_len", seq_len)
         plan.set_scalar("force", int(force))
         plan.set_array("fold_len", fold_len, shape_changes=True)
+        plan.set_scalar("use_tracking", int(track is not None))
+        if track is not None:
+            plan.set_array("track_steps", track[2], shape_changes=True)
+            plan.set_array("track_len", track_len, shape_changes=True)
+            plan.set_array("track_step", track_step, shape_changes=True)
         plan.launch(ckpt.rows_grid(rows), stream)
+        if track is not None:  # the tracked states, read from the checkpoints before the fold moves them
+            store, entries, _ = track
+            self._replay_read(store.entry_pools, indices, track_len, track_step, entries, rows, fold_start, stream)
         launch, blocks, layers = self._ckpt_replay(True)
         launch.set_array("accept_lengths", fold_len, shape_changes=True)
         self._set_indices(launch, indices)
         launch.set_scalar("seq_len", config.history_len)
         launch.launch((blocks, rows, layers), stream)
 
-    def _checkpoint_commit(self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any) -> None:
-        self._plan_and_fold(accept, indices, active, seq_len, False, stream)
+    def _checkpoint_commit(
+        self, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, track: Any = None
+    ) -> None:
+        self._plan_and_fold(accept, indices, active, seq_len, False, stream, track)
 
     def _materialize(self, slots: Any, count: int, stream: Any) -> None:
         self._plan_and_fold(None, slots, count, 0, True, stream)
@@ -118,19 +131,24 @@ class CheckpointBinding:
         for name, buffer in zip(("read_src", "read_len", "read_step", "read_entry"), read, strict=True):
             plan.set_array(name, buffer, shape_changes=True)
         plan.launch(ckpt.rows_grid(count), stream)
-        self._replay_read(targets, read, count, self._ckpt_counters()[1], stream)
+        self._replay_read(targets, *read, count, p0, stream)
 
-    def _replay_read(self, targets: tuple, read: list, count: int, positions: DeviceArg, stream: Any) -> None:
-        """The read launch: row ``i`` replays ``read_len[i]`` ring steps of ``read_src[i]`` into ``read_entry[i]``."""
+    def _replay_read(
+        self, targets: tuple, slots: Any, length: Any, step: Any, entry: Any, rows: int, positions: Any, stream: Any
+    ) -> None:
+        """The read launch: row ``i``'s state after ring step ``step[i]`` into row ``entry[i]`` of ``targets``.
+
+        Row ``i`` replays ``length[i]`` ring steps of its slot (``slots[i]``, or ``i`` for None); nothing
+        else is written. ``positions``: each slot's rounding base (``p0``, or ``fold_start`` in a commit).
+        """
         launch, blocks, layers = self._ckpt_replay(False)
-        src, length, step, entry = read
         launch.set_array("accept_lengths", length, shape_changes=True)
-        self._set_indices(launch, src)
+        self._set_indices(launch, slots)
         launch.set_scalar("seq_len", self._config.history_len)
         launch.set_array("positions", positions)
         self._point_tracking(launch, targets, entry, step)
         launch.set_scalar("use_tracking", 1)
-        launch.launch((blocks, count, layers), stream)
+        launch.launch((blocks, rows, layers), stream)
 
     def _folded(self, slot: int, stream: Any) -> tuple:
         pools = self._pools
@@ -147,6 +165,11 @@ class CheckpointBinding:
         self._capture_pair_into(slot, targets, stream)
         self._read_into(targets, slot, 0, 1, False, stream)
 
+    def _copy_folded_into(self, targets: tuple, src: Any, dst: Any, count: int, stream: Any) -> None:
+        main = (self._pools.recurrent, self._pools.conv)
+        self._copy_rows(targets, main, src, dst, count, stream)  # the checkpoints, then the rings onto them
+        self._read_into(targets, src, dst, count, False, stream)
+
     def _copy_folded(self, src: Any, dst: Any, count: int, stream: Any) -> None:
         main = (self._pools.recurrent, self._pools.conv)
         self._copy_rows(main, main, src, dst, count, stream)  # the checkpoints (the state of a source with h = 0)
@@ -159,18 +182,24 @@ class CheckpointBinding:
             "reset", ckpt.reset_counters, (placeholder.array, p0.array, 0, 0, 0, h.array, p0.array)
         )
         every = slots is None
-        count = self._config.max_batch_size if every else int(slots.size)
-        if not every:
-            staged = self._from_host(np.ascontiguousarray(slots, dtype=np.int32), stream)
-            launch.set_array("slots", DeviceArg(staged, device_pointer(staged), staged.shape), shape_changes=True)
+        if every:
+            count = self._config.max_batch_size
+        elif isinstance(slots, DeviceArg):  # a checked device index array (restore_many)
+            count = slots.shape[0]
+            launch.set_array("slots", slots, shape_changes=True)
+        else:
+            count = int(slots.size)
+            staged = self._stage("checkpoint_slots", np.ascontiguousarray(slots, dtype=np.int32), stream)
+            launch.set_array("slots", DeviceArg(*staged, (count,)), shape_changes=True)
         if positions is not None and not every:
-            staged_p = self._from_host(np.ascontiguousarray(positions, dtype=np.int64), stream)
-            launch.set_array(
-                "positions", DeviceArg(staged_p, device_pointer(staged_p), staged_p.shape), shape_changes=True
-            )
+            buffer = self._ckpt_buffer("reset_positions", count, np.int64)
+            if count:
+                buffer.array[:count].copy_to_device(
+                    np.ascontiguousarray(positions, dtype=np.int64), stream=stream.stream
+                )
+            launch.set_array("positions", buffer, shape_changes=True)
         launch.set_scalar("count", count)
         launch.set_scalar("every_slot", int(every))
         launch.set_scalar("use_positions", int(positions is not None))
-        launch.launch(ckpt.rows_grid(count), stream)
-        if not every:
-            stream.stream.synchronize()  # the staged arrays are freed when this call returns
+        if count:
+            launch.launch(ckpt.rows_grid(count), stream)

@@ -13,6 +13,7 @@ from helpers import (
     ON_GPU,
     REPLAY_TOLERANCE,
     SIMULATOR_LONG,
+    needs_gpu,
     replay_config,
     snapshot,
     stash_values,
@@ -703,3 +704,43 @@ def test_numba_reading_functions_give_the_reference_state_after(rng, mixer, dtyp
         want = {"recurrent": want_rec[layer], "conv": want_conv[layer]}
         assert_close(got, want, dtype, f"layer {layer}")
     assert want_rec[:, 0].tobytes() != pools.recurrent[:, 1].tobytes()  # five ring steps moved the state
+
+
+@needs_gpu
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_gpu_checkpoint_commit_captures_into_a_cuda_graph(rng, mixer):
+    """The commit (counters and fold) captured once on a stream, replayed with new accept lengths: NumPy's results."""
+    from cuda.bindings import driver
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    config = ckpt_config(mixer, "bfloat16", seq=3, ring=7, stochastic_rounding=True)
+    reference, numba = NumpyMambaCacheManager(config), BACKENDS["numba"](config)
+    random_main_pools([reference, numba], config, rng)
+    slots = np.array([3, 0, 4, 1], np.int32)
+    stream = cuda.stream()
+    accept = cuda.to_device(np.zeros(4, np.int32), stream=stream)
+    indices = cuda.to_device(slots, stream=stream)
+    for manager in (reference, numba):
+        manager.reshape_intermediate_states(4, 3)
+    numba.checkpoint_mtp_states(accept, stream, state_indices=indices)  # prepares the launches (all rows a = 0)
+    stream.synchronize()
+    handle = int(stream.handle)
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    numba.checkpoint_mtp_states(accept, stream, state_indices=indices)
+    graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    for window in range(3):  # every named slot folds at least once, one holds steps after
+        values = window_values(config, rng, 4, 3)
+        write_ring(reference, values, slots)
+        write_ring(numba, values, slots)
+        lengths = np.array([[3, 1, 0, 2], [2, 3, 3, 1], [3, 2, 2, 3]][window], np.int32)
+        reference.checkpoint_mtp_states(lengths, state_indices=slots)
+        accept.copy_to_device(lengths, stream=stream)
+        check(driver.cuGraphLaunch(graph, handle))
+        stream.synchronize()
+        assert numba.history_lengths().tolist() == reference.history_lengths().tolist(), window
+        assert numba.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist(), window
+        assert_close(main_pools(numba), main_pools(reference), "bfloat16", f"window {window}")
+    assert numba.checkpoint_positions()[2] == 0 and (numba.checkpoint_positions()[slots] > 0).all()  # 2: never named

@@ -588,7 +588,7 @@ NUMBA_FOLD_DEFAULT = {("mamba2", "bfloat16", True, 7), ("mamba2", "float16", Fal
 NUMBA_FOLD_CASES = [
     pytest.param(mixer, dtype, stochastic, ring, marks=() if case in NUMBA_FOLD_DEFAULT else SIMULATOR_LONG)
     for mixer in MIXERS
-    for dtype, stochastic in PRECISIONS
+    for dtype, stochastic in [*PRECISIONS, ("float64", False)]
     for ring in (3, 7)
     for case in [(mixer, dtype, stochastic, ring)]
 ]

@@ -23,13 +23,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .precision.reference import bfloat16
 
-__all__ = ["Config", "ConfigError", "format_bytes"]
+__all__ = ["Config", "ConfigError", "ConvSection", "format_bytes"]
 
 #: The state dtypes both backends support. The kernels copy raw words, so any fixed-size
 #: floating type works; these are the ones an engine stores recurrent state in. bfloat16 comes
@@ -134,6 +134,12 @@ class Config:
         n_groups: G, Mamba2's B/C groups or Gated DeltaNet's key heads; must divide H.
         history_len: R, the steps of the history ring per slot in checkpoint mode; there it must
             be ``>= max_intermediate_seq_len >= 1``; 0 (the default) in the other modes.
+        tp_size: the tensor-parallel ranks the model is split over (1: unsharded). ``shard`` sets it;
+            with ``tp_rank`` it places this cache's heads and conv channels in the whole model
+            (``head_range``, ``conv_sections``), which moving a state between TP sizes needs.
+        tp_rank: this rank, in ``[0, tp_size)``.
+        replicated_groups: every rank keeps the model's one B/C group (Mamba2) or key head (Gated
+            DeltaNet) whole instead of a share of the groups; needs ``n_groups == 1``.
 
     Raises:
         ConfigError: a field is invalid; the message names it, its value and the allowed range.
@@ -158,9 +164,12 @@ class Config:
     mixer: str = "mamba2"
     n_groups: int = 1
     history_len: int = 0
+    tp_size: int = 1
+    tp_rank: int = 0
+    replicated_groups: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("verify_writes_main_pool", "stochastic_rounding"):
+        for name in ("verify_writes_main_pool", "stochastic_rounding", "replicated_groups"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise ConfigError(f"{name} must be a bool, got {value!r}")
@@ -177,6 +186,14 @@ class Config:
                 f"with commit_mode={self.commit_mode!r}"
             )
         object.__setattr__(self, "history_len", history)
+        tp = _as_int("tp_size", self.tp_size)
+        if tp < 1:
+            raise ConfigError(f"tp_size must be >= 1, got {tp}")
+        rank = _as_int("tp_rank", self.tp_rank)
+        if not 0 <= rank < tp:
+            raise ConfigError(f"tp_rank must be in [0, {tp}) (tp_size {tp}), got {rank}")
+        object.__setattr__(self, "tp_size", tp)
+        object.__setattr__(self, "tp_rank", rank)
         seed = _as_int("rounding_seed", self.rounding_seed)
         if not 0 <= seed < 2**64:
             raise ConfigError(f"rounding_seed must be in [0, 2**64), got {seed}")
@@ -210,6 +227,8 @@ class Config:
                 f"got {groups}"
             )
         object.__setattr__(self, "n_groups", groups)
+        if self.replicated_groups and groups != 1:
+            raise ConfigError(f"replicated_groups needs n_groups == 1 (one group on every rank), got n_groups={groups}")
         if self.commit_mode == "checkpoint":
             if seq < 1:
                 raise ConfigError(
@@ -244,6 +263,11 @@ class Config:
         return self.enabled and self.commit_mode == "checkpoint"
 
     @property
+    def _head_dims(self) -> tuple[int, int, int, int]:
+        """``(H, D, N, G)``."""
+        return self.recurrent_state_num_heads, self.recurrent_state_head_dim, self.recurrent_state_size, self.n_groups
+
+    @property
     def replay_stash_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The replay stash of one row and one draft step: field name to (shape, dtype).
 
@@ -252,12 +276,7 @@ class Config:
         factor), ``beta [H]``, ``k [G, D]``, ``v [H, N]``, float32, and ``conv [C]``.
         """
         f32 = np.dtype(np.float32)
-        heads, dim, size, groups = (
-            self.recurrent_state_num_heads,
-            self.recurrent_state_head_dim,
-            self.recurrent_state_size,
-            self.n_groups,
-        )
+        heads, dim, size, groups = self._head_dims
         if self.mixer == "mamba2":
             fields = {"dA": ((heads,), f32), "u": ((heads, dim), f32), "B": ((groups, size), f32)}
         else:
@@ -304,6 +323,51 @@ class Config:
     def conv_slot_elems(self) -> int:
         """Elements of one slot of one layer's conv state, ``C * K``."""
         return self.conv_dim * self.conv_kernel
+
+    # ------------------------------------------------------------------ sharding
+    @property
+    def unsharded_num_heads(self) -> int:
+        """H of the whole model: ``recurrent_state_num_heads * tp_size``."""
+        return self.recurrent_state_num_heads * self.tp_size
+
+    @property
+    def unsharded_n_groups(self) -> int:
+        """G of the whole model: ``n_groups``, times ``tp_size`` unless the groups are replicated."""
+        return self.n_groups if self.replicated_groups else self.n_groups * self.tp_size
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        """``[start, stop)``: the model's heads this rank holds (recurrent state ``[:, h - start]``)."""
+        heads = self.recurrent_state_num_heads
+        return (self.tp_rank * heads, (self.tp_rank + 1) * heads)
+
+    @property
+    def conv_sections(self) -> tuple[ConvSection, ...] | None:
+        """The conv channels of this rank, section by section, and where each sits in the whole model.
+
+        Mamba2 (``xBC``): ``x`` (``H * D`` channels, split with the heads), then ``B`` and ``C``
+        (``G * N`` each, split with the groups, or whole on every rank with ``replicated_groups``).
+        Gated DeltaNet: ``q`` and ``k`` (``G * D`` each: key heads of key dim ``D``), split with the
+        key heads, then ``v`` (``H * N``: value heads of value dim ``N``), split with the heads.
+        ``None`` when ``conv_dim`` is not the sum of the sections (a config whose conv channels
+        follow no mixer layout: it can be moved between equal shards only).
+        """
+        heads, dim, size, groups = self._head_dims
+        if self.mixer == "mamba2":
+            layout = (("x", heads * dim, "heads"), ("B", groups * size, "groups"), ("C", groups * size, "groups"))
+        else:
+            layout = (("q", groups * dim, "groups"), ("k", groups * dim, "groups"), ("v", heads * size, "heads"))
+        if sum(channels for _, channels, _ in layout) != self.conv_dim:
+            return None
+        sections, offset = [], 0
+        for name, channels, split in layout:
+            whole = split == "groups" and self.replicated_groups
+            start = 0 if whole else self.tp_rank * channels
+            sections.append(
+                ConvSection(name, split, offset, channels, start, channels * (1 if whole else self.tp_size))
+            )
+            offset += channels
+        return tuple(sections)
 
     # ------------------------------------------------------------------ bytes
     def pool_bytes(self) -> dict[str, int]:
@@ -365,24 +429,32 @@ class Config:
             raise ConfigError("num_recurrent_layers must be >= 1 to size a batch")
         return budget // self.slot_bytes
 
-    def shard(self, tp_size: int, replicated_conv_channels: int = 0) -> Config:
+    def shard(self, tp_size: int, replicated_conv_channels: int = 0, *, rank: int = 0) -> Config:
         """The config of one tensor-parallel rank: heads and conv channels split ``tp_size`` ways.
 
         Args:
             tp_size: ranks; must divide ``recurrent_state_num_heads`` and the split conv channels.
             replicated_conv_channels: conv channels every rank keeps whole (Mamba2's B and C
                 channels, ``2 * n_groups * N``, when ``n_groups`` does not divide by ``tp_size``).
+            rank: the rank, in ``[0, tp_size)`` (keyword only): recorded as ``tp_rank``.
 
         Returns:
             A config with ``H / tp_size`` heads and
-            ``(C - replicated) / tp_size + replicated`` conv channels; the rest unchanged.
+            ``(C - replicated) / tp_size + replicated`` conv channels, ``tp_size`` and ``tp_rank``
+            recorded (and ``replicated_groups`` when one group stays whole on every rank); the rest
+            unchanged.
 
         Raises:
-            ConfigError: ``tp_size`` < 1, or it does not divide the heads or the split channels.
+            ConfigError: ``tp_size`` < 1, it does not divide the heads or the split channels, a bad
+                ``rank``, or this config is already a shard.
         """
         tp = _as_int("tp_size", tp_size)
         if tp < 1:
             raise ConfigError(f"tp_size must be >= 1, got {tp}")
+        if self.tp_size != 1:
+            raise ConfigError(
+                f"shard: this config is already rank {self.tp_rank} of {self.tp_size}; shard the whole one"
+            )
         replicated = _as_int("replicated_conv_channels", replicated_conv_channels)
         if not 0 <= replicated <= self.conv_dim:
             raise ConfigError(f"replicated_conv_channels must be in [0, {self.conv_dim}], got {replicated}")
@@ -401,6 +473,9 @@ class Config:
             recurrent_state_num_heads=self.recurrent_state_num_heads // tp,
             conv_dim=split // tp + replicated,
             n_groups=groups,
+            tp_size=tp,
+            tp_rank=rank,
+            replicated_groups=tp > 1 and self.n_groups == 1,
         )
 
     def in_commit_mode(self, mode: str) -> Config:
@@ -458,6 +533,26 @@ class Config:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+class ConvSection(NamedTuple):
+    """One section of a rank's conv channels (``Config.conv_sections``).
+
+    Attributes:
+        name: ``"x"``, ``"B"``, ``"C"`` (Mamba2) or ``"q"``, ``"k"``, ``"v"`` (Gated DeltaNet).
+        split: ``"heads"`` or ``"groups"``: what the section is split with across ranks.
+        offset: its first channel in this rank's conv state ``[C, K]``.
+        channels: its channels on this rank.
+        start: the model channel (within the whole section) of its first channel here.
+        total: the section's channels in the whole model.
+    """
+
+    name: str
+    split: str
+    offset: int
+    channels: int
+    start: int
+    total: int
 
 
 _POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash", "history")

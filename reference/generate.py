@@ -24,6 +24,8 @@ from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
 from mamba_cache.prefix import PrefixStateCache, block_digests, root_digest  # noqa: E402
 
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+#: Config fields that place a shard in a tensor-parallel model (Config.shard): not recorded per case.
+SHARD_FIELDS = ("tp_size", "tp_rank", "replicated_groups")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 CASES = {
@@ -399,7 +401,8 @@ def build(out: pathlib.Path) -> dict:
         file = f"{name}.npz"
         # .npy cannot name bfloat16: such arrays are stored as uint16 raw bits (the manifest has the dtype)
         np.savez(out / file, **{k: v.view(np.uint16) if v.dtype.name == "bfloat16" else v for k, v in arrays.items()})
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        # where a shard sits is no part of a case (every case is unsharded): the manifest leaves it out
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SHARD_FIELDS}
         for field in fields:
             if field.endswith("_dtype"):
                 fields[field] = fields[field].name

@@ -140,6 +140,21 @@ def assert_same_bits(a: dict, b: dict, context: str = "") -> None:
             raise AssertionError(f"{context}: pool {pool} differs at {diff.size} elements, first flat index {diff[0]}")
 
 
+def store_snapshot(store) -> dict:
+    """Host copies of a prefix store's device entries (``[L, P, ...]`` per kind)."""
+    return {"entries_recurrent": to_host(store.entry_pools[0]), "entries_conv": to_host(store.entry_pools[1])}
+
+
+def fill_store(store, rng) -> None:
+    """Random, non-zero bits in every device entry of a prefix store."""
+    for pool in store.entry_pools:
+        values = random_bits(rng, pool.shape, pool.dtype)
+        if isinstance(pool, np.ndarray):
+            pool[...] = values
+        else:
+            pool.copy_to_device(values)
+
+
 def device_int32(backend: str, values) -> object:
     """``values`` as an int32 array the backend's scatter takes (on the device for Numba)."""
     host = np.asarray(values, dtype=np.int32)

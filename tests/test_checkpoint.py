@@ -365,7 +365,7 @@ def test_counters_round_trip_and_reset(rng):
         (np.array([1], np.int32), np.array([0], np.int32), TypeError, "positions must have dtype int64"),
         ([1], np.array([0], np.int64), TypeError, "slots must be a host numpy.ndarray"),
         (np.array([5], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),
-        (np.array([-1], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),
+        (np.array([-2], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),  # -1 is padding
         (np.array([1, 1], np.int32), np.array([0, 1], np.int64), ValueError, "slots must be distinct"),
         (np.array([1, 2], np.int32), np.array([0, -1], np.int64), ValueError, "positions must be >= 0"),
         (np.array([1, 2], np.int32), np.array([0], np.int64), ValueError, "length of slots"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_index
+from .checks import check_index, pad_slot_id
 
 
 class CheckpointOperations:
@@ -87,7 +87,8 @@ class CheckpointOperations:
         is then empty and its stochastic-rounding keys count from ``positions``.
 
         Args:
-            slots: ``[n]`` int32 host ``numpy.ndarray``, distinct, in ``[0, B)``.
+            slots: ``[n]`` int32 host ``numpy.ndarray``, distinct, in ``[0, B)``; a row naming
+                ``pad_slot_id`` (-1) is padding and sets nothing.
             positions: ``[n]`` int64 host ``numpy.ndarray``, each ``>= 0``.
             stream: the stream to run on (ignored by the NumPy backend).
 
@@ -114,10 +115,12 @@ class CheckpointOperations:
             raise ValueError(
                 f"positions must have the length of slots ({slot_values.size}), got {position_values.size}"
             )
+        keep = slot_values != pad_slot_id  # padding rows set nothing
+        slot_values, position_values = slot_values[keep], position_values[keep]
         batch = self._config.max_batch_size
         if ((slot_values < 0) | (slot_values >= batch)).any():
             bad = int(slot_values[(slot_values < 0) | (slot_values >= batch)][0])
-            raise ValueError(f"slots must be in [0, {batch}), got {bad}; nothing changed")
+            raise ValueError(f"slots must be in [0, {batch}) or pad_slot_id (-1), got {bad}; nothing changed")
         if np.unique(slot_values).size != slot_values.size:
             raise ValueError(f"slots must be distinct, got {slot_values.tolist()}; nothing changed")
         if (position_values < 0).any():

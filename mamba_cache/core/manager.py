@@ -7,6 +7,7 @@ The manager is assembled from parts a reader can find by name, each written once
 - ``core/slots.py``: clear, capture, copy, restore, save and load slots;
 - ``core/commits.py``: the verify view (reshape) and the scatter, tree and replay commits;
 - ``core/checkpoint.py``: checkpoint mode's ring, counters, commit and folds;
+- ``core/moving.py``: state parcels (export / import) and preemption (offload / resume);
 - ``core/checks.py``: the argument checks (they name the argument and its range);
 - ``core/backend.py``: the hooks a backend binds to its arrays and streams (the declared interface).
 
@@ -36,6 +37,7 @@ from .backend import BackendHooks, StatePools
 from .checkpoint import CheckpointOperations
 from .checks import check_index
 from .commits import CommitOperations
+from .moving import MovingOperations
 from .slots import SlotOperations
 
 logger = logging.getLogger("mamba_cache")
@@ -43,7 +45,7 @@ logger = logging.getLogger("mamba_cache")
 __all__ = ["MambaCacheManagerBase"]
 
 
-class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperations, BackendHooks):
+class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperations, MovingOperations, BackendHooks):
     """Per-layer Mamba (recurrent + conv) state manager.
 
     The interface both backends share, documented once here; the NumPy reference,
@@ -134,6 +136,7 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
         self._history: dict = {}  # checkpoint mode: ring field name -> [L, B*R*elems] pool
         self._history_lengths = None  # checkpoint mode: h, int32 [B], ring steps past the checkpoint
         self._checkpoint_positions = None  # checkpoint mode: p0, int64 [B], tokens the checkpoint consumed
+        self._offload = None  # offload_slots' host pool (core/moving.py), allocated on first use
 
     def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)`` with this manager's device current (the Numba backend's override).

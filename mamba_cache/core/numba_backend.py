@@ -34,6 +34,7 @@ from .launch import DeviceArg
 from .manager import MambaCacheManagerBase
 from .numba_args import DeviceArguments
 from .numba_checkpoint import CheckpointBinding
+from .numba_moving import NumbaParcelHooks
 
 __all__ = ["NumbaMambaCacheManager"]
 
@@ -84,7 +85,7 @@ def _aligned_word(array: Any, pointer: int) -> int:
     return min(8, address & -address) if address else 8
 
 
-class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, MambaCacheManagerBase):
+class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHooks, MambaCacheManagerBase):
     """Per-layer Mamba (recurrent + conv) state manager on a CUDA device, through Numba.
 
     Same interface, semantics and results (bit for bit) as

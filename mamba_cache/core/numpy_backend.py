@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_int32_array
+from ..moving.parcel import ParcelError, adler32_chunks
+from .checks import check_int32_array, pad_slot_id
 from .manager import MambaCacheManagerBase
 
 __all__ = ["NumpyMambaCacheManager"]
@@ -196,6 +197,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         # Checkpoint rows: 0 <= t < accept, t < V, entry in [0, P). Check them all before moving anything.
         step, entry = steps.astype(np.int64), entries.astype(np.int64)
         track = (step >= 0) & (step < accept) & (step < seq_len) & (entry >= 0) & (entry < store.entries)
+        if indices is not None:  # a padding row tracks nothing (other out-of-range slots still track)
+            track &= indices != pad_slot_id
         rows = np.flatnonzero(track)
         store.check_tracked_entries(entry[rows])
         commit = accept.astype(np.int64) - 1
@@ -211,7 +214,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 from ..precision import convert
 
                 consumed = 0 if positions is None else positions.astype(np.int64)[rows] + step[rows] + 1
-                flat = states.reshape(*states.shape[:2], -1)
+                flat = states.reshape(*states.shape[:2], int(np.prod(states.shape[2:])))  # no tracked row: size 0
                 states = convert(
                     flat,
                     dst.dtype,
@@ -303,6 +306,37 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             seed=config.rounding_seed,
             track=track,
         )
+
+    # ------------------------------------------------------------ state parcels
+    def _parcel_buffer(self, nbytes: int, stream: Any) -> np.ndarray:
+        return np.zeros(nbytes, dtype=np.uint8)
+
+    def _parcel_buffer_in(self, name: str, buffer: Any, nbytes: int, stream: Any) -> np.ndarray:
+        buffer = _host_dlpack(name, buffer)
+        if isinstance(buffer, (bytes, bytearray, memoryview)):
+            buffer = np.frombuffer(buffer, dtype=np.uint8)
+        if not isinstance(buffer, np.ndarray):
+            raise TypeError(
+                f"{name} must be a host numpy.ndarray of uint8 for the NumPy backend, got {type(buffer).__name__}"
+            )
+        if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
+            raise TypeError(
+                f"{name} must be a contiguous 1-D uint8 array, got {buffer.dtype.name} {list(buffer.shape)}"
+            )
+        if buffer.size != nbytes:
+            raise ParcelError(f"{name} holds {buffer.size} bytes, its descriptor says {nbytes}; nothing was changed")
+        return buffer
+
+    def _copy_runs(self, table: np.ndarray, buffer: np.ndarray, pools: tuple, to_buffer: bool, stream: Any) -> None:
+        flat = [pool.reshape(-1).view(np.uint8) for pool in pools]
+        for pool, src, dst, count in table.tolist():
+            if to_buffer:
+                buffer[dst : dst + count] = flat[pool][src : src + count]
+            else:
+                flat[pool][src : src + count] = buffer[dst : dst + count]
+
+    def _chunk_checksums(self, buffer: np.ndarray, chunk_bytes: int, stream: Any) -> np.ndarray:
+        return adler32_chunks(buffer, chunk_bytes)
 
     # ------------------------------------------------------------ checkpoint mode
     def _fold_slots(self, slots: np.ndarray, steps: np.ndarray) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._config import ConfigError, format_bytes
 from ..core.backend import EntryStore
-from ..core.checks import INT32_MAX, check_index, check_int32_array, check_size
+from ..core.checks import INT32_MAX, check_index, check_int32_array, check_size, pad_slot_id
 from ..core.manager import MambaCacheManagerBase
 from .keys import digest_chain, root_digest, token_array
 
@@ -585,11 +585,12 @@ class PrefixStateCache(EntryStore):
         Args:
             tokens: a list of ``n`` block-aligned token sequences.
             slots: ``[n]`` int32 host array of the source slots, each in ``[0, B)`` (both backends:
-                the store must know every slot is valid before it keys an entry).
+                the store must know every slot is valid before it keys an entry), or ``pad_slot_id``
+                (-1) for a padding row, which reads nothing and gets the handle ``None``.
             stream: the stream to copy on (ignored by the NumPy backend).
 
         Returns:
-            ``n`` handles (``None`` for dropped inserts). A prefix given twice is copied once.
+            ``n`` handles (``None`` for dropped inserts and padding rows). A prefix given twice is copied once.
 
         Raises:
             TypeError / ValueError / IndexError: as [`insert`][mamba_cache.prefix.PrefixStateCache.insert], for any
@@ -608,11 +609,14 @@ class PrefixStateCache(EntryStore):
             raise ValueError(f"slots must have one slot per prefix ({len(tokens)}), got {slots.shape[0]}")
         batch = manager.get_config().max_batch_size
         for i, slot in enumerate(slots.tolist()):
-            check_index(f"slots[{i}]", slot, batch)
+            if slot != pad_slot_id:
+                check_index(f"slots[{i}]", slot, batch)
         prefixes = [self._prefix(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
         handles: list = [None] * len(prefixes)
         src, dst, taken, planned = [], [], set(), {}
         for i, (data, key) in enumerate(prefixes):
+            if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
+                continue
             if key in planned:
                 handles[i] = planned[key]
                 continue

@@ -171,6 +171,17 @@ def sync() -> None:
     cuda.synchronize()
 
 
+#: Numba vs NumPy after a replay commit or a checkpoint fold, per state dtype: FMA vs two roundings over up to V
+#: (or R) steps of magnitude-1 values (a few float32 ulps), which a 16-bit store can turn into one ulp of its
+#: own (bfloat16's is 2**-7, then a stochastic rounding may land on the other neighbour).
+REPLAY_TOLERANCE = {
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "bfloat16": dict(rtol=3.2e-2, atol=3.2e-2),
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float64": dict(rtol=1e-5, atol=1e-5),
+}
+
+
 def replay_config(mixer="mamba2", dtype="float32", **overrides) -> Config:
     """A small replay-mode config (both state kinds in ``dtype``, ``G = 2``); ``overrides`` win."""
     fields = dict(
@@ -211,3 +222,35 @@ def stash_values(config, rng, leading: tuple) -> dict:
             value = rng.standard_normal(full)
         values[name] = value.astype(dtype)
     return values
+
+
+def track_next_boundaries(store, history: list, block_size: int, verify: int) -> tuple:
+    """Tracking arguments for a verify window: each row whose next block boundary falls inside it checkpoints there.
+
+    ``history[b]``: the tokens row ``b`` has consumed. Returns int32 ``(entries, steps)``: a reserved
+    entry and the window step after which the row has consumed a multiple of ``block_size``, or -1.
+    """
+    entries, steps = np.full(len(history), -1, np.int32), np.full(len(history), -1, np.int32)
+    for b, tokens in enumerate(history):
+        boundary = (len(tokens) // block_size + 1) * block_size
+        if boundary <= len(tokens) + verify:
+            entries[b], steps[b] = store.reserve(), boundary - len(tokens) - 1
+    return entries, steps
+
+
+def publish_tracked(store, history: list, drafts, accept, entries, steps) -> int:
+    """After a tracking commit: extend ``history`` by the accepted drafts, publish the tracked entries, free the rest.
+
+    Returns the number of entries published.
+    """
+    published = 0
+    for b in range(len(history)):
+        consumed = len(history[b])
+        history[b] += list(drafts[b, : accept[b]])
+        if entries[b] >= 0:
+            if steps[b] < accept[b]:
+                store.publish(int(entries[b]), history[b][: consumed + steps[b] + 1])
+                published += 1
+            else:
+                store.release(int(entries[b]))
+    return published

@@ -23,13 +23,14 @@ FLOORS = [
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
      "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference",
+     "mamba_cache.checkpoint.kernels", "mamba_cache.checkpoint.reading",
      "mamba_cache.moving.kernels", "mamba_cache.models.chunked", "mamba_cache.models.chunked_kernels"},
     # the backend-neutral manager and its declared backend interface
     {"mamba_cache.core.backend", "mamba_cache.core.slots", "mamba_cache.core.commits", "mamba_cache.core.checkpoint",
      "mamba_cache.core.moving", "mamba_cache.core.manager", "mamba_cache.models.prefill"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
-     "mamba_cache.core.numba_moving",
+     "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving",
      "mamba_cache.core.numpy_backend",
      "mamba_cache.prefix", "mamba_cache.prefix.store"},
 ]  # fmt: skip

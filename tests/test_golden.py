@@ -25,8 +25,6 @@ def load_generator():
 def test_backend_matches_golden_vectors(backend, case):
     generator = load_generator()
     config = Config(**case["config"])
-    if backend == "numba" and config.commit_mode == "checkpoint":
-        pytest.skip("checkpointed decoding has only the NumPy reference so far (the Numba backend refuses the mode)")
     expected = np.load(REFERENCE / case["file"])
     manager = BACKENDS[backend](config)
     pools = case.get("pools", MANIFEST["pools"])  # replay / checkpoint cases: main pools, stash or ring, counters

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import (
     BACKENDS,
+    SIMULATOR_LONG,
     assert_same_bits,
     device_int32,
     fill_random,
@@ -163,10 +164,11 @@ def test_replay_padding_rows_commit_and_track_nothing(backend, rng, mixer):
     same((padded, plain), stores, "replay")
 
 
-def test_checkpoint_mode_padding_rows(rng):
-    """Checkpoint mode (NumPy only: the Numba backend refuses the mode): commit, materialize, copy, positions."""
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=SIMULATOR_LONG)])
+def test_checkpoint_mode_padding_rows(backend, rng):
+    """Checkpoint mode: commit, materialize, copy and positions skip padding rows (host index arrays)."""
     config = replay_config(max_batch_size=5, commit_mode="checkpoint", history_len=6, max_intermediate_seq_len=2)
-    (padded, plain), _ = twins("numpy", rng, config)
+    (padded, plain), _ = twins(backend, rng, config)
     for m in (padded, plain):
         m.reshape_intermediate_states(4, 2)
     i32 = lambda values: np.array(values, dtype=np.int32)  # noqa: E731

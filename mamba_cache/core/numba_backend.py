@@ -8,7 +8,9 @@ Numba has no bfloat16 type and ``__cuda_array_interface__`` cannot express one: 
 a uint16 device array of the raw bits, and CAI consumers see uint16 (``.view(torch.bfloat16)``).
 
 The kernels are in ``mamba_cache.core.kernels`` (copies, scatters, captures), ``mamba_cache.replay.tiled``
-(the replay commit) and ``mamba_cache.precision`` (converting commits, bound in ``core/numba_convert.py``).
+(the replay commit, and checkpoint mode's folds), ``mamba_cache.checkpoint.kernels`` (checkpoint mode's counters,
+bound in ``core/numba_checkpoint.py``) and ``mamba_cache.precision`` (converting commits, bound in
+``core/numba_convert.py``).
 The commits, clears, captures into a caller's buffers and slot copies launch prepared kernels
 (``mamba_cache.core.launch``): one launch covering every layer and both state kinds, no allocation,
 no host synchronisation, so they can be captured into a CUDA graph.
@@ -31,6 +33,7 @@ from .device import SIMULATOR, DeviceArray, Launch, device_pointer
 from .launch import DeviceArg
 from .manager import MambaCacheManagerBase
 from .numba_args import DeviceArguments
+from .numba_checkpoint import CheckpointBinding
 from .numba_moving import NumbaParcelHooks
 
 __all__ = ["NumbaMambaCacheManager"]
@@ -82,7 +85,7 @@ def _aligned_word(array: Any, pointer: int) -> int:
     return min(8, address & -address) if address else 8
 
 
-class NumbaMambaCacheManager(DeviceArguments, NumbaParcelHooks, MambaCacheManagerBase):
+class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHooks, MambaCacheManagerBase):
     """Per-layer Mamba (recurrent + conv) state manager on a CUDA device, through Numba.
 
     Same interface, semantics and results (bit for bit) as
@@ -151,16 +154,12 @@ class NumbaMambaCacheManager(DeviceArguments, NumbaParcelHooks, MambaCacheManage
             value = getattr(config, name)
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
-        if config.commit_mode == "checkpoint":
-            raise ConfigError(
-                "commit_mode='checkpoint' is not built yet for the Numba backend: the NumPy reference "
-                "(NumpyMambaCacheManager) has it, the Numba kernels do not; use commit_mode='scatter' or 'replay'"
-            )
-        if config.has_replay_stash and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
+        replays = config.has_replay_stash or config.has_history
+        if replays and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
             # a column of the state is split over at most MAX_KEY_DIM / 32 threads (mamba_cache.replay.tiled)
             raise ConfigError(
                 "recurrent_state_head_dim (the Gated DeltaNet key dim) must be <= 256 for the Numba replay "
-                f"commit, got {config.recurrent_state_head_dim}"
+                f"commit and checkpoint fold, got {config.recurrent_state_head_dim}"
             )
 
     def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -257,6 +256,10 @@ class NumbaMambaCacheManager(DeviceArguments, NumbaParcelHooks, MambaCacheManage
     def _zero_fill(self, pool_a: Any, pool_b: Any, stream: Any) -> None:
         launch, grid = self._zero_launch(pool_a, pool_b)
         launch.launch(grid, stream)
+
+    def _empty(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
+        """An uninitialised device array from the stream-ordered allocator (`_device_empty`)."""
+        return _device_empty(shape, dtype, stream)
 
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
@@ -571,15 +574,24 @@ class NumbaMambaCacheManager(DeviceArguments, NumbaParcelHooks, MambaCacheManage
         launch.set_scalar("use_tracking", int(track is not None))
         if track is not None:
             store, entries, steps = track
-            views = []  # the store's [L, P, ...] pools seen flat per entry (host-side views, nothing allocated)
-            for pool in store.entry_pools:
-                flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
-                views.append(DeviceArg(flat, device_pointer(flat), flat.shape))
-            launch.set_array("track_rec", views[0], shape_changes=True)
-            launch.set_array("track_conv", views[1], shape_changes=True)
-            launch.set_array("track_entries", entries, shape_changes=True)
-            launch.set_array("track_steps", steps, shape_changes=True)
+            self._point_tracking(launch, store.entry_pools, entries, steps)
         launch.launch((blocks, active, layers), stream)
+
+    @staticmethod
+    def _point_tracking(launch: Any, targets: tuple, entries: Any, steps: Any) -> None:
+        """Point a replay launch's tracking at ``targets`` and the rows' ``entries`` / ``steps``.
+
+        ``targets``: the ``[L, P, ...]`` recurrent and conv stacks, seen flat per entry (host-side views,
+        nothing allocated).
+        """
+        views = []
+        for pool in targets:
+            flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
+            views.append(DeviceArg(flat, device_pointer(flat), flat.shape))
+        launch.set_array("track_rec", views[0], shape_changes=True)
+        launch.set_array("track_conv", views[1], shape_changes=True)
+        launch.set_array("track_entries", entries, shape_changes=True)
+        launch.set_array("track_steps", steps, shape_changes=True)
 
     def _write_slot(self, pool: Any, layer: int, slot: int, state: Any, stream: Any) -> None:
         target = pool[layer, slot]

@@ -361,17 +361,48 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             )
         return rows
 
-    def _checkpoint_commit(self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+    def _checkpoint_commit(
+        self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any, track: Any = None
+    ) -> None:
         accepted = accept.astype(np.int64)
         slots = np.arange(active) if indices is None else indices.astype(np.int64)
         rows = self._committing_slots(slots, (accepted >= 1) & (accepted <= seq_len), "committing rows")
         config = self._config
         targets = slots[rows]
+        if track is not None:  # the state after the tracked step, from the checkpoint as it is before the commit
+            self._track_ring(track, rows, targets, accepted[rows])
         after = self._history_lengths[targets].astype(np.int64) + accepted[rows]
         folds = after + config.max_intermediate_seq_len > config.history_len
         self._history_lengths[targets[~folds]] = after[~folds]
         if folds.any():
             self._fold_slots(targets[folds], after[folds])
+
+    def _ring_state(self, slots: np.ndarray, extra: Any = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``state_after`` of distinct ``slots``: each advanced through its ``h`` (plus ``extra``) ring steps."""
+        from ..checkpoint.reference import state_after
+
+        steps = self._history_lengths[slots].astype(np.int64) + extra
+        return state_after(
+            self._config,
+            self._pools.recurrent,
+            self._pools.conv,
+            self._history,
+            slots,
+            steps,
+            self._checkpoint_positions[slots],
+        )
+
+    def _track_ring(self, track: tuple, rows: np.ndarray, targets: np.ndarray, accepted: np.ndarray) -> None:
+        """Entry ``track_entries[b]`` = the state after ring step ``h + t`` of committing row ``b`` (``0 <= t < a``)."""
+        store, entries, steps = track
+        step, entry = steps.astype(np.int64)[rows], entries.astype(np.int64)[rows]
+        ok = (step >= 0) & (step < accepted) & (entry >= 0) & (entry < store.entries)
+        store.check_tracked_entries(entry[ok])  # refuses before anything is written
+        if not ok.any():
+            return
+        recurrent, conv = self._ring_state(targets[ok], step[ok] + 1)
+        store.entry_pools[0][:, entry[ok]] = recurrent
+        store.entry_pools[1][:, entry[ok]] = conv
 
     def _materialize(self, slots: np.ndarray, count: int, stream: Any) -> None:
         values = slots.astype(np.int64)
@@ -380,41 +411,41 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         self._fold_slots(targets, self._history_lengths[targets].astype(np.int64))
 
     def _folded(self, slot: int, stream: Any) -> tuple[np.ndarray, np.ndarray]:
-        from ..checkpoint.reference import state_after
-
-        slots = np.array([slot])
-        recurrent, conv = state_after(
-            self._config,
-            self._pools.recurrent,
-            self._pools.conv,
-            self._history,
-            slots,
-            self._history_lengths[slots],
-            self._checkpoint_positions[slots],
-        )
+        recurrent, conv = self._ring_state(np.array([slot]))
         return self._export(recurrent, recurrent.dtype), self._export(conv, conv.dtype)
 
     def _copy_folded(self, src: np.ndarray, dst: np.ndarray, count: int, stream: Any) -> None:
-        from ..checkpoint.reference import state_after
+        self._copy_folded_into((self._pools.recurrent, self._pools.conv), src, dst, count, stream, True)
 
+    def _copy_folded_into(
+        self, targets: tuple, src: Any, dst: Any, count: int, stream: Any, into_slots: bool = False
+    ) -> None:
+        """Rows ``dst`` of ``targets`` = the folded states of slots ``src``; ``into_slots``: a ``copy_slots``.
+
+        ``into_slots`` (``targets`` are the main pools): destinations must not be sources, and each gets
+        ``p0 = src p0 + h``, ``h = 0``.
+        """
         batch = self._config.max_batch_size
-        s, d = _copy_pairs(src, dst, count, batch, batch, True)
+        s, d = _copy_pairs(src, dst, count, batch, targets[0].shape[1], into_slots)
         if not s.size:
             return
         # A source may feed several destinations: fold each distinct source once.
         sources, inverse = np.unique(s, return_inverse=True)
-        steps = self._history_lengths[sources].astype(np.int64)
-        positions = self._checkpoint_positions[sources]
-        recurrent, conv = state_after(
-            self._config, self._pools.recurrent, self._pools.conv, self._history, sources, steps, positions
-        )
-        self._pools.recurrent[:, d] = recurrent[:, inverse]
-        self._pools.conv[:, d] = conv[:, inverse]
-        self._checkpoint_positions[d] = (positions + steps)[inverse]
-        self._history_lengths[d] = 0
+        recurrent, conv = self._ring_state(sources)
+        targets[0][:, d] = recurrent[:, inverse]
+        targets[1][:, d] = conv[:, inverse]
+        if into_slots:
+            consumed = self._checkpoint_positions[sources] + self._history_lengths[sources]
+            self._checkpoint_positions[d] = consumed[inverse]
+            self._history_lengths[d] = 0
 
     def _reset_checkpoints(self, slots: Any, positions: Any, stream: Any) -> None:
-        where = slice(None) if slots is None else slots
+        where = slice(None)
+        if slots is not None:  # a slot outside [0, B) is skipped (padding of restore_many)
+            where = np.asarray(slots, dtype=np.int64).reshape(-1)
+            ok = (where >= 0) & (where < self._config.max_batch_size)
+            where = where[ok]
+            positions = None if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)[ok]
         self._history_lengths[where] = 0
         if positions is not None:
             self._checkpoint_positions[where] = positions

@@ -162,8 +162,7 @@ class SlotOperations:
             )
             self._capture_outs["both"] = (out[0], out[1], targets)
         if self._history:
-            for pool, target in zip(self._folded(slot, stream), targets, strict=True):
-                self._capture_into(pool, 0, target, stream)
+            self._capture_folded_into(slot, targets, stream)
             return out
         self._capture_pair_into(slot, targets, stream)
         return out

@@ -126,7 +126,9 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
         gdn_checkpoints[grid, threads](states, qk, xbc, g, beta, d_every, chunk, groups, after)
         return o, after
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    def _decode_layers(
+        self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash_views=None
+    ):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]
         heads, dim, size, groups = (
@@ -158,11 +160,7 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
             rmsnorm[-(-n // 32), 32](x, normed)
             grid, threads = _grid(n, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
-            if scratch is None:
-                conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
-            else:
-                rec_state, conv_state = scratch[layer]
-            stash = cache.get_replay_stash(layer) if replay_step else None
+            rec_state, conv_state, stash = self._layer_states(cache, layer, scratch, replay_step, stash_views)
             # arguments a launch does not use (step or stash_step -1) only need the right rank and dtype
             inter_conv = (
                 cache.get_intermediate_conv_state(layer) if inter_step else conv_state.reshape((1, *conv_state.shape))

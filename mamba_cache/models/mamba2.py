@@ -152,7 +152,8 @@ class TinyMamba2:
         Checkpoint mode (``commit_mode="checkpoint"``): the step is a verify window of length 1
         (reading the slot's state with ``state_after``, writing ring step ``h``) followed by
         ``checkpoint_mtp_states`` of one accepted step per row (``state_indices=slots``); the main
-        pools change only when that commit folds. The verify view becomes ``[R, 1]``.
+        pools change only when that commit folds. The verify view becomes ``[R, 1]``, and the output
+        is a host array on both backends.
 
         Returns:
             ``[R, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
@@ -278,14 +279,16 @@ class TinyMamba2:
         ([`scratch_bytes`][mamba_cache.models.mamba2.TinyMamba2.scratch_bytes]), and ``replay_mtp_states`` then
         recomputes the accepted steps.
 
-        Checkpoint mode (``commit_mode="checkpoint"``, NumPy backend): window step ``t`` of row ``b``
-        (slot ``b``) reads the state before it with
-        [`state_after`][mamba_cache.checkpoint.reference.state_after] (the checkpoint advanced through
-        ring steps ``0 .. h_b + t - 1``), runs the decode step on that copy, and writes the step's
-        stash fields into the history ring at ring step ``h_b + t``; the main pools are NOT written.
+        Checkpoint mode (``commit_mode="checkpoint"``): window step ``t`` of row ``b`` (slot ``b``) reads
+        the state before it with [`state_after`][mamba_cache.checkpoint.reference.state_after] (NumPy) or
+        the device functions of [`mamba_cache.checkpoint.reading`][mamba_cache.checkpoint.reading] (Numba):
+        the checkpoint advanced through ring steps ``0 .. h_b + t - 1``; it runs the decode step on that
+        copy, and writes the step's stash fields into the history ring at ring step ``h_b + t``; the main
+        pools are NOT written.
         ``checkpoint_mtp_states`` then counts (and, when the ring is full, folds) the accepted
         steps. ``positions`` is optional there (it must equal ``p0 + h``). Returns the layer-stack
-        outputs ``[active, V, M]`` float32 of every window step in this mode, ``None`` in the others.
+        outputs ``[active, V, M]`` float32 (a host array on both backends) of every window step in this
+        mode, ``None`` in the others.
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
@@ -323,7 +326,7 @@ class TinyMamba2:
         for t in range(draft_tokens.shape[1]):
             self._decode(cache, draft_tokens[:, t], np.arange(active), t, positions=start + t, scratch=scratch)
 
-    # ------------------------------------------------------------ checkpoint mode (NumPy backend)
+    # ------------------------------------------------------------ checkpoint mode
     @staticmethod
     def _slot_positions(cache: Any, slots: np.ndarray) -> np.ndarray:
         """``p0 + h`` of each slot: the tokens its current state has consumed (checkpoint mode)."""
@@ -353,6 +356,8 @@ class TinyMamba2:
             )
         if (ring_steps + verify_len > config.history_len).any():
             raise ValueError(f"the ring cannot hold a window of {verify_len} steps past h = {ring_steps.tolist()}")
+        if cache.backend != "numpy":  # the same window on the device, reading through checkpoint.reading
+            return self._runner(cache)._checkpoint_window(cache, draft_tokens, slots, ring_steps, p0)
         layers = range(config.num_recurrent_layers)
         recurrent = np.stack([cache.get_recurrent_state(layer) for layer in layers])  # the checkpoints [L, B, ...]
         conv = np.stack([cache.get_conv_state(layer) for layer in layers])

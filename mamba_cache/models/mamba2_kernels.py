@@ -221,11 +221,53 @@ class NumbaTinyMamba2:
         self.model = model
         self.weights = {name: cuda.to_device(np.ascontiguousarray(value)) for name, value in model.weights.items()}
 
-    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash=None):
         # A tiny model launches tiny grids on purpose: Numba's low-occupancy warning says nothing here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
-            return self._decode_layers(cache, tokens, slots, step, positions, scratch)
+            return self._decode_layers(cache, tokens, slots, step, positions, scratch, stash)
+
+    def _checkpoint_window(self, cache, draft_tokens: np.ndarray, slots: np.ndarray, ring_steps, p0) -> np.ndarray:
+        """The checkpoint-mode verify window on the device (``TinyMamba2._checkpoint_window``): outputs ``[n, V, M]``.
+
+        Step ``t`` reads each row's state after ``h + t`` ring steps with
+        [`states_after`][mamba_cache.checkpoint.reading.states_after] (the reading device functions), decodes
+        it as the replay-mode verify pass does (its stash fields into a one-step stash), and copies those
+        into the ring at ``[slot, h + t]``.
+        """
+        from ..checkpoint.reading import states_after
+
+        config = self.model.config
+        rows, verify_len = draft_tokens.shape
+        layers = range(config.num_recurrent_layers)
+        d_slots, d_p0 = cuda.to_device(slots.astype(np.int32)), cuda.to_device(p0.astype(np.int64))
+        outputs = []
+        for t in range(verify_len):
+            d_steps = cuda.to_device((ring_steps + t).astype(np.int32))
+            scratch, stash = [], []
+            for layer in layers:
+                history = cache.get_history(layer)
+                scratch.append(
+                    states_after(
+                        config,
+                        cache.get_recurrent_state(layer),
+                        cache.get_conv_state(layer),
+                        history,
+                        d_slots,
+                        d_steps,
+                        d_p0,
+                        layer,
+                    )  # fmt: skip
+                )
+                stash.append({name: cuda.device_array((rows, 1, *v.shape[2:]), v.dtype) for name, v in history.items()})
+            tokens = np.ascontiguousarray(draft_tokens[:, t])
+            hidden = self._decode(cache, tokens, np.arange(rows), 0, p0 + ring_steps + t, scratch, stash)
+            for layer in layers:
+                for name, view in cache.get_history(layer).items():
+                    for row, slot in enumerate(slots):
+                        view[slot, ring_steps[row] + t].copy_to_device(stash[layer][name][row, 0])
+            outputs.append(hidden.copy_to_host())
+        return np.stack(outputs, axis=1)
 
     def _verify_replay(self, cache, draft_tokens: np.ndarray, start=None) -> None:
         """Replay-mode verify: advance device copies of the rows' states, write the stash (see TinyMamba2.verify)."""
@@ -329,7 +371,23 @@ class NumbaTinyMamba2:
         ssd_checkpoints[grid, threads](states, xbc, dt, w["a"][layer], d_every, chunk, config.n_groups, after)
         return y, after
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    @staticmethod
+    def _layer_states(cache, layer: int, scratch, replay_step: bool, stash_views) -> tuple:
+        """``(recurrent, conv, stash)`` of a layer's step: the pools or the scratch copies, and the stash to write.
+
+        The stash (``None`` unless ``replay_step``) is ``stash_views[layer]`` when given (the checkpoint-mode
+        window's one-step stash), else the cache's replay stash.
+        """
+        rec_state, conv_state = (
+            (cache.get_recurrent_state(layer), cache.get_conv_state(layer)) if scratch is None else scratch[layer]
+        )
+        if not replay_step:
+            return rec_state, conv_state, None
+        return rec_state, conv_state, cache.get_replay_stash(layer) if stash_views is None else stash_views[layer]
+
+    def _decode_layers(
+        self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash_views=None
+    ):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]  # R
         width = config.recurrent_state_num_heads * config.recurrent_state_head_dim
@@ -357,12 +415,8 @@ class NumbaTinyMamba2:
             grid, threads = _grid(n, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
             # without a step the kernels never touch `inter`; any array of the right rank will do
-            if scratch is None:
-                conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
-            else:
-                rec_state, conv_state = scratch[layer]
             replay_step = with_step and scratch is not None
-            stash = cache.get_replay_stash(layer) if replay_step else None
+            rec_state, conv_state, stash = self._layer_states(cache, layer, scratch, replay_step, stash_views)
             inter_step = with_step and not replay_step
             inter_conv = (
                 cache.get_intermediate_conv_state(layer) if inter_step else conv_state.reshape((1, *conv_state.shape))

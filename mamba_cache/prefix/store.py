@@ -167,11 +167,6 @@ class PrefixStateCache(EntryStore):
         if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)):
             raise TypeError(f"block_size must be an integer, got {type(block_size).__name__}")
         config = manager.get_config()
-        if config.commit_mode == "checkpoint":
-            raise ConfigError(
-                "PrefixStateCache: a prefix store is not built yet for commit_mode='checkpoint' (the manager's "
-                "main pools hold checkpoints, not the current states); use commit_mode='scatter' or 'replay'"
-            )
         low = max(1, config.max_intermediate_seq_len)
         if block_size < low:
             raise ConfigError(
@@ -451,6 +446,8 @@ class PrefixStateCache(EntryStore):
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
         """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
 
+        In checkpoint mode the entry becomes the slot's checkpoint: ``p0 = handle.length``, ``h = 0``.
+
         Args:
             handle: from [`match`][mamba_cache.prefix.PrefixStateCache.match] (or
                 [`insert`][mamba_cache.prefix.PrefixStateCache.insert] /
@@ -468,16 +465,18 @@ class PrefixStateCache(EntryStore):
         slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
         if not handle.host:
             self.manager._copy_rows(self._main(), self._pools, entry, slot, 1, resolved)
-            return
-        # a host-tier hit: straight into the live slot (no promotion), after the offload that filled it
-        if self._filled[entry] is not None:
-            self.manager._wait_event(self._filled[entry], resolved)
-        self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
-        self._read[entry] = self._recorded(self._read[entry], resolved)
+        else:  # a host-tier hit: straight into the live slot (no promotion), after the offload that filled it
+            if self._filled[entry] is not None:
+                self.manager._wait_event(self._filled[entry], resolved)
+            self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
+            self._read[entry] = self._recorded(self._read[entry], resolved)
+        self.manager._positions_restored(slot, [handle.length], resolved)  # checkpoint mode: p0, h = 0
 
     @_on_manager_device
     def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
+
+        In checkpoint mode each slot's ``p0`` becomes its handle's length and ``h = 0`` (one more launch).
 
         Args:
             handles: a list of ``n`` [`PrefixHandle`][mamba_cache.prefix.PrefixHandle] (an entry may appear more than
@@ -522,6 +521,7 @@ class PrefixStateCache(EntryStore):
             src, _ = manager._int32_array(self._staging_name, np.array(entries, dtype=np.int32), "[n]", resolved)
             self._staged = (key, src)
         manager._copy_rows(self._main(), self._pools, self._staged[1], dst, count, resolved)
+        manager._positions_restored(dst, [h.length for h in handles], resolved)  # checkpoint mode: p0, h = 0
 
     def _checked_entries(self, handles: list) -> list:
         """The entries of ``handles``, each checked (raises naming the first bad one; nothing changed)."""
@@ -539,6 +539,9 @@ class PrefixStateCache(EntryStore):
     @_on_manager_device
     def insert(self, tokens: Any, slot: int, stream: Any = None) -> PrefixHandle | None:
         """Record live slot ``slot``'s current state as the state after ``tokens``.
+
+        In checkpoint mode the current state is the slot's checkpoint advanced through its ``h`` ring
+        steps (the fold's arithmetic), computed into the entry; the slot and its ring are unchanged.
 
         Already present: refresh its recency, copy nothing. Otherwise take a free entry or evict the
         least recently used unpinned one; if every entry is pinned the insert is dropped (counted
@@ -568,7 +571,7 @@ class PrefixStateCache(EntryStore):
             self.stats.dropped_inserts += 1
             return None
         try:
-            self.manager._copy_rows(self._pools, self._main(), slot, entry, 1, resolved)
+            self.manager._copy_current(self._pools, slot, entry, 1, resolved)
         except BaseException:
             self._free.append(entry)
             raise
@@ -636,7 +639,7 @@ class PrefixStateCache(EntryStore):
         if src:
             src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
             dst_arg, _ = manager._int32_array("prefix_entries", np.array(dst, dtype=np.int32), "[n]", resolved)
-            manager._copy_rows(self._pools, self._main(), src_arg, dst_arg, len(src), resolved)
+            manager._copy_current(self._pools, src_arg, dst_arg, len(src), resolved)
             self._wrote(dst, resolved)
         return [h if h is None or isinstance(h, PrefixHandle) else self._handle(h) for h in handles]
 

@@ -84,6 +84,7 @@ from numba import cuda, float32
 from numba.np import numpy_support
 
 from ..core.device import SIMULATOR, device_pointer
+from ..core.launch import argument_positions
 from ..precision.kernels import (
     bfloat162_rn_bits,
     float32_bits,
@@ -219,6 +220,8 @@ def replay_mamba2_kernel(
     word_elems: int = 0,
     conv_width: int = 4,
     conv_dtype: Any = np.float16,
+    ring: bool = False,
+    write_back: bool = True,
 ) -> Any:
     """The tiled Mamba2 replay kernel for a rounding (``ROUND_*``), a pool kind (``bits16``) and a head shape, cached.
 
@@ -231,13 +234,15 @@ def replay_mamba2_kernel(
     float32), 0 one element at a time; with the rounding it says whether the tile is packed
     ([`mamba2_packed`][mamba_cache.replay.tiled.mamba2_packed]). The conv window's width and the conv pool's dtype pick
     the conv part (`_conv_tile`). The kernel's blocks per head are
-    [`mamba2_head_blocks`][mamba_cache.replay.tiled.mamba2_head_blocks].
+    [`mamba2_head_blocks`][mamba_cache.replay.tiled.mamba2_head_blocks]. ``ring`` and ``write_back``: see
+    [`stash_row_rule`][mamba_cache.replay.tiled.stash_row_rule].
     """
     key = (rounding, int(bits16), int(dim), int(size), int(group_heads), int(word_elems), int(conv_width),
-           np.dtype(conv_dtype).str, bfloat16_in_hardware())  # fmt: skip
+           np.dtype(conv_dtype).str, bfloat16_in_hardware(), bool(ring), bool(write_back))  # fmt: skip
     kernel = _MAMBA2_KERNELS.get(key)
     if kernel is None:
-        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:6], _conv_tile(conv_width, conv_dtype))
+        conv = _conv_tile(conv_width, conv_dtype, write_back)
+        kernel = _MAMBA2_KERNELS[key] = _make_mamba2(*key[:6], conv, stash_row_rule(ring), write_back)
     return kernel
 
 
@@ -247,21 +252,53 @@ def mamba2_head_blocks(kernel: Any) -> int:
 
 
 def replay_gdn_kernel(
-    key_dim: int, rounding: int = ROUND_STORED, bits16: int = 0, conv_width: int = 4, conv_dtype: Any = np.float16
+    key_dim: int,
+    rounding: int = ROUND_STORED,
+    bits16: int = 0,
+    conv_width: int = 4,
+    conv_dtype: Any = np.float16,
+    ring: bool = False,
+    write_back: bool = True,
 ) -> Any:
     """The tiled Gated DeltaNet replay kernel for key dim D, a rounding and a pool kind, cached.
 
     Compile-time: the number of parts ``P`` ([`gdn_parts`][mamba_cache.replay.tiled.gdn_parts]) and, when
     ``D == P * PART``, D itself (no guards in the d loops); any other D up to ``MAX_KEY_DIM`` is guarded against ``dim``
-    at run time. The conv window's width and the conv pool's dtype pick the conv part (`_conv_tile`).
+    at run time. The conv window's width and the conv pool's dtype pick the conv part (`_conv_tile`). ``ring`` and
+    ``write_back``: see [`stash_row_rule`][mamba_cache.replay.tiled.stash_row_rule].
     """
     parts = gdn_parts(key_dim)
     exact = key_dim if key_dim == parts * PART else 0
-    key = (parts, exact, rounding, int(bits16), int(conv_width), np.dtype(conv_dtype).str, bfloat16_in_hardware())
+    key = (parts, exact, rounding, int(bits16), int(conv_width), np.dtype(conv_dtype).str, bfloat16_in_hardware(),
+           bool(ring), bool(write_back))  # fmt: skip
     kernel = _GDN_KERNELS.get(key)
     if kernel is None:
-        kernel = _GDN_KERNELS[key] = _make_gdn(*key[:4], _conv_tile(conv_width, conv_dtype))
+        conv = _conv_tile(conv_width, conv_dtype, write_back)
+        kernel = _GDN_KERNELS[key] = _make_gdn(*key[:4], conv, stash_row_rule(ring), write_back)
     return kernel
+
+
+@cuda.jit(device=True, inline=True)
+def _stash_row_of_row(row, slot):
+    return row
+
+
+@cuda.jit(device=True, inline=True)
+def _stash_row_of_slot(row, slot):
+    return slot
+
+
+def stash_row_rule(ring: bool) -> Any:
+    """Which stash row (and ``positions`` entry) a kernel's row reads: its own, or (``ring``) its slot's.
+
+    The replay commit reads stash row ``b * V + t`` and ``positions[b]`` for row ``b``. A kernel built
+    with ``ring`` reads ``s * V + t`` and ``positions[s]`` for the row's slot ``s``: the stash is then a
+    history ring ``[B, R, ...]`` indexed by slot (``V`` = ``R``, checkpoint mode's fold,
+    `mamba_cache.checkpoint.kernels`). ``write_back=False`` (either rule) leaves the slot's state as it
+    was and only stores the tracked state (`_track`) into its entry: the state after ``n`` steps computed
+    into another array, the source untouched.
+    """
+    return _stash_row_of_slot if ring else _stash_row_of_row
 
 
 @cuda.jit(device=True, inline=True)
@@ -285,16 +322,16 @@ def conv_chunks(channels: int, width: int) -> int:
 _CONV_TILES: dict = {}
 
 
-def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
+def _conv_tile(width: int, conv_dtype: np.dtype, write_back: bool = True) -> Any:
     """The conv part of a replay block for a window of ``width`` and a conv pool dtype, cached.
 
     For ``width <= CONV_MAX_WIDTH`` a thread owns ``CONV_CPT`` channels ``THREADS`` apart, loads every
     value it will write (the new window, and the tracked one) into registers, then stores them: one
     memory round trip instead of one per window position (`_replay_conv`
     shifts in place, so each load waits for the store before it). A wider window takes that function,
-    one channel per thread.
+    one channel per thread. Without ``write_back`` only the tracked window is stored.
     """
-    key = (width if width <= CONV_MAX_WIDTH else 0, np.dtype(conv_dtype).str)
+    key = (width if width <= CONV_MAX_WIDTH else 0, np.dtype(conv_dtype).str, bool(write_back))
     tile = _CONV_TILES.get(key)
     if tile is not None:
         return tile
@@ -310,9 +347,10 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
                         conv, col, track_conv, entry, layer, slot, row, seq_len, tracked, c, channels, window_width,
                         node_ids, use_nodes,
                     )  # fmt: skip
-                _replay_conv(
-                    conv, col, layer, slot, row, seq_len, accepted, c, channels, window_width, node_ids, use_nodes
-                )
+                if write_back:
+                    _replay_conv(
+                        conv, col, layer, slot, row, seq_len, accepted, c, channels, window_width, node_ids, use_nodes
+                    )
 
     else:
         element = numpy_support.from_dtype(np.dtype(conv_dtype))
@@ -350,7 +388,8 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
                 if c < n_channels:
                     base = _u32(c * width)
                     for k in range(width):
-                        window[base + k] = kept[q * width + k]
+                        if write_back:
+                            window[base + k] = kept[q * width + k]
                         if tracked >= 0:
                             track_conv[layer, entry, base + k] = checkpoint[q * width + k]
 
@@ -359,7 +398,15 @@ def _conv_tile(width: int, conv_dtype: np.dtype) -> Any:
 
 
 def _make_mamba2(
-    rounding: int, pool_bits16: int, head_dim: int, state_size: int, group_heads: int, word_elems: int, conv_tile: Any
+    rounding: int,
+    pool_bits16: int,
+    head_dim: int,
+    state_size: int,
+    group_heads: int,
+    word_elems: int,
+    conv_tile: Any,
+    stash_row: Any = _stash_row_of_row,
+    write_back: bool = True,
 ) -> Any:
     rounder = _rounder(rounding)
     packed = mamba2_packed(rounding, pool_bits16, word_elems)
@@ -555,13 +602,14 @@ def _make_mamba2(
 
         Grid ``(chunks_rec + conv_chunks(C, K), rows, L)``, block ``(THREADS,)``.
         """
-        layer, row = cuda.blockIdx.z, cuda.blockIdx.y
+        layer, grid_row = cuda.blockIdx.z, cuda.blockIdx.y
         accepted, slot = _row_slot(
-            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
+            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], grid_row, node_ids, use_nodes
         )
         if slot < 0:
             return
-        tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
+        tracked, entry = _track(track_entries, track_steps, use_tracking, grid_row, accepted, track_rec.shape[1])
+        row = stash_row(grid_row, slot)  # the stash row (and positions entry) this row reads
         block = cuda.blockIdx.x
         if block >= chunks_rec:
             conv_tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, block - chunks_rec,
@@ -631,6 +679,8 @@ def _make_mamba2(
         replay_steps(h, u_next, b_next, decay_next, split, accepted, accepted, row, layer, i, j, d0, n0, first,
                      last_row, last_col, n_heads, n_groups, seq_len, decays, inputs, projections, node_ids,
                      use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo, seed_hi)  # fmt: skip
+        if not write_back:
+            return
         if packed:
             for r in range(rpt):
                 if r < rows:
@@ -656,7 +706,15 @@ def _make_mamba2(
     return replay_mamba2_tiled
 
 
-def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile: Any) -> Any:
+def _make_gdn(
+    parts: int,
+    exact: int,
+    rounding: int,
+    pool_bits16: int,
+    conv_tile: Any,
+    stash_row: Any = _stash_row_of_row,
+    write_back: bool = True,
+) -> Any:
     rounder = _rounder(rounding)
     columns_per_block = THREADS // parts
     key_span = exact if exact else MAX_KEY_DIM  # shared key buffer: one step's k[j, :]
@@ -786,13 +844,14 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
         """
         handover = cuda.shared.array((parts, columns_per_block), float32)
         shared_keys = cuda.shared.array((2, key_span), float32)
-        layer, row = cuda.blockIdx.z, cuda.blockIdx.y
+        layer, grid_row = cuda.blockIdx.z, cuda.blockIdx.y
         accepted, slot = _row_slot(
-            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], row, node_ids, use_nodes
+            accept_lengths, state_indices, use_indices, seq_len, rec.shape[1], grid_row, node_ids, use_nodes
         )
         if slot < 0:  # block-uniform: no thread of the block reaches a barrier
             return
-        tracked, entry = _track(track_entries, track_steps, use_tracking, row, accepted, track_rec.shape[1])
+        tracked, entry = _track(track_entries, track_steps, use_tracking, grid_row, accepted, track_rec.shape[1])
+        row = stash_row(grid_row, slot)  # the stash row (and positions entry) this row reads
         block = cuda.blockIdx.x
         if block >= chunks_rec:  # block-uniform as well
             conv_tile(conv, col, track_conv, entry, tracked, layer, slot, row, seq_len, accepted, block - chunks_rec,
@@ -841,7 +900,7 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
                         row, layer, n_heads, n_size, n_groups, seq_len, decays, strengths, keys, values, node_ids,
                         use_nodes, positions, use_positions, mode, exp_bits, man_bits, half, seed_lo,
                       seed_hi)  # fmt: skip
-        if live:
+        if live and write_back:
             for d in range(PART):
                 if inside(d_first + d, n_dim):
                     state[d] = _store_word(s[d], pool_bits16)
@@ -849,7 +908,17 @@ def _make_gdn(parts: int, exact: int, rounding: int, pool_bits16: int, conv_tile
     return replay_gdn_tiled
 
 
-def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class: type) -> tuple:
+def prepare(
+    pools: Any,
+    stash: dict,
+    config: Any,
+    placeholder: Any,
+    launch_class: type,
+    *,
+    ring: bool = False,
+    write_back: bool = True,
+    positions: Any = None,
+) -> tuple:
     """(launch, x blocks, layers) of the tiled replay kernel of ``config.mixer`` over a manager's pools.
 
     The launch starts with no positions, indices, nodes or tracking bound (the ``use_*`` flags 0); each
@@ -858,7 +927,9 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
 
     The launch arguments are [`mamba_cache.replay.kernels.launch_args`][mamba_cache.replay.kernels.launch_args] (the
     backend re-points the same ones per call), the Mamba2 kernel's ``rec_words`` appended (the pool's uint64 view, or
-    the pool again when it is read one element at a time).
+    the pool again when it is read one element at a time). Checkpoint mode's folds pass ``stash`` = the history ring,
+    ``ring``, ``write_back`` ([`stash_row_rule`][mamba_cache.replay.tiled.stash_row_rule]) and ``positions``: an int64
+    ``[B]`` device array bound (``use_positions`` 1) in place of the int32 placeholder (the kernel is compiled for it).
     """
     lay = launch_layout(pools, config)
     heads, dim, size = config.recurrent_state_num_heads, config.recurrent_state_head_dim, config.recurrent_state_size
@@ -866,15 +937,18 @@ def prepare(pools: Any, stash: dict, config: Any, placeholder: Any, launch_class
     if config.mixer == "mamba2":
         words = mamba2_word_elems(lay.rec, size)
         kernel = replay_mamba2_kernel(lay.rounding, lay.bits16, dim, size, heads // config.n_groups, words,
-                                      config.conv_kernel, lay.conv.dtype)  # fmt: skip
+                                      config.conv_kernel, lay.conv.dtype, ring, write_back)  # fmt: skip
         chunks_rec = heads * mamba2_head_blocks(kernel)  # the kernel's own tile decides
         extra = (lay.rec.view(np.uint64) if words else lay.rec,)
     else:
-        kernel = replay_gdn_kernel(dim, lay.rounding, lay.bits16, config.conv_kernel, lay.conv.dtype)
+        kernel = replay_gdn_kernel(dim, lay.rounding, lay.bits16, config.conv_kernel, lay.conv.dtype, ring, write_back)
         chunks_rec = heads * -(-size // (THREADS // gdn_parts(dim)))
     chunks_conv = conv_chunks(config.conv_dim, config.conv_kernel)
     widest = max(lay.rec.shape[2], *(stash[name].shape[1] for name in lay.fields))
     if widest >= 2**32:  # the kernels index a slot and a layer's stash field with 32-bit arithmetic
         raise ValueError(f"replay commit: a slot or a layer's stash field holds {widest} elements, at most 2**32 - 1")
-    args = (*launch_args(lay, stash, config, chunks_rec, placeholder), *extra)
-    return launch_class(kernel, args, THREADS), chunks_rec + chunks_conv, lay.layers
+    args = [*launch_args(lay, stash, config, chunks_rec, placeholder), *extra]
+    if positions is not None:
+        names = argument_positions(kernel)
+        args[names["positions"]], args[names["use_positions"]] = positions, 1
+    return launch_class(kernel, tuple(args), THREADS), chunks_rec + chunks_conv, lay.layers

@@ -16,7 +16,7 @@ from numba import cuda
 
 from ..moving import kernels as parcel_kernels
 from ..moving.parcel import ParcelError
-from .device import device_pointer
+from .device import SIMULATOR, device_pointer
 
 #: Bytes each block of the checksum kernel sums (a 1 MiB chunk is 16 blocks: every SM has work).
 SPLIT_BYTES = 1 << 16
@@ -31,7 +31,13 @@ class NumbaParcelHooks:
     """``_parcel_buffer``, ``_parcel_buffer_in``, ``_copy_runs`` and ``_chunk_checksums`` on device arrays."""
 
     def _parcel_buffer(self, nbytes: int, stream: Any) -> Any:
-        return cuda.to_device(np.zeros(nbytes, dtype=np.uint8), stream=stream.stream)
+        if SIMULATOR or not nbytes:
+            return cuda.to_device(np.zeros(nbytes, dtype=np.uint8), stream=stream.stream)
+        from numba.cuda.cudadrv import driver
+
+        buffer = cuda.device_array(nbytes, dtype=np.uint8, stream=stream.stream)
+        driver.device_memset(buffer, 0, nbytes, stream=stream.stream)  # padding and alignment gaps: zeros
+        return buffer
 
     def _parcel_buffer_in(self, name: str, buffer: Any, nbytes: int, stream: Any) -> Any:
         if hasattr(buffer, "__cuda_array_interface__"):

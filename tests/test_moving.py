@@ -107,10 +107,13 @@ def test_adler32_twin_is_zlib_and_catches_every_flipped_byte(rng):
 
 def test_device_checksums_equal_the_twin():
     manager = BACKENDS["numba"](model())
-    data = np.random.default_rng(SEED).integers(0, 256, 2 * 4096 + 1001, dtype=np.uint8)
+    data = np.random.default_rng(SEED).integers(0, 256, 2 * 2048 + 1001, dtype=np.uint8)
     stream = manager._stream(None)
     device = manager._parcel_buffer_in("buffer", data, data.size, stream)
-    assert manager._chunk_checksums(device, 4096, stream).tolist() == adler32_chunks(data, 4096).tolist()
+    assert manager._chunk_checksums(device, 2048, stream).tolist() == adler32_chunks(data, 2048).tolist()
+    # 512-byte splits (4 blocks a chunk, combined), and chunks that start off an 8-byte boundary (bytes only)
+    assert manager._chunk_checksums(device, 2048, stream, 512).tolist() == adler32_chunks(data, 2048).tolist()
+    assert manager._chunk_checksums(device, 1001, stream).tolist() == adler32_chunks(data, 1001).tolist()
 
 
 # ---------------------------------------------------------------- resharding

@@ -17,6 +17,7 @@ from helpers import (
     device_int32,
     fill_random,
     fill_store,
+    needs_gpu,
     replay_config,
     small_config,
     snapshot,
@@ -217,3 +218,62 @@ def test_single_slot_calls_refuse_padding(backend, rng):
         with pytest.raises(IndexError, match=r"must be in \[0, 6\), got -1"):
             call()
     assert_same_bits(everything(manager, stores[0]), before, "refused single-slot calls")
+
+
+@needs_gpu
+def test_padding_rows_under_cuda_graph_capture(rng):
+    """A captured copy + tracked scatter replayed with padding rows (-1) in every index array equals the reference."""
+    from cuda.bindings import driver
+    from numba import cuda
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    (ref, _), ref_stores = twins("numpy", rng, SCATTER, entries=6)
+    (dev, _), dev_stores = twins("numba", rng, SCATTER, entries=6)
+    stream, rows = cuda.stream(), 4
+    arrays = {
+        k: cuda.to_device(np.full(rows, PAD, np.int32), stream=stream) for k in ("src", "dst", "acc", "idx", "e", "t")
+    }
+    for m in (ref, dev):
+        m.reshape_intermediate_states(rows, 3)
+    entries = [dev_stores[0].reserve() for _ in range(rows)]
+    assert [ref_stores[0].reserve() for _ in range(rows)] == entries
+
+    def calls():
+        dev.copy_slots(arrays["src"], arrays["dst"], stream=stream)
+        dev.scatter_mtp_states(
+            arrays["acc"], stream=stream, state_indices=arrays["idx"], store=dev_stores[0],
+            track_entries=arrays["e"], track_steps=arrays["t"],
+        )  # fmt: skip
+
+    calls()
+    stream.synchronize()
+    handle = int(stream.handle)
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    calls()
+    graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    for _ in range(3):
+        fill_random([ref, dev], rng)
+        for pool, ref_pool in zip(dev_stores[0].entry_pools, ref_stores[0].entry_pools, strict=True):
+            ref_pool[...] = to_host(pool)
+        perm = rng.permutation(SCATTER.max_batch_size)
+        values = {
+            "src": [int(perm[0]), PAD, int(perm[1]), PAD],
+            "dst": [int(perm[2]), int(perm[3]), PAD, PAD],
+            "acc": rng.integers(1, 4, size=rows).tolist(),
+            "idx": [int(perm[4]), PAD, int(perm[5]), PAD],
+            "e": [entries[0], entries[1], PAD, entries[3]],
+            "t": [0, 0, 0, 0],
+        }
+        for name, v in values.items():
+            arrays[name].copy_to_device(np.asarray(v, np.int32), stream=stream)
+        check(driver.cuGraphLaunch(graph, handle))
+        stream.synchronize()
+        i32 = {name: np.asarray(v, np.int32) for name, v in values.items()}
+        ref.copy_slots(i32["src"], i32["dst"])
+        ref.scatter_mtp_states(
+            i32["acc"], state_indices=i32["idx"], store=ref_stores[0], track_entries=i32["e"], track_steps=i32["t"]
+        )
+        same((ref, dev), (ref_stores[0], dev_stores[0]), f"graph replay {values}")

@@ -1,11 +1,13 @@
 """Sending a state parcel over ``torch.distributed`` point-to-point (NCCL between GPUs, gloo between CPUs).
 
 The process group is the caller's: nothing here initialises, owns or tears down a group. A parcel
-travels as, per piece:
+travels as three messages per piece:
 
-    int64 [4]  (MAGIC, pieces, header bytes, buffer bytes)   the first tensor of each piece
-    uint8 [header bytes]                                      ParcelDescriptor.to_json()
-    uint8 [buffer bytes]                                      the piece's buffer, as is
+```text
+int64 [4]  (MAGIC, pieces, header bytes, buffer bytes)   the first tensor of each piece
+uint8 [header bytes]                                      ParcelDescriptor.to_json()
+uint8 [buffer bytes]                                      the piece's buffer, as is
+```
 
 On an NCCL group every tensor lives on the current CUDA device (the Numba backend's device buffer
 is sent without a copy, through ``__cuda_array_interface__``); on gloo on the host. The receiver

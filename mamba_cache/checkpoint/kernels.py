@@ -1,7 +1,7 @@
 """Checkpoint mode on the device: the counter kernels of the commit and of the reads, and the fold's launches.
 
 The fold itself is the replay commit's kernel family ([`mamba_cache.replay.tiled`][mamba_cache.replay.tiled]) built
-with the history ring as its stash ([`stash_row_rule`][mamba_cache.replay.tiled.stash_row_rule]: a row reads the ring
+with the history ring as its stash ([`stash_row_rule`][mamba_cache.replay.tiles.stash_row_rule]: a row reads the ring
 of its slot, ``slot * R + j``, and its ``positions`` entry is the slot's), so every element sees the replay commit's
 operations in the same order, and a stochastic rounding at ring step ``j`` is keyed by the token position
 ``p0 + j + 1``. What this module adds is the bookkeeping, done on the device so that a commit neither synchronises

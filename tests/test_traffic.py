@@ -80,3 +80,15 @@ def test_bad_arguments_name_the_argument_and_range(kwargs, match):
     args = dict(strategy="replay", accept_lengths=[1, 2]) | kwargs
     with pytest.raises(ValueError, match=match):
         state_traffic(config, args.pop("strategy"), args.pop("accept_lengths"), **args)
+
+
+def test_the_committed_plot_is_the_models_current_output():
+    """docs/img/strategies.svg is drawn from the model (benchmarks/plot_strategies.py): it must not drift."""
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from benchmarks.plot_strategies import svg
+
+    assert (root / "docs" / "img" / "strategies.svg").read_text() == svg(), "rerun benchmarks/plot_strategies.py"

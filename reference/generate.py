@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
+from mamba_cache.precision import convert, quant8  # noqa: E402
 from mamba_cache.prefix import PrefixStateCache, block_digests, root_digest  # noqa: E402
 
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
@@ -373,6 +374,68 @@ def key_vectors() -> dict:
     return {**KEY_CASE, "root": root_digest(KEY_CASE["namespace"]).hex(), "digests": [d.hex() for d in digests]}
 
 
+#: The 8-bit conversion vectors: the Philox seed, layers and token positions of their random words.
+QUANT8_CASE = {"seed": 2**40 + 26, "layer": 3, "positions": [7, 2**31 + 5]}
+
+
+def quant8_edge_groups() -> np.ndarray:
+    """``[2, 1, 6, 16]`` float32 recurrent states (slots, heads, d, n: 6 groups a slot) with every edge pattern.
+
+    Slot 0 holds the edges, one per group: a NaN, an infinity, zeros (signed), a group whose
+    ``amax / qmax`` is below ``2**-126`` (so the scale floors, float32 subnormals inside), values at and
+    past each dtype's ``qmax`` ratio (448, 57344, 127 times a power of two, and float32's largest), and
+    mid-grid ties; slot 1 is random normal values spread over many octaves.
+    """
+    rng = np.random.default_rng(26)
+    edges = np.zeros((6, 16), np.float32)
+    edges[0] = rng.standard_normal(16)
+    edges[0, 5] = np.nan
+    edges[1] = rng.standard_normal(16)
+    edges[1, 9] = -np.inf
+    edges[2, ::2] = -0.0
+    edges[3] = rng.standard_normal(16) * np.float32(2.0**-140)
+    edges[3, 0] = np.float32(1e-45)  # the smallest float32 subnormal
+    edges[4] = [448, -448, 57344, -57344, 127, -127, 464, 480, 61440, 3.4e38, -3.4e38, 1, 0.5, 2.5, 3.5, 15]
+    edges[5] = np.arange(16, dtype=np.float32) * np.float32(0.5) - np.float32(4.25)  # halves: ties for int8
+    spread = rng.standard_normal((6, 16)) * np.exp2(rng.integers(-60, 60, (6, 1)))
+    return np.stack([edges, spread.astype(np.float32)])[:, None]  # [slot 2, head 1, d 6, n 16]
+
+
+def quant8_vectors() -> dict[str, np.ndarray]:
+    """Inputs and expected outputs of every 8-bit conversion (``reference/quant8-conversions.npz``)."""
+    seed, layer, positions = QUANT8_CASE["seed"], QUANT8_CASE["layer"], np.array(QUANT8_CASE["positions"])
+    rng = np.random.default_rng(2026)
+    recurrent = quant8_edge_groups()
+    conv = (rng.standard_normal((2, 70, 4)) * np.exp2(rng.integers(-20, 20, (2, 1, 4)))).astype(np.float32)
+    conv[0, 66, 1] = np.nan  # one (block, column) group of slot 0 is NaN; block 0 of that column is not
+    conv[1, :64, 2] = 0.0  # a zero group
+    residual = {
+        "recurrent": convert(rng.standard_normal(recurrent.shape).astype(np.float32) * 0.01, quant8.RESIDUAL_DTYPE),
+        "conv": convert(rng.standard_normal(conv.shape).astype(np.float32) * 0.01, quant8.RESIDUAL_DTYPE),
+    }
+    words = {
+        "recurrent": quant8.recurrent_rounding_bits(seed, layer, positions, recurrent.shape),
+        "conv": quant8.conv_rounding_bits(seed, layer, positions, conv.shape),
+    }
+    arrays = {"recurrent_x": recurrent, "conv_x": conv}
+    for layout in ("recurrent", "conv"):
+        arrays[f"{layout}_random"] = words[layout]
+        arrays[f"{layout}_residual"] = residual[layout].view(np.uint16)
+    for name in quant8.QUANT8_DTYPE_NAMES:
+        for layout, x in (("recurrent", recurrent), ("conv", conv)):
+            for rounding in ("nearest", "stochastic"):
+                random = words[layout] if rounding == "stochastic" else None
+                plain = quant8.quantise(x, name, layout=layout, random=random)
+                fed = quant8.quantise(x, name, layout=layout, random=random, residual=residual[layout])
+                key = f"{name}_{layout}_{rounding}"
+                arrays[f"{key}_values"] = plain.values.view(np.uint8)
+                arrays[f"{key}_scales"] = plain.scales
+                arrays[f"{key}_feedback_values"] = fed.values.view(np.uint8)
+                arrays[f"{key}_feedback_scales"] = fed.scales
+                arrays[f"{key}_feedback_residual"] = fed.residual.view(np.uint16)
+    return arrays
+
+
 def build(out: pathlib.Path) -> dict:
     """Run every case on the NumPy reference, write its ``.npz`` into ``out``; return the manifest."""
     out.mkdir(parents=True, exist_ok=True)
@@ -409,6 +472,7 @@ def build(out: pathlib.Path) -> dict:
         manifest["cases"].append(case)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (out / "prefix-keys.json").write_text(json.dumps(key_vectors(), indent=1, ensure_ascii=False) + "\n")
+    np.savez(out / "quant8-conversions.npz", **quant8_vectors())
     return manifest
 
 

@@ -17,6 +17,7 @@ FLOORS = [
     {"mamba_cache._target", "mamba_cache._config", "mamba_cache.core", "mamba_cache.core.launch",
      "mamba_cache.core.device", "mamba_cache.core.checks", "mamba_cache.interop", "mamba_cache.interop.dlpack",
      "mamba_cache.interop.arrays", "mamba_cache.precision", "mamba_cache.precision.reference",
+     "mamba_cache.precision.quant8",
      "mamba_cache.prefix.keys", "mamba_cache.snapshot"},
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",

@@ -48,7 +48,7 @@ class CommitOperations:
         seq = check_size("seq_len", seq_len, 1, config.max_intermediate_seq_len)
         if (active, seq) != self._verify_shape:
             self._verify_shape = (active, seq)
-            for key in [k for k in self._view_cache if k[0].startswith("intermediate_")]:
+            for key in [k for k in self._view_cache if k[0].startswith(("intermediate_", "scales_intermediate_"))]:
                 del self._view_cache[key]
 
     def _max_accept(self, seq_len: int) -> int:

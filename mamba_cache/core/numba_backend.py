@@ -150,6 +150,14 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
             value = getattr(config, name)
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
+        if config.quantised_kinds or any(
+            np.dtype(getattr(config, f"intermediate_{k}_state_dtype")).itemsize == 1 for k in ("recurrent", "conv")
+        ):
+            raise ConfigError(
+                "8-bit state dtypes (float8_e4m3fn, float8_e5m2, int8) are not built yet for the Numba backend: "
+                "the NumPy reference (NumpyMambaCacheManager) has them; got recurrent_state_dtype="
+                f"{config.recurrent_state_dtype.name}, conv_state_dtype={config.conv_state_dtype.name}"
+            )
         if config.commit_mode == "checkpoint":
             raise ConfigError(
                 "commit_mode='checkpoint' is not built yet for the Numba backend: the NumPy reference "

@@ -156,6 +156,11 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         for kind, (pool, inter) in enumerate(
             ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv))
         ):
+            if pool.dtype.itemsize == 1:  # an 8-bit pool: values with their scales
+                position = 0 if positions is None else positions.astype(np.int64)[rows] + consumed[rows]
+                shift = None if consumed is None else consumed[rows]
+                self._commit8(("recurrent", "conv")[kind], slots[rows], src_rows, position, shift)
+                continue
             layers, count = pool.shape[:2]
             dst = pool.reshape(layers, count, -1)
             src = inter.reshape(layers, -1, dst.shape[2])
@@ -174,6 +179,46 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 layer=np.arange(layers)[:, None],
                 position=position,
             )
+
+    def _commit8(self, kind: str, targets: np.ndarray, src_rows: np.ndarray, position: Any, shift: Any) -> None:
+        """The scatter / tree commit of one kind into its 8-bit pool (``targets``: slots, ``src_rows``: per-step rows).
+
+        8-bit per-step states: values and scales copied. Wider ones: a recurrent state is quantised
+        (with its residual fed back under ``error_feedback``); a conv window keeps its stored columns,
+        moved ``shift`` places, and takes its ``shift`` new columns quantised
+        ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]).
+        """
+        from ..precision.quant8 import shift_in_columns, store
+
+        config, pools = self._config, self._pools
+        pool, inter = getattr(pools, kind), getattr(pools, f"intermediate_{kind}")
+        scales = self._scales[f"scales_{kind}"]
+        layers, slots_total = pool.shape[:2]
+        if inter.dtype == pool.dtype:  # the plain 8-bit scatter: a copy of the stored values and scales
+            inter_scales = self._scales[f"scales_intermediate_{kind}"]
+            for dst, src in ((pool, inter), (scales, inter_scales)):
+                flat = dst.reshape(layers, slots_total, -1)
+                flat[:, targets] = src.reshape(layers, -1, flat.shape[2])[:, src_rows]
+            return
+        states = inter.reshape(layers, -1, *pool.shape[2:])[:, src_rows]
+        residual = self._scales.get(f"residual_{kind}")
+        stored = store(
+            states,
+            pool.dtype,
+            layout=kind,
+            stochastic=config.stochastic_rounding,
+            seed=config.rounding_seed,
+            layer=np.arange(layers)[:, None],
+            position=np.asarray(position)[None] if np.ndim(position) else position,
+            residual=None if residual is None else residual[:, targets],
+        )
+        if kind == "recurrent":
+            pool[:, targets], scales[:, targets] = stored.values, stored.scales
+            if residual is not None:
+                residual[:, targets] = stored.residual
+            return
+        pool[:, targets] = shift_in_columns(pool[:, targets], stored.values, shift)
+        scales[:, targets] = shift_in_columns(scales[:, targets], stored.scales, shift)
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
         s, d = _copy_pairs(src_rows, dst_rows, count, src[0].shape[1], dst[0].shape[1], dst is src)
@@ -244,8 +289,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         pass
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        self._pools.recurrent[:, slot] = 0
-        self._pools.conv[:, slot] = 0
+        for pool in self._moving_pools():  # with any 8-bit scales and residuals
+            pool[:, slot] = 0
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
         if not hasattr(array, "__cuda_array_interface__"):
@@ -302,6 +347,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             stochastic=config.stochastic_rounding,
             seed=config.rounding_seed,
             track=track,
+            scales=self._scales,
         )
 
     # ------------------------------------------------------------ checkpoint mode

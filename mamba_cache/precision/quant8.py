@@ -73,6 +73,8 @@ __all__ = [
     "quantise",
     "quantise_values",
     "recurrent_rounding_bits",
+    "shift_in_columns",
+    "store",
 ]
 
 #: The 8-bit state dtypes, in the order error messages list them.
@@ -306,3 +308,61 @@ def quantise(
         error = (x - dequantise(values, full)).astype(np.float32)
         new_residual = convert(np.where(np.isnan(error), np.float32(0), error), RESIDUAL_DTYPE)
     return Quantised(values, scales, new_residual)
+
+
+def store(
+    x: np.ndarray,
+    dtype: Any,
+    *,
+    layout: str = "recurrent",
+    stochastic: bool = False,
+    seed: int = 0,
+    layer: Any = 0,
+    position: Any = 0,
+    residual: np.ndarray | None = None,
+) -> Quantised:
+    """What the cache stores for float32 states: [`quantise`][mamba_cache.precision.quant8.quantise] with its words.
+
+    Args:
+        x: ``[*X, H, D, N]`` recurrent states or ``[*X, C, K]`` conv windows (float32, or a wider or
+            16-bit state dtype: converted to float32 first, to nearest even).
+        dtype: the 8-bit dtype.
+        layout: ``"recurrent"`` or ``"conv"``.
+        stochastic: ``Config.stochastic_rounding``.
+        seed: ``Config.rounding_seed``.
+        layer: int array broadcastable to ``X``.
+        position: int array broadcastable to ``X``: tokens each state has consumed.
+        residual: the error-feedback residual of each state (``x``'s shape), or None (no feedback).
+
+    Returns:
+        ``Quantised(values, scales, residual)`` as ``quantise`` returns them.
+    """
+    x = np.asarray(x).astype(np.float32)
+    random = None
+    if stochastic:
+        words = recurrent_rounding_bits if layout == "recurrent" else conv_rounding_bits
+        random = words(seed, layer, position, x.shape)
+    return quantise(x, dtype, layout=layout, random=random, residual=residual, error_feedback=residual is not None)
+
+
+def shift_in_columns(window: np.ndarray, new: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Conv windows after ``shift`` more columns, the old ones moved and never rounded again.
+
+    Column ``j`` of the result is ``window[..., j + s]`` when ``j < K - s`` (an old column, its bits
+    or its scales moved), else ``new[..., j]`` (``new`` is the window after the ``s`` new columns as
+    they were just stored: its last ``min(s, K)`` columns are the new ones).
+
+    Args:
+        window: ``[L, R, X, K]`` stored windows (values, or ``[L, R, ceil(C / 64), K]`` scales).
+        new: the same shape and dtype: the windows after the step, freshly stored.
+        shift: ``[R]`` ints >= 0: columns each row took in.
+
+    Returns:
+        ``[L, R, X, K]``, a new array.
+    """
+    width = window.shape[-1]
+    j = np.arange(width)
+    s = np.asarray(shift, np.int64)[:, None]  # [R, 1]
+    index = np.where(j < width - s, j + s, width + j)[None, :, None, :]  # [1, R, 1, K]
+    full = np.concatenate([window, new], axis=-1)
+    return np.take_along_axis(full, np.broadcast_to(index, window.shape), axis=-1)

@@ -75,9 +75,12 @@ def rounds_stochastically(stochastic: bool, target: Any, source: Any = np.float3
 
     So it does when the config asks for stochastic rounding (``stochastic``) and a value of 4 or
     more bytes (a float32 computed step, a float32 / float64 per-step state) is stored into a
-    2-byte pool (float16, bfloat16); every other store rounds to nearest even (or copies).
+    2-byte pool (float16, bfloat16), or any wider value into an 8-bit pool (float8, int8:
+    [`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]); every other store rounds to
+    nearest even (or copies).
     """
-    return bool(stochastic) and np.dtype(target).itemsize == 2 and np.dtype(source).itemsize >= 4
+    size, wide = np.dtype(target).itemsize, np.dtype(source).itemsize
+    return bool(stochastic) and ((size == 2 and wide >= 4) or (size == 1 and wide >= 2))
 
 
 def dtype_format(dtype: Any) -> tuple[int, int]:

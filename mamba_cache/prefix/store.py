@@ -172,6 +172,12 @@ class PrefixStateCache(EntryStore):
                 "PrefixStateCache: a prefix store is not built yet for commit_mode='checkpoint' (the manager's "
                 "main pools hold checkpoints, not the current states); use commit_mode='scatter' or 'replay'"
             )
+        if config.quantised_kinds:
+            raise ConfigError(
+                "PrefixStateCache: a prefix store is not built yet for 8-bit states (its entries would carry "
+                f"scales); got recurrent_state_dtype={config.recurrent_state_dtype.name}, "
+                f"conv_state_dtype={config.conv_state_dtype.name}"
+            )
         low = max(1, config.max_intermediate_seq_len)
         if block_size < low:
             raise ConfigError(

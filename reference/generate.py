@@ -436,6 +436,82 @@ def quant8_vectors() -> dict[str, np.ndarray]:
     return arrays
 
 
+#: The 8-bit fold cases (replay-mode commits into 8-bit states): name to (config, accept, positions).
+QUANT8_FOLDS = {
+    "mamba2-int8-feedback-stochastic": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=4,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=3,
+            recurrent_state_size=8,
+            conv_dim=70,
+            conv_kernel=3,
+            max_intermediate_seq_len=3,
+            recurrent_state_dtype="int8",
+            conv_state_dtype="float8_e4m3fn",
+            commit_mode="replay",
+            stochastic_rounding=True,
+            rounding_seed=26,
+            error_feedback=True,
+        ),
+        [3, 1, 0, 2],
+        [100, 2**31 - 4, 7, 0],
+    ),
+    "gdn-e5m2-nearest": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=4,
+            recurrent_state_size=6,
+            conv_dim=8,
+            conv_kernel=4,
+            max_intermediate_seq_len=2,
+            recurrent_state_dtype="float8_e5m2",
+            conv_state_dtype="int8",
+            commit_mode="replay",
+            mixer="gdn",
+        ),
+        [2, 3, 1],
+        [0, 0, 0],
+    ),
+}
+
+
+def quant8_fold_vectors() -> dict[str, np.ndarray]:
+    """Every pool before and after one 8-bit replay commit per case (``reference/quant8-folds.npz``)."""
+    arrays = {}
+    for index, (name, (config, accept, positions)) in enumerate(QUANT8_FOLDS.items()):
+        rng = np.random.default_rng(4000 + index)
+        manager = NumpyMambaCacheManager(config)
+        pools = {"recurrent": manager._pools.recurrent, "conv": manager._pools.conv}
+        pools |= manager._scales | {f"stash_{field}": pool for field, pool in manager._stash.items()}
+        for kind, shape in (("recurrent", config.recurrent_state_shape), ("conv", config.conv_state_shape)):
+            x = rng.standard_normal((config.num_recurrent_layers, *shape)) * np.exp2(
+                rng.integers(-6, 6, shape[:-1] + (1,))
+            )
+            stored = quant8.quantise(x.astype(np.float32), getattr(config, f"{kind}_state_dtype"), layout=kind)
+            pools[kind][...], pools[f"scales_{kind}"][...] = stored.values, stored.scales
+        if "residual_recurrent" in pools:
+            pools["residual_recurrent"][...] = rng.standard_normal(pools["residual_recurrent"].shape) * 1e-3
+        for field, pool in manager._stash.items():
+            if field == "conv":
+                pool[...] = rng.integers(0, 256, pool.shape, dtype=np.uint8).view(pool.dtype)
+            elif field in ("dA", "g", "beta", "conv_scales"):
+                pool[...] = rng.uniform(0.25, 1.0, pool.shape)
+            else:
+                pool[...] = rng.standard_normal(pool.shape)
+        arrays |= {f"{name}/initial_{pool}": values.copy() for pool, values in pools.items()}
+        accept_array = np.array(accept, np.int32)
+        manager.replay_mtp_states(accept_array, positions=np.array(positions, np.int32))
+        arrays |= {f"{name}/final_{pool}": values.copy() for pool, values in pools.items()}
+        arrays[f"{name}/accept"], arrays[f"{name}/positions"] = accept_array, np.array(positions, np.int32)
+    # .npy cannot name bfloat16 or the float8 types: their raw bits
+    raw = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    return {k: v.view(f"u{v.itemsize}") if v.dtype.name in raw else v for k, v in arrays.items()}
+
+
 def build(out: pathlib.Path) -> dict:
     """Run every case on the NumPy reference, write its ``.npz`` into ``out``; return the manifest."""
     out.mkdir(parents=True, exist_ok=True)
@@ -473,6 +549,7 @@ def build(out: pathlib.Path) -> dict:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (out / "prefix-keys.json").write_text(json.dumps(key_vectors(), indent=1, ensure_ascii=False) + "\n")
     np.savez(out / "quant8-conversions.npz", **quant8_vectors())
+    np.savez(out / "quant8-folds.npz", **quant8_fold_vectors())
     return manifest
 
 

@@ -1,17 +1,15 @@
 """The 8-bit state reference (mamba_cache.precision.quant8) against independent oracles and its golden vectors."""
 
-import importlib.util
-import pathlib
 from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import REFERENCE, golden_generator
 
 from mamba_cache.precision import quant8
 from mamba_cache.precision.quant8 import QMAX, QUANT8_DTYPE_NAMES, SCALE_FLOOR
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "reference"
 ML = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}
 
 
@@ -193,16 +191,9 @@ def test_bad_arguments_are_named(kwargs, match):
         quant8.quantise(**args)
 
 
-def load_generator():
-    spec = importlib.util.spec_from_file_location("golden_generate", REFERENCE / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_conversion_golden_vectors_cover_the_edges_and_reproduce():
     committed = np.load(REFERENCE / "quant8-conversions.npz")
-    fresh = load_generator().quant8_vectors()
+    fresh = golden_generator().quant8_vectors()
     assert sorted(committed.files) == sorted(fresh)
     for key, value in fresh.items():
         assert committed[key].tobytes() == value.tobytes(), key

@@ -329,6 +329,16 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
             view = self._view_cache[key] = self._export(view, pool.dtype)
         return view
 
+    @property
+    def scale_pools(self) -> dict:
+        """The 8-bit states' extra pools, to read, by ``Config.scale_pools`` name (``{}`` without 8-bit states).
+
+        ``scales_recurrent [L, B, H, D]``, ``scales_conv [L, B, ceil(C / 64), K]`` (float32),
+        ``scales_intermediate_*`` flat per layer, ``residual_recurrent [L, B, H, D, N]`` (bfloat16);
+        read-only views on NumPy, as ``pools``.
+        """
+        return {name: self._read_only(pool) for name, pool in self._scales.items()}
+
     def get_recurrent_scales(self, recurrent_layer_idx: int) -> Any:
         """The scales of an 8-bit recurrent pool, one layer: ``[B, H, D]`` float32, one per group of ``N``.
 

@@ -270,10 +270,6 @@ class Config:
                 f"(intermediate_conv_state_dtype={self.intermediate_conv_state_dtype.name}): the commit shifts the "
                 "main window's stored columns and quantises only the new ones, so the verify pass must leave it"
             )
-        if quant and self.commit_mode == "checkpoint":
-            raise ConfigError(
-                "commit_mode='checkpoint' with 8-bit states is not built yet; use commit_mode='scatter' or 'replay'"
-            )
 
     # ------------------------------------------------------------------ shapes
     @property

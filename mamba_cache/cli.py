@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 
 from ._config import ConfigError, format_bytes
-from .presets import PRESETS, SIZE_FORMS, parse_bytes
+from .presets import FEEDBACK_ROW, PRESETS, SIZE_FORMS, capacity_config, capacity_table, parse_bytes
 
 #: The most memory one accelerator has today (288 GB of HBM3e: NVIDIA B300, AMD MI355X). A plan or
 #: budget above it is per rank, so it cannot be one device's: the CLI says so.
@@ -122,6 +122,60 @@ def _commit_mode_table(config, budget: int | None) -> str:
     return "\n".join(lines)
 
 
+def _capacity_lines(preset, args, budget: int) -> list[str]:
+    """The largest batch within ``budget`` per state dtype and commit mode, with its ratio to bfloat16's."""
+    table = capacity_table(preset, budget, args.mtp, args.tp)
+    modes = list(next(iter(table.values())))
+    header = ["state dtype", *modes]
+    rows, refused = [header], []
+    for row, cells in table.items():
+        line = [row]
+        for mode, batch in cells.items():
+            if isinstance(batch, Exception):
+                refused.append(f"{row}, {mode}: {batch}")
+                line.append(f"refused [{len(refused)}]")
+                continue
+            reference = table["bfloat16"][mode]
+            ratio = (
+                f" ({batch / reference:.2f}x)" if isinstance(reference, int) and reference and row != "bfloat16" else ""
+            )
+            line.append(f"{batch}{ratio}")
+        rows.append(line)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        _wrap(
+            f"largest batch within {format_bytes(budget)} per rank by state dtype (both kinds, per-step buffers "
+            "alike, 8-bit scales included; in brackets: times bfloat16's) and commit mode:"
+        ),
+        *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows),
+    ]
+    lines.insert(2, "  ".join("-" * w for w in widths))
+    feedback = capacity_config(preset, "int8", "scatter", 0, args.tp)
+    residual = dataclasses.replace(feedback, error_feedback=True).pool_bytes()["error_feedback"]
+    lines.append(
+        _wrap(
+            f"{FEEDBACK_ROW}: its bfloat16 residuals, {format_bytes(residual)} per sequence, are counted in that "
+            "row only (with MTP in scatter mode its per-step recurrent states are bfloat16)"
+        )
+    )
+    lines += [_wrap(f"[{i}] {reason}", "    ") for i, reason in enumerate(refused, 1)]
+    cells = [b for cells in table.values() for b in cells.values() if isinstance(b, int)]
+    if cells and max(cells) == 0:
+        smallest = min(
+            capacity_config(preset, row, "scatter" if mode == "decode" else mode, args.mtp, args.tp).slot_bytes
+            for row, cells_ in table.items()
+            for mode, b in cells_.items()
+            if isinstance(b, int)
+        )
+        lines.append(
+            _wrap(
+                f"nothing fits: the smallest sequence (every pool of one slot) needs {format_bytes(smallest)} "
+                f"per rank, more than the budget of {format_bytes(budget)}"
+            )
+        )
+    return lines
+
+
 def _stash_line(config) -> str:
     """The replay stash of one row and one step (checkpoint mode: the ring of one slot and step), field by field."""
     fields = ", ".join(
@@ -174,6 +228,15 @@ def _plan(args) -> int:
     if budget is not None:
         _warn_if_beyond_any_device("the budget", budget)
         print(f"largest batch within {format_bytes(budget)} ({budget} bytes) per rank: {fits}")
+        if fits == 0:
+            print(
+                _wrap(
+                    f"nothing fits: one sequence needs {format_bytes(config.slot_bytes)} per rank, more than the "
+                    f"budget of {format_bytes(budget)}; a smaller state dtype, --tp or --mtp may fit (table below)"
+                )
+            )
+        print()
+        print("\n".join(_capacity_lines(preset, args, budget)))
     if args.prefix_entries is not None or args.host_entries:
         _plan_prefix(args, config)
     return 0
@@ -262,7 +325,7 @@ def main(argv=None) -> int:
     plan.add_argument("--batch", type=int, default=8, help="slots (max_batch_size), default 8")
     plan.add_argument("--mtp", type=int, default=0, help="MTP verify length (max_intermediate_seq_len), default 0")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, default 1")
-    dtypes = "float16, bfloat16, float32 or float64"
+    dtypes = "float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2 or int8"
     plan.add_argument("--dtype", help=f"state dtype of both kinds ({dtypes}); default: the preset's")
     plan.add_argument("--recurrent-dtype", help=f"recurrent state dtype ({dtypes}); overrides --dtype")
     plan.add_argument("--conv-dtype", help=f"conv state dtype ({dtypes}); overrides --dtype")

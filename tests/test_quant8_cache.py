@@ -293,7 +293,6 @@ def test_stochastic_8bit_commit_requires_positions(rng):
         ({"intermediate_recurrent_state_dtype": "float8_e5m2"}, "may be 8-bit only when it equals"),
         ({"intermediate_recurrent_state_dtype": None, "error_feedback": True}, "error_feedback needs a wider"),
         ({"verify_writes_main_pool": True}, "verify_writes_main_pool must be False"),
-        ({"commit_mode": "checkpoint", "history_len": 4}, "checkpoint' with 8-bit states is not built"),
     ],
 )
 def test_refused_8bit_configs(overrides, match):
@@ -305,6 +304,10 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     from mamba_cache import NumbaMambaCacheManager
     from mamba_cache.prefix import PrefixStateCache
 
+    checkpoint = q8_config("int8", commit_mode="checkpoint", history_len=4, intermediate_recurrent_state_dtype=None)
+    assert checkpoint.pool_bytes()["scales"] > 0  # planned, not built
+    with pytest.raises(ConfigError, match="checkpoint' with 8-bit states is not built yet"):
+        NumpyMambaCacheManager(checkpoint)
     config = q8_config("float8_e4m3fn")
     with pytest.raises(ConfigError, match="8-bit state dtypes .* not built yet for the Numba backend"):
         NumbaMambaCacheManager(config)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .._config import Config, ConfigError
 from .checks import check_int32_array
 from .manager import MambaCacheManagerBase
 
@@ -51,6 +52,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     """
 
     backend = "numpy"
+
+    def _check_config(self, config: Config) -> None:
+        if config.quantised_kinds and config.commit_mode == "checkpoint":
+            raise ConfigError(
+                "commit_mode='checkpoint' with 8-bit states is not built yet (its bytes are planned: "
+                "Config.pool_bytes); use commit_mode='scatter' or 'replay'"
+            )
 
     def _stream(self, stream: Any) -> Any:
         return None

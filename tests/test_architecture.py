@@ -21,6 +21,7 @@ FLOORS = [
      "mamba_cache.prefix.keys", "mamba_cache.snapshot"},
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
+     "mamba_cache.precision.quant8_kernels",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
      "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference"},
     # the backend-neutral manager and its declared backend interface

@@ -29,7 +29,7 @@ FLOORS = [
      "mamba_cache.core.manager"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
-     "mamba_cache.core.numpy_backend",
+     "mamba_cache.core.numpy_backend", "mamba_cache.core.numba_quant8",
      "mamba_cache.prefix", "mamba_cache.prefix.store"},
 ]  # fmt: skip
 

@@ -308,9 +308,13 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     assert checkpoint.pool_bytes()["scales"] > 0  # planned, not built
     with pytest.raises(ConfigError, match="checkpoint' with 8-bit states is not built yet"):
         NumpyMambaCacheManager(checkpoint)
+    replay = q8_config("float8_e4m3fn", commit_mode="replay")
+    with pytest.raises(ConfigError, match="8-bit states with commit_mode='replay' are not built yet for the Numba"):
+        NumbaMambaCacheManager(replay)
+    mixed = q8_config("int8", "float16", intermediate_conv_state_dtype="float32")
+    with pytest.raises(ConfigError, match="intermediate_conv_state_dtype must equal conv_state_dtype .float16."):
+        NumbaMambaCacheManager(mixed)
     config = q8_config("float8_e4m3fn")
-    with pytest.raises(ConfigError, match="8-bit state dtypes .* not built yet for the Numba backend"):
-        NumbaMambaCacheManager(config)
     manager = NumpyMambaCacheManager(config)
     with pytest.raises(ConfigError, match="not built yet for 8-bit states"):
         PrefixStateCache(manager, entries=2, block_size=4)

@@ -326,7 +326,8 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
                 active, seq = self._verify_shape
                 per_slot = (config.recurrent_scale_shape if name.endswith("recurrent") else config.conv_scale_shape)[1:]
                 view = view[: active * seq * int(np.prod(per_slot))].reshape((active, seq, *per_slot))
-            view = self._view_cache[key] = self._export(view, pool.dtype)
+            dtype = config.residual_dtype if name.startswith("residual_") else pool.dtype
+            view = self._view_cache[key] = self._export(view, dtype)
         return view
 
     @property
@@ -397,6 +398,13 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
             ValueError: ``error_feedback`` is off or the conv dtype is not 8-bit.
         """
         return self._scale_layer("residual_conv", recurrent_layer_idx, "get_conv_residual")
+
+    def _pool_dtype(self, pool: Any) -> np.dtype:
+        """The dtype a stacked pool holds for the cache (a device pool may store it as raw bits)."""
+        config = self._config
+        if pool is self._pools.recurrent or pool is self._pools.conv:
+            return config.recurrent_state_dtype if pool is self._pools.recurrent else config.conv_state_dtype
+        return config.residual_dtype if pool is self._scales.get("residual_recurrent") else np.dtype(pool.dtype)
 
     def _moving_pools(self) -> tuple:
         """The stacked ``[L, B, ...]`` pools a slot's state lives in: recurrent, conv, any 8-bit scales, residuals."""

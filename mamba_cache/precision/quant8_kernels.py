@@ -29,7 +29,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from .kernels import convert_bits, float32_bits, float32_from_bits
+from .kernels import convert_bits, float32_bits, float32_from_bits, philox4x32_10
 
 #: The dtype codes of the device functions, in `QUANT8_DTYPE_NAMES` order.
 CODE_E4M3, CODE_E5M2, CODE_INT8 = 0, 1, 2
@@ -146,3 +146,166 @@ def quantise_rows(values, scales, src, random, code, stochastic):
     scales[row] = scale
     for i in range(src.shape[1]):
         values[row, i] = quantise_code(src[row, i], scale, code, stochastic, np.uint64(random[row, i]))
+
+
+# ---------------------------------------------------------------- the scatter / tree commit into 8-bit pools
+
+#: What a commit does with one state kind (``commit8``'s ``rec_mode`` / ``conv_mode``).
+COMMIT_BYTES, COMMIT_COPY8, COMMIT_QUANTISE = 0, 1, 2
+#: How ``commit8`` reads a wider per-step pool (``rec_src`` / ``conv_src``).
+SRC_FLOAT32, SRC_FLOAT16, SRC_BFLOAT16, SRC_FLOAT64 = 0, 1, 2, 3
+
+
+@cuda.jit(device=True, inline="always")
+def wide_value(raw, src):
+    """A per-step element as float32: float32 / float16 exactly, bfloat16 (uint16 bits) exactly, float64 to nearest."""
+    if src == SRC_BFLOAT16:
+        return float32_from_bits(np.uint64(raw) << np.uint64(16))
+    return np.float32(raw)
+
+
+@cuda.jit(device=True, inline="always")
+def philox_word(element, position, layer, kind, seed_lo, seed_hi):
+    """The random word of ``element`` (within its slot) for a state after ``position`` tokens (the reference's)."""
+    r0, r1, r2, r3 = philox4x32_10(
+        (element // 4) & 0xFFFFFFFF, position & 0xFFFFFFFF, layer & 0xFFFFFFFF, kind, seed_lo, seed_hi
+    )
+    lane = element % 4
+    return r0 if lane == 0 else (r1 if lane == 1 else (r2 if lane == 2 else r3))
+
+
+@cuda.jit(device=True)
+def _commit_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, max_accept, slots_total):
+    """(slot, per-step step, tokens taken in) of row ``b``, slot -1 when the row commits nothing (the commit rule)."""
+    a = np.int64(accept[b])
+    if use_nodes:
+        width = nodes.shape[1]
+        upto = a if a < width else width
+        last = -1
+        for j in range(upto if upto > 0 else 0):
+            if nodes[b, j] >= 0:
+                last = j
+        if last < 0 or nodes[b, last] >= seq_len:
+            return -1, 0, 0
+        step, consumed = np.int64(nodes[b, last]), np.int64(last + 1)
+    else:
+        step, consumed = a - 1, a
+        if step < 0 or step >= max_accept:
+            return -1, 0, 0
+    slot = np.int64(state_indices[b]) if use_indices else np.int64(b)
+    if slot < 0 or slot >= slots_total:
+        return -1, 0, 0
+    return slot, step, consumed
+
+
+@cuda.jit(cache=False)
+def commit8(
+    # pools: main [L, B, G, n] / per-step [L, B*S, G, n] as stored; scales [L, B, G] / [L, B*S, G]
+    rec, rec_scales, rec_residual, inter_rec, inter_rec_scales,
+    conv, conv_scales, inter_conv, inter_conv_scales,
+    # the rows: accept_lengths [active], node_ids [active, M], state_indices [active], positions [active]
+    accept, nodes, state_indices, positions,
+    # scalars
+    use_indices, use_nodes, use_positions, seq_len, max_accept,
+    rec_mode, rec_code, rec_src, conv_mode, conv_code, conv_src, feedback, stochastic, seed_lo, seed_hi,
+):  # fmt: skip
+    """The scatter / tree commit of both kinds when one is 8-bit, values and scales in one launch.
+
+    Layouts (``G`` groups of ``n`` elements a slot, ``[L, rows, G, n]``; conv windows as
+    ``[L, rows, C, K]``):
+
+        recurrent  rec [L, B, H*D, N]   rec_scales [L, B, H*D]   rec_residual [L, B, H*D, N] (uint16)
+        conv       conv [L, B, C, K]    conv_scales [L, B, ceil(C/64), K]
+
+    Row ``b`` commits as the NumPy reference's ``_commit8`` does: an 8-bit per-step state copies its
+    bytes and scales (``COMMIT_COPY8``); a wider one is quantised (``COMMIT_QUANTISE``: one thread a
+    recurrent group, or a conv block of 64 channels whose window it shifts column by column in
+    increasing order, so a column is read before it is overwritten); a kind that is not 8-bit and
+    keeps its dtype copies bytes (``COMMIT_BYTES``, pools viewed ``[L, rows, 1, bytes]``).
+
+    Grid ``(x, active, L)``, block ``(threads,)``: thread ``t`` of the x dimension takes groups,
+    blocks or bytes ``t, t + T, ...`` (``T`` threads along x).
+    """
+    b, layer = cuda.blockIdx.y, cuda.blockIdx.z
+    slot, step, consumed = _commit_row(
+        b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, max_accept, rec.shape[1]
+    )
+    if slot < 0:
+        return
+    src_row = b * seq_len + step
+    position = np.int64(positions[b]) + consumed if use_positions else consumed
+    start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    stride = cuda.gridDim.x * cuda.blockDim.x
+    # recurrent: a group is (h, d) over N
+    groups, size = rec.shape[2], rec.shape[3]
+    for g in range(start, groups, stride):
+        if rec_mode == COMMIT_QUANTISE:
+            amax = np.float32(0.0)
+            finite = True
+            for n in range(size):
+                x = wide_value(inter_rec[layer, src_row, g, n], rec_src)
+                if feedback:
+                    x = np.float32(x + float32_from_bits(np.uint64(rec_residual[layer, slot, g, n]) << np.uint64(16)))
+                if x != x or abs(x) == math.inf:
+                    finite = False
+                elif abs(x) > amax:
+                    amax = abs(x)
+            scale = group_scale(amax, finite, QMAX[rec_code])
+            for n in range(size):
+                x = wide_value(inter_rec[layer, src_row, g, n], rec_src)
+                if feedback:
+                    x = np.float32(x + float32_from_bits(np.uint64(rec_residual[layer, slot, g, n]) << np.uint64(16)))
+                r = np.uint64(0)
+                if stochastic:
+                    r = philox_word(g * size + n, position, layer, 0, seed_lo, seed_hi)
+                byte = quantise_code(x, scale, rec_code, stochastic, r)
+                rec[layer, slot, g, n] = byte
+                if feedback:
+                    error = np.float32(x - dequantise_code(byte, scale, rec_code))
+                    bits = np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
+                    rec_residual[layer, slot, g, n] = bits
+            rec_scales[layer, slot, g] = scale
+        elif rec_mode == COMMIT_COPY8:
+            for n in range(size):
+                rec[layer, slot, g, n] = inter_rec[layer, src_row, g, n]
+            rec_scales[layer, slot, g] = inter_rec_scales[layer, src_row, g]
+    if rec_mode == COMMIT_BYTES:
+        for i in range(start, size, stride):
+            rec[layer, slot, 0, i] = inter_rec[layer, src_row, 0, i]
+    # conv: a thread a block of 64 channels, all K columns
+    channels, width = conv.shape[2], conv.shape[3]
+    if conv_mode == COMMIT_BYTES:
+        for i in range(start, width, stride):
+            conv[layer, slot, 0, i] = inter_conv[layer, src_row, 0, i]
+        return
+    shift = consumed
+    for block in range(start, conv_scales.shape[2], stride):
+        first = block * 64
+        last = first + 64 if first + 64 < channels else channels
+        for j in range(width):
+            if conv_mode == COMMIT_COPY8:
+                for c in range(first, last):
+                    conv[layer, slot, c, j] = inter_conv[layer, src_row, c, j]
+                conv_scales[layer, slot, block, j] = inter_conv_scales[layer, src_row, block, j]
+            elif j < width - shift:  # an old column moves, bits and scale
+                for c in range(first, last):
+                    conv[layer, slot, c, j] = conv[layer, slot, c, j + shift]
+                conv_scales[layer, slot, block, j] = conv_scales[layer, slot, block, j + shift]
+            else:  # a new column, quantised with the words of the token it came with
+                amax = np.float32(0.0)
+                finite = True
+                for c in range(first, last):
+                    x = wide_value(inter_conv[layer, src_row, c, j], conv_src)
+                    if x != x or abs(x) == math.inf:
+                        finite = False
+                    elif abs(x) > amax:
+                        amax = abs(x)
+                scale = group_scale(amax, finite, QMAX[conv_code])
+                entered = position - (width - 1 - j)
+                for c in range(first, last):
+                    x = wide_value(inter_conv[layer, src_row, c, j], conv_src)
+                    r = np.uint64(0)
+                    if stochastic:
+                        r = philox_word(c * width + width - 1, entered, layer, 1, seed_lo, seed_hi)
+                    conv[layer, slot, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
+                conv_scales[layer, slot, block, j] = scale

@@ -1,0 +1,83 @@
+"""8-bit pools on the Numba backend against the NumPy reference, bit for bit (simulator here, the GPU there)."""
+
+import numpy as np
+import pytest
+from helpers import BACKENDS, assert_same_bits, device_int32, snapshot
+from test_quant8_cache import fill, q8_config
+
+from mamba_cache.precision import QUANT8_DTYPE_NAMES
+
+
+def twin_managers(config, rng):
+    """A NumPy and a Numba manager of ``config`` holding the same bits in every pool (scales and residuals too)."""
+    reference = BACKENDS["numpy"](config)
+    fill(reference, rng)
+    device = BACKENDS["numba"](config)
+    for name, pool in snapshot(reference).items():
+        target = getattr(device._pools, name, None) if name in device._pools._fields else device._scales[name]
+        target.copy_to_device(np.ascontiguousarray(pool).view(target.dtype))
+    assert_same_bits(snapshot(device), snapshot(reference), "set-up")
+    return reference, device
+
+
+@pytest.mark.parametrize(
+    ("dtype", "conv_dtype", "overrides"),
+    [
+        ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
+        ("float8_e5m2", "int8", {}),
+        ("float8_e4m3fn", "bfloat16", {"intermediate_conv_state_dtype": None, "stochastic_rounding": True}),
+        (
+            "int8",
+            "int8",
+            {
+                "intermediate_recurrent_state_dtype": None,
+                "intermediate_conv_state_dtype": None,
+                "verify_writes_main_pool": True,
+            },
+        ),
+    ],
+    ids=["int8-e4m3-stochastic-feedback", "e5m2-int8-nearest", "e4m3-bf16-conv", "plain-int8"],
+)
+def test_numba_8bit_scatter_and_tree_match_numpy(rng, dtype, conv_dtype, overrides):
+    config = q8_config(dtype, conv_dtype, **overrides)
+    reference, device = twin_managers(config, rng)
+    accept = [3, 1, 0, 2, -4]
+    slots = [2, 0, 4, 1, 3]
+    positions = rng.integers(0, 2**31 - 8, 5).tolist()
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.scatter_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, slots),
+            positions=device_int32(backend, positions),
+        )
+    assert_same_bits(snapshot(device), snapshot(reference), "scatter")
+    nodes = [[0, 2, -1], [1, -1, -1], [2, 0, 1], [0, 1, 2], [0, 0, 0]]
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.scatter_accepted_tree_states(
+            device_int32(backend, nodes),
+            device_int32(backend, [3, 1, 3, 2, 0]),
+            positions=device_int32(backend, positions),
+        )
+    assert_same_bits(snapshot(device), snapshot(reference), "tree")
+
+
+def test_numba_8bit_slots_move_with_scales(rng):
+    config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.copy_slots(device_int32(backend, [1, 3, 9]), device_int32(backend, [0, 4, 2]))
+        manager.clear_slot(3)
+    assert_same_bits(snapshot(device), snapshot(reference), "copy and clear")
+    captured = {name: pool.copy_to_host() for name, pool in device.capture_scales(1).items()}
+    assert all(captured[name].tobytes() == pool.tobytes() for name, pool in reference.capture_scales(1).items())
+    states = (device.capture_recurrent_states(1), device.capture_conv_states(1), device.capture_scales(1))
+    device.restore_slot(3, list(states[0]), list(states[1]), scales=states[2])
+    reference.copy_slots(np.array([1], np.int32), np.array([3], np.int32))
+    assert_same_bits(snapshot(device), snapshot(reference), "restore")
+
+
+@pytest.mark.parametrize("dtype", QUANT8_DTYPE_NAMES)
+def test_numba_8bit_pools_are_raw_bytes_and_export_scales(dtype):
+    device = BACKENDS["numba"](q8_config(dtype))
+    assert device.pools.recurrent.dtype.itemsize == 1 and device.get_recurrent_scales(1).shape == (5, 2, 3)
+    assert device.get_conv_scales(0).shape == (5, 2, 3) and device.get_conv_scales(0).dtype == np.float32

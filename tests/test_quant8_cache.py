@@ -304,10 +304,6 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     from mamba_cache import NumbaMambaCacheManager
     from mamba_cache.prefix import PrefixStateCache
 
-    checkpoint = q8_config("int8", commit_mode="checkpoint", history_len=4, intermediate_recurrent_state_dtype=None)
-    assert checkpoint.pool_bytes()["scales"] > 0  # planned, not built
-    with pytest.raises(ConfigError, match="checkpoint' with 8-bit states is not built yet"):
-        NumpyMambaCacheManager(checkpoint)
     replay = q8_config("float8_e4m3fn", commit_mode="replay")
     with pytest.raises(ConfigError, match="8-bit states with commit_mode='replay' are not built yet for the Numba"):
         NumbaMambaCacheManager(replay)
@@ -360,3 +356,35 @@ def test_8bit_fold_golden_vectors():
             assert target.tobytes() == committed[f"{name}/final_{pool}"].tobytes(), (name, pool)
         moved = committed[f"{name}/final_recurrent"] != committed[f"{name}/initial_recurrent"]
         assert moved[:, accept > 0].any() and not moved[:, accept <= 0].any()
+
+
+@pytest.mark.parametrize("ring", [3, 5])
+def test_checkpoint_folds_into_8bit_equal_the_replay_commit(rng, ring):
+    """R = S folds at every commit; R > S folds later (or on materialize): the bits of the replay commit either way."""
+    common = dict(intermediate_recurrent_state_dtype=None, intermediate_conv_state_dtype=None, stochastic_rounding=True)
+    common |= dict(error_feedback=True, recurrent_state_head_dim=4)
+    replay = NumpyMambaCacheManager(q8_config("int8", "float8_e4m3fn", commit_mode="replay", **common))
+    checkpoint = NumpyMambaCacheManager(
+        q8_config("int8", "float8_e4m3fn", commit_mode="checkpoint", history_len=ring, **common)
+    )
+    seed = int(rng.integers(2**31))
+    for manager in (replay, checkpoint):
+        fill(manager, np.random.default_rng(seed))
+    positions = rng.integers(0, 1000, 5).astype(np.int32)
+    checkpoint.set_positions(np.arange(5, dtype=np.int32), positions.astype(np.int64))
+    for layer in range(2):
+        stash, history = replay.get_replay_stash(layer), checkpoint.get_history(layer)
+        for name, view in stash.items():
+            if name == "conv":
+                values = rng.integers(0, 256, view.shape, dtype=np.uint8).view(view.dtype)
+            else:
+                values = rng.uniform(0.25, 1.0, view.shape).astype(view.dtype)
+            view[...] = values
+            history[name][:, :3] = values  # ring steps 0 .. V - 1 of each slot (h = 0)
+    accept = np.array([3, 1, 0, 2, 3], np.int32)
+    replay.replay_mtp_states(accept, positions=positions)
+    checkpoint.checkpoint_mtp_states(accept)
+    checkpoint.materialize(np.arange(5, dtype=np.int32))
+    assert_same_bits(snapshot(checkpoint), snapshot(replay), f"R = {ring}")
+    folded = checkpoint.capture_scales(3)
+    assert all(folded[name].tobytes() == replay.capture_scales(3)[name].tobytes() for name in folded)

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from .._config import Config, ConfigError
 from .checks import check_int32_array
 from .manager import MambaCacheManagerBase
 
@@ -52,13 +51,6 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
     """
 
     backend = "numpy"
-
-    def _check_config(self, config: Config) -> None:
-        if config.quantised_kinds and config.commit_mode == "checkpoint":
-            raise ConfigError(
-                "commit_mode='checkpoint' with 8-bit states is not built yet (its bytes are planned: "
-                "Config.pool_bytes); use commit_mode='scatter' or 'replay'"
-            )
 
     def _stream(self, stream: Any) -> Any:
         return None
@@ -364,7 +356,9 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         from ..checkpoint.reference import fold
 
         positions = self._checkpoint_positions
-        fold(self._config, self._pools.recurrent, self._pools.conv, self._history, slots, steps, positions[slots])
+        pools = self._pools
+        scales = self._scales or None
+        fold(self._config, pools.recurrent, pools.conv, self._history, slots, steps, positions[slots], scales=scales)
         positions[slots] += steps
         self._history_lengths[slots] = 0
 
@@ -403,7 +397,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         from ..checkpoint.reference import state_after
 
         slots = np.array([slot])
-        recurrent, conv = state_after(
+        folded = state_after(
             self._config,
             self._pools.recurrent,
             self._pools.conv,
@@ -411,8 +405,10 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             slots,
             self._history_lengths[slots],
             self._checkpoint_positions[slots],
+            scales=self._scales or None,
         )
-        return self._export(recurrent, recurrent.dtype), self._export(conv, conv.dtype)
+        self._folded_scales = folded[2] if len(folded) == 3 else {}  # capture_scales reads them
+        return self._export(folded[0], folded[0].dtype), self._export(folded[1], folded[1].dtype)
 
     def _copy_folded(self, src: np.ndarray, dst: np.ndarray, count: int, stream: Any) -> None:
         from ..checkpoint.reference import state_after
@@ -425,11 +421,20 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         sources, inverse = np.unique(s, return_inverse=True)
         steps = self._history_lengths[sources].astype(np.int64)
         positions = self._checkpoint_positions[sources]
-        recurrent, conv = state_after(
-            self._config, self._pools.recurrent, self._pools.conv, self._history, sources, steps, positions
+        folded = state_after(
+            self._config,
+            self._pools.recurrent,
+            self._pools.conv,
+            self._history,
+            sources,
+            steps,
+            positions,
+            scales=self._scales or None,
         )
-        self._pools.recurrent[:, d] = recurrent[:, inverse]
-        self._pools.conv[:, d] = conv[:, inverse]
+        self._pools.recurrent[:, d] = folded[0][:, inverse]
+        self._pools.conv[:, d] = folded[1][:, inverse]
+        for name, pool in (folded[2] if len(folded) == 3 else {}).items():
+            self._scales[name][:, d] = pool[:, inverse]
         self._checkpoint_positions[d] = (positions + steps)[inverse]
         self._history_lengths[d] = 0
 

@@ -136,8 +136,9 @@ class SlotOperations:
         self._require_pools("capture_scales")
         stream = self._stream(stream)
         slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
-        if self._history and self._scales:
-            raise ValueError("capture_scales: checkpoint mode with 8-bit states is not built yet; nothing was copied")
+        if self._history and self._scales:  # checkpoint mode: the folded state's scales (NumPy reference)
+            self._folded(slot, stream)
+            return {name: self._export(pool, pool.dtype) for name, pool in self._folded_scales.items()}
         return {
             name: self._capture(pool, slot, stream) for name, pool in self._scales.items() if "intermediate" not in name
         }

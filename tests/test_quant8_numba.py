@@ -81,3 +81,23 @@ def test_numba_8bit_pools_are_raw_bytes_and_export_scales(dtype):
     device = BACKENDS["numba"](q8_config(dtype))
     assert device.pools.recurrent.dtype.itemsize == 1 and device.get_recurrent_scales(1).shape == (5, 2, 3)
     assert device.get_conv_scales(0).shape == (5, 2, 3) and device.get_conv_scales(0).dtype == np.float32
+
+
+@pytest.mark.parametrize(("dtype", "code"), [("float8_e4m3fn", 10), ("float8_e5m2", 12), ("int8", 0)])
+def test_8bit_pools_export_dlpack_with_their_type_code(dtype, code):
+    """Numba pools hold float8 as uint8 raw bits; their views export the DLPack float8 code (int8: kDLInt)."""
+    from test_dlpack import call_deleter, read_capsule
+
+    device = BACKENDS["numba"](q8_config(dtype))
+    capsule = device.get_recurrent_state(1).__dlpack__()
+    assert read_capsule(capsule)["dtype"] == (code, 8, 1)
+    call_deleter(capsule)
+    torch = pytest.importorskip("torch")
+    host = BACKENDS["numpy"](q8_config(dtype))
+    view = host.get_recurrent_state(0)
+    view[...] = (np.arange(view.size).reshape(view.shape) % 9 - 4).astype(view.dtype)
+    tensor = torch.from_dlpack(view)
+    assert str(tensor.dtype) == f"torch.{dtype}"
+    assert (tensor.float().numpy() == view.astype(np.float32)).all()
+    tensor[0, 0, 0, 0] = 3  # zero copy: the cache sees the write
+    assert view[0, 0, 0, 0] == 3

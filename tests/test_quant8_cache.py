@@ -314,8 +314,6 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     manager = NumpyMambaCacheManager(config)
     with pytest.raises(ConfigError, match="not built yet for 8-bit states"):
         PrefixStateCache(manager, entries=2, block_size=4)
-    with pytest.raises(ValueError, match="snapshots of 8-bit states"):
-        manager.save_slot(tmp_path / "s.npz", 0)
     with pytest.raises(ValueError, match="has no residual recurrent"):
         manager.get_recurrent_residual(0)
     with pytest.raises(ValueError, match="has no scales recurrent"):
@@ -388,3 +386,27 @@ def test_checkpoint_folds_into_8bit_equal_the_replay_commit(rng, ring):
     assert_same_bits(snapshot(checkpoint), snapshot(replay), f"R = {ring}")
     folded = checkpoint.capture_scales(3)
     assert all(folded[name].tobytes() == replay.capture_scales(3)[name].tobytes() for name in folded)
+
+
+def test_8bit_snapshots_round_trip_with_their_scales(rng, tmp_path):
+    from mamba_cache.snapshot import SnapshotError, load_snapshot
+
+    config = q8_config("float8_e5m2", "int8", error_feedback=True)
+    source, target = NumpyMambaCacheManager(config), NumpyMambaCacheManager(config)
+    fill(source, rng)
+    source.save_slot(tmp_path / "slot.npz", 2)
+    before = snapshot(target)
+    target.load_slot(tmp_path / "slot.npz", 4)
+    after = snapshot(target)
+    for name, pool in snapshot(source).items():
+        expected = before[name].copy()
+        if not name.startswith("intermediate"):
+            expected[:, 4] = pool[:, 2]
+        assert after[name].tobytes() == expected.tobytes(), name
+    assert sorted(load_snapshot(tmp_path / "slot.npz", config)[2]) == [
+        "residual_recurrent",
+        "scales_conv",
+        "scales_recurrent",
+    ]
+    with pytest.raises(SnapshotError, match="saved with the scales"):
+        load_snapshot(tmp_path / "slot.npz", q8_config("float8_e5m2", "int8"))

@@ -101,3 +101,12 @@ def test_8bit_pools_export_dlpack_with_their_type_code(dtype, code):
     assert (tensor.float().numpy() == view.astype(np.float32)).all()
     tensor[0, 0, 0, 0] = 3  # zero copy: the cache sees the write
     assert view[0, 0, 0, 0] == 3
+
+
+def test_8bit_snapshot_crosses_backends(rng, tmp_path):
+    config = q8_config("float8_e4m3fn", "float8_e5m2", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    device.save_slot(tmp_path / "slot.npz", 1)
+    reference.load_slot(tmp_path / "slot.npz", 3)
+    device.copy_slots(device_int32("numba", [1]), device_int32("numba", [3]))
+    assert_same_bits(snapshot(device), snapshot(reference), "snapshot")

@@ -602,8 +602,8 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
 
     def _from_host(self, array: np.ndarray, stream: Any) -> Any:
-        if array.dtype.name == "bfloat16":  # the pools hold bfloat16 as uint16 raw bits
-            array = array.view(np.uint16)
+        if array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # the pools hold them as raw bits
+            array = array.view(f"u{array.itemsize}")
         return cuda.to_device(np.ascontiguousarray(array), stream=stream.stream)
 
     def _to_host(self, array: Any, stream: Any) -> np.ndarray:

@@ -331,21 +331,21 @@ class SlotOperations:
 
         self._require_pools("save_slot")
         slot = check_index("slot", slot, self._config.max_batch_size)
-        if self._config.quantised_kinds:
-            raise ValueError(
-                "save_slot: snapshots of 8-bit states (values with scales) are not built yet; capture the slot "
-                "with capture_recurrent_states, capture_conv_states and capture_scales instead"
-            )
         recurrent = self.capture_recurrent_states(slot, stream=stream)
         conv = self.capture_conv_states(slot, stream=stream)
         resolved = self._stream(stream)
         # a bfloat16 pool is uint16 raw bits on the Numba backend: view the host copies as bfloat16
         rec_dtype, conv_dtype = self._config.recurrent_state_dtype, self._config.conv_state_dtype
+        scales = {
+            name: self._to_host(array, resolved).view(self._config.scale_pools()[name][1])
+            for name, array in self.capture_scales(slot, stream=stream).items()
+        }
         save_snapshot(
             path,
             self._config,
             [self._to_host(a, resolved).view(rec_dtype) for a in recurrent],
             [self._to_host(a, resolved).view(conv_dtype) for a in conv],
+            scales or None,
         )
 
     def load_slot(self, path: Any, slot: int, stream: Any = None) -> None:
@@ -360,11 +360,12 @@ class SlotOperations:
 
         self._require_pools("load_slot")
         check_index("slot", slot, self._config.max_batch_size)
-        recurrent, conv = load_snapshot(path, self._config)
+        recurrent, conv, *scales = load_snapshot(path, self._config)
         resolved = self._stream(stream)
         self.restore_slot(
             slot,
             [self._from_host(a, resolved) for a in recurrent],
             [self._from_host(a, resolved) for a in conv],
             stream=stream,
+            scales={name: self._from_host(a, resolved) for name, a in scales[0].items()} if scales else None,
         )

@@ -312,8 +312,13 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
         NumbaMambaCacheManager(mixed)
     config = q8_config("float8_e4m3fn")
     manager = NumpyMambaCacheManager(config)
-    with pytest.raises(ConfigError, match="not built yet for 8-bit states"):
-        PrefixStateCache(manager, entries=2, block_size=4)
+    store = PrefixStateCache(manager, entries=2, block_size=4)
+    before = snapshot(manager)
+    with pytest.raises(ValueError, match="tracking into a prefix store .* not built for 8-bit states"):
+        manager.scatter_mtp_states(
+            np.ones(5, np.int32), store=store, track_entries=np.zeros(5, np.int32), track_steps=np.zeros(5, np.int32)
+        )
+    assert_same_bits(snapshot(manager), before, "refused tracking")
     with pytest.raises(ValueError, match="has no residual recurrent"):
         manager.get_recurrent_residual(0)
     with pytest.raises(ValueError, match="has no scales recurrent"):
@@ -410,3 +415,25 @@ def test_8bit_snapshots_round_trip_with_their_scales(rng, tmp_path):
     ]
     with pytest.raises(SnapshotError, match="saved with the scales"):
         load_snapshot(tmp_path / "slot.npz", q8_config("float8_e5m2", "int8"))
+
+
+def test_prefix_store_keeps_8bit_entries_with_their_scales_on_both_tiers(rng):
+    from mamba_cache.prefix import PrefixStateCache
+    from mamba_cache.prefix.plan import entry_bytes
+
+    config = q8_config("int8", "float8_e4m3fn", error_feedback=True)
+    manager = NumpyMambaCacheManager(config)
+    fill(manager, rng)
+    store = PrefixStateCache(manager, entries=1, block_size=4, host_entries=2)
+    assert store.nbytes == entry_bytes(config) == sum(p.nbytes for p in store._pools)
+    original = snapshot(manager)
+    first, second = list(range(8)), list(range(100, 108))
+    store.insert(first, 0)
+    store.insert(second, 1)  # the device tier holds one entry: the first goes to the host tier
+    for tokens, source, target in ((first + [1], 0, 3), (second + [1], 1, 4)):
+        handle = store.match(tokens)
+        assert handle is not None and handle.length == 8 and bool(handle.host) == (source == 0)
+        store.restore(handle, target)
+        after = snapshot(manager)
+        for name in ("recurrent", "conv", "scales_recurrent", "scales_conv", "residual_recurrent"):
+            assert after[name][:, target].tobytes() == original[name][:, source].tobytes(), (name, target)

@@ -110,3 +110,17 @@ def test_8bit_snapshot_crosses_backends(rng, tmp_path):
     reference.load_slot(tmp_path / "slot.npz", 3)
     device.copy_slots(device_int32("numba", [1]), device_int32("numba", [3]))
     assert_same_bits(snapshot(device), snapshot(reference), "snapshot")
+
+
+def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    for manager in (reference, device):
+        store = PrefixStateCache(manager, entries=1, block_size=4, host_entries=1)
+        store.insert(list(range(4)), 2)
+        store.insert(list(range(50, 54)), 0)  # the first entry moves to the host tier
+        store.restore(store.match(list(range(5))), 4)
+        store.restore(store.match(list(range(50, 55))), 1)
+    assert_same_bits(snapshot(device), snapshot(reference), "prefix store")

@@ -172,12 +172,6 @@ class PrefixStateCache(EntryStore):
                 "PrefixStateCache: a prefix store is not built yet for commit_mode='checkpoint' (the manager's "
                 "main pools hold checkpoints, not the current states); use commit_mode='scatter' or 'replay'"
             )
-        if config.quantised_kinds:
-            raise ConfigError(
-                "PrefixStateCache: a prefix store is not built yet for 8-bit states (its entries would carry "
-                f"scales); got recurrent_state_dtype={config.recurrent_state_dtype.name}, "
-                f"conv_state_dtype={config.conv_state_dtype.name}"
-            )
         low = max(1, config.max_intermediate_seq_len)
         if block_size < low:
             raise ConfigError(
@@ -188,14 +182,15 @@ class PrefixStateCache(EntryStore):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         host_entries = check_size("host_entries", host_entries, 0, INT32_MAX)
         resolved = manager._stream(stream)
-        pools = manager._pools
+        # an entry is one slot of every pool a slot's state lives in (an 8-bit cache's scales and residuals too)
+        pools = manager._moving_pools()
         self._pools = tuple(
             manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
-            for pool in (pools.recurrent, pools.conv)
+            for pool in pools
         )
         self._host_pools = tuple(  # [P_host, L, ...]: one host entry is dense (one 2-D copy per kind)
             manager._host_zeros((host_entries, config.num_recurrent_layers, *pool.shape[2:]), pool.dtype)
-            for pool in (pools.recurrent, pools.conv)
+            for pool in pools
             if host_entries
         )
         self.manager = manager
@@ -416,8 +411,7 @@ class PrefixStateCache(EntryStore):
         return self._handle(entry)
 
     def _main(self) -> tuple:
-        pools = self.manager._pools
-        return (pools.recurrent, pools.conv)
+        return self.manager._moving_pools()
 
     # ------------------------------------------------------------ match / restore
     def match(self, tokens: Any, max_tokens: int | None = None) -> PrefixHandle | None:

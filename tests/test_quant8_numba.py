@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, assert_same_bits, device_int32, snapshot
+from helpers import BACKENDS, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
 from test_quant8_cache import fill, q8_config
 
 from mamba_cache.precision import QUANT8_DTYPE_NAMES
@@ -24,8 +24,13 @@ def twin_managers(config, rng):
     ("dtype", "conv_dtype", "overrides"),
     [
         ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
-        ("float8_e5m2", "int8", {}),
-        ("float8_e4m3fn", "bfloat16", {"intermediate_conv_state_dtype": None, "stochastic_rounding": True}),
+        pytest.param("float8_e5m2", "int8", {}, marks=SIMULATOR_LONG),
+        pytest.param(
+            "float8_e4m3fn",
+            "bfloat16",
+            {"intermediate_conv_state_dtype": None, "stochastic_rounding": True},
+            marks=SIMULATOR_LONG,
+        ),
         (
             "int8",
             "int8",

@@ -15,8 +15,7 @@ import numpy as np
 from ..precision import quant8_kernels as q8k
 from ..precision.quant8 import is_quant8
 
-#: Threads per block of the 8-bit commit.
-THREADS = 64
+THREADS = q8k.COMMIT_THREADS
 _SOURCES = {"float32": q8k.SRC_FLOAT32, "float16": q8k.SRC_FLOAT16, "bfloat16": q8k.SRC_BFLOAT16}
 _SOURCES["float64"] = q8k.SRC_FLOAT64
 
@@ -103,8 +102,12 @@ def commit(
         residual = residual.reshape(rec.shape[0], rec.shape[1], rec.shape[2], rec.shape[3])
     placeholder = manager._placeholder().array
     node_ids = nodes.array if nodes is not None else placeholder.reshape((placeholder.size, 1))
-    width = max(rec.shape[2] if rec_mode != q8k.COMMIT_BYTES else rec.shape[3], conv_scales.shape[2], conv.shape[3])
-    grid = (-(-width // THREADS), active, config.num_recurrent_layers)
+    warps = THREADS // 32  # a warp a recurrent group or conv block; COMMIT_BYTES spreads bytes over threads
+    units = max(
+        -(-rec.shape[3] // THREADS) if rec_mode == q8k.COMMIT_BYTES else -(-rec.shape[2] // warps),
+        -(-conv.shape[3] // THREADS) if conv_mode == q8k.COMMIT_BYTES else -(-conv_scales.shape[2] // warps),
+    )
+    grid = (units, active, config.num_recurrent_layers)
     seed = config.rounding_seed
     q8k.commit8[grid, THREADS, stream.stream](
         rec,

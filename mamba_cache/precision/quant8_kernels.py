@@ -29,6 +29,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from ..core.device import SIMULATOR
 from .kernels import convert_bits, float32_bits, float32_from_bits, philox4x32_10
 
 #: The dtype codes of the device functions, in `QUANT8_DTYPE_NAMES` order.
@@ -198,6 +199,42 @@ def _commit_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len
     return slot, step, consumed
 
 
+#: Threads per block of ``commit8`` (a multiple of 32: a warp a group); one warp under the simulator,
+#: which runs every thread in Python (the same code, a quarter of the threads), as the replay kernels do.
+COMMIT_THREADS = 32 if SIMULATOR else 128
+
+
+@cuda.jit(device=True, inline="always")
+def _warp_amax(amax, finite, amax_buf, flag_buf):
+    """The largest ``amax`` of the thread's warp and whether ``finite`` holds for every lane.
+
+    Through shared memory and ``syncthreads`` (the simulator has no warp shuffles): every thread
+    of the block calls it, the same number of times.
+    """
+    tid = cuda.threadIdx.x
+    amax_buf[tid] = amax
+    flag_buf[tid] = 1 if finite else 0
+    cuda.syncthreads()
+    base = tid - tid % 32
+    best = np.float32(0.0)
+    ok = 1
+    for i in range(32):
+        value = amax_buf[base + i]
+        best = value if value > best else best
+        ok = ok if flag_buf[base + i] == 1 else 0
+    cuda.syncthreads()  # the buffers are free for the next group
+    return best, ok == 1
+
+
+@cuda.jit(device=True, inline="always")
+def _fed_value(inter, residual, layer, src_row, slot, g, n, src, feedback):
+    """Per-step element ``(g, n)`` as float32, plus the slot's residual under error feedback."""
+    x = wide_value(inter[layer, src_row, g, n], src)
+    if feedback:
+        x = np.float32(x + float32_from_bits(np.uint64(residual[layer, slot, g, n]) << np.uint64(16)))
+    return x
+
+
 @cuda.jit(cache=False)
 def commit8(
     # pools: main [L, B, G, n] / per-step [L, B*S, G, n] as stored; scales [L, B, G] / [L, B*S, G]
@@ -218,13 +255,19 @@ def commit8(
         conv       conv [L, B, C, K]    conv_scales [L, B, ceil(C/64), K]
 
     Row ``b`` commits as the NumPy reference's ``_commit8`` does: an 8-bit per-step state copies its
-    bytes and scales (``COMMIT_COPY8``); a wider one is quantised (``COMMIT_QUANTISE``: one thread a
-    recurrent group, or a conv block of 64 channels whose window it shifts column by column in
-    increasing order, so a column is read before it is overwritten); a kind that is not 8-bit and
-    keeps its dtype copies bytes (``COMMIT_BYTES``, pools viewed ``[L, rows, 1, bytes]``).
+    bytes and scales (``COMMIT_COPY8``); a wider one is quantised (``COMMIT_QUANTISE``); a kind that
+    is not 8-bit and keeps its dtype copies bytes (``COMMIT_BYTES``, pools viewed
+    ``[L, rows, 1, bytes]``).
 
-    Grid ``(x, active, L)``, block ``(threads,)``: thread ``t`` of the x dimension takes groups,
-    blocks or bytes ``t, t + T, ...`` (``T`` threads along x).
+    Grid ``(x, active, L)``, block ``(threads,)`` (a multiple of 32). One warp a recurrent group or a
+    conv block of 64 channels, lane ``l`` taking elements ``l, l + 32, ...`` (coalesced), the group's
+    amax reduced across the warp through shared memory; a conv block's window is shifted column by column in
+    increasing order, each lane its own channels, so a column is read before it is overwritten.
+    Warp ``w`` of the x dimension takes groups / blocks ``w, w + W, ...`` (``W`` warps along x);
+    ``COMMIT_BYTES`` spreads bytes over every thread.
+
+        slot row:  group 0 [n0 n1 ... n31 | n32 ... n63 | ...]  group 1 [...]  ...
+                   warp 0  lane 0 .. 31   | lane 0 .. 31        warp 1
     """
     b, layer = cuda.blockIdx.y, cuda.blockIdx.z
     slot, step, consumed = _commit_row(
@@ -234,78 +277,104 @@ def commit8(
         return
     src_row = b * seq_len + step
     position = np.int64(positions[b]) + consumed if use_positions else consumed
+    lane = cuda.threadIdx.x % 32
+    warps = cuda.blockDim.x // 32
+    first_warp = cuda.blockIdx.x * warps + cuda.threadIdx.x // 32
+    all_warps = cuda.gridDim.x * warps
     start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     stride = cuda.gridDim.x * cuda.blockDim.x
     # recurrent: a group is (h, d) over N
     groups, size = rec.shape[2], rec.shape[3]
-    for g in range(start, groups, stride):
-        if rec_mode == COMMIT_QUANTISE:
-            amax = np.float32(0.0)
-            finite = True
-            for n in range(size):
-                x = wide_value(inter_rec[layer, src_row, g, n], rec_src)
-                if feedback:
-                    x = np.float32(x + float32_from_bits(np.uint64(rec_residual[layer, slot, g, n]) << np.uint64(16)))
+    if rec_mode == COMMIT_BYTES:
+        for i in range(start, size, stride):
+            rec[layer, slot, 0, i] = inter_rec[layer, src_row, 0, i]
+    amax_buf = cuda.shared.array(COMMIT_THREADS, np.float32)
+    flag_buf = cuda.shared.array(COMMIT_THREADS, np.int32)
+    rounds = -(-groups // all_warps) if rec_mode != COMMIT_BYTES else 0  # the same count in every warp
+    for k in range(rounds):
+        g = first_warp + k * all_warps
+        live = g < groups
+        if rec_mode == COMMIT_COPY8:
+            if live:
+                for n in range(lane, size, 32):
+                    rec[layer, slot, g, n] = inter_rec[layer, src_row, g, n]
+                if lane == 0:
+                    rec_scales[layer, slot, g] = inter_rec_scales[layer, src_row, g]
+            continue
+        amax = np.float32(0.0)
+        finite = True
+        if live:
+            for n in range(lane, size, 32):
+                x = _fed_value(inter_rec, rec_residual, layer, src_row, slot, g, n, rec_src, feedback)
                 if x != x or abs(x) == math.inf:
                     finite = False
                 elif abs(x) > amax:
                     amax = abs(x)
-            scale = group_scale(amax, finite, QMAX[rec_code])
-            for n in range(size):
-                x = wide_value(inter_rec[layer, src_row, g, n], rec_src)
-                if feedback:
-                    x = np.float32(x + float32_from_bits(np.uint64(rec_residual[layer, slot, g, n]) << np.uint64(16)))
-                r = np.uint64(0)
-                if stochastic:
-                    r = philox_word(g * size + n, position, layer, 0, seed_lo, seed_hi)
-                byte = quantise_code(x, scale, rec_code, stochastic, r)
-                rec[layer, slot, g, n] = byte
-                if feedback:
-                    error = np.float32(x - dequantise_code(byte, scale, rec_code))
-                    bits = np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
-                    rec_residual[layer, slot, g, n] = bits
+        amax, finite = _warp_amax(amax, finite, amax_buf, flag_buf)
+        if not live:
+            continue
+        scale = group_scale(amax, finite, QMAX[rec_code])
+        for n in range(lane, size, 32):
+            x = _fed_value(inter_rec, rec_residual, layer, src_row, slot, g, n, rec_src, feedback)
+            r = np.uint64(0)
+            if stochastic:
+                r = philox_word(g * size + n, position, layer, 0, seed_lo, seed_hi)
+            byte = quantise_code(x, scale, rec_code, stochastic, r)
+            rec[layer, slot, g, n] = byte
+            if feedback:
+                error = np.float32(x - dequantise_code(byte, scale, rec_code))
+                bits = np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
+                rec_residual[layer, slot, g, n] = bits
+        if lane == 0:
             rec_scales[layer, slot, g] = scale
-        elif rec_mode == COMMIT_COPY8:
-            for n in range(size):
-                rec[layer, slot, g, n] = inter_rec[layer, src_row, g, n]
-            rec_scales[layer, slot, g] = inter_rec_scales[layer, src_row, g]
-    if rec_mode == COMMIT_BYTES:
-        for i in range(start, size, stride):
-            rec[layer, slot, 0, i] = inter_rec[layer, src_row, 0, i]
-    # conv: a thread a block of 64 channels, all K columns
+    # conv: a warp a block of 64 channels (two a lane), all K columns in increasing order
     channels, width = conv.shape[2], conv.shape[3]
     if conv_mode == COMMIT_BYTES:
         for i in range(start, width, stride):
             conv[layer, slot, 0, i] = inter_conv[layer, src_row, 0, i]
         return
     shift = consumed
-    for block in range(start, conv_scales.shape[2], stride):
+    blocks = conv_scales.shape[2]
+    for k in range(-(-blocks // all_warps)):  # the same count in every warp
+        block = first_warp + k * all_warps
+        live = block < blocks
         first = block * 64
         last = first + 64 if first + 64 < channels else channels
         for j in range(width):
-            if conv_mode == COMMIT_COPY8:
-                for c in range(first, last):
-                    conv[layer, slot, c, j] = inter_conv[layer, src_row, c, j]
-                conv_scales[layer, slot, block, j] = inter_conv_scales[layer, src_row, block, j]
-            elif j < width - shift:  # an old column moves, bits and scale
-                for c in range(first, last):
-                    conv[layer, slot, c, j] = conv[layer, slot, c, j + shift]
-                conv_scales[layer, slot, block, j] = conv_scales[layer, slot, block, j + shift]
-            else:  # a new column, quantised with the words of the token it came with
-                amax = np.float32(0.0)
-                finite = True
-                for c in range(first, last):
+            if conv_mode == COMMIT_COPY8 or j < width - shift:  # copied from the per-step window, or moved
+                copy8 = conv_mode == COMMIT_COPY8
+                if live:  # each lane its own channels: column j + s is read before this lane overwrites it
+                    for c in range(first + lane, last, 32):
+                        conv[layer, slot, c, j] = (
+                            inter_conv[layer, src_row, c, j] if copy8 else conv[layer, slot, c, j + shift]
+                        )
+                    if lane == 0:
+                        moved = (
+                            inter_conv_scales[layer, src_row, block, j]
+                            if copy8
+                            else conv_scales[layer, slot, block, j + shift]
+                        )
+                        conv_scales[layer, slot, block, j] = moved
+                continue
+            amax = np.float32(0.0)  # a new column, quantised with the words of the token it came with
+            finite = True
+            if live:
+                for c in range(first + lane, last, 32):
                     x = wide_value(inter_conv[layer, src_row, c, j], conv_src)
                     if x != x or abs(x) == math.inf:
                         finite = False
                     elif abs(x) > amax:
                         amax = abs(x)
-                scale = group_scale(amax, finite, QMAX[conv_code])
-                entered = position - (width - 1 - j)
-                for c in range(first, last):
-                    x = wide_value(inter_conv[layer, src_row, c, j], conv_src)
-                    r = np.uint64(0)
-                    if stochastic:
-                        r = philox_word(c * width + width - 1, entered, layer, 1, seed_lo, seed_hi)
-                    conv[layer, slot, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
+            amax, finite = _warp_amax(amax, finite, amax_buf, flag_buf)
+            if not live:
+                continue
+            scale = group_scale(amax, finite, QMAX[conv_code])
+            entered = position - (width - 1 - j)
+            for c in range(first + lane, last, 32):
+                x = wide_value(inter_conv[layer, src_row, c, j], conv_src)
+                r = np.uint64(0)
+                if stochastic:
+                    r = philox_word(c * width + width - 1, entered, layer, 1, seed_lo, seed_hi)
+                conv[layer, slot, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
+            if lane == 0:
                 conv_scales[layer, slot, block, j] = scale

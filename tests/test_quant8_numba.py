@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
+from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
 from test_quant8_cache import fill, q8_config
 
 from mamba_cache.precision import QUANT8_DTYPE_NAMES
@@ -129,3 +129,67 @@ def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
         store.restore(store.match(list(range(5))), 4)
         store.restore(store.match(list(range(50, 55))), 1)
     assert_same_bits(snapshot(device), snapshot(reference), "prefix store")
+
+
+def within_one_step(got: dict, want: dict, dtype: str) -> None:
+    """Dequantised recurrent states agree within one quantisation step (the GPU may fuse a multiply-add)."""
+    from mamba_cache.precision import quant8
+
+    view = quant8._DTYPES[dtype]
+    a = quant8.dequantise(got["recurrent"].view(view), got["scales_recurrent"][..., None])
+    b = quant8.dequantise(want["recurrent"].view(view), want["scales_recurrent"][..., None])
+    scale = np.maximum(got["scales_recurrent"], want["scales_recurrent"])[..., None]
+    if dtype == "int8":
+        step = scale
+    else:  # the float8 grid's spacing at the value, no finer than its smallest subnormal
+        mantissa, tiny = (3, 2.0**-9) if dtype == "float8_e4m3fn" else (2, 2.0**-16)
+        step = np.maximum(np.abs(b) / scale * 2.0**-mantissa, tiny) * scale
+    assert (np.abs(a - b) <= step * 1.0001).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "conv_dtype", "overrides"),
+    [
+        ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("float8_e5m2", "bfloat16", {}, marks=SIMULATOR_LONG),
+    ],
+    ids=["int8-e4m3-stochastic-feedback", "e5m2-bf16"],
+)
+def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
+    config = q8_config(
+        dtype,
+        conv_dtype,
+        commit_mode="replay",
+        intermediate_recurrent_state_dtype=None,
+        intermediate_conv_state_dtype=None,
+        **overrides,
+    )
+    reference, device = twin_managers(config, rng)
+    for name, pool in reference._stash.items():
+        if name == "conv":
+            bits = np.dtype(f"u{pool.dtype.itemsize}")  # moved, never computed: any bit pattern
+            values = rng.integers(0, 2 ** (8 * bits.itemsize), pool.shape, dtype=bits).view(pool.dtype)
+        else:
+            values = rng.uniform(0.25, 1.0, pool.shape).astype(pool.dtype)
+        pool[...] = values
+        device._stash[name].copy_to_device(np.ascontiguousarray(values).view(device._stash[name].dtype))
+    accept, slots = [3, 1, 0, 2, 9], [4, 0, 1, 2, 3]
+    positions = rng.integers(0, 2**20, 5).tolist()
+    nodes = [[0, 2, 1], [1, -1, 0], [2, 2, 2], [0, 1, 2], [1, 0, 2]]
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.replay_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, slots),
+            positions=device_int32(backend, positions),
+        )
+        manager.replay_accepted_tree_states(  # a tree commit over the same stash: rows 0, 2, 3, 4 replay a path
+            device_int32(backend, nodes),
+            device_int32(backend, [3, 2, 1, 2, 3]),
+            positions=device_int32(backend, positions),
+        )
+    got, want = snapshot(device), snapshot(reference)
+    if ON_GPU:  # conv moves and untouched slots are exact; the recurrent state within one step
+        within_one_step(got, want, dtype)
+        got = {k: v for k, v in got.items() if k not in ("recurrent", "scales_recurrent", "residual_recurrent")}
+        want = {k: v for k, v in want.items() if k in got}
+    assert_same_bits(got, want, "replay")

@@ -566,6 +566,8 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         positions: Any = None,
         track: Any = None,
     ) -> None:
+        if self._config.quantised_kinds:  # an 8-bit recurrent state (tracking was refused before)
+            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions)
         entry = self._launches.get("replay")
         if entry is None:
             entry = self._launches["replay"] = self._replay_prepare(

@@ -57,6 +57,14 @@ def group_scale(amax, finite, qmax):
     return scale if scale > floor else floor
 
 
+@cuda.jit(device=True, inline="always")
+def amax_step(x, amax, finite):
+    """``(amax, finite)`` after one more element ``x`` of a group: the running largest finite magnitude."""
+    if x != x or abs(x) == math.inf:
+        return amax, False
+    return (abs(x) if abs(x) > amax else amax), finite
+
+
 @cuda.jit(device=True)
 def quantise_code(x, scale, code, stochastic, random):
     """The stored byte of float32 ``x`` at ``scale`` (uint8 pattern, as int64); see the module docstring.
@@ -139,10 +147,7 @@ def quantise_rows(values, scales, src, random, code, stochastic):
     finite = True
     for i in range(src.shape[1]):
         x = src[row, i]
-        if x != x or abs(x) == math.inf:
-            finite = False
-        elif abs(x) > amax:
-            amax = abs(x)
+        amax, finite = amax_step(x, amax, finite)
     scale = group_scale(amax, finite, QMAX[code])
     scales[row] = scale
     for i in range(src.shape[1]):
@@ -306,10 +311,7 @@ def commit8(
         if live:
             for n in range(lane, size, 32):
                 x = _fed_value(inter_rec, rec_residual, layer, src_row, slot, g, n, rec_src, feedback)
-                if x != x or abs(x) == math.inf:
-                    finite = False
-                elif abs(x) > amax:
-                    amax = abs(x)
+                amax, finite = amax_step(x, amax, finite)
         amax, finite = _warp_amax(amax, finite, amax_buf, flag_buf)
         if not live:
             continue
@@ -361,10 +363,7 @@ def commit8(
             if live:
                 for c in range(first + lane, last, 32):
                     x = wide_value(inter_conv[layer, src_row, c, j], conv_src)
-                    if x != x or abs(x) == math.inf:
-                        finite = False
-                    elif abs(x) > amax:
-                        amax = abs(x)
+                    amax, finite = amax_step(x, amax, finite)
             amax, finite = _warp_amax(amax, finite, amax_buf, flag_buf)
             if not live:
                 continue
@@ -378,3 +377,150 @@ def commit8(
                 conv[layer, slot, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
             if lane == 0:
                 conv_scales[layer, slot, block, j] = scale
+
+
+# ---------------------------------------------------------------- the Mamba2 replay commit into an 8-bit state
+
+#: The largest ``N`` the 8-bit replay holds in registers (``N / 32`` elements a lane).
+REPLAY_MAX_N = 256
+
+
+@cuda.jit(device=True)
+def _replay_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, slots_total):
+    """(slot, accepted steps) of replay row ``b``; slot -1 when the row commits nothing (the replay rule)."""
+    a = np.int64(accept[b])
+    if use_nodes:
+        width = nodes.shape[1]
+        a = a if a < width else width
+        if a < 1:
+            return -1, 0
+        for t in range(a):
+            if nodes[b, t] < 0 or nodes[b, t] >= seq_len:
+                return -1, 0
+    elif a < 1 or a > seq_len:
+        return -1, 0
+    slot = np.int64(state_indices[b]) if use_indices else np.int64(b)
+    if slot < 0 or slot >= slots_total:
+        return -1, 0
+    return slot, a
+
+
+@cuda.jit(cache=False)
+def replay8_mamba2(
+    # the 8-bit recurrent pool [L, B, H*D, N] (uint8), its scales [L, B, H*D], residual [L, B, H*D, N] (uint16)
+    rec, rec_scales, rec_residual,
+    # the conv window as bytes [L, B, C, K*esz], its scales [L, B, ceil(C/64), K] (8-bit) or a stand-in
+    conv, conv_scales,
+    # the stash, flat per step: dA [L, B*S, H], u [L, B*S, H*D], B [L, B*S, G, N], conv [L, B*S, C*esz],
+    # conv_scales [L, B*S, ceil(C/64)] (8-bit) or a stand-in
+    stash_dA, stash_u, stash_B, stash_conv, stash_conv_scales,
+    accept, nodes, state_indices, positions,
+    use_indices, use_nodes, use_positions, seq_len, heads, rec_code, conv8, esz, feedback, stochastic, seed_lo, seed_hi,
+):  # fmt: skip
+    """The replay commit of a Mamba2 cache whose recurrent pool is 8-bit, both kinds in one launch.
+
+    Row ``b`` replays its accepted steps ``t`` (stash row ``b * V + t``, or ``b * V + nodes[b, t]``
+    for a tree) as [`replay_commit`][mamba_cache.replay.reference.replay_commit] does: the group
+    ``(h, d)`` reads ``stored * scale``, computes ``h * dA + u * B`` in float32 and is stored by the
+    8-bit rule after every step (its residual fed back under error feedback; the words of the
+    state's token count); its conv window takes the stashed columns, moved with their scales when
+    8-bit. Grid ``(x, active, L)``, block ``(COMMIT_THREADS,)``: a warp a recurrent group (each lane
+    ``N / 32`` elements in registers) or a conv block of 64 channels, as in ``commit8``.
+    """
+    b, layer = cuda.blockIdx.y, cuda.blockIdx.z
+    slot, a = _replay_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, rec.shape[1])
+    if slot < 0:
+        return
+    start = np.int64(positions[b]) if use_positions else np.int64(0)
+    lane = cuda.threadIdx.x % 32
+    warps = cuda.blockDim.x // 32
+    first_warp = cuda.blockIdx.x * warps + cuda.threadIdx.x // 32
+    all_warps = cuda.gridDim.x * warps
+    amax_buf = cuda.shared.array(COMMIT_THREADS, np.float32)
+    flag_buf = cuda.shared.array(COMMIT_THREADS, np.int32)
+    groups, size = rec.shape[2], rec.shape[3]
+    per_group = heads // stash_B.shape[2]
+    state = cuda.local.array(REPLAY_MAX_N // 32, np.float32)
+    residual = cuda.local.array(REPLAY_MAX_N // 32, np.float32)
+    stored = cuda.local.array(REPLAY_MAX_N // 32, np.int64)
+    for k in range(-(-groups // all_warps)):  # the same count in every warp (syncthreads inside)
+        g = first_warp + k * all_warps
+        live = g < groups
+        h = g // (groups // heads) if live else 0
+        scale = rec_scales[layer, slot, g] if live else np.float32(1.0)
+        for i in range(REPLAY_MAX_N // 32):
+            n = lane + 32 * i
+            if live and n < size:
+                stored[i] = np.int64(rec[layer, slot, g, n])
+                state[i] = dequantise_code(stored[i], scale, rec_code)
+                residual[i] = (
+                    float32_from_bits(np.uint64(rec_residual[layer, slot, g, n]) << np.uint64(16)) if feedback else 0.0
+                )
+        for t in range(a):
+            row = b * seq_len + (np.int64(nodes[b, t]) if use_nodes else t)
+            amax = np.float32(0.0)
+            finite = True
+            if live:
+                decay = stash_dA[layer, row, h]
+                u = stash_u[layer, row, g]
+                for i in range(REPLAY_MAX_N // 32):
+                    n = lane + 32 * i
+                    if n < size:
+                        x = np.float32(state[i] * decay) + np.float32(u * stash_B[layer, row, h // per_group, n])
+                        if feedback:
+                            x = np.float32(x + residual[i])
+                        state[i] = x  # the value to quantise, for now
+                        amax, finite = amax_step(x, amax, finite)
+            amax, finite = _warp_amax(amax, finite, amax_buf, flag_buf)
+            if not live:
+                continue
+            scale = group_scale(amax, finite, QMAX[rec_code])
+            for i in range(REPLAY_MAX_N // 32):
+                n = lane + 32 * i
+                if n < size:
+                    x = state[i]
+                    r = np.uint64(0)
+                    if stochastic:
+                        r = philox_word(g * size + n, start + t + 1, layer, 0, seed_lo, seed_hi)
+                    stored[i] = quantise_code(x, scale, rec_code, stochastic, r)
+                    state[i] = dequantise_code(stored[i], scale, rec_code)
+                    if feedback:
+                        error = np.float32(x - state[i])
+                        bits = (
+                            np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
+                        )
+                        residual[i] = float32_from_bits(bits << np.uint64(16))
+        if live:
+            for i in range(REPLAY_MAX_N // 32):
+                n = lane + 32 * i
+                if n < size:
+                    rec[layer, slot, g, n] = stored[i]
+                    if feedback:
+                        rec_residual[layer, slot, g, n] = float32_bits(residual[i]) >> np.uint32(16)
+            if lane == 0:
+                rec_scales[layer, slot, g] = scale
+    # conv: column j of the result is column j + a of window ++ stashed columns (increasing j: in place)
+    channels, width = conv.shape[2], conv.shape[3] // esz
+    blocks = -(-channels // 64)
+    for k in range(-(-blocks // all_warps)):
+        block = first_warp + k * all_warps
+        if block >= blocks:
+            continue
+        first = block * 64
+        last = first + 64 if first + 64 < channels else channels
+        for j in range(width):
+            source = j + a
+            if source < width:
+                for c in range(first + lane, last, 32):
+                    for e in range(esz):
+                        conv[layer, slot, c, j * esz + e] = conv[layer, slot, c, source * esz + e]
+                if conv8 and lane == 0:
+                    conv_scales[layer, slot, block, j] = conv_scales[layer, slot, block, source]
+            else:
+                t = source - width
+                row = b * seq_len + (np.int64(nodes[b, t]) if use_nodes else t)
+                for c in range(first + lane, last, 32):
+                    for e in range(esz):
+                        conv[layer, slot, c, j * esz + e] = stash_conv[layer, row, c * esz + e]
+                if conv8 and lane == 0:
+                    conv_scales[layer, slot, block, j] = stash_conv_scales[layer, row, block]

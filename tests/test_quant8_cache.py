@@ -439,3 +439,11 @@ def test_prefix_store_keeps_8bit_entries_with_their_scales_on_both_tiers(rng):
         after = snapshot(manager)
         for name in ("recurrent", "conv", "scales_recurrent", "scales_conv", "residual_recurrent"):
             assert after[name][:, target].tobytes() == original[name][:, source].tobytes(), (name, target)
+
+
+def test_the_precision_page_example_runs(capsys):
+    """docs/concepts/precision.md includes its 8-bit example from examples/quant8_pools.py: it must run."""
+    import runpy
+
+    runpy.run_path(str(REFERENCE.parent / "examples" / "quant8_pools.py"), run_name="__main__")
+    assert "quantisation steps of the committed float32 state" in capsys.readouterr().out

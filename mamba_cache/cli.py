@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import textwrap
 
@@ -89,7 +90,8 @@ def _commit_mode_table(config, budget: int | None) -> str:
     """Each commit mode's main pools, per-step buffers, total, bytes per sequence and batch in ``budget``.
 
     The bytes are ``Config.pool_bytes()`` of the config in that mode: the main pools are the
-    ``recurrent`` and ``conv`` pools, every other pool is a per-step buffer of the mode (checkpoint
+    ``recurrent`` and ``conv`` pools (with an 8-bit pool's scales and residuals), every other pool is
+    a per-step buffer of the mode (checkpoint
     mode: the history ring of ``Config.in_commit_mode``, ``R = max(history_len, S)``, with its counters).
     """
     header = ["commit mode", "main pools", "per-step buffers", "total", "per sequence"]
@@ -100,7 +102,15 @@ def _commit_mode_table(config, budget: int | None) -> str:
     for mode in PER_STEP_BUFFERS:
         mode_config = config.in_commit_mode(mode)
         pools = mode_config.pool_bytes()
-        main = pools["recurrent"] + pools["conv"]
+        main = (
+            pools["recurrent"]
+            + pools["conv"]
+            + sum(  # with an 8-bit main pool's scales and residuals
+                math.prod(shape) * dtype.itemsize
+                for name, (shape, dtype) in mode_config.scale_pools().items()
+                if "intermediate" not in name
+            )
+        )
         per_step[mode] = mode_config.total_bytes - main
         mark = "*" if mode == config.commit_mode else " "
         row = [f"{mark} {mode}", format_bytes(main), format_bytes(per_step[mode])]

@@ -1,6 +1,7 @@
 """The command line as a newcomer meets it: bad input is one line on stderr and exit status 2, printed
 before anything else; absurd sizes get units that fit and a warning."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -319,3 +320,18 @@ def test_plan_budget_shows_every_dtype_and_mode_and_says_when_nothing_fits(capsy
     assert "nothing fits" not in "\n".join(lines)
     int8 = next(line for line in lines if line.startswith("int8 "))
     assert int8.split()[1].isdigit() and int(int8.split()[1]) > 0 and "x)" in int8
+
+
+def test_commit_mode_table_counts_8bit_scales_with_the_main_pools(capsys):
+    from mamba_cache._config import format_bytes
+
+    lines = plan_lines(capsys, "--preset", "nemotron-h-8b", "--mtp", "2", "--recurrent-dtype", "int8")
+    config = dataclasses.replace(
+        PRESETS["nemotron-h-8b"].config(8, 2, commit_mode="replay"),
+        recurrent_state_dtype="int8",
+        intermediate_recurrent_state_dtype=None,
+    )
+    pools = config.pool_bytes()
+    replay = next(line for line in lines if line.split()[:1] == ["replay"])
+    main = pools["recurrent"] + pools["conv"] + pools["scales"]
+    assert re.split(r"\s{2,}", replay.strip())[1:3] == [format_bytes(main), format_bytes(pools["replay_stash"])]

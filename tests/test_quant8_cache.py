@@ -447,3 +447,14 @@ def test_the_precision_page_example_runs(capsys):
 
     runpy.run_path(str(REFERENCE.parent / "examples" / "quant8_pools.py"), run_name="__main__")
     assert "quantisation steps of the committed float32 state" in capsys.readouterr().out
+
+
+def test_tiny_models_refuse_8bit_states():
+    from mamba_cache.models.gdn import TinyGatedDeltaNet
+    from mamba_cache.models.mamba2 import TinyMamba2
+
+    with pytest.raises(ValueError, match="TinyMamba2 does not decode into 8-bit states"):
+        TinyMamba2(q8_config("int8", "float16", conv_dim=2 * 3 + 2 * 5, intermediate_conv_state_dtype=None))
+    gdn = q8_config("float8_e4m3fn", "float16", mixer="gdn", conv_dim=2 * 3 + 2 * 5, intermediate_conv_state_dtype=None)
+    with pytest.raises(ValueError, match="TinyGatedDeltaNet stores float16 / float32 / float64 states"):
+        TinyGatedDeltaNet(gdn)

@@ -206,3 +206,14 @@ def test_conversion_golden_vectors_cover_the_edges_and_reproduce():
             assert np.isnan(scales).any() and (scales == SCALE_FLOOR).any()
             assert (np.abs(stored[np.isfinite(stored)]) == QMAX[name]).any(), "a saturated value"
             assert (stored == 0).any()
+
+
+@pytest.mark.parametrize("name", QUANT8_DTYPE_NAMES)
+def test_within_one_step_accepts_an_ulp_and_refuses_two_steps(rng, name):
+    x = spread(rng, (6, 32), octaves=6)
+    near = quant8.quantise(x, name)
+    nudged = quant8.quantise((x * np.float32(1 + 2**-23)).astype(np.float32), name)  # one float32 ulp up
+    assert quant8.within_one_step(nudged.values, nudged.scales, near.values, near.scales)
+    moved = near.values.view(np.uint8).copy()
+    moved[2, 5] = moved[2, 5] + 2 if moved[2, 5] % 128 < 100 else moved[2, 5] - 2  # two grid steps away
+    assert not quant8.within_one_step(moved.view(near.values.dtype), near.scales, near.values, near.scales)

@@ -75,6 +75,7 @@ __all__ = [
     "recurrent_rounding_bits",
     "shift_in_columns",
     "store",
+    "within_one_step",
 ]
 
 #: The 8-bit state dtypes, in the order error messages list them.
@@ -366,3 +367,32 @@ def shift_in_columns(window: np.ndarray, new: np.ndarray, shift: np.ndarray) -> 
     index = np.where(j < width - s, j + s, width + j)[None, :, None, :]  # [1, R, 1, K]
     full = np.concatenate([window, new], axis=-1)
     return np.take_along_axis(full, np.broadcast_to(index, window.shape), axis=-1)
+
+
+def within_one_step(values: np.ndarray, scales: np.ndarray, other: np.ndarray, other_scales: np.ndarray) -> bool:
+    """Whether two stored recurrent states read back within one quantisation step of each other.
+
+    How two backends' replays into an 8-bit state compare: their float32 inputs may differ by an
+    ulp (a fused multiply-add), which may move a stored value by one step of its dtype's grid.
+
+    Args:
+        values: ``[..., N]`` 8-bit states (``ml_dtypes`` float8 or int8; their uint8 bits are viewed as
+            ``other``'s dtype).
+        scales: ``[...]`` their float32 scales.
+        other: ``[..., N]`` the states to compare with, of the 8-bit dtype.
+        other_scales: ``[...]`` their scales.
+
+    Returns:
+        True when every element's difference is at most one step: the scale (int8), or the float8
+        grid's spacing at the value, no finer than its smallest subnormal, times the scale.
+    """
+    dtype = np.asarray(other).dtype
+    a = dequantise(np.asarray(values).view(dtype), np.asarray(scales)[..., None])
+    b = dequantise(other, np.asarray(other_scales)[..., None])
+    scale = np.maximum(scales, other_scales)[..., None]
+    if dtype.name == "int8":
+        step = scale
+    else:
+        mantissa, tiny = (3, 2.0**-9) if dtype.name == "float8_e4m3fn" else (2, 2.0**-16)
+        step = np.maximum(np.abs(b) / scale * 2.0**-mantissa, tiny) * scale
+    return bool((np.abs(a - b) <= step * 1.0001).all())

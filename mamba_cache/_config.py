@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .precision.quant8 import CONV_BLOCK, QUANT8_DTYPE_NAMES, RESIDUAL_DTYPE, is_quant8
 from .precision.reference import bfloat16
 
 __all__ = ["Config", "ConfigError", "ConvSection", "format_bytes"]
@@ -35,6 +36,11 @@ __all__ = ["Config", "ConfigError", "ConvSection", "format_bytes"]
 #: floating type works; these are the ones an engine stores recurrent state in. bfloat16 comes
 #: from ml_dtypes (the Numba backend stores it as uint16 raw bits).
 SUPPORTED_DTYPES = (np.dtype(np.float16), bfloat16, np.dtype(np.float32), np.dtype(np.float64))
+#: The 8-bit state dtypes (``mamba_cache.precision.quant8``): stored with float32 scales per group.
+QUANT8_DTYPES = tuple(np.dtype(name) for name in QUANT8_DTYPE_NAMES)
+#: Every state dtype a config accepts, in the order error messages list them.
+STATE_DTYPES = SUPPORTED_DTYPES + QUANT8_DTYPES
+_ALLOWED = ", ".join(d.name for d in STATE_DTYPES)
 
 #: ``Config.commit_mode`` values: keep every per-step state and copy one, replay the accepted steps, or keep
 #: a checkpoint and a history ring of steps past it (checkpointed decoding).
@@ -73,12 +79,9 @@ def _as_state_dtype(name: str, value: Any) -> np.dtype:
     try:
         dtype = np.dtype(value)
     except TypeError:
-        raise ConfigError(
-            f"{name} must be a NumPy dtype (float16, bfloat16, float32, float64), got {value!r}"
-        ) from None
-    if dtype not in SUPPORTED_DTYPES:
-        allowed = "float16, bfloat16, float32, float64"
-        raise ConfigError(f"{name} must be one of {allowed}, got {dtype.name}")
+        raise ConfigError(f"{name} must be a NumPy dtype ({_ALLOWED}), got {value!r}") from None
+    if dtype not in STATE_DTYPES:
+        raise ConfigError(f"{name} must be one of {_ALLOWED}, got {dtype.name}")
     return dtype
 
 
@@ -112,7 +115,9 @@ class Config:
         max_intermediate_seq_len: S, the MTP verify length; 0 disables the intermediate buffers.
         recurrent_state_dtype: dtype of the recurrent and intermediate recurrent states
             (``float16``, ``bfloat16`` (``"bfloat16"`` or ``ml_dtypes.bfloat16``), ``float32`` or
-            ``float64``; normalised to a ``numpy.dtype``).
+            ``float64``, or an 8-bit dtype: ``float8_e4m3fn``, ``float8_e5m2``, ``int8``, stored
+            with float32 scales, see [`mamba_cache.precision.quant8`][mamba_cache.precision.quant8];
+            normalised to a ``numpy.dtype``).
         conv_state_dtype: dtype of the conv and intermediate conv states (same choices).
         verify_writes_main_pool: True (the seed's behaviour) when the MTP verify pass also writes
             the state after all ``V`` tokens into the main pool, so a full accept needs no copy;
@@ -121,9 +126,14 @@ class Config:
             never writes the main pools there).
         intermediate_recurrent_state_dtype: dtype of the per-step recurrent states; ``None`` (the
             default) means ``recurrent_state_dtype``. Commits convert in the same launch.
-        intermediate_conv_state_dtype: likewise for the per-step conv states.
+        intermediate_conv_state_dtype: likewise for the per-step conv states. An 8-bit per-step
+            dtype must equal its main pool's (the plain 8-bit scatter copies values and scales).
         stochastic_rounding: round stochastically (instead of to nearest even) wherever a float32
-            value, or a wider state, is stored into a 16-bit state.
+            value, or a wider state, is stored into a 16-bit or 8-bit state.
+        error_feedback: keep, per element of an 8-bit recurrent pool, the residual of its last
+            store (bfloat16) and add it back before the next quantisation; needs an 8-bit recurrent
+            pool whose per-step buffers (if any) are wider. (A conv column is quantised once, so
+            there is nothing to feed back.)
         rounding_seed: the seed of the stochastic-rounding bits (an int in ``[0, 2**64)``).
         commit_mode: ``"scatter"`` (keep every per-step state, copy the accepted one),
             ``"replay"`` (keep a small per-step stash, recompute the accepted state) or
@@ -164,12 +174,13 @@ class Config:
     mixer: str = "mamba2"
     n_groups: int = 1
     history_len: int = 0
+    error_feedback: bool = False
     tp_size: int = 1
     tp_rank: int = 0
     replicated_groups: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("verify_writes_main_pool", "stochastic_rounding", "replicated_groups"):
+        for name in ("verify_writes_main_pool", "stochastic_rounding", "error_feedback", "replicated_groups"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise ConfigError(f"{name} must be a bool, got {value!r}")
@@ -220,6 +231,13 @@ class Config:
             value = getattr(self, name)
             dtype = getattr(self, f"{kind}_state_dtype") if value is None else _as_state_dtype(name, value)
             object.__setattr__(self, name, dtype)
+            main = getattr(self, f"{kind}_state_dtype")
+            if is_quant8(dtype) and dtype != main:
+                raise ConfigError(
+                    f"{name} may be 8-bit only when it equals {kind}_state_dtype ({main.name}), got {dtype.name}: "
+                    "the per-step states of an 8-bit pool are either 8-bit too or wider"
+                )
+        self._check_quant8()
         groups = _as_int("n_groups", self.n_groups)
         if groups < 1 or self.recurrent_state_num_heads % groups:
             raise ConfigError(
@@ -240,6 +258,37 @@ class Config:
                     f"history_len must be >= max_intermediate_seq_len ({seq}) with commit_mode='checkpoint' "
                     f"(a verify window must fit in the ring), got {history}"
                 )
+
+    def _check_quant8(self) -> None:
+        """The 8-bit combinations that are refused (the fields are normalised already)."""
+        quant = self.quantised_kinds
+        if self.error_feedback and "recurrent" not in quant:
+            raise ConfigError(
+                f"error_feedback needs an 8-bit recurrent_state_dtype ({', '.join(QUANT8_DTYPE_NAMES)}), got "
+                f"{self.recurrent_state_dtype.name} (a conv column is quantised once and never again: "
+                "there is nothing to feed back)"
+            )
+        if (
+            self.error_feedback
+            and self.has_intermediate_states
+            and self.intermediate_recurrent_state_dtype.itemsize == 1
+        ):
+            raise ConfigError(
+                "error_feedback needs a wider intermediate_recurrent_state_dtype than the 8-bit main pool, got "
+                f"{self.intermediate_recurrent_state_dtype.name} (a plain 8-bit scatter copies the stored values: "
+                "there is no residual to keep)"
+            )
+        if (
+            "conv" in quant
+            and self.has_intermediate_states
+            and self.intermediate_conv_state_dtype.itemsize > 1
+            and self.verify_writes_main_pool
+        ):
+            raise ConfigError(
+                "verify_writes_main_pool must be False when an 8-bit conv pool takes wider per-step windows "
+                f"(intermediate_conv_state_dtype={self.intermediate_conv_state_dtype.name}): the commit shifts the "
+                "main window's stored columns and quantises only the new ones, so the verify pass must leave it"
+            )
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -287,7 +336,65 @@ class Config:
                 "v": ((heads, size), f32),
             }
         fields["conv"] = ((self.conv_dim,), self.conv_state_dtype)
+        if is_quant8(self.conv_state_dtype):  # an 8-bit column carries its scales (one per 64 channels)
+            fields["conv_scales"] = ((self.conv_scale_blocks,), np.dtype(np.float32))
         return fields
+
+    # ------------------------------------------------------------------ 8-bit states
+    @property
+    def quantised_kinds(self) -> tuple[str, ...]:
+        """The state kinds (``"recurrent"``, ``"conv"``) whose main pools are 8-bit, in that order."""
+        if not self.enabled:
+            return ()
+        return tuple(k for k in ("recurrent", "conv") if is_quant8(getattr(self, f"{k}_state_dtype")))
+
+    @property
+    def conv_scale_blocks(self) -> int:
+        """Blocks of 64 conv channels, ``ceil(C / 64)``: conv scale groups per column."""
+        return -(-self.conv_dim // CONV_BLOCK)
+
+    @property
+    def recurrent_scale_shape(self) -> tuple[int, int, int]:
+        """Per-layer shape of an 8-bit recurrent pool's scales, ``[B, H, D]`` (one per group of ``N``)."""
+        return self.recurrent_state_shape[:3]
+
+    @property
+    def conv_scale_shape(self) -> tuple[int, int, int]:
+        """Per-layer shape of an 8-bit conv pool's scales, ``[B, ceil(C / 64), K]``."""
+        return (self.max_batch_size, self.conv_scale_blocks, self.conv_kernel)
+
+    def scale_pools(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The stacked pools an 8-bit config adds, by name: shape (all layers) and dtype.
+
+        ``scales_<pool>`` (float32) for each 8-bit main pool (``recurrent`` ``[L, B, H, D]``,
+        ``conv`` ``[L, B, ceil(C / 64), K]``) and 8-bit per-step pool (flat per layer, as the
+        per-step states are: ``[L, B*S*H*D]``, ``[L, B*S*ceil(C / 64)*K]``), and with
+        ``error_feedback`` the 8-bit recurrent pool's residuals (``residual_recurrent``, bfloat16,
+        ``[L, B, H, D, N]``). Empty for a config without 8-bit states.
+        """
+        pools: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        if not self.enabled:
+            return pools
+        layers, f32 = self.num_recurrent_layers, np.dtype(np.float32)
+        scale_shapes = {"recurrent": self.recurrent_scale_shape, "conv": self.conv_scale_shape}
+        for kind in self.quantised_kinds:
+            pools[f"scales_{kind}"] = ((layers, *scale_shapes[kind]), f32)
+        if self.has_intermediate_states:
+            for kind in ("recurrent", "conv"):
+                if is_quant8(getattr(self, f"intermediate_{kind}_state_dtype")):
+                    per_slot = math.prod(scale_shapes[kind][1:])
+                    pools[f"scales_intermediate_{kind}"] = (
+                        (layers, self.max_batch_size * self.max_intermediate_seq_len * per_slot),
+                        f32,
+                    )
+        if self.error_feedback:
+            pools["residual_recurrent"] = ((layers, *self.recurrent_state_shape), RESIDUAL_DTYPE)
+        return pools
+
+    @property
+    def residual_dtype(self) -> np.dtype:
+        """The error-feedback residual's dtype (bfloat16)."""
+        return RESIDUAL_DTYPE
 
     @property
     def recurrent_state_shape(self) -> tuple[int, int, int, int]:
@@ -378,7 +485,11 @@ class Config:
             "history"}`` to byte counts; all 0 when ``num_recurrent_layers == 0``; the intermediate
             ones 0 when MTP is off or not in scatter mode, the stash 0 unless in replay mode; the
             history (checkpoint mode only) is ``L * B * R`` steps of the replay stash's fields plus
-            the per-slot counters (``h`` int32 and ``p0`` int64: 12 bytes a slot).
+            the per-slot counters (``h`` int32 and ``p0`` int64: 12 bytes a slot). ``"scales"`` are
+            the float32 scales of the 8-bit main and per-step pools (an 8-bit stash or ring keeps
+            its column scales as a field, counted there); ``"error_feedback"`` the bfloat16
+            residuals of the 8-bit main pools with ``error_feedback`` on: allocated, but reported
+            apart (capacity figures leave it out, see ``capacity_slot_bytes``).
         """
         if not self.enabled:
             return dict.fromkeys(_POOLS, 0)
@@ -392,10 +503,14 @@ class Config:
             "intermediate_conv": 0,
             "replay_stash": 0,
             "history": 0,
+            "scales": 0,
+            "error_feedback": 0,
         }
         if self.has_intermediate_states:
             pools["intermediate_recurrent"] = rec * seq * self.intermediate_recurrent_state_dtype.itemsize
             pools["intermediate_conv"] = conv * seq * self.intermediate_conv_state_dtype.itemsize
+        for name, (shape, dtype) in self.scale_pools().items():
+            pools["error_feedback" if name.startswith("residual_") else "scales"] += math.prod(shape) * dtype.itemsize
         if self.has_replay_stash:
             per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
             pools["replay_stash"] = layers * slots * seq * per_step
@@ -415,6 +530,13 @@ class Config:
         if not self.enabled:
             return 0
         return self.total_bytes // self.max_batch_size
+
+    @property
+    def capacity_slot_bytes(self) -> int:
+        """``slot_bytes`` without the error-feedback residuals: what capacity targets compare."""
+        if not self.enabled:
+            return 0
+        return (self.total_bytes - self.pool_bytes()["error_feedback"]) // self.max_batch_size
 
     def max_batch_size_for(self, budget_bytes: int) -> int:
         """The largest ``max_batch_size`` whose pools fit in ``budget_bytes`` (0 if none fits).
@@ -501,6 +623,8 @@ class Config:
             "intermediate_conv": (self.intermediate_conv_state_shape, self.intermediate_conv_state_dtype),
             "replay_stash": ((self.max_batch_size, self.max_intermediate_seq_len, "fields"), "mixed"),
             "history": ((self.max_batch_size, self.history_len, "fields"), "mixed"),
+            "scales": ((self.max_batch_size, "groups"), "float32"),
+            "error_feedback": ((self.max_batch_size, "elements"), RESIDUAL_DTYPE),
         }
         for pool, nbytes in self.pool_bytes().items():
             shape, dtype = shapes[pool]
@@ -555,6 +679,15 @@ class ConvSection(NamedTuple):
     total: int
 
 
-_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash", "history")
+_POOLS = (
+    "recurrent",
+    "conv",
+    "intermediate_recurrent",
+    "intermediate_conv",
+    "replay_stash",
+    "history",
+    "scales",
+    "error_feedback",
+)
 #: Bytes of the per-slot counters of checkpoint mode: ``h`` (int32) and ``p0`` (int64).
 _COUNTER_BYTES = 4 + 8

@@ -15,7 +15,9 @@ Markers (registered in ``pyproject.toml``):
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
 from mamba_cache import select_numba_target
 
@@ -126,10 +128,11 @@ def fill_random(managers, rng) -> None:
 
 
 def snapshot(manager) -> dict:
-    """Host copies of every pool (the whole buffers, untouched slots included)."""
+    """Host copies of every pool (the whole buffers, untouched slots included), 8-bit scales and residuals too."""
     if manager.pools is None:
         return {}
-    return {pool: to_host(getattr(manager.pools, pool)) for pool in POOLS if getattr(manager.pools, pool) is not None}
+    pools = {pool: to_host(getattr(manager.pools, pool)) for pool in POOLS if getattr(manager.pools, pool) is not None}
+    return pools | {name: to_host(pool) for name, pool in manager.scale_pools.items()}
 
 
 def assert_same_bits(a: dict, b: dict, context: str = "") -> None:
@@ -254,3 +257,14 @@ def publish_tracked(store, history: list, drafts, accept, entries, steps) -> int
             else:
                 store.release(int(entries[b]))
     return published
+
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "reference"
+
+
+def golden_generator():
+    """``reference/generate.py`` as a module (the golden vectors' generator)."""
+    spec = importlib.util.spec_from_file_location("golden_generate", REFERENCE / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,10 +17,11 @@ FLOORS = [
     {"mamba_cache._target", "mamba_cache._config", "mamba_cache.core", "mamba_cache.core.launch",
      "mamba_cache.core.device", "mamba_cache.core.checks", "mamba_cache.interop", "mamba_cache.interop.dlpack",
      "mamba_cache.interop.arrays", "mamba_cache.precision", "mamba_cache.precision.reference",
-     "mamba_cache.prefix.keys", "mamba_cache.snapshot", "mamba_cache.traffic", "mamba_cache.moving",
-     "mamba_cache.moving.parcel"},
+     "mamba_cache.precision.quant8", "mamba_cache.prefix.keys", "mamba_cache.snapshot", "mamba_cache.traffic",
+     "mamba_cache.moving", "mamba_cache.moving.parcel"},
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
+     "mamba_cache.precision.quant8_kernels",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
      "mamba_cache.replay.tiles", "mamba_cache.replay.tiled_mamba2", "mamba_cache.replay.tiled_gdn",
      "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference",
@@ -31,7 +32,7 @@ FLOORS = [
      "mamba_cache.core.moving", "mamba_cache.core.manager", "mamba_cache.models.prefill"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
-     "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving",
+     "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving", "mamba_cache.core.numba_quant8",
      "mamba_cache.core.numpy_backend",
      "mamba_cache.prefix", "mamba_cache.prefix.store"},
 ]  # fmt: skip

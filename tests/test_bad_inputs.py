@@ -345,7 +345,7 @@ CONFIG_CASES = (
     + [
         ("num_recurrent_layers=-1", {"num_recurrent_layers": -1}, "num_recurrent_layers must be >= 0, got -1"),
         ("max_intermediate_seq_len=-1", {"max_intermediate_seq_len": -1}, "max_intermediate_seq_len must be >= 0"),
-        ("recurrent_state_dtype=int8", {"recurrent_state_dtype": "int8"}, "recurrent_state_dtype must be one of"),
+        ("recurrent_state_dtype=int16", {"recurrent_state_dtype": "int16"}, "recurrent_state_dtype must be one of"),
         ("conv_state_dtype=bogus", {"conv_state_dtype": "bogus"}, "conv_state_dtype must be a NumPy dtype"),
     ]
 )

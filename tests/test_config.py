@@ -55,6 +55,7 @@ def test_field_order_is_the_documented_one():
         "mixer",
         "n_groups",
         "history_len",
+        "error_feedback",
         "tp_size",
         "tp_rank",
         "replicated_groups",
@@ -99,7 +100,11 @@ def test_zero_layers_skips_validation_like_the_cpp():
 @pytest.mark.parametrize("field", ["recurrent_state_dtype", "conv_state_dtype"])
 def test_dtypes_are_normalised_and_checked(field):
     assert Config(**VALID, **{field: np.float32}).__getattribute__(field) == np.dtype(np.float32)
-    with pytest.raises(ConfigError, match=rf"{field} must be one of float16, bfloat16, float32, float64, got int32"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{field} must be one of float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2, int8, "
+        "got int32",
+    ):
         Config(**VALID, **{field: "int32"})
     with pytest.raises(ConfigError, match=rf"{field} must be a NumPy dtype"):
         Config(**VALID, **{field: "no-such-type"})
@@ -128,6 +133,8 @@ def test_byte_accounting_by_hand():
         "intermediate_conv": 2112,
         "replay_stash": 0,
         "history": 0,
+        "scales": 0,
+        "error_feedback": 0,
     }
     assert config.total_bytes == 9536
     fp32 = Config(**{**VALID, "recurrent_state_dtype": "float32", "max_intermediate_seq_len": 0})
@@ -138,6 +145,8 @@ def test_byte_accounting_by_hand():
         "intermediate_conv": 0,
         "replay_stash": 0,
         "history": 0,
+        "scales": 0,
+        "error_feedback": 0,
     }
 
 

@@ -245,12 +245,12 @@ class CheckpointOperations:
         return self._split_layers(recurrent), self._split_layers(conv)
 
     def _copy_current(self, targets: tuple, src: Any, dst: Any, count: int, stream: Any) -> None:
-        """Rows ``dst`` of ``targets`` (``[L, X, ...]`` recurrent and conv stacks) = slots ``src``'s current states.
+        """Rows ``dst`` of ``targets`` (stacks ``[L, X, ...]`` of `_moving_pools` kinds) = slots ``src``'s states.
 
         In checkpoint mode the folded states (``_copy_folded_into``: the source slots unchanged), else
         a row copy of the main pools. ``src`` / ``dst``: ints (one pair) or checked index arrays.
         """
-        main = (self._pools.recurrent, self._pools.conv)
+        main = self._moving_pools()  # with an 8-bit cache's scales and residuals
         if self._history:
             self._copy_folded_into(targets, src, dst, count, stream)
         else:

@@ -28,7 +28,7 @@ from numba import cuda
 
 from .._config import Config, ConfigError, format_bytes
 from ..replay import tiled as replay_tiled
-from . import kernels, numba_convert
+from . import kernels, numba_convert, numba_quant8
 from .device import SIMULATOR, DeviceArray, Launch, device_pointer
 from .launch import DeviceArg
 from .manager import MambaCacheManagerBase
@@ -148,12 +148,14 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         self._placeholder_array = None
         self._last_arrays: dict = {}
         self._converting: tuple | None = None
+        self._quant8_placeholder: dict | None = None  # 8-bit commits: stand-ins for absent scale pools
 
     def _check_config(self, config: Config) -> None:
         for name in ("num_recurrent_layers", "max_batch_size"):
             value = getattr(config, name)
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
+        numba_quant8.check_config(config)
         replays = config.has_replay_stash or config.has_history
         if replays and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
             # a column of the state is split over at most MAX_KEY_DIM / 32 threads (mamba_cache.replay.tiled)
@@ -225,6 +227,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
         if dtype.name == "bfloat16":  # Numba has no bfloat16: keep the raw bits (see mamba_cache.precision)
             dtype = np.dtype(np.uint16)
+        elif dtype.name.startswith("float8"):  # nor float8: raw bits too
+            dtype = np.dtype(np.uint8)
         nbytes = math.prod(shape) * dtype.itemsize
         try:
             array = cuda.device_array(shape, dtype=dtype)  # not bound to a stream: see _device_empty
@@ -264,8 +268,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
         self._capture_into(pool, slot, out, stream)
-        kind = "recurrent" if pool is self._pools.recurrent else "conv"
-        return self._export(out, getattr(self._config, f"{kind}_state_dtype"))
+        return self._export(out, self._pool_dtype(pool))
 
     def _export(self, array: Any, dtype: np.dtype) -> Any:
         # Numba arrays that also export DLPack (bfloat16 pools with the bfloat16 type code)
@@ -381,6 +384,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
     def _scatter(
         self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any, positions: Any = None
     ) -> None:
+        if self._config.quantised_kinds:
+            return numba_quant8.commit(self, accept, indices, active, seq_len, max_accept, stream, positions)
         if self._converting_commit():
             return numba_convert.scatter(self, accept, indices, active, seq_len, max_accept, stream, positions)
         launch, blocks, layers = self._commit_launch("scatter", kernels.scatter_accepted)
@@ -393,6 +398,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
     def _scatter_tree(
         self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, positions: Any = None
     ) -> None:
+        if self._config.quantised_kinds:
+            return numba_quant8.commit(self, accept, indices, active, seq_len, seq_len, stream, positions, nodes)
         if self._converting_commit():
             return numba_convert.scatter_tree(self, nodes, accept, indices, active, seq_len, stream, positions)
         launch, blocks, layers = self._commit_launch("tree", kernels.scatter_tree)
@@ -422,7 +429,13 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         launch.set_scalar("use_indices", int(indices is not None))
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
-        key = ("copy_rows", id(dst[0]), id(src[0]))
+        if len(dst) > 2:  # an 8-bit cache's scales and residuals: one more launch a pair of pools
+            for i in range(0, len(dst), 2):
+                pair = [dst[i : i + 2], src[i : i + 2]]
+                pair = [p * 2 for p in pair] if len(pair[0]) == 1 else pair  # a last single pool: twice
+                self._copy_rows(*pair, src_rows, dst_rows, count, stream)
+            return
+        key = ("copy_rows", id(dst[0]), id(src[0]), id(dst[1]))
         entry = self._launches.get(key)
         if entry is None:
             words = []
@@ -531,16 +544,20 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         event.wait(stream.stream)
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        entry = self._launches.get("zero_slot")
-        if entry is None:
-            pools, slots = self._pools, self._config.max_batch_size
-            rec, conv = _slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)
-            (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
-            launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
-            entry = self._launches["zero_slot"] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
-        launch, grid = entry
-        launch.set_scalar("slot", slot)
-        launch.launch(grid, stream)
+        pools = self._moving_pools()  # with an 8-bit cache's scales and residuals, a launch a pair
+        for i in range(0, len(pools), 2):
+            pair = (pools[i], pools[i + 1] if i + 1 < len(pools) else pools[i])
+            key = ("zero_slot", id(pair[0]), id(pair[1]))
+            entry = self._launches.get(key)
+            if entry is None:
+                slots = self._config.max_batch_size
+                rec, conv = _slot_words(pair[0], slots), _slot_words(pair[1], slots)
+                (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
+                launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
+                entry = self._launches[key] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
+            launch, grid = entry
+            launch.set_scalar("slot", slot)
+            launch.launch(grid, stream)
 
     def _replay(
         self,
@@ -553,6 +570,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         positions: Any = None,
         track: Any = None,
     ) -> None:
+        if self._config.quantised_kinds:  # an 8-bit recurrent state (tracking was refused before)
+            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions)
         entry = self._launches.get("replay")
         if entry is None:
             entry = self._launches["replay"] = self._replay_prepare(
@@ -598,8 +617,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
 
     def _from_host(self, array: np.ndarray, stream: Any) -> Any:
-        if array.dtype.name == "bfloat16":  # the pools hold bfloat16 as uint16 raw bits
-            array = array.view(np.uint16)
+        if array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # the pools hold them as raw bits
+            array = array.view(f"u{array.itemsize}")
         return cuda.to_device(np.ascontiguousarray(array), stream=stream.stream)
 
     def _to_host(self, array: Any, stream: Any) -> np.ndarray:

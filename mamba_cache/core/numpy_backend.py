@@ -157,6 +157,11 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         for kind, (pool, inter) in enumerate(
             ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv))
         ):
+            if pool.dtype.itemsize == 1:  # an 8-bit pool: values with their scales
+                position = 0 if positions is None else positions.astype(np.int64)[rows] + consumed[rows]
+                shift = None if consumed is None else consumed[rows]
+                self._commit8(("recurrent", "conv")[kind], slots[rows], src_rows, position, shift)
+                continue
             layers, count = pool.shape[:2]
             dst = pool.reshape(layers, count, -1)
             src = inter.reshape(layers, -1, dst.shape[2])
@@ -175,6 +180,46 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 layer=np.arange(layers)[:, None],
                 position=position,
             )
+
+    def _commit8(self, kind: str, targets: np.ndarray, src_rows: np.ndarray, position: Any, shift: Any) -> None:
+        """The scatter / tree commit of one kind into its 8-bit pool (``targets``: slots, ``src_rows``: per-step rows).
+
+        8-bit per-step states: values and scales copied. Wider ones: a recurrent state is quantised
+        (with its residual fed back under ``error_feedback``); a conv window keeps its stored columns,
+        moved ``shift`` places, and takes its ``shift`` new columns quantised
+        ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]).
+        """
+        from ..precision.quant8 import shift_in_columns, store
+
+        config, pools = self._config, self._pools
+        pool, inter = getattr(pools, kind), getattr(pools, f"intermediate_{kind}")
+        scales = self._scales[f"scales_{kind}"]
+        layers, slots_total = pool.shape[:2]
+        if inter.dtype == pool.dtype:  # the plain 8-bit scatter: a copy of the stored values and scales
+            inter_scales = self._scales[f"scales_intermediate_{kind}"]
+            for dst, src in ((pool, inter), (scales, inter_scales)):
+                flat = dst.reshape(layers, slots_total, -1)
+                flat[:, targets] = src.reshape(layers, -1, flat.shape[2])[:, src_rows]
+            return
+        states = inter.reshape(layers, -1, *pool.shape[2:])[:, src_rows]
+        residual = self._scales.get(f"residual_{kind}")
+        stored = store(
+            states,
+            pool.dtype,
+            layout=kind,
+            stochastic=config.stochastic_rounding,
+            seed=config.rounding_seed,
+            layer=np.arange(layers)[:, None],
+            position=np.asarray(position)[None] if np.ndim(position) else position,
+            residual=None if residual is None else residual[:, targets],
+        )
+        if kind == "recurrent":
+            pool[:, targets], scales[:, targets] = stored.values, stored.scales
+            if residual is not None:
+                residual[:, targets] = stored.residual
+            return
+        pool[:, targets] = shift_in_columns(pool[:, targets], stored.values, shift)
+        scales[:, targets] = shift_in_columns(scales[:, targets], stored.scales, shift)
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
         s, d = _copy_pairs(src_rows, dst_rows, count, src[0].shape[1], dst[0].shape[1], dst is src)
@@ -247,8 +292,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         pass
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        self._pools.recurrent[:, slot] = 0
-        self._pools.conv[:, slot] = 0
+        for pool in self._moving_pools():  # with any 8-bit scales and residuals
+            pool[:, slot] = 0
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
         if not hasattr(array, "__cuda_array_interface__"):
@@ -305,6 +350,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             stochastic=config.stochastic_rounding,
             seed=config.rounding_seed,
             track=track,
+            scales=self._scales,
         )
 
     # ------------------------------------------------------------ state parcels
@@ -344,7 +390,9 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         from ..checkpoint.reference import fold
 
         positions = self._checkpoint_positions
-        fold(self._config, self._pools.recurrent, self._pools.conv, self._history, slots, steps, positions[slots])
+        pools = self._pools
+        scales = self._scales or None
+        fold(self._config, pools.recurrent, pools.conv, self._history, slots, steps, positions[slots], scales=scales)
         positions[slots] += steps
         self._history_lengths[slots] = 0
 
@@ -377,8 +425,11 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         if folds.any():
             self._fold_slots(targets[folds], after[folds])
 
-    def _ring_state(self, slots: np.ndarray, extra: Any = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``state_after`` of distinct ``slots``: each advanced through its ``h`` (plus ``extra``) ring steps."""
+    def _ring_state(self, slots: np.ndarray, extra: Any = 0) -> tuple:
+        """``state_after`` of distinct ``slots``: each advanced through its ``h`` (plus ``extra``) ring steps.
+
+        ``(recurrent, conv)``, and with 8-bit states a third item: their scales and residuals by pool name.
+        """
         from ..checkpoint.reference import state_after
 
         steps = self._history_lengths[slots].astype(np.int64) + extra
@@ -390,6 +441,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             slots,
             steps,
             self._checkpoint_positions[slots],
+            scales=self._scales or None,
         )
 
     def _track_ring(self, track: tuple, rows: np.ndarray, targets: np.ndarray, accepted: np.ndarray) -> None:
@@ -400,7 +452,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         store.check_tracked_entries(entry[ok])  # refuses before anything is written
         if not ok.any():
             return
-        recurrent, conv = self._ring_state(targets[ok], step[ok] + 1)
+        recurrent, conv, *_ = self._ring_state(targets[ok], step[ok] + 1)  # 8-bit tracking is refused earlier
         store.entry_pools[0][:, entry[ok]] = recurrent
         store.entry_pools[1][:, entry[ok]] = conv
 
@@ -411,11 +463,12 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         self._fold_slots(targets, self._history_lengths[targets].astype(np.int64))
 
     def _folded(self, slot: int, stream: Any) -> tuple[np.ndarray, np.ndarray]:
-        recurrent, conv = self._ring_state(np.array([slot]))
+        recurrent, conv, *scales = self._ring_state(np.array([slot]))
+        self._folded_scales = scales[0] if scales else {}  # capture_scales reads them
         return self._export(recurrent, recurrent.dtype), self._export(conv, conv.dtype)
 
     def _copy_folded(self, src: np.ndarray, dst: np.ndarray, count: int, stream: Any) -> None:
-        self._copy_folded_into((self._pools.recurrent, self._pools.conv), src, dst, count, stream, True)
+        self._copy_folded_into(self._moving_pools(), src, dst, count, stream, True)
 
     def _copy_folded_into(
         self, targets: tuple, src: Any, dst: Any, count: int, stream: Any, into_slots: bool = False
@@ -431,9 +484,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             return
         # A source may feed several destinations: fold each distinct source once.
         sources, inverse = np.unique(s, return_inverse=True)
-        recurrent, conv = self._ring_state(sources)
+        recurrent, conv, *scales = self._ring_state(sources)
         targets[0][:, d] = recurrent[:, inverse]
         targets[1][:, d] = conv[:, inverse]
+        if len(targets) > 2:  # an 8-bit cache's scales and residuals follow, in _moving_pools' order
+            names = [n for n in ("scales_recurrent", "scales_conv", "residual_recurrent") if n in self._scales]
+            for target, name in zip(targets[2:], names, strict=True):
+                target[:, d] = scales[0][name][:, inverse]
         if into_slots:
             consumed = self._checkpoint_positions[sources] + self._history_lengths[sources]
             self._checkpoint_positions[d] = consumed[inverse]

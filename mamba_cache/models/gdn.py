@@ -68,9 +68,14 @@ class TinyGatedDeltaNet(TinyMamba2):
         )
         if config.mixer != "gdn":
             raise ValueError(f"TinyGatedDeltaNet needs Config.mixer='gdn', got {config.mixer!r}")
-        if config.stochastic_rounding or "bfloat16" in (
-            config.recurrent_state_dtype.name,
-            config.conv_state_dtype.name,
+        if (
+            config.stochastic_rounding
+            or config.quantised_kinds
+            or "bfloat16"
+            in (
+                config.recurrent_state_dtype.name,
+                config.conv_state_dtype.name,
+            )
         ):
             raise ValueError("TinyGatedDeltaNet stores float16 / float32 / float64 states, rounded to nearest")
         if config.conv_dim != 2 * groups * dim + heads * size:

@@ -99,6 +99,11 @@ class TinyMamba2:
             config.recurrent_state_size,
         )
         groups = config.n_groups  # Config checks that it divides H
+        if config.quantised_kinds:
+            raise ValueError(
+                "TinyMamba2 does not decode into 8-bit states (its steps store float states; the cache's commits "
+                f"quantise): got {' and '.join(config.quantised_kinds)} 8-bit"
+            )
         if config.conv_dim != heads * dim + 2 * groups * state:
             raise ValueError(
                 f"conv_dim must be H * D + 2 * G * N = {heads * dim + 2 * groups * state} for TinyMamba2, "

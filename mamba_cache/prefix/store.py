@@ -177,14 +177,15 @@ class PrefixStateCache(EntryStore):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         host_entries = check_size("host_entries", host_entries, 0, INT32_MAX)
         resolved = manager._stream(stream)
-        pools = manager._pools
+        # an entry is one slot of every pool a slot's state lives in (an 8-bit cache's scales and residuals too)
+        pools = manager._moving_pools()
         self._pools = tuple(
             manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
-            for pool in (pools.recurrent, pools.conv)
+            for pool in pools
         )
         self._host_pools = tuple(  # [P_host, L, ...]: one host entry is dense (one 2-D copy per kind)
             manager._host_zeros((host_entries, config.num_recurrent_layers, *pool.shape[2:]), pool.dtype)
-            for pool in (pools.recurrent, pools.conv)
+            for pool in pools
             if host_entries
         )
         self.manager = manager
@@ -405,8 +406,7 @@ class PrefixStateCache(EntryStore):
         return self._handle(entry)
 
     def _main(self) -> tuple:
-        pools = self.manager._pools
-        return (pools.recurrent, pools.conv)
+        return self.manager._moving_pools()
 
     # ------------------------------------------------------------ match / restore
     def match(self, tokens: Any, max_tokens: int | None = None) -> PrefixHandle | None:

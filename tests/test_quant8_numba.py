@@ -1,5 +1,7 @@
 """8-bit pools on the Numba backend against the NumPy reference, bit for bit (simulator here, the GPU there)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
@@ -185,3 +187,30 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
         got = {k: v for k, v in got.items() if k not in ("recurrent", "scales_recurrent", "residual_recurrent")}
         want = {k: v for k, v in want.items() if k in got}
     assert_same_bits(got, want, "replay")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (dict(commit_mode="checkpoint", history_len=3), "commit_mode='checkpoint'"),
+        (dict(commit_mode="replay", mixer="gdn"), "commit_mode='replay'"),
+    ],
+)
+def test_numba_refuses_the_8bit_modes_it_does_not_build(overrides, words):
+    """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both)."""
+    from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
+    from mamba_cache.presets import PRESETS
+
+    config = PRESETS["qwen3-next-80b-a3b" if overrides.get("mixer") == "gdn" else "nemotron-h-8b"].config(
+        batch=2, mtp=3
+    )
+    config = dataclasses.replace(
+        config,
+        num_recurrent_layers=1,
+        recurrent_state_dtype="int8",
+        intermediate_recurrent_state_dtype=None,
+        **overrides,
+    )
+    NumpyMambaCacheManager(config)
+    with pytest.raises(ConfigError, match=words):
+        NumbaMambaCacheManager(config)

@@ -517,6 +517,7 @@ def main_bits(manager):
 ROUNDINGS = [("bfloat16", False), ("float16", True), ("bfloat16", True)]
 
 
+@simulator_long(backend="numba", dtype="float16", stochastic=True)  # bfloat16-sr covers the stochastic path there
 @pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
 def test_replay_rounds_16_bit_states_as_the_decode_step_does(backend, rng, dtype, stochastic):
     """TinyMamba2, bf16 / stochastic rounding: verify + replay == sequential decode of the accepted tokens."""

@@ -26,7 +26,6 @@ Written to benchmarks/results/engine-<card>-<date>.json.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import pathlib
 import statistics
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from numba import cuda  # noqa: E402
 
+from benchmarks.records import new_results_path  # noqa: E402
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
 
 CONFIG = Config(
@@ -180,8 +180,9 @@ def main() -> int:
     records += bench_capture_out(card)
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
-    name = f"engine-{card.replace(' ', '_')}-{datetime.date.today()}.json"
-    (results / name).write_text(json.dumps({"card": card, "records": records}, indent=1) + "\n")
+    new_results_path(results, "engine", card).write_text(
+        json.dumps({"card": card, "records": records}, indent=1) + "\n"
+    )
     return 0
 
 

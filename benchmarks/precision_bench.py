@@ -22,6 +22,15 @@ and for each one
 
 Targets: nearest even >= 0.9 of the copy ceiling, stochastic >= 0.85. Writes
 ``<out>/precision-<card>-<date>.json``.
+
+8-bit states (issue #26; ``--only 8bit`` runs just these): both main pools 8-bit, with their
+float32 scales, committed by the Numba backend's ``commit8`` launch from wider per-step states
+(``verify_writes_main_pool=False``, so a full accept commits too), and the plain 8-bit scatter
+(8-bit per-step states: values and scales copied), and the Mamba2 replay commit into an 8-bit
+recurrent state. Each is validated against the NumPy reference before it is timed (bit for bit,
+every pool with the scales and residuals; a replayed recurrent state within one quantisation step);
+its bytes are what the commit must move (``moved_bytes_8bit``). Targets: >= 0.85 of the copy ceiling for the converting
+commits, >= 0.95 for the plain 8-bit scatter.
 """
 
 from __future__ import annotations
@@ -53,6 +62,21 @@ VARIANTS = {
     "fp32<-fp16 nearest": dict(main="float32", inter="float16", stochastic=False, target=0.9),
 }
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+#: The 8-bit variants: main dtype, per-step dtype (None: the main one), rounding, error feedback, target.
+VARIANTS_8BIT = {
+    "e4m3<-fp32 nearest": dict(main="float8_e4m3fn", inter="float32", stochastic=False, target=0.85),
+    "e4m3<-fp32 stochastic": dict(main="float8_e4m3fn", inter="float32", stochastic=True, target=0.85),
+    "e5m2<-bf16 nearest": dict(main="float8_e5m2", inter="bfloat16", stochastic=False, target=0.85),
+    "int8<-fp32 nearest": dict(main="int8", inter="float32", stochastic=False, target=0.85),
+    "int8<-fp32 stochastic+feedback": dict(main="int8", inter="float32", stochastic=True, feedback=True, target=0.85),
+    "e4m3 plain scatter": dict(main="float8_e4m3fn", inter=None, stochastic=False, target=0.95),
+    "int8 replay stochastic+feedback": dict(
+        main="int8", inter=None, stochastic=True, feedback=True, replay=True, conv="float8_e4m3fn", target=0.85
+    ),
+    "e4m3 replay, bf16 conv": dict(
+        main="float8_e4m3fn", inter=None, stochastic=False, replay=True, conv="bfloat16", target=0.85
+    ),
+}
 
 
 def variant(config: Config, main: str, inter: str, stochastic: bool, **_) -> Config:
@@ -104,11 +128,142 @@ def validate(config: Config, accept: list[int], rng) -> None:
             raise AssertionError(f"{small.recurrent_state_dtype} <- {small.intermediate_recurrent_state_dtype}: {pool}")
 
 
+def variant_8bit(
+    config: Config,
+    main: str,
+    inter: str | None,
+    stochastic: bool,
+    feedback: bool = False,
+    replay: bool = False,
+    conv: str | None = None,
+    **_,
+) -> Config:
+    plain = inter is None
+    return dataclasses.replace(
+        config,
+        commit_mode="replay" if replay else "scatter",
+        recurrent_state_dtype=main,
+        conv_state_dtype=conv or main,
+        intermediate_recurrent_state_dtype=None if plain else inter,
+        intermediate_conv_state_dtype=None if plain else inter,
+        verify_writes_main_pool=plain,
+        stochastic_rounding=stochastic,
+        rounding_seed=12345,
+        error_feedback=feedback,
+    )
+
+
+def moved_bytes_8bit(config: Config, accept: list[int]) -> int:
+    """Bytes an 8-bit commit must read and write, per committed row and layer.
+
+    Recurrent: the per-step state read, the 8-bit state and its scales written (error feedback: the
+    bfloat16 residual read and written). Conv: the new columns read from the per-step window, the
+    kept columns read, every column and its scales written (a plain 8-bit scatter: the window and its
+    scales read and written).
+    """
+    seq, width = config.max_intermediate_seq_len, config.conv_kernel
+    if config.commit_mode == "replay":
+        return _replay_bytes_8bit(config, accept)
+    max_accept = seq - 1 if config.verify_writes_main_pool else seq
+    groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
+    blocks, channels = config.conv_scale_blocks, config.conv_dim
+    inter_rec, inter_conv = config.intermediate_recurrent_state_dtype, config.intermediate_conv_state_dtype
+    total = 0
+    for a in accept:
+        if not 1 <= a <= max_accept:
+            continue
+        rec = config.recurrent_slot_elems * (inter_rec.itemsize + 1) + groups * 4 * (
+            2 if inter_rec.itemsize == 1 else 1
+        )
+        if config.error_feedback:
+            rec += config.recurrent_slot_elems * 4
+        if inter_conv.itemsize == 1:  # plain: the window and its scales, read and written
+            conv = 2 * (channels * width + blocks * width * 4)
+        else:
+            new = min(a, width)
+            conv = channels * (new * inter_conv.itemsize + (width - new) + width) + blocks * 4 * (2 * width - new)
+        total += (rec + conv) * config.num_recurrent_layers
+    return total
+
+
+def _replay_bytes_8bit(config: Config, accept: list[int]) -> int:
+    """Bytes a replay into an 8-bit recurrent state must move, per committed row and layer.
+
+    The state and its scales read and written (error feedback: the residual too), the stash of each
+    accepted step read (its float32 fields and the conv column with its scales), the conv window's
+    kept columns read and every column (and scales, when 8-bit) written.
+    """
+    groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
+    esz, width, blocks = config.conv_state_dtype.itemsize, config.conv_kernel, config.conv_scale_blocks
+    per_step = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in config.replay_stash_fields.values())
+    total = 0
+    for a in accept:
+        if not 1 <= a <= config.max_intermediate_seq_len:
+            continue
+        rec = 2 * (config.recurrent_slot_elems + groups * 4)
+        if config.error_feedback:
+            rec += config.recurrent_slot_elems * 4
+        kept = max(width - a, 0)
+        conv = config.conv_dim * esz * (kept + width) + (blocks * 4 * (kept + width) if esz == 1 else 0)
+        total += (rec + a * per_step + conv) * config.num_recurrent_layers
+    return total
+
+
+def validate_8bit(config: Config, accept: list[int], rng) -> None:
+    """The 8-bit commit on the GPU against the NumPy reference, bit for bit: every pool, scales and residuals."""
+    from mamba_cache.precision import quant8
+
+    small = dataclasses.replace(config, num_recurrent_layers=2)
+    ref, gpu = NumpyMambaCacheManager(small), NumbaMambaCacheManager(small)
+    pools = {name: getattr(ref._pools, name) for name in POOLS} | ref._scales
+    pools = {name: host for name, host in pools.items() if host is not None}  # replay: no per-step states
+    for name, host in pools.items():
+        if name.startswith("scales_"):
+            host[...] = rng.uniform(1e-3, 1.0, host.shape)
+        elif host.dtype.itemsize == 1:
+            host[...] = quant8.quantise(rng.uniform(-4, 4, host.shape).astype(np.float32), host.dtype).values
+        else:
+            host[...] = (rng.uniform(-4, 4, host.shape) * (1e-3 if name.startswith("residual") else 1)).astype(
+                host.dtype
+            )
+        target = getattr(gpu._pools, name) if name in POOLS else gpu._scales[name]
+        target.copy_to_device(np.ascontiguousarray(host).view(target.dtype))
+    for name, host in ref._stash.items():  # replay mode: the stash, decays and inputs in (0.25, 1)
+        if name == "conv":
+            bits = np.dtype(f"u{host.dtype.itemsize}")
+            values = rng.integers(0, 2 ** (8 * bits.itemsize), host.shape, dtype=bits).view(host.dtype)
+        else:
+            values = rng.uniform(0.25, 1.0, host.shape).astype(host.dtype)
+        host[...] = values
+        gpu._stash[name].copy_to_device(np.ascontiguousarray(values).view(gpu._stash[name].dtype))
+    positions = rng.integers(0, 100_000, len(accept)).astype(np.int32)
+    host_accept = np.array(accept, np.int32)
+    replay = small.commit_mode == "replay"
+    (ref.replay_mtp_states if replay else ref.scatter_mtp_states)(host_accept, positions=positions)
+    (gpu.replay_mtp_states if replay else gpu.scatter_mtp_states)(
+        cuda.to_device(host_accept), positions=cuda.to_device(positions)
+    )
+    cuda.synchronize()
+    label = f"8-bit {small.recurrent_state_dtype} <- {small.intermediate_recurrent_state_dtype} ({small.commit_mode})"
+    got = {n: (getattr(gpu._pools, n) if n in POOLS else gpu._scales[n]).copy_to_host() for n in pools}
+    want = {n: np.ascontiguousarray(host) for n, host in pools.items()}
+    if replay:  # the recurrent state within one quantisation step; everything else exact
+        rec = ("recurrent", "scales_recurrent")
+        stored = want["recurrent"].view(small.recurrent_state_dtype)
+        if not quant8.within_one_step(got["recurrent"], got["scales_recurrent"], stored, want["scales_recurrent"]):
+            raise AssertionError(f"{label}: recurrent state beyond one quantisation step")
+        want = {n: v for n, v in want.items() if n not in (*rec, "residual_recurrent")}
+    for name, host in want.items():
+        if host.tobytes() != got[name].tobytes():
+            raise AssertionError(f"{label}: {name}")
+
+
 def time_commit(config: Config, accept: list[int], stream: torch.cuda.Stream) -> float:
     manager = NumbaMambaCacheManager(config, stream=stream)
     accept_dev = cuda.to_device(np.array(accept, np.int32))
     positions = cuda.to_device(np.arange(len(accept), dtype=np.int32) * 7)
-    call = lambda: manager.scatter_mtp_states(accept_dev, stream, positions=positions)  # noqa: E731
+    commit = manager.replay_mtp_states if config.commit_mode == "replay" else manager.scatter_mtp_states
+    call = lambda: commit(accept_dev, stream, positions=positions)  # noqa: E731
     call()
     torch.cuda.synchronize()
     us = device_time_us([call], stream, 50)
@@ -120,6 +275,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="mid,large")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--only", choices=["all", "16bit", "8bit"], default="all", help="which variants to run")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     card = torch.cuda.get_device_name()
@@ -133,10 +289,13 @@ def main(argv=None) -> int:
         base, accept = CONFIGS[name]
         same = variant(base, "float32", "float32", False)
         copy_us = time_commit(same, accept, stream)
-        for label, spec in VARIANTS.items():
-            config = variant(base, **spec)
-            validate(config, accept, rng)
-            nbytes = moved_bytes(config, accept)
+        variants = {} if args.only == "8bit" else {label: (spec, False) for label, spec in VARIANTS.items()}
+        if args.only != "16bit":
+            variants |= {label: (spec, True) for label, spec in VARIANTS_8BIT.items()}
+        for label, (spec, eight) in variants.items():
+            config = (variant_8bit if eight else variant)(base, **spec)
+            (validate_8bit if eight else validate)(config, accept, rng)
+            nbytes = (moved_bytes_8bit if eight else moved_bytes)(config, accept)
             us = time_commit(config, accept, stream)
             ceiling = copy_gbps(nbytes, stream)
             gbps = nbytes / us / 1e3
@@ -154,7 +313,7 @@ def main(argv=None) -> int:
             }
             records.append(record)
             print(
-                f"{name:<6} {label:<22} {us:>9.1f} us {gbps:>7.0f} GB/s  ceiling {ceiling:>6.0f}  "
+                f"{name:<6} {label:<30} {us:>9.1f} us {gbps:>7.0f} GB/s  ceiling {ceiling:>6.0f}  "
                 f"ratio {gbps / ceiling:.2f} (target {spec['target']})  fp32 copy commit {copy_us:.1f} us",
                 flush=True,
             )

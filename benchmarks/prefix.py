@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from numba import cuda  # noqa: E402
 
 from benchmarks import prefix_workload  # noqa: E402
+from benchmarks.records import new_results_path  # noqa: E402
 from benchmarks.run import (  # noqa: E402
     CONFIGS,
     GIB,
@@ -348,7 +349,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"card": card, "date": datetime.date.today().isoformat(), "copy_ceiling_gbps": round(copy_ceiling, 1)}
-    path = out / f"prefix-{card.replace(' ', '_')}-{meta['date']}.json"
+    path = new_results_path(out, "prefix", card)
     path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     print(f"wrote {path}")
     return 0

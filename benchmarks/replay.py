@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import pathlib
 import sys
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 from numba import cuda  # noqa: E402
 from replay_oracle import prepare_first  # noqa: E402
 
+from benchmarks.records import new_results_path  # noqa: E402
 from benchmarks.run import copy_gbps, device_time_us  # noqa: E402
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
 from mamba_cache.presets import PRESETS  # noqa: E402
@@ -243,9 +243,7 @@ def main(argv=None) -> int:
         )
     if not args.skip_models:
         records += bench_models(stream, rng)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"replay-{card.replace(' ', '_')}-{datetime.date.today().isoformat()}.json"
+    path = new_results_path(args.out, "replay", card)
     path.write_text(json.dumps({"card": card, "records": records}, indent=1))
     print(f"wrote {path}")
     return 0

@@ -43,6 +43,7 @@ from cuda.bindings import driver  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import mamba_cache  # noqa: E402
+from benchmarks.records import new_results_path  # noqa: E402
 from mamba_cache import Config, NumbaMambaCacheManager, NumpyMambaCacheManager  # noqa: E402
 
 GIB = 2**30
@@ -562,7 +563,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
         },
     }
-    path = out / f"results-{card.replace(' ', '_')}-{meta['date']}.json"
+    path = new_results_path(out, "results", card)
     path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     print(f"wrote {path}")
     return 0

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 from ._config import Config, ConfigError, format_bytes
 from ._target import gpu_present, select_numba_target
+from .core.checks import pad_slot_id
 from .core.manager import MambaCacheManagerBase
 from .core.numpy_backend import NumpyMambaCacheManager
+from .moving import ParcelError, StateParcel
 from .precision import bfloat16
 from .prefix import PrefixHandle, PrefixStateCache, PrefixStats
 from .snapshot import SnapshotError, load_snapshot, save_snapshot
@@ -30,14 +32,17 @@ __all__ = [
     "MambaCacheManagerBase",
     "NumbaMambaCacheManager",
     "NumpyMambaCacheManager",
+    "ParcelError",
     "PrefixHandle",
     "PrefixStateCache",
     "PrefixStats",
     "SnapshotError",
+    "StateParcel",
     "bfloat16",
     "format_bytes",
     "gpu_present",
     "load_snapshot",
+    "pad_slot_id",
     "save_snapshot",
     "select_numba_target",
 ]

@@ -23,18 +23,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from .precision.quant8 import CONV_BLOCK, QUANT8_DTYPE_NAMES, RESIDUAL_DTYPE, is_quant8
 from .precision.reference import bfloat16
 
-__all__ = ["Config", "ConfigError", "format_bytes"]
+__all__ = ["Config", "ConfigError", "ConvSection", "format_bytes"]
 
 #: The state dtypes both backends support. The kernels copy raw words, so any fixed-size
 #: floating type works; these are the ones an engine stores recurrent state in. bfloat16 comes
 #: from ml_dtypes (the Numba backend stores it as uint16 raw bits).
 SUPPORTED_DTYPES = (np.dtype(np.float16), bfloat16, np.dtype(np.float32), np.dtype(np.float64))
+#: The 8-bit state dtypes (``mamba_cache.precision.quant8``): stored with float32 scales per group.
+QUANT8_DTYPES = tuple(np.dtype(name) for name in QUANT8_DTYPE_NAMES)
+#: Every state dtype a config accepts, in the order error messages list them.
+STATE_DTYPES = SUPPORTED_DTYPES + QUANT8_DTYPES
+_ALLOWED = ", ".join(d.name for d in STATE_DTYPES)
 
 #: ``Config.commit_mode`` values: keep every per-step state and copy one, replay the accepted steps, or keep
 #: a checkpoint and a history ring of steps past it (checkpointed decoding).
@@ -73,12 +79,9 @@ def _as_state_dtype(name: str, value: Any) -> np.dtype:
     try:
         dtype = np.dtype(value)
     except TypeError:
-        raise ConfigError(
-            f"{name} must be a NumPy dtype (float16, bfloat16, float32, float64), got {value!r}"
-        ) from None
-    if dtype not in SUPPORTED_DTYPES:
-        allowed = "float16, bfloat16, float32, float64"
-        raise ConfigError(f"{name} must be one of {allowed}, got {dtype.name}")
+        raise ConfigError(f"{name} must be a NumPy dtype ({_ALLOWED}), got {value!r}") from None
+    if dtype not in STATE_DTYPES:
+        raise ConfigError(f"{name} must be one of {_ALLOWED}, got {dtype.name}")
     return dtype
 
 
@@ -112,7 +115,9 @@ class Config:
         max_intermediate_seq_len: S, the MTP verify length; 0 disables the intermediate buffers.
         recurrent_state_dtype: dtype of the recurrent and intermediate recurrent states
             (``float16``, ``bfloat16`` (``"bfloat16"`` or ``ml_dtypes.bfloat16``), ``float32`` or
-            ``float64``; normalised to a ``numpy.dtype``).
+            ``float64``, or an 8-bit dtype: ``float8_e4m3fn``, ``float8_e5m2``, ``int8``, stored
+            with float32 scales, see [`mamba_cache.precision.quant8`][mamba_cache.precision.quant8];
+            normalised to a ``numpy.dtype``).
         conv_state_dtype: dtype of the conv and intermediate conv states (same choices).
         verify_writes_main_pool: True (the seed's behaviour) when the MTP verify pass also writes
             the state after all ``V`` tokens into the main pool, so a full accept needs no copy;
@@ -121,9 +126,14 @@ class Config:
             never writes the main pools there).
         intermediate_recurrent_state_dtype: dtype of the per-step recurrent states; ``None`` (the
             default) means ``recurrent_state_dtype``. Commits convert in the same launch.
-        intermediate_conv_state_dtype: likewise for the per-step conv states.
+        intermediate_conv_state_dtype: likewise for the per-step conv states. An 8-bit per-step
+            dtype must equal its main pool's (the plain 8-bit scatter copies values and scales).
         stochastic_rounding: round stochastically (instead of to nearest even) wherever a float32
-            value, or a wider state, is stored into a 16-bit state.
+            value, or a wider state, is stored into a 16-bit or 8-bit state.
+        error_feedback: keep, per element of an 8-bit recurrent pool, the residual of its last
+            store (bfloat16) and add it back before the next quantisation; needs an 8-bit recurrent
+            pool whose per-step buffers (if any) are wider. (A conv column is quantised once, so
+            there is nothing to feed back.)
         rounding_seed: the seed of the stochastic-rounding bits (an int in ``[0, 2**64)``).
         commit_mode: ``"scatter"`` (keep every per-step state, copy the accepted one),
             ``"replay"`` (keep a small per-step stash, recompute the accepted state) or
@@ -134,6 +144,12 @@ class Config:
         n_groups: G, Mamba2's B/C groups or Gated DeltaNet's key heads; must divide H.
         history_len: R, the steps of the history ring per slot in checkpoint mode; there it must
             be ``>= max_intermediate_seq_len >= 1``; 0 (the default) in the other modes.
+        tp_size: the tensor-parallel ranks the model is split over (1: unsharded). ``shard`` sets it;
+            with ``tp_rank`` it places this cache's heads and conv channels in the whole model
+            (``head_range``, ``conv_sections``), which moving a state between TP sizes needs.
+        tp_rank: this rank, in ``[0, tp_size)``.
+        replicated_groups: every rank keeps the model's one B/C group (Mamba2) or key head (Gated
+            DeltaNet) whole instead of a share of the groups; needs ``n_groups == 1``.
 
     Raises:
         ConfigError: a field is invalid; the message names it, its value and the allowed range.
@@ -158,9 +174,13 @@ class Config:
     mixer: str = "mamba2"
     n_groups: int = 1
     history_len: int = 0
+    error_feedback: bool = False
+    tp_size: int = 1
+    tp_rank: int = 0
+    replicated_groups: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("verify_writes_main_pool", "stochastic_rounding"):
+        for name in ("verify_writes_main_pool", "stochastic_rounding", "error_feedback", "replicated_groups"):
             value = getattr(self, name)
             if not isinstance(value, (bool, np.bool_)):
                 raise ConfigError(f"{name} must be a bool, got {value!r}")
@@ -177,6 +197,14 @@ class Config:
                 f"with commit_mode={self.commit_mode!r}"
             )
         object.__setattr__(self, "history_len", history)
+        tp = _as_int("tp_size", self.tp_size)
+        if tp < 1:
+            raise ConfigError(f"tp_size must be >= 1, got {tp}")
+        rank = _as_int("tp_rank", self.tp_rank)
+        if not 0 <= rank < tp:
+            raise ConfigError(f"tp_rank must be in [0, {tp}) (tp_size {tp}), got {rank}")
+        object.__setattr__(self, "tp_size", tp)
+        object.__setattr__(self, "tp_rank", rank)
         seed = _as_int("rounding_seed", self.rounding_seed)
         if not 0 <= seed < 2**64:
             raise ConfigError(f"rounding_seed must be in [0, 2**64), got {seed}")
@@ -203,6 +231,13 @@ class Config:
             value = getattr(self, name)
             dtype = getattr(self, f"{kind}_state_dtype") if value is None else _as_state_dtype(name, value)
             object.__setattr__(self, name, dtype)
+            main = getattr(self, f"{kind}_state_dtype")
+            if is_quant8(dtype) and dtype != main:
+                raise ConfigError(
+                    f"{name} may be 8-bit only when it equals {kind}_state_dtype ({main.name}), got {dtype.name}: "
+                    "the per-step states of an 8-bit pool are either 8-bit too or wider"
+                )
+        self._check_quant8()
         groups = _as_int("n_groups", self.n_groups)
         if groups < 1 or self.recurrent_state_num_heads % groups:
             raise ConfigError(
@@ -210,6 +245,8 @@ class Config:
                 f"got {groups}"
             )
         object.__setattr__(self, "n_groups", groups)
+        if self.replicated_groups and groups != 1:
+            raise ConfigError(f"replicated_groups needs n_groups == 1 (one group on every rank), got n_groups={groups}")
         if self.commit_mode == "checkpoint":
             if seq < 1:
                 raise ConfigError(
@@ -221,6 +258,37 @@ class Config:
                     f"history_len must be >= max_intermediate_seq_len ({seq}) with commit_mode='checkpoint' "
                     f"(a verify window must fit in the ring), got {history}"
                 )
+
+    def _check_quant8(self) -> None:
+        """The 8-bit combinations that are refused (the fields are normalised already)."""
+        quant = self.quantised_kinds
+        if self.error_feedback and "recurrent" not in quant:
+            raise ConfigError(
+                f"error_feedback needs an 8-bit recurrent_state_dtype ({', '.join(QUANT8_DTYPE_NAMES)}), got "
+                f"{self.recurrent_state_dtype.name} (a conv column is quantised once and never again: "
+                "there is nothing to feed back)"
+            )
+        if (
+            self.error_feedback
+            and self.has_intermediate_states
+            and self.intermediate_recurrent_state_dtype.itemsize == 1
+        ):
+            raise ConfigError(
+                "error_feedback needs a wider intermediate_recurrent_state_dtype than the 8-bit main pool, got "
+                f"{self.intermediate_recurrent_state_dtype.name} (a plain 8-bit scatter copies the stored values: "
+                "there is no residual to keep)"
+            )
+        if (
+            "conv" in quant
+            and self.has_intermediate_states
+            and self.intermediate_conv_state_dtype.itemsize > 1
+            and self.verify_writes_main_pool
+        ):
+            raise ConfigError(
+                "verify_writes_main_pool must be False when an 8-bit conv pool takes wider per-step windows "
+                f"(intermediate_conv_state_dtype={self.intermediate_conv_state_dtype.name}): the commit shifts the "
+                "main window's stored columns and quantises only the new ones, so the verify pass must leave it"
+            )
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -244,6 +312,11 @@ class Config:
         return self.enabled and self.commit_mode == "checkpoint"
 
     @property
+    def _head_dims(self) -> tuple[int, int, int, int]:
+        """``(H, D, N, G)``."""
+        return self.recurrent_state_num_heads, self.recurrent_state_head_dim, self.recurrent_state_size, self.n_groups
+
+    @property
     def replay_stash_fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The replay stash of one row and one draft step: field name to (shape, dtype).
 
@@ -252,12 +325,7 @@ class Config:
         factor), ``beta [H]``, ``k [G, D]``, ``v [H, N]``, float32, and ``conv [C]``.
         """
         f32 = np.dtype(np.float32)
-        heads, dim, size, groups = (
-            self.recurrent_state_num_heads,
-            self.recurrent_state_head_dim,
-            self.recurrent_state_size,
-            self.n_groups,
-        )
+        heads, dim, size, groups = self._head_dims
         if self.mixer == "mamba2":
             fields = {"dA": ((heads,), f32), "u": ((heads, dim), f32), "B": ((groups, size), f32)}
         else:
@@ -268,7 +336,65 @@ class Config:
                 "v": ((heads, size), f32),
             }
         fields["conv"] = ((self.conv_dim,), self.conv_state_dtype)
+        if is_quant8(self.conv_state_dtype):  # an 8-bit column carries its scales (one per 64 channels)
+            fields["conv_scales"] = ((self.conv_scale_blocks,), np.dtype(np.float32))
         return fields
+
+    # ------------------------------------------------------------------ 8-bit states
+    @property
+    def quantised_kinds(self) -> tuple[str, ...]:
+        """The state kinds (``"recurrent"``, ``"conv"``) whose main pools are 8-bit, in that order."""
+        if not self.enabled:
+            return ()
+        return tuple(k for k in ("recurrent", "conv") if is_quant8(getattr(self, f"{k}_state_dtype")))
+
+    @property
+    def conv_scale_blocks(self) -> int:
+        """Blocks of 64 conv channels, ``ceil(C / 64)``: conv scale groups per column."""
+        return -(-self.conv_dim // CONV_BLOCK)
+
+    @property
+    def recurrent_scale_shape(self) -> tuple[int, int, int]:
+        """Per-layer shape of an 8-bit recurrent pool's scales, ``[B, H, D]`` (one per group of ``N``)."""
+        return self.recurrent_state_shape[:3]
+
+    @property
+    def conv_scale_shape(self) -> tuple[int, int, int]:
+        """Per-layer shape of an 8-bit conv pool's scales, ``[B, ceil(C / 64), K]``."""
+        return (self.max_batch_size, self.conv_scale_blocks, self.conv_kernel)
+
+    def scale_pools(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The stacked pools an 8-bit config adds, by name: shape (all layers) and dtype.
+
+        ``scales_<pool>`` (float32) for each 8-bit main pool (``recurrent`` ``[L, B, H, D]``,
+        ``conv`` ``[L, B, ceil(C / 64), K]``) and 8-bit per-step pool (flat per layer, as the
+        per-step states are: ``[L, B*S*H*D]``, ``[L, B*S*ceil(C / 64)*K]``), and with
+        ``error_feedback`` the 8-bit recurrent pool's residuals (``residual_recurrent``, bfloat16,
+        ``[L, B, H, D, N]``). Empty for a config without 8-bit states.
+        """
+        pools: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        if not self.enabled:
+            return pools
+        layers, f32 = self.num_recurrent_layers, np.dtype(np.float32)
+        scale_shapes = {"recurrent": self.recurrent_scale_shape, "conv": self.conv_scale_shape}
+        for kind in self.quantised_kinds:
+            pools[f"scales_{kind}"] = ((layers, *scale_shapes[kind]), f32)
+        if self.has_intermediate_states:
+            for kind in ("recurrent", "conv"):
+                if is_quant8(getattr(self, f"intermediate_{kind}_state_dtype")):
+                    per_slot = math.prod(scale_shapes[kind][1:])
+                    pools[f"scales_intermediate_{kind}"] = (
+                        (layers, self.max_batch_size * self.max_intermediate_seq_len * per_slot),
+                        f32,
+                    )
+        if self.error_feedback:
+            pools["residual_recurrent"] = ((layers, *self.recurrent_state_shape), RESIDUAL_DTYPE)
+        return pools
+
+    @property
+    def residual_dtype(self) -> np.dtype:
+        """The error-feedback residual's dtype (bfloat16)."""
+        return RESIDUAL_DTYPE
 
     @property
     def recurrent_state_shape(self) -> tuple[int, int, int, int]:
@@ -305,6 +431,51 @@ class Config:
         """Elements of one slot of one layer's conv state, ``C * K``."""
         return self.conv_dim * self.conv_kernel
 
+    # ------------------------------------------------------------------ sharding
+    @property
+    def unsharded_num_heads(self) -> int:
+        """H of the whole model: ``recurrent_state_num_heads * tp_size``."""
+        return self.recurrent_state_num_heads * self.tp_size
+
+    @property
+    def unsharded_n_groups(self) -> int:
+        """G of the whole model: ``n_groups``, times ``tp_size`` unless the groups are replicated."""
+        return self.n_groups if self.replicated_groups else self.n_groups * self.tp_size
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        """``[start, stop)``: the model's heads this rank holds (recurrent state ``[:, h - start]``)."""
+        heads = self.recurrent_state_num_heads
+        return (self.tp_rank * heads, (self.tp_rank + 1) * heads)
+
+    @property
+    def conv_sections(self) -> tuple[ConvSection, ...] | None:
+        """The conv channels of this rank, section by section, and where each sits in the whole model.
+
+        Mamba2 (``xBC``): ``x`` (``H * D`` channels, split with the heads), then ``B`` and ``C``
+        (``G * N`` each, split with the groups, or whole on every rank with ``replicated_groups``).
+        Gated DeltaNet: ``q`` and ``k`` (``G * D`` each: key heads of key dim ``D``), split with the
+        key heads, then ``v`` (``H * N``: value heads of value dim ``N``), split with the heads.
+        ``None`` when ``conv_dim`` is not the sum of the sections (a config whose conv channels
+        follow no mixer layout: it can be moved between equal shards only).
+        """
+        heads, dim, size, groups = self._head_dims
+        if self.mixer == "mamba2":
+            layout = (("x", heads * dim, "heads"), ("B", groups * size, "groups"), ("C", groups * size, "groups"))
+        else:
+            layout = (("q", groups * dim, "groups"), ("k", groups * dim, "groups"), ("v", heads * size, "heads"))
+        if sum(channels for _, channels, _ in layout) != self.conv_dim:
+            return None
+        sections, offset = [], 0
+        for name, channels, split in layout:
+            whole = split == "groups" and self.replicated_groups
+            start = 0 if whole else self.tp_rank * channels
+            sections.append(
+                ConvSection(name, split, offset, channels, start, channels * (1 if whole else self.tp_size))
+            )
+            offset += channels
+        return tuple(sections)
+
     # ------------------------------------------------------------------ bytes
     def pool_bytes(self) -> dict[str, int]:
         """Bytes of each pool, all layers together.
@@ -314,7 +485,11 @@ class Config:
             "history"}`` to byte counts; all 0 when ``num_recurrent_layers == 0``; the intermediate
             ones 0 when MTP is off or not in scatter mode, the stash 0 unless in replay mode; the
             history (checkpoint mode only) is ``L * B * R`` steps of the replay stash's fields plus
-            the per-slot counters (``h`` int32 and ``p0`` int64: 12 bytes a slot).
+            the per-slot counters (``h`` int32 and ``p0`` int64: 12 bytes a slot). ``"scales"`` are
+            the float32 scales of the 8-bit main and per-step pools (an 8-bit stash or ring keeps
+            its column scales as a field, counted there); ``"error_feedback"`` the bfloat16
+            residuals of the 8-bit main pools with ``error_feedback`` on: allocated, but reported
+            apart (capacity figures leave it out, see ``capacity_slot_bytes``).
         """
         if not self.enabled:
             return dict.fromkeys(_POOLS, 0)
@@ -328,10 +503,14 @@ class Config:
             "intermediate_conv": 0,
             "replay_stash": 0,
             "history": 0,
+            "scales": 0,
+            "error_feedback": 0,
         }
         if self.has_intermediate_states:
             pools["intermediate_recurrent"] = rec * seq * self.intermediate_recurrent_state_dtype.itemsize
             pools["intermediate_conv"] = conv * seq * self.intermediate_conv_state_dtype.itemsize
+        for name, (shape, dtype) in self.scale_pools().items():
+            pools["error_feedback" if name.startswith("residual_") else "scales"] += math.prod(shape) * dtype.itemsize
         if self.has_replay_stash:
             per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
             pools["replay_stash"] = layers * slots * seq * per_step
@@ -352,6 +531,13 @@ class Config:
             return 0
         return self.total_bytes // self.max_batch_size
 
+    @property
+    def capacity_slot_bytes(self) -> int:
+        """``slot_bytes`` without the error-feedback residuals: what capacity targets compare."""
+        if not self.enabled:
+            return 0
+        return (self.total_bytes - self.pool_bytes()["error_feedback"]) // self.max_batch_size
+
     def max_batch_size_for(self, budget_bytes: int) -> int:
         """The largest ``max_batch_size`` whose pools fit in ``budget_bytes`` (0 if none fits).
 
@@ -365,24 +551,32 @@ class Config:
             raise ConfigError("num_recurrent_layers must be >= 1 to size a batch")
         return budget // self.slot_bytes
 
-    def shard(self, tp_size: int, replicated_conv_channels: int = 0) -> Config:
+    def shard(self, tp_size: int, replicated_conv_channels: int = 0, *, rank: int = 0) -> Config:
         """The config of one tensor-parallel rank: heads and conv channels split ``tp_size`` ways.
 
         Args:
             tp_size: ranks; must divide ``recurrent_state_num_heads`` and the split conv channels.
             replicated_conv_channels: conv channels every rank keeps whole (Mamba2's B and C
                 channels, ``2 * n_groups * N``, when ``n_groups`` does not divide by ``tp_size``).
+            rank: the rank, in ``[0, tp_size)`` (keyword only): recorded as ``tp_rank``.
 
         Returns:
             A config with ``H / tp_size`` heads and
-            ``(C - replicated) / tp_size + replicated`` conv channels; the rest unchanged.
+            ``(C - replicated) / tp_size + replicated`` conv channels, ``tp_size`` and ``tp_rank``
+            recorded (and ``replicated_groups`` when one group stays whole on every rank); the rest
+            unchanged.
 
         Raises:
-            ConfigError: ``tp_size`` < 1, or it does not divide the heads or the split channels.
+            ConfigError: ``tp_size`` < 1, it does not divide the heads or the split channels, a bad
+                ``rank``, or this config is already a shard.
         """
         tp = _as_int("tp_size", tp_size)
         if tp < 1:
             raise ConfigError(f"tp_size must be >= 1, got {tp}")
+        if self.tp_size != 1:
+            raise ConfigError(
+                f"shard: this config is already rank {self.tp_rank} of {self.tp_size}; shard the whole one"
+            )
         replicated = _as_int("replicated_conv_channels", replicated_conv_channels)
         if not 0 <= replicated <= self.conv_dim:
             raise ConfigError(f"replicated_conv_channels must be in [0, {self.conv_dim}], got {replicated}")
@@ -401,6 +595,9 @@ class Config:
             recurrent_state_num_heads=self.recurrent_state_num_heads // tp,
             conv_dim=split // tp + replicated,
             n_groups=groups,
+            tp_size=tp,
+            tp_rank=rank,
+            replicated_groups=tp > 1 and self.n_groups == 1,
         )
 
     def in_commit_mode(self, mode: str) -> Config:
@@ -426,6 +623,8 @@ class Config:
             "intermediate_conv": (self.intermediate_conv_state_shape, self.intermediate_conv_state_dtype),
             "replay_stash": ((self.max_batch_size, self.max_intermediate_seq_len, "fields"), "mixed"),
             "history": ((self.max_batch_size, self.history_len, "fields"), "mixed"),
+            "scales": ((self.max_batch_size, "groups"), "float32"),
+            "error_feedback": ((self.max_batch_size, "elements"), RESIDUAL_DTYPE),
         }
         for pool, nbytes in self.pool_bytes().items():
             shape, dtype = shapes[pool]
@@ -460,6 +659,35 @@ class Config:
         return "\n".join(lines)
 
 
-_POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv", "replay_stash", "history")
+class ConvSection(NamedTuple):
+    """One section of a rank's conv channels (``Config.conv_sections``).
+
+    Attributes:
+        name: ``"x"``, ``"B"``, ``"C"`` (Mamba2) or ``"q"``, ``"k"``, ``"v"`` (Gated DeltaNet).
+        split: ``"heads"`` or ``"groups"``: what the section is split with across ranks.
+        offset: its first channel in this rank's conv state ``[C, K]``.
+        channels: its channels on this rank.
+        start: the model channel (within the whole section) of its first channel here.
+        total: the section's channels in the whole model.
+    """
+
+    name: str
+    split: str
+    offset: int
+    channels: int
+    start: int
+    total: int
+
+
+_POOLS = (
+    "recurrent",
+    "conv",
+    "intermediate_recurrent",
+    "intermediate_conv",
+    "replay_stash",
+    "history",
+    "scales",
+    "error_feedback",
+)
 #: Bytes of the per-slot counters of checkpoint mode: ``h`` (int32) and ``p0`` (int64).
 _COUNTER_BYTES = 4 + 8

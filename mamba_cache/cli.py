@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import textwrap
 
 import numpy as np
 
 from ._config import ConfigError, format_bytes
-from .presets import PRESETS, SIZE_FORMS, parse_bytes
+from .presets import FEEDBACK_ROW, PRESETS, SIZE_FORMS, capacity_config, capacity_table, parse_bytes
 
 #: The most memory one accelerator has today (288 GB of HBM3e: NVIDIA B300, AMD MI355X). A plan or
 #: budget above it is per rank, so it cannot be one device's: the CLI says so.
@@ -89,7 +90,8 @@ def _commit_mode_table(config, budget: int | None) -> str:
     """Each commit mode's main pools, per-step buffers, total, bytes per sequence and batch in ``budget``.
 
     The bytes are ``Config.pool_bytes()`` of the config in that mode: the main pools are the
-    ``recurrent`` and ``conv`` pools, every other pool is a per-step buffer of the mode (checkpoint
+    ``recurrent`` and ``conv`` pools (with an 8-bit pool's scales and residuals), every other pool is
+    a per-step buffer of the mode (checkpoint
     mode: the history ring of ``Config.in_commit_mode``, ``R = max(history_len, S)``, with its counters).
     """
     header = ["commit mode", "main pools", "per-step buffers", "total", "per sequence"]
@@ -100,7 +102,15 @@ def _commit_mode_table(config, budget: int | None) -> str:
     for mode in PER_STEP_BUFFERS:
         mode_config = config.in_commit_mode(mode)
         pools = mode_config.pool_bytes()
-        main = pools["recurrent"] + pools["conv"]
+        main = (
+            pools["recurrent"]
+            + pools["conv"]
+            + sum(  # with an 8-bit main pool's scales and residuals
+                math.prod(shape) * dtype.itemsize
+                for name, (shape, dtype) in mode_config.scale_pools().items()
+                if "intermediate" not in name
+            )
+        )
         per_step[mode] = mode_config.total_bytes - main
         mark = "*" if mode == config.commit_mode else " "
         row = [f"{mark} {mode}", format_bytes(main), format_bytes(per_step[mode])]
@@ -120,6 +130,60 @@ def _commit_mode_table(config, budget: int | None) -> str:
             ratio = per_step[mode] / scatter
             lines.append(f"{mode} {PER_STEP_BUFFERS[mode]} / scatter {PER_STEP_BUFFERS['scatter']}: {ratio:.4f}")
     return "\n".join(lines)
+
+
+def _capacity_lines(preset, args, budget: int) -> list[str]:
+    """The largest batch within ``budget`` per state dtype and commit mode, with its ratio to bfloat16's."""
+    table = capacity_table(preset, budget, args.mtp, args.tp)
+    modes = list(next(iter(table.values())))
+    header = ["state dtype", *modes]
+    rows, refused = [header], []
+    for row, cells in table.items():
+        line = [row]
+        for mode, batch in cells.items():
+            if isinstance(batch, Exception):
+                refused.append(f"{row}, {mode}: {batch}")
+                line.append(f"refused [{len(refused)}]")
+                continue
+            reference = table["bfloat16"][mode]
+            ratio = (
+                f" ({batch / reference:.2f}x)" if isinstance(reference, int) and reference and row != "bfloat16" else ""
+            )
+            line.append(f"{batch}{ratio}")
+        rows.append(line)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        _wrap(
+            f"largest batch within {format_bytes(budget)} per rank by state dtype (both kinds, per-step buffers "
+            "alike, 8-bit scales included; in brackets: times bfloat16's) and commit mode:"
+        ),
+        *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows),
+    ]
+    lines.insert(2, "  ".join("-" * w for w in widths))
+    feedback = capacity_config(preset, "int8", "scatter", 0, args.tp)
+    residual = dataclasses.replace(feedback, error_feedback=True).pool_bytes()["error_feedback"]
+    lines.append(
+        _wrap(
+            f"{FEEDBACK_ROW}: its bfloat16 residuals, {format_bytes(residual)} per sequence, are counted in that "
+            "row only (with MTP in scatter mode its per-step recurrent states are bfloat16)"
+        )
+    )
+    lines += [_wrap(f"[{i}] {reason}", "    ") for i, reason in enumerate(refused, 1)]
+    cells = [b for cells in table.values() for b in cells.values() if isinstance(b, int)]
+    if cells and max(cells) == 0:
+        smallest = min(
+            capacity_config(preset, row, "scatter" if mode == "decode" else mode, args.mtp, args.tp).slot_bytes
+            for row, cells_ in table.items()
+            for mode, b in cells_.items()
+            if isinstance(b, int)
+        )
+        lines.append(
+            _wrap(
+                f"nothing fits: the smallest sequence (every pool of one slot) needs {format_bytes(smallest)} "
+                f"per rank, more than the budget of {format_bytes(budget)}"
+            )
+        )
+    return lines
 
 
 def _stash_line(config) -> str:
@@ -174,6 +238,15 @@ def _plan(args) -> int:
     if budget is not None:
         _warn_if_beyond_any_device("the budget", budget)
         print(f"largest batch within {format_bytes(budget)} ({budget} bytes) per rank: {fits}")
+        if fits == 0:
+            print(
+                _wrap(
+                    f"nothing fits: one sequence needs {format_bytes(config.slot_bytes)} per rank, more than the "
+                    f"budget of {format_bytes(budget)}; a smaller state dtype, --tp or --mtp may fit (table below)"
+                )
+            )
+        print()
+        print("\n".join(_capacity_lines(preset, args, budget)))
     if args.prefix_entries is not None or args.host_entries:
         _plan_prefix(args, config)
     return 0
@@ -262,7 +335,7 @@ def main(argv=None) -> int:
     plan.add_argument("--batch", type=int, default=8, help="slots (max_batch_size), default 8")
     plan.add_argument("--mtp", type=int, default=0, help="MTP verify length (max_intermediate_seq_len), default 0")
     plan.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, default 1")
-    dtypes = "float16, bfloat16, float32 or float64"
+    dtypes = "float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2 or int8"
     plan.add_argument("--dtype", help=f"state dtype of both kinds ({dtypes}); default: the preset's")
     plan.add_argument("--recurrent-dtype", help=f"recurrent state dtype ({dtypes}); overrides --dtype")
     plan.add_argument("--conv-dtype", help=f"conv state dtype ({dtypes}); overrides --dtype")

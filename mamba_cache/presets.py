@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from ._config import Config, ConfigError
 
-__all__ = ["ModelPreset", "PRESETS", "SIZE_FORMS", "parse_bytes"]
+__all__ = ["CAPACITY_DTYPES", "ModelPreset", "PRESETS", "SIZE_FORMS", "capacity_table", "parse_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,3 +248,57 @@ def parse_bytes(text: str, name: str = "size") -> int:
     if not value <= 2**64:
         raise ValueError(f"{name} must be at most 16 EiB (2**64 bytes, the 64-bit address space), got {text!r}")
     return int(value)
+
+
+#: The state dtypes a capacity table compares, in its row order (both kinds in the dtype; the per-step
+#: buffers follow it), then the error-feedback row.
+CAPACITY_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "int8")
+#: The error-feedback row: int8 states with bfloat16 residuals (and bfloat16 per-step recurrent states
+#: in scatter mode, as error feedback needs a wider per-step state).
+FEEDBACK_ROW = "int8 + error feedback"
+
+
+def capacity_config(preset: ModelPreset, row: str, mode: str, mtp: int = 0, tp: int = 1) -> Config:
+    """One batch-1 config of a capacity table: ``row`` a ``CAPACITY_DTYPES`` name or ``FEEDBACK_ROW``.
+
+    Raises:
+        ConfigError: the combination is refused (the message says why).
+    """
+    base = preset.config(1, mtp, tp, commit_mode=mode)
+    dtype = "int8" if row == FEEDBACK_ROW else row
+    fields = {"recurrent_state_dtype": dtype, "conv_state_dtype": dtype}
+    fields |= {"intermediate_recurrent_state_dtype": None, "intermediate_conv_state_dtype": None}
+    if row == FEEDBACK_ROW:
+        fields["error_feedback"] = True
+        if base.has_intermediate_states:
+            fields["intermediate_recurrent_state_dtype"] = "bfloat16"
+    return dataclasses.replace(base, **fields)
+
+
+def capacity_table(preset: ModelPreset, budget: int, mtp: int = 0, tp: int = 1) -> dict[str, dict[str, Any]]:
+    """The largest batch within ``budget`` bytes per rank, by state dtype and commit mode (scales included).
+
+    Args:
+        preset: the model.
+        budget: bytes per rank for the cache.
+        mtp: the MTP verify length (0: plain decoding, one column ``"decode"``).
+        tp: tensor-parallel ranks.
+
+    Returns:
+        ``{row: {mode: batch}}`` for every ``CAPACITY_DTYPES`` row and ``FEEDBACK_ROW``; the modes
+        are ``scatter``, ``replay``, ``checkpoint`` (or ``decode`` without MTP). A batch is an int
+        (0 when not one sequence fits), or a ``ConfigError`` where the combination is refused. The
+        error-feedback row's batch counts its residuals (they are allocated); the other rows have
+        none, so every other row is its capacity without them.
+    """
+    modes = ("scatter", "replay", "checkpoint") if mtp > 0 else ("decode",)
+    table: dict[str, dict[str, Any]] = {}
+    for row in (*CAPACITY_DTYPES, FEEDBACK_ROW):
+        table[row] = {}
+        for mode in modes:
+            try:
+                config = capacity_config(preset, row, "scatter" if mode == "decode" else mode, mtp, tp)
+                table[row][mode] = budget // config.slot_bytes
+            except ConfigError as error:
+                table[row][mode] = error
+    return table

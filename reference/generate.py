@@ -21,9 +21,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
+from mamba_cache.precision import convert, quant8  # noqa: E402
 from mamba_cache.prefix import PrefixStateCache, block_digests, prefix_key, root_digest  # noqa: E402
 
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
+#: Config fields that place a shard in a tensor-parallel model (Config.shard): not recorded per case.
+SHARD_FIELDS = ("tp_size", "tp_rank", "replicated_groups")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 CASES = {
@@ -380,6 +383,144 @@ def key_vectors() -> dict:
     }
 
 
+#: The 8-bit conversion vectors: the Philox seed, layers and token positions of their random words.
+QUANT8_CASE = {"seed": 2**40 + 26, "layer": 3, "positions": [7, 2**31 + 5]}
+
+
+def quant8_edge_groups() -> np.ndarray:
+    """``[2, 1, 6, 16]`` float32 recurrent states (slots, heads, d, n: 6 groups a slot) with every edge pattern.
+
+    Slot 0 holds the edges, one per group: a NaN, an infinity, zeros (signed), a group whose
+    ``amax / qmax`` is below ``2**-126`` (so the scale floors, float32 subnormals inside), values at and
+    past each dtype's ``qmax`` ratio (448, 57344, 127 times a power of two, and float32's largest), and
+    mid-grid ties; slot 1 is random normal values spread over many octaves.
+    """
+    rng = np.random.default_rng(26)
+    edges = np.zeros((6, 16), np.float32)
+    edges[0] = rng.standard_normal(16)
+    edges[0, 5] = np.nan
+    edges[1] = rng.standard_normal(16)
+    edges[1, 9] = -np.inf
+    edges[2, ::2] = -0.0
+    edges[3] = rng.standard_normal(16) * np.float32(2.0**-140)
+    edges[3, 0] = np.float32(1e-45)  # the smallest float32 subnormal
+    edges[4] = [448, -448, 57344, -57344, 127, -127, 464, 480, 61440, 3.4e38, -3.4e38, 1, 0.5, 2.5, 3.5, 15]
+    edges[5] = np.arange(16, dtype=np.float32) * np.float32(0.5) - np.float32(4.25)  # halves: ties for int8
+    spread = rng.standard_normal((6, 16)) * np.exp2(rng.integers(-60, 60, (6, 1)))
+    return np.stack([edges, spread.astype(np.float32)])[:, None]  # [slot 2, head 1, d 6, n 16]
+
+
+def quant8_vectors() -> dict[str, np.ndarray]:
+    """Inputs and expected outputs of every 8-bit conversion (``reference/quant8-conversions.npz``)."""
+    seed, layer, positions = QUANT8_CASE["seed"], QUANT8_CASE["layer"], np.array(QUANT8_CASE["positions"])
+    rng = np.random.default_rng(2026)
+    recurrent = quant8_edge_groups()
+    conv = (rng.standard_normal((2, 70, 4)) * np.exp2(rng.integers(-20, 20, (2, 1, 4)))).astype(np.float32)
+    conv[0, 66, 1] = np.nan  # one (block, column) group of slot 0 is NaN; block 0 of that column is not
+    conv[1, :64, 2] = 0.0  # a zero group
+    residual = {
+        "recurrent": convert(rng.standard_normal(recurrent.shape).astype(np.float32) * 0.01, quant8.RESIDUAL_DTYPE),
+        "conv": convert(rng.standard_normal(conv.shape).astype(np.float32) * 0.01, quant8.RESIDUAL_DTYPE),
+    }
+    words = {
+        "recurrent": quant8.recurrent_rounding_bits(seed, layer, positions, recurrent.shape),
+        "conv": quant8.conv_rounding_bits(seed, layer, positions, conv.shape),
+    }
+    arrays = {"recurrent_x": recurrent, "conv_x": conv}
+    for layout in ("recurrent", "conv"):
+        arrays[f"{layout}_random"] = words[layout]
+        arrays[f"{layout}_residual"] = residual[layout].view(np.uint16)
+    for name in quant8.QUANT8_DTYPE_NAMES:
+        for layout, x in (("recurrent", recurrent), ("conv", conv)):
+            for rounding in ("nearest", "stochastic"):
+                random = words[layout] if rounding == "stochastic" else None
+                plain = quant8.quantise(x, name, layout=layout, random=random)
+                fed = quant8.quantise(x, name, layout=layout, random=random, residual=residual[layout])
+                key = f"{name}_{layout}_{rounding}"
+                arrays[f"{key}_values"] = plain.values.view(np.uint8)
+                arrays[f"{key}_scales"] = plain.scales
+                arrays[f"{key}_feedback_values"] = fed.values.view(np.uint8)
+                arrays[f"{key}_feedback_scales"] = fed.scales
+                arrays[f"{key}_feedback_residual"] = fed.residual.view(np.uint16)
+    return arrays
+
+
+#: The 8-bit fold cases (replay-mode commits into 8-bit states): name to (config, accept, positions).
+QUANT8_FOLDS = {
+    "mamba2-int8-feedback-stochastic": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=4,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=3,
+            recurrent_state_size=8,
+            conv_dim=70,
+            conv_kernel=3,
+            max_intermediate_seq_len=3,
+            recurrent_state_dtype="int8",
+            conv_state_dtype="float8_e4m3fn",
+            commit_mode="replay",
+            stochastic_rounding=True,
+            rounding_seed=26,
+            error_feedback=True,
+        ),
+        [3, 1, 0, 2],
+        [100, 2**31 - 4, 7, 0],
+    ),
+    "gdn-e5m2-nearest": (
+        Config(
+            num_recurrent_layers=2,
+            max_batch_size=3,
+            recurrent_state_num_heads=2,
+            recurrent_state_head_dim=4,
+            recurrent_state_size=6,
+            conv_dim=8,
+            conv_kernel=4,
+            max_intermediate_seq_len=2,
+            recurrent_state_dtype="float8_e5m2",
+            conv_state_dtype="int8",
+            commit_mode="replay",
+            mixer="gdn",
+        ),
+        [2, 3, 1],
+        [0, 0, 0],
+    ),
+}
+
+
+def quant8_fold_vectors() -> dict[str, np.ndarray]:
+    """Every pool before and after one 8-bit replay commit per case (``reference/quant8-folds.npz``)."""
+    arrays = {}
+    for index, (name, (config, accept, positions)) in enumerate(QUANT8_FOLDS.items()):
+        rng = np.random.default_rng(4000 + index)
+        manager = NumpyMambaCacheManager(config)
+        pools = {"recurrent": manager._pools.recurrent, "conv": manager._pools.conv}
+        pools |= manager._scales | {f"stash_{field}": pool for field, pool in manager._stash.items()}
+        for kind, shape in (("recurrent", config.recurrent_state_shape), ("conv", config.conv_state_shape)):
+            x = rng.standard_normal((config.num_recurrent_layers, *shape)) * np.exp2(
+                rng.integers(-6, 6, shape[:-1] + (1,))
+            )
+            stored = quant8.quantise(x.astype(np.float32), getattr(config, f"{kind}_state_dtype"), layout=kind)
+            pools[kind][...], pools[f"scales_{kind}"][...] = stored.values, stored.scales
+        if "residual_recurrent" in pools:
+            pools["residual_recurrent"][...] = rng.standard_normal(pools["residual_recurrent"].shape) * 1e-3
+        for field, pool in manager._stash.items():
+            if field == "conv":
+                pool[...] = rng.integers(0, 256, pool.shape, dtype=np.uint8).view(pool.dtype)
+            elif field in ("dA", "g", "beta", "conv_scales"):
+                pool[...] = rng.uniform(0.25, 1.0, pool.shape)
+            else:
+                pool[...] = rng.standard_normal(pool.shape)
+        arrays |= {f"{name}/initial_{pool}": values.copy() for pool, values in pools.items()}
+        accept_array = np.array(accept, np.int32)
+        manager.replay_mtp_states(accept_array, positions=np.array(positions, np.int32))
+        arrays |= {f"{name}/final_{pool}": values.copy() for pool, values in pools.items()}
+        arrays[f"{name}/accept"], arrays[f"{name}/positions"] = accept_array, np.array(positions, np.int32)
+    # .npy cannot name bfloat16 or the float8 types: their raw bits
+    raw = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+    return {k: v.view(f"u{v.itemsize}") if v.dtype.name in raw else v for k, v in arrays.items()}
+
+
 def build(out: pathlib.Path) -> dict:
     """Run every case on the NumPy reference, write its ``.npz`` into ``out``; return the manifest."""
     out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +547,8 @@ def build(out: pathlib.Path) -> dict:
         file = f"{name}.npz"
         # .npy cannot name bfloat16: such arrays are stored as uint16 raw bits (the manifest has the dtype)
         np.savez(out / file, **{k: v.view(np.uint16) if v.dtype.name == "bfloat16" else v for k, v in arrays.items()})
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        # where a shard sits is no part of a case (every case is unsharded): the manifest leaves it out
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SHARD_FIELDS}
         for field in fields:
             if field.endswith("_dtype"):
                 fields[field] = fields[field].name
@@ -416,6 +558,8 @@ def build(out: pathlib.Path) -> dict:
         manifest["cases"].append(case)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     (out / "prefix-keys.json").write_text(json.dumps(key_vectors(), indent=1, ensure_ascii=False) + "\n")
+    np.savez(out / "quant8-conversions.npz", **quant8_vectors())
+    np.savez(out / "quant8-folds.npz", **quant8_fold_vectors())
     return manifest
 
 

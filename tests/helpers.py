@@ -15,7 +15,9 @@ Markers (registered in ``pyproject.toml``):
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
 from mamba_cache import select_numba_target
 
@@ -126,10 +128,11 @@ def fill_random(managers, rng) -> None:
 
 
 def snapshot(manager) -> dict:
-    """Host copies of every pool (the whole buffers, untouched slots included)."""
+    """Host copies of every pool (the whole buffers, untouched slots included), 8-bit scales and residuals too."""
     if manager.pools is None:
         return {}
-    return {pool: to_host(getattr(manager.pools, pool)) for pool in POOLS if getattr(manager.pools, pool) is not None}
+    pools = {pool: to_host(getattr(manager.pools, pool)) for pool in POOLS if getattr(manager.pools, pool) is not None}
+    return pools | {name: to_host(pool) for name, pool in manager.scale_pools.items()}
 
 
 def assert_same_bits(a: dict, b: dict, context: str = "") -> None:
@@ -138,6 +141,21 @@ def assert_same_bits(a: dict, b: dict, context: str = "") -> None:
         if a[pool].tobytes() != b[pool].tobytes():
             diff = np.flatnonzero(a[pool].view(f"u{a[pool].itemsize}") != b[pool].view(f"u{b[pool].itemsize}"))
             raise AssertionError(f"{context}: pool {pool} differs at {diff.size} elements, first flat index {diff[0]}")
+
+
+def store_snapshot(store) -> dict:
+    """Host copies of a prefix store's device entries (``[L, P, ...]`` per kind)."""
+    return {"entries_recurrent": to_host(store.entry_pools[0]), "entries_conv": to_host(store.entry_pools[1])}
+
+
+def fill_store(store, rng) -> None:
+    """Random, non-zero bits in every device entry of a prefix store."""
+    for pool in store.entry_pools:
+        values = random_bits(rng, pool.shape, pool.dtype)
+        if isinstance(pool, np.ndarray):
+            pool[...] = values
+        else:
+            pool.copy_to_device(values)
 
 
 def device_int32(backend: str, values) -> object:
@@ -154,6 +172,17 @@ def sync() -> None:
     from numba import cuda
 
     cuda.synchronize()
+
+
+#: Numba vs NumPy after a replay commit or a checkpoint fold, per state dtype: FMA vs two roundings over up to V
+#: (or R) steps of magnitude-1 values (a few float32 ulps), which a 16-bit store can turn into one ulp of its
+#: own (bfloat16's is 2**-7, then a stochastic rounding may land on the other neighbour).
+REPLAY_TOLERANCE = {
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "bfloat16": dict(rtol=3.2e-2, atol=3.2e-2),
+    "float32": dict(rtol=1e-5, atol=1e-5),
+    "float64": dict(rtol=1e-5, atol=1e-5),
+}
 
 
 def replay_config(mixer="mamba2", dtype="float32", **overrides) -> Config:
@@ -196,3 +225,46 @@ def stash_values(config, rng, leading: tuple) -> dict:
             value = rng.standard_normal(full)
         values[name] = value.astype(dtype)
     return values
+
+
+def track_next_boundaries(store, history: list, block_size: int, verify: int) -> tuple:
+    """Tracking arguments for a verify window: each row whose next block boundary falls inside it checkpoints there.
+
+    ``history[b]``: the tokens row ``b`` has consumed. Returns int32 ``(entries, steps)``: a reserved
+    entry and the window step after which the row has consumed a multiple of ``block_size``, or -1.
+    """
+    entries, steps = np.full(len(history), -1, np.int32), np.full(len(history), -1, np.int32)
+    for b, tokens in enumerate(history):
+        boundary = (len(tokens) // block_size + 1) * block_size
+        if boundary <= len(tokens) + verify:
+            entries[b], steps[b] = store.reserve(), boundary - len(tokens) - 1
+    return entries, steps
+
+
+def publish_tracked(store, history: list, drafts, accept, entries, steps) -> int:
+    """After a tracking commit: extend ``history`` by the accepted drafts, publish the tracked entries, free the rest.
+
+    Returns the number of entries published.
+    """
+    published = 0
+    for b in range(len(history)):
+        consumed = len(history[b])
+        history[b] += list(drafts[b, : accept[b]])
+        if entries[b] >= 0:
+            if steps[b] < accept[b]:
+                store.publish(int(entries[b]), history[b][: consumed + steps[b] + 1])
+                published += 1
+            else:
+                store.release(int(entries[b]))
+    return published
+
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "reference"
+
+
+def golden_generator():
+    """``reference/generate.py`` as a module (the golden vectors' generator)."""
+    spec = importlib.util.spec_from_file_location("golden_generate", REFERENCE / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

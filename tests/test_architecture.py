@@ -17,17 +17,23 @@ FLOORS = [
     {"mamba_cache._target", "mamba_cache._config", "mamba_cache.core", "mamba_cache.core.launch",
      "mamba_cache.core.device", "mamba_cache.core.checks", "mamba_cache.interop", "mamba_cache.interop.dlpack",
      "mamba_cache.interop.arrays", "mamba_cache.precision", "mamba_cache.precision.reference",
-     "mamba_cache.prefix.keys", "mamba_cache.prefix.placement", "mamba_cache.prefix.policy",
-     "mamba_cache.prefix.stats", "mamba_cache.snapshot"},
+     "mamba_cache.precision.quant8", "mamba_cache.prefix.keys", "mamba_cache.prefix.placement",
+     "mamba_cache.prefix.policy", "mamba_cache.prefix.stats", "mamba_cache.snapshot", "mamba_cache.traffic",
+     "mamba_cache.moving", "mamba_cache.moving.parcel"},
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
+     "mamba_cache.precision.quant8_kernels",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
-     "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference"},
+     "mamba_cache.replay.tiles", "mamba_cache.replay.tiled_mamba2", "mamba_cache.replay.tiled_gdn",
+     "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference",
+     "mamba_cache.checkpoint.kernels", "mamba_cache.checkpoint.reading",
+     "mamba_cache.moving.kernels", "mamba_cache.models.chunked", "mamba_cache.models.chunked_kernels"},
     # the backend-neutral manager and its declared backend interface
     {"mamba_cache.core.backend", "mamba_cache.core.slots", "mamba_cache.core.commits", "mamba_cache.core.checkpoint",
-     "mamba_cache.core.manager"},
+     "mamba_cache.core.moving", "mamba_cache.core.manager", "mamba_cache.models.prefill"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
+     "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving", "mamba_cache.core.numba_quant8",
      "mamba_cache.core.numpy_backend",
      "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index"},
 ]  # fmt: skip

@@ -247,6 +247,33 @@ CASES += [
     ),
 ]
 
+# Moving states: export / import / offload / resume (issue #27).
+CASES += [
+    ("export_slots(list)", None, lambda m: m.export_slots([0]), TypeError, "slots must be a host numpy.ndarray"),
+    ("export_slots(int64)", None, lambda m: m.export_slots(host([0], np.int64)), TypeError, "must have dtype int32"),
+    ("export_slots(5)", None, lambda m: m.export_slots(host([5])), IndexError, r"slots must be in \[0, 5\) or pad"),
+    ("export_slots(-2)", None, lambda m: m.export_slots(host([-2])), IndexError, r"slots must be in \[0, 5\) or pad"),
+    ("export_slots(dest_tp_size=0)", None, lambda m: m.export_slots(host([0]), dest_tp_size=0), ValueError,
+     r"dest_tp_size must be in \[1, "),
+    ("export_slots(dest_tp_size=2, no layout)", None, lambda m: m.export_slots(host([0]), dest_tp_size=2), ValueError,
+     "cannot hold the model's conv"),
+    ("export_slots(positions int32)", None, lambda m: m.export_slots(host([0]), positions=host([1])), TypeError,
+     "positions must be a host numpy.ndarray of int64"),
+    ("export_slots(positions < 0)", None, lambda m: m.export_slots(host([0]), positions=host([-1], np.int64)),
+     ValueError, "positions must be >= 0"),
+    ("export_slots(keys short)", None, lambda m: m.export_slots(host([0, 1]), keys=[b"k" * 16]), TypeError,
+     "keys must be a list of 2"),
+    ("export_slots(keys str)", None, lambda m: m.export_slots(host([0]), keys=["k"]), TypeError,
+     r"keys\[0\] must be bytes or None"),
+    ("export_slots(namespace 1)", None, lambda m: m.export_slots(host([0]), namespace=1), TypeError,
+     "namespace must be a str"),
+    ("import_slots('x')", None, lambda m: m.import_slots("x", host([0])), TypeError, "parcel must be"),
+    ("offload_slots(5)", None, lambda m: m.offload_slots(host([5])), IndexError, r"slots must be in \[0, 5\)"),
+    ("offload_slots(list)", None, lambda m: m.offload_slots([0]), TypeError, "slots must be a host numpy.ndarray"),
+    ("resume('x', 0)", None, lambda m: m.resume("x", 0), TypeError, "handle must be an OffloadHandle"),
+    ("reserve_offload(0)", None, lambda m: m.reserve_offload(0), ValueError, r"capacity must be in \[1, "),
+]  # fmt: skip
+
 # A closed or moved-from manager answers queries as an empty one, but every layer access and
 # every state operation raises ValueError (as a closed file does): silently doing nothing hides bugs.
 CLOSED_CALLS = [(f"{getter}(0)", lambda m, g=getter: getattr(m, g)(0)) for getter in LAYER_GETTERS] + [
@@ -258,6 +285,9 @@ CLOSED_CALLS = [(f"{getter}(0)", lambda m, g=getter: getattr(m, g)(0)) for gette
     ("scatter_accepted_tree_states", lambda m: m.scatter_accepted_tree_states(host([[0]]), host([1]))),
     ("clear_slot(0)", lambda m: m.clear_slot(0)),
     ("restore_slot(0, [], [])", lambda m: m.restore_slot(0, [], [])),
+    ("export_slots([0])", lambda m: m.export_slots(host([0]))),
+    ("import_slots(None, [0])", lambda m: m.import_slots(None, host([0]))),
+    ("offload_slots([0])", lambda m: m.offload_slots(host([0]))),
 ]
 for how in ("closed", "moved from"):
     for label, call in CLOSED_CALLS:
@@ -315,7 +345,7 @@ CONFIG_CASES = (
     + [
         ("num_recurrent_layers=-1", {"num_recurrent_layers": -1}, "num_recurrent_layers must be >= 0, got -1"),
         ("max_intermediate_seq_len=-1", {"max_intermediate_seq_len": -1}, "max_intermediate_seq_len must be >= 0"),
-        ("recurrent_state_dtype=int8", {"recurrent_state_dtype": "int8"}, "recurrent_state_dtype must be one of"),
+        ("recurrent_state_dtype=int16", {"recurrent_state_dtype": "int16"}, "recurrent_state_dtype must be one of"),
         ("conv_state_dtype=bogus", {"conv_state_dtype": "bogus"}, "conv_state_dtype must be a NumPy dtype"),
     ]
 )

@@ -8,7 +8,19 @@ happen; and the reading function ``state_after`` must equal ``current_state``.
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, replay_config, snapshot, stash_values, write_pool
+from helpers import (
+    BACKENDS,
+    ON_GPU,
+    REPLAY_TOLERANCE,
+    SIMULATOR_LONG,
+    needs_gpu,
+    replay_config,
+    snapshot,
+    stash_values,
+    to_host,
+    write_pool,
+)
+from numba import cuda
 
 from mamba_cache import ConfigError, NumpyMambaCacheManager
 from mamba_cache.checkpoint.reference import state_after
@@ -37,12 +49,14 @@ def write_ring(manager, values, slots):
     """The verify pass of checkpoint mode: window step t of row b goes to ring step h[s] + t of its slot."""
     h = manager.history_lengths()
     for layer in range(manager.num_layers()):
-        ring = manager.get_history(layer)
-        for row, slot in enumerate(slots):
-            if 0 <= slot < manager.get_config().max_batch_size:
-                for name, value in values.items():
-                    seq_len = value.shape[2]
-                    ring[name][slot, h[slot] : h[slot] + seq_len] = value[layer, row]
+        for name, view in manager.get_history(layer).items():
+            ring = view if isinstance(view, np.ndarray) else to_host(view)  # Numba: written back below
+            for row, slot in enumerate(slots):
+                if 0 <= slot < manager.get_config().max_batch_size:
+                    value = values[name][layer, row]
+                    ring[slot, h[slot] : h[slot] + value.shape[0]] = value.view(ring.dtype)
+            if ring is not view:
+                view.copy_to_device(ring)
 
 
 def write_stash(manager, values):
@@ -63,13 +77,23 @@ def random_main_pools(managers, config, rng):
 
 
 def main_pools(manager):
-    return {kind: value for kind, value in snapshot(manager).items() if kind in ("recurrent", "conv")}
+    """Host copies of the main pools, in the config's dtypes (a Numba bfloat16 pool's raw bits viewed back)."""
+    config = manager.get_config()
+    return {
+        kind: value.view(getattr(config, f"{kind}_state_dtype"))
+        for kind, value in snapshot(manager).items()
+        if kind in ("recurrent", "conv")
+    }
 
 
 def current(manager, slot):
-    """A slot's current state, stacked: ``(recurrent [L, H, D, N], conv [L, C, K])``."""
+    """A slot's current state, stacked: ``(recurrent [L, H, D, N], conv [L, C, K])``, host arrays."""
     recurrent, conv = manager.current_state(slot)
-    return np.stack([a[0] for a in recurrent]), np.stack([a[0] for a in conv])
+    config = manager.get_config()
+    return tuple(
+        np.stack([to_host(a)[0] for a in arrays]).view(getattr(config, f"{kind}_state_dtype"))
+        for arrays, kind in ((recurrent, "recurrent"), (conv, "conv"))
+    )
 
 
 # ---------------------------------------------------------------- 1. R = S: the replay commit, call for call
@@ -194,19 +218,31 @@ def test_long_run_keeps_the_decoded_state_whenever_it_folds(rng, mixer, dtype, s
 
 
 # ---------------------------------------------------------------- 3. reading, copying, materializing, counters
-def filled_ring(rng, mixer="gdn", dtype="bfloat16", stochastic=True):
-    """A checkpoint manager (S = 3, R = 8) that has committed two windows without folding (h = 5 for slot 1)."""
+def filled_rings(rng, mixer="gdn", dtype="bfloat16", stochastic=True, backends=("numpy",)):
+    """Checkpoint managers (S = 3, R = 8), one per backend, with the same states and two committed windows.
+
+    Nothing folded: ``h = [0, 5, 0, 3, 0]``, ``p0 = [7, 100, 5, 0, 3]``.
+    """
     config = ckpt_config(mixer, dtype, seq=3, ring=8, stochastic_rounding=stochastic)
-    manager = NumpyMambaCacheManager(config)
-    random_main_pools([manager], config, rng)
-    manager.set_positions(np.array([0, 1, 2, 3, 4], np.int32), np.array([7, 100, 5, 0, 3], np.int64))
+    managers = [BACKENDS[backend](config) for backend in backends]
+    random_main_pools(managers, config, rng)
     slots = np.array([1, 3, 0], dtype=np.int32)
+    for manager in managers:
+        manager.set_positions(np.array([0, 1, 2, 3, 4], np.int32), np.array([7, 100, 5, 0, 3], np.int64))
     for accept in ([3, 1, 0], [2, 2, 0]):
         values = window_values(config, rng, 3, 3)
-        manager.reshape_intermediate_states(3, 3)
-        write_ring(manager, values, slots)
-        manager.checkpoint_mtp_states(np.array(accept, np.int32), state_indices=slots)
-    assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0]
+        for manager in managers:
+            manager.reshape_intermediate_states(3, 3)
+            write_ring(manager, values, slots)
+            manager.checkpoint_mtp_states(np.array(accept, np.int32), state_indices=slots)
+    for manager in managers:
+        assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0]
+    return config, managers
+
+
+def filled_ring(rng, mixer="gdn", dtype="bfloat16", stochastic=True):
+    """One NumPy manager of `filled_rings`."""
+    config, (manager,) = filled_rings(rng, mixer, dtype, stochastic)
     return config, manager
 
 
@@ -329,7 +365,7 @@ def test_counters_round_trip_and_reset(rng):
         (np.array([1], np.int32), np.array([0], np.int32), TypeError, "positions must have dtype int64"),
         ([1], np.array([0], np.int64), TypeError, "slots must be a host numpy.ndarray"),
         (np.array([5], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),
-        (np.array([-1], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),
+        (np.array([-2], np.int32), np.array([0], np.int64), ValueError, r"slots must be in \[0, 5\)"),  # -1 is padding
         (np.array([1, 1], np.int32), np.array([0, 1], np.int64), ValueError, "slots must be distinct"),
         (np.array([1, 2], np.int32), np.array([0, -1], np.int64), ValueError, "positions must be >= 0"),
         (np.array([1, 2], np.int32), np.array([0], np.int64), ValueError, "length of slots"),
@@ -408,18 +444,27 @@ def test_other_commits_are_refused_in_checkpoint_mode_and_it_elsewhere(rng):
     for tree in (manager.scatter_accepted_tree_states, manager.replay_accepted_tree_states):
         with pytest.raises(ValueError, match="not contiguous in the history ring"):
             tree(np.zeros((3, 1), np.int32), accept)
-    with pytest.raises(ValueError, match="not built yet for commit_mode='checkpoint'"):
+    with pytest.raises(TypeError, match="PrefixStateCache"):
         manager.checkpoint_mtp_states(
             accept, store=object(), track_entries=np.zeros(3, np.int32), track_steps=np.zeros(3, np.int32)
         )
-    with pytest.raises(ValueError, match="not built yet"):
+    with pytest.raises(ValueError, match="go together"):
         manager.checkpoint_mtp_states(accept, track_steps=np.zeros(3, np.int32))
-    with pytest.raises(ValueError, match="distinct slots"):
-        manager.checkpoint_mtp_states(accept, state_indices=np.array([1, 1, 0], np.int32))
-    with pytest.raises(ValueError, match="accept_lengths must have length"):
-        manager.checkpoint_mtp_states(np.ones(4, np.int32))
-    with pytest.raises(TypeError, match="int32"):
-        manager.checkpoint_mtp_states(accept.astype(np.int64))
+    from mamba_cache.prefix import PrefixStateCache
+
+    other_store = PrefixStateCache(NumpyMambaCacheManager(config), entries=2, block_size=4)
+    steps = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="another manager"):
+        manager.checkpoint_mtp_states(accept, store=other_store, track_entries=np.zeros(3, np.int32), track_steps=steps)
+    store = PrefixStateCache(manager, entries=2, block_size=4)
+    with pytest.raises(ValueError, match="not reserved"):
+        manager.checkpoint_mtp_states(
+            accept, store=store, track_entries=np.array([0, 1, -1], np.int32), track_steps=steps
+        )
+    entry = store.reserve()
+    with pytest.raises(ValueError, match="track_entries must be distinct"):
+        manager.checkpoint_mtp_states(accept, store=store, track_entries=np.array([entry, entry, -1], np.int32),
+                                      track_steps=steps)  # fmt: skip
     after = main_pools(manager)
     assert all(after[k].tobytes() == state[k].tobytes() for k in after) and (manager.history_lengths() == h).all()
     for mode, instead in (("scatter", "scatter_mtp_states"), ("replay", "replay_mtp_states")):
@@ -457,12 +502,245 @@ def test_history_len_is_checked(fields, message):
         ckpt_config(**fields)
 
 
-def test_numba_backend_and_prefix_store_refuse_checkpoint_mode():
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("numba", marks=SIMULATOR_LONG)])
+def test_prefix_store_keeps_the_folded_state_and_tracks_ring_steps(backend, rng):
+    """insert stores the current (folded) state; restore sets p0 = length, h = 0; tracking stores ring step h + t."""
     from mamba_cache.prefix import PrefixStateCache
 
-    config = ckpt_config()
-    with pytest.raises(ConfigError, match="commit_mode='checkpoint' is not built yet for the Numba backend"):
-        BACKENDS["numba"](config)
-    manager = NumpyMambaCacheManager(config)
-    with pytest.raises(ConfigError, match="not built yet for commit_mode='checkpoint'"):
-        PrefixStateCache(manager, entries=4, block_size=4)
+    config, (manager,) = filled_rings(rng, "mamba2", "bfloat16", True, backends=(backend,))
+    store = PrefixStateCache(manager, entries=4, block_size=4)
+    before, ring = main_pools(manager), {name: to_host(value) for name, value in manager._history.items()}
+    want = current(manager, 1)
+    handle = store.insert(np.arange(8), 1)
+    entry_bits = [to_host(pool)[:, handle.entry] for pool in store.entry_pools]
+    assert [bits.tobytes() for bits in entry_bits] == [state.tobytes() for state in want]  # not the checkpoint
+    assert all(main_pools(manager)[k].tobytes() == before[k].tobytes() for k in before)  # the source stays
+    assert all(to_host(value).tobytes() == ring[name].tobytes() for name, value in manager._history.items())
+    assert manager.history_lengths()[1] == 5 and manager.checkpoint_positions()[1] == 100
+    store.restore(handle, 2)
+    assert manager.history_lengths().tolist() == [0, 5, 0, 3, 0] and manager.checkpoint_positions()[2] == 8
+    assert [state.tobytes() for state in current(manager, 2)] == [state.tobytes() for state in want]
+    store.restore_many([handle, handle], np.array([4, -1], np.int32))  # -1: padding
+    assert manager.checkpoint_positions().tolist() == [7, 100, 8, 0, 8]
+    # tracking: the state after ring step h + t of the committing slot, from the checkpoint before the commit
+    entries = [store.reserve(), store.reserve()]
+    values = window_values(config, rng, 3, 3)
+    slots = np.array([1, 3, 0], np.int32)
+    manager.reshape_intermediate_states(3, 3)
+    write_ring(manager, values, slots)
+    reference = NumpyMambaCacheManager(config)  # the reading reference on a host copy of the cache
+    for kind in ("recurrent", "conv"):
+        write_pool(reference, kind, main_pools(manager)[kind])
+    for name, value in manager._history.items():
+        reference._history[name][...] = to_host(value).view(reference._history[name].dtype)
+    h, p0 = manager.history_lengths(), manager.checkpoint_positions()
+    tracked = [(3, 1), (0, 0)]  # (slot, t): slot 3 folds (3 + 3 + 3 > 8), slot 0 does not
+    wants = [
+        state_after(
+            config, reference.pools.recurrent, reference.pools.conv, reference._history, [s], [h[s] + t + 1], [p0[s]]
+        )  # fmt: skip
+        for s, t in tracked
+    ]
+    untouched = [to_host(pool)[:, handle.entry].tobytes() for pool in store.entry_pools]
+    manager.checkpoint_mtp_states(
+        np.array([2, 3, 1], np.int32),
+        state_indices=slots,
+        store=store,
+        track_entries=np.array([handle.entry, entries[0], entries[1]], np.int32),
+        track_steps=np.array([2, 1, 0], np.int32),  # row 0: t = 2 >= a = 2 tracks nothing
+    )
+    assert manager.history_lengths().tolist() == [1, 0, 0, 0, 0]  # slots 1 and 3 folded
+    for entry, (rec, conv) in zip(entries, wants, strict=True):
+        got = [to_host(pool)[:, entry].view(want[i].dtype) for i, pool in enumerate(store.entry_pools)]
+        assert_close({"recurrent": got[0], "conv": got[1]}, {"recurrent": rec[:, 0], "conv": conv[:, 0]}, "bfloat16",
+                     f"entry {entry}")  # fmt: skip
+    assert [to_host(pool)[:, handle.entry].tobytes() for pool in store.entry_pools] == untouched
+
+
+# ---------------------------------------------------------------- 5. the Numba backend against the reference
+def assert_close(got, want, dtype, context):
+    """Numba vs NumPy states within the replay commit's tolerance for ``dtype``; the same bits on the simulator."""
+    for kind in want:
+        a, b = got[kind].astype(np.float64), want[kind].astype(np.float64)
+        np.testing.assert_allclose(a, b, **REPLAY_TOLERANCE[dtype], err_msg=f"{context}: {kind}")
+        if not ON_GPU:  # the simulator runs NumPy's float32 arithmetic
+            assert got[kind].tobytes() == want[kind].tobytes(), f"{context}: {kind} bits"
+
+
+def current_dict(manager, slot):
+    """`current` as ``{"recurrent": ..., "conv": ...}``."""
+    return dict(zip(("recurrent", "conv"), current(manager, slot), strict=True))
+
+
+def write_stash_any(manager, values):
+    """`write_stash` for either backend (a Numba stash is written through a host copy)."""
+    for layer in range(manager.num_layers()):
+        for name, view in manager.get_replay_stash(layer).items():
+            value = values[name][layer]
+            if isinstance(view, np.ndarray):
+                view[...] = value
+            else:
+                view.copy_to_device(np.ascontiguousarray(value).view(view.dtype))
+
+
+#: The cases of the default run (the simulator runs a Gated DeltaNet fold's barriers thread by thread: slow).
+NUMBA_FOLD_DEFAULT = {("mamba2", "bfloat16", True, 7), ("mamba2", "float16", False, 3)}
+NUMBA_FOLD_CASES = [
+    pytest.param(mixer, dtype, stochastic, ring, marks=() if case in NUMBA_FOLD_DEFAULT else SIMULATOR_LONG)
+    for mixer in MIXERS
+    for dtype, stochastic in [*PRECISIONS, ("float64", False)]
+    for ring in (3, 7)
+    for case in [(mixer, dtype, stochastic, ring)]
+]
+
+
+@pytest.mark.parametrize(("mixer", "dtype", "stochastic", "ring"), NUMBA_FOLD_CASES)
+def test_numba_commit_folds_as_the_reference_and_as_its_replay_commit(rng, mixer, dtype, stochastic, ring):
+    """Numba checkpoint commits == NumPy's (tolerance) with the same counters; R = S: its own replay commit's bits."""
+    seq = 3
+    config = ckpt_config(mixer, dtype, seq=seq, ring=ring, stochastic_rounding=stochastic)
+    reference, numba = NumpyMambaCacheManager(config), BACKENDS["numba"](config)
+    managers = [reference, numba]
+    if ring == seq:
+        replay_cfg = ckpt_config(mixer, dtype, seq=seq, commit_mode="replay", stochastic_rounding=stochastic)
+        replay = BACKENDS["numba"](replay_cfg)
+        managers.append(replay)
+    random_main_pools(managers, config, rng)
+    start = rng.integers(0, 10_000, config.max_batch_size).astype(np.int64)
+    for manager in managers[:2]:
+        manager.set_positions(np.arange(config.max_batch_size, dtype=np.int32), start)
+    initial = main_pools(numba)
+    slots = np.array([3, 0, 4, 1], dtype=np.int32)  # slot 2 is never named
+    for window, (active, seq_len) in enumerate([(4, 3), (3, 2), (4, 3), (4, 1)]):
+        accept = rng.integers(1, seq_len + 1, active).astype(np.int32)
+        accept[window % active] = [0, INT32_MIN, seq_len + 1, -1][window]  # a padding row
+        accept[(window + 1) % active] = seq_len  # a full accept
+        values = window_values(config, rng, active, seq_len)
+        positions = numba.checkpoint_positions()[slots[:active]].astype(np.int32)
+        for manager in managers:
+            manager.reshape_intermediate_states(active, seq_len)
+        for manager in managers[:2]:
+            write_ring(manager, values, slots[:active])
+            manager.checkpoint_mtp_states(accept, state_indices=slots[:active])
+        context = f"window {window}, accept {accept.tolist()}"
+        assert numba.history_lengths().tolist() == reference.history_lengths().tolist(), context
+        assert numba.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist(), context
+        got = main_pools(numba)
+        assert_close(got, main_pools(reference), dtype, context)
+        for kind in got:
+            assert got[kind][:, 2].tobytes() == initial[kind][:, 2].tobytes(), f"{context}: untouched slot 2"
+        if ring == seq:  # a fold at every commit: the replay commit's bits, call for call
+            write_stash_any(replay, values)
+            replay.replay_mtp_states(accept, state_indices=slots[:active], positions=positions)
+            want = main_pools(replay)
+            assert all(got[kind].tobytes() == want[kind].tobytes() for kind in got), f"{context}: != replay"
+    assert (numba.checkpoint_positions() > start).sum() >= 2  # folds happened
+    for slot in (1, 2, 3):  # the current states (R = 7: some slots hold unfolded steps)
+        assert_close(current_dict(numba, slot), current_dict(reference, slot), dtype, f"slot {slot}")
+
+
+@pytest.mark.parametrize(
+    ("mixer", "dtype", "stochastic"),
+    [("mamba2", "bfloat16", True), pytest.param("gdn", "bfloat16", True, marks=SIMULATOR_LONG)],
+)
+def test_numba_reads_copies_and_materialize_as_the_reference(rng, mixer, dtype, stochastic):
+    """Capture, copy_slots and materialize on Numba give NumPy's states and counters; the sources stay as they were."""
+    config, (reference, numba) = filled_rings(rng, mixer, dtype, stochastic, backends=("numpy", "numba"))
+    kinds = ("recurrent", "conv")
+    want = current_dict(reference, 1)
+    before = main_pools(numba)
+    ring = {name: to_host(value) for name, value in numba._history.items()}
+    captured = current_dict(numba, 1)
+    assert_close(captured, want, dtype, "current_state")
+    assert captured["recurrent"].tobytes() != before["recurrent"][:, 1].tobytes()  # the ring matters
+    assert to_host(numba.capture_recurrent_states(1)[1]).tobytes() == captured["recurrent"][1:2].tobytes()
+    outs = (cuda.device_array_like(numba.pools.recurrent[:, :1]), cuda.device_array_like(numba.pools.conv[:, :1]))
+    numba.capture_states(1, out=outs)
+    assert all(to_host(out).tobytes() == captured[kind].tobytes() for out, kind in zip(outs, kinds, strict=True))
+    for manager in (reference, numba):
+        manager.copy_slots(np.array([1, 1, -1], np.int32), np.array([2, 4, 0], np.int32))
+    after = main_pools(numba)
+    for kind in kinds:  # the source's checkpoint and ring are unchanged, the padding pair's destination too
+        assert after[kind][:, 1].tobytes() == before[kind][:, 1].tobytes()
+        assert after[kind][:, 0].tobytes() == before[kind][:, 0].tobytes()
+        for slot in (2, 4):
+            assert after[kind][:, slot].tobytes() == captured[kind].tobytes(), (kind, slot)
+    assert all(to_host(value).tobytes() == ring[name].tobytes() for name, value in numba._history.items())
+    for manager in (reference, numba):
+        manager.materialize(np.array([1, 0, -1, 7], np.int32))
+    assert numba.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 0, 3, 0]
+    assert numba.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist()
+    assert_close(main_pools(numba), main_pools(reference), dtype, "after materialize")
+    folded = main_pools(numba)
+    for kind in kinds:
+        assert folded[kind][:, 1].tobytes() == captured[kind].tobytes()  # the fold's bits are the read's
+
+
+@pytest.mark.parametrize(
+    ("mixer", "dtype", "stochastic"),
+    [("mamba2", "bfloat16", True), ("gdn", "float16", False)],
+)
+def test_numba_reading_functions_give_the_reference_state_after(rng, mixer, dtype, stochastic):
+    """``checkpoint.reading.states_after`` (the device functions a model's kernel calls) == NumPy ``state_after``."""
+    from mamba_cache.checkpoint.reading import states_after
+
+    config, (reference, numba) = filled_rings(rng, mixer, dtype, stochastic, backends=("numpy", "numba"))
+    slots, steps = np.array([1, 3, 4, 0], np.int32), np.array([5, 2, 0, 8], np.int32)  # up to R, past h too
+    p0 = reference.checkpoint_positions()[slots]
+    pools = reference.pools
+    want_rec, want_conv = state_after(config, pools.recurrent, pools.conv, reference._history, slots, steps, p0)
+    args = [cuda.to_device(a) for a in (slots, steps, p0)]
+    for layer in range(config.num_recurrent_layers):
+        got_rec, got_conv = states_after(
+            config,
+            numba.get_recurrent_state(layer),
+            numba.get_conv_state(layer),
+            numba.get_history(layer),
+            *args,
+            layer,
+        )
+        got = {"recurrent": to_host(got_rec), "conv": to_host(got_conv)}
+        got = {kind: value.view(getattr(config, f"{kind}_state_dtype")) for kind, value in got.items()}
+        want = {"recurrent": want_rec[layer], "conv": want_conv[layer]}
+        assert_close(got, want, dtype, f"layer {layer}")
+    assert want_rec[:, 0].tobytes() != pools.recurrent[:, 1].tobytes()  # five ring steps moved the state
+
+
+@needs_gpu
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_gpu_checkpoint_commit_captures_into_a_cuda_graph(rng, mixer):
+    """The commit (counters and fold) captured once on a stream, replayed with new accept lengths: NumPy's results."""
+    from cuda.bindings import driver
+
+    def check(result):
+        assert result[0] == driver.CUresult.CUDA_SUCCESS, result
+        return result[1] if len(result) == 2 else None
+
+    config = ckpt_config(mixer, "bfloat16", seq=3, ring=7, stochastic_rounding=True)
+    reference, numba = NumpyMambaCacheManager(config), BACKENDS["numba"](config)
+    random_main_pools([reference, numba], config, rng)
+    slots = np.array([3, 0, 4, 1], np.int32)
+    stream = cuda.stream()
+    accept = cuda.to_device(np.zeros(4, np.int32), stream=stream)
+    indices = cuda.to_device(slots, stream=stream)
+    for manager in (reference, numba):
+        manager.reshape_intermediate_states(4, 3)
+    numba.checkpoint_mtp_states(accept, stream, state_indices=indices)  # prepares the launches (all rows a = 0)
+    stream.synchronize()
+    handle = int(stream.handle)
+    check(driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL))
+    numba.checkpoint_mtp_states(accept, stream, state_indices=indices)
+    graph = check(driver.cuGraphInstantiate(check(driver.cuStreamEndCapture(handle)), 0))
+    for window in range(3):  # every named slot folds at least once, one holds steps after
+        values = window_values(config, rng, 4, 3)
+        write_ring(reference, values, slots)
+        write_ring(numba, values, slots)
+        lengths = np.array([[3, 1, 0, 2], [2, 3, 3, 1], [3, 2, 2, 3]][window], np.int32)
+        reference.checkpoint_mtp_states(lengths, state_indices=slots)
+        accept.copy_to_device(lengths, stream=stream)
+        check(driver.cuGraphLaunch(graph, handle))
+        stream.synchronize()
+        assert numba.history_lengths().tolist() == reference.history_lengths().tolist(), window
+        assert numba.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist(), window
+        assert_close(main_pools(numba), main_pools(reference), "bfloat16", f"window {window}")
+    assert numba.checkpoint_positions()[2] == 0 and (numba.checkpoint_positions()[slots] > 0).all()  # 2: never named

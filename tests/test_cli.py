@@ -1,7 +1,9 @@
 """The command line as a newcomer meets it: bad input is one line on stderr and exit status 2, printed
 before anything else; absurd sizes get units that fit and a warning."""
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -277,3 +279,59 @@ def test_every_commit_mode_is_offered_and_compared(capsys):
     assert tuple(rows) == COMMIT_MODES
     lines = plan_lines(capsys, "--preset", "mamba2-130m")  # no MTP: no per-step buffers to compare
     assert not any(line.startswith("commit mode ") for line in lines)
+
+
+@pytest.mark.parametrize("name", ["nemotron-h-8b", "qwen3-next-80b-a3b"])
+@pytest.mark.parametrize(("mtp", "mode"), [(0, "decode"), (4, "scatter")])
+def test_8bit_capacity_is_at_least_1_9x_bfloat16(name, mtp, mode):
+    """Issue #26's memory target: 8-bit states (scales included) fit >= 1.9x the sequences bfloat16 fits."""
+    from mamba_cache.precision import QUANT8_DTYPE_NAMES
+    from mamba_cache.presets import capacity_config, capacity_table
+
+    preset = PRESETS[name]
+    table = capacity_table(preset, 80 * 10**9, mtp=mtp)
+    bf16 = capacity_config(preset, "bfloat16", "scatter", mtp)
+    for dtype in QUANT8_DTYPE_NAMES:
+        assert table[dtype][mode] >= 1.9 * table["bfloat16"][mode], (dtype, table[dtype][mode])
+        # the bytes by hand: one byte an element, and a float32 scale per N recurrent / 64 conv elements
+        config = capacity_config(preset, dtype, "scatter", mtp)
+        rec, conv = (
+            config.num_recurrent_layers * config.recurrent_slot_elems,
+            config.num_recurrent_layers * config.conv_slot_elems,
+        )
+        per_step = max(1, mtp) if mtp else 0
+        hand = (rec + conv) * (1 + per_step) + 4 * (rec // config.recurrent_state_size + conv // 64) * (1 + per_step)
+        assert config.slot_bytes == hand and bf16.slot_bytes == 2 * (rec + conv) * (1 + per_step)
+
+
+def test_plan_budget_shows_every_dtype_and_mode_and_says_when_nothing_fits(capsys):
+    from mamba_cache.presets import CAPACITY_DTYPES, FEEDBACK_ROW
+
+    for name in PRESETS:
+        lines = plan_lines(capsys, "--preset", name, "--mtp", "2", "--budget", "1MiB")
+        start = lines.index(next(line for line in lines if line.startswith("state dtype  ")))
+        assert lines[start].split()[2:] == ["scatter", "replay", "checkpoint"]
+        rows = [re.split(r"\s{2,}", line) for line in lines[start + 2 : start + 2 + len(CAPACITY_DTYPES) + 1]]
+        assert [row[0] for row in rows] == [*CAPACITY_DTYPES, FEEDBACK_ROW]
+        assert all(row[1:] == ["0", "0", "0"] for row in rows), rows
+        assert any(line.startswith("nothing fits: one sequence needs") for line in lines), name
+        assert any(line.startswith("nothing fits: the smallest sequence") for line in lines), name
+    lines = plan_lines(capsys, "--preset", "mamba2-130m", "--budget", "80GB")
+    assert "nothing fits" not in "\n".join(lines)
+    int8 = next(line for line in lines if line.startswith("int8 "))
+    assert int8.split()[1].isdigit() and int(int8.split()[1]) > 0 and "x)" in int8
+
+
+def test_commit_mode_table_counts_8bit_scales_with_the_main_pools(capsys):
+    from mamba_cache._config import format_bytes
+
+    lines = plan_lines(capsys, "--preset", "nemotron-h-8b", "--mtp", "2", "--recurrent-dtype", "int8")
+    config = dataclasses.replace(
+        PRESETS["nemotron-h-8b"].config(8, 2, commit_mode="replay"),
+        recurrent_state_dtype="int8",
+        intermediate_recurrent_state_dtype=None,
+    )
+    pools = config.pool_bytes()
+    replay = next(line for line in lines if line.split()[:1] == ["replay"])
+    main = pools["recurrent"] + pools["conv"] + pools["scales"]
+    assert re.split(r"\s{2,}", replay.strip())[1:3] == [format_bytes(main), format_bytes(pools["replay_stash"])]

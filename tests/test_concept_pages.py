@@ -10,7 +10,7 @@ BLOCKS = [
     pytest.param(block, id=f"{page.stem}-{n}")
     for page in sorted(DOCS.glob("*.md"))
     for n, block in enumerate(re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.S | re.M))
-    if page.stem in ("states",)
+    if page.stem in ("states", "strategies")
 ]
 
 

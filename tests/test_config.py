@@ -55,6 +55,10 @@ def test_field_order_is_the_documented_one():
         "mixer",
         "n_groups",
         "history_len",
+        "error_feedback",
+        "tp_size",
+        "tp_rank",
+        "replicated_groups",
     ]
 
 
@@ -96,7 +100,11 @@ def test_zero_layers_skips_validation_like_the_cpp():
 @pytest.mark.parametrize("field", ["recurrent_state_dtype", "conv_state_dtype"])
 def test_dtypes_are_normalised_and_checked(field):
     assert Config(**VALID, **{field: np.float32}).__getattribute__(field) == np.dtype(np.float32)
-    with pytest.raises(ConfigError, match=rf"{field} must be one of float16, bfloat16, float32, float64, got int32"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{field} must be one of float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2, int8, "
+        "got int32",
+    ):
         Config(**VALID, **{field: "int32"})
     with pytest.raises(ConfigError, match=rf"{field} must be a NumPy dtype"):
         Config(**VALID, **{field: "no-such-type"})
@@ -125,6 +133,8 @@ def test_byte_accounting_by_hand():
         "intermediate_conv": 2112,
         "replay_stash": 0,
         "history": 0,
+        "scales": 0,
+        "error_feedback": 0,
     }
     assert config.total_bytes == 9536
     fp32 = Config(**{**VALID, "recurrent_state_dtype": "float32", "max_intermediate_seq_len": 0})
@@ -135,6 +145,8 @@ def test_byte_accounting_by_hand():
         "intermediate_conv": 0,
         "replay_stash": 0,
         "history": 0,
+        "scales": 0,
+        "error_feedback": 0,
     }
 
 
@@ -169,3 +181,46 @@ def test_format_bytes(n, text):
 def test_import_needs_numpy_only():
     code = "import sys, mamba_cache; mamba_cache.Config(); assert 'numba' not in sys.modules, 'numba imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
+@pytest.mark.parametrize("tp, groups", [(1, 2), (2, 2), (2, 1), (4, 1)])
+def test_shards_record_their_heads_and_conv_sections(mixer, tp, groups):
+    """Every rank's sections tile each whole section once (split ones) or hold it whole (replicated groups)."""
+    heads, dim, size = 4, 3, 5
+    keys = groups * (dim if mixer == "gdn" else size)
+    whole = heads * (size if mixer == "gdn" else dim)
+    conv_dim = 2 * keys + whole
+    dims = dict(recurrent_state_num_heads=heads, recurrent_state_head_dim=dim, recurrent_state_size=size)
+    config = Config(**{**VALID, **dims, "conv_dim": conv_dim, "mixer": mixer, "n_groups": groups})
+    names = ("x", "B", "C") if mixer == "mamba2" else ("q", "k", "v")
+    covered = {name: [] for name in names}
+    for rank in range(tp):
+        shard = config.shard(tp, replicated_conv_channels=0 if groups % tp == 0 else 2 * keys, rank=rank)
+        assert (shard.tp_size, shard.tp_rank) == (tp, rank)
+        assert shard.unsharded_num_heads == heads and shard.unsharded_n_groups == groups
+        assert shard.head_range == (rank * heads // tp, (rank + 1) * heads // tp)
+        sections = shard.conv_sections
+        assert [s.name for s in sections] == list(names)
+        assert sum(s.channels for s in sections) == shard.conv_dim
+        assert [s.offset for s in sections] == [0, sections[0].channels, sections[0].channels + sections[1].channels]
+        for s in sections:
+            assert s.total == {"heads": whole, "groups": keys}[s.split]
+            covered[s.name] += range(s.start, s.start + s.channels)
+    for name, channels in covered.items():
+        split = "heads" if name in ("x", "v") else "groups"
+        total = whole if split == "heads" else keys
+        copies = tp if split == "groups" and groups % tp else 1  # replicated: every rank holds it whole
+        assert sorted(channels) == sorted(list(range(total)) * copies), name
+
+
+def test_shard_fields_are_checked():
+    with pytest.raises(ConfigError, match=r"tp_rank must be in \[0, 2\)"):
+        Config(**VALID, tp_size=2, tp_rank=2)
+    with pytest.raises(ConfigError, match="tp_size must be >= 1"):
+        Config(**VALID, tp_size=0)
+    with pytest.raises(ConfigError, match="replicated_groups needs n_groups == 1"):
+        Config(**{**VALID, "recurrent_state_num_heads": 4, "n_groups": 2}, replicated_groups=True)
+    with pytest.raises(ConfigError, match="already rank 1 of 2"):
+        Config(**{**VALID, "recurrent_state_num_heads": 4}).shard(2, 1, rank=1).shard(2)
+    assert Config(**VALID).conv_sections is None  # 11 channels follow no mixer layout (H * D + 2 * G * N = 29)

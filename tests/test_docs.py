@@ -1,9 +1,10 @@
 """The documentation site: a strict build, internal links, offline assets, and a browser look.
 
-The build executes every tutorial (mkdocs-jupyter) and renders the API reference from the
-docstrings (mkdocstrings); ``mkdocs build --strict`` fails on a broken link, a missing anchor or a
-docstring the reference cannot render. Headless Chromium (Debian's ``chromium``, which ``.ci/run``
-installs) then renders the main pages.
+The build renders every tutorial (mkdocs-jupyter; here it executes only 03 and 07, whose outputs
+the tests check: tests/test_tutorials.py runs every tutorial as a script, and `make docs` executes
+them all) and the API reference from the docstrings (mkdocstrings); ``mkdocs build --strict`` fails
+on a broken link, a missing anchor or a docstring the reference cannot render. Headless Chromium
+(Debian's ``chromium``, which ``.ci/run`` installs) then renders the main pages.
 """
 
 import functools
@@ -36,7 +37,7 @@ MAIN_PAGES = [
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", MKDOCS_EXECUTE_ONLY="03,07")  # the two whose output is checked
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT,
@@ -74,6 +75,7 @@ class _Refs(HTMLParser):
             self.scripts[-1] += data
 
 
+@functools.cache
 def parse(path):
     parser = _Refs()
     parser.feed(path.read_text(encoding="utf-8"))
@@ -211,11 +213,13 @@ def test_pages_render_in_headless_chromium(site, tmp_path):
         "--disable-dev-shm-usage",
         "--virtual-time-budget=3000",
     ]
+    doms = {}
     try:
         for page in MAIN_PAGES:
             dom = subprocess.run([*chromium, "--dump-dom", base + page], capture_output=True, text=True, timeout=120)
             assert dom.returncode == 0, dom.stderr[-2000:]
             assert "<article" in dom.stdout and "mamba_cache" in dom.stdout, page
+            doms[page] = dom.stdout
             shot = tmp_path / (page.replace("/", "_") + ".png")
             subprocess.run(
                 [*chromium, "--window-size=1280,1600", f"--screenshot={shot}", base + page],
@@ -224,17 +228,8 @@ def test_pages_render_in_headless_chromium(site, tmp_path):
                 check=True,
             )
             assert shot.stat().st_size > 10_000, page
-        dom = subprocess.run(
-            [*chromium, "--dump-dom", base + "concepts/layouts/index.html"], capture_output=True, text=True, timeout=120
-        ).stdout
-        assert re.search(r"<img[^>]+layouts\.svg", dom)
-        dom = subprocess.run(
-            [*chromium, "--dump-dom", base + "tutorials/03-speculative-decoding/index.html"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-        assert "bit for bit: True" in dom
+        assert re.search(r"<img[^>]+layouts\.svg", doms["concepts/layouts/index.html"])
+        assert "bit for bit: True" in doms["tutorials/03-speculative-decoding/index.html"]
         if os.environ.get("MAMBA_CACHE_SCREENSHOTS"):
             dest = pathlib.Path(os.environ["MAMBA_CACHE_SCREENSHOTS"])
             dest.mkdir(parents=True, exist_ok=True)

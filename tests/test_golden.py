@@ -1,33 +1,21 @@
 """Both backends against the committed golden vectors in reference/, and the generator against them."""
 
 import hashlib
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, to_host, write_pool
+from helpers import BACKENDS, REFERENCE, golden_generator, to_host, write_pool
 
 from mamba_cache import Config
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "reference"
 MANIFEST = json.loads((REFERENCE / "manifest.json").read_text())
-
-
-def load_generator():
-    spec = importlib.util.spec_from_file_location("golden_generate", REFERENCE / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("case", MANIFEST["cases"], ids=[c["name"] for c in MANIFEST["cases"]])
 def test_backend_matches_golden_vectors(backend, case):
-    generator = load_generator()
+    generator = golden_generator()
     config = Config(**case["config"])
-    if backend == "numba" and config.commit_mode == "checkpoint":
-        pytest.skip("checkpointed decoding has only the NumPy reference so far (the Numba backend refuses the mode)")
     expected = np.load(REFERENCE / case["file"])
     manager = BACKENDS[backend](config)
     pools = case.get("pools", MANIFEST["pools"])  # replay / checkpoint cases: main pools, stash or ring, counters
@@ -65,7 +53,7 @@ def test_backend_matches_golden_vectors(backend, case):
 
 
 def test_generator_reproduces_the_committed_files(tmp_path):
-    manifest = load_generator().build(tmp_path)
+    manifest = golden_generator().build(tmp_path)
     assert manifest == MANIFEST
     for case in MANIFEST["cases"]:
         committed, fresh = np.load(REFERENCE / case["file"]), np.load(tmp_path / case["file"])
@@ -111,7 +99,7 @@ def test_replay_cases_are_exact_in_float32(monkeypatch, case):
     import mamba_cache.replay.reference as reference
     from mamba_cache import NumpyMambaCacheManager
 
-    generator = load_generator()
+    generator = golden_generator()
     expected = np.load(REFERENCE / case["file"])
     monkeypatch.setattr(reference, "F32", np.float64)
     wide = Config(**{**case["config"], "recurrent_state_dtype": "float64", "intermediate_recurrent_state_dtype": None})
@@ -131,7 +119,7 @@ def test_prefix_key_chain_matches_golden():
     assert root_digest(case["namespace"]).hex() == case["root"]
     got = block_digests(case["tokens"], case["block_size"], case["namespace"])
     assert [d.hex() for d in got] == case["digests"] and len(got) == len(case["tokens"]) // case["block_size"]
-    assert load_generator().key_vectors() == case
+    assert golden_generator().key_vectors() == case
 
 
 def test_prefix_tail_keys_match_golden():

@@ -8,6 +8,9 @@
   the replay agrees within float32 rounding (its kernel fuses a multiply-add, torch's eager ops do not).
 - ``examples/integrate_prefill.py``: chunked prefill stopping at block boundaries, checkpoints and
   tracking during speculative decoding; every checkpoint restores bit for bit.
+- ``examples/integrate_chunked_prefill.py``: one chunked prefill per request that checkpoints every
+  block boundary it passes into reserved entries; every checkpoint within the chunked-prefill
+  tolerance table of the per-token decode of its prefix.
 - ``examples/integrate_cuda_graph.py``: a verify + commit step captured in a CUDA graph replays
   bit-identically to the eager step (GPU only).
 """
@@ -78,6 +81,21 @@ def test_prefill_checkpoints_and_tracking_restore_exactly(mode):
     assert (0, 32) in found and (1, 32) in found  # tracked during speculative decoding
 
 
+def test_one_chunked_prefill_checkpoints_every_boundary():
+    import integrate_chunked_prefill
+
+    from mamba_cache.models.chunked import CHUNKED_TOLERANCE
+
+    result = integrate_chunked_prefill.demo()
+    assert result["restored"] == [0, 16]  # the second request skips the shared 16 tokens
+    assert [(request, length) for request, length, _, _ in result["checkpoints"]] == [
+        (r, n) for r in (0, 1) for n in (8, 16, 24)
+    ]
+    for request, length, recurrent, conv in result["checkpoints"]:
+        assert recurrent <= CHUNKED_TOLERANCE["float32"]["recurrent"], (request, length, recurrent)
+        assert conv <= CHUNKED_TOLERANCE["float32"]["conv"], (request, length, conv)
+
+
 def _torch_cuda():
     torch = pytest.importorskip("torch", reason="the GPU loop needs torch")
     if not ON_GPU or not torch.cuda.is_available():
@@ -132,6 +150,7 @@ def test_every_snippet_the_pages_include_is_a_section_of_a_file_run_here():
         "examples/integrate_engine.py",
         "examples/integrate_engine_numpy.py",
         "examples/integrate_prefill.py",
+        "examples/integrate_chunked_prefill.py",
         "examples/integrate_tp.py",
         "examples/integrate_cuda_graph.py",
     }

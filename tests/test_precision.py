@@ -318,8 +318,9 @@ def test_bfloat16_config_spellings(spelling):
 
 @pytest.mark.parametrize("field", ["recurrent_state_dtype", "intermediate_conv_state_dtype"])
 def test_bad_dtype_lists_the_allowed_ones(field):
-    with pytest.raises(ConfigError, match=rf"{field} must be one of float16, bfloat16, float32, float64, got int8"):
-        small_config(**{field: "int8"})
+    allowed = "float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2, int8"
+    with pytest.raises(ConfigError, match=rf"{field} must be one of {allowed}, got int16"):
+        small_config(**{field: "int16"})
 
 
 def test_bfloat16_pools_per_backend_and_scatter_parity(rng):
@@ -382,8 +383,10 @@ def test_cli_plan_takes_state_dtypes(capsys):
     out = capsys.readouterr().out
     assert "intermediate_recurrent  [8, 2, 24, 64, 128]  bfloat16" in out
     assert "conv                    [8, 1792, 4]         float32" in out
-    assert main(["plan", "--preset", "mamba2-130m", "--recurrent-dtype", "int8"]) == 2
-    assert "must be one of float16, bfloat16, float32, float64, got int8" in capsys.readouterr().err
+    assert main(["plan", "--preset", "mamba2-130m", "--recurrent-dtype", "int16"]) == 2
+    assert "must be one of float16, bfloat16, float32, float64, float8_e4m3fn, float8_e5m2, int8, got int16" in (
+        capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------- the tiny model with 16-bit and rounded states

@@ -15,28 +15,17 @@ from helpers import (
     assert_same_bits,
     device_int32,
     fill_random,
+    fill_store,
     random_bits,
     small_config,
     snapshot,
+    store_snapshot,
     to_host,
 )
 
 from mamba_cache import Config, ConfigError
 from mamba_cache.models.mamba2 import TinyMamba2
 from mamba_cache.prefix import PrefixHandle, PrefixStateCache, block_digests, root_digest
-
-
-def store_snapshot(store) -> dict:
-    return {"entries_recurrent": to_host(store.entry_pools[0]), "entries_conv": to_host(store.entry_pools[1])}
-
-
-def fill_store(store, rng) -> None:
-    for pool in store.entry_pools:
-        values = random_bits(rng, pool.shape, pool.dtype)
-        if isinstance(pool, np.ndarray):
-            pool[...] = values
-        else:
-            pool.copy_to_device(values)
 
 
 def state(snap, slot):

@@ -22,6 +22,8 @@ def test_mamba2_130m_by_hand():
         "intermediate_conv": 0,
         "replay_stash": 0,
         "history": 0,
+        "scales": 0,
+        "error_feedback": 0,
     }
     assert config.total_bytes == 78_249_984
 
@@ -39,6 +41,8 @@ def test_nemotron_h_8b_mtp_tp2_by_hand():
         "intermediate_conv": 31_457_280,
         "replay_stash": 0,
         "history": 0,
+        "scales": 0,
+        "error_feedback": 0,
     }
     assert config.total_bytes == 1_045_954_560
     assert config.max_batch_size_for(20 * 2**30) == 164  # 21,474,836,480 // 130,744,320

@@ -21,13 +21,8 @@ from mamba_cache.replay.reference import conv_after, gdn_step, mamba2_step
 F32 = np.float32
 DTYPES = ["float16", "float32", "float64"]
 MIXERS = ["mamba2", "gdn"]
-#: Numba vs NumPy, per state dtype: FMA vs two roundings over up to V steps of magnitude-1 values
-#: (a few float32 ulps), which a 16-bit store can turn into one float16 ulp.
-TOLERANCE = {
-    "float16": dict(rtol=2e-3, atol=2e-3),
-    "float32": dict(rtol=1e-5, atol=1e-5),
-    "float64": dict(rtol=1e-5, atol=1e-5),
-}
+#: Numba vs NumPy, per state dtype (`helpers.REPLAY_TOLERANCE`, shared with checkpoint mode's folds).
+TOLERANCE = helpers.REPLAY_TOLERANCE
 
 
 def write(target, values):
@@ -522,6 +517,7 @@ def main_bits(manager):
 ROUNDINGS = [("bfloat16", False), ("float16", True), ("bfloat16", True)]
 
 
+@simulator_long(backend="numba", dtype="float16", stochastic=True)  # bfloat16-sr covers the stochastic path there
 @pytest.mark.parametrize(("dtype", "stochastic"), ROUNDINGS, ids=[f"{d}-{'sr' if s else 'rne'}" for d, s in ROUNDINGS])
 def test_replay_rounds_16_bit_states_as_the_decode_step_does(backend, rng, dtype, stochastic):
     """TinyMamba2, bf16 / stochastic rounding: verify + replay == sequential decode of the accepted tokens."""
@@ -623,12 +619,7 @@ def test_replay_tracking_restores_a_prefix_that_decodes_to_the_same_bits(backend
     for _ in range(4):
         drafts = rng.integers(0, 32, size=(active, verify))
         accept = rng.integers(1, verify + 1, size=active)
-        entries, steps = [-1] * active, [-1] * active
-        for b in range(active):
-            p = len(history[b])
-            c = (p // bs + 1) * bs  # the next block boundary after p
-            if c <= p + verify:
-                entries[b], steps[b] = store.reserve(), c - p - 1
+        entries, steps = helpers.track_next_boundaries(store, history, bs, verify)
         model.verify(cache, drafts)
         cache.replay_mtp_states(
             device_int32(backend, accept),
@@ -636,15 +627,7 @@ def test_replay_tracking_restores_a_prefix_that_decodes_to_the_same_bits(backend
             track_entries=device_int32(backend, entries),
             track_steps=device_int32(backend, steps),
         )
-        for b in range(active):
-            p = len(history[b])
-            history[b] += list(drafts[b, : accept[b]])
-            if entries[b] >= 0:
-                if steps[b] < accept[b]:
-                    store.publish(entries[b], history[b][: p + steps[b] + 1])
-                    published += 1
-                else:
-                    store.release(entries[b])
+        published += helpers.publish_tracked(store, history, drafts, accept, entries, steps)
     assert published >= 2
     for b in range(active):
         tokens = np.array(history[b] + [int(rng.integers(0, 32))])

@@ -66,6 +66,7 @@ def main_pools(manager):
 
 @simulator_long(backend="numba", mixer="gdn", dtype="float32")
 @simulator_long(backend="numba", mixer="gdn", dtype="float64")
+@simulator_long(backend="numba", mixer="mamba2", dtype="float64")  # float32 covers the simulator's path
 @pytest.mark.parametrize("mixer", MIXERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_replay_equals_sequential(backend, rng, dtype, mixer):

@@ -12,7 +12,8 @@ TUTORIALS = sorted((pathlib.Path(__file__).resolve().parents[1] / "tutorials").g
 
 
 def test_there_are_tutorials():
-    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05", "06", "07", "08", "10"]
+    numbers = [p.name[:2] for p in TUTORIALS]
+    assert len(numbers) >= 9 and numbers == [f"{n:02d}" for n in range(1, len(numbers) + 1)], numbers
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)

@@ -51,7 +51,9 @@ def state_after(
     slots: Any,
     steps: Any,
     positions: Any,
-) -> tuple[np.ndarray, np.ndarray]:
+    *,
+    scales: dict | None = None,
+) -> tuple:
     """The state of each given slot after ``steps`` ring steps past its checkpoint; the pools are not changed.
 
     Args:
@@ -65,10 +67,13 @@ def state_after(
         steps: ``[n]`` ints in ``[0, R]``: ring steps to advance each slot by (0: the checkpoint).
         positions: ``[n]`` ints, ``p0`` of each slot (tokens its checkpoint has consumed): ring
             step ``j`` stores with the stochastic-rounding key ``p0 + j + 1`` (unused unless the
-            config rounds stochastically into a 16-bit recurrent state).
+            config rounds stochastically into a 16-bit or 8-bit recurrent state).
+        scales: an 8-bit cache's scale and residual pools (``Config.scale_pools`` names, ``[L, B, ...]``);
+            required with 8-bit states, whose values mean nothing without them.
 
     Returns:
-        ``(recurrent [L, n, H, D, N], conv [L, n, C, K])``: new arrays in the pools' dtypes.
+        ``(recurrent [L, n, H, D, N], conv [L, n, C, K])``: new arrays in the pools' dtypes; with
+        ``scales``, a third item: the slots' scales and residuals, ``{name: [L, n, ...]}``.
 
     Raises:
         ValueError: a slot outside ``[0, B)``, repeated, or a step count outside ``[0, R]``.
@@ -91,6 +96,7 @@ def state_after(
     stash = {name: np.ascontiguousarray(view[:, slots]).reshape(layers, -1) for name, view in views.items()}
     shapes = {name: shape for name, (shape, _) in config.replay_stash_fields.items()}
     out_recurrent, out_conv = recurrent[:, slots].copy(), conv[:, slots].copy()
+    out_scales = None if scales is None else {name: pool[:, slots].copy() for name, pool in scales.items()}
     if count:
         replay_commit(
             out_recurrent,
@@ -104,8 +110,9 @@ def state_after(
             positions=positions,
             stochastic=config.stochastic_rounding,
             seed=config.rounding_seed,
+            scales=out_scales,
         )
-    return out_recurrent, out_conv
+    return (out_recurrent, out_conv) if scales is None else (out_recurrent, out_conv, out_scales)
 
 
 def fold(
@@ -116,13 +123,18 @@ def fold(
     slots: Any,
     steps: Any,
     positions: Any,
+    *,
+    scales: dict | None = None,
 ) -> None:
     """Advance each given slot's checkpoint by ``steps`` ring steps, in place (``state_after`` written back).
 
     The caller moves the slots' ``p0`` on by ``steps`` and sets their ``h`` to 0 (the ring is then
-    free from step 0). Arguments as in [`state_after`][mamba_cache.checkpoint.reference.state_after].
+    free from step 0). Arguments as in [`state_after`][mamba_cache.checkpoint.reference.state_after];
+    an 8-bit cache's ``scales`` are written back too.
     """
     slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-    new_recurrent, new_conv = state_after(config, recurrent, conv, history, slots, steps, positions)
-    recurrent[:, slots] = new_recurrent
-    conv[:, slots] = new_conv
+    new = state_after(config, recurrent, conv, history, slots, steps, positions, scales=scales)
+    recurrent[:, slots] = new[0]
+    conv[:, slots] = new[1]
+    for name, pool in (scales or {}).items():
+        pool[:, slots] = new[2][name]

@@ -260,12 +260,20 @@ class BackendHooks:
 
     # ------------------------------------------------------------ checkpoint mode (core/checkpoint.py)
     def _checkpoint_commit(
-        self, accept: IndexArg, indices: IndexArg | None, active: int, seq_len: int, stream: Stream
+        self,
+        accept: IndexArg,
+        indices: IndexArg | None,
+        active: int,
+        seq_len: int,
+        stream: Stream,
+        track: tuple | None = None,
     ) -> None:
         """Count row ``b``'s ``accept[b]`` ring steps into its slot, folding when ``h' + S > R``.
 
         See ``checkpoint_mtp_states``: rows with ``accept[b]`` outside ``[1, seq_len]`` or a slot
         outside ``[0, B)`` are skipped; the NumPy reference refuses repeated committing slots.
+        ``track``: ``(store, entries, steps)`` or None; a tracked state is computed from the
+        checkpoint as it was before the commit.
         """
         raise NotImplementedError
 
@@ -277,6 +285,22 @@ class BackendHooks:
         """New ``(recurrent [L, 1, H, D, N], conv [L, 1, C, K])`` arrays: slot ``slot`` after ``p0 + h`` tokens."""
         raise NotImplementedError
 
+    def _capture_folded_into(self, slot: int, targets: tuple, stream: Stream) -> None:
+        """``capture_states`` in checkpoint mode: slot ``slot`` after ``p0 + h`` tokens into the checked outputs.
+
+        This default captures ``_folded``'s new arrays; a backend may write the outputs directly.
+        """
+        for pool, target in zip(self._folded(slot, stream), targets, strict=True):
+            self._capture_into(pool, 0, target, stream)
+
+    def _copy_folded_into(self, targets: tuple, src: Any, dst: Any, count: int, stream: Stream) -> None:
+        """Rows ``dst`` of ``targets`` = the folded states of slots ``src``.
+
+        ``targets``: ``[L, X, ...]`` recurrent and conv stacks (a prefix store's entries); pairs out of
+        range are skipped; the sources and the counters are unchanged.
+        """
+        raise NotImplementedError
+
     def _copy_folded(self, src: IndexArg, dst: IndexArg, count: int, stream: Stream) -> None:
         """``copy_slots`` in checkpoint mode: each destination gets its source's folded state, ``p0 + h`` and ``h = 0``.
 
@@ -286,7 +310,10 @@ class BackendHooks:
         raise NotImplementedError
 
     def _reset_checkpoints(self, slots: np.ndarray | None, positions: np.ndarray | None, stream: Stream) -> None:
-        """``h[slots] = 0`` and, given ``positions`` (host int64), ``p0[slots] = positions``; ``slots`` None: all."""
+        """``h[slots] = 0`` and, given ``positions`` (host int64), ``p0[slots] = positions``; ``slots`` None: all.
+
+        ``slots``: a host int array (or, Numba, a checked device index array); a slot outside ``[0, B)`` is skipped.
+        """
         raise NotImplementedError
 
     def _state_array(self, name: str, array: Any, shape: Shape, dtype: np.dtype) -> Array:

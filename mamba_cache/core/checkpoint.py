@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_index
+from .checks import check_index, pad_slot_id
 
 
 class CheckpointOperations:
@@ -87,7 +87,8 @@ class CheckpointOperations:
         is then empty and its stochastic-rounding keys count from ``positions``.
 
         Args:
-            slots: ``[n]`` int32 host ``numpy.ndarray``, distinct, in ``[0, B)``.
+            slots: ``[n]`` int32 host ``numpy.ndarray``, distinct, in ``[0, B)``; a row naming
+                ``pad_slot_id`` (-1) is padding and sets nothing.
             positions: ``[n]`` int64 host ``numpy.ndarray``, each ``>= 0``.
             stream: the stream to run on (ignored by the NumPy backend).
 
@@ -114,10 +115,12 @@ class CheckpointOperations:
             raise ValueError(
                 f"positions must have the length of slots ({slot_values.size}), got {position_values.size}"
             )
+        keep = slot_values != pad_slot_id  # padding rows set nothing
+        slot_values, position_values = slot_values[keep], position_values[keep]
         batch = self._config.max_batch_size
         if ((slot_values < 0) | (slot_values >= batch)).any():
             bad = int(slot_values[(slot_values < 0) | (slot_values >= batch)][0])
-            raise ValueError(f"slots must be in [0, {batch}), got {bad}; nothing changed")
+            raise ValueError(f"slots must be in [0, {batch}) or pad_slot_id (-1), got {bad}; nothing changed")
         if np.unique(slot_values).size != slot_values.size:
             raise ValueError(f"slots must be distinct, got {slot_values.tolist()}; nothing changed")
         if (position_values < 0).any():
@@ -145,40 +148,52 @@ class CheckpointOperations:
         commit advances a slot (float32, stored to the state dtype after every step, stochastic
         rounding at ring step ``j`` keyed by position ``p0 + j + 1``), then ``p0 += h'`` and ``h = 0``;
         else ``h = h'`` and no state byte moves. Committing rows must name distinct slots; any
-        int32 value is otherwise safe.
+        int32 value is otherwise safe. On the Numba backend: no allocation after the first call and
+        no host synchronisation (graph-capturable).
 
         Args:
             accept_lengths: ``[active]`` int32, ``active`` at most the active batch of the current view.
             stream: the stream to run on (ignored by the NumPy backend).
             state_indices: optional ``[active]`` int32 pool slot of each row (keyword only).
-            store: prefix-store tracking is not built yet for checkpoint mode: must be None.
-            track_entries: must be None (as ``store``).
-            track_steps: must be None (as ``store``).
+            store: a [`PrefixStateCache`][mamba_cache.prefix.PrefixStateCache] of this manager whose reserved
+                entries receive tracked checkpoints (keyword only; give all three tracking arguments or none).
+            track_entries: ``[active]`` int32, the store entry (from ``store.reserve()``) row ``b``
+                checkpoints into; any value outside ``[0, P)`` tracks nothing.
+            track_steps: ``[active]`` int32, the window step whose state row ``b`` checkpoints, ``-1``
+                for none. A committing row with ``0 <= t = track_steps[b] < a`` writes into entry
+                ``track_entries[b]`` both kinds of its slot's state after ring step ``h + t`` (the
+                state after ``p0 + h + t + 1`` tokens, computed as the fold computes it), whether or
+                not the commit folds; the ring is never copied into the store.
 
         Raises:
-            ValueError: the cache is not in checkpoint mode (naming the commit to use), a tracking
-                argument is given, an array has the wrong rank / length / contiguity, or (NumPy
-                reference) two committing rows name one slot; nothing changed.
-            TypeError: an array is of the wrong kind or not int32, or ``stream`` is of an unknown kind.
+            ValueError: the cache is not in checkpoint mode (naming the commit to use), an array has
+                the wrong rank / length / contiguity, only some tracking arguments are given, ``store``
+                belongs to another manager, or (NumPy reference) two committing rows name one slot,
+                two tracking rows name one entry or a tracking row names an entry that is not
+                reserved; nothing changed.
+            TypeError: an array is of the wrong kind or not int32, ``stream`` is of an unknown kind,
+                or ``store`` is not a prefix store.
         """
         self._check_open("checkpoint_mtp_states")
+        self._tracking_given("checkpoint_mtp_states", store, track_entries, track_steps)
         if self._pools is not None and self._config.commit_mode != "checkpoint":
             instead = "replay_mtp_states" if self._config.commit_mode == "replay" else "scatter_mtp_states"
             raise ValueError(
                 f"checkpoint_mtp_states needs Config.commit_mode='checkpoint' (this cache has commit_mode="
                 f"{self._config.commit_mode!r}: use {instead}); nothing changed"
             )
-        if store is not None or track_entries is not None or track_steps is not None:
-            raise ValueError(
-                "checkpoint_mtp_states: prefix tracking (store, track_entries, track_steps) is not built yet for "
-                "commit_mode='checkpoint'; nothing changed"
-            )
         stream = self._stream(stream)
         if not self._history:
             return
         accept, indices, active = self._accept_and_indices(accept_lengths, state_indices, stream)
+        track = None
+        if store is not None:
+            what = "checkpoint_mtp_states"
+            track = (store, *self._tracking(what, store, track_entries, track_steps, active, stream))
         if active:
-            self._checkpoint_commit(accept, indices, active, self._verify_shape[1], stream)
+            self._checkpoint_commit(accept, indices, active, self._verify_shape[1], stream, track)
+            if store is not None:
+                store.tracked_on(stream)
 
     def materialize(self, slots: Any, stream: Any = None) -> None:
         """Fold the given slots now: each checkpoint advances through its ``h`` ring steps, then ``p0 += h``, ``h = 0``.
@@ -228,3 +243,26 @@ class CheckpointOperations:
             return self.capture_recurrent_states(slot, stream), self.capture_conv_states(slot, stream)
         recurrent, conv = self._folded(slot, resolved)
         return self._split_layers(recurrent), self._split_layers(conv)
+
+    def _copy_current(self, targets: tuple, src: Any, dst: Any, count: int, stream: Any) -> None:
+        """Rows ``dst`` of ``targets`` (stacks ``[L, X, ...]`` of `_moving_pools` kinds) = slots ``src``'s states.
+
+        In checkpoint mode the folded states (``_copy_folded_into``: the source slots unchanged), else
+        a row copy of the main pools. ``src`` / ``dst``: ints (one pair) or checked index arrays.
+        """
+        main = self._moving_pools()  # with an 8-bit cache's scales and residuals
+        if self._history:
+            self._copy_folded_into(targets, src, dst, count, stream)
+        else:
+            self._copy_rows(targets, main, src, dst, count, stream)
+
+    def _positions_restored(self, slots: Any, lengths: Any, stream: Any) -> None:
+        """After states were copied into ``slots`` (a prefix restore): ``p0 = lengths``, ``h = 0`` in checkpoint mode.
+
+        ``slots``: an int, a host int array or (Numba) a checked device index array; a slot outside
+        ``[0, B)`` is skipped. ``lengths``: host ints, one per slot.
+        """
+        if self._history:
+            if isinstance(slots, (int, np.integer)):
+                slots = np.array([slots], dtype=np.int32)
+            self._reset_checkpoints(slots, np.asarray(lengths, dtype=np.int64).reshape(-1), stream)

@@ -14,6 +14,11 @@ import numpy as np
 #: The largest int32 value (index arrays are int32).
 INT32_MAX = 2**31 - 1
 
+#: The padding row of any int32 array of slots or prefix-store entries: a row naming it reads,
+#: writes and tracks nothing, in every call and every commit mode (a CUDA graph's padding rows
+#: name it, so they never race on a real slot). Single-slot calls refuse it as out of range.
+pad_slot_id = -1
+
 
 def check_index(name: str, value: Any, stop: int) -> int:
     """Return ``value`` as an int in ``[0, stop)`` or raise ``IndexError``/``TypeError`` naming it."""

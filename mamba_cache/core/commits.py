@@ -48,7 +48,7 @@ class CommitOperations:
         seq = check_size("seq_len", seq_len, 1, config.max_intermediate_seq_len)
         if (active, seq) != self._verify_shape:
             self._verify_shape = (active, seq)
-            for key in [k for k in self._view_cache if k[0].startswith("intermediate_")]:
+            for key in [k for k in self._view_cache if k[0].startswith(("intermediate_", "scales_intermediate_"))]:
                 del self._view_cache[key]
 
     def _max_accept(self, seq_len: int) -> int:
@@ -395,6 +395,11 @@ class CommitOperations:
         if not isinstance(store, EntryStore):
             raise TypeError(f"store must be a mamba_cache.prefix.PrefixStateCache, got {type(store).__name__}")
         store.check_tracking(self, what)
+        if self._config.quantised_kinds:
+            raise ValueError(
+                f"{what}: tracking into a prefix store (store, track_entries) is not built for 8-bit states yet; "
+                "insert the committed slot with store.insert instead; nothing was changed"
+            )
         checked = []
         for name, array in (("track_entries", track_entries), ("track_steps", track_steps)):
             values, (count,) = self._int32_array(name, array, "[active]", stream)

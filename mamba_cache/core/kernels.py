@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from numba import cuda
 
+from .checks import pad_slot_id
 from .launch import MAX_THREADS as MAX_THREADS  # the largest block (the tests read it here)
 from .launch import slot_launch_shape
 
@@ -307,7 +308,8 @@ def scatter_tracked(
 
     Row ``b = blockIdx.y`` first commits exactly as [`scatter_accepted`][mamba_cache.core.kernels.scatter_accepted].
     Then, with ``t = track_steps[b]``, ``e = track_entries[b]`` and ``a = accept_lengths[b]``: if ``0 <= t < a``,
-    ``t < seq_len`` and ``0 <= e < P``, the state after draft step ``t`` is copied into store entry ``e``:
+    ``t < seq_len``, ``0 <= e < P`` and the row's slot is not ``pad_slot_id`` (a padding row tracks nothing), the
+    state after draft step ``t`` is copied into store entry ``e``:
     ``track[l, e, :] = src[l, b * seq_len + t, :]`` for both kinds. The two copies read the same intermediate buffers
     and write disjoint ones, so their order within the block does not matter:
 
@@ -343,6 +345,8 @@ def scatter_tracked(
     step = track_steps[row]
     entry = track_entries[row]
     if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
+        return
+    if use_indices and state_indices[row] == pad_slot_id:  # a padding row tracks nothing
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x

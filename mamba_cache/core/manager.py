@@ -7,6 +7,7 @@ The manager is assembled from parts a reader can find by name, each written once
 - ``core/slots.py``: clear, capture, copy, restore, save and load slots;
 - ``core/commits.py``: the verify view (reshape) and the scatter, tree and replay commits;
 - ``core/checkpoint.py``: checkpoint mode's ring, counters, commit and folds;
+- ``core/moving.py``: state parcels (export / import) and preemption (offload / resume);
 - ``core/checks.py``: the argument checks (they name the argument and its range);
 - ``core/backend.py``: the hooks a backend binds to its arrays and streams (the declared interface).
 
@@ -36,6 +37,7 @@ from .backend import BackendHooks, StatePools
 from .checkpoint import CheckpointOperations
 from .checks import check_index
 from .commits import CommitOperations
+from .moving import MovingOperations
 from .slots import SlotOperations
 
 logger = logging.getLogger("mamba_cache")
@@ -43,7 +45,7 @@ logger = logging.getLogger("mamba_cache")
 __all__ = ["MambaCacheManagerBase"]
 
 
-class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperations, BackendHooks):
+class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperations, MovingOperations, BackendHooks):
     """Per-layer Mamba (recurrent + conv) state manager.
 
     The interface both backends share, documented once here; the NumPy reference,
@@ -96,6 +98,9 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
             shapes.append(((layers, ring_steps * int(np.prod(shape))), dtype))
         if ring_fields:
             shapes += [((config.max_batch_size,), np.dtype(np.int32)), ((config.max_batch_size,), np.dtype(np.int64))]
+        # 8-bit states: float32 scales beside each 8-bit pool, bfloat16 residuals with error feedback.
+        scale_pools = config.scale_pools()
+        shapes += list(scale_pools.values())
         pools: list = []
         try:
             for shape, dtype in shapes:
@@ -104,7 +109,8 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
             pools.clear()  # leave no partial allocation behind
             self._release_partial()
             raise
-        extra = pools[main_pools:]
+        self._scales = dict(zip(scale_pools, pools[len(pools) - len(scale_pools) :], strict=True))
+        extra = pools[main_pools : len(pools) - len(scale_pools)]
         self._stash = dict(zip(stash_fields, extra[: len(stash_fields)], strict=True))
         if ring_fields:
             self._history = dict(zip(ring_fields, extra[: len(ring_fields)], strict=True))
@@ -132,8 +138,10 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
         self._closed = False
         self._stash: dict = {}  # replay mode: stash field name -> [L, B*S*elems] pool
         self._history: dict = {}  # checkpoint mode: ring field name -> [L, B*R*elems] pool
+        self._scales: dict = {}  # 8-bit states: "scales_<pool>" / "residual_<kind>" -> stacked pool
         self._history_lengths = None  # checkpoint mode: h, int32 [B], ring steps past the checkpoint
         self._checkpoint_positions = None  # checkpoint mode: p0, int64 [B], tokens the checkpoint consumed
+        self._offload = None  # offload_slots' host pool (core/moving.py), allocated on first use
 
     def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         """``function(*args, **kwargs)`` with this manager's device current (the Numba backend's override).
@@ -299,6 +307,113 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
         return self._intermediate_layer("conv", recurrent_layer_idx)
 
     # ------------------------------------------------------------ ownership
+    # ------------------------------------------------------------ 8-bit states
+    def _scale_layer(self, name: str, layer: Any, what: str) -> Any:
+        """One layer of the 8-bit pool ``name`` (``Config.scale_pools``); per-step ones as ``[active, V, ...]``."""
+        self._require_pools(what)
+        index = check_index("recurrent_layer_idx", layer, self._config.num_recurrent_layers)
+        pool = self._scales.get(name)
+        if pool is None:
+            kind = name.rsplit("_", 1)[-1]
+            need = "error_feedback=True and an 8-bit" if name.startswith("residual_") else "an 8-bit"
+            raise ValueError(
+                f"{what}: this cache has no {name.replace('_', ' ')} (it needs {need} "
+                f"{'per-step ' if 'intermediate' in name else ''}{kind} state dtype, see Config)"
+            )
+        key = (name, index)
+        view = self._view_cache.get(key)
+        if view is None:
+            config = self._config
+            view = pool[index]
+            if "intermediate" in name:
+                active, seq = self._verify_shape
+                per_slot = (config.recurrent_scale_shape if name.endswith("recurrent") else config.conv_scale_shape)[1:]
+                view = view[: active * seq * int(np.prod(per_slot))].reshape((active, seq, *per_slot))
+            dtype = config.residual_dtype if name.startswith("residual_") else pool.dtype
+            view = self._view_cache[key] = self._export(view, dtype)
+        return view
+
+    @property
+    def scale_pools(self) -> dict:
+        """The 8-bit states' extra pools, to read, by ``Config.scale_pools`` name (``{}`` without 8-bit states).
+
+        ``scales_recurrent [L, B, H, D]``, ``scales_conv [L, B, ceil(C / 64), K]`` (float32),
+        ``scales_intermediate_*`` flat per layer, ``residual_recurrent [L, B, H, D, N]`` (bfloat16);
+        read-only views on NumPy, as ``pools``.
+        """
+        return {name: self._read_only(pool) for name, pool in self._scales.items()}
+
+    def get_recurrent_scales(self, recurrent_layer_idx: int) -> Any:
+        """The scales of an 8-bit recurrent pool, one layer: ``[B, H, D]`` float32, one per group of ``N``.
+
+        Element ``[b, h, d, n]`` of ``get_recurrent_state`` reads as ``stored * scale[b, h, d]``
+        ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]). Every operation moves the
+        scales with their states.
+
+        Raises:
+            ValueError: the recurrent state dtype is not 8-bit.
+            IndexError: ``recurrent_layer_idx`` out of range, or no layers.
+        """
+        return self._scale_layer("scales_recurrent", recurrent_layer_idx, "get_recurrent_scales")
+
+    def get_conv_scales(self, recurrent_layer_idx: int) -> Any:
+        """The scales of an 8-bit conv pool, one layer: ``[B, ceil(C / 64), K]`` float32.
+
+        Channel ``c`` of column ``k`` reads as ``stored * scale[b, c // 64, k]``; a column's scales
+        move with it as the window shifts.
+
+        Raises:
+            ValueError: the conv state dtype is not 8-bit.
+            IndexError: ``recurrent_layer_idx`` out of range, or no layers.
+        """
+        return self._scale_layer("scales_conv", recurrent_layer_idx, "get_conv_scales")
+
+    def get_intermediate_recurrent_scales(self, recurrent_layer_idx: int) -> Any:
+        """Scales of the 8-bit per-step recurrent states, ``[active, V, H, D]`` float32 (as the states' view).
+
+        Raises:
+            ValueError: the per-step recurrent dtype is not 8-bit (or there are no per-step states).
+        """
+        return self._scale_layer(
+            "scales_intermediate_recurrent", recurrent_layer_idx, "get_intermediate_recurrent_scales"
+        )
+
+    def get_intermediate_conv_scales(self, recurrent_layer_idx: int) -> Any:
+        """Scales of the 8-bit per-step conv windows, ``[active, V, ceil(C / 64), K]`` float32.
+
+        Raises:
+            ValueError: the per-step conv dtype is not 8-bit (or there are no per-step states).
+        """
+        return self._scale_layer("scales_intermediate_conv", recurrent_layer_idx, "get_intermediate_conv_scales")
+
+    def get_recurrent_residual(self, recurrent_layer_idx: int) -> Any:
+        """Error feedback: the residual of each recurrent element's last store, ``[B, H, D, N]`` bfloat16.
+
+        Raises:
+            ValueError: ``error_feedback`` is off or the recurrent dtype is not 8-bit.
+        """
+        return self._scale_layer("residual_recurrent", recurrent_layer_idx, "get_recurrent_residual")
+
+    def get_conv_residual(self, recurrent_layer_idx: int) -> Any:
+        """Error feedback: the residual of each conv element's last store, ``[B, C, K]`` bfloat16.
+
+        Raises:
+            ValueError: ``error_feedback`` is off or the conv dtype is not 8-bit.
+        """
+        return self._scale_layer("residual_conv", recurrent_layer_idx, "get_conv_residual")
+
+    def _pool_dtype(self, pool: Any) -> np.dtype:
+        """The dtype a stacked pool holds for the cache (a device pool may store it as raw bits)."""
+        config = self._config
+        if pool is self._pools.recurrent or pool is self._pools.conv:
+            return config.recurrent_state_dtype if pool is self._pools.recurrent else config.conv_state_dtype
+        return config.residual_dtype if pool is self._scales.get("residual_recurrent") else np.dtype(pool.dtype)
+
+    def _moving_pools(self) -> tuple:
+        """The stacked ``[L, B, ...]`` pools a slot's state lives in: recurrent, conv, any 8-bit scales, residuals."""
+        extra = (self._scales.get(n) for n in ("scales_recurrent", "scales_conv", "residual_recurrent"))
+        return (self._pools.recurrent, self._pools.conv, *(p for p in extra if p is not None))
+
     def __copy__(self):
         raise TypeError(f"{type(self).__name__} cannot be copied (the buffers are large); use move()")
 

@@ -8,7 +8,9 @@ Numba has no bfloat16 type and ``__cuda_array_interface__`` cannot express one: 
 a uint16 device array of the raw bits, and CAI consumers see uint16 (``.view(torch.bfloat16)``).
 
 The kernels are in ``mamba_cache.core.kernels`` (copies, scatters, captures), ``mamba_cache.replay.tiled``
-(the replay commit) and ``mamba_cache.precision`` (converting commits, bound in ``core/numba_convert.py``).
+(the replay commit, and checkpoint mode's folds), ``mamba_cache.checkpoint.kernels`` (checkpoint mode's counters,
+bound in ``core/numba_checkpoint.py``) and ``mamba_cache.precision`` (converting commits, bound in
+``core/numba_convert.py``).
 The commits, clears, captures into a caller's buffers and slot copies launch prepared kernels
 (``mamba_cache.core.launch``): one launch covering every layer and both state kinds, no allocation,
 no host synchronisation, so they can be captured into a CUDA graph.
@@ -26,11 +28,13 @@ from numba import cuda
 
 from .._config import Config, ConfigError, format_bytes
 from ..replay import tiled as replay_tiled
-from . import kernels, numba_convert
+from . import kernels, numba_convert, numba_quant8
 from .device import SIMULATOR, DeviceArray, Launch, device_pointer
 from .launch import DeviceArg
 from .manager import MambaCacheManagerBase
 from .numba_args import DeviceArguments
+from .numba_checkpoint import CheckpointBinding
+from .numba_moving import NumbaParcelHooks
 
 __all__ = ["NumbaMambaCacheManager"]
 
@@ -81,7 +85,7 @@ def _aligned_word(array: Any, pointer: int) -> int:
     return min(8, address & -address) if address else 8
 
 
-class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
+class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHooks, MambaCacheManagerBase):
     """Per-layer Mamba (recurrent + conv) state manager on a CUDA device, through Numba.
 
     Same interface, semantics and results (bit for bit) as
@@ -144,22 +148,20 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         self._placeholder_array = None
         self._last_arrays: dict = {}
         self._converting: tuple | None = None
+        self._quant8_placeholder: dict | None = None  # 8-bit commits: stand-ins for absent scale pools
 
     def _check_config(self, config: Config) -> None:
         for name in ("num_recurrent_layers", "max_batch_size"):
             value = getattr(config, name)
             if value > MAX_GRID_YZ:
                 raise ConfigError(f"{name} must be <= {MAX_GRID_YZ} for the Numba backend, got {value}")
-        if config.commit_mode == "checkpoint":
-            raise ConfigError(
-                "commit_mode='checkpoint' is not built yet for the Numba backend: the NumPy reference "
-                "(NumpyMambaCacheManager) has it, the Numba kernels do not; use commit_mode='scatter' or 'replay'"
-            )
-        if config.has_replay_stash and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
+        numba_quant8.check_config(config)
+        replays = config.has_replay_stash or config.has_history
+        if replays and config.mixer == "gdn" and config.recurrent_state_head_dim > 256:
             # a column of the state is split over at most MAX_KEY_DIM / 32 threads (mamba_cache.replay.tiled)
             raise ConfigError(
                 "recurrent_state_head_dim (the Gated DeltaNet key dim) must be <= 256 for the Numba replay "
-                f"commit, got {config.recurrent_state_head_dim}"
+                f"commit and checkpoint fold, got {config.recurrent_state_head_dim}"
             )
 
     def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -225,6 +227,8 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
     def _zeros(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
         if dtype.name == "bfloat16":  # Numba has no bfloat16: keep the raw bits (see mamba_cache.precision)
             dtype = np.dtype(np.uint16)
+        elif dtype.name.startswith("float8"):  # nor float8: raw bits too
+            dtype = np.dtype(np.uint8)
         nbytes = math.prod(shape) * dtype.itemsize
         try:
             array = cuda.device_array(shape, dtype=dtype)  # not bound to a stream: see _device_empty
@@ -257,11 +261,14 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         launch, grid = self._zero_launch(pool_a, pool_b)
         launch.launch(grid, stream)
 
+    def _empty(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
+        """An uninitialised device array from the stream-ordered allocator (`_device_empty`)."""
+        return _device_empty(shape, dtype, stream)
+
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
         out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
         self._capture_into(pool, slot, out, stream)
-        kind = "recurrent" if pool is self._pools.recurrent else "conv"
-        return self._export(out, getattr(self._config, f"{kind}_state_dtype"))
+        return self._export(out, self._pool_dtype(pool))
 
     def _export(self, array: Any, dtype: np.dtype) -> Any:
         # Numba arrays that also export DLPack (bfloat16 pools with the bfloat16 type code)
@@ -377,6 +384,8 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
     def _scatter(
         self, accept: Any, indices: Any, active: int, seq_len: int, max_accept: int, stream: Any, positions: Any = None
     ) -> None:
+        if self._config.quantised_kinds:
+            return numba_quant8.commit(self, accept, indices, active, seq_len, max_accept, stream, positions)
         if self._converting_commit():
             return numba_convert.scatter(self, accept, indices, active, seq_len, max_accept, stream, positions)
         launch, blocks, layers = self._commit_launch("scatter", kernels.scatter_accepted)
@@ -389,6 +398,8 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
     def _scatter_tree(
         self, nodes: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, positions: Any = None
     ) -> None:
+        if self._config.quantised_kinds:
+            return numba_quant8.commit(self, accept, indices, active, seq_len, seq_len, stream, positions, nodes)
         if self._converting_commit():
             return numba_convert.scatter_tree(self, nodes, accept, indices, active, seq_len, stream, positions)
         launch, blocks, layers = self._commit_launch("tree", kernels.scatter_tree)
@@ -418,7 +429,13 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         launch.set_scalar("use_indices", int(indices is not None))
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
-        key = ("copy_rows", id(dst[0]), id(src[0]))
+        if len(dst) > 2:  # an 8-bit cache's scales and residuals: one more launch a pair of pools
+            for i in range(0, len(dst), 2):
+                pair = [dst[i : i + 2], src[i : i + 2]]
+                pair = [p * 2 for p in pair] if len(pair[0]) == 1 else pair  # a last single pool: twice
+                self._copy_rows(*pair, src_rows, dst_rows, count, stream)
+            return
+        key = ("copy_rows", id(dst[0]), id(src[0]), id(dst[1]))
         entry = self._launches.get(key)
         if entry is None:
             words = []
@@ -527,16 +544,20 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         event.wait(stream.stream)
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        entry = self._launches.get("zero_slot")
-        if entry is None:
-            pools, slots = self._pools, self._config.max_batch_size
-            rec, conv = _slot_words(pools.recurrent, slots), _slot_words(pools.conv, slots)
-            (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
-            launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
-            entry = self._launches["zero_slot"] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
-        launch, grid = entry
-        launch.set_scalar("slot", slot)
-        launch.launch(grid, stream)
+        pools = self._moving_pools()  # with an 8-bit cache's scales and residuals, a launch a pair
+        for i in range(0, len(pools), 2):
+            pair = (pools[i], pools[i + 1] if i + 1 < len(pools) else pools[i])
+            key = ("zero_slot", id(pair[0]), id(pair[1]))
+            entry = self._launches.get(key)
+            if entry is None:
+                slots = self._config.max_batch_size
+                rec, conv = _slot_words(pair[0], slots), _slot_words(pair[1], slots)
+                (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
+                launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
+                entry = self._launches[key] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
+            launch, grid = entry
+            launch.set_scalar("slot", slot)
+            launch.launch(grid, stream)
 
     def _replay(
         self,
@@ -549,6 +570,8 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         positions: Any = None,
         track: Any = None,
     ) -> None:
+        if self._config.quantised_kinds:  # an 8-bit recurrent state (tracking was refused before)
+            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions)
         entry = self._launches.get("replay")
         if entry is None:
             entry = self._launches["replay"] = self._replay_prepare(
@@ -570,23 +593,32 @@ class NumbaMambaCacheManager(DeviceArguments, MambaCacheManagerBase):
         launch.set_scalar("use_tracking", int(track is not None))
         if track is not None:
             store, entries, steps = track
-            views = []  # the store's [L, P, ...] pools seen flat per entry (host-side views, nothing allocated)
-            for pool in store.entry_pools:
-                flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
-                views.append(DeviceArg(flat, device_pointer(flat), flat.shape))
-            launch.set_array("track_rec", views[0], shape_changes=True)
-            launch.set_array("track_conv", views[1], shape_changes=True)
-            launch.set_array("track_entries", entries, shape_changes=True)
-            launch.set_array("track_steps", steps, shape_changes=True)
+            self._point_tracking(launch, store.entry_pools, entries, steps)
         launch.launch((blocks, active, layers), stream)
+
+    @staticmethod
+    def _point_tracking(launch: Any, targets: tuple, entries: Any, steps: Any) -> None:
+        """Point a replay launch's tracking at ``targets`` and the rows' ``entries`` / ``steps``.
+
+        ``targets``: the ``[L, P, ...]`` recurrent and conv stacks, seen flat per entry (host-side views,
+        nothing allocated).
+        """
+        views = []
+        for pool in targets:
+            flat = pool.reshape(pool.shape[0], pool.shape[1], int(np.prod(pool.shape[2:])))
+            views.append(DeviceArg(flat, device_pointer(flat), flat.shape))
+        launch.set_array("track_rec", views[0], shape_changes=True)
+        launch.set_array("track_conv", views[1], shape_changes=True)
+        launch.set_array("track_entries", entries, shape_changes=True)
+        launch.set_array("track_steps", steps, shape_changes=True)
 
     def _write_slot(self, pool: Any, layer: int, slot: int, state: Any, stream: Any) -> None:
         target = pool[layer, slot]
         target.copy_to_device(state.reshape(target.shape), stream=stream.stream)
 
     def _from_host(self, array: np.ndarray, stream: Any) -> Any:
-        if array.dtype.name == "bfloat16":  # the pools hold bfloat16 as uint16 raw bits
-            array = array.view(np.uint16)
+        if array.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):  # the pools hold them as raw bits
+            array = array.view(f"u{array.itemsize}")
         return cuda.to_device(np.ascontiguousarray(array), stream=stream.stream)
 
     def _to_host(self, array: Any, stream: Any) -> np.ndarray:

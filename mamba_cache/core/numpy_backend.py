@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .checks import check_int32_array
+from ..moving.parcel import ParcelError, adler32_chunks
+from .checks import check_int32_array, pad_slot_id
 from .manager import MambaCacheManagerBase
 
 __all__ = ["NumpyMambaCacheManager"]
@@ -156,6 +157,11 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         for kind, (pool, inter) in enumerate(
             ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv))
         ):
+            if pool.dtype.itemsize == 1:  # an 8-bit pool: values with their scales
+                position = 0 if positions is None else positions.astype(np.int64)[rows] + consumed[rows]
+                shift = None if consumed is None else consumed[rows]
+                self._commit8(("recurrent", "conv")[kind], slots[rows], src_rows, position, shift)
+                continue
             layers, count = pool.shape[:2]
             dst = pool.reshape(layers, count, -1)
             src = inter.reshape(layers, -1, dst.shape[2])
@@ -174,6 +180,46 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 layer=np.arange(layers)[:, None],
                 position=position,
             )
+
+    def _commit8(self, kind: str, targets: np.ndarray, src_rows: np.ndarray, position: Any, shift: Any) -> None:
+        """The scatter / tree commit of one kind into its 8-bit pool (``targets``: slots, ``src_rows``: per-step rows).
+
+        8-bit per-step states: values and scales copied. Wider ones: a recurrent state is quantised
+        (with its residual fed back under ``error_feedback``); a conv window keeps its stored columns,
+        moved ``shift`` places, and takes its ``shift`` new columns quantised
+        ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]).
+        """
+        from ..precision.quant8 import shift_in_columns, store
+
+        config, pools = self._config, self._pools
+        pool, inter = getattr(pools, kind), getattr(pools, f"intermediate_{kind}")
+        scales = self._scales[f"scales_{kind}"]
+        layers, slots_total = pool.shape[:2]
+        if inter.dtype == pool.dtype:  # the plain 8-bit scatter: a copy of the stored values and scales
+            inter_scales = self._scales[f"scales_intermediate_{kind}"]
+            for dst, src in ((pool, inter), (scales, inter_scales)):
+                flat = dst.reshape(layers, slots_total, -1)
+                flat[:, targets] = src.reshape(layers, -1, flat.shape[2])[:, src_rows]
+            return
+        states = inter.reshape(layers, -1, *pool.shape[2:])[:, src_rows]
+        residual = self._scales.get(f"residual_{kind}")
+        stored = store(
+            states,
+            pool.dtype,
+            layout=kind,
+            stochastic=config.stochastic_rounding,
+            seed=config.rounding_seed,
+            layer=np.arange(layers)[:, None],
+            position=np.asarray(position)[None] if np.ndim(position) else position,
+            residual=None if residual is None else residual[:, targets],
+        )
+        if kind == "recurrent":
+            pool[:, targets], scales[:, targets] = stored.values, stored.scales
+            if residual is not None:
+                residual[:, targets] = stored.residual
+            return
+        pool[:, targets] = shift_in_columns(pool[:, targets], stored.values, shift)
+        scales[:, targets] = shift_in_columns(scales[:, targets], stored.scales, shift)
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
         s, d = _copy_pairs(src_rows, dst_rows, count, src[0].shape[1], dst[0].shape[1], dst is src)
@@ -196,6 +242,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         # Checkpoint rows: 0 <= t < accept, t < V, entry in [0, P). Check them all before moving anything.
         step, entry = steps.astype(np.int64), entries.astype(np.int64)
         track = (step >= 0) & (step < accept) & (step < seq_len) & (entry >= 0) & (entry < store.entries)
+        if indices is not None:  # a padding row tracks nothing (other out-of-range slots still track)
+            track &= indices != pad_slot_id
         rows = np.flatnonzero(track)
         store.check_tracked_entries(entry[rows])
         commit = accept.astype(np.int64) - 1
@@ -211,7 +259,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 from ..precision import convert
 
                 consumed = 0 if positions is None else positions.astype(np.int64)[rows] + step[rows] + 1
-                flat = states.reshape(*states.shape[:2], -1)
+                flat = states.reshape(*states.shape[:2], int(np.prod(states.shape[2:])))  # no tracked row: size 0
                 states = convert(
                     flat,
                     dst.dtype,
@@ -244,8 +292,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         pass
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        self._pools.recurrent[:, slot] = 0
-        self._pools.conv[:, slot] = 0
+        for pool in self._moving_pools():  # with any 8-bit scales and residuals
+            pool[:, slot] = 0
 
     def _state_array(self, name: str, array: Any, shape: tuple, dtype: np.dtype) -> np.ndarray:
         if not hasattr(array, "__cuda_array_interface__"):
@@ -302,7 +350,39 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             stochastic=config.stochastic_rounding,
             seed=config.rounding_seed,
             track=track,
+            scales=self._scales,
         )
+
+    # ------------------------------------------------------------ state parcels
+    def _parcel_buffer(self, nbytes: int, stream: Any) -> np.ndarray:
+        return np.zeros(nbytes, dtype=np.uint8)
+
+    def _parcel_buffer_in(self, name: str, buffer: Any, nbytes: int, stream: Any) -> np.ndarray:
+        buffer = _host_dlpack(name, buffer)
+        if isinstance(buffer, (bytes, bytearray, memoryview)):
+            buffer = np.frombuffer(buffer, dtype=np.uint8)
+        if not isinstance(buffer, np.ndarray):
+            raise TypeError(
+                f"{name} must be a host numpy.ndarray of uint8 for the NumPy backend, got {type(buffer).__name__}"
+            )
+        if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
+            raise TypeError(
+                f"{name} must be a contiguous 1-D uint8 array, got {buffer.dtype.name} {list(buffer.shape)}"
+            )
+        if buffer.size != nbytes:
+            raise ParcelError(f"{name} holds {buffer.size} bytes, its descriptor says {nbytes}; nothing was changed")
+        return buffer
+
+    def _copy_runs(self, table: np.ndarray, buffer: np.ndarray, pools: tuple, to_buffer: bool, stream: Any) -> None:
+        flat = [pool.reshape(-1).view(np.uint8) for pool in pools]
+        for pool, src, dst, count in table.tolist():
+            if to_buffer:
+                buffer[dst : dst + count] = flat[pool][src : src + count]
+            else:
+                flat[pool][src : src + count] = buffer[dst : dst + count]
+
+    def _chunk_checksums(self, buffer: np.ndarray, chunk_bytes: int, stream: Any) -> np.ndarray:
+        return adler32_chunks(buffer, chunk_bytes)
 
     # ------------------------------------------------------------ checkpoint mode
     def _fold_slots(self, slots: np.ndarray, steps: np.ndarray) -> None:
@@ -310,7 +390,9 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         from ..checkpoint.reference import fold
 
         positions = self._checkpoint_positions
-        fold(self._config, self._pools.recurrent, self._pools.conv, self._history, slots, steps, positions[slots])
+        pools = self._pools
+        scales = self._scales or None
+        fold(self._config, pools.recurrent, pools.conv, self._history, slots, steps, positions[slots], scales=scales)
         positions[slots] += steps
         self._history_lengths[slots] = 0
 
@@ -327,17 +409,52 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             )
         return rows
 
-    def _checkpoint_commit(self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any) -> None:
+    def _checkpoint_commit(
+        self, accept: np.ndarray, indices: Any, active: int, seq_len: int, stream: Any, track: Any = None
+    ) -> None:
         accepted = accept.astype(np.int64)
         slots = np.arange(active) if indices is None else indices.astype(np.int64)
         rows = self._committing_slots(slots, (accepted >= 1) & (accepted <= seq_len), "committing rows")
         config = self._config
         targets = slots[rows]
+        if track is not None:  # the state after the tracked step, from the checkpoint as it is before the commit
+            self._track_ring(track, rows, targets, accepted[rows])
         after = self._history_lengths[targets].astype(np.int64) + accepted[rows]
         folds = after + config.max_intermediate_seq_len > config.history_len
         self._history_lengths[targets[~folds]] = after[~folds]
         if folds.any():
             self._fold_slots(targets[folds], after[folds])
+
+    def _ring_state(self, slots: np.ndarray, extra: Any = 0) -> tuple:
+        """``state_after`` of distinct ``slots``: each advanced through its ``h`` (plus ``extra``) ring steps.
+
+        ``(recurrent, conv)``, and with 8-bit states a third item: their scales and residuals by pool name.
+        """
+        from ..checkpoint.reference import state_after
+
+        steps = self._history_lengths[slots].astype(np.int64) + extra
+        return state_after(
+            self._config,
+            self._pools.recurrent,
+            self._pools.conv,
+            self._history,
+            slots,
+            steps,
+            self._checkpoint_positions[slots],
+            scales=self._scales or None,
+        )
+
+    def _track_ring(self, track: tuple, rows: np.ndarray, targets: np.ndarray, accepted: np.ndarray) -> None:
+        """Entry ``track_entries[b]`` = the state after ring step ``h + t`` of committing row ``b`` (``0 <= t < a``)."""
+        store, entries, steps = track
+        step, entry = steps.astype(np.int64)[rows], entries.astype(np.int64)[rows]
+        ok = (step >= 0) & (step < accepted) & (entry >= 0) & (entry < store.entries)
+        store.check_tracked_entries(entry[ok])  # refuses before anything is written
+        if not ok.any():
+            return
+        recurrent, conv, *_ = self._ring_state(targets[ok], step[ok] + 1)  # 8-bit tracking is refused earlier
+        store.entry_pools[0][:, entry[ok]] = recurrent
+        store.entry_pools[1][:, entry[ok]] = conv
 
     def _materialize(self, slots: np.ndarray, count: int, stream: Any) -> None:
         values = slots.astype(np.int64)
@@ -346,41 +463,46 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         self._fold_slots(targets, self._history_lengths[targets].astype(np.int64))
 
     def _folded(self, slot: int, stream: Any) -> tuple[np.ndarray, np.ndarray]:
-        from ..checkpoint.reference import state_after
-
-        slots = np.array([slot])
-        recurrent, conv = state_after(
-            self._config,
-            self._pools.recurrent,
-            self._pools.conv,
-            self._history,
-            slots,
-            self._history_lengths[slots],
-            self._checkpoint_positions[slots],
-        )
+        recurrent, conv, *scales = self._ring_state(np.array([slot]))
+        self._folded_scales = scales[0] if scales else {}  # capture_scales reads them
         return self._export(recurrent, recurrent.dtype), self._export(conv, conv.dtype)
 
     def _copy_folded(self, src: np.ndarray, dst: np.ndarray, count: int, stream: Any) -> None:
-        from ..checkpoint.reference import state_after
+        self._copy_folded_into(self._moving_pools(), src, dst, count, stream, True)
 
+    def _copy_folded_into(
+        self, targets: tuple, src: Any, dst: Any, count: int, stream: Any, into_slots: bool = False
+    ) -> None:
+        """Rows ``dst`` of ``targets`` = the folded states of slots ``src``; ``into_slots``: a ``copy_slots``.
+
+        ``into_slots`` (``targets`` are the main pools): destinations must not be sources, and each gets
+        ``p0 = src p0 + h``, ``h = 0``.
+        """
         batch = self._config.max_batch_size
-        s, d = _copy_pairs(src, dst, count, batch, batch, True)
+        s, d = _copy_pairs(src, dst, count, batch, targets[0].shape[1], into_slots)
         if not s.size:
             return
         # A source may feed several destinations: fold each distinct source once.
         sources, inverse = np.unique(s, return_inverse=True)
-        steps = self._history_lengths[sources].astype(np.int64)
-        positions = self._checkpoint_positions[sources]
-        recurrent, conv = state_after(
-            self._config, self._pools.recurrent, self._pools.conv, self._history, sources, steps, positions
-        )
-        self._pools.recurrent[:, d] = recurrent[:, inverse]
-        self._pools.conv[:, d] = conv[:, inverse]
-        self._checkpoint_positions[d] = (positions + steps)[inverse]
-        self._history_lengths[d] = 0
+        recurrent, conv, *scales = self._ring_state(sources)
+        targets[0][:, d] = recurrent[:, inverse]
+        targets[1][:, d] = conv[:, inverse]
+        if len(targets) > 2:  # an 8-bit cache's scales and residuals follow, in _moving_pools' order
+            names = [n for n in ("scales_recurrent", "scales_conv", "residual_recurrent") if n in self._scales]
+            for target, name in zip(targets[2:], names, strict=True):
+                target[:, d] = scales[0][name][:, inverse]
+        if into_slots:
+            consumed = self._checkpoint_positions[sources] + self._history_lengths[sources]
+            self._checkpoint_positions[d] = consumed[inverse]
+            self._history_lengths[d] = 0
 
     def _reset_checkpoints(self, slots: Any, positions: Any, stream: Any) -> None:
-        where = slice(None) if slots is None else slots
+        where = slice(None)
+        if slots is not None:  # a slot outside [0, B) is skipped (padding of restore_many)
+            where = np.asarray(slots, dtype=np.int64).reshape(-1)
+            ok = (where >= 0) & (where < self._config.max_batch_size)
+            where = where[ok]
+            positions = None if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)[ok]
         self._history_lengths[where] = 0
         if positions is not None:
             self._checkpoint_positions[where] = positions

@@ -42,6 +42,8 @@ class SlotOperations:
         if self._pools is None:
             return
         self._zero_fill(self._pools.recurrent, self._pools.conv, stream)
+        for pool in self._moving_pools()[2:]:  # 8-bit scales and residuals: zero too
+            self._zero_fill(pool, pool, stream)
         if self._history:
             self._reset_checkpoints(None, np.zeros(self._config.max_batch_size, np.int64), stream)
 
@@ -112,6 +114,35 @@ class SlotOperations:
         self._capture_into(pool, slot, target, stream)
         return out
 
+    def capture_scales(self, batch_idx: int, stream: Any = None) -> dict:
+        """Copy one slot's 8-bit scales (and error-feedback residuals) of every layer into new arrays.
+
+        What ``restore_slot(..., scales=...)`` takes back: with ``capture_recurrent_states`` and
+        ``capture_conv_states`` it is the whole slot of an 8-bit cache.
+
+        Args:
+            batch_idx: the slot, in ``[0, B)``.
+            stream: the stream to copy on (ignored by the NumPy backend).
+
+        Returns:
+            ``{"scales_recurrent": [L, 1, H, D], "scales_conv": [L, 1, ceil(C / 64), K],
+            "residual_recurrent": [L, 1, H, D, N], "residual_conv": [L, 1, C, K]}``, the keys of
+            the pools this cache has (``Config.scale_pools`` without the per-step ones); ``{}``
+            for a cache without 8-bit states.
+
+        Raises:
+            IndexError: ``batch_idx`` outside ``[0, B)``, or no layers.
+        """
+        self._require_pools("capture_scales")
+        stream = self._stream(stream)
+        slot = check_index("batch_idx", batch_idx, self._config.max_batch_size)
+        if self._history and self._scales:  # checkpoint mode: the folded state's scales (NumPy reference)
+            self._folded(slot, stream)
+            return {name: self._export(pool, pool.dtype) for name, pool in self._folded_scales.items()}
+        return {
+            name: self._capture(pool, slot, stream) for name, pool in self._scales.items() if "intermediate" not in name
+        }
+
     def capture_states(self, batch_idx: int, stream: Any = None, *, out: tuple) -> tuple:
         """Copy one slot's recurrent AND conv states of every layer into caller-provided outputs.
 
@@ -162,8 +193,7 @@ class SlotOperations:
             )
             self._capture_outs["both"] = (out[0], out[1], targets)
         if self._history:
-            for pool, target in zip(self._folded(slot, stream), targets, strict=True):
-                self._capture_into(pool, 0, target, stream)
+            self._capture_folded_into(slot, targets, stream)
             return out
         self._capture_pair_into(slot, targets, stream)
         return out
@@ -199,7 +229,7 @@ class SlotOperations:
         if self._history:
             self._copy_folded(src, dst, count, stream)
             return
-        main = (self._pools.recurrent, self._pools.conv)
+        main = self._moving_pools()  # with any 8-bit scales and residuals, in the same call
         self._copy_rows(main, main, src, dst, count, stream)
 
     def clear_slot(self, slot: int, stream: Any = None) -> None:
@@ -223,7 +253,9 @@ class SlotOperations:
         if self._history:
             self._reset_checkpoints(np.array([index]), np.zeros(1, np.int64), stream)
 
-    def restore_slot(self, slot: int, recurrent_states: Any, conv_states: Any, stream: Any = None) -> None:
+    def restore_slot(
+        self, slot: int, recurrent_states: Any, conv_states: Any, stream: Any = None, *, scales: Any = None
+    ) -> None:
         """Copy captured states (e.g. a system-prompt snapshot) back into one slot of every layer.
 
         In checkpoint mode the states become the slot's checkpoint with an empty ring (``h = 0``);
@@ -236,12 +268,16 @@ class SlotOperations:
                 Numba). Layers past the end of the list are zero-filled.
             conv_states: likewise, ``[1, C, K]`` of the conv dtype.
             stream: the stream to run on (ignored by the NumPy backend).
+            scales: an 8-bit cache only, and required there (keyword only): the dict
+                ``capture_scales`` returns, every key of it, each ``[L, 1, ...]`` (all layers:
+                scales are never zero-filled, a short state list reads zeros whatever the scale).
 
         Raises:
             IndexError: ``slot`` outside ``[0, B)``.
             TypeError: a list is not a list/tuple, or an array has the wrong dtype or lives on the
                 wrong device for this backend.
-            ValueError: a list is longer than the layer count, or an array has the wrong shape.
+            ValueError: a list is longer than the layer count, or an array has the wrong shape;
+                ``scales`` is missing, has other keys, or is given to a cache without 8-bit states.
         """
         stream = self._stream(stream)
         pools = self._require_pools("restore_slot")
@@ -262,6 +298,21 @@ class SlotOperations:
             checked.append(
                 (pool, [self._state_array(f"{name}[{i}]", a, shape, pool.dtype) for i, a in enumerate(states)])
             )
+        main_scales = {name: pool for name, pool in self._scales.items() if "intermediate" not in name}
+        if (scales is None) != (not main_scales) or (scales is not None and not isinstance(scales, dict)):
+            raise ValueError(
+                "scales must be the dict capture_scales returns for a cache with 8-bit states "
+                f"(keys {sorted(main_scales)}) and None otherwise, got {type(scales).__name__}; nothing was changed"
+            )
+        if scales is not None:
+            if sorted(scales) != sorted(main_scales):
+                raise ValueError(
+                    f"scales must have the keys {sorted(main_scales)}, got {sorted(scales)}; nothing was changed"
+                )
+            for name, pool in main_scales.items():
+                shape = (pool.shape[0], 1, *pool.shape[2:])
+                array = self._state_array(f"scales[{name!r}]", scales[name], shape, pool.dtype)
+                checked.append((pool, [array[layer : layer + 1] for layer in range(pool.shape[0])]))
         self._zero_slot(slot, stream)  # the layers a short list leaves out
         for pool, states in checked:
             for layer, state in enumerate(states):
@@ -284,11 +335,16 @@ class SlotOperations:
         resolved = self._stream(stream)
         # a bfloat16 pool is uint16 raw bits on the Numba backend: view the host copies as bfloat16
         rec_dtype, conv_dtype = self._config.recurrent_state_dtype, self._config.conv_state_dtype
+        scales = {
+            name: self._to_host(array, resolved).view(self._config.scale_pools()[name][1])
+            for name, array in self.capture_scales(slot, stream=stream).items()
+        }
         save_snapshot(
             path,
             self._config,
             [self._to_host(a, resolved).view(rec_dtype) for a in recurrent],
             [self._to_host(a, resolved).view(conv_dtype) for a in conv],
+            scales or None,
         )
 
     def load_slot(self, path: Any, slot: int, stream: Any = None) -> None:
@@ -303,11 +359,12 @@ class SlotOperations:
 
         self._require_pools("load_slot")
         check_index("slot", slot, self._config.max_batch_size)
-        recurrent, conv = load_snapshot(path, self._config)
+        recurrent, conv, *scales = load_snapshot(path, self._config)
         resolved = self._stream(stream)
         self.restore_slot(
             slot,
             [self._from_host(a, resolved) for a in recurrent],
             [self._from_host(a, resolved) for a in conv],
             stream=stream,
+            scales={name: self._from_host(a, resolved) for name, a in scales[0].items()} if scales else None,
         )

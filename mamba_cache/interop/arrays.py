@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from .dlpack import KDL_CPU, KDL_CUDA, check_export_request, element_strides, to_capsule
+from .dlpack import KDL_CPU, KDL_CUDA, RAW_CODES, check_export_request, element_strides, to_capsule
 
 
 class BFloat16HostArray(np.ndarray):
-    """A host ``ndarray`` of ``ml_dtypes.bfloat16`` that exports DLPack (``kDLBfloat``, 16 bits).
+    """A host ``ndarray`` of ``ml_dtypes.bfloat16`` (or float8) that exports DLPack with its type code.
 
-    Any other dtype (after ``.view(...)``) exports through NumPy's own ``__dlpack__``.
+    ``kDLBfloat`` (16 bits), ``kDLFloat8_e4m3fn`` or ``kDLFloat8_e5m2`` (8 bits); any other dtype
+    (after ``.view(...)``) exports through NumPy's own ``__dlpack__``.
     """
 
     def __dlpack_device__(self) -> tuple[int, int]:
@@ -39,7 +40,7 @@ class BFloat16HostArray(np.ndarray):
 
     def __dlpack__(self, *, stream: Any = None, max_version: Any = None, dl_device: Any = None, copy: Any = None):
         """A DLPack capsule of this array, zero copy (see ``mamba_cache.interop.dlpack.to_capsule``)."""
-        if self.dtype.name != "bfloat16":
+        if self.dtype.name not in RAW_CODES:
             return np.asarray(self).__dlpack__(stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
         versioned = check_export_request((KDL_CPU, 0), stream, max_version, dl_device, copy)
         strides = element_strides(self.shape, self.strides, self.itemsize)
@@ -50,8 +51,8 @@ class BFloat16HostArray(np.ndarray):
 
 
 def host_export(array: np.ndarray) -> np.ndarray:
-    """``array`` itself, or for bfloat16 a `BFloat16HostArray` view of it (same memory)."""
-    if array.dtype.name == "bfloat16" and not isinstance(array, BFloat16HostArray):
+    """``array`` itself, or for bfloat16 / float8 a `BFloat16HostArray` view of it (same memory)."""
+    if array.dtype.name in RAW_CODES and not isinstance(array, BFloat16HostArray):
         return array.view(BFloat16HostArray)
     return array
 
@@ -85,7 +86,7 @@ class _DLPackExport:
         device = self.__dlpack_device__()
         versioned = check_export_request(device, stream, max_version, dl_device, copy)
         dtype = self.dtype
-        if self._dlpack_dtype is not None and dtype == np.uint16:
+        if self._dlpack_dtype is not None and dtype == np.dtype(f"u{self._dlpack_dtype.itemsize}"):
             dtype = self._dlpack_dtype
         shape = tuple(int(n) for n in self.shape)
         strides = element_strides(shape, tuple(int(s) for s in self.strides), self.dtype.itemsize)
@@ -139,22 +140,40 @@ def _make_classes(simulator: bool) -> tuple[type, type]:
 
         _dlpack_dtype = np.dtype(ml_dtypes.bfloat16)
 
-    for cls in (plain, BFloat16DLPackArray):
+    class Float8E4M3DLPackArray(plain):
+        """uint8 raw bits of a float8_e4m3fn pool; DLPack consumers see float8_e4m3fn."""
+
+        _dlpack_dtype = np.dtype(ml_dtypes.float8_e4m3fn)
+
+    class Float8E5M2DLPackArray(plain):
+        """uint8 raw bits of a float8_e5m2 pool; DLPack consumers see float8_e5m2."""
+
+        _dlpack_dtype = np.dtype(ml_dtypes.float8_e5m2)
+
+    for cls in (plain, BFloat16DLPackArray, Float8E4M3DLPackArray, Float8E5M2DLPackArray):
         cls.__qualname__ = cls.__name__
         cls.__module__ = __name__
+    _RAW_CLASSES[simulator] = {
+        "bfloat16": BFloat16DLPackArray,
+        "float8_e4m3fn": Float8E4M3DLPackArray,
+        "float8_e5m2": Float8E5M2DLPackArray,
+    }
     return plain, BFloat16DLPackArray
+
+
+_RAW_CLASSES: dict = {}
 
 
 def numba_export(array: Any, dtype: Any, simulator: bool) -> Any:
     """``array`` (a Numba device array) as the DLPack-exporting class, same memory.
 
     Args:
-        array: a ``DeviceNDArray`` (or simulated one); bfloat16 pools are its uint16 raw bits.
-        dtype: the dtype the array holds for the cache (``ml_dtypes.bfloat16`` for bf16 pools).
+        array: a ``DeviceNDArray`` (or simulated one); bfloat16 / float8 pools are its uint16 / uint8 raw bits.
+        dtype: the dtype the array holds for the cache (``ml_dtypes.bfloat16``, ``float8_e4m3fn``, ``float8_e5m2``).
         simulator: whether Numba runs in its CUDA simulator.
     """
-    plain, bf16 = numba_classes(simulator)
-    cls = bf16 if np.dtype(dtype).name == "bfloat16" else plain
+    plain, _ = numba_classes(simulator)
+    cls = _RAW_CLASSES[bool(simulator)].get(np.dtype(dtype).name, plain)
     if type(array) is cls:
         return array
     if simulator:

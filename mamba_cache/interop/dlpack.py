@@ -44,6 +44,11 @@ KDL_UINT = 1
 KDL_FLOAT = 2
 KDL_BFLOAT = 4
 KDL_BOOL = 6
+KDL_FLOAT8_E4M3FN = 10
+KDL_FLOAT8_E5M2 = 12
+#: The ``ml_dtypes`` types with a DLPack code of their own, by NumPy name: NumPy describes them as
+#: unsigned raw bits of their size, and the code is written into the tensor afterwards.
+RAW_CODES = {"bfloat16": KDL_BFLOAT, "float8_e4m3fn": KDL_FLOAT8_E4M3FN, "float8_e5m2": KDL_FLOAT8_E5M2}
 
 #: The DLPack version this producer writes into versioned capsules.
 DLPACK_VERSION = (1, 1)
@@ -143,8 +148,8 @@ def dl_dtype(dtype: Any) -> tuple[int, int, int]:
     """
     dtype = np.dtype(dtype)
     bits = dtype.itemsize * 8
-    if dtype.name == "bfloat16":
-        return KDL_BFLOAT, 16, 1
+    if dtype.name in RAW_CODES:  # bfloat16, float8_e4m3fn, float8_e5m2
+        return RAW_CODES[dtype.name], bits, 1
     kind = dtype.kind
     code = {"i": KDL_INT, "u": KDL_UINT, "f": KDL_FLOAT, "b": KDL_BOOL}.get(kind)
     if code is None:
@@ -160,10 +165,11 @@ def np_dtype(code: int, bits: int, lanes: int) -> np.dtype:
     """
     if lanes != 1:
         raise BufferError(f"DLPack vector types (lanes={lanes}) are not supported")
-    if code == KDL_BFLOAT and bits == 16:
+    raw = {(code_, 16 if name == "bfloat16" else 8): name for name, code_ in RAW_CODES.items()}
+    if (code, bits) in raw:
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, raw[code, bits]))
     kind = {KDL_INT: "i", KDL_UINT: "u", KDL_FLOAT: "f", KDL_BOOL: "b"}.get(code)
     if kind is None or bits % 8:
         raise BufferError(f"DLPack dtype code {code} with {bits} bits is not supported")
@@ -192,7 +198,7 @@ def to_capsule(
         data: the address of element ``[0, ..., 0]`` (a device pointer for CUDA memory).
         shape: the shape.
         strides: strides in ELEMENTS, or ``None`` for C-contiguous.
-        dtype: a NumPy dtype (``ml_dtypes.bfloat16`` gives the bfloat16 type code).
+        dtype: a NumPy dtype (``ml_dtypes.bfloat16`` and the float8 types give their type codes).
         device: ``(device_type, device_id)``, e.g. ``(KDL_CUDA, 0)``.
         owner: any object; referenced until the consumer calls the deleter.
         versioned: make a ``"dltensor_versioned"`` capsule (DLPack 1.x) instead of ``"dltensor"``
@@ -205,8 +211,8 @@ def to_capsule(
         is, ``__dlpack__`` returns it).
     """
     code, bits, lanes = dl_dtype(dtype)
-    # NumPy describes bfloat16 as its raw bits; the type code is rewritten below.
-    carrier_dtype = np.dtype(np.uint16) if code == KDL_BFLOAT else np.dtype(dtype)
+    # NumPy describes bfloat16 and float8 as their raw bits; the type code is rewritten below.
+    carrier_dtype = np.dtype(f"u{bits // 8}") if code in RAW_CODES.values() else np.dtype(dtype)
     itemsize = carrier_dtype.itemsize
     byte_strides = None if strides is None else tuple(int(s) * itemsize for s in strides)
     carrier = _Carrier(int(data or 0), tuple(int(n) for n in shape), byte_strides, carrier_dtype, owner)

@@ -32,6 +32,7 @@ import numpy as np
 
 from .._config import Config
 from ..replay.reference import gdn_step
+from .chunked import gated_delta_chunked
 from .mamba2 import TinyMamba2, matvec, rmsnorm, silu, softplus
 
 __all__ = ["TinyGatedDeltaNet"]
@@ -67,9 +68,14 @@ class TinyGatedDeltaNet(TinyMamba2):
         )
         if config.mixer != "gdn":
             raise ValueError(f"TinyGatedDeltaNet needs Config.mixer='gdn', got {config.mixer!r}")
-        if config.stochastic_rounding or "bfloat16" in (
-            config.recurrent_state_dtype.name,
-            config.conv_state_dtype.name,
+        if (
+            config.stochastic_rounding
+            or config.quantised_kinds
+            or "bfloat16"
+            in (
+                config.recurrent_state_dtype.name,
+                config.conv_state_dtype.name,
+            )
         ):
             raise ValueError("TinyGatedDeltaNet stores float16 / float32 / float64 states, rounded to nearest")
         if config.conv_dim != 2 * groups * dim + heads * size:
@@ -104,6 +110,19 @@ class TinyGatedDeltaNet(TinyMamba2):
 
             self._device = NumbaTinyGatedDeltaNet(self)
         return self._device
+
+    def _chunk_mixer(self, layer: int, z: np.ndarray, xbc: np.ndarray, state: np.ndarray, chunk: int) -> tuple:
+        """Gated DeltaNet over all ``T`` tokens: ``(o [T, H, N], boundary states, the per-token step's inputs)``."""
+        w, config = self.weights, self.config
+        heads, dim, size, groups = self._dims()
+        count, channels, keys = z.shape[0], config.conv_dim, groups * dim
+        q = l2norm(xbc[:, :keys].reshape(count, groups, dim))
+        k = l2norm(xbc[:, keys : 2 * keys].reshape(count, groups, dim))
+        v = xbc[:, 2 * keys :].reshape(count, heads, size)
+        log_gate = w["a"][layer] * softplus(z[:, channels : channels + heads] + w["dt_bias"][layer])  # [T, H]
+        beta = F32(1) / (F32(1) + np.exp(-z[:, channels + heads :]))
+        o, states = gated_delta_chunked(state, log_gate, beta, k, v, q, chunk)
+        return o, states, {"g": np.exp(log_gate), "beta": beta, "k": k, "v": v}
 
     def _decode(
         self,

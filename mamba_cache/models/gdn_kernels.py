@@ -17,6 +17,7 @@ from numba import cuda, float32
 
 from ..precision.kernels import store_formats
 from ..replay.kernels import MAX_KEY_DIM, gdn_column_step
+from .chunked_kernels import chunk_cumsum, gdn_checkpoints, gdn_chunk_out, gdn_solve, gdn_state_passing, gdn_wu
 from .mamba2_kernels import NumbaTinyMamba2, _grid, conv_step, embed, matvec, rmsnorm
 
 
@@ -91,7 +92,43 @@ def gdn_state(rec, qk, xbc, g, beta, groups, slots, o, inter, step, stash_g, sta
 class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
     """The device side of a `TinyGatedDeltaNet`."""
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    def _chunk_mixer(self, layer, z, xbc, rec, plan, d_every):
+        """The chunked delta rule over the prompt: ``(o [T, H*N], states after every checkpoint and T)``."""
+        config, w = self.model.config, self.weights
+        count, chunk = plan.tokens.shape[0], plan.chunk
+        heads, dim, size, groups = rec.shape[1], rec.shape[2], rec.shape[3], config.n_groups
+        chunks = -(-count // chunk)
+        g = cuda.device_array((count, heads), dtype=np.float32)
+        beta = cuda.device_array((count, heads), dtype=np.float32)
+        qk = cuda.device_array((count, 2 * groups * dim), dtype=np.float32)
+        cs = cuda.device_array((count, heads), dtype=np.float32)
+        inverse = cuda.device_array((chunks, heads, chunk, chunk), dtype=np.float32)
+        wk = cuda.device_array((count, heads, dim), dtype=np.float32)
+        u = cuda.device_array((count, heads, size), dtype=np.float32)
+        states = cuda.device_array((chunks + 1, heads, dim, size), dtype=np.float32)
+        written = cuda.device_array((count, heads, size), dtype=np.float32)
+        o = cuda.device_array((count, heads * size), dtype=np.float32)
+        after = cuda.device_array((d_every.shape[0], heads, dim, size), dtype=np.float32)
+        grid, threads = _grid(count, max(heads, 2 * groups))
+        gdn_gates[grid, threads](z, xbc, w["dt_bias"][layer], w["a"][layer], groups, dim, g, beta, qk)
+        grid, threads = _grid(chunks, heads)
+        dt = cuda.device_array((count, heads), dtype=np.float32)  # the gates' softplus (not needed after)
+        chunk_cumsum[grid, threads](z, config.conv_dim, w["dt_bias"][layer], w["a"][layer], chunk, dt, cs)
+        grid, threads = _grid(chunks * heads, chunk)
+        gdn_solve[grid, threads](qk, beta, cs, chunk, groups, inverse)
+        grid, threads = _grid(count, heads * (dim + size))
+        gdn_wu[grid, threads](inverse, qk, xbc, beta, cs, chunk, groups, wk, u)
+        grid, threads = _grid(heads, size)
+        gdn_state_passing[grid, threads](rec, plan.slot, wk, u, qk, cs, chunk, groups, 0, states, written)
+        grid, threads = _grid(count, heads * size)
+        gdn_chunk_out[grid, threads](qk, cs, states, written, chunk, groups, o)
+        grid, threads = _grid(d_every.shape[0], heads * size)
+        gdn_checkpoints[grid, threads](states, qk, xbc, g, beta, d_every, chunk, groups, after)
+        return o, after
+
+    def _decode_layers(
+        self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash_views=None
+    ):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]
         heads, dim, size, groups = (
@@ -123,11 +160,7 @@ class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
             rmsnorm[-(-n // 32), 32](x, normed)
             grid, threads = _grid(n, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
-            if scratch is None:
-                conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
-            else:
-                rec_state, conv_state = scratch[layer]
-            stash = cache.get_replay_stash(layer) if replay_step else None
+            rec_state, conv_state, stash = self._layer_states(cache, layer, scratch, replay_step, stash_views)
             # arguments a launch does not use (step or stash_step -1) only need the right rank and dtype
             inter_conv = (
                 cache.get_intermediate_conv_state(layer) if inter_step else conv_state.reshape((1, *conv_state.shape))

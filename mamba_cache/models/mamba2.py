@@ -45,6 +45,8 @@ import numpy as np
 from .._config import Config
 from ..precision.reference import rounds_stochastically
 from ..replay.reference import mamba2_step
+from .chunked import advance, boundaries, conv_windows, ssd_chunked
+from .prefill import PrefillPlan, plan_prefill
 
 __all__ = ["TinyMamba2"]
 
@@ -97,6 +99,11 @@ class TinyMamba2:
             config.recurrent_state_size,
         )
         groups = config.n_groups  # Config checks that it divides H
+        if config.quantised_kinds:
+            raise ValueError(
+                "TinyMamba2 does not decode into 8-bit states (its steps store float states; the cache's commits "
+                f"quantise): got {' and '.join(config.quantised_kinds)} 8-bit"
+            )
         if config.conv_dim != heads * dim + 2 * groups * state:
             raise ValueError(
                 f"conv_dim must be H * D + 2 * G * N = {heads * dim + 2 * groups * state} for TinyMamba2, "
@@ -150,7 +157,8 @@ class TinyMamba2:
         Checkpoint mode (``commit_mode="checkpoint"``): the step is a verify window of length 1
         (reading the slot's state with ``state_after``, writing ring step ``h``) followed by
         ``checkpoint_mtp_states`` of one accepted step per row (``state_indices=slots``); the main
-        pools change only when that commit folds. The verify view becomes ``[R, 1]``.
+        pools change only when that commit folds. The verify view becomes ``[R, 1]``, and the output
+        is a host array on both backends.
 
         Returns:
             ``[R, M]`` float32 layer-stack output (a host array for NumPy, a device array for Numba).
@@ -182,6 +190,66 @@ class TinyMamba2:
         start = np.zeros(tokens.shape[0], np.int64) if positions is None else np.asarray(positions, np.int64)
         for t in range(tokens.shape[1]):
             self.decode_step(cache, tokens[:, t], positions=start + t)
+
+    def prefill_chunked(
+        self,
+        cache: Any,
+        tokens: Any,
+        slot: int,
+        *,
+        chunk_size: int = 64,
+        checkpoints: Any = (),
+        store: Any = None,
+        entries: Any = None,
+        checkpoint_slots: Any = None,
+        position: int | None = None,
+    ) -> Any:
+        """Prefill one slot with a prompt chunk by chunk, writing the state after each checkpoint in the same pass.
+
+        Each layer runs the whole prompt at once: the causal conv over all ``T`` tokens, then the mixer's
+        chunked form (Mamba2's SSD scan, Gated DeltaNet's chunked delta rule;
+        `mamba_cache.models.chunked`), which yields the state at every chunk boundary. The state after a
+        checkpoint position on a boundary is that boundary's; inside a chunk it is the boundary state
+        before it advanced by the per-token step. Recurrent state AND conv window go to the checkpoint's
+        destination, stored to the pool's dtype once (rounded as the decode step rounds the state that
+        has consumed ``position + p`` tokens); the slot ends holding the state after all ``T`` tokens.
+
+        The chunked algebra sums in another order than the per-token decode, so the states equal
+        [`prefill`][mamba_cache.models.mamba2.TinyMamba2.prefill]'s within the tolerance table of the docs
+        ("Several checkpoints from one prefill"), not bit for bit; ``prefill`` and ``decode_step`` are
+        unchanged. An engine's use (reserve, one call, publish) is ``admit`` in
+        ``examples/integrate_chunked_prefill.py``.
+
+        Args:
+            cache: a Numpy- or NumbaMambaCacheManager built with this model's config (scatter or
+                replay commit mode: the main pools hold the current states).
+            tokens: ``[T]`` host int token ids, ``T >= 1``, each in ``[0, vocab_size)``.
+            slot: the live slot, in ``[0, B)``; its current state is the state before ``tokens``.
+            chunk_size: ``Q >= 1`` tokens per chunk (it need not divide ``T``).
+            checkpoints: ``[n]`` distinct positions in ``[1, T]``: ``p`` is the state after ``tokens[:p]``.
+            store: the [`PrefixStateCache`][mamba_cache.prefix.PrefixStateCache] whose entries receive them.
+            entries: ``[n]`` entries of ``store`` from ``store.reserve()`` (distinct), one per checkpoint;
+                afterwards ``store.publish(entries[i], prompt[:checkpoints[i]])`` keys each (or
+                ``release``). The store is told of the write (``tracked_on``), as a tracking commit does.
+            checkpoint_slots: instead of entries, ``[n]`` distinct slots in ``[0, B)`` other than ``slot``.
+            position: tokens ``slot`` had consumed before ``tokens`` (default 0; required when a 16-bit
+                state rounds stochastically).
+
+        Returns:
+            ``[T, M]`` float32 layer-stack outputs of every prompt token (a host array for NumPy, a
+            device array for Numba).
+
+        Raises:
+            ValueError / IndexError / TypeError: a bad argument (see
+                [`plan_prefill`][mamba_cache.models.prefill.plan_prefill]); nothing was changed.
+        """
+        plan = plan_prefill(
+            self, cache, tokens, slot, chunk_size, checkpoints, store, entries, checkpoint_slots, position
+        )
+        out = self._runner(cache)._prefill_chunked(cache, plan)
+        if plan.store is not None and plan.positions.size:
+            plan.store.tracked_on(cache._stream(None))
+        return out
 
     def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any, positions: Any = None) -> None:
         """Plain decoding of only the accepted drafts, the state speculative decoding must reproduce.
@@ -216,14 +284,16 @@ class TinyMamba2:
         ([`scratch_bytes`][mamba_cache.models.mamba2.TinyMamba2.scratch_bytes]), and ``replay_mtp_states`` then
         recomputes the accepted steps.
 
-        Checkpoint mode (``commit_mode="checkpoint"``, NumPy backend): window step ``t`` of row ``b``
-        (slot ``b``) reads the state before it with
-        [`state_after`][mamba_cache.checkpoint.reference.state_after] (the checkpoint advanced through
-        ring steps ``0 .. h_b + t - 1``), runs the decode step on that copy, and writes the step's
-        stash fields into the history ring at ring step ``h_b + t``; the main pools are NOT written.
+        Checkpoint mode (``commit_mode="checkpoint"``): window step ``t`` of row ``b`` (slot ``b``) reads
+        the state before it with [`state_after`][mamba_cache.checkpoint.reference.state_after] (NumPy) or
+        the device functions of [`mamba_cache.checkpoint.reading`][mamba_cache.checkpoint.reading] (Numba):
+        the checkpoint advanced through ring steps ``0 .. h_b + t - 1``; it runs the decode step on that
+        copy, and writes the step's stash fields into the history ring at ring step ``h_b + t``; the main
+        pools are NOT written.
         ``checkpoint_mtp_states`` then counts (and, when the ring is full, folds) the accepted
         steps. ``positions`` is optional there (it must equal ``p0 + h``). Returns the layer-stack
-        outputs ``[active, V, M]`` float32 of every window step in this mode, ``None`` in the others.
+        outputs ``[active, V, M]`` float32 (a host array on both backends) of every window step in this
+        mode, ``None`` in the others.
         """
         draft_tokens = np.asarray(draft_tokens)
         active, verify_len = draft_tokens.shape
@@ -261,7 +331,7 @@ class TinyMamba2:
         for t in range(draft_tokens.shape[1]):
             self._decode(cache, draft_tokens[:, t], np.arange(active), t, positions=start + t, scratch=scratch)
 
-    # ------------------------------------------------------------ checkpoint mode (NumPy backend)
+    # ------------------------------------------------------------ checkpoint mode
     @staticmethod
     def _slot_positions(cache: Any, slots: np.ndarray) -> np.ndarray:
         """``p0 + h`` of each slot: the tokens its current state has consumed (checkpoint mode)."""
@@ -291,6 +361,8 @@ class TinyMamba2:
             )
         if (ring_steps + verify_len > config.history_len).any():
             raise ValueError(f"the ring cannot hold a window of {verify_len} steps past h = {ring_steps.tolist()}")
+        if cache.backend != "numpy":  # the same window on the device, reading through checkpoint.reading
+            return self._runner(cache)._checkpoint_window(cache, draft_tokens, slots, ring_steps, p0)
         layers = range(config.num_recurrent_layers)
         recurrent = np.stack([cache.get_recurrent_state(layer) for layer in layers])  # the checkpoints [L, B, ...]
         conv = np.stack([cache.get_conv_state(layer) for layer in layers])
@@ -321,6 +393,70 @@ class TinyMamba2:
         out = self._checkpoint_window(cache, tokens[:, None], slots, positions)
         cache.checkpoint_mtp_states(np.ones(rows, np.int32), state_indices=slots.astype(np.int32))
         return out[:, 0]
+
+    # ------------------------------------------------------------ the NumPy chunked prefill
+    def _prefill_chunked(self, cache: Any, plan: PrefillPlan) -> np.ndarray:
+        """NumPy body of `prefill_chunked`: every layer over all ``T`` tokens, destinations written per layer."""
+        w, config = self.weights, self.config
+        channels, count = config.conv_dim, plan.tokens.shape[0]
+        every = np.append(plan.positions, count)  # the checkpoints, then the slot's final state
+        edges = boundaries(count, plan.chunk)
+        hidden = w["embedding"][plan.tokens]  # [T, M]
+        for layer in range(config.num_recurrent_layers):
+            z = matvec(rmsnorm(hidden), w["in_proj"][layer])  # [T, C + ...]
+            rec, conv = cache.get_recurrent_state(layer), cache.get_conv_state(layer)
+            columns = self._conv_columns(z[:, :channels], conv.dtype, layer, plan.start)  # [T, C], as stored
+            windows = conv_windows(conv[plan.slot], columns)  # [T + 1, C, K]
+            kernel_in = windows[1:].astype(F32) * w["conv_weight"][layer]  # the decode step's conv, per token
+            xbc = silu(kernel_in.sum(axis=2, dtype=F32) + w["conv_bias"][layer])  # [T, C]
+            out, states, inputs = self._chunk_mixer(layer, z, xbc, rec[plan.slot].astype(F32), plan.chunk)
+            hidden = hidden + matvec(out.reshape(count, -1), w["out_proj"][layer])
+            after = np.stack([advance(config.mixer, states, edges, int(p), inputs) for p in every])  # [n + 1, H, D, N]
+            if self._rounds(rec.dtype):
+                after = self._store(after, rec.dtype, 0, layer, plan.start + every - 1)
+            n = plan.positions.shape[0]
+            pools = (rec, conv) if plan.store is None else tuple(pool[layer] for pool in plan.entry_pools)
+            pools[0][plan.targets] = after[:n]
+            pools[1][plan.targets] = windows[plan.positions]
+            rec[plan.slot] = after[n]
+            conv[plan.slot] = windows[count]
+        return hidden
+
+    def _conv_columns(self, values: np.ndarray, dtype: Any, layer: int, start: int) -> np.ndarray:
+        """The conv input columns ``[T, C]`` float32 as the decode step stores them into the window."""
+        if not self._rounds(dtype):
+            return values.astype(dtype)
+        # the decode step rounds its whole new window keyed by (element c*K + k, position); only the new
+        # column (k = K - 1) is inexact, so round each column in that place of an otherwise zero window
+        kernel = self.config.conv_kernel
+        window = np.zeros((*values.shape, kernel), dtype=F32)
+        window[:, :, -1] = values
+        return self._store(window, dtype, 1, layer, start + np.arange(values.shape[0]))[:, :, -1]
+
+    def _dims(self) -> tuple[int, int, int, int]:
+        """``(H, D, N, G)``: heads, head dim, state size, groups (GDN: value heads, key dim, value dim, key heads)."""
+        config = self.config
+        return (
+            config.recurrent_state_num_heads,
+            config.recurrent_state_head_dim,
+            config.recurrent_state_size,
+            config.n_groups,
+        )
+
+    def _chunk_mixer(self, layer: int, z: np.ndarray, xbc: np.ndarray, state: np.ndarray, chunk: int) -> tuple:
+        """Mamba2 over all ``T`` tokens: ``(y [T, H, D], boundary states, the per-token step's inputs)``."""
+        w, config = self.weights, self.config
+        heads, dim, size, groups = self._dims()
+        count, width, channels = z.shape[0], heads * dim, config.conv_dim
+        x = xbc[:, :width].reshape(count, heads, dim)
+        b_in = xbc[:, width : width + groups * size].reshape(count, groups, size)
+        c_out = xbc[:, width + groups * size :].reshape(count, groups, size)
+        dt = softplus(z[:, channels:] + w["dt_bias"][layer])  # [T, H]
+        log_decay = dt * w["a"][layer]
+        u = dt[:, :, None] * x  # [T, H, D]
+        y, states = ssd_chunked(state, log_decay, u, b_in, c_out, chunk)
+        y = y + w["d_skip"][layer][None, :, None] * x
+        return y, states, {"dA": np.exp(log_decay), "u": u, "B": b_in}
 
     # ------------------------------------------------------------ the NumPy decode step
     def _store(self, values: np.ndarray, dtype: Any, kind: int, layer: int, positions: np.ndarray) -> np.ndarray:

@@ -24,6 +24,17 @@ from numba import cuda, float32
 from ..core.device import SIMULATOR
 from ..precision.kernels import float32_bits, load_float32, store_formats, stored_value
 from ..replay.kernels import mamba2_update
+from .chunked_kernels import (
+    chunk_cumsum,
+    conv_chunk,
+    conv_columns,
+    conv_windows_store,
+    ssd_checkpoints,
+    ssd_chunk_scan,
+    ssd_chunk_state,
+    ssd_state_passing,
+    store_states,
+)
 
 
 def _grid(rows: int, cols: int) -> tuple:
@@ -210,11 +221,53 @@ class NumbaTinyMamba2:
         self.model = model
         self.weights = {name: cuda.to_device(np.ascontiguousarray(value)) for name, value in model.weights.items()}
 
-    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash=None):
         # A tiny model launches tiny grids on purpose: Numba's low-occupancy warning says nothing here.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
-            return self._decode_layers(cache, tokens, slots, step, positions, scratch)
+            return self._decode_layers(cache, tokens, slots, step, positions, scratch, stash)
+
+    def _checkpoint_window(self, cache, draft_tokens: np.ndarray, slots: np.ndarray, ring_steps, p0) -> np.ndarray:
+        """The checkpoint-mode verify window on the device (``TinyMamba2._checkpoint_window``): outputs ``[n, V, M]``.
+
+        Step ``t`` reads each row's state after ``h + t`` ring steps with
+        [`states_after`][mamba_cache.checkpoint.reading.states_after] (the reading device functions), decodes
+        it as the replay-mode verify pass does (its stash fields into a one-step stash), and copies those
+        into the ring at ``[slot, h + t]``.
+        """
+        from ..checkpoint.reading import states_after
+
+        config = self.model.config
+        rows, verify_len = draft_tokens.shape
+        layers = range(config.num_recurrent_layers)
+        d_slots, d_p0 = cuda.to_device(slots.astype(np.int32)), cuda.to_device(p0.astype(np.int64))
+        outputs = []
+        for t in range(verify_len):
+            d_steps = cuda.to_device((ring_steps + t).astype(np.int32))
+            scratch, stash = [], []
+            for layer in layers:
+                history = cache.get_history(layer)
+                scratch.append(
+                    states_after(
+                        config,
+                        cache.get_recurrent_state(layer),
+                        cache.get_conv_state(layer),
+                        history,
+                        d_slots,
+                        d_steps,
+                        d_p0,
+                        layer,
+                    )  # fmt: skip
+                )
+                stash.append({name: cuda.device_array((rows, 1, *v.shape[2:]), v.dtype) for name, v in history.items()})
+            tokens = np.ascontiguousarray(draft_tokens[:, t])
+            hidden = self._decode(cache, tokens, np.arange(rows), 0, p0 + ring_steps + t, scratch, stash)
+            for layer in layers:
+                for name, view in cache.get_history(layer).items():
+                    for row, slot in enumerate(slots):
+                        view[slot, ring_steps[row] + t].copy_to_device(stash[layer][name][row, 0])
+            outputs.append(hidden.copy_to_host())
+        return np.stack(outputs, axis=1)
 
     def _verify_replay(self, cache, draft_tokens: np.ndarray, start=None) -> None:
         """Replay-mode verify: advance device copies of the rows' states, write the stash (see TinyMamba2.verify)."""
@@ -231,7 +284,110 @@ class NumbaTinyMamba2:
         for t in range(draft_tokens.shape[1]):
             self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, start + t, scratch)
 
-    def _decode_layers(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None):
+    def _prefill_chunked(self, cache, plan):
+        """The chunked prefill on device arrays (see ``TinyMamba2.prefill_chunked``); returns ``[T, M]`` outputs."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
+            return self._prefill_layers(cache, plan)
+
+    def _prefill_layers(self, cache, plan):
+        config, w = self.model.config, self.weights
+        count, channels = plan.tokens.shape[0], config.conv_dim
+        width = self.weights["out_proj"].shape[1]
+        seed_lo, seed_hi = config.rounding_seed & 0xFFFFFFFF, config.rounding_seed >> 32
+        conv_host = store_formats(config, config.conv_state_dtype, config.intermediate_conv_state_dtype)
+        conv_fmt = cuda.to_device(conv_host)
+        rec_fmt = cuda.to_device(
+            store_formats(config, config.recurrent_state_dtype, config.intermediate_recurrent_state_dtype)
+        )
+        n = plan.positions.shape[0]
+        every = np.append(plan.positions, count).astype(np.int32)  # the checkpoints, then the final state
+        d_every = cuda.to_device(every)
+        d_targets = cuda.to_device(np.append(plan.targets, plan.slot).astype(np.int32))
+        hidden = cuda.device_array((count, width), dtype=np.float32)
+        normed = cuda.device_array((count, width), dtype=np.float32)
+        z = cuda.device_array((count, w["in_proj"].shape[2]), dtype=np.float32)
+        xbc = cuda.device_array((count, channels), dtype=np.float32)
+        grid, threads = _grid(count, width)
+        embed[grid, threads](cuda.to_device(plan.tokens), w["embedding"], hidden)
+        for layer in range(config.num_recurrent_layers):
+            rmsnorm[-(-count // 32), 32](hidden, normed)
+            grid, threads = _grid(count, z.shape[1])
+            matvec[grid, threads](normed, w["in_proj"][layer], z, False)
+            rec, conv = cache.get_recurrent_state(layer), cache.get_conv_state(layer)
+            columns = cuda.device_array((count, channels), dtype=conv.dtype)
+            grid, threads = _grid(count, channels)
+            conv_columns[grid, threads](z, columns, config.conv_kernel, plan.start, conv_fmt, layer, seed_lo, seed_hi)
+            conv_chunk[grid, threads](
+                conv, columns, w["conv_weight"][layer], w["conv_bias"][layer], plan.slot, xbc, int(conv_host[3])
+            )
+            out, after = self._chunk_mixer(layer, z, xbc, rec, plan, d_every)  # [T, width], [n + 1, H, D, N]
+            grid, threads = _grid(count, width)
+            matvec[grid, threads](out, w["out_proj"][layer], hidden, True)
+            pools = (rec, conv) if plan.store is None else tuple(pool[layer] for pool in plan.entry_pools)
+            flat = after.reshape((n + 1, config.recurrent_slot_elems))
+            # the checkpoints first: the final write into the slot comes after every read of its window
+            for rows, dst_rec, dst_conv in ((slice(0, n), *pools), (slice(n, n + 1), rec, conv)):
+                if rows.stop == rows.start:
+                    continue
+                grid, threads = _grid(rows.stop - rows.start, flat.shape[1])
+                store_states[grid, threads](
+                    flat[rows],
+                    d_targets[rows],
+                    d_every[rows],
+                    plan.start,
+                    dst_rec.reshape((dst_rec.shape[0], config.recurrent_slot_elems)),
+                    rec_fmt,
+                    layer,
+                    seed_lo,
+                    seed_hi,
+                )
+                grid, threads = _grid(rows.stop - rows.start, channels)
+                conv_windows_store[grid, threads](conv, plan.slot, columns, d_every[rows], d_targets[rows], dst_conv)
+        return hidden
+
+    def _chunk_mixer(self, layer, z, xbc, rec, plan, d_every):
+        """Mamba2's SSD over the prompt: ``(y [T, H*D], states after every checkpoint and T [n + 1, H, D, N])``."""
+        config, w = self.model.config, self.weights
+        count, chunk = plan.tokens.shape[0], plan.chunk
+        heads, dim, size = rec.shape[1], rec.shape[2], rec.shape[3]
+        chunks = -(-count // chunk)
+        dt = cuda.device_array((count, heads), dtype=np.float32)
+        cs = cuda.device_array((count, heads), dtype=np.float32)
+        local = cuda.device_array((chunks, heads, dim, size), dtype=np.float32)
+        states = cuda.device_array((chunks + 1, heads, dim, size), dtype=np.float32)
+        y = cuda.device_array((count, heads * dim), dtype=np.float32)
+        after = cuda.device_array((d_every.shape[0], heads, dim, size), dtype=np.float32)
+        bits16 = int(config.recurrent_state_dtype.name == "bfloat16")
+        grid, threads = _grid(chunks, heads)
+        chunk_cumsum[grid, threads](z, config.conv_dim, w["dt_bias"][layer], w["a"][layer], chunk, dt, cs)
+        grid, threads = _grid(chunks, heads * dim)
+        ssd_chunk_state[grid, threads](xbc, dt, cs, chunk, config.n_groups, local)
+        grid, threads = _grid(heads * dim, size)
+        ssd_state_passing[grid, threads](rec, plan.slot, local, cs, chunk, bits16, states)
+        grid, threads = _grid(count, heads * dim)
+        ssd_chunk_scan[grid, threads](xbc, dt, cs, states, w["d_skip"][layer], chunk, config.n_groups, y)
+        grid, threads = _grid(d_every.shape[0], heads * dim)
+        ssd_checkpoints[grid, threads](states, xbc, dt, w["a"][layer], d_every, chunk, config.n_groups, after)
+        return y, after
+
+    @staticmethod
+    def _layer_states(cache, layer: int, scratch, replay_step: bool, stash_views) -> tuple:
+        """``(recurrent, conv, stash)`` of a layer's step: the pools or the scratch copies, and the stash to write.
+
+        The stash (``None`` unless ``replay_step``) is ``stash_views[layer]`` when given (the checkpoint-mode
+        window's one-step stash), else the cache's replay stash.
+        """
+        rec_state, conv_state = (
+            (cache.get_recurrent_state(layer), cache.get_conv_state(layer)) if scratch is None else scratch[layer]
+        )
+        if not replay_step:
+            return rec_state, conv_state, None
+        return rec_state, conv_state, cache.get_replay_stash(layer) if stash_views is None else stash_views[layer]
+
+    def _decode_layers(
+        self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash_views=None
+    ):
         config, w = self.model.config, self.weights
         n = tokens.shape[0]  # R
         width = config.recurrent_state_num_heads * config.recurrent_state_head_dim
@@ -259,12 +415,8 @@ class NumbaTinyMamba2:
             grid, threads = _grid(n, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
             # without a step the kernels never touch `inter`; any array of the right rank will do
-            if scratch is None:
-                conv_state, rec_state = cache.get_conv_state(layer), cache.get_recurrent_state(layer)
-            else:
-                rec_state, conv_state = scratch[layer]
             replay_step = with_step and scratch is not None
-            stash = cache.get_replay_stash(layer) if replay_step else None
+            rec_state, conv_state, stash = self._layer_states(cache, layer, scratch, replay_step, stash_views)
             inter_step = with_step and not replay_step
             inter_conv = (
                 cache.get_intermediate_conv_state(layer) if inter_step else conv_state.reshape((1, *conv_state.shape))

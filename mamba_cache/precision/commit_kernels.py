@@ -57,6 +57,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
+from ..core.checks import pad_slot_id
 from ..core.device import SIMULATOR
 from ..core.launch import slot_launch_shape
 from . import kernels
@@ -642,9 +643,9 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
     ``tree``: the last non-negative id ``n`` (at index ``j``) of ``node_ids[b, :min(a, M)]``, if
     ``n < V``: ``dst[l, s] = convert(src[l, b*V + n])``, position ``positions[b] + j + 1``.
     ``tracked``: the scatter, then with ``t = track_steps[b]``, ``e = track_entries[b]``: if
-    ``0 <= t < a``, ``t < V`` and ``0 <= e < P``: ``track[l, e] = convert(src[l, b*V + t])``,
-    position ``positions[b] + t + 1``. ``positions`` is read only by a stochastic kind (the
-    placeholder otherwise); ``seed_lo`` / ``seed_hi`` are the rounding seed's 32-bit halves.
+    ``0 <= t < a``, ``t < V``, ``0 <= e < P`` and the slot is not ``pad_slot_id``:
+    ``track[l, e] = convert(src[l, b*V + t])``, position ``positions[b] + t + 1``. ``positions`` is read only by
+    a stochastic kind (the placeholder otherwise); ``seed_lo`` / ``seed_hi`` are the rounding seed's 32-bit halves.
 
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)`` from `launch_shape`.
 
@@ -759,6 +760,8 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         step = track_steps[row]
         entry = track_entries[row]
         if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
+            return
+        if use_indices and state_indices[row] == pad_slot_id:  # a padding row tracks nothing
             return
         position = np.int64(positions[row]) + step + 1
         both(track_a, src_a, track_b, src_b, chunks_a, entry, row * seq_len + step, position, seed_lo, seed_hi)

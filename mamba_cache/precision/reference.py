@@ -75,9 +75,12 @@ def rounds_stochastically(stochastic: bool, target: Any, source: Any = np.float3
 
     So it does when the config asks for stochastic rounding (``stochastic``) and a value of 4 or
     more bytes (a float32 computed step, a float32 / float64 per-step state) is stored into a
-    2-byte pool (float16, bfloat16); every other store rounds to nearest even (or copies).
+    2-byte pool (float16, bfloat16), or any wider value into an 8-bit pool (float8, int8:
+    [`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]); every other store rounds to
+    nearest even (or copies).
     """
-    return bool(stochastic) and np.dtype(target).itemsize == 2 and np.dtype(source).itemsize >= 4
+    size, wide = np.dtype(target).itemsize, np.dtype(source).itemsize
+    return bool(stochastic) and ((size == 2 and wide >= 4) or (size == 1 and wide >= 2))
 
 
 def dtype_format(dtype: Any) -> tuple[int, int]:
@@ -166,7 +169,11 @@ def _bit_length(man: np.ndarray) -> np.ndarray:
 
 
 def convert_bits(
-    bits: np.ndarray, src: tuple[int, int], dst: tuple[int, int], random: np.ndarray | None = None
+    bits: np.ndarray,
+    src: tuple[int, int],
+    dst: tuple[int, int],
+    random: np.ndarray | None = None,
+    saturate: int | None = None,
 ) -> np.ndarray:
     """Convert bit patterns of format ``src`` to format ``dst`` (see the module docstring).
 
@@ -176,6 +183,11 @@ def convert_bits(
         dst: ``(exponent bits, mantissa bits)`` of the target.
         random: ``None`` to round to nearest even, or uint32 words of ``bits``'s shape to round
             stochastically.
+        saturate: ``None`` for an IEEE target (a result at or past the infinity code is infinity),
+            or the largest finite magnitude code of a saturating 8-bit target
+            ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]): a finite result past it
+            becomes it. The exponent field then runs on past the IEEE range (float8_e4m3fn keeps
+            finite values at exponent field 15), which the rounding steps already do.
 
     Returns:
         uint64 array of ``dst`` bit patterns, ``bits``'s shape.
@@ -214,7 +226,7 @@ def convert_bits(
     q = np.where(shift > 62, u64(0), q)
     result = np.where(shift <= 0, a << np.clip(-shift, 0, 63).astype(u64), q)
     # 4. overflow, zeros, infinities and NaNs
-    result = np.minimum(result, inf_code)
+    result = np.minimum(result, inf_code if saturate is None else u64(saturate))
     result = np.where(sub & (man == 0), u64(0), result)
     special = exp == (1 << se) - 1
     payload = man >> u64(sm - dm) if sm >= dm else man << u64(dm - sm)

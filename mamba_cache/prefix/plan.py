@@ -10,13 +10,19 @@ __all__ = ["entry_bytes", "prefix_entries_for", "prefix_memory_table"]
 
 
 def entry_bytes(config: Config) -> int:
-    """Bytes of one store entry: one slot of the recurrent and conv state of every layer."""
+    """Bytes of one store entry: one slot of the recurrent and conv state of every layer (8-bit: with scales)."""
     if not config.enabled:
         return 0
     layers = config.num_recurrent_layers
+    extra = sum(
+        int(np.prod(shape[2:])) * dtype.itemsize
+        for name, (shape, dtype) in config.scale_pools().items()
+        if "intermediate" not in name
+    )
     return layers * (
         config.recurrent_slot_elems * config.recurrent_state_dtype.itemsize
         + config.conv_slot_elems * config.conv_state_dtype.itemsize
+        + extra
     )
 
 

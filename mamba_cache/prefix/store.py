@@ -33,7 +33,7 @@ import numpy as np
 
 from .._config import ConfigError, format_bytes
 from ..core.backend import EntryStore
-from ..core.checks import INT32_MAX, check_index, check_int32_array, check_size
+from ..core.checks import INT32_MAX, check_index, check_int32_array, check_size, pad_slot_id
 from ..core.manager import MambaCacheManagerBase
 from .index import KeyIndex, PrefixHandle
 from .keys import digest_chain, root_digest, tail_digest, token_array
@@ -131,11 +131,6 @@ class PrefixStateCache(KeyIndex, EntryStore):
         if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)):
             raise TypeError(f"block_size must be an integer, got {type(block_size).__name__}")
         config = manager.get_config()
-        if config.commit_mode == "checkpoint":
-            raise ConfigError(
-                "PrefixStateCache: a prefix store is not built yet for commit_mode='checkpoint' (the manager's "
-                "main pools hold checkpoints, not the current states); use commit_mode='scatter' or 'replay'"
-            )
         low = max(1, config.max_intermediate_seq_len)
         if block_size < low:
             raise ConfigError(
@@ -147,14 +142,15 @@ class PrefixStateCache(KeyIndex, EntryStore):
         host_entries = check_size("host_entries", host_entries, 0, INT32_MAX)
         placement, policy = make_placement(placement), make_policy(policy)
         resolved = manager._stream(stream)
-        pools = manager._pools
+        # an entry is one slot of every pool a slot's state lives in (an 8-bit cache's scales and residuals too)
+        pools = manager._moving_pools()
         self._pools = tuple(
             manager._zeros((config.num_recurrent_layers, entries, *pool.shape[2:]), pool.dtype, resolved)
-            for pool in (pools.recurrent, pools.conv)
+            for pool in pools
         )
         self._host_pools = tuple(  # [P_host, L, ...]: one host entry is dense (one 2-D copy per kind)
             manager._host_zeros((host_entries, config.num_recurrent_layers, *pool.shape[2:]), pool.dtype)
-            for pool in (pools.recurrent, pools.conv)
+            for pool in pools
             if host_entries
         )
         self.manager = manager
@@ -380,12 +376,13 @@ class PrefixStateCache(KeyIndex, EntryStore):
             self._tracked = self._recorded(self._tracked, stream)
 
     def _main(self) -> tuple:
-        pools = self.manager._pools
-        return (pools.recurrent, pools.conv)
+        return self.manager._moving_pools()
 
     @_on_manager_device
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
         """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
+
+        In checkpoint mode the entry becomes the slot's checkpoint: ``p0 = handle.length``, ``h = 0``.
 
         Args:
             handle: from [`match`][mamba_cache.prefix.PrefixStateCache.match] (or
@@ -404,16 +401,18 @@ class PrefixStateCache(KeyIndex, EntryStore):
         slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
         if not handle.host:
             self.manager._copy_rows(self._main(), self._pools, entry, slot, 1, resolved)
-            return
-        # a host-tier hit: straight into the live slot (no promotion), after the offload that filled it
-        if self._filled[entry] is not None:
-            self.manager._wait_event(self._filled[entry], resolved)
-        self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
-        self._read[entry] = self._recorded(self._read[entry], resolved)
+        else:  # a host-tier hit: straight into the live slot (no promotion), after the offload that filled it
+            if self._filled[entry] is not None:
+                self.manager._wait_event(self._filled[entry], resolved)
+            self.manager._host_to_rows(self._host_pools, entry, self._main(), slot, resolved)
+            self._read[entry] = self._recorded(self._read[entry], resolved)
+        self.manager._positions_restored(slot, [handle.length], resolved)  # checkpoint mode: p0, h = 0
 
     @_on_manager_device
     def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
+
+        In checkpoint mode each slot's ``p0`` becomes its handle's length and ``h = 0`` (one more launch).
 
         Args:
             handles: a list of ``n`` [`PrefixHandle`][mamba_cache.prefix.PrefixHandle] (an entry may appear more than
@@ -458,6 +457,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             src, _ = manager._int32_array(self._staging_name, np.array(entries, dtype=np.int32), "[n]", resolved)
             self._staged = (key, src)
         manager._copy_rows(self._main(), self._pools, self._staged[1], dst, count, resolved)
+        manager._positions_restored(dst, [h.length for h in handles], resolved)  # checkpoint mode: p0, h = 0
 
     def _checked_entries(self, handles: list) -> list:
         """The entries of ``handles``, each checked (raises naming the first bad one; nothing changed)."""
@@ -475,6 +475,9 @@ class PrefixStateCache(KeyIndex, EntryStore):
     @_on_manager_device
     def insert(self, tokens: Any, slot: int, stream: Any = None, kind: str | None = None) -> PrefixHandle | None:
         """Record live slot ``slot``'s current state as the state after ``tokens``.
+
+        In checkpoint mode the current state is the slot's checkpoint advanced through its ``h`` ring
+        steps (the fold's arithmetic), computed into the entry; the slot and its ring are unchanged.
 
         Already present: refresh its recency, copy nothing. Otherwise the policy may refuse it
         (counted in ``stats.rejected_inserts``); else take a free entry or evict the policy's victim
@@ -513,7 +516,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             self.stats.dropped_inserts += 1
             return None
         try:
-            self.manager._copy_rows(self._pools, self._main(), slot, entry, 1, resolved)
+            self.manager._copy_current(self._pools, slot, entry, 1, resolved)
         except BaseException:
             self._free.append(entry)
             raise
@@ -527,11 +530,12 @@ class PrefixStateCache(KeyIndex, EntryStore):
         Args:
             tokens: a list of ``n`` token sequences, each of length >= 1.
             slots: ``[n]`` int32 host array of the source slots, each in ``[0, B)`` (both backends:
-                the store must know every slot is valid before it keys an entry).
+                the store must know every slot is valid before it keys an entry), or ``pad_slot_id``
+                (-1) for a padding row, which reads nothing and gets the handle ``None``.
             stream: the stream to copy on (ignored by the NumPy backend).
 
         Returns:
-            ``n`` handles (``None`` for dropped inserts). A prefix given twice is copied once.
+            ``n`` handles (``None`` for dropped inserts and padding rows). A prefix given twice is copied once.
 
         Raises:
             TypeError / ValueError / IndexError: as [`insert`][mamba_cache.prefix.PrefixStateCache.insert], for any
@@ -550,11 +554,14 @@ class PrefixStateCache(KeyIndex, EntryStore):
             raise ValueError(f"slots must have one slot per prefix ({len(tokens)}), got {slots.shape[0]}")
         batch = manager.get_config().max_batch_size
         for i, slot in enumerate(slots.tolist()):
-            check_index(f"slots[{i}]", slot, batch)
+            if slot != pad_slot_id:
+                check_index(f"slots[{i}]", slot, batch)
         prefixes = [self._prefix(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
         handles: list = [None] * len(prefixes)
         src, dst, taken, planned = [], [], set(), {}
         for i, (data, key, tail) in enumerate(prefixes):
+            if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
+                continue
             if key in planned:
                 handles[i] = planned[key]
                 continue
@@ -577,7 +584,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         if src:
             src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
             dst_arg, _ = manager._int32_array("prefix_entries", np.array(dst, dtype=np.int32), "[n]", resolved)
-            manager._copy_rows(self._pools, self._main(), src_arg, dst_arg, len(src), resolved)
+            manager._copy_current(self._pools, src_arg, dst_arg, len(src), resolved)
             self._wrote(dst, resolved)
         return [h if h is None or isinstance(h, PrefixHandle) else self._handle(h) for h in handles]
 

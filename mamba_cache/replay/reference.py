@@ -104,6 +104,7 @@ def replay_commit(
     stochastic: bool = False,
     seed: int = 0,
     track: Any = None,
+    scales: dict | None = None,
 ) -> None:
     """Replay each row's accepted steps from the stash into its slot, every layer, in place.
 
@@ -136,6 +137,13 @@ def replay_commit(
             bad set of entries. A committing row with ``0 <= steps[b] < a`` and ``entries[b]`` in
             ``[0, P)`` copies its states after step ``steps[b]`` (as stored) into that entry; a row
             that commits nothing tracks nothing.
+        scales: the 8-bit pools beside 8-bit ``recurrent`` / ``conv`` pools (``Config.scale_pools``
+            names: ``scales_recurrent [L, B, H, D]``, ``scales_conv [L, B, ceil(C / 64), K]``,
+            ``residual_recurrent [L, B, H, D, N]``), updated in place with their states. An 8-bit
+            recurrent state is read as ``stored * scale`` and every step is stored with
+            [`mamba_cache.precision.quant8.store`][mamba_cache.precision.quant8.store] (its residual fed
+            back when given); an 8-bit conv window moves its columns with their scales, the stash's
+            ``conv_scales`` field giving the new columns'.
 
     Raises:
         ValueError: two committing rows name one slot, or ``check`` refuses the tracked entries
@@ -182,23 +190,60 @@ def replay_commit(
     }
     a, targets, path = accepted[rows], slots[rows], steps[rows]
     dtype = recurrent.dtype
-    state = recurrent[:, targets].astype(F32)  # [L, R, H, D, N]
+    scales = scales or {}
+    quant = dtype.itemsize == 1  # an 8-bit recurrent pool: values with scales (and residuals)
+    if quant:
+        if track is not None:
+            raise ValueError("tracking into a prefix store is not built for 8-bit states; nothing was changed")
+        from ..precision.quant8 import dequantise, store
+
+        q_values, q_scales = recurrent[:, targets], scales["scales_recurrent"][:, targets]
+        residual = scales.get("residual_recurrent")
+        q_residual = None if residual is None else residual[:, targets]
+        state = dequantise(q_values, q_scales[..., None])
+    else:
+        state = recurrent[:, targets].astype(F32)  # [L, R, H, D, N]
     live_shape = (1, rows.size) + (1,) * (state.ndim - 2)
     start = np.zeros(rows.size, np.int64) if positions is None else positions.astype(np.int64)[rows]
     columns = views["conv"][:, rows[:, None], path]  # [L, R, T, C] in replay order
     track_rows = np.searchsorted(rows, tracked)  # positions of the tracked rows within `rows`
     for t in range(int(a.max())):
         new = step_fn(state, *(views[name][:, rows, path[:, t]] for name in names))
+        live = (a > t).reshape(live_shape)
+        if quant:  # quantised after every step, with the scales and residual of that store
+            layer = np.arange(layers)[:, None]
+            q = store(
+                new,
+                dtype,
+                stochastic=stochastic,
+                seed=seed,
+                layer=layer,
+                position=(start + t + 1)[None],
+                residual=q_residual,
+            )
+            q_values, q_scales = np.where(live, q.values, q_values), np.where(live[..., 0], q.scales, q_scales)
+            if q_residual is not None:
+                q_residual = np.where(live, q.residual, q_residual)
+            state = np.where(live, dequantise(q.values, q.scales[..., None]), state)
+            continue
         # stored to the state dtype after every step, exactly as the decode step stores it
         stored = _store(new, dtype, stochastic, seed, start + t + 1)
-        state = np.where((a > t).reshape(live_shape), stored.astype(F32), state)
+        state = np.where(live, stored.astype(F32), state)
         at_t = track_rows[step_of[tracked] == t] if tracked.size else track_rows
         if at_t.size:  # the state after step t (as stored) and the window after t + 1 columns
             entries = entry_of[rows[at_t]]
             track_pools[0][:, entries] = state[:, at_t].astype(dtype)
             track_pools[1][:, entries] = conv_after(conv[:, targets[at_t]], columns[:, at_t], np.full(at_t.size, t + 1))
-    recurrent[:, targets] = state.astype(dtype)
+    if quant:
+        recurrent[:, targets], scales["scales_recurrent"][:, targets] = q_values, q_scales
+        if q_residual is not None:
+            residual[:, targets] = q_residual
+    else:
+        recurrent[:, targets] = state.astype(dtype)
     conv[:, targets] = conv_after(conv[:, targets], columns, a)
+    if "conv_scales" in views:  # an 8-bit window: each column's scales move with it
+        column_scales = views["conv_scales"][:, rows[:, None], path]  # [L, R, T, ceil(C / 64)]
+        scales["scales_conv"][:, targets] = conv_after(scales["scales_conv"][:, targets], column_scales, a)
 
 
 def _store(values: np.ndarray, dtype: Any, stochastic: bool, seed: int, position: np.ndarray) -> np.ndarray:

@@ -1,0 +1,203 @@
+"""The Numba backend's commits into 8-bit pools: binds `mamba_cache.precision.quant8_kernels.commit8` to its pools.
+
+Chosen by the Numba backend's scatter and tree commits when a main pool is 8-bit. One launch commits
+both kinds: an 8-bit kind copies (8-bit per-step states) or quantises (wider ones) its values with
+their scales (and the recurrent residual under error feedback); the other kind copies its bytes
+(its per-step dtype must then equal the main one; the Numba backend refuses other mixes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..precision import quant8_kernels as q8k
+from ..precision.quant8 import is_quant8
+
+THREADS = q8k.COMMIT_THREADS
+_SOURCES = {"float32": q8k.SRC_FLOAT32, "float16": q8k.SRC_FLOAT16, "bfloat16": q8k.SRC_BFLOAT16}
+_SOURCES["float64"] = q8k.SRC_FLOAT64
+
+
+def _rows(manager: Any, accept: Any, indices: Any, positions: Any, nodes: Any) -> tuple:
+    """The row arguments of both kernels: accept, node_ids, state_indices, positions and their three flags."""
+    placeholder = manager._placeholder().array
+    node_ids = nodes.array if nodes is not None else placeholder.reshape((placeholder.size, 1))
+    arrays = (placeholder if a is None else a.array for a in (indices, positions))
+    flags = (int(a is not None) for a in (indices, nodes, positions))
+    return (accept.array, node_ids, *arrays, *flags)
+
+
+def check_config(config: Any) -> None:
+    """Refuse the 8-bit configs the Numba backend does not build yet (``ConfigError`` naming the field)."""
+    from .._config import ConfigError
+
+    if not config.quantised_kinds:
+        return
+    replay = config.commit_mode == "replay" and config.mixer == "mamba2" and "recurrent" in config.quantised_kinds
+    if config.commit_mode != "scatter" and not replay:
+        raise ConfigError(
+            f"8-bit states with commit_mode={config.commit_mode!r} (mixer {config.mixer!r}, 8-bit "
+            f"{' and '.join(config.quantised_kinds)}) are not built yet for the Numba backend (its scatter and tree "
+            "commits are, and the Mamba2 replay commit into an 8-bit recurrent state; the NumPy reference has all)"
+        )
+    if replay and config.recurrent_state_size > q8k.REPLAY_MAX_N:
+        raise ConfigError(
+            f"recurrent_state_size must be <= {q8k.REPLAY_MAX_N} for the Numba replay commit into an 8-bit state, "
+            f"got {config.recurrent_state_size}"
+        )
+    for kind in ("recurrent", "conv"):
+        main, inter = getattr(config, f"{kind}_state_dtype"), getattr(config, f"intermediate_{kind}_state_dtype")
+        if main.itemsize != 1 and main != inter:
+            raise ConfigError(
+                f"intermediate_{kind}_state_dtype must equal {kind}_state_dtype ({main.name}) on the Numba backend "
+                f"when the other kind is 8-bit, got {inter.name} (one launch commits both kinds; the NumPy "
+                "reference converts this mix)"
+            )
+
+
+def _kind(manager: Any, kind: str) -> tuple:
+    """(main, main scales, per-step, per-step scales, mode, code, source) of one kind, as ``commit8`` takes them."""
+    config, pools, scales = manager._config, manager._pools, manager._scales
+    layers, slots, steps = config.num_recurrent_layers, config.max_batch_size, config.max_intermediate_seq_len
+    main, inter = getattr(pools, kind), getattr(pools, f"intermediate_{kind}")
+    main_dtype = getattr(config, f"{kind}_state_dtype")
+    inter_dtype = getattr(config, f"intermediate_{kind}_state_dtype")
+    empty = manager._quant8_placeholder
+    if not is_quant8(main_dtype):  # bytes, [L, rows, 1, bytes]
+        as_bytes = [
+            pool.reshape(layers, rows, pool.size // (layers * rows)).view(np.uint8).reshape(layers, rows, 1, -1)
+            for pool, rows in ((main, slots), (inter, slots * steps))
+        ]
+        return as_bytes[0], empty[kind], as_bytes[1], empty[kind], q8k.COMMIT_BYTES, 0, 0
+    if kind == "recurrent":
+        groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
+        per_slot = (groups, config.recurrent_state_size)
+        scale_shape = (groups,)
+    else:
+        per_slot = (config.conv_dim, config.conv_kernel)
+        scale_shape = config.conv_scale_shape[1:]
+    main_view = main.reshape(layers, slots, *per_slot).view(np.uint8)
+    inter_view = inter.reshape(layers, slots * steps, *per_slot)
+    main_scales = scales[f"scales_{kind}"].reshape(layers, slots, *scale_shape)
+    if inter_dtype == main_dtype:
+        inter_scales = scales[f"scales_intermediate_{kind}"].reshape(layers, slots * steps, *scale_shape)
+        return main_view, main_scales, inter_view.view(np.uint8), inter_scales, q8k.COMMIT_COPY8, 0, 0
+    code = q8k.dtype_code(main_dtype)
+    return main_view, main_scales, inter_view, empty[kind], q8k.COMMIT_QUANTISE, code, _SOURCES[inter_dtype.name]
+
+
+def commit(
+    manager: Any,
+    accept: Any,
+    indices: Any,
+    active: int,
+    seq_len: int,
+    max_accept: int,
+    stream: Any,
+    positions: Any = None,
+    nodes: Any = None,
+) -> None:
+    """Launch ``commit8`` for a scatter (``nodes`` None) or tree commit; arguments as the backend's ``_scatter``."""
+    from numba import cuda
+
+    config = manager._config
+    if manager._quant8_placeholder is None:
+        manager._quant8_placeholder = {
+            "recurrent": cuda.device_array((1, 1, 1), np.float32),
+            "conv": cuda.device_array((1, 1, 1, 1), np.float32),
+            "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
+        }
+    rec, rec_scales, inter_rec, inter_rec_scales, rec_mode, rec_code, rec_src = _kind(manager, "recurrent")
+    conv, conv_scales, inter_conv, inter_conv_scales, conv_mode, conv_code, conv_src = _kind(manager, "conv")
+    residual = manager._scales.get("residual_recurrent")
+    if residual is None:
+        residual = manager._quant8_placeholder["residual"]
+    else:
+        residual = residual.reshape(rec.shape[0], rec.shape[1], rec.shape[2], rec.shape[3])
+    warps = THREADS // 32  # a warp a recurrent group or conv block; COMMIT_BYTES spreads bytes over threads
+    units = max(
+        -(-rec.shape[3] // THREADS) if rec_mode == q8k.COMMIT_BYTES else -(-rec.shape[2] // warps),
+        -(-conv.shape[3] // THREADS) if conv_mode == q8k.COMMIT_BYTES else -(-conv_scales.shape[2] // warps),
+    )
+    grid = (units, active, config.num_recurrent_layers)
+    seed = config.rounding_seed
+    q8k.commit8[grid, THREADS, stream.stream](
+        rec,
+        rec_scales,
+        residual,
+        inter_rec,
+        inter_rec_scales,
+        conv,
+        conv_scales,
+        inter_conv,
+        inter_conv_scales,
+        *_rows(manager, accept, indices, positions, nodes),
+        seq_len,
+        max_accept,
+        rec_mode,
+        rec_code,
+        rec_src,
+        conv_mode,
+        conv_code,
+        conv_src,
+        int(config.error_feedback),
+        int(config.stochastic_rounding),
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+    )
+
+
+def replay(
+    manager: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any, positions: Any
+) -> None:
+    """Launch ``replay8_mamba2`` (arguments as the backend's ``_replay`` hook; tracking is refused before)."""
+    from numba import cuda
+
+    config, pools, scales = manager._config, manager._pools, manager._scales
+    layers, slots, steps = config.num_recurrent_layers, config.max_batch_size, config.max_intermediate_seq_len
+    if manager._quant8_placeholder is None:
+        manager._quant8_placeholder = {
+            "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
+            "conv_scales": cuda.device_array((1, 1, 1, 1), np.float32),
+            "stash_conv_scales": cuda.device_array((1, 1, 1), np.float32),
+        }
+    empty = manager._quant8_placeholder
+    groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
+    rec = pools.recurrent.reshape(layers, slots, groups, config.recurrent_state_size).view(np.uint8)
+    rec_scales = scales["scales_recurrent"].reshape(layers, slots, groups)
+    residual = scales.get("residual_recurrent")
+    residual = empty["residual"] if residual is None else residual.reshape(rec.shape)
+    conv8 = is_quant8(config.conv_state_dtype)
+    esz = config.conv_state_dtype.itemsize
+    conv = pools.conv.view(np.uint8) if conv8 else pools.conv.reshape(layers, slots, config.conv_dim, -1).view(np.uint8)
+    stash, rows = manager._stash, slots * steps
+    fields = {
+        name: stash[name].reshape(layers, rows, *shape) for name, (shape, _) in config.replay_stash_fields.items()
+    }
+    warps = q8k.COMMIT_THREADS // 32
+    units = max(-(-groups // warps), -(-config.conv_scale_blocks // warps))
+    seed = config.rounding_seed
+    q8k.replay8_mamba2[(units, active, layers), q8k.COMMIT_THREADS, stream.stream](
+        rec,
+        rec_scales,
+        residual,
+        conv,
+        scales["scales_conv"] if conv8 else empty["conv_scales"],
+        fields["dA"],
+        fields["u"].reshape(layers, rows, groups),
+        fields["B"],
+        fields["conv"].view(np.uint8).reshape(layers, rows, config.conv_dim * esz),
+        fields["conv_scales"] if conv8 else empty["stash_conv_scales"],
+        *_rows(manager, accept, indices, positions, nodes),
+        seq_len,
+        config.recurrent_state_num_heads,
+        q8k.dtype_code(config.recurrent_state_dtype),
+        int(conv8),
+        esz,
+        int(config.error_feedback),
+        int(config.stochastic_rounding),
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+    )

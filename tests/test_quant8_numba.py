@@ -1,0 +1,216 @@
+"""8-bit pools on the Numba backend against the NumPy reference, bit for bit (simulator here, the GPU there)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
+from test_quant8_cache import fill, q8_config
+
+from mamba_cache.precision import QUANT8_DTYPE_NAMES
+
+#: Smaller than q8_config's default for the simulator: 1 layer, 4 slots, 3 groups of N = 5 (the 70 conv
+#: channels stay: a full block of 64 and a short one).
+SMALL = {"num_recurrent_layers": 1, "max_batch_size": 4, "recurrent_state_num_heads": 1}
+
+
+def twin_managers(config, rng):
+    """A NumPy and a Numba manager of ``config`` holding the same bits in every pool (scales and residuals too)."""
+    reference = BACKENDS["numpy"](config)
+    fill(reference, rng)
+    device = BACKENDS["numba"](config)
+    for name, pool in snapshot(reference).items():
+        target = getattr(device._pools, name, None) if name in device._pools._fields else device._scales[name]
+        target.copy_to_device(np.ascontiguousarray(pool).view(target.dtype))
+    assert_same_bits(snapshot(device), snapshot(reference), "set-up")
+    return reference, device
+
+
+@pytest.mark.parametrize(
+    ("dtype", "conv_dtype", "overrides"),
+    [
+        ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("float8_e5m2", "int8", {}, marks=SIMULATOR_LONG),
+        pytest.param(
+            "float8_e4m3fn",
+            "bfloat16",
+            {"intermediate_conv_state_dtype": None, "stochastic_rounding": True},
+            marks=SIMULATOR_LONG,
+        ),
+        (
+            "int8",
+            "int8",
+            {
+                "intermediate_recurrent_state_dtype": None,
+                "intermediate_conv_state_dtype": None,
+                "verify_writes_main_pool": True,
+            },
+        ),
+    ],
+    ids=["int8-e4m3-stochastic-feedback", "e5m2-int8-nearest", "e4m3-bf16-conv", "plain-int8"],
+)
+def test_numba_8bit_scatter_and_tree_match_numpy(rng, dtype, conv_dtype, overrides):
+    config = q8_config(dtype, conv_dtype, **SMALL, **overrides)
+    reference, device = twin_managers(config, rng)
+    accept = [3, 0, 2, 1]  # rows 0 and 2 commit; row 3 names slot 5, which does not exist
+    slots = [2, 0, 1, 5]
+    positions = rng.integers(0, 2**31 - 8, 4).tolist()
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.scatter_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, slots),
+            positions=device_int32(backend, positions),
+        )
+    assert_same_bits(snapshot(device), snapshot(reference), "scatter")
+    nodes = [[0, 2, -1], [1, -1, -1], [2, 0, 1], [0, 0, 0]]
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.scatter_accepted_tree_states(
+            device_int32(backend, nodes),
+            device_int32(backend, [3, 1, 3, 0]),
+            positions=device_int32(backend, positions),
+        )
+    assert_same_bits(snapshot(device), snapshot(reference), "tree")
+
+
+def test_numba_8bit_slots_move_with_scales(rng):
+    config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.copy_slots(device_int32(backend, [1, 3, 9]), device_int32(backend, [0, 4, 2]))
+        manager.clear_slot(3)
+    assert_same_bits(snapshot(device), snapshot(reference), "copy and clear")
+    captured = {name: pool.copy_to_host() for name, pool in device.capture_scales(1).items()}
+    assert all(captured[name].tobytes() == pool.tobytes() for name, pool in reference.capture_scales(1).items())
+    states = (device.capture_recurrent_states(1), device.capture_conv_states(1), device.capture_scales(1))
+    device.restore_slot(3, list(states[0]), list(states[1]), scales=states[2])
+    reference.copy_slots(np.array([1], np.int32), np.array([3], np.int32))
+    assert_same_bits(snapshot(device), snapshot(reference), "restore")
+
+
+@pytest.mark.parametrize("dtype", QUANT8_DTYPE_NAMES)
+def test_numba_8bit_pools_are_raw_bytes_and_export_scales(dtype):
+    device = BACKENDS["numba"](q8_config(dtype))
+    assert device.pools.recurrent.dtype.itemsize == 1 and device.get_recurrent_scales(1).shape == (5, 2, 3)
+    assert device.get_conv_scales(0).shape == (5, 2, 3) and device.get_conv_scales(0).dtype == np.float32
+
+
+@pytest.mark.parametrize(("dtype", "code"), [("float8_e4m3fn", 10), ("float8_e5m2", 12), ("int8", 0)])
+def test_8bit_pools_export_dlpack_with_their_type_code(dtype, code):
+    """Numba pools hold float8 as uint8 raw bits; their views export the DLPack float8 code (int8: kDLInt)."""
+    from test_dlpack import call_deleter, read_capsule
+
+    device = BACKENDS["numba"](q8_config(dtype))
+    capsule = device.get_recurrent_state(1).__dlpack__()
+    assert read_capsule(capsule)["dtype"] == (code, 8, 1)
+    call_deleter(capsule)
+    torch = pytest.importorskip("torch")
+    host = BACKENDS["numpy"](q8_config(dtype))
+    view = host.get_recurrent_state(0)
+    view[...] = (np.arange(view.size).reshape(view.shape) % 9 - 4).astype(view.dtype)
+    tensor = torch.from_dlpack(view)
+    assert str(tensor.dtype) == f"torch.{dtype}"
+    assert (tensor.float().numpy() == view.astype(np.float32)).all()
+    tensor[0, 0, 0, 0] = 3  # zero copy: the cache sees the write
+    assert view[0, 0, 0, 0] == 3
+
+
+def test_8bit_snapshot_crosses_backends(rng, tmp_path):
+    config = q8_config("float8_e4m3fn", "float8_e5m2", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    device.save_slot(tmp_path / "slot.npz", 1)
+    reference.load_slot(tmp_path / "slot.npz", 3)
+    device.copy_slots(device_int32("numba", [1]), device_int32("numba", [3]))
+    assert_same_bits(snapshot(device), snapshot(reference), "snapshot")
+
+
+def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    for manager in (reference, device):
+        store = PrefixStateCache(manager, entries=1, block_size=4, host_entries=1)
+        store.insert(list(range(4)), 2)
+        store.insert(list(range(50, 54)), 0)  # the first entry moves to the host tier
+        store.restore(store.match(list(range(5))), 4)
+        store.restore(store.match(list(range(50, 55))), 1)
+    assert_same_bits(snapshot(device), snapshot(reference), "prefix store")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "conv_dtype", "overrides"),
+    [
+        ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("float8_e5m2", "bfloat16", {}, marks=SIMULATOR_LONG),
+    ],
+    ids=["int8-e4m3-stochastic-feedback", "e5m2-bf16"],
+)
+def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
+    config = q8_config(
+        dtype,
+        conv_dtype,
+        commit_mode="replay",
+        intermediate_recurrent_state_dtype=None,
+        intermediate_conv_state_dtype=None,
+        **SMALL,
+        **overrides,
+    )
+    reference, device = twin_managers(config, rng)
+    for name, pool in reference._stash.items():
+        if name == "conv":
+            bits = np.dtype(f"u{pool.dtype.itemsize}")  # moved, never computed: any bit pattern
+            values = rng.integers(0, 2 ** (8 * bits.itemsize), pool.shape, dtype=bits).view(pool.dtype)
+        else:
+            values = rng.uniform(0.25, 1.0, pool.shape).astype(pool.dtype)
+        pool[...] = values
+        device._stash[name].copy_to_device(np.ascontiguousarray(values).view(device._stash[name].dtype))
+    accept, slots = [3, 0, 2, 9], [2, 0, 1, 3]  # row 3 accepts more than V: untouched
+    positions = rng.integers(0, 2**20, 4).tolist()
+    nodes = [[0, 2, 1], [1, -1, 0], [2, 2, 2], [1, 0, 2]]
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.replay_mtp_states(
+            device_int32(backend, accept),
+            state_indices=device_int32(backend, slots),
+            positions=device_int32(backend, positions),
+        )
+        manager.replay_accepted_tree_states(  # a tree commit over the same stash: rows 0, 2, 3, 4 replay a path
+            device_int32(backend, nodes),
+            device_int32(backend, [3, 2, 1, 3]),
+            positions=device_int32(backend, positions),
+        )
+    got, want = snapshot(device), snapshot(reference)
+    if ON_GPU:  # conv moves and untouched slots are exact; the recurrent state within one step
+        from mamba_cache.precision import quant8
+
+        stored = want["recurrent"].view(quant8._DTYPES[dtype])
+        assert quant8.within_one_step(got["recurrent"], got["scales_recurrent"], stored, want["scales_recurrent"])
+        got = {k: v for k, v in got.items() if k not in ("recurrent", "scales_recurrent", "residual_recurrent")}
+        want = {k: v for k, v in want.items() if k in got}
+    assert_same_bits(got, want, "replay")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (dict(commit_mode="checkpoint", history_len=3), "commit_mode='checkpoint'"),
+        (dict(commit_mode="replay", mixer="gdn"), "commit_mode='replay'"),
+    ],
+)
+def test_numba_refuses_the_8bit_modes_it_does_not_build(overrides, words):
+    """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both)."""
+    from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
+    from mamba_cache.presets import PRESETS
+
+    config = PRESETS["qwen3-next-80b-a3b" if overrides.get("mixer") == "gdn" else "nemotron-h-8b"].config(
+        batch=2, mtp=3
+    )
+    config = dataclasses.replace(
+        config,
+        num_recurrent_layers=1,
+        recurrent_state_dtype="int8",
+        intermediate_recurrent_state_dtype=None,
+        **overrides,
+    )
+    NumpyMambaCacheManager(config)
+    with pytest.raises(ConfigError, match=words):
+        NumbaMambaCacheManager(config)

@@ -26,6 +26,18 @@ For each policy and store size ``P`` it reports the hit-token ratio against an u
 definition), the hit rate, and the prefill tokens saved (counted by the simulation's own prefill,
 and checked equal to the store's ``hit_tokens``). Prints the seed and a table; writes
 ``<out>/prefix_workload-<date>.json`` (records with op ``prefix_workload``).
+
+``--families chat,agentic,fewshot`` runs the second part instead: the three trace families of
+[`benchmarks/prefix_traces.py`](prefix_traces.py) (shapes, FLOP and TTFT models documented there) against
+stores of every placement and policy, at block sizes 64 and 528 and store sizes from 1 entry to ample.
+Each request: ``match`` its prompt, ``restore`` the hit (checked: the restored bytes name the matched
+prefix's owner and length), then ``insert`` at the store's ``positions`` of the prompt (during prefill)
+and of the whole request (after decode; the last sampled token never counts). It drives the real
+``PrefixStateCache`` on the NumPy backend with 16-byte states; the only shortcut is that the
+block-digest chain of each stream is memoised (the same digests, not recomputed for every insert of a
+prefix of that stream). Also times ``match`` of a 32k-token prompt, off-grid vs grid-only (same run).
+Writes ``<out>/prefix_families-<date>.json`` and ``<out>/prefix_families-<date>.svg``; prints the table and
+whether each of the issue's targets is met.
 """
 
 from __future__ import annotations
@@ -43,6 +55,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import prefix_families  # noqa: E402
+from benchmarks.prefix_traces import interleave  # noqa: E402
 from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
 from mamba_cache.prefix import PrefixStateCache  # noqa: E402
 
@@ -104,16 +118,7 @@ def build(w: Workload) -> tuple[list[Stream], list[Turn]]:
             at += user + reply
         streams.append(Stream(np.concatenate(parts), s, systems[s].size))
         plans.append(turns)
-    order, waiting, active = [], list(range(w.conversations)), []
-    while waiting or active:
-        while waiting and len(active) < w.concurrency:
-            active.append(waiting.pop(0))
-        pick = int(rng.integers(len(active)))
-        c = active[pick]
-        order.append(plans[c].pop(0))
-        if not plans[c]:
-            active.pop(pick)
-    return streams, order
+    return streams, interleave(rng, plans, w.concurrency)
 
 
 def state_bytes(stream: Stream, conversation: int, n: int) -> np.ndarray:
@@ -264,8 +269,12 @@ def main(argv=None, base: Workload | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=base.block_size)
     parser.add_argument("--sizes", default="4,16,64,256", help="store sizes P (comma-separated)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="'' writes no file")
+    parser.add_argument("--families", default="", help="e.g. chat,agentic,fewshot: the trace families instead")
+    parser.add_argument("--scale", type=float, default=1.0, help="families: fraction of the documented traffic")
     args = parser.parse_args(argv)
     seed = int(np.random.SeedSequence().entropy % 2**32) if args.seed is None else args.seed
+    if args.families:
+        return prefix_families.main(args.families.split(","), seed, args.scale, args.out)
     w = dataclasses.replace(
         base,
         seed=seed,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
 from mamba_cache.precision import convert, quant8  # noqa: E402
-from mamba_cache.prefix import PrefixStateCache, block_digests, root_digest  # noqa: E402
+from mamba_cache.prefix import PrefixStateCache, block_digests, prefix_key, root_digest  # noqa: E402
 
 POOLS = ("recurrent", "conv", "intermediate_recurrent", "intermediate_conv")
 #: Config fields that place a shard in a tensor-parallel model (Config.shard): not recorded per case.
@@ -371,9 +371,16 @@ def store_pools(captured: dict) -> dict[str, np.ndarray]:
 
 
 def key_vectors() -> dict:
-    """The hash-chain case: its inputs and the hex digests ``d_1 .. d_n``."""
-    digests = block_digests(KEY_CASE["tokens"], KEY_CASE["block_size"], KEY_CASE["namespace"])
-    return {**KEY_CASE, "root": root_digest(KEY_CASE["namespace"]).hex(), "digests": [d.hex() for d in digests]}
+    """The hash-chain case: its inputs, the hex digests ``d_1 .. d_n`` and the tail keys of every off-grid length."""
+    tokens, bs, namespace = KEY_CASE["tokens"], KEY_CASE["block_size"], KEY_CASE["namespace"]
+    digests = block_digests(tokens, bs, namespace)
+    tails = {str(n): prefix_key(tokens[:n], bs, namespace).hex() for n in range(1, len(tokens) + 1) if n % bs}
+    return {
+        **KEY_CASE,
+        "root": root_digest(namespace).hex(),
+        "digests": [d.hex() for d in digests],
+        "tails": tails,
+    }
 
 
 #: The 8-bit conversion vectors: the Philox seed, layers and token positions of their random words.

@@ -17,7 +17,8 @@ FLOORS = [
     {"mamba_cache._target", "mamba_cache._config", "mamba_cache.core", "mamba_cache.core.launch",
      "mamba_cache.core.device", "mamba_cache.core.checks", "mamba_cache.interop", "mamba_cache.interop.dlpack",
      "mamba_cache.interop.arrays", "mamba_cache.precision", "mamba_cache.precision.reference",
-     "mamba_cache.precision.quant8", "mamba_cache.prefix.keys", "mamba_cache.snapshot", "mamba_cache.traffic",
+     "mamba_cache.precision.quant8", "mamba_cache.prefix.keys", "mamba_cache.prefix.placement",
+     "mamba_cache.prefix.policy", "mamba_cache.prefix.stats", "mamba_cache.snapshot", "mamba_cache.traffic",
      "mamba_cache.moving", "mamba_cache.moving.parcel"},
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
@@ -34,7 +35,7 @@ FLOORS = [
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
      "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving", "mamba_cache.core.numba_quant8",
      "mamba_cache.core.numpy_backend",
-     "mamba_cache.prefix", "mamba_cache.prefix.store"},
+     "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index"},
 ]  # fmt: skip
 
 

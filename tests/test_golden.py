@@ -1,5 +1,6 @@
 """Both backends against the committed golden vectors in reference/, and the generator against them."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -119,3 +120,17 @@ def test_prefix_key_chain_matches_golden():
     got = block_digests(case["tokens"], case["block_size"], case["namespace"])
     assert [d.hex() for d in got] == case["digests"] and len(got) == len(case["tokens"]) // case["block_size"]
     assert golden_generator().key_vectors() == case
+
+
+def test_prefix_tail_keys_match_golden():
+    """Off-grid keys: blake2b(d_q || tail as int32 little-endian, digest_size=16, person=b"tail")."""
+    case = json.loads((REFERENCE / "prefix-keys.json").read_text())
+    tokens, bs = case["tokens"], case["block_size"]
+    chain = [bytes.fromhex(case["root"]), *(bytes.fromhex(d) for d in case["digests"])]
+    off_grid = [n for n in range(1, len(tokens) + 1) if n % bs]
+    assert sorted(map(int, case["tails"])) == off_grid and len(off_grid) > bs  # tails under d_0, d_1 and d_2
+    for n in off_grid:
+        q = n // bs
+        tail = b"".join(t.to_bytes(4, "little", signed=True) for t in tokens[q * bs : n])
+        want = hashlib.blake2b(chain[q] + tail, digest_size=16, person=b"tail").hexdigest()
+        assert case["tails"][str(n)] == want, n

@@ -567,14 +567,24 @@ STORE_CASES = [
         ValueError,
         "must be distinct",
     ),
+    ("insert(0 tokens)", None, lambda b, m, s, h, r: s.insert([], 0), ValueError, "at least 1 token"),
     (
-        "insert(5 tokens)",
+        "insert(5 tokens, slot 5)",
         None,
-        lambda b, m, s, h, r: s.insert([1] * 5, 0),
-        ValueError,
-        "positive multiple of block_size = 4 tokens, got 5",
+        lambda b, m, s, h, r: s.insert([1] * 5, 5),
+        IndexError,
+        r"slot must be in \[0, 5\), got 5",
     ),
-    ("insert(0 tokens)", None, lambda b, m, s, h, r: s.insert([], 0), ValueError, "positive multiple of block_size"),
+    ("insert(kind=1)", None, lambda b, m, s, h, r: s.insert([1] * 5, 0, kind=1), TypeError, "kind must be a str"),
+    ("positions(2-D)", None, lambda b, m, s, h, r: s.positions([[1, 2]]), ValueError, "tokens must be 1-D"),
+    (
+        "positions(prompt_length 3)",
+        None,
+        lambda b, m, s, h, r: s.positions([1, 2], prompt_length=3),
+        ValueError,
+        r"prompt_length must be in \[0, 2\]",
+    ),
+    ("positions(start -1)", None, lambda b, m, s, h, r: s.positions([1, 2], start=-1), ValueError, "start must be in"),
     (
         "insert(slot -1)",
         None,
@@ -626,11 +636,11 @@ STORE_CASES = [
         r"slots\[1\] must be in \[0, 5\), got 5",
     ),
     (
-        "insert_many(unaligned)",
+        "insert_many(empty)",
         None,
-        lambda b, m, s, h, r: s.insert_many([[7] * 4, [8] * 3], host([0, 1])),
+        lambda b, m, s, h, r: s.insert_many([[7] * 5, []], host([0, 1])),
         ValueError,
-        r"tokens\[1\] must hold a positive multiple",
+        r"tokens\[1\] must hold at least 1 token",
     ),
     ("pin(stale)", None, lambda b, m, s, h, r: s.pin(STALE), LookupError, "handle is stale"),
     ("pin(int)", None, lambda b, m, s, h, r: s.pin(0), TypeError, "handle must be a PrefixHandle"),
@@ -643,13 +653,7 @@ STORE_CASES = [
         IndexError,
         r"entry must be in \[0, 4\), got 4",
     ),
-    (
-        "publish(unaligned)",
-        None,
-        lambda b, m, s, h, r: s.publish(r, [1, 2]),
-        ValueError,
-        "positive multiple of block_size",
-    ),
+    ("publish(empty)", None, lambda b, m, s, h, r: s.publish(r, []), ValueError, "at least 1 token"),
     ("release(not reserved)", None, lambda b, m, s, h, r: s.release(h.entry), ValueError, "is not reserved"),
     ("release('1')", None, lambda b, m, s, h, r: s.release("1"), TypeError, "entry must be an integer"),
     (
@@ -745,6 +749,8 @@ def bookkeeping(store):
         list(store._lru),
         list(store._free),
         str(store.stats),
+        {base: {r: dict(checks) for r, checks in lengths.items()} for base, lengths in store._tails.items()},
+        store._facts.used.tolist(),
     )
 
 

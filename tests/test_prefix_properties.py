@@ -2,7 +2,8 @@
 
 Hypothesis draws sequences of insert / insert_many / match+restore / pin / unpin / reserve,
 publish and release (a reservation may stay open across other operations) on a tiny store (1 to
-3 device entries, 0 to 3 host entries, bs = 2, a pool of nine nested prefixes over two tokens), so
+3 device entries, 0 to 3 host entries, bs = 2, a pool of nested prefixes over two tokens, on the
+block grid and off it), so
 that within a few steps the store is full, prefixes repeat, evictions go to the host tier and
 matches hit there. Most choices name a prefix the model holds now (a repeat, a host hit) rather
 than a random one. After every step the store must agree with the model: the same prefixes in the
@@ -21,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mamba_cache import NumpyMambaCacheManager
-from mamba_cache.prefix import PrefixHandle, PrefixStateCache, PrefixStats, block_digests
+from mamba_cache.prefix import PrefixHandle, PrefixStateCache, PrefixStats, prefix_key
 
 BS = 2
 #: The prefixes drawn, shortest first (hypothesis shrinks toward them): chains that share blocks.
@@ -35,8 +36,14 @@ PREFIXES = [
     (0, 1, 1, 1),
     (0, 0, 1, 1, 0, 1),
     (1, 1, 0, 0, 1, 1),
+    # off the grid: tails under d_0, d_1 and d_2 (some beside grid prefixes of the same chain)
+    (0,),
+    (1,),
+    (0, 0, 1),
+    (1, 1, 0),
+    (0, 0, 1, 1, 0),
 ]
-KEYS = {p: block_digests(list(p), BS)[-1] for p in PREFIXES}
+KEYS = {p: prefix_key(list(p), BS) for p in PREFIXES}
 
 #: A prefix: ("held", i) the i-th (mod their number) the model holds now, ("host", i) the i-th of
 #: its host tier, least recent first (a host hit that reorders it), else ("any", prefix).
@@ -192,23 +199,27 @@ class Model:
             self.add(prefix)
 
     def match(self, tokens, max_tokens):
+        """The longest cached prefix of any length (grid or not) that leaves a token, within ``max_tokens``."""
         self.stats.lookups += 1
-        n = max(0, (len(tokens) - 1) // BS)
+        self.stats.prompt_tokens += len(tokens)
+        n = len(tokens) - 1
         if max_tokens is not None:
-            n = min(n, max_tokens // BS)
+            n = min(n, max_tokens)
         for k in range(n, 0, -1):
-            prefix = tuple(tokens[: k * BS])
+            prefix = tuple(tokens[:k])
             if self.cached(prefix):
                 self.refresh(prefix)
                 self.stats.hits += 1
                 self.stats.hit_tokens += len(prefix)
                 self.stats.host_hits += prefix in self.host
+                self.stats.grid_hits += k % BS == 0
+                self.stats.offgrid_hits += k % BS != 0
                 return prefix
         return None
 
 
 def key(prefix) -> bytes:
-    return KEYS.get(prefix) or block_digests(list(prefix), BS)[-1]
+    return KEYS.get(prefix) or prefix_key(list(prefix), BS)
 
 
 def current(store, prefix):
@@ -252,6 +263,10 @@ def check(store, model, pinned):
     for prefix, handle in pinned:  # never evicted nor moved: the pinned handle is still current
         assert model.cached(prefix) and current(store, prefix) == handle
     assert len(store) == len(model.lru) + len(model.host)
+    offgrid = [p for p in (*model.lru, *model.host) if len(p) % BS]
+    assert set(store._tail_of) == {key(p) for p in offgrid}, "the tail index names the off-grid prefixes held"
+    counted = sum(n for lengths in store._tails.values() for checks in lengths.values() for n in checks.values())
+    assert counted == len(offgrid)
 
 
 @given(entries=st.integers(1, 3), host_entries=st.integers(0, 3), ops=operations)

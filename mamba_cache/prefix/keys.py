@@ -10,6 +10,15 @@ d_i = blake2b(d_{i-1} || tokens[(i-1)*bs : i*bs] as int32 little-endian, digest_
 
 The checkpoint taken after ``n * bs`` tokens has key ``d_n``. The namespace separates models and
 adapters whose states differ for the same tokens.
+
+A checkpoint off the block grid, after ``n = q * bs + r`` tokens with ``0 < r < bs``, has a tail key:
+
+```text
+t_n = blake2b(d_q || tokens[q*bs : n] as int32 little-endian, digest_size=16, person=b"tail")
+```
+
+The personalisation keeps tail keys apart from block keys (a tail of ``r`` tokens and a block of
+``r`` tokens never share a key), and grid keys are unchanged.
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["block_digests", "digest_chain", "root_digest", "token_array"]
+__all__ = ["block_digests", "digest_chain", "prefix_key", "root_digest", "tail_digest", "token_array"]
 
 #: Bytes of each digest.
 DIGEST_SIZE = 16
+#: The blake2b personalisation of tail keys (padded with zeros to 16 bytes by blake2b).
+TAIL_PERSON = b"tail"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _LE_INT32 = np.dtype("<i4")
 
@@ -90,3 +101,32 @@ def digest_chain(data: np.ndarray, block_size: int, root: bytes, count: int) -> 
         digest = hasher.digest()
         out.append(digest)
     return out
+
+
+def tail_digest(block_digest: bytes, tail: np.ndarray) -> bytes:
+    """The key of an off-grid length: ``blake2b(d_q || tail, digest_size=16, person=b"tail")``.
+
+    Args:
+        block_digest: ``d_q``, the chain digest of the ``q`` whole blocks before the tail (``d_0``:
+            the namespace's root digest).
+        tail: the ``r`` tokens after them (``0 < r < bs``), checked int32 (``token_array``'s result
+            or a slice of it).
+    """
+    hasher = hashlib.blake2b(block_digest, digest_size=DIGEST_SIZE, person=TAIL_PERSON)
+    hasher.update(memoryview(np.ascontiguousarray(tail, dtype=_LE_INT32)).cast("B"))
+    return hasher.digest()
+
+
+def prefix_key(tokens: Any, block_size: int, namespace: str = "") -> bytes:
+    """The key of the checkpoint after all of ``tokens`` (any length >= 1): ``d_n`` on the grid, else ``t_n``.
+
+    Raises:
+        ValueError: ``tokens`` is empty (there is no state after zero tokens to key), or as
+            [`token_array`][mamba_cache.prefix.keys.token_array].
+    """
+    data = token_array("tokens", tokens)
+    if not data.shape[0]:
+        raise ValueError("tokens must hold at least 1 token to name a checkpoint, got 0")
+    whole, rest = divmod(data.shape[0], block_size)
+    chain = [root_digest(namespace), *digest_chain(data, block_size, root_digest(namespace), whole)]
+    return chain[-1] if not rest else tail_digest(chain[-1], data[whole * block_size :])

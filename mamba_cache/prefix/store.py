@@ -2,8 +2,11 @@
 
 Attention KV can be reused for any prefix of a cached prompt, but a recurrent state exists only for
 the exact prefix it was computed after. The store therefore keeps whole-slot checkpoints (the
-recurrent and conv state of every layer) taken at block boundaries, keyed by the block-digest
-chain of [`mamba_cache.prefix.keys`][mamba_cache.prefix.keys].
+recurrent and conv state of every layer) taken after chosen prefixes (block boundaries by default,
+any length a placement names), keyed by the block-digest chain of
+[`mamba_cache.prefix.keys`][mamba_cache.prefix.keys] and, off the block grid, a tail digest. Which
+positions to checkpoint is the placement's answer (`mamba_cache.prefix.placement`), which entries
+to keep the policy's (`mamba_cache.prefix.policy`); lookups live in `mamba_cache.prefix.index`.
 
 Storage: ``P`` entries allocated once, one allocation per state kind, in the main pools' dtypes
 and layouts, on the manager's backend and device:
@@ -24,8 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -33,60 +35,13 @@ from .._config import ConfigError, format_bytes
 from ..core.backend import EntryStore
 from ..core.checks import INT32_MAX, check_index, check_int32_array, check_size, pad_slot_id
 from ..core.manager import MambaCacheManagerBase
-from .keys import digest_chain, root_digest, token_array
+from .index import KeyIndex, PrefixHandle
+from .keys import digest_chain, root_digest, tail_digest, token_array
+from .placement import RadixView, make_placement
+from .policy import EntryFacts, Policy, make_policy
+from .stats import BlockSizeGuard, PrefixStats
 
 __all__ = ["PrefixHandle", "PrefixStateCache", "PrefixStats"]
-
-
-class PrefixHandle(NamedTuple):
-    """The result of a match (or insert): which entry, which generation of it, how many tokens.
-
-    A handle stays valid until its entry is evicted or reused (its generation changes); pin it to
-    hold it across inserts.
-
-    Attributes:
-        entry: the entry's index in its tier, ``[0, P)`` (or ``[0, P_host)`` when ``host``).
-        generation: the entry's generation when the handle was made; a restore checks it, so a
-            handle to an entry evicted or reused since then raises ``LookupError``.
-        length: the tokens the checkpoint covers, a multiple of the block size.
-        host: the entry is in the host tier (a restore copies host to device); False for the
-            device tier.
-    """
-
-    entry: int
-    generation: int
-    length: int
-    host: bool = False  #: the entry is in the host tier (restore copies host to device)
-
-
-@dataclass
-class PrefixStats:
-    """Counters of a store (all since construction); ``str()`` adds ``hit_rate``, hits per lookup.
-
-    Attributes:
-        lookups: ``match`` calls.
-        hits: matches that found a checkpoint.
-        hit_tokens: prompt tokens covered by those checkpoints (prefill saved).
-        inserts: checkpoints written (``insert`` copies and ``publish``).
-        dropped_inserts: inserts / reserves refused because every entry was pinned.
-        evictions: entries evicted to make room.
-        host_hits: hits served from the host tier.
-        offloads: evicted device entries copied into the host tier.
-    """
-
-    lookups: int = 0  #: ``match`` calls
-    hits: int = 0  #: matches that found a checkpoint
-    hit_tokens: int = 0  #: prompt tokens covered by those checkpoints (prefill saved)
-    inserts: int = 0  #: checkpoints written (``insert`` copies and ``publish``)
-    dropped_inserts: int = 0  #: inserts / reserves refused because every entry was pinned
-    evictions: int = 0  #: entries evicted to make room
-    host_hits: int = 0  #: hits served from the host tier
-    offloads: int = 0  #: evicted device entries copied into the host tier
-
-    def __str__(self) -> str:
-        rate = self.hits / self.lookups if self.lookups else 0.0
-        counters = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
-        return f"PrefixStats({counters}, hit_rate={rate:.3f})"
 
 
 def _on_manager_device(method: Any) -> Any:
@@ -106,20 +61,27 @@ def _on_manager_device(method: Any) -> Any:
     return wrapper
 
 
-class PrefixStateCache(EntryStore):
-    """``P`` checkpoints of whole-slot recurrent + conv state, keyed by block-aligned token prefixes.
+class PrefixStateCache(KeyIndex, EntryStore):
+    """``P`` checkpoints of whole-slot recurrent + conv state, keyed by token prefixes of any length.
 
     Args:
         manager: the Numpy- or NumbaMambaCacheManager whose slots are checkpointed (build the store
             after any ``move()``; it keeps this manager).
         entries: ``P`` >= 1, device entries (each one slot of every layer, both kinds).
-        block_size: ``bs``, tokens per block; checkpoints sit at multiples of it. Must be ``>= S``
-            (``max_intermediate_seq_len``) so at most one boundary falls inside a verify window.
+        block_size: ``bs``, tokens per block of the key chain; checkpoints may sit at any length
+            (off-grid ones are keyed by a tail digest). Must be ``>= S`` (``max_intermediate_seq_len``)
+            so at most one boundary falls inside a verify window.
         namespace: separates models / adapters whose states differ for the same tokens.
         host_entries: ``P_host`` >= 0, entries of the host tier (page-locked host memory on the
             Numba backend): device evictions move there (its own LRU) instead of vanishing, and a
             hit there is restored straight into the live slot with a host-to-device copy.
         stream: the stream the entries are zeroed on (ignored by the NumPy backend).
+        placement: which positions [`positions`][mamba_cache.prefix.PrefixStateCache.positions]
+            names for a request: a name of `mamba_cache.prefix.placement` (``every_block``, the
+            default; ``end_of_prompt``, ``end_of_request``, ``branch_point``, ``before_end:N``;
+            ``+`` joins several) or a ``Placement``.
+        policy: what is kept: ``lru`` (the default), ``flop_aware``, ``seglen`` (see
+            `mamba_cache.prefix.policy`) or a ``Policy``.
 
     Raises:
         TypeError: ``manager`` is not a cache manager, or an argument has the wrong type.
@@ -157,6 +119,8 @@ class PrefixStateCache(EntryStore):
         namespace: str = "",
         host_entries: int = 0,
         stream: Any = None,
+        placement: Any = "every_block",
+        policy: Any = "lru",
     ) -> None:
         if not isinstance(manager, MambaCacheManagerBase):
             raise TypeError(f"manager must be a mamba_cache cache manager, got {type(manager).__name__}")
@@ -176,6 +140,7 @@ class PrefixStateCache(EntryStore):
         if not isinstance(namespace, str):
             raise TypeError(f"namespace must be a str, got {type(namespace).__name__}")
         host_entries = check_size("host_entries", host_entries, 0, INT32_MAX)
+        placement, policy = make_placement(placement), make_policy(policy)
         resolved = manager._stream(stream)
         # an entry is one slot of every pool a slot's state lives in (an 8-bit cache's scales and residuals too)
         pools = manager._moving_pools()
@@ -195,6 +160,20 @@ class PrefixStateCache(EntryStore):
         self._root = root_digest(namespace)  # d_0, hashed once
         self.host_entries = host_entries
         self.stats = PrefixStats()
+        self.placement: Any = placement
+        self.policy: Policy = policy
+        grid_only = placement.name == "every_block"
+        self._guard = BlockSizeGuard(self.block_size) if grid_only else None
+        radix = placement.uses_radix or policy.needs_sharing
+        self._radix = RadixView(self.block_size) if radix else None
+        self._facts = EntryFacts(entries)
+        self._clock = 0
+        self._parent = [-1] * entries  # seglen: the nearest cached ancestor entry on the device
+        self._children: dict[int, set] = {}
+        # off-grid keys: block digest d_q -> {tail length r: {check of the tail: entries (either tier)}},
+        # the check a 64-bit hash of the tail's bytes that spares match the digest of a tail that differs
+        self._tails: dict[bytes, dict[int, dict[int, int]]] = {}
+        self._tail_of: dict[bytes, tuple[bytes, int, int]] = {}
         self._closed = False
         self._keys: list[bytes | None] = [None] * entries
         self._lengths = [0] * entries
@@ -268,16 +247,21 @@ class PrefixStateCache(EntryStore):
         if manager is not self.manager:
             raise ValueError(f"{what}: store belongs to another manager; nothing was changed")
 
-    def _prefix(self, name: str, tokens: Any) -> tuple[np.ndarray, bytes]:
-        """Check a block-aligned prefix; return (int32 tokens, its key ``d_n``)."""
+    def _prefix(self, name: str, tokens: Any) -> tuple[np.ndarray, bytes, tuple | None]:
+        """Check a prefix of any length >= 1; return (int32 tokens, its key, ``(d_q, r, check)`` if off the grid)."""
         data = token_array(name, tokens)
         count = data.shape[0]
-        if count == 0 or count % self.block_size:
+        if count == 0:
             raise ValueError(
-                f"{name} must hold a positive multiple of block_size = {self.block_size} tokens, got {count}; "
-                "nothing was changed"
+                f"{name} must hold at least 1 token (a checkpoint after n >= 1 tokens), got 0; nothing was changed"
             )
-        return data, digest_chain(data, self.block_size, self._root, count // self.block_size)[-1]
+        whole, rest = divmod(count, self.block_size)
+        chain = digest_chain(data, self.block_size, self._root, whole)
+        base = chain[-1] if chain else self._root
+        if not rest:
+            return data, base, None
+        piece = data[whole * self.block_size :]
+        return data, tail_digest(base, piece), (base, rest, hash(piece.tobytes()))
 
     def _check_handle(self, name: str, handle: Any) -> int:
         if not isinstance(handle, PrefixHandle):
@@ -314,27 +298,31 @@ class PrefixStateCache(EntryStore):
         return PrefixHandle(entry, self._generations[entry], self._lengths[entry])
 
     def _take_entry(self, stream: Any, keep: set | frozenset = frozenset()) -> int | None:
-        """A free entry, else the least recently used unpinned one (evicted), else None."""
+        """A free entry, else the policy's victim among the unpinned published ones (evicted), else None."""
         if self._free:
             return self._free.pop()
-        for entry in self._lru:
-            if not self._pins[entry] and entry not in keep:
-                self._evict(entry, stream)
-                return entry
-        return None
+        pins = self._pins
+        candidates = (e for e in self._lru if not pins[e] and e not in keep)  # least recent first
+        entry = self.policy.victim(candidates, self._facts)
+        if entry is not None:
+            self._evict(entry, stream)
+        return entry
 
     def _evict(self, entry: int, stream: Any) -> None:
-        if self.host_entries:
-            self._offload(entry, stream)
-        del self._index[self._keys[entry]]
+        key = self._keys[entry]
+        if not (self.host_entries and self._offload(entry, stream)):
+            self._forget_key(key)
+        del self._index[key]
         del self._lru[entry]
+        self._unlink(entry)
         self._keys[entry] = None
         self._lengths[entry] = 0
+        self._facts.lengths[entry] = 0
         self._generations[entry] += 1
         self.stats.evictions += 1
 
-    def _offload(self, entry: int, stream: Any) -> None:
-        """Copy an evicted device entry into the host tier (its LRU choosing the host entry)."""
+    def _offload(self, entry: int, stream: Any) -> bool:
+        """Copy an evicted device entry into the host tier (its LRU choosing the host entry); False if dropped."""
         host = self._hfree.pop() if self._hfree else None
         if host is None:
             for candidate in self._hlru:
@@ -343,7 +331,7 @@ class PrefixStateCache(EntryStore):
                     self._hdrop(host)
                     break
         if host is None:
-            return  # every host entry pinned: the checkpoint is dropped
+            return False  # every host entry pinned: the checkpoint is dropped
         manager = self.manager
         for event in (self._written[entry], self._tracked, self._read[host]):
             if event is not None:  # the fill of the device entry; a restore still reading the host entry
@@ -357,9 +345,12 @@ class PrefixStateCache(EntryStore):
         self._hindex[key] = host
         self._hlru[host] = None
         self.stats.offloads += 1
+        return True
 
     def _hdrop(self, host: int) -> None:
-        del self._hindex[self._hkeys[host]]
+        key = self._hkeys[host]
+        self._forget_key(key)
+        del self._hindex[key]
         del self._hlru[host]
         self._hkeys[host] = None
         self._hlengths[host] = 0
@@ -384,63 +375,8 @@ class PrefixStateCache(EntryStore):
         if self.host_entries:
             self._tracked = self._recorded(self._tracked, stream)
 
-    def _lookup(self, key: bytes) -> PrefixHandle | None:
-        """The handle of ``key`` in either tier (refreshing its recency), or None."""
-        entry = self._index.get(key)
-        if entry is not None:
-            self._lru.move_to_end(entry)
-            return self._handle(entry)
-        host = self._hindex.get(key)
-        if host is not None:
-            self._hlru.move_to_end(host)
-            return PrefixHandle(host, self._hgenerations[host], self._hlengths[host], True)
-        return None
-
-    def _publish(self, entry: int, key: bytes, length: int) -> PrefixHandle:
-        self._keys[entry] = key
-        self._lengths[entry] = length
-        self._generations[entry] += 1
-        self._index[key] = entry
-        self._lru[entry] = None
-        self.stats.inserts += 1
-        return self._handle(entry)
-
     def _main(self) -> tuple:
         return self.manager._moving_pools()
-
-    # ------------------------------------------------------------ match / restore
-    def match(self, tokens: Any, max_tokens: int | None = None) -> PrefixHandle | None:
-        """The longest cached block-aligned prefix of ``tokens`` that leaves at least one token to run.
-
-        The matched length ``n * bs`` satisfies ``n * bs < len(tokens)`` (the caller still gets
-        logits) and ``n * bs <= max_tokens`` (a hybrid model passes its attention KV hit length).
-        Only the matched entry's recency is refreshed. No match is a result (``None``), not an error.
-
-        Args:
-            tokens: ``[T]`` host integer token ids (int32 range).
-            max_tokens: optional upper bound on the matched length, >= 0.
-
-        Returns:
-            A [`PrefixHandle`][mamba_cache.prefix.PrefixHandle] ``(entry, generation, length)``, or ``None``.
-
-        Raises:
-            TypeError / ValueError: ``tokens`` is not 1-D integers, or ``max_tokens`` is not an int >= 0.
-        """
-        self._check_open("match")
-        data = token_array("tokens", tokens)
-        blocks = max(0, (data.shape[0] - 1) // self.block_size)
-        if max_tokens is not None:
-            blocks = min(blocks, check_size("max_tokens", max_tokens, 0, 2**63 - 1) // self.block_size)
-        self.stats.lookups += 1
-        digests = digest_chain(data, self.block_size, self._root, blocks) if blocks else []
-        for key in reversed(digests):
-            handle = self._lookup(key)
-            if handle is not None:
-                self.stats.hits += 1
-                self.stats.hit_tokens += handle.length
-                self.stats.host_hits += handle.host
-                return handle
-        return None
 
     @_on_manager_device
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
@@ -537,35 +473,44 @@ class PrefixStateCache(EntryStore):
 
     # ------------------------------------------------------------ insert
     @_on_manager_device
-    def insert(self, tokens: Any, slot: int, stream: Any = None) -> PrefixHandle | None:
+    def insert(self, tokens: Any, slot: int, stream: Any = None, kind: str | None = None) -> PrefixHandle | None:
         """Record live slot ``slot``'s current state as the state after ``tokens``.
 
         In checkpoint mode the current state is the slot's checkpoint advanced through its ``h`` ring
         steps (the fold's arithmetic), computed into the entry; the slot and its ring are unchanged.
 
-        Already present: refresh its recency, copy nothing. Otherwise take a free entry or evict the
-        least recently used unpinned one; if every entry is pinned the insert is dropped (counted
-        in ``stats.dropped_inserts``), never an error.
+        Already present: refresh its recency, copy nothing. Otherwise the policy may refuse it
+        (counted in ``stats.rejected_inserts``); else take a free entry or evict the policy's victim
+        among the unpinned ones; if every entry is pinned the insert is dropped (counted in
+        ``stats.dropped_inserts``), never an error.
 
         Args:
-            tokens: ``[n * bs]`` host integer token ids, ``n >= 1``: the prefix the slot has consumed.
+            tokens: ``[n]`` host integer token ids, ``n >= 1`` (on the block grid or off it): the
+                prefix the slot has consumed.
             slot: in ``[0, B)``.
             stream: the stream to copy on (ignored by the NumPy backend).
+            kind: why the checkpoint is taken (a [`Checkpoint`][mamba_cache.prefix.placement.Checkpoint]'s
+                kind from [`positions`][mamba_cache.prefix.PrefixStateCache.positions]); the policy's
+                admission reads it. ``None``: the caller's own choice (every policy admits it).
 
         Returns:
-            The entry's handle, or ``None`` when dropped.
+            The entry's handle, or ``None`` when dropped or not admitted.
 
         Raises:
-            ValueError: ``tokens`` is not a positive multiple of ``block_size`` long.
+            ValueError: ``tokens`` is empty.
             IndexError / TypeError: ``slot`` out of range / not an integer; bad ``tokens``.
         """
         self._check_open("insert")
         resolved = self.manager._stream(stream)
-        data, key = self._prefix("tokens", tokens)
+        data, key, tail = self._prefix("tokens", tokens)
         slot = check_index("slot", slot, self.manager.get_config().max_batch_size)
+        if kind is not None and not isinstance(kind, str):
+            raise TypeError(f"kind must be a str or None, got {type(kind).__name__}")
         present = self._lookup(key)
         if present is not None:
             return present
+        if not self._admit(data, kind):
+            return None
         entry = self._take_entry(resolved)
         if entry is None:
             self.stats.dropped_inserts += 1
@@ -576,14 +521,14 @@ class PrefixStateCache(EntryStore):
             self._free.append(entry)
             raise
         self._wrote([entry], resolved)
-        return self._publish(entry, key, data.shape[0])
+        return self._publish(entry, key, data, tail)
 
     @_on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
         """`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
 
         Args:
-            tokens: a list of ``n`` block-aligned token sequences.
+            tokens: a list of ``n`` token sequences, each of length >= 1.
             slots: ``[n]`` int32 host array of the source slots, each in ``[0, B)`` (both backends:
                 the store must know every slot is valid before it keys an entry), or ``pad_slot_id``
                 (-1) for a padding row, which reads nothing and gets the handle ``None``.
@@ -614,7 +559,7 @@ class PrefixStateCache(EntryStore):
         prefixes = [self._prefix(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
         handles: list = [None] * len(prefixes)
         src, dst, taken, planned = [], [], set(), {}
-        for i, (data, key) in enumerate(prefixes):
+        for i, (data, key, tail) in enumerate(prefixes):
             if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
                 continue
             if key in planned:
@@ -634,7 +579,7 @@ class PrefixStateCache(EntryStore):
             planned[key] = entry
             src.append(int(slots[i]))
             dst.append(entry)
-            self._publish(entry, key, data.shape[0])
+            self._publish(entry, key, data, tail)
             handles[i] = entry
         if src:
             src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
@@ -711,24 +656,24 @@ class PrefixStateCache(EntryStore):
 
         Args:
             entry: from [`reserve`][mamba_cache.prefix.PrefixStateCache.reserve], filled by a tracking commit.
-            tokens: ``[n * bs]`` host integer token ids: the prefix up to the tracked boundary.
+            tokens: ``[n]`` host integer token ids, ``n >= 1``: the prefix up to the tracked position.
 
         Returns:
             The handle of the entry that now holds the prefix.
 
         Raises:
-            ValueError: ``entry`` is not reserved, or ``tokens`` is not block-aligned.
+            ValueError: ``entry`` is not reserved, or ``tokens`` is empty.
             IndexError / TypeError: ``entry`` out of range / not an integer.
         """
         self._check_open("publish")
         entry = self._check_reserved(entry)
-        data, key = self._prefix("tokens", tokens)
+        data, key, tail = self._prefix("tokens", tokens)
         self._reserved.discard(entry)
         existing = self._lookup(key)
         if existing is not None:
             self._free.append(entry)
             return existing
-        return self._publish(entry, key, data.shape[0])
+        return self._publish(entry, key, data, tail)
 
     def release(self, entry: int) -> None:
         """Return a reserved entry that tracked nothing (its row stopped before the boundary).

@@ -349,7 +349,7 @@ COLOURS = {
     "int8 nearest + error feedback": "#ff7f0e",
     "int8 stochastic + error feedback": "#bcbd22",
 }
-WIDTH, PANEL, HEIGHT = 1000, 400, 420
+WIDTH, PANEL, HEIGHT = 1000, 400, 430
 
 
 def svg(result: dict) -> str:
@@ -386,7 +386,7 @@ def svg(result: dict) -> str:
                 f'<polyline points="{" ".join(pts)}" fill="none" stroke="{COLOURS[name]}" stroke-width="1.3"/>'
             )
     for i, name in enumerate(RUNS):
-        x, y = 60 + (i % 5) * 190, HEIGHT - 60 + (i // 5) * 16
+        x, y = 60 + (i % 5) * 190, HEIGHT - 36 + (i // 5) * 16
         parts.append(
             f'<line x1="{x}" y1="{y - 4}" x2="{x + 18}" y2="{y - 4}" stroke="{COLOURS[name]}" stroke-width="2"/>'
         )

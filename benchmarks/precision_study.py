@@ -115,15 +115,16 @@ def state_of(cache) -> np.ndarray:
     return np.concatenate([cache.get_recurrent_state(i)[0].astype(np.float64).ravel() for i in range(LAYERS)])
 
 
-def quantise(cache, dtype, stochastic: bool, position: int) -> None:
-    """Store every state of slot 0 as ``dtype`` (then widen back exactly into the float32 pool)."""
+def quantise(cache, dtype, stochastic: bool, position: int, slots=(0,)) -> None:
+    """Store every state of ``slots`` as ``dtype`` (then widen back exactly into the float32 pool)."""
     if np.dtype(dtype) == np.float32:
         return
-    for layer in range(LAYERS):
+    slots = np.asarray(slots)
+    for layer in range(cache.get_config().num_recurrent_layers):
         for kind, view in enumerate((cache.get_recurrent_state(layer), cache.get_conv_state(layer))):
-            flat = view[0].reshape(1, -1)
+            flat = view[slots].reshape(len(slots), -1)
             rounded = convert(flat, dtype, stochastic=stochastic, seed=SEED, kind=kind, layer=layer, position=position)
-            view[0] = rounded.astype(np.float32).reshape(view.shape[1:])
+            view[slots] = rounded.astype(np.float32).reshape((len(slots), *view.shape[1:]))
 
 
 def relative_error(state, reference) -> float:

@@ -71,6 +71,7 @@ def main_pools(manager):
 
 
 @simulator_long(backend="numba", dtype="float16", active=4)  # float16 with 3 rows covers the simulator's path
+@simulator_long(backend="numba", dtype="float32", active=4, groups=1)  # as float32 with 3 rows does
 @pytest.mark.parametrize(
     ("dtype", "active", "groups"),
     [("float16", 4, 1), ("float16", 3, 1), ("float32", 4, 1), ("float32", 3, 1), ("float32", 3, 2)],

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, device_int32, simulator_long, snapshot
+from helpers import BACKENDS, ON_GPU, device_int32, simulator_long, snapshot
 
 from mamba_cache import Config
 from mamba_cache.models.gdn import TinyGatedDeltaNet
@@ -78,6 +78,8 @@ def test_replay_equals_sequential(backend, rng, dtype, mixer):
     model.prefill(spec, prompt)
     model.prefill(seq, prompt)
     accepts = [[0, 1, verify, 2], [verify, verify, 1, 0], [2, 0, 1, verify]]  # 0 = the row is padding
+    if backend == "numba" and not ON_GPU:  # the simulator: two rounds already take every accept kind
+        accepts = accepts[:2]
     for accept in accepts:
         drafts = rng.integers(0, 32, size=(active, verify))
         before = main_pools(spec)

@@ -195,7 +195,7 @@ def _replay_bytes_8bit(config: Config, accept: list[int]) -> int:
     """
     groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
     esz, width, blocks = config.conv_state_dtype.itemsize, config.conv_kernel, config.conv_scale_blocks
-    per_step = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in config.replay_stash_fields.values())
+    per_step = config.stash_step_bytes
     total = 0
     for a in accept:
         if not 1 <= a <= config.max_intermediate_seq_len:

@@ -114,7 +114,7 @@ def validate(name: str, dtype: str | None, rng) -> None:
 
 def moved_bytes(config: Config, accept: list[int]) -> int:
     """Bytes a replay commit must move: state + conv read and written, and the accepted steps' stash."""
-    per_step = sum(int(np.prod(s)) * d.itemsize for s, d in config.replay_stash_fields.values())
+    per_step = config.stash_step_bytes
     slot = config.recurrent_slot_elems * config.recurrent_state_dtype.itemsize
     slot += config.conv_slot_elems * config.conv_state_dtype.itemsize
     rows = [a for a in accept if 1 <= a <= config.max_intermediate_seq_len]

@@ -117,7 +117,7 @@ def word_counts(config: Config, strategy: str, verify: int) -> tuple[int, int, i
     pools = config.pool_bytes()
     layers, slots = config.num_recurrent_layers, config.max_batch_size
     state = (pools["recurrent"] + pools["conv"]) // (layers * slots * WORD)
-    step = sum(int(np.prod(s)) * d.itemsize for s, d in config.replay_stash_fields.values()) // WORD + 1
+    step = config.stash_step_bytes // WORD + 1
     per_step = state if strategy == "scatter" else step
     return state, per_step, step
 
@@ -292,9 +292,10 @@ def fold_records(layers: int, stream, numba_stream, rng, ceiling: float) -> list
         manager.reshape_intermediate_states(32, 4)
         manager.checkpoint_mtp_states(rows, stream=numba_stream)
         us = device_time_us([lambda: manager.checkpoint_mtp_states(rows, stream=numba_stream)], stream, 50)
-        state, _, step = word_counts(config, "checkpoint", 4)
-        step_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in config.replay_stash_fields.values())
-        nbytes = layers * sum(2 * state * WORD + int(a) * step_bytes for a in accept)  # read + write state, a steps
+        state = word_counts(config, "checkpoint", 4)[0]
+        nbytes = layers * sum(
+            2 * state * WORD + int(a) * config.stash_step_bytes for a in accept
+        )  # read + write state, a steps
         gbps = nbytes / us / 1e3
         record = {"op": "fold", "preset": name, "batch": 32, "V": 4, "R": 4, "device_us": round(us, 2)}
         record.update(moved_bytes=nbytes, moved_gbps=round(gbps, 1), ratio_to_ceiling=round(gbps / ceiling, 3))

@@ -340,6 +340,11 @@ class Config:
             fields["conv_scales"] = ((self.conv_scale_blocks,), np.dtype(np.float32))
         return fields
 
+    @property
+    def stash_step_bytes(self) -> int:
+        """Bytes of one step of the replay stash (or history ring) for one row and one layer: every field."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
+
     # ------------------------------------------------------------------ 8-bit states
     @property
     def quantised_kinds(self) -> tuple[str, ...]:
@@ -512,11 +517,9 @@ class Config:
         for name, (shape, dtype) in self.scale_pools().items():
             pools["error_feedback" if name.startswith("residual_") else "scales"] += math.prod(shape) * dtype.itemsize
         if self.has_replay_stash:
-            per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
-            pools["replay_stash"] = layers * slots * seq * per_step
+            pools["replay_stash"] = layers * slots * seq * self.stash_step_bytes
         if self.has_history:
-            per_step = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.replay_stash_fields.values())
-            pools["history"] = layers * slots * self.history_len * per_step + slots * _COUNTER_BYTES
+            pools["history"] = layers * slots * self.history_len * self.stash_step_bytes + slots * _COUNTER_BYTES
         return pools
 
     @property

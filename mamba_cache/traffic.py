@@ -25,7 +25,6 @@ the commit or fold), not of a kernel: `benchmarks/strategies.py` times the same 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable
 
 from ._config import Config
@@ -63,12 +62,6 @@ class Traffic:
     def bytes_per_token(self) -> float:
         """Bytes read and written per accepted token."""
         return (self.bytes_read + self.bytes_written) / max(self.tokens, 1)
-
-
-def _step_bytes(config: Config) -> int:
-    """One step of the replay stash (or history ring), all layers."""
-    fields = config.replay_stash_fields.values()
-    return config.num_recurrent_layers * sum(math.prod(shape) * dtype.itemsize for shape, dtype in fields)
 
 
 def state_traffic(
@@ -115,7 +108,7 @@ def state_traffic(
     slots = config.max_batch_size
     state = (pools["recurrent"] + pools["conv"]) // slots
     per_step = (pools["intermediate_recurrent"] + pools["intermediate_conv"]) // max(slots * seq, 1)
-    step = _step_bytes(config)
+    step = config.num_recurrent_layers * config.stash_step_bytes  # one step of the stash or ring, all layers
     read = written = tokens = folds = h = 0
     for a in accept_lengths:
         a = int(a)

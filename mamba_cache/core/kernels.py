@@ -35,9 +35,9 @@ from __future__ import annotations
 
 from numba import cuda
 
-from .checks import pad_slot_id
 from .launch import MAX_THREADS as MAX_THREADS  # the largest block (the tests read it here)
 from .launch import slot_launch_shape
+from .rows import accepted_steps, is_padding, last_tree_node, row_slot, tracked_step
 
 #: Words each thread copies (its loads are all issued before the stores).
 WORDS_PER_THREAD = 4
@@ -85,9 +85,8 @@ def scatter_accepted(
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``; see the module docstring.
     """
     row = cuda.blockIdx.y
-    accepted = accept_lengths[row]
-    # Compare the int32 before subtracting: INT32_MIN - 1 must not wrap to a valid step.
-    if accepted < 1 or accepted > max_accept:
+    accepted = accepted_steps(accept_lengths, row, max_accept)
+    if accepted == 0:
         return
     _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + (accepted - 1))
 
@@ -116,16 +115,8 @@ def scatter_tree(dst_a, src_a, dst_b, src_b, chunks_a, node_ids, accept_lengths,
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
     """
     row = cuda.blockIdx.y
-    width = node_ids.shape[1]
-    count = accept_lengths[row]
-    if count > width:
-        count = width
-    node = -1
-    for j in range(count):  # count <= 0: no iterations
-        candidate = node_ids[row, j]
-        if candidate >= 0:
-            node = candidate
-    if node < 0 or node >= seq_len:
+    node, _ = last_tree_node(node_ids, accept_lengths, row, seq_len)
+    if node < 0:
         return
     _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + node)
 
@@ -180,8 +171,8 @@ def _zero_chunk(dst, chunk):
 @cuda.jit(device=True, inline="always")
 def _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, src_row):
     """Copy this block's chunk of intermediate row ``src_row`` into the row's slot, if in range."""
-    slot = state_indices[row] if use_indices else row
-    if slot < 0 or slot >= dst_a.shape[1]:
+    slot = row_slot(state_indices, use_indices, row, dst_a.shape[1])
+    if slot < 0:
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x
@@ -338,15 +329,12 @@ def scatter_tracked(
     """
     row = cuda.blockIdx.y
     accepted = accept_lengths[row]
-    if accepted >= 1 and accepted <= max_accept:
+    if accepted_steps(accept_lengths, row, max_accept) > 0:
         _commit_chunk(
             dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + (accepted - 1)
         )
-    step = track_steps[row]
-    entry = track_entries[row]
-    if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
-        return
-    if use_indices and state_indices[row] == pad_slot_id:  # a padding row tracks nothing
+    step, entry = tracked_step(track_steps, track_entries, row, accepted, seq_len, track_a.shape[1])
+    if step < 0 or is_padding(state_indices, use_indices, row):
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x

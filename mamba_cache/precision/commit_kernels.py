@@ -57,9 +57,9 @@ from types import SimpleNamespace
 import numpy as np
 from numba import cuda
 
-from ..core.checks import pad_slot_id
 from ..core.device import SIMULATOR
 from ..core.launch import slot_launch_shape
+from ..core.rows import accepted_steps, is_padding, last_tree_node, row_slot, tracked_step
 from . import kernels
 from .kernels import (
     MODE_COPY,
@@ -682,11 +682,9 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
     ):
         """``scatter_accepted`` converting to the main pools' dtypes: see `commit_kernels`."""
         row = cuda.blockIdx.y
-        accepted = accept_lengths[row]
-        if accepted < 1 or accepted > max_accept:
-            return
-        slot = state_indices[row] if use_indices else row
-        if slot < 0 or slot >= dst_a.shape[1]:
+        accepted = accepted_steps(accept_lengths, row, max_accept)
+        slot = row_slot(state_indices, use_indices, row, dst_a.shape[1])
+        if accepted == 0 or slot < 0:
             return
         position = np.int64(positions[row]) + accepted
         both(dst_a, src_a, dst_b, src_b, chunks_a, slot, row * seq_len + (accepted - 1), position, seed_lo, seed_hi)
@@ -709,21 +707,9 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
     ):
         """``scatter_tree`` converting to the main pools' dtypes: see `commit_kernels`."""
         row = cuda.blockIdx.y
-        width = node_ids.shape[1]
-        count = accept_lengths[row]
-        if count > width:
-            count = width
-        node = -1
-        depth = 0
-        for j in range(count):
-            candidate = node_ids[row, j]
-            if candidate >= 0:
-                node = candidate
-                depth = j
-        if node < 0 or node >= seq_len:
-            return
-        slot = state_indices[row] if use_indices else row
-        if slot < 0 or slot >= dst_a.shape[1]:
+        node, depth = last_tree_node(node_ids, accept_lengths, row, seq_len)
+        slot = row_slot(state_indices, use_indices, row, dst_a.shape[1])
+        if node < 0 or slot < 0:
             return
         position = np.int64(positions[row]) + depth + 1
         both(dst_a, src_a, dst_b, src_b, chunks_a, slot, row * seq_len + node, position, seed_lo, seed_hi)
@@ -751,17 +737,13 @@ def commit_kernels(spec_a: tuple, spec_b: tuple) -> SimpleNamespace:
         """``scatter_tracked`` converting to the main pools' dtypes: see `commit_kernels`."""
         row = cuda.blockIdx.y
         accepted = accept_lengths[row]
-        if accepted >= 1 and accepted <= max_accept:
-            slot = state_indices[row] if use_indices else row
-            if slot >= 0 and slot < dst_a.shape[1]:
-                position = np.int64(positions[row]) + accepted
-                src_row = row * seq_len + (accepted - 1)
-                both(dst_a, src_a, dst_b, src_b, chunks_a, slot, src_row, position, seed_lo, seed_hi)
-        step = track_steps[row]
-        entry = track_entries[row]
-        if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
-            return
-        if use_indices and state_indices[row] == pad_slot_id:  # a padding row tracks nothing
+        slot = row_slot(state_indices, use_indices, row, dst_a.shape[1])
+        if accepted_steps(accept_lengths, row, max_accept) > 0 and slot >= 0:
+            position = np.int64(positions[row]) + accepted
+            src_row = row * seq_len + (accepted - 1)
+            both(dst_a, src_a, dst_b, src_b, chunks_a, slot, src_row, position, seed_lo, seed_hi)
+        step, entry = tracked_step(track_steps, track_entries, row, accepted, seq_len, track_a.shape[1])
+        if step < 0 or is_padding(state_indices, use_indices, row):
             return
         position = np.int64(positions[row]) + step + 1
         both(track_a, src_a, track_b, src_b, chunks_a, entry, row * seq_len + step, position, seed_lo, seed_hi)

@@ -278,6 +278,94 @@ def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows
         _copy_chunk(dst_b, layer, d, src_b, layer, s, chunk - chunks_a)
 
 
+#: The most pools `copy_rows_scaled` and `zero_slot_scaled` move in one launch: an 8-bit cache's two
+#: state kinds, their two scale pools and the recurrent state's error-feedback residual.
+SCALED_POOLS = 5
+
+
+@cuda.jit(cache=False)
+def copy_rows_scaled(
+    d0, s0, d1, s1, d2, s2, d3, s3, d4, s4, end0, end1, end2, end3, src_rows, dst_rows, use_rows, src_row, dst_row
+):  # fmt: skip
+    """`copy_rows` over up to `SCALED_POOLS` pools: an 8-bit cache's states with their scales, in one launch.
+
+    Pair ``i = blockIdx.y`` and layer ``l = blockIdx.z`` as in `copy_rows`, row bounds from pool 0;
+    the x blocks ``[0, end0)`` copy pool 0 (``d0[l, d] = s0[l, s]``), ``[end0, end1)`` pool 1, and so
+    on, ``[end3, ...)`` pool 4. A cache with fewer pools passes its last pool again with an empty
+    block range (``end`` equal to the grid's x size), so those blocks never run:
+
+    ```text
+    blockIdx.x:  0 .. end0-1 | end0 .. end1-1 | end1 .. end2-1   | end2 .. end3-1 | end3 ..
+                 recurrent   | conv           | recurrent scales | conv scales    | residual
+    ```
+
+    ``d0, s0 .. d4, s4`` are the ``[L, R_dst, W_k]`` / ``[L, R_src, W_k]`` words of pool ``k``;
+    ``end0 .. end3`` the cumulative x-block ends of pools 0..3; ``src_rows``, ``dst_rows``,
+    ``use_rows``, ``src_row`` and ``dst_row`` are `copy_rows`'s.
+
+    Grid ``(blocks, n, L)``, block ``(threads,)`` from `launch_shape` over the five slots' words.
+    """
+    pair = cuda.blockIdx.y
+    if use_rows:
+        s = src_rows[pair]
+        d = dst_rows[pair]
+    else:
+        s = src_row
+        d = dst_row
+    if s < 0 or s >= s0.shape[1] or d < 0 or d >= d0.shape[1]:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < end0:
+        _copy_chunk(d0, layer, d, s0, layer, s, chunk)
+    elif chunk < end1:
+        _copy_chunk(d1, layer, d, s1, layer, s, chunk - end0)
+    elif chunk < end2:
+        _copy_chunk(d2, layer, d, s2, layer, s, chunk - end1)
+    elif chunk < end3:
+        _copy_chunk(d3, layer, d, s3, layer, s, chunk - end2)
+    else:
+        _copy_chunk(d4, layer, d, s4, layer, s, chunk - end3)
+
+
+@cuda.jit(cache=False)
+def zero_slot_scaled(d0, d1, d2, d3, d4, end0, end1, end2, end3, slot):
+    """`zero_slot` over up to `SCALED_POOLS` pools (block ranges as `copy_rows_scaled`), in one launch.
+
+    ``d0 .. d4`` are the ``[L, B, W_k]`` words of pool ``k`` (written), ``end0 .. end3`` the
+    cumulative x-block ends of pools 0..3, ``slot`` the slot (``0 <= slot < B``).
+
+    Grid ``(blocks, 1, L)``, block ``(threads,)``.
+    """
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < end0:
+        _zero_row(d0, layer, slot, chunk)
+    elif chunk < end1:
+        _zero_row(d1, layer, slot, chunk - end0)
+    elif chunk < end2:
+        _zero_row(d2, layer, slot, chunk - end1)
+    elif chunk < end3:
+        _zero_row(d3, layer, slot, chunk - end2)
+    else:
+        _zero_row(d4, layer, slot, chunk - end3)
+
+
+def scaled_ends(chunks: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """``((end0 .. end3), blocks)`` of `copy_rows_scaled` / `zero_slot_scaled` for pools of ``chunks`` x blocks each.
+
+    ``chunks`` has 2 to `SCALED_POOLS` entries; the missing pools' ends equal the total, so they get no blocks.
+    """
+    if not 2 <= len(chunks) <= SCALED_POOLS:
+        raise ValueError(f"a scaled row launch moves 2 to {SCALED_POOLS} pools, got {len(chunks)}")
+    ends, total = [], 0
+    for count in chunks:
+        total += count
+        ends.append(total)
+    ends += [total] * (SCALED_POOLS - len(chunks))
+    return tuple(ends[: SCALED_POOLS - 1]), total
+
+
 @cuda.jit(cache=False)
 def scatter_tracked(
     dst_a,

@@ -429,23 +429,23 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         launch.set_scalar("use_indices", int(indices is not None))
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
-        if len(dst) > 2:  # an 8-bit cache's scales and residuals: one more launch a pair of pools
-            for i in range(0, len(dst), 2):
-                pair = [dst[i : i + 2], src[i : i + 2]]
-                pair = [p * 2 for p in pair] if len(pair[0]) == 1 else pair  # a last single pool: twice
-                self._copy_rows(*pair, src_rows, dst_rows, count, stream)
-            return
-        key = ("copy_rows", id(dst[0]), id(src[0]), id(dst[1]))
+        key = ("copy_rows", *(id(pool) for pool in (*dst, *src)))
         entry = self._launches.get(key)
         if entry is None:
             words = []
             for to, frm in zip(dst, src, strict=True):
                 words += [_slot_words(to, to.shape[1]), _slot_words(frm, frm.shape[1])]
-            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+            chunks, threads = kernels.launch_shape(*(w.shape[2] for w in words[::2]))
             placeholder = self._placeholder().array
+            rows = (placeholder, placeholder, 0, 0, 0)
+            if len(dst) == 2:  # the state kinds alone
+                kernel, args, blocks = kernels.copy_rows, (*words, chunks[0], *rows), sum(chunks)
+            else:  # an 8-bit cache's scales and residual move in the same launch
+                ends, blocks = kernels.scaled_ends(chunks)
+                padded = words + words[-2:] * (kernels.SCALED_POOLS - len(dst))  # absent pools: no blocks
+                kernel, args = kernels.copy_rows_scaled, (*padded, *ends, *rows)
             # keep_alive holds the pools (so the ids in the key cannot be reused while it lives)
-            launch = Launch(kernels.copy_rows, (*words, chunks_a, placeholder, placeholder, 0, 0, 0), threads)
-            entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
+            entry = self._launches[key] = (Launch(kernel, args, threads), blocks, self._config.num_recurrent_layers)
         launch, blocks, layers = entry
         if isinstance(src_rows, DeviceArg):
             launch.set_array("src_rows", src_rows, shape_changes=True)
@@ -544,20 +544,22 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         event.wait(stream.stream)
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        pools = self._moving_pools()  # with an 8-bit cache's scales and residuals, a launch a pair
-        for i in range(0, len(pools), 2):
-            pair = (pools[i], pools[i + 1] if i + 1 < len(pools) else pools[i])
-            key = ("zero_slot", id(pair[0]), id(pair[1]))
-            entry = self._launches.get(key)
-            if entry is None:
-                slots = self._config.max_batch_size
-                rec, conv = _slot_words(pair[0], slots), _slot_words(pair[1], slots)
-                (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
-                launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
-                entry = self._launches[key] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
-            launch, grid = entry
-            launch.set_scalar("slot", slot)
-            launch.launch(grid, stream)
+        pools = self._moving_pools()  # with an 8-bit cache's scales and residual, in the same launch
+        key = ("zero_slot", *(id(pool) for pool in pools))
+        entry = self._launches.get(key)
+        if entry is None:
+            words = [_slot_words(pool, self._config.max_batch_size) for pool in pools]
+            chunks, threads = kernels.launch_shape(*(w.shape[2] for w in words))
+            if len(words) == 2:
+                launch, blocks = Launch(kernels.zero_slot, (*words, chunks[0], 0), threads), sum(chunks)
+            else:
+                ends, blocks = kernels.scaled_ends(chunks)
+                padded = words + words[-1:] * (kernels.SCALED_POOLS - len(words))  # absent pools: no blocks
+                launch = Launch(kernels.zero_slot_scaled, (*padded, *ends, 0), threads)
+            entry = self._launches[key] = (launch, (blocks, 1, self._config.num_recurrent_layers))
+        launch, grid = entry
+        launch.set_scalar("slot", slot)
+        launch.launch(grid, stream)
 
     def _replay(
         self,

@@ -230,6 +230,20 @@ def _copy_chunk(dst, dst_layer, dst_row, src, src_layer, src_row, chunk):
             dst[dst_layer, dst_row, w] = buf[i]
 
 
+@cuda.jit(device=True, inline="always")
+def _row_pair(src_rows, dst_rows, use_rows, src_row, dst_row, src_count, dst_count):
+    """``(s, d)`` of the block's pair (``blockIdx.y``), or ``(-1, -1)`` unless both are in range."""
+    if use_rows:
+        s = src_rows[cuda.blockIdx.y]
+        d = dst_rows[cuda.blockIdx.y]
+    else:
+        s = src_row
+        d = dst_row
+    if s < 0 or s >= src_count or d < 0 or d >= dst_count:
+        return -1, -1
+    return s, d
+
+
 @cuda.jit(cache=False)
 def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows, src_row, dst_row):
     """Copy rows between two stacked word pools, every layer and both state kinds in one launch.
@@ -261,14 +275,8 @@ def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows
 
     Grid ``(chunks_a + chunks_b, n, L)``, block ``(threads,)``; see the module docstring.
     """
-    pair = cuda.blockIdx.y
-    if use_rows:
-        s = src_rows[pair]
-        d = dst_rows[pair]
-    else:
-        s = src_row
-        d = dst_row
-    if s < 0 or s >= src_a.shape[1] or d < 0 or d >= dst_a.shape[1]:
+    s, d = _row_pair(src_rows, dst_rows, use_rows, src_row, dst_row, src_a.shape[1], dst_a.shape[1])
+    if s < 0:
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x
@@ -305,14 +313,8 @@ def copy_rows_scaled(
 
     Grid ``(blocks, n, L)``, block ``(threads,)`` from `launch_shape` over the five slots' words.
     """
-    pair = cuda.blockIdx.y
-    if use_rows:
-        s = src_rows[pair]
-        d = dst_rows[pair]
-    else:
-        s = src_row
-        d = dst_row
-    if s < 0 or s >= s0.shape[1] or d < 0 or d >= d0.shape[1]:
+    s, d = _row_pair(src_rows, dst_rows, use_rows, src_row, dst_row, s0.shape[1], d0.shape[1])
+    if s < 0:
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x

@@ -34,6 +34,7 @@ FLOORS = [
      "mamba_cache.core.moving", "mamba_cache.core.manager", "mamba_cache.models.prefill"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
+     "mamba_cache.core.numba_device",
      "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving", "mamba_cache.core.numba_quant8",
      "mamba_cache.core.numpy_backend",
      "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index"},

@@ -362,3 +362,30 @@ def test_commit_mode_table_counts_8bit_scales_with_the_main_pools(capsys):
     replay = next(line for line in lines if line.split()[:1] == ["replay"])
     main = pools["recurrent"] + pools["conv"] + pools["scales"]
     assert re.split(r"\s{2,}", replay.strip())[1:3] == [format_bytes(main), format_bytes(pools["replay_stash"])]
+
+
+def transcripts(page: str) -> list[tuple[list[str], str]]:
+    """Each ``$ mamba-cache ...`` transcript of a docs page: (its arguments, the output shown under it)."""
+    import shlex
+
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        text = f.read()
+    found = []
+    for block in re.findall(r"```text\n(\$ mamba-cache .*?)```", text, re.S):
+        lines = block.splitlines()
+        command = lines.pop(0)
+        while command.endswith("\\"):
+            command = command[:-1] + lines.pop(0)
+        found.append((shlex.split(command)[2:], "\n".join(lines) + "\n"))
+    return found
+
+
+@pytest.mark.parametrize("page", ["docs/concepts/beyond.md"])
+def test_the_plan_transcripts_on_the_pages_are_what_the_cli_prints(page):
+    # a transcript on a page is the output of its command today, not of an older CLI
+    shown = transcripts(page)
+    assert shown, f"no mamba-cache transcript on {page}"
+    for args, output in shown:
+        result = cli(*args)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert result.stdout == output, f"{page}: `mamba-cache {' '.join(args)}` prints:\n{result.stdout}"

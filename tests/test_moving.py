@@ -257,6 +257,55 @@ def test_import_refuses_and_changes_nothing(backend, rng):
         source.export_slots(np.array([0], np.int32), dest_tp_size=4)
 
 
+def test_fingerprint_names_the_model_fields_only():
+    """Each model field changes the fingerprint; B, S, the commit mode, the history length and the shard do not."""
+    from mamba_cache.moving import fingerprint
+
+    base = model()
+    plain = dataclasses.replace(base, conv_dim=7)  # no conv sections: only the mixer field tells the mixers apart
+    models = [
+        base,
+        model(layers=3),
+        model(groups=1),
+        model(dtype="float16"),
+        model(conv_dtype="float32"),
+        model("gdn"),
+        plain,
+        *(
+            dataclasses.replace(plain, **change)
+            for change in (
+                {"mixer": "gdn"},
+                {"conv_kernel": 4},
+                {"recurrent_state_head_dim": 3},
+                {"recurrent_state_size": 4},
+                {"recurrent_state_num_heads": 8},
+            )
+        ),
+    ]
+    assert len({fingerprint(c) for c in models}) == len(models)
+    same = [
+        model(batch=7),
+        dataclasses.replace(base, max_intermediate_seq_len=3),
+        dataclasses.replace(base.in_commit_mode("checkpoint"), history_len=4),
+        *(shard_config(base, 2, rank) for rank in range(2)),
+    ]
+    assert {fingerprint(c) for c in same} == {fingerprint(base)}
+
+
+def test_shards_that_do_not_tile_the_heads_are_refused(rng):
+    """A TP size that does not divide the heads: refused at export (destination) and at import (source)."""
+    config = model("mamba2", 1)  # one group: B and C stay whole on every rank, only the heads decide
+    (source,) = ranks("numpy", config, 1, states=random_states(config, rng))
+    with pytest.raises(ParcelError, match="a destination of TP size 3 cannot hold the model's recurrent"):
+        source.export_slots(np.array([0], np.int32), dest_tp_size=3)
+    (target,) = ranks("numpy", config, 1, rng=rng)
+    before = snapshot(target)
+    parcel = damaged(source.export_slots(np.array([0, 1], np.int32)), source_size=3)
+    with pytest.raises(ParcelError, match="a source of TP size 3 cannot hold the model's recurrent"):
+        target.import_slots(parcel, np.array([2, 3], np.int32))
+    assert_same_bits(snapshot(target), before, "a refused import")
+
+
 def test_descriptor_round_trips_through_json(rng):
     (source,) = ranks("numpy", model(), 1, states=random_states(model(), rng))
     parcel = source.export_slots(np.array([0, 1], np.int32), positions=np.array([3, 4]), keys=[None, b"x" * 16])
@@ -295,6 +344,24 @@ def test_offload_and_resume_are_bit_exact_and_single_use(backend, rng):
     with pytest.raises(ValueError, match="are parked; resume them first"):
         manager.reserve_offload(8)
     assert_same_bits(snapshot(manager), got, "refusals")
+
+
+def test_a_used_handle_never_resumes_the_entry_s_next_state(backend, rng):
+    """A handle stays used after its host entry parks another state: resuming it refuses, changing nothing."""
+    config = model("mamba2", 2)
+    (manager,) = ranks(backend, config, 1, states=random_states(config, rng))
+    manager.reserve_offload(1)  # one entry: the next offload refills the entry the used handle named
+    (first,) = manager.offload_slots(np.array([0], np.int32))
+    manager.resume(first, 1)
+    (second,) = manager.offload_slots(np.array([2], np.int32))
+    assert second.entry == first.entry
+    before = snapshot(manager)
+    with pytest.raises(LookupError, match="single-use"):
+        manager.resume(first, 3)
+    assert_same_bits(snapshot(manager), before, "a used handle")
+    manager.resume(second, 3)
+    for kind in ("recurrent", "conv"):
+        assert snapshot(manager)[kind][:, 3].tobytes() == before[kind][:, 2].tobytes()
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "gdn"])

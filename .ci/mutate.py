@@ -6,11 +6,11 @@ Each mutant below replaces one exact, unique piece of source (an off-by-one in a
 for ``<=``, a dropped ``- 1``, a wrong index, a skipped layer or state kind, a dropped bounds check,
 a wrong chunk base, ...). For each, the script writes the mutated file into a temporary copy of the
 tree (the working tree is never modified, so Ctrl-C leaves nothing mutated behind; the copy is
-deleted on exit), runs that file's focused test list there under the CUDA simulator with ``-x`` and
-a timeout, and records "caught" (a test failed, or the run timed out) or "survived". It prints a
-table and the score, and exits non-zero if any mutant survived or no longer applies ("stale": its
-source text was edited away; update the mutant). About ten minutes on two CPU cores; docs/development.md
-holds the latest table.
+deleted on exit), runs its focused tests there (the mutant's own list, else its file's) under the
+CUDA simulator with ``-x`` and a timeout, and records "caught" (a test failed, or the run timed
+out) or "survived". It prints a table and the score, and exits non-zero if any mutant survived or
+no longer applies ("stale": its source text was edited away; update the mutant). About ten minutes
+on two CPU cores; docs/development.md holds the latest table.
 """
 
 from __future__ import annotations

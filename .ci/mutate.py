@@ -6,11 +6,11 @@ Each mutant below replaces one exact, unique piece of source (an off-by-one in a
 for ``<=``, a dropped ``- 1``, a wrong index, a skipped layer or state kind, a dropped bounds check,
 a wrong chunk base, ...). For each, the script writes the mutated file into a temporary copy of the
 tree (the working tree is never modified, so Ctrl-C leaves nothing mutated behind; the copy is
-deleted on exit), runs that file's focused test list there under the CUDA simulator with ``-x`` and
-a timeout, and records "caught" (a test failed, or the run timed out) or "survived". It prints a
-table and the score, and exits non-zero if any mutant survived or no longer applies ("stale": its
-source text was edited away; update the mutant). About ten minutes on two CPU cores; docs/development.md
-holds the latest table.
+deleted on exit), runs its focused tests there (the mutant's own list, else its file's) under the
+CUDA simulator with ``-x`` and a timeout, and records "caught" (a test failed, or the run timed
+out) or "survived". It prints a table and the score, and exits non-zero if any mutant survived or
+no longer applies ("stale": its source text was edited away; update the mutant). About ten minutes
+on two CPU cores; docs/development.md holds the latest table.
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NUMPY = "mamba_cache/core/numpy_backend.py"
 KERNELS = "mamba_cache/core/kernels.py"
-ROWS = "mamba_cache/core/rows.py"  # the commit row rule every commit kernel calls
 CHECKS = "mamba_cache/core/checks.py"
 COMMITS = "mamba_cache/core/commits.py"
 SLOTS = "mamba_cache/core/slots.py"
 LAUNCH = "mamba_cache/core/launch.py"
 NUMBA = "mamba_cache/core/numba_args.py"  # the Numba backend's argument checks
+ROWS = "mamba_cache/core/rows.py"  # the commit row rule of every kernel (padding included)
+MOVING = "mamba_cache/core/moving.py"  # export / import / offload / resume
+PARCEL = "mamba_cache/moving/parcel.py"  # the parcel's layout, fingerprint and shards
+CKPT_KERNELS = "mamba_cache/checkpoint/kernels.py"
+PREFIX_KEYS = "mamba_cache/prefix/keys.py"
+PREFIX_STORE = "mamba_cache/prefix/store.py"
 
 # The focused tests of each file, fastest-failing first (``-x`` stops at the first failure).
 MUTANTS_CHECKS = [
@@ -73,15 +78,52 @@ TESTS = {
     ],
 }
 
+PADDING = (
+    "tests/test_padding.py::test_scatter_and_tree_padding_rows_commit_and_track_nothing",
+    "tests/test_padding.py::test_copy_slots_skips_padding_pairs",
+    "tests/test_padding.py::test_replay_padding_rows_commit_and_track_nothing",
+    "tests/test_padding.py::test_checkpoint_mode_padding_rows",
+)
+IMPORT_CHECKS = (
+    "tests/test_moving.py::test_import_refuses_and_changes_nothing",
+    "tests/test_moving.py::test_fingerprint_names_the_model_fields_only",
+    "tests/test_moving.py::test_shards_that_do_not_tile_the_heads_are_refused",
+)
+CKPT_NUMPY = (
+    "tests/test_checkpoint.py::test_state_after_reads_the_state_before_each_window_step",
+    "tests/test_checkpoint.py::test_materialize_folds_into_the_checkpoint",
+    "tests/test_checkpoint.py::test_counters_round_trip_and_reset",
+    "tests/test_checkpoint.py::test_long_run_keeps_the_decoded_state_whenever_it_folds",
+)
+CKPT_NUMBA = (
+    "tests/test_checkpoint.py::test_numba_reads_copies_and_materialize_as_the_reference[mamba2-bfloat16-True]",
+    "tests/test_checkpoint.py::test_numba_commit_folds_as_the_reference_and_as_its_replay_commit[mamba2-bfloat16-True-7]",
+    "tests/test_checkpoint.py::test_numba_commit_folds_as_the_reference_and_as_its_replay_commit[mamba2-float16-False-3]",
+)
+TAIL_KEYS = (
+    "tests/test_prefix_offgrid.py::test_tail_key_is_the_documented_personalised_blake2b",
+    "tests/test_golden.py::test_prefix_tail_keys_match_golden",
+    "tests/test_prefix_offgrid.py::test_off_grid_insert_match_restore",
+)
+
 
 class Mutant(NamedTuple):
-    """One mutation: replace ``old`` (exactly once in ``path``) by ``new``."""
+    """One mutation: replace ``old`` (exactly once in ``path``) by ``new``; ``tests`` must catch it.
+
+    ``tests``: the focused tests of this mutant, fastest-failing first; empty: its file's list in ``TESTS``.
+    """
 
     id: str
     path: str
     old: str  # must occur exactly once in the file
     new: str
     what: str
+    tests: tuple = ()
+
+    @property
+    def focused(self) -> list:
+        """The tests this mutant runs."""
+        return list(self.tests or TESTS[self.path])
 
 
 MUTANTS = [
@@ -209,6 +251,13 @@ MUTANTS = [
         "commit row rule: slot == B taken as a slot (`>=` -> `>`; a negative slot is the rule's own 'none')",
     ),
     Mutant(
+        "k-slot-negative",
+        KERNELS,
+        "    if slot < 0:\n        return\n    layer = cuda.blockIdx.z",
+        "    layer = cuda.blockIdx.z",
+        "commit kernel: dropped the `slot < 0` check (row_slot's -1 for padding or out of range is written)",
+    ),
+    Mutant(
         "k-chunk-base",
         KERNELS,
         "_copy_chunk(dst_b, layer, slot, src_b, layer, src_row, chunk - chunks_a)",
@@ -316,6 +365,127 @@ MUTANTS = [
         "if False:",
         "Numba restore_slot: dropped the contiguity check of a state",
     ),
+    # ---- the 2026 checks: padding rows, moving states, checkpoint commits, off-grid prefix keys
+    Mutant(
+        "np-pad-track",
+        NUMPY,
+        "if indices is not None:  # a padding row tracks nothing",
+        "if False:  # a padding row tracks nothing",
+        "scatter tracking: dropped the padding clause (a -1 row still writes its tracked entry)",
+        PADDING,
+    ),
+    Mutant(
+        "k-pad-ckpt-counters",
+        CKPT_KERNELS,
+        "if (accepted == 0 and not force) or slot < 0:",
+        "if accepted == 0 and not force:",
+        "plan_commit kernel: dropped the `slot < 0` check (a padding row moves the counters of slot -1)",
+        PADDING,
+    ),
+    Mutant(
+        "k-pad-is-padding",
+        ROWS,
+        "        return state_indices[row] == pad_slot_id",
+        "        return state_indices[row] < pad_slot_id",
+        "is_padding: `==` -> `<`, a -1 row counts as live (its tracked entry is written)",
+        PADDING,
+    ),
+    Mutant(
+        "mv-checksum-last",
+        MOVING,
+        "bad = np.flatnonzero(np.asarray(sums, dtype=np.int64) != np.asarray(descriptor.checksums, dtype=np.int64))",
+        "bad = np.flatnonzero(np.asarray(sums[:-1], dtype=np.int64) != np.asarray(descriptor.checksums[:-1], "
+        "dtype=np.int64))",
+        "import: the last chunk's checksum not compared",
+        IMPORT_CHECKS,
+    ),
+    Mutant(
+        "mv-fingerprint-mixer",
+        PARCEL,
+        '        "mixer": config.mixer,\n',
+        "",
+        "fingerprint: the mixer left out (a Mamba2 parcel imports into a GDN cache of the same shapes)",
+        IMPORT_CHECKS,
+    ),
+    Mutant(
+        "mv-shard-tiles",
+        PARCEL,
+        "    if total % size:\n        return None\n",
+        "",
+        "shards: a TP size that does not divide the heads accepted (its shards do not tile them)",
+        IMPORT_CHECKS,
+    ),
+    Mutant(
+        "mv-write-before-check",
+        MOVING,
+        "        sums = self._chunk_checksums(staged, descriptor.chunk_bytes, resolved)\n",
+        "        self._copy_runs(\n"
+        "            runs(config, list(descriptor.parts), rows, config.max_batch_size),\n"
+        "            staged, (self._pools.recurrent, self._pools.conv), False, resolved,\n"
+        "        )\n"
+        "        sums = self._chunk_checksums(staged, descriptor.chunk_bytes, resolved)\n",
+        "import: the slots written before the checksums are compared",
+        IMPORT_CHECKS,
+    ),
+    Mutant(
+        "mv-resume-generation",
+        MOVING,
+        "        pool.generations[entry] += 1\n",
+        "",
+        "resume: the entry's generation not bumped (a used handle resumes the entry's next state)",
+        (
+            "tests/test_moving.py::test_a_used_handle_never_resumes_the_entry_s_next_state",
+            "tests/test_moving.py::test_offload_and_resume_are_bit_exact_and_single_use",
+        ),
+    ),
+    Mutant(
+        "np-ckpt-fold-ge",
+        NUMPY,
+        "folds = after + config.max_intermediate_seq_len > config.history_len",
+        "folds = after + config.max_intermediate_seq_len >= config.history_len",
+        "checkpoint commit: folds when the next window would just fit (`>` -> `>=`)",
+        CKPT_NUMPY,
+    ),
+    Mutant(
+        "np-ckpt-p0",
+        NUMPY,
+        "positions[slots] += steps",
+        "positions[slots] = steps",
+        "checkpoint fold: p0 set to the folded steps instead of advanced by them",
+        CKPT_NUMPY,
+    ),
+    Mutant(
+        "k-ckpt-fold-ge",
+        CKPT_KERNELS,
+        "if force or after + window > ring:",
+        "if force or after + window >= ring:",
+        "plan_commit kernel: folds when the next window would just fit (`>` -> `>=`)",
+        CKPT_NUMBA,
+    ),
+    Mutant(
+        "k-ckpt-p0",
+        CKPT_KERNELS,
+        "p0[slot] = p0[slot] + after",
+        "p0[slot] = p0[slot] + accepted",
+        "plan_commit kernel: p0 advanced by this window's steps only, not the whole ring's",
+        CKPT_NUMBA,
+    ),
+    Mutant(
+        "og-tail-person",
+        PREFIX_KEYS,
+        "hasher = hashlib.blake2b(block_digest, digest_size=DIGEST_SIZE, person=TAIL_PERSON)",
+        "hasher = hashlib.blake2b(block_digest, digest_size=DIGEST_SIZE)",
+        "off-grid key: the personalisation left out (a tail key can equal a block key)",
+        TAIL_KEYS,
+    ),
+    Mutant(
+        "og-tail-slice",
+        PREFIX_STORE,
+        "piece = data[whole * self.block_size :]",
+        "piece = data[whole * self.block_size - 1 :]",
+        "off-grid key: the store's tail slice starts one token early",
+        TAIL_KEYS,
+    ),
 ]
 
 
@@ -339,7 +509,7 @@ def run_one(copy: Path, mutant: Mutant, timeout: float) -> tuple[str, str, float
     if original.count(mutant.old) != 1:
         return "stale", f"source text found {original.count(mutant.old)} times", 0.0
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[mutant.path]]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.focused]
     start = time.monotonic()
     try:
         path.write_text(original.replace(mutant.old, mutant.new))
@@ -360,10 +530,10 @@ def run_one(copy: Path, mutant: Mutant, timeout: float) -> tuple[str, str, float
     return "caught", (result.stdout.strip().splitlines() or [f"exit status {result.returncode}"])[-1], seconds
 
 
-def baseline(copy: Path, timeout: float) -> None:
-    """The unmutated tree must pass every focused list (else every mutant would look caught)."""
+def baseline(copy: Path, timeout: float, mutants: list) -> None:
+    """The unmutated tree must pass the focused tests of ``mutants`` (else every mutant would look caught)."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
-    files = sorted({t for tests in TESTS.values() for t in tests})
+    files = sorted({t for m in mutants for t in m.focused})
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files]
     result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout * 4)
     if result.returncode != 0:
@@ -394,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tree_copy(copy)
         if not args.no_baseline:
-            baseline(copy, args.timeout)
+            baseline(copy, args.timeout, mutants)
         for m in mutants:
             result, detail, seconds = run_one(copy, m, args.timeout)
             rows.append((m, result, detail, seconds))

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, SEED, assert_same_bits, snapshot, to_host, write_pool
+from helpers import BACKENDS, ON_GPU, SEED, SIMULATOR_LONG, assert_same_bits, snapshot, to_host, write_pool
 
 from mamba_cache import Config, NumpyMambaCacheManager, pad_slot_id
 from mamba_cache.moving import ParcelError, StateParcel, adler32_chunks
@@ -257,6 +257,55 @@ def test_import_refuses_and_changes_nothing(backend, rng):
         source.export_slots(np.array([0], np.int32), dest_tp_size=4)
 
 
+def test_fingerprint_names_the_model_fields_only():
+    """Each model field changes the fingerprint; B, S, the commit mode, the history length and the shard do not."""
+    from mamba_cache.moving import fingerprint
+
+    base = model()
+    plain = dataclasses.replace(base, conv_dim=7)  # no conv sections: only the mixer field tells the mixers apart
+    models = [
+        base,
+        model(layers=3),
+        model(groups=1),
+        model(dtype="float16"),
+        model(conv_dtype="float32"),
+        model("gdn"),
+        plain,
+        *(
+            dataclasses.replace(plain, **change)
+            for change in (
+                {"mixer": "gdn"},
+                {"conv_kernel": 4},
+                {"recurrent_state_head_dim": 3},
+                {"recurrent_state_size": 4},
+                {"recurrent_state_num_heads": 8},
+            )
+        ),
+    ]
+    assert len({fingerprint(c) for c in models}) == len(models)
+    same = [
+        model(batch=7),
+        dataclasses.replace(base, max_intermediate_seq_len=3),
+        dataclasses.replace(base.in_commit_mode("checkpoint"), history_len=4),
+        *(shard_config(base, 2, rank) for rank in range(2)),
+    ]
+    assert {fingerprint(c) for c in same} == {fingerprint(base)}
+
+
+def test_shards_that_do_not_tile_the_heads_are_refused(rng):
+    """A TP size that does not divide the heads: refused at export (destination) and at import (source)."""
+    config = model("mamba2", 1)  # one group: B and C stay whole on every rank, only the heads decide
+    (source,) = ranks("numpy", config, 1, states=random_states(config, rng))
+    with pytest.raises(ParcelError, match="a destination of TP size 3 cannot hold the model's recurrent"):
+        source.export_slots(np.array([0], np.int32), dest_tp_size=3)
+    (target,) = ranks("numpy", config, 1, rng=rng)
+    before = snapshot(target)
+    parcel = damaged(source.export_slots(np.array([0, 1], np.int32)), source_size=3)
+    with pytest.raises(ParcelError, match="a source of TP size 3 cannot hold the model's recurrent"):
+        target.import_slots(parcel, np.array([2, 3], np.int32))
+    assert_same_bits(snapshot(target), before, "a refused import")
+
+
 def test_descriptor_round_trips_through_json(rng):
     (source,) = ranks("numpy", model(), 1, states=random_states(model(), rng))
     parcel = source.export_slots(np.array([0, 1], np.int32), positions=np.array([3, 4]), keys=[None, b"x" * 16])
@@ -295,6 +344,24 @@ def test_offload_and_resume_are_bit_exact_and_single_use(backend, rng):
     with pytest.raises(ValueError, match="are parked; resume them first"):
         manager.reserve_offload(8)
     assert_same_bits(snapshot(manager), got, "refusals")
+
+
+def test_a_used_handle_never_resumes_the_entry_s_next_state(backend, rng):
+    """A handle stays used after its host entry parks another state: resuming it refuses, changing nothing."""
+    config = model("mamba2", 2)
+    (manager,) = ranks(backend, config, 1, states=random_states(config, rng))
+    manager.reserve_offload(1)  # one entry: the next offload refills the entry the used handle named
+    (first,) = manager.offload_slots(np.array([0], np.int32))
+    manager.resume(first, 1)
+    (second,) = manager.offload_slots(np.array([2], np.int32))
+    assert second.entry == first.entry
+    before = snapshot(manager)
+    with pytest.raises(LookupError, match="single-use"):
+        manager.resume(first, 3)
+    assert_same_bits(snapshot(manager), before, "a used handle")
+    manager.resume(second, 3)
+    for kind in ("recurrent", "conv"):
+        assert snapshot(manager)[kind][:, 3].tobytes() == before[kind][:, 2].tobytes()
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
@@ -357,3 +424,80 @@ def test_another_transport_recipe(rng):
     received = StateParcel(((ParcelDescriptor.from_json(header), payload),))
     cache.import_slots(received, slots, namespace="my-model")
     assert snapshot(cache)["recurrent"][:, [0, 2]].tobytes() == snapshot(source)["recurrent"][:, [1, 3]].tobytes()
+
+
+# ---------------------------------------------------------------- checkpoint mode on the Numba backend
+@pytest.mark.parametrize(
+    ("mixer", "dtype"), [("mamba2", "bfloat16"), pytest.param("gdn", "float16", marks=SIMULATOR_LONG)]
+)
+def test_numba_checkpoint_mode_moves_the_folded_state_and_leaves_the_source(rng, mixer, dtype):
+    """Export / import / offload / resume in checkpoint mode on Numba, slots mid-ring, padding rows mixed in.
+
+    The parcel carries each slot's folded state (after ``p0 + h`` tokens): NumPy's parcel for the
+    same inputs (the same bytes on the simulator, the replay tolerance on a GPU). The source's
+    checkpoints, ring, ``h`` and ``p0`` stay bit for bit; an import and a resume land the folded
+    state as the slot's checkpoint with ``h = 0`` and ``p0`` the parcel's / handle's position.
+    """
+    from test_checkpoint import assert_close, current_dict, filled_rings
+
+    config, (reference, numba, target) = filled_rings(rng, mixer, dtype, True, backends=("numpy", "numba", "numba"))
+    # h = [0, 5, 0, 3, 0], p0 = [7, 100, 5, 0, 3]: slots 1 and 3 are mid-ring
+    kinds = ("recurrent", "conv")
+
+    def counters_and_ring(manager):
+        rings = {name: to_host(value).tobytes() for name, value in manager._history.items()}
+        return manager.history_lengths().tolist(), manager.checkpoint_positions().tolist(), rings
+
+    def landed(manager, states, before, h, p0, rings):
+        """``states`` (slot -> folded state) landed as checkpoints, these counters; the rest as ``before``."""
+        got = snapshot(manager)
+        for kind in kinds:
+            for slot in range(config.max_batch_size):
+                expected = states[slot][kind] if slot in states else before[kind][:, slot]
+                assert got[kind][:, slot].tobytes() == expected.tobytes(), (kind, slot)
+        assert counters_and_ring(manager) == (h, p0, rings)
+
+    source = snapshot(numba), counters_and_ring(numba)
+    want = {slot: current_dict(numba, slot) for slot in (1, 3)}
+    for slot in (1, 3):
+        assert_close(want[slot], current_dict(reference, slot), dtype, f"current_state({slot})")
+        assert want[slot]["recurrent"].tobytes() != source[0]["recurrent"][:, slot].tobytes()  # the ring matters
+    slots = np.array([3, pad_slot_id, 1, 4], np.int32)
+    keys = [None, None, b"k" * 16, None]
+    copies = []  # the pools each run copy reads: device arrays (a host array has no device address on a GPU)
+    numba._copy_runs = lambda table, buffer, pools, *rest: (
+        copies.append(pools) or type(numba)._copy_runs(numba, table, buffer, pools, *rest)
+    )
+    parcel = numba.export_slots(slots, keys=keys, namespace="m")
+    assert copies and not any(isinstance(pool, np.ndarray) for pools in copies for pool in pools)
+    assert_same_bits(snapshot(numba), source[0], "export folds into the parcel only")
+    assert counters_and_ring(numba) == source[1], "export leaves h, p0 and the ring"
+    ((descriptor, buffer),) = parcel.pieces
+    ((oracle, oracle_buffer),) = reference.export_slots(slots, keys=keys, namespace="m").pieces
+    assert descriptor.positions == oracle.positions == (3, None, 105, 3) and descriptor.pad_rows == (1,)
+    if not ON_GPU:  # the simulator runs NumPy's float32 arithmetic: the same bytes
+        assert descriptor == oracle and to_host(buffer).tobytes() == to_host(oracle_buffer).tobytes()
+    else:
+        checked = ("checksums", "digest")
+        assert dataclasses.replace(descriptor, **{f: () for f in checked}) == dataclasses.replace(
+            oracle, **{f: () for f in checked}
+        )
+
+    before = snapshot(target), counters_and_ring(target)
+    target.import_slots(parcel, np.array([2, 0, 3, pad_slot_id], np.int32), namespace="m")
+    # row 0 (slot 3, h = 3) -> 2; row 1 was padding (slot 0 untouched); row 2 (slot 1, h = 5) -> 3 (which had
+    # h = 3); row 3 is padding here
+    landed(target, {2: want[3], 3: want[1]}, before[0], [0, 5, 0, 0, 0], [7, 100, 3, 105, 3], before[1][2])
+    assert current_dict(target, 3)["recurrent"].tobytes() == want[1]["recurrent"].tobytes()
+
+    handles = numba.offload_slots(np.array([1, pad_slot_id, 3], np.int32))
+    assert handles[1] is None and [handles[0].position, handles[2].position] == [105, 3]
+    assert_same_bits(snapshot(numba), source[0], "offload folds into the host pool only")
+    assert counters_and_ring(numba) == source[1], "offload leaves h, p0 and the ring"
+    numba.resume(handles[0], 3)  # slot 3 had h = 3: now slot 1's folded state, h = 0, p0 = 105
+    numba.resume(handles[2], 4)
+    landed(numba, {3: want[1], 4: want[3]}, source[0], [0, 5, 0, 0, 0], [7, 100, 5, 105, 3], source[1][2])
+    got = snapshot(numba)
+    with pytest.raises(LookupError, match="single-use"):
+        numba.resume(handles[0], 0)
+    assert_same_bits(snapshot(numba), got, "a used handle changes nothing")

@@ -132,22 +132,25 @@ class MovingOperations:
         dest = config.tp_size if dest_tp_size is None else check_size("dest_tp_size", dest_tp_size, 1, 2**31 - 1)
         source = (config.tp_rank, config.tp_size)
         plans = [(j, layout(config, source, (j, dest), count)) for j in range(dest)]
-        pools, pool_rows, pool_slots = (self._pools.recurrent, self._pools.conv), rows, config.max_batch_size
-        if self._history:  # checkpoint mode: fold each slot into a [L, n, ...] pair, the ring untouched
+        # (pools [L, slots, ...] on this backend's device, buffer row -> pool slot) of each copy into a buffer
+        sources = [((self._pools.recurrent, self._pools.conv), rows, config.max_batch_size)]
+        if self._history:  # checkpoint mode: each slot folded into a [L, 1, ...] pair of its own, the ring untouched
             if position_values is None:
                 lengths, starts = self.history_lengths(stream), self.checkpoint_positions(stream)
                 position_values = [None if r < 0 else int(starts[r] + lengths[r]) for r in rows]
-            folded = [self._folded(int(r), resolved) if r >= 0 else None for r in rows]
-            blank = [np.zeros_like(p[:, :1]) for p in pools]
-            pools = tuple(np.concatenate([blank[k] if f is None else f[k] for f in folded], axis=1) for k in range(2))
-            pool_rows, pool_slots = np.where(rows >= 0, np.arange(count), -1), count
+            sources = [
+                (self._folded(int(r), resolved), np.where(np.arange(count) == i, 0, pad_slot_id), 1)
+                for i, r in enumerate(rows)
+                if r >= 0
+            ]
         pieces = []
         for j, parts in plans:
             if not parts:
                 continue
             nbytes = buffer_bytes(config, parts, count)
             buffer = self._parcel_buffer(nbytes, resolved)
-            self._copy_runs(runs(config, parts, pool_rows, pool_slots), buffer, pools, True, resolved)
+            for pools, pool_rows, pool_slots in sources:
+                self._copy_runs(runs(config, parts, pool_rows, pool_slots), buffer, pools, True, resolved)
             checksums = tuple(int(c) for c in self._chunk_checksums(buffer, CHUNK_BYTES, resolved))
             descriptor = ParcelDescriptor(
                 version=VERSION,

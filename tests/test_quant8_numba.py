@@ -137,14 +137,22 @@ def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
     assert_same_bits(snapshot(device), snapshot(reference), "prefix store")
 
 
+#: Gated DeltaNet on the simulator: two value heads of two key heads (k of head i is k[i]).
+GDN = {"mixer": "gdn", "recurrent_state_num_heads": 2, "n_groups": 2}
+
+
 @pytest.mark.parametrize(
     ("dtype", "conv_dtype", "overrides"),
     [
         ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
         pytest.param("float8_e5m2", "bfloat16", {}, marks=SIMULATOR_LONG),
+        ("float8_e4m3fn", "float8_e5m2", {**GDN, "stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("int8", "float16", {**GDN, "recurrent_state_head_dim": 5}, marks=SIMULATOR_LONG),
+        pytest.param("float8_e5m2", "int8", {**GDN, "stochastic_rounding": True}, marks=SIMULATOR_LONG),
     ],
-    ids=["int8-e4m3-stochastic-feedback", "e5m2-bf16"],
-)
+    ids=["int8-e4m3-stochastic-feedback", "e5m2-bf16", "gdn-e4m3-e5m2-stochastic-feedback", "gdn-int8-fp16",
+         "gdn-e5m2-int8-stochastic"],
+)  # fmt: skip
 def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
     config = q8_config(
         dtype,
@@ -152,8 +160,7 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
         commit_mode="replay",
         intermediate_recurrent_state_dtype=None,
         intermediate_conv_state_dtype=None,
-        **SMALL,
-        **overrides,
+        **{**SMALL, **overrides},
     )
     reference, device = twin_managers(config, rng)
     for name, pool in reference._stash.items():
@@ -193,24 +200,24 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
     ("overrides", "words"),
     [
         (dict(commit_mode="checkpoint", history_len=3), "commit_mode='checkpoint'"),
-        (dict(commit_mode="replay", mixer="gdn"), "commit_mode='replay'"),
+        (dict(commit_mode="replay", recurrent_state_dtype="bfloat16", conv_state_dtype="int8"), "commit_mode='replay'"),
     ],
+    ids=["checkpoint", "replay-8bit-conv-only"],
 )
 def test_numba_refuses_the_8bit_modes_it_does_not_build(overrides, words):
-    """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both)."""
+    """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both).
+
+    (The Gated DeltaNet replay commit into an 8-bit state, refused here before, is now built:
+    ``test_numba_8bit_replay_matches_numpy`` compares it with the NumPy reference.)
+    """
     from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
     from mamba_cache.presets import PRESETS
 
     config = PRESETS["qwen3-next-80b-a3b" if overrides.get("mixer") == "gdn" else "nemotron-h-8b"].config(
         batch=2, mtp=3
     )
-    config = dataclasses.replace(
-        config,
-        num_recurrent_layers=1,
-        recurrent_state_dtype="int8",
-        intermediate_recurrent_state_dtype=None,
-        **overrides,
-    )
+    fields = {"recurrent_state_dtype": "int8", **overrides}
+    config = dataclasses.replace(config, num_recurrent_layers=1, intermediate_recurrent_state_dtype=None, **fields)
     NumpyMambaCacheManager(config)
     with pytest.raises(ConfigError, match=words):
         NumbaMambaCacheManager(config)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..precision import quant8_kernels as q8k
+from ..precision import quant8_replay as q8r
 from ..precision.quant8 import is_quant8
 
 THREADS = q8k.COMMIT_THREADS
@@ -24,9 +25,9 @@ def _rows(manager: Any, accept: Any, indices: Any, positions: Any, nodes: Any) -
     """The row arguments of both kernels: accept, node_ids, state_indices, positions and their three flags."""
     placeholder = manager._placeholder().array
     node_ids = nodes.array if nodes is not None else placeholder.reshape((placeholder.size, 1))
-    arrays = (placeholder if a is None else a.array for a in (indices, positions))
+    arrays = (placeholder if a is None else getattr(a, "array", a) for a in (indices, positions))
     flags = (int(a is not None) for a in (indices, nodes, positions))
-    return (accept.array, node_ids, *arrays, *flags)
+    return (getattr(accept, "array", accept), node_ids, *arrays, *flags)
 
 
 def check_config(config: Any) -> None:
@@ -35,16 +36,16 @@ def check_config(config: Any) -> None:
 
     if not config.quantised_kinds:
         return
-    replay = config.commit_mode == "replay" and config.mixer == "mamba2" and "recurrent" in config.quantised_kinds
+    replay = config.commit_mode == "replay" and "recurrent" in config.quantised_kinds
     if config.commit_mode != "scatter" and not replay:
         raise ConfigError(
-            f"8-bit states with commit_mode={config.commit_mode!r} (mixer {config.mixer!r}, 8-bit "
-            f"{' and '.join(config.quantised_kinds)}) are not built yet for the Numba backend (its scatter and tree "
-            "commits are, and the Mamba2 replay commit into an 8-bit recurrent state; the NumPy reference has all)"
+            f"8-bit states with commit_mode={config.commit_mode!r} (8-bit {' and '.join(config.quantised_kinds)}) "
+            "are not built yet for the Numba backend (its scatter and tree commits are, and the replay commit "
+            "into an 8-bit recurrent state; the NumPy reference has all)"
         )
-    if replay and config.recurrent_state_size > q8k.REPLAY_MAX_N:
+    if replay and config.recurrent_state_size > q8r.REPLAY_MAX_N:
         raise ConfigError(
-            f"recurrent_state_size must be <= {q8k.REPLAY_MAX_N} for the Numba replay commit into an 8-bit state, "
+            f"recurrent_state_size must be <= {q8r.REPLAY_MAX_N} for the Numba replay commit into an 8-bit state, "
             f"got {config.recurrent_state_size}"
         )
     for kind in ("recurrent", "conv"):
@@ -149,50 +150,111 @@ def commit(
     )
 
 
+def _track_views(manager: Any, targets: tuple, conv8: bool) -> tuple:
+    """Tracking targets (stacks ``[L, X, ...]`` in `_moving_pools` order) as the 8-bit replay kernels take them."""
+    config, empty = manager._config, manager._quant8_placeholder
+    layers, entries = targets[0].shape[:2]
+    groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
+    extra = dict(zip([n for n in _SCALE_NAMES if n in manager._scales], targets[2:], strict=True))
+    residual = extra.get("residual_recurrent")
+    return (
+        targets[0].reshape(layers, entries, groups, config.recurrent_state_size).view(np.uint8),
+        extra["scales_recurrent"].reshape(layers, entries, groups),
+        empty["residual"] if residual is None else residual.reshape(layers, entries, groups, -1),
+        targets[1].reshape(layers, entries, config.conv_dim, -1).view(np.uint8),
+        extra["scales_conv"] if conv8 else empty["conv_scales"],
+    )
+
+
+_SCALE_NAMES = ("scales_recurrent", "scales_conv", "residual_recurrent")
+
+
 def replay(
-    manager: Any, accept: Any, indices: Any, active: int, seq_len: int, stream: Any, nodes: Any, positions: Any
+    manager: Any,
+    accept: Any,
+    indices: Any,
+    active: int,
+    seq_len: int,
+    stream: Any,
+    nodes: Any = None,
+    positions: Any = None,
+    *,
+    ring: bool = False,
+    write_back: bool = True,
+    track: tuple | None = None,
 ) -> None:
-    """Launch ``replay8_mamba2`` (arguments as the backend's ``_replay`` hook; tracking is refused before)."""
+    """Launch ``replay8_mamba2`` or ``replay8_gdn`` over the stash, or (``ring``) the history ring.
+
+    Arguments as the backend's ``_replay`` hook; ``positions`` may also be a raw int64 ``[B]`` device array
+    (the ring's rounding base, indexed by slot). ``track``: ``(targets, entries, steps)``, the targets
+    ``[L, X, ...]`` stacks in `_moving_pools` order (a prefix store's entries, or a read's destinations).
+    ``ring`` / ``write_back``: see [`mamba_cache.precision.quant8_replay`][mamba_cache.precision.quant8_replay].
+    """
     from numba import cuda
 
     config, pools, scales = manager._config, manager._pools, manager._scales
-    layers, slots, steps = config.num_recurrent_layers, config.max_batch_size, config.max_intermediate_seq_len
-    if manager._quant8_placeholder is None:
+    layers, slots = config.num_recurrent_layers, config.max_batch_size
+    if manager._quant8_placeholder is None or "track_entries" not in manager._quant8_placeholder:
         manager._quant8_placeholder = {
+            "recurrent": cuda.device_array((1, 1, 1), np.float32),
+            "conv": cuda.device_array((1, 1, 1, 1), np.float32),
             "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
             "conv_scales": cuda.device_array((1, 1, 1, 1), np.float32),
             "stash_conv_scales": cuda.device_array((1, 1, 1), np.float32),
+            "track_rec": cuda.device_array((1, 1, 1, 1), np.uint8),
+            "track_entries": cuda.device_array(1, np.int32),
         }
     empty = manager._quant8_placeholder
-    groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
+    heads = config.recurrent_state_num_heads
+    groups = heads * config.recurrent_state_head_dim
     rec = pools.recurrent.reshape(layers, slots, groups, config.recurrent_state_size).view(np.uint8)
     rec_scales = scales["scales_recurrent"].reshape(layers, slots, groups)
     residual = scales.get("residual_recurrent")
     residual = empty["residual"] if residual is None else residual.reshape(rec.shape)
     conv8 = is_quant8(config.conv_state_dtype)
     esz = config.conv_state_dtype.itemsize
-    conv = pools.conv.view(np.uint8) if conv8 else pools.conv.reshape(layers, slots, config.conv_dim, -1).view(np.uint8)
-    stash, rows = manager._stash, slots * steps
+    conv = pools.conv.reshape(layers, slots, config.conv_dim, -1).view(np.uint8)
+    stash = manager._history if ring else manager._stash
+    rows = slots * (config.history_len if ring else config.max_intermediate_seq_len)
     fields = {
         name: stash[name].reshape(layers, rows, *shape) for name, (shape, _) in config.replay_stash_fields.items()
     }
+    if config.mixer == "mamba2":
+        kernel = q8r.replay8_mamba2
+        mixer_fields = (fields["dA"], fields["u"].reshape(layers, rows, groups), fields["B"])
+    else:
+        kernel = q8r.replay8_gdn
+        mixer_fields = (fields["g"], fields["beta"], fields["k"], fields["v"])
+    if track is None:
+        tracked = (empty["track_rec"], empty["recurrent"], empty["residual"], empty["track_rec"], empty["conv"])
+        entries = steps = empty["track_entries"]
+    else:
+        tracked = _track_views(manager, track[0], conv8)
+        entries, steps = (getattr(a, "array", a) for a in track[1:])
     warps = q8k.COMMIT_THREADS // 32
-    units = max(-(-groups // warps), -(-config.conv_scale_blocks // warps))
+    conv_units = -(-config.conv_scale_blocks // warps)
+    units = max(-(-groups // warps), conv_units) if config.mixer == "mamba2" else heads + conv_units
+    row_args = _rows(manager, accept, indices, positions, nodes)
     seed = config.rounding_seed
-    q8k.replay8_mamba2[(units, active, layers), q8k.COMMIT_THREADS, stream.stream](
+    kernel[(units, active, layers), q8k.COMMIT_THREADS, stream.stream](
         rec,
         rec_scales,
         residual,
         conv,
         scales["scales_conv"] if conv8 else empty["conv_scales"],
-        fields["dA"],
-        fields["u"].reshape(layers, rows, groups),
-        fields["B"],
+        *mixer_fields,
         fields["conv"].view(np.uint8).reshape(layers, rows, config.conv_dim * esz),
         fields["conv_scales"] if conv8 else empty["stash_conv_scales"],
-        *_rows(manager, accept, indices, positions, nodes),
+        *row_args[:4],
+        *tracked,
+        entries,
+        steps,
+        *row_args[4:],
+        int(track is not None),
+        int(ring),
+        int(write_back),
         seq_len,
-        config.recurrent_state_num_heads,
+        heads,
         q8k.dtype_code(config.recurrent_state_dtype),
         int(conv8),
         esz,

@@ -306,7 +306,9 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
 
     # (the Gated DeltaNet replay commit into an 8-bit state is built: test_quant8_numba compares it with NumPy)
     conv_only = q8_config("float16", "int8", commit_mode="replay", intermediate_recurrent_state_dtype=None)
-    with pytest.raises(ConfigError, match="8-bit states with commit_mode='replay' .8-bit conv. are not built yet"):
+    with pytest.raises(
+        ConfigError, match="commit_mode='replay' and a float16 recurrent state .8-bit conv only. are not"
+    ):
         NumbaMambaCacheManager(conv_only)
     with pytest.raises(ConfigError, match="recurrent_state_size must be <= 256 for the Numba replay"):
         NumbaMambaCacheManager(q8_config("int8", commit_mode="replay", recurrent_state_size=257))

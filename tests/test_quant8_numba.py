@@ -4,9 +4,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
+from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot, to_host
+from numba import cuda
 from test_quant8_cache import fill, q8_config
 
+from mamba_cache.core.numba_quant8 import SCALE_NAMES
 from mamba_cache.precision import QUANT8_DTYPE_NAMES
 
 #: Smaller than q8_config's default for the simulator: 1 layer, 4 slots, 3 groups of N = 5 (the 70 conv
@@ -163,14 +165,7 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
         **{**SMALL, **overrides},
     )
     reference, device = twin_managers(config, rng)
-    for name, pool in reference._stash.items():
-        if name == "conv":
-            bits = np.dtype(f"u{pool.dtype.itemsize}")  # moved, never computed: any bit pattern
-            values = rng.integers(0, 2 ** (8 * bits.itemsize), pool.shape, dtype=bits).view(pool.dtype)
-        else:
-            values = rng.uniform(0.25, 1.0, pool.shape).astype(pool.dtype)
-        pool[...] = values
-        device._stash[name].copy_to_device(np.ascontiguousarray(values).view(device._stash[name].dtype))
+    fill_steps(rng, reference, device)
     accept, slots = [3, 0, 2, 9], [2, 0, 1, 3]  # row 3 accepts more than V: untouched
     positions = rng.integers(0, 2**20, 4).tolist()
     nodes = [[0, 2, 1], [1, -1, 0], [2, 2, 2], [1, 0, 2]]
@@ -185,7 +180,24 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
             device_int32(backend, [3, 2, 1, 3]),
             positions=device_int32(backend, positions),
         )
-    got, want = snapshot(device), snapshot(reference)
+    assert_8bit_close(snapshot(device), snapshot(reference), dtype, "replay")
+
+
+def fill_steps(rng, reference, device, name="_stash"):
+    """The same random replay stash (or history ring: ``name="_history"``) in both managers."""
+    for field, pool in getattr(reference, name).items():
+        if field == "conv":
+            bits = np.dtype(f"u{pool.dtype.itemsize}")  # moved, never computed: any bit pattern
+            values = rng.integers(0, 2 ** (8 * bits.itemsize), pool.shape, dtype=bits).view(pool.dtype)
+        else:
+            values = rng.uniform(0.25, 1.0, pool.shape).astype(pool.dtype)
+        pool[...] = values
+        target = getattr(device, name)[field]
+        target.copy_to_device(np.ascontiguousarray(values).view(target.dtype))
+
+
+def assert_8bit_close(got, want, dtype, context):
+    """Numba vs NumPy 8-bit pools: the same bits on the simulator; on a GPU the recurrent state within one step."""
     if ON_GPU:  # conv moves and untouched slots are exact; the recurrent state within one step
         from mamba_cache.precision import quant8
 
@@ -193,22 +205,89 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
         assert quant8.within_one_step(got["recurrent"], got["scales_recurrent"], stored, want["scales_recurrent"])
         got = {k: v for k, v in got.items() if k not in ("recurrent", "scales_recurrent", "residual_recurrent")}
         want = {k: v for k, v in want.items() if k in got}
-    assert_same_bits(got, want, "replay")
+    assert_same_bits(got, want, context)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "conv_dtype", "overrides"),
+    [
+        ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("float8_e4m3fn", "bfloat16", {}, marks=SIMULATOR_LONG),
+        pytest.param("float8_e5m2", "int8", {**GDN, "stochastic_rounding": True}, marks=SIMULATOR_LONG),
+        pytest.param("int8", "float8_e5m2", {**GDN, "error_feedback": True}, marks=SIMULATOR_LONG),
+    ],
+    ids=["int8-e4m3-stochastic-feedback", "e4m3-bf16", "gdn-e5m2-int8-stochastic", "gdn-int8-e5m2-feedback"],
+)
+def test_numba_8bit_checkpoint_mode_matches_numpy(rng, dtype, conv_dtype, overrides):
+    """Folds, reads (current_state, capture_scales, copy_slots, the prefix store) and materialize, as NumPy does."""
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = q8_config(
+        dtype,
+        conv_dtype,
+        commit_mode="checkpoint",
+        history_len=4,
+        intermediate_recurrent_state_dtype=None,
+        intermediate_conv_state_dtype=None,
+        **{**SMALL, **overrides},
+    )
+    reference, device = twin_managers(config, rng)
+    fill_steps(rng, reference, device, "_history")
+    positions = rng.integers(0, 2**20, 4).astype(np.int64)
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.set_positions(np.arange(4, dtype=np.int32), positions)
+        # S = 3, R = 4: slot 2 takes one step (h = 1), slot 1 two (h' = 2 folds); row 3 (a > V) is untouched
+        manager.checkpoint_mtp_states(
+            device_int32(backend, [1, 0, 2, 9]), state_indices=device_int32(backend, [2, 0, 1, 3])
+        )
+    assert device.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 1, 0]
+    assert device.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist()
+    assert_8bit_close(snapshot(device), snapshot(reference), dtype, "fold")
+    current = []
+    for manager in (reference, device):  # slot 2's folded state (h = 1) and its scales
+        recurrent, conv = manager.current_state(2)
+        state = {"recurrent": np.stack([to_host(a) for a in recurrent]), "conv": np.stack([to_host(a) for a in conv])}
+        current.append(as_bytes(state | {name: to_host(pool) for name, pool in manager.capture_scales(2).items()}))
+    assert current[1]["recurrent"].tobytes() != snapshot(device)["recurrent"][:, 2].tobytes()  # the ring matters
+    assert_8bit_close(current[1], current[0], dtype, "current_state")
+    outs = tuple(cuda.device_array_like(pool[:, :1]) for pool in (device.pools.recurrent, device.pools.conv))
+    device.capture_states(2, out=outs)  # into the caller's outputs (the scales beside them in a kept scratch)
+    assert [to_host(out).tobytes() for out in outs] == [current[1][kind].tobytes() for kind in ("recurrent", "conv")]
+    entries = []
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.copy_slots(device_int32(backend, [2]), device_int32(backend, [0]))  # slot 0 gets the folded state
+        store = PrefixStateCache(manager, entries=1, block_size=4)
+        store.insert(list(range(4)), 2)  # the folded state of slot 2 into the entry, scales and residuals too
+        names = ["recurrent", "conv", *(n for n in SCALE_NAMES if n in manager.scale_pools)]
+        entries.append(as_bytes(dict(zip(names, map(to_host, store.entry_pools), strict=True))))
+        manager.materialize(device_int32(backend, [2, -1]))
+    assert device.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 0, 0]
+    assert_8bit_close(snapshot(device), snapshot(reference), dtype, "copy_slots and materialize")
+    assert_8bit_close(entries[1], entries[0], dtype, "prefix store entry")
+
+
+def as_bytes(arrays):
+    """8-bit values (ml_dtypes or raw) as uint8, scales and residuals as they are: how `snapshot` shows pools."""
+    return {name: a.view(np.uint8) if a.dtype.itemsize == 1 else a for name, a in arrays.items()}
 
 
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        (dict(commit_mode="checkpoint", history_len=3), "commit_mode='checkpoint'"),
+        (
+            dict(commit_mode="checkpoint", history_len=3, recurrent_state_dtype="float16", conv_state_dtype="int8"),
+            "commit_mode='checkpoint'",
+        ),
         (dict(commit_mode="replay", recurrent_state_dtype="bfloat16", conv_state_dtype="int8"), "commit_mode='replay'"),
     ],
-    ids=["checkpoint", "replay-8bit-conv-only"],
+    ids=["checkpoint-8bit-conv-only", "replay-8bit-conv-only"],
 )
 def test_numba_refuses_the_8bit_modes_it_does_not_build(overrides, words):
     """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both).
 
-    (The Gated DeltaNet replay commit into an 8-bit state, refused here before, is now built:
-    ``test_numba_8bit_replay_matches_numpy`` compares it with the NumPy reference.)
+    (The Gated DeltaNet replay commit and checkpoint mode with an 8-bit recurrent state, refused here
+    before, are built: ``test_numba_8bit_replay_matches_numpy`` and
+    ``test_numba_8bit_checkpoint_mode_matches_numpy`` compare them with the NumPy reference.)
     """
     from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
     from mamba_cache.presets import PRESETS

@@ -19,6 +19,8 @@ from ..precision.quant8 import is_quant8
 THREADS = q8k.COMMIT_THREADS
 _SOURCES = {"float32": q8k.SRC_FLOAT32, "float16": q8k.SRC_FLOAT16, "bfloat16": q8k.SRC_BFLOAT16}
 _SOURCES["float64"] = q8k.SRC_FLOAT64
+#: The 8-bit pools beside a slot's states, in `_moving_pools` order (those the cache has).
+SCALE_NAMES = ("scales_recurrent", "scales_conv", "residual_recurrent")
 
 
 def _rows(manager: Any, accept: Any, indices: Any, positions: Any, nodes: Any) -> tuple:
@@ -36,16 +38,17 @@ def check_config(config: Any) -> None:
 
     if not config.quantised_kinds:
         return
-    replay = config.commit_mode == "replay" and "recurrent" in config.quantised_kinds
+    replay = config.commit_mode != "scatter" and "recurrent" in config.quantised_kinds
     if config.commit_mode != "scatter" and not replay:
         raise ConfigError(
-            f"8-bit states with commit_mode={config.commit_mode!r} (8-bit {' and '.join(config.quantised_kinds)}) "
-            "are not built yet for the Numba backend (its scatter and tree commits are, and the replay commit "
-            "into an 8-bit recurrent state; the NumPy reference has all)"
+            f"8-bit states with commit_mode={config.commit_mode!r} and a {config.recurrent_state_dtype.name} "
+            "recurrent state (8-bit conv only) are not built yet for the Numba backend (its scatter and tree commits "
+            "are, and the replay commit and checkpoint fold into an 8-bit recurrent state; the NumPy reference has all)"
         )
     if replay and config.recurrent_state_size > q8r.REPLAY_MAX_N:
         raise ConfigError(
-            f"recurrent_state_size must be <= {q8r.REPLAY_MAX_N} for the Numba replay commit into an 8-bit state, "
+            f"recurrent_state_size must be <= {q8r.REPLAY_MAX_N} for the Numba replay commit and checkpoint fold into "
+            f"an 8-bit state, "
             f"got {config.recurrent_state_size}"
         )
     for kind in ("recurrent", "conv"):
@@ -155,7 +158,7 @@ def _track_views(manager: Any, targets: tuple, conv8: bool) -> tuple:
     config, empty = manager._config, manager._quant8_placeholder
     layers, entries = targets[0].shape[:2]
     groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
-    extra = dict(zip([n for n in _SCALE_NAMES if n in manager._scales], targets[2:], strict=True))
+    extra = dict(zip([n for n in SCALE_NAMES if n in manager._scales], targets[2:], strict=True))
     residual = extra.get("residual_recurrent")
     return (
         targets[0].reshape(layers, entries, groups, config.recurrent_state_size).view(np.uint8),
@@ -164,9 +167,6 @@ def _track_views(manager: Any, targets: tuple, conv8: bool) -> tuple:
         targets[1].reshape(layers, entries, config.conv_dim, -1).view(np.uint8),
         extra["scales_conv"] if conv8 else empty["conv_scales"],
     )
-
-
-_SCALE_NAMES = ("scales_recurrent", "scales_conv", "residual_recurrent")
 
 
 def replay(

@@ -9,7 +9,7 @@ from helpers import REFERENCE, assert_same_bits, golden_generator, snapshot
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
 from mamba_cache.precision import quant8
-from mamba_cache.precision.quant8 import QUANT8_DTYPE_NAMES
+from mamba_cache.precision.quant8 import QUANT8_DTYPE_NAMES, SLOT_SCALE_POOLS
 from mamba_cache.replay.reference import gdn_step, mamba2_step
 
 F32 = np.float32
@@ -396,6 +396,48 @@ def test_checkpoint_folds_into_8bit_equal_the_replay_commit(rng, ring):
     assert_same_bits(snapshot(checkpoint), snapshot(replay), f"R = {ring}")
     folded = checkpoint.capture_scales(3)
     assert all(folded[name].tobytes() == replay.capture_scales(3)[name].tobytes() for name in folded)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
+@pytest.mark.parametrize("mode", ["replay", "checkpoint"])
+def test_8bit_tracking_stores_the_slot_state_after_the_tracked_step(rng, mode, mixer):
+    """A tracked entry holds the state a commit of ``t + 1`` steps gives the slot: values, scales and residuals."""
+    from mamba_cache.prefix import PrefixStateCache
+
+    common = dict(intermediate_recurrent_state_dtype=None, intermediate_conv_state_dtype=None, mixer=mixer)
+    common |= dict(stochastic_rounding=True, error_feedback=True, commit_mode=mode)
+    config = q8_config("int8", "float8_e4m3fn", **common, **({"history_len": 5} if mode == "checkpoint" else {}))
+    tracking, committing = NumpyMambaCacheManager(config), NumpyMambaCacheManager(config)
+    seed, positions = int(rng.integers(2**31)), rng.integers(0, 1000, 5).astype(np.int32)
+    for manager in (tracking, committing):
+        fill(manager, np.random.default_rng(seed))
+        values = np.random.default_rng(seed + 1)
+        for name, pool in (manager._history if mode == "checkpoint" else manager._stash).items():
+            bits = values.integers(0, 256, pool.shape, dtype=np.uint8).view(pool.dtype) if name == "conv" else None
+            pool[...] = values.uniform(0.25, 1.0, pool.shape).astype(pool.dtype) if bits is None else bits
+        if mode == "checkpoint":
+            manager.set_positions(np.arange(5, dtype=np.int32), positions.astype(np.int64))
+    initial = snapshot(tracking)
+    store = PrefixStateCache(tracking, entries=4, block_size=4)
+    entries = [store.reserve() for _ in range(4)]
+    accept = np.array([3, 2, 0, 3, 1], np.int32)  # checkpoint mode (S = 3, R = 5): rows 0 and 3 fold
+    steps = np.array([1, 0, 0, 2, -1], np.int32)  # rows 2 (a = 0) and 4 (t = -1) track nothing
+    track = dict(store=store, track_entries=np.array([*entries[:2], entries[3], entries[2], entries[3]], np.int32))
+    if mode == "replay":
+        tracking.replay_mtp_states(accept, positions=positions, **track, track_steps=steps)
+        committing.replay_mtp_states(np.array([2, 1, 0, 3, 0], np.int32), positions=positions)
+    else:
+        tracking.checkpoint_mtp_states(accept, **track, track_steps=steps)
+        committing.checkpoint_mtp_states(np.array([2, 1, 0, 3, 0], np.int32))
+        committing.materialize(np.arange(5, dtype=np.int32))
+    names = ["recurrent", "conv", *(n for n in SLOT_SCALE_POOLS if n in tracking.scale_pools)]
+    assert len(names) == len(store.entry_pools) == 5
+    want = snapshot(committing)
+    for row, entry in ((0, entries[0]), (1, entries[1]), (3, entries[2])):
+        for name, pool in zip(names, store.entry_pools, strict=True):
+            assert pool[:, entry].tobytes() == want[name][:, row].tobytes(), (row, name)
+        assert store.entry_pools[0][:, entry].tobytes() != initial["recurrent"][:, row].tobytes()
+    assert not any(pool[:, entries[3]].any() for pool in store.entry_pools)  # named only by rows that track nothing
 
 
 def test_8bit_snapshots_round_trip_with_their_scales(rng, tmp_path):

@@ -8,8 +8,9 @@ from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_i
 from numba import cuda
 from test_quant8_cache import fill, q8_config
 
-from mamba_cache.core.numba_quant8 import SCALE_NAMES
 from mamba_cache.precision import QUANT8_DTYPE_NAMES
+from mamba_cache.precision.quant8 import SLOT_SCALE_POOLS
+from mamba_cache.prefix import PrefixStateCache
 
 #: Smaller than q8_config's default for the simulator: 1 layer, 4 slots, 3 groups of N = 5 (the 70 conv
 #: channels stay: a full block of 64 and a short one).
@@ -126,8 +127,6 @@ def test_8bit_snapshot_crosses_backends(rng, tmp_path):
 
 
 def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
-    from mamba_cache.prefix import PrefixStateCache
-
     config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
     reference, device = twin_managers(config, rng)
     for manager in (reference, device):
@@ -169,18 +168,32 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
     accept, slots = [3, 0, 2, 9], [2, 0, 1, 3]  # row 3 accepts more than V: untouched
     positions = rng.integers(0, 2**20, 4).tolist()
     nodes = [[0, 2, 1], [1, -1, 0], [2, 2, 2], [1, 0, 2]]
+    entries = []
     for manager, backend in ((reference, "numpy"), (device, "numba")):
-        manager.replay_mtp_states(
+        store = PrefixStateCache(manager, entries=3, block_size=4)
+        reserved = [store.reserve() for _ in range(3)]
+        manager.replay_mtp_states(  # rows 0 and 2 track steps 1 and 0 (rows 1 and 3 commit nothing)
             device_int32(backend, accept),
             state_indices=device_int32(backend, slots),
             positions=device_int32(backend, positions),
+            store=store,
+            track_entries=device_int32(backend, [reserved[0], reserved[2], reserved[1], reserved[2]]),
+            track_steps=device_int32(backend, [1, 0, 0, 0]),
         )
+        entries.append(entry_bytes(manager, store))
         manager.replay_accepted_tree_states(  # a tree commit over the same stash: rows 0, 2, 3, 4 replay a path
             device_int32(backend, nodes),
             device_int32(backend, [3, 2, 1, 3]),
             positions=device_int32(backend, positions),
         )
     assert_8bit_close(snapshot(device), snapshot(reference), dtype, "replay")
+    assert_8bit_close(entries[1], entries[0], dtype, "tracked entries")
+
+
+def entry_bytes(manager, store):
+    """A prefix store's entry pools by pool name (``_moving_pools`` order), as `snapshot` shows pools."""
+    names = ["recurrent", "conv", *(n for n in SLOT_SCALE_POOLS if n in manager.scale_pools)]
+    return as_bytes(dict(zip(names, map(to_host, store.entry_pools), strict=True)))
 
 
 def fill_steps(rng, reference, device, name="_stash"):
@@ -219,9 +232,7 @@ def assert_8bit_close(got, want, dtype, context):
     ids=["int8-e4m3-stochastic-feedback", "e4m3-bf16", "gdn-e5m2-int8-stochastic", "gdn-int8-e5m2-feedback"],
 )
 def test_numba_8bit_checkpoint_mode_matches_numpy(rng, dtype, conv_dtype, overrides):
-    """Folds, reads (current_state, capture_scales, copy_slots, the prefix store) and materialize, as NumPy does."""
-    from mamba_cache.prefix import PrefixStateCache
-
+    """Folds, tracking, reads (current_state, capture_*, copy_slots, the prefix store) and materialize, as NumPy."""
     config = q8_config(
         dtype,
         conv_dtype,
@@ -234,15 +245,26 @@ def test_numba_8bit_checkpoint_mode_matches_numpy(rng, dtype, conv_dtype, overri
     reference, device = twin_managers(config, rng)
     fill_steps(rng, reference, device, "_history")
     positions = rng.integers(0, 2**20, 4).astype(np.int64)
+    tracked = []
     for manager, backend in ((reference, "numpy"), (device, "numba")):
         manager.set_positions(np.arange(4, dtype=np.int32), positions)
-        # S = 3, R = 4: slot 2 takes one step (h = 1), slot 1 two (h' = 2 folds); row 3 (a > V) is untouched
+        store = PrefixStateCache(manager, entries=2, block_size=4)
+        reserved = [store.reserve() for _ in range(2)]
+        # S = 3, R = 4: slot 2 takes one step (h = 1), slot 1 two (h' = 2 folds); row 3 (a > V) is untouched;
+        # rows 0 and 2 track their steps 0 and 1 (ring steps 0 and 1 from the checkpoints before the commit)
         manager.checkpoint_mtp_states(
-            device_int32(backend, [1, 0, 2, 9]), state_indices=device_int32(backend, [2, 0, 1, 3])
+            device_int32(backend, [1, 0, 2, 9]),
+            state_indices=device_int32(backend, [2, 0, 1, 3]),
+            store=store,
+            track_entries=device_int32(backend, [reserved[0], reserved[1], reserved[1], reserved[0]]),
+            track_steps=device_int32(backend, [0, 0, 1, 0]),
         )
+        tracked.append(entry_bytes(manager, store))
+        store.close()
     assert device.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 1, 0]
     assert device.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist()
     assert_8bit_close(snapshot(device), snapshot(reference), dtype, "fold")
+    assert_8bit_close(tracked[1], tracked[0], dtype, "tracked entries")
     current = []
     for manager in (reference, device):  # slot 2's folded state (h = 1) and its scales
         recurrent, conv = manager.current_state(2)
@@ -258,8 +280,7 @@ def test_numba_8bit_checkpoint_mode_matches_numpy(rng, dtype, conv_dtype, overri
         manager.copy_slots(device_int32(backend, [2]), device_int32(backend, [0]))  # slot 0 gets the folded state
         store = PrefixStateCache(manager, entries=1, block_size=4)
         store.insert(list(range(4)), 2)  # the folded state of slot 2 into the entry, scales and residuals too
-        names = ["recurrent", "conv", *(n for n in SCALE_NAMES if n in manager.scale_pools)]
-        entries.append(as_bytes(dict(zip(names, map(to_host, store.entry_pools), strict=True))))
+        entries.append(entry_bytes(manager, store))
         manager.materialize(device_int32(backend, [2, -1]))
     assert device.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 0, 0]
     assert_8bit_close(snapshot(device), snapshot(reference), dtype, "copy_slots and materialize")

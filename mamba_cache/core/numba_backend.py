@@ -570,8 +570,9 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         positions: Any = None,
         track: Any = None,
     ) -> None:
-        if self._config.quantised_kinds:  # an 8-bit recurrent state (tracking was refused before)
-            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions)
+        if self._config.quantised_kinds:  # an 8-bit recurrent state: values and scales, tracked entries too
+            tracked = None if track is None else (track[0].entry_pools, *track[1:])
+            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions, track=tracked)
         entry = self._launches.get("replay")
         if entry is None:
             entry = self._launches["replay"] = self._replay_prepare(

@@ -17,6 +17,7 @@ import numpy as np
 from numba import cuda
 
 from ..checkpoint import kernels as ckpt
+from ..precision.quant8 import SLOT_SCALE_POOLS
 from ..replay.kernels import THREADS
 from . import numba_quant8
 from .device import Launch, device_pointer
@@ -164,7 +165,7 @@ class CheckpointBinding:
         outs = tuple(self._empty((p.shape[0], 1, *p.shape[2:]), p.dtype, stream) for p in pools)
         self._capture_folded_into(slot, outs, stream)
         config = self._config
-        names = [n for n in numba_quant8.SCALE_NAMES if n in self._scales]
+        names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
         self._folded_scales = dict(zip(names, outs[2:], strict=True))  # capture_scales reads them
         return tuple(
             self._export(out, getattr(config, f"{kind}_state_dtype"))

@@ -14,13 +14,11 @@ import numpy as np
 
 from ..precision import quant8_kernels as q8k
 from ..precision import quant8_replay as q8r
-from ..precision.quant8 import is_quant8
+from ..precision.quant8 import SLOT_SCALE_POOLS, is_quant8
 
 THREADS = q8k.COMMIT_THREADS
 _SOURCES = {"float32": q8k.SRC_FLOAT32, "float16": q8k.SRC_FLOAT16, "bfloat16": q8k.SRC_BFLOAT16}
 _SOURCES["float64"] = q8k.SRC_FLOAT64
-#: The 8-bit pools beside a slot's states, in `_moving_pools` order (those the cache has).
-SCALE_NAMES = ("scales_recurrent", "scales_conv", "residual_recurrent")
 
 
 def _rows(manager: Any, accept: Any, indices: Any, positions: Any, nodes: Any) -> tuple:
@@ -158,7 +156,7 @@ def _track_views(manager: Any, targets: tuple, conv8: bool) -> tuple:
     config, empty = manager._config, manager._quant8_placeholder
     layers, entries = targets[0].shape[:2]
     groups = config.recurrent_state_num_heads * config.recurrent_state_head_dim
-    extra = dict(zip([n for n in SCALE_NAMES if n in manager._scales], targets[2:], strict=True))
+    extra = dict(zip([n for n in SLOT_SCALE_POOLS if n in manager._scales], targets[2:], strict=True))
     residual = extra.get("residual_recurrent")
     return (
         targets[0].reshape(layers, entries, groups, config.recurrent_state_size).view(np.uint8),

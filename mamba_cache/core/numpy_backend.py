@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..moving.parcel import ParcelError, adler32_chunks
+from ..precision.quant8 import SLOT_SCALE_POOLS
 from .checks import check_int32_array, pad_slot_id
 from .manager import MambaCacheManagerBase
 
@@ -452,9 +453,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         store.check_tracked_entries(entry[ok])  # refuses before anything is written
         if not ok.any():
             return
-        recurrent, conv, *_ = self._ring_state(targets[ok], step[ok] + 1)  # 8-bit tracking is refused earlier
+        recurrent, conv, *scales = self._ring_state(targets[ok], step[ok] + 1)
         store.entry_pools[0][:, entry[ok]] = recurrent
         store.entry_pools[1][:, entry[ok]] = conv
+        if scales:  # an 8-bit cache: the entry's scales and residuals follow, in _moving_pools' order
+            names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
+            for target, name in zip(store.entry_pools[2:], names, strict=True):
+                target[:, entry[ok]] = scales[0][name]
 
     def _materialize(self, slots: np.ndarray, count: int, stream: Any) -> None:
         values = slots.astype(np.int64)
@@ -488,7 +493,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         targets[0][:, d] = recurrent[:, inverse]
         targets[1][:, d] = conv[:, inverse]
         if len(targets) > 2:  # an 8-bit cache's scales and residuals follow, in _moving_pools' order
-            names = [n for n in ("scales_recurrent", "scales_conv", "residual_recurrent") if n in self._scales]
+            names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
             for target, name in zip(targets[2:], names, strict=True):
                 target[:, d] = scales[0][name][:, inverse]
         if into_slots:

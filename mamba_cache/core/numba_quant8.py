@@ -1,9 +1,12 @@
-"""The Numba backend's commits into 8-bit pools: binds `mamba_cache.precision.quant8_kernels.commit8` to its pools.
+"""The Numba backend's commits into 8-bit pools: binds the kernels of `mamba_cache.precision` to its pools.
 
-Chosen by the Numba backend's scatter and tree commits when a main pool is 8-bit. One launch commits
-both kinds: an 8-bit kind copies (8-bit per-step states) or quantises (wider ones) its values with
-their scales (and the recurrent residual under error feedback); the other kind copies its bytes
-(its per-step dtype must then equal the main one; the Numba backend refuses other mixes).
+``commit``: the scatter and tree commits when a main pool is 8-bit (``quant8_kernels.commit8``). One
+launch commits both kinds: an 8-bit kind copies (8-bit per-step states) or quantises (wider ones) its
+values with their scales (and the recurrent residual under error feedback); the other kind copies its
+bytes (its per-step dtype must then equal the main one; the Numba backend refuses other mixes).
+
+``replay``: the replay commit, the checkpoint fold and the checkpoint reads into an 8-bit recurrent
+state (``quant8_replay.replay8_mamba2`` / ``replay8_gdn``), tracked entries included.
 """
 
 from __future__ import annotations

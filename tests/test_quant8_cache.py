@@ -318,12 +318,24 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     config = q8_config("float8_e4m3fn")
     manager = NumpyMambaCacheManager(config)
     store = PrefixStateCache(manager, entries=2, block_size=4)
-    before = snapshot(manager)
-    with pytest.raises(ValueError, match="tracking into a prefix store .* not built for 8-bit states"):
-        manager.scatter_mtp_states(
-            np.ones(5, np.int32), store=store, track_entries=np.zeros(5, np.int32), track_steps=np.zeros(5, np.int32)
-        )
-    assert_same_bits(snapshot(manager), before, "refused tracking")
+    entries = [store.reserve(), store.reserve()]
+    before = snapshot(manager) | {f"entry {i}": pool.copy() for i, pool in enumerate(store.entry_pools)}
+    # (tracking into 8-bit entries is built: test_8bit_tracking_stores_the_slot_state_after_the_tracked_step;
+    # a scatter's 8-bit entries are written before its commit, so its refusals come first)
+    for indices, tracked, match in (
+        (None, [entries[0]] * 5, "track_entries must be distinct"),
+        ([0, 0, 1, 2, 3], [entries[0], entries[1], -1, -1, -1], "committing rows must name distinct slots"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            manager.scatter_mtp_states(
+                np.ones(5, np.int32),
+                state_indices=None if indices is None else np.array(indices, np.int32),
+                store=store,
+                track_entries=np.array(tracked, np.int32),
+                track_steps=np.zeros(5, np.int32),
+            )
+        after = snapshot(manager) | {f"entry {i}": pool for i, pool in enumerate(store.entry_pools)}
+        assert_same_bits(after, before, f"refused tracking: {match}")
     with pytest.raises(ValueError, match="has no residual recurrent"):
         manager.get_recurrent_residual(0)
     with pytest.raises(ValueError, match="has no scales recurrent"):
@@ -399,20 +411,21 @@ def test_checkpoint_folds_into_8bit_equal_the_replay_commit(rng, ring):
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
-@pytest.mark.parametrize("mode", ["replay", "checkpoint"])
+@pytest.mark.parametrize("mode", ["scatter", "replay", "checkpoint"])
 def test_8bit_tracking_stores_the_slot_state_after_the_tracked_step(rng, mode, mixer):
     """A tracked entry holds the state a commit of ``t + 1`` steps gives the slot: values, scales and residuals."""
     from mamba_cache.prefix import PrefixStateCache
 
-    common = dict(intermediate_recurrent_state_dtype=None, intermediate_conv_state_dtype=None, mixer=mixer)
-    common |= dict(stochastic_rounding=True, error_feedback=True, commit_mode=mode)
+    common = dict(mixer=mixer, stochastic_rounding=True, error_feedback=True, commit_mode=mode)
+    if mode != "scatter":  # (scatter: float32 / bfloat16 per-step states, quantised by the commit)
+        common |= dict(intermediate_recurrent_state_dtype=None, intermediate_conv_state_dtype=None)
     config = q8_config("int8", "float8_e4m3fn", **common, **({"history_len": 5} if mode == "checkpoint" else {}))
     tracking, committing = NumpyMambaCacheManager(config), NumpyMambaCacheManager(config)
     seed, positions = int(rng.integers(2**31)), rng.integers(0, 1000, 5).astype(np.int32)
     for manager in (tracking, committing):
         fill(manager, np.random.default_rng(seed))
         values = np.random.default_rng(seed + 1)
-        for name, pool in (manager._history if mode == "checkpoint" else manager._stash).items():
+        for name, pool in {"checkpoint": manager._history, "replay": manager._stash}.get(mode, {}).items():
             bits = values.integers(0, 256, pool.shape, dtype=np.uint8).view(pool.dtype) if name == "conv" else None
             pool[...] = values.uniform(0.25, 1.0, pool.shape).astype(pool.dtype) if bits is None else bits
         if mode == "checkpoint":
@@ -423,7 +436,10 @@ def test_8bit_tracking_stores_the_slot_state_after_the_tracked_step(rng, mode, m
     accept = np.array([3, 2, 0, 3, 1], np.int32)  # checkpoint mode (S = 3, R = 5): rows 0 and 3 fold
     steps = np.array([1, 0, 0, 2, -1], np.int32)  # rows 2 (a = 0) and 4 (t = -1) track nothing
     track = dict(store=store, track_entries=np.array([*entries[:2], entries[3], entries[2], entries[3]], np.int32))
-    if mode == "replay":
+    if mode == "scatter":
+        tracking.scatter_mtp_states(accept, positions=positions, **track, track_steps=steps)
+        committing.scatter_mtp_states(np.array([2, 1, 0, 3, 0], np.int32), positions=positions)
+    elif mode == "replay":
         tracking.replay_mtp_states(accept, positions=positions, **track, track_steps=steps)
         committing.replay_mtp_states(np.array([2, 1, 0, 3, 0], np.int32), positions=positions)
     else:

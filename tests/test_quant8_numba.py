@@ -58,13 +58,23 @@ def test_numba_8bit_scatter_and_tree_match_numpy(rng, dtype, conv_dtype, overrid
     accept = [3, 0, 2, 1]  # rows 0 and 2 commit; row 3 names slot 5, which does not exist
     slots = [2, 0, 1, 5]
     positions = rng.integers(0, 2**31 - 8, 4).tolist()
+    entries = []
     for manager, backend in ((reference, "numpy"), (device, "numba")):
-        manager.scatter_mtp_states(
+        store = PrefixStateCache(manager, entries=3, block_size=4)
+        reserved = [store.reserve() for _ in range(3)]
+        manager.scatter_mtp_states(  # rows 0 and 2 track steps 1 and 0; row 3's slot does not exist: no entry
             device_int32(backend, accept),
             state_indices=device_int32(backend, slots),
             positions=device_int32(backend, positions),
+            store=store,
+            track_entries=device_int32(backend, [reserved[0], reserved[2], reserved[1], reserved[2]]),
+            track_steps=device_int32(backend, [1, 0, 0, 0]),
         )
+        entries.append(entry_bytes(manager, store))
+        store.close()
     assert_same_bits(snapshot(device), snapshot(reference), "scatter")
+    assert_same_bits(entries[1], entries[0], "tracked entries")
+    assert not any(pool[:, 2].any() for pool in entries[0].values())  # named only by rows that track nothing
     nodes = [[0, 2, -1], [1, -1, -1], [2, 0, 1], [0, 0, 0]]
     for manager, backend in ((reference, "numpy"), (device, "numba")):
         manager.scatter_accepted_tree_states(

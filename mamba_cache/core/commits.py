@@ -395,12 +395,6 @@ class CommitOperations:
         if not isinstance(store, EntryStore):
             raise TypeError(f"store must be a mamba_cache.prefix.PrefixStateCache, got {type(store).__name__}")
         store.check_tracking(self, what)
-        if self._config.quantised_kinds and what == "scatter_mtp_states":
-            raise ValueError(
-                f"{what}: tracking into a prefix store (store, track_entries) is not built for 8-bit states yet "
-                "(the replay and checkpoint commits track into 8-bit entries); insert the committed slot with "
-                "store.insert instead; nothing was changed"
-            )
         checked = []
         for name, array in (("track_entries", track_entries), ("track_steps", track_steps)):
             values, (count,) = self._int32_array(name, array, "[active]", stream)

@@ -470,6 +470,10 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         stream: Any,
         positions: Any = None,
     ) -> None:
+        if self._config.quantised_kinds:  # the entries first: they read the slots' windows before the commit
+            track = (store.entry_pools, entries, steps)
+            numba_quant8.commit(self, accept, indices, active, seq_len, max_accept, stream, positions, track=track)
+            return numba_quant8.commit(self, accept, indices, active, seq_len, max_accept, stream, positions)
         if self._converting_commit():
             return numba_convert.scatter_tracked(
                 self, accept, indices, active, seq_len, max_accept, store, entries, steps, stream, positions

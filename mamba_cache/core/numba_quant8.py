@@ -103,8 +103,13 @@ def commit(
     stream: Any,
     positions: Any = None,
     nodes: Any = None,
+    track: tuple | None = None,
 ) -> None:
-    """Launch ``commit8`` for a scatter (``nodes`` None) or tree commit; arguments as the backend's ``_scatter``."""
+    """Launch ``commit8`` for a scatter (``nodes`` None) or tree commit; arguments as the backend's ``_scatter``.
+
+    ``track``: ``(targets, entries, steps)``: the scatter's tracking instead of its commit (launched before
+    it), into the targets (a prefix store's entry pools, `_moving_pools` order).
+    """
     from numba import cuda
 
     config = manager._config
@@ -114,6 +119,8 @@ def commit(
             "conv": cuda.device_array((1, 1, 1, 1), np.float32),
             "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
         }
+    if "track_entries" not in manager._quant8_placeholder:
+        manager._quant8_placeholder["track_entries"] = cuda.device_array(1, np.int32)
     rec, rec_scales, inter_rec, inter_rec_scales, rec_mode, rec_code, rec_src = _kind(manager, "recurrent")
     conv, conv_scales, inter_conv, inter_conv_scales, conv_mode, conv_code, conv_src = _kind(manager, "conv")
     residual = manager._scales.get("residual_recurrent")
@@ -128,6 +135,12 @@ def commit(
     )
     grid = (units, active, config.num_recurrent_layers)
     seed = config.rounding_seed
+    dst = (rec, rec_scales, residual, conv, conv_scales)
+    entries = steps = manager._quant8_placeholder["track_entries"]
+    if track is not None:
+        dst = _entry_views(manager, track[0], (rec_mode, conv_mode), dst)
+        entries, steps = (getattr(a, "array", a) for a in track[1:])
+    rows = _rows(manager, accept, indices, positions, nodes)
     q8k.commit8[grid, THREADS, stream.stream](
         rec,
         rec_scales,
@@ -138,7 +151,12 @@ def commit(
         conv_scales,
         inter_conv,
         inter_conv_scales,
-        *_rows(manager, accept, indices, positions, nodes),
+        *dst,
+        *rows[:4],
+        entries,
+        steps,
+        *rows[4:],
+        int(track is not None),
         seq_len,
         max_accept,
         rec_mode,
@@ -152,6 +170,26 @@ def commit(
         seed & 0xFFFFFFFF,
         seed >> 32,
     )
+
+
+def _entry_views(manager: Any, targets: tuple, modes: tuple, main: tuple) -> tuple:
+    """A prefix store's entries (``[L, P, ...]``, `_moving_pools` order) as ``commit8``'s ``dst_*`` arrays.
+
+    ``main``: the main pools' ``dst_*`` arrays, whose placeholders stand in for the pools the cache lacks.
+    """
+    layers, entries = targets[0].shape[:2]
+    extra = dict(zip([n for n in SLOT_SCALE_POOLS if n in manager._scales], targets[2:], strict=True))
+    views = []
+    for target, mode, main_view, main_scales in zip(targets[:2], modes, main[::3], main[1::3], strict=True):
+        if mode == q8k.COMMIT_BYTES:
+            views += [target.reshape(layers, entries, -1).view(np.uint8).reshape(layers, entries, 1, -1), main_scales]
+            continue
+        scales = extra["scales_recurrent" if target is targets[0] else "scales_conv"]
+        views += [target.reshape(main_view.shape[0], entries, *main_view.shape[2:]).view(np.uint8),
+                  scales.reshape(layers, entries, *main_scales.shape[2:])]  # fmt: skip
+    residual = extra.get("residual_recurrent")
+    residual = main[2] if residual is None else residual.reshape(layers, entries, *main[2].shape[2:])
+    return views[0], views[1], residual, views[2], views[3]
 
 
 def _track_views(manager: Any, targets: tuple, conv8: bool) -> tuple:

@@ -245,10 +245,13 @@ def commit8(
     # pools: main [L, B, G, n] / per-step [L, B*S, G, n] as stored; scales [L, B, G] / [L, B*S, G]
     rec, rec_scales, rec_residual, inter_rec, inter_rec_scales,
     conv, conv_scales, inter_conv, inter_conv_scales,
-    # the rows: accept_lengths [active], node_ids [active, M], state_indices [active], positions [active]
-    accept, nodes, state_indices, positions,
+    # where the committed state goes: the main pools again, or (tracking) a prefix store's entries [L, P, ...]
+    dst_rec, dst_rec_scales, dst_residual, dst_conv, dst_conv_scales,
+    # the rows: accept_lengths [active], node_ids [active, M], state_indices [active], positions [active],
+    # track_entries / track_steps [active]
+    accept, nodes, state_indices, positions, track_entries, track_steps,
     # scalars
-    use_indices, use_nodes, use_positions, seq_len, max_accept,
+    use_indices, use_nodes, use_positions, tracking, seq_len, max_accept,
     rec_mode, rec_code, rec_src, conv_mode, conv_code, conv_src, feedback, stochastic, seed_lo, seed_hi,
 ):  # fmt: skip
     """The scatter / tree commit of both kinds when one is 8-bit, values and scales in one launch.
@@ -262,7 +265,11 @@ def commit8(
     Row ``b`` commits as the NumPy reference's ``_commit8`` does: an 8-bit per-step state copies its
     bytes and scales (``COMMIT_COPY8``); a wider one is quantised (``COMMIT_QUANTISE``); a kind that
     is not 8-bit and keeps its dtype copies bytes (``COMMIT_BYTES``, pools viewed
-    ``[L, rows, 1, bytes]``).
+    ``[L, rows, 1, bytes]``). The state goes to the ``dst_*`` arrays: the main pools at the slot, or
+    with ``tracking`` (a scatter's tracking, launched before its commit) row ``track_entries[b]`` of a
+    prefix store's entries, the state a commit of ``t + 1 = track_steps[b] + 1`` tokens would give the
+    slot (its residual and old window read from the slot), for ``0 <= t < min(a, V)``, the entry in
+    range and the slot in ``[0, B)``.
 
     Grid ``(x, active, L)``, block ``(threads,)`` (a multiple of 32). One warp a recurrent group or a
     conv block of 64 channels, lane ``l`` taking elements ``l, l + 32, ...`` (coalesced), the group's
@@ -278,6 +285,13 @@ def commit8(
     slot, step, consumed = _commit_row(
         b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, max_accept, rec.shape[1]
     )
+    drow = slot
+    if tracking:  # the state after step t of the row, into its entry
+        t, drow = np.int64(track_steps[b]), np.int64(track_entries[b])
+        slot = np.int64(state_indices[b]) if use_indices else np.int64(b)
+        if t < 0 or t >= accept[b] or t >= seq_len or drow < 0 or drow >= dst_rec.shape[1] or slot >= rec.shape[1]:
+            return
+        step, consumed = t, t + 1
     if slot < 0:
         return
     src_row = b * seq_len + step
@@ -292,7 +306,7 @@ def commit8(
     groups, size = rec.shape[2], rec.shape[3]
     if rec_mode == COMMIT_BYTES:
         for i in range(start, size, stride):
-            rec[layer, slot, 0, i] = inter_rec[layer, src_row, 0, i]
+            dst_rec[layer, drow, 0, i] = inter_rec[layer, src_row, 0, i]
     amax_buf = cuda.shared.array(COMMIT_THREADS, np.float32)
     flag_buf = cuda.shared.array(COMMIT_THREADS, np.int32)
     rounds = -(-groups // all_warps) if rec_mode != COMMIT_BYTES else 0  # the same count in every warp
@@ -302,9 +316,9 @@ def commit8(
         if rec_mode == COMMIT_COPY8:
             if live:
                 for n in range(lane, size, 32):
-                    rec[layer, slot, g, n] = inter_rec[layer, src_row, g, n]
+                    dst_rec[layer, drow, g, n] = inter_rec[layer, src_row, g, n]
                 if lane == 0:
-                    rec_scales[layer, slot, g] = inter_rec_scales[layer, src_row, g]
+                    dst_rec_scales[layer, drow, g] = inter_rec_scales[layer, src_row, g]
             continue
         amax = np.float32(0.0)
         finite = True
@@ -322,18 +336,18 @@ def commit8(
             if stochastic:
                 r = philox_word(g * size + n, position, layer, 0, seed_lo, seed_hi)
             byte = quantise_code(x, scale, rec_code, stochastic, r)
-            rec[layer, slot, g, n] = byte
+            dst_rec[layer, drow, g, n] = byte
             if feedback:
                 error = np.float32(x - dequantise_code(byte, scale, rec_code))
                 bits = np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
-                rec_residual[layer, slot, g, n] = bits
+                dst_residual[layer, drow, g, n] = bits
         if lane == 0:
-            rec_scales[layer, slot, g] = scale
+            dst_rec_scales[layer, drow, g] = scale
     # conv: a warp a block of 64 channels (two a lane), all K columns in increasing order
     channels, width = conv.shape[2], conv.shape[3]
     if conv_mode == COMMIT_BYTES:
         for i in range(start, width, stride):
-            conv[layer, slot, 0, i] = inter_conv[layer, src_row, 0, i]
+            dst_conv[layer, drow, 0, i] = inter_conv[layer, src_row, 0, i]
         return
     shift = consumed
     blocks = conv_scales.shape[2]
@@ -347,7 +361,7 @@ def commit8(
                 copy8 = conv_mode == COMMIT_COPY8
                 if live:  # each lane its own channels: column j + s is read before this lane overwrites it
                     for c in range(first + lane, last, 32):
-                        conv[layer, slot, c, j] = (
+                        dst_conv[layer, drow, c, j] = (
                             inter_conv[layer, src_row, c, j] if copy8 else conv[layer, slot, c, j + shift]
                         )
                     if lane == 0:
@@ -356,7 +370,7 @@ def commit8(
                             if copy8
                             else conv_scales[layer, slot, block, j + shift]
                         )
-                        conv_scales[layer, slot, block, j] = moved
+                        dst_conv_scales[layer, drow, block, j] = moved
                 continue
             amax = np.float32(0.0)  # a new column, quantised with the words of the token it came with
             finite = True
@@ -374,6 +388,6 @@ def commit8(
                 r = np.uint64(0)
                 if stochastic:
                     r = philox_word(c * width + width - 1, entered, layer, 1, seed_lo, seed_hi)
-                conv[layer, slot, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
+                dst_conv[layer, drow, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
             if lane == 0:
-                conv_scales[layer, slot, block, j] = scale
+                dst_conv_scales[layer, drow, block, j] = scale

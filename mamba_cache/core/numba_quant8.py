@@ -33,6 +33,22 @@ def _rows(manager: Any, accept: Any, indices: Any, positions: Any, nodes: Any) -
     return (getattr(accept, "array", accept), node_ids, *arrays, *flags)
 
 
+def _placeholders(manager: Any) -> dict:
+    """The stand-ins for the arrays a launch does not use (absent scale pools, tracking off), made once."""
+    if manager._quant8_placeholder is None:
+        from numba import cuda
+
+        manager._quant8_placeholder = {
+            "recurrent": cuda.device_array((1, 1, 1), np.float32),
+            "conv": cuda.device_array((1, 1, 1, 1), np.float32),
+            "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
+            "stash_conv_scales": cuda.device_array((1, 1, 1), np.float32),
+            "track_rec": cuda.device_array((1, 1, 1, 1), np.uint8),
+            "track_entries": cuda.device_array(1, np.int32),
+        }
+    return manager._quant8_placeholder
+
+
 def check_config(config: Any) -> None:
     """Refuse the 8-bit configs the Numba backend does not build yet (``ConfigError`` naming the field)."""
     from .._config import ConfigError
@@ -110,17 +126,8 @@ def commit(
     ``track``: ``(targets, entries, steps)``: the scatter's tracking instead of its commit (launched before
     it), into the targets (a prefix store's entry pools, `_moving_pools` order).
     """
-    from numba import cuda
-
     config = manager._config
-    if manager._quant8_placeholder is None:
-        manager._quant8_placeholder = {
-            "recurrent": cuda.device_array((1, 1, 1), np.float32),
-            "conv": cuda.device_array((1, 1, 1, 1), np.float32),
-            "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
-        }
-    if "track_entries" not in manager._quant8_placeholder:
-        manager._quant8_placeholder["track_entries"] = cuda.device_array(1, np.int32)
+    _placeholders(manager)
     rec, rec_scales, inter_rec, inter_rec_scales, rec_mode, rec_code, rec_src = _kind(manager, "recurrent")
     conv, conv_scales, inter_conv, inter_conv_scales, conv_mode, conv_code, conv_src = _kind(manager, "conv")
     residual = manager._scales.get("residual_recurrent")
@@ -204,7 +211,7 @@ def _track_views(manager: Any, targets: tuple, conv8: bool) -> tuple:
         extra["scales_recurrent"].reshape(layers, entries, groups),
         empty["residual"] if residual is None else residual.reshape(layers, entries, groups, -1),
         targets[1].reshape(layers, entries, config.conv_dim, -1).view(np.uint8),
-        extra["scales_conv"] if conv8 else empty["conv_scales"],
+        extra["scales_conv"] if conv8 else empty["conv"],
     )
 
 
@@ -229,21 +236,9 @@ def replay(
     ``[L, X, ...]`` stacks in `_moving_pools` order (a prefix store's entries, or a read's destinations).
     ``ring`` / ``write_back``: see [`mamba_cache.precision.quant8_replay`][mamba_cache.precision.quant8_replay].
     """
-    from numba import cuda
-
     config, pools, scales = manager._config, manager._pools, manager._scales
     layers, slots = config.num_recurrent_layers, config.max_batch_size
-    if manager._quant8_placeholder is None or "track_entries" not in manager._quant8_placeholder:
-        manager._quant8_placeholder = {
-            "recurrent": cuda.device_array((1, 1, 1), np.float32),
-            "conv": cuda.device_array((1, 1, 1, 1), np.float32),
-            "residual": cuda.device_array((1, 1, 1, 1), np.uint16),
-            "conv_scales": cuda.device_array((1, 1, 1, 1), np.float32),
-            "stash_conv_scales": cuda.device_array((1, 1, 1), np.float32),
-            "track_rec": cuda.device_array((1, 1, 1, 1), np.uint8),
-            "track_entries": cuda.device_array(1, np.int32),
-        }
-    empty = manager._quant8_placeholder
+    empty = _placeholders(manager)
     heads = config.recurrent_state_num_heads
     groups = heads * config.recurrent_state_head_dim
     rec = pools.recurrent.reshape(layers, slots, groups, config.recurrent_state_size).view(np.uint8)
@@ -280,7 +275,7 @@ def replay(
         rec_scales,
         residual,
         conv,
-        scales["scales_conv"] if conv8 else empty["conv_scales"],
+        scales["scales_conv"] if conv8 else empty["conv"],
         *mixer_fields,
         fields["conv"].view(np.uint8).reshape(layers, rows, config.conv_dim * esz),
         fields["conv_scales"] if conv8 else empty["stash_conv_scales"],

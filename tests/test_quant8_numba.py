@@ -282,6 +282,9 @@ def test_numba_8bit_checkpoint_mode_matches_numpy(rng, dtype, conv_dtype, overri
         current.append(as_bytes(state | {name: to_host(pool) for name, pool in manager.capture_scales(2).items()}))
     assert current[1]["recurrent"].tobytes() != snapshot(device)["recurrent"][:, 2].tobytes()  # the ring matters
     assert_8bit_close(current[1], current[0], dtype, "current_state")
+    kept = len(device._launches)
+    device.current_state(2)  # new output arrays each call: nothing more is kept for them
+    assert len(device._launches) == kept
     outs = tuple(cuda.device_array_like(pool[:, :1]) for pool in (device.pools.recurrent, device.pools.conv))
     device.capture_states(2, out=outs)  # into the caller's outputs (the scales beside them in a kept scratch)
     assert [to_host(out).tobytes() for out in outs] == [current[1][kind].tobytes() for kind in ("recurrent", "conv")]

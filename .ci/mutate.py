@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NUMPY = "mamba_cache/core/numpy_backend.py"
 KERNELS = "mamba_cache/core/kernels.py"
+ROWS = "mamba_cache/core/rows.py"  # the commit row rule every commit kernel calls
 CHECKS = "mamba_cache/core/checks.py"
 COMMITS = "mamba_cache/core/commits.py"
 SLOTS = "mamba_cache/core/slots.py"
@@ -55,6 +56,12 @@ TESTS = {
         "tests/test_slots_and_trees.py",
         "tests/test_mutants.py::test_parity_on_slots_of_more_than_two_chunks",
         "tests/test_parity.py",
+    ],
+    ROWS: [
+        "tests/test_golden.py",
+        "tests/test_slots_and_trees.py",
+        "tests/test_parity.py",
+        "tests/test_padding.py",
     ],
     CHECKS: [*MUTANTS_CHECKS, "tests/test_slots_and_trees.py", "tests/test_bad_inputs.py"],
     COMMITS: [*MUTANTS_CHECKS, "tests/test_slots_and_trees.py", "tests/test_bad_inputs.py"],
@@ -138,9 +145,9 @@ MUTANTS = [
     Mutant(
         "np-clear-skip-layer",
         NUMPY,
-        "self._pools.conv[:, slot] = 0",
-        "self._pools.conv[1:, slot] = 0",
-        "clear_slot: skipped layer 0 of the conv pool",
+        "            pool[:, slot] = 0",
+        "            pool[1:, slot] = 0",
+        "clear_slot: skipped layer 0 of every pool",
     ),
     Mutant(
         "np-capture-alias",
@@ -161,7 +168,7 @@ MUTANTS = [
     # ---- the kernels
     Mutant(
         "k-accept-ge",
-        KERNELS,
+        ROWS,
         "if accepted < 1 or accepted > max_accept:",
         "if accepted < 1 or accepted >= max_accept:",
         "scatter kernel: `>` -> `>=` on max_accept",
@@ -175,31 +182,31 @@ MUTANTS = [
     ),
     Mutant(
         "k-tree-clamp",
-        KERNELS,
-        "    if count > width:\n        count = width",
-        "    if count > width + 1:\n        count = width",
+        ROWS,
+        "    if count > node_ids.shape[1]:\n        count = node_ids.shape[1]\n    node = -1",
+        "    if count > node_ids.shape[1] + 1:\n        count = node_ids.shape[1]\n    node = -1",
         "tree kernel: off-by-one clamp of accept_lengths to M (reads past the row)",
     ),
     Mutant(
         "k-tree-candidate",
-        KERNELS,
+        ROWS,
         "if candidate >= 0:",
         "if candidate > 0:",
         "tree kernel: node 0 treated as a rejected id",
     ),
     Mutant(
         "k-tree-node-gt",
-        KERNELS,
-        "if node < 0 or node >= seq_len:",
-        "if node < 0 or node > seq_len:",
+        ROWS,
+        "    if node < 0 or node >= seq_len:\n        return -1, -1",
+        "    if node < 0 or node > seq_len:\n        return -1, -1",
         "tree kernel: node == V accepted",
     ),
     Mutant(
-        "k-slot-negative",
-        KERNELS,
-        "if slot < 0 or slot >= dst_a.shape[1]:",
-        "if slot >= dst_a.shape[1]:",
-        "commit kernel: dropped the `slot >= 0` bounds check",
+        "k-slot-bound",
+        ROWS,
+        "if slot < 0 or slot >= slots:",
+        "if slot < 0 or slot > slots:",
+        "commit row rule: slot == B taken as a slot (`>=` -> `>`; a negative slot is the rule's own 'none')",
     ),
     Mutant(
         "k-chunk-base",

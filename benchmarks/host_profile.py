@@ -27,7 +27,7 @@ from numba import cuda  # noqa: E402
 
 from benchmarks.engine import CONFIG  # noqa: E402
 from mamba_cache import NumbaMambaCacheManager  # noqa: E402
-from mamba_cache.core import numba_backend  # noqa: E402
+from mamba_cache.core import numba_backend, numba_device  # noqa: E402
 
 N = 400
 
@@ -80,7 +80,7 @@ def main() -> int:
     print(f"{card}: torch x.add_(1) {host_us(lambda: x.add_(1)):.2f} us host")
     print(f"  torch.cuda.current_stream()      {host_us(torch.cuda.current_stream):.2f} us (the caller's cost)")
     print(f"  int(side.cuda_stream)            {host_us(lambda: int(side.cuda_stream)):.2f} us (the caller's cost)")
-    print(f"  cuCtxGetCurrent (the device check) {host_us(numba_backend._current_context_handle):.2f} us")
+    print(f"  cuCtxGetCurrent (the device check) {host_us(numba_device.current_context_handle):.2f} us")
     launch, blocks, layers = dev._commit_launch("scatter", numba_backend.kernels.scatter_accepted)
     ref = dev._stream(None)
     print(f"  launch.launch alone              {host_us(lambda: launch.launch((blocks, 8, layers), ref)):.2f} us")

@@ -20,20 +20,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mamba_cache.presets import PRESETS  # noqa: E402
-from mamba_cache.traffic import state_traffic  # noqa: E402
+from mamba_cache.traffic import best_history_len, state_traffic  # noqa: E402
 
 PRESET_COLOURS = {"nemotron-h-8b": "#1f77b4", "qwen3-next-80b-a3b": "#d62728"}
 WIDTH, HEIGHT, PANEL, TOP, LEFT, BOTTOM = 860, 390, 380, 40, 60, 80
 Y_MAX = 1.6
 
 
-def curves(verify: int) -> dict:
-    """Per preset: (R values, checkpoint ratios, replay ratio) against scatter mode."""
+def runs(verify: int) -> dict:
+    """Per preset: (its config at batch 32, the run of accept lengths): 1,000 passes, seed 0, presets in turn."""
     rng = np.random.default_rng(0)
     out = {}
     for name in PRESET_COLOURS:
-        config = PRESETS[name].config(batch=32, mtp=verify)
         accepts = [1] * 1000 if verify == 1 else rng.integers(1, verify + 1, 1000).tolist()
+        out[name] = (PRESETS[name].config(batch=32, mtp=verify), accepts)
+    return out
+
+
+def curves(verify: int) -> dict:
+    """Per preset: (R values, checkpoint ratios, replay ratio) against scatter mode."""
+    out = {}
+    for name, (config, accepts) in runs(verify).items():
         scatter = state_traffic(config, "scatter", accepts).bytes_per_token
         rings = list(range(verify, 64 + 1))
         ratios = [state_traffic(config, "checkpoint", accepts, history_len=r).bytes_per_token / scatter for r in rings]
@@ -99,10 +106,40 @@ def svg() -> str:
     return "\n".join([head, '<rect width="100%" height="100%" fill="white"/>', *body, "</svg>"]) + "\n"
 
 
+def table() -> str:
+    """The "When each wins" table of docs/concepts/strategies.md (Markdown), from the plot's runs.
+
+    Per preset and V: scatter, replay and checkpoint mode at its best R (`best_history_len`), in MiB
+    per accepted token, as a fraction of scatter's, and MiB per slot; tests/test_traffic.py checks the
+    page holds it.
+    """
+    rows = ["| preset | V | mode | R | MiB per accepted token | vs scatter | MiB per slot |", "| --- " * 7 + "|"]
+    for name in PRESET_COLOURS:
+        for verify in (1, 4):
+            config, accepts = runs(verify)[name]
+            scatter = state_traffic(config, "scatter", accepts)
+            modes = [
+                ("scatter (in place)" if verify == 1 else "scatter", scatter),
+                ("replay" if verify == 1 else f"replay (= checkpoint, R = {verify})",
+                 state_traffic(config, "replay", accepts)),
+                ("checkpoint", best_history_len(config, accepts)),
+            ]  # fmt: skip
+            for mode, run in modes:
+                ring = run.history_len if mode == "checkpoint" else "-"
+                ratio = run.bytes_per_token / scatter.bytes_per_token
+                rows.append(f"| {name} | {verify} | {mode} | {ring} | {run.bytes_per_token / 2**20:.1f} | "
+                            f"{ratio:.2f} | {run.slot_bytes / 2**20:.1f} |")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", default=str(ROOT / "docs" / "img" / "strategies.svg"))
+    parser.add_argument("--table", action="store_true", help="print the strategies page's table instead")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(), end="")
+        return 0
     pathlib.Path(args.output).write_text(svg())
     print(f"wrote {args.output}")
     return 0

@@ -22,19 +22,20 @@ from mamba_cache import Config, NumpyMambaCacheManager  # noqa: E402
 
 
 # --8<-- [start:shard]
-def rank_config(config: Config, tp: int) -> Config:
-    """One rank's cache config: ``H / tp`` heads and their conv channels.
+def rank_config(config: Config, tp: int, rank: int) -> Config:
+    """Rank ``rank``'s cache config: ``H / tp`` heads and their conv channels, ``tp_rank = rank``.
 
     Mamba2's B and C channels are split with the groups when ``tp`` divides ``n_groups``; with one
-    group every rank needs all of them, so they are replicated (``2 * N`` channels).
+    group every rank needs all of them, so they are replicated (``2 * N`` channels). The rank is
+    recorded in the config: moving a slot's state to another worker reads it.
     """
     replicated = 2 * config.recurrent_state_size if config.n_groups == 1 else 0
-    return config.shard(tp, replicated_conv_channels=replicated)
+    return config.shard(tp, replicated_conv_channels=replicated, rank=rank)
 
 
 def rank_caches(config: Config, tp: int, make=NumpyMambaCacheManager) -> list:
     """One manager per rank. On GPUs each process builds only its own: ``make(cfg, device=rank)``."""
-    return [make(rank_config(config, tp)) for _ in range(tp)]
+    return [make(rank_config(config, tp, rank)) for rank in range(tp)]
 
 
 # --8<-- [end:shard]
@@ -63,6 +64,7 @@ def demo(tp: int = 2) -> dict:
     rank_cfg = caches[0].get_config()
     return {
         "heads": [c.get_config().recurrent_state_num_heads for c in caches],
+        "ranks": [c.get_config().tp_rank for c in caches],
         "conv_dim": rank_cfg.conv_dim,
         "n_groups": rank_cfg.n_groups,
         "committed": [float(c.get_recurrent_state(0)[:2].min()) for c in caches],  # rows 0, 1: step a - 1

@@ -2,7 +2,7 @@
 
 Each rank keeps ``H / tp`` heads: its slice of the x channels of ``in_proj`` / conv / ``dt``, its
 rows of ``out_proj``, and every B and C channel (one B/C group, so each rank needs all of them:
-``Config.shard(tp, replicated_conv_channels=2 * N)`` gives the rank's cache config,
+``Config.shard(tp, replicated_conv_channels=2 * N, rank=r)`` gives the rank's cache config,
 ``C_rank = H * D / tp + 2 * N``). Per layer and token::
 
     z_r      = rmsnorm(u) @ in_proj[:, cols_r]        cols_r = x of my heads, B, C, dt of my heads
@@ -70,9 +70,9 @@ def model_config(batch: int = 3, **overrides) -> Config:
     return Config(**fields)
 
 
-def rank_config(config: Config, tp: int) -> Config:
-    """One rank's cache config: heads and x channels split, the ``2 * N`` B/C channels on every rank."""
-    return config.shard(tp, replicated_conv_channels=2 * config.recurrent_state_size)
+def rank_config(config: Config, tp: int, rank: int) -> Config:
+    """Rank ``rank``'s cache config: heads and x channels split, the ``2 * N`` B/C channels on every rank."""
+    return config.shard(tp, replicated_conv_channels=2 * config.recurrent_state_size, rank=rank)
 
 
 def shard_weights(model: TinyMamba2, tp: int, rank: int) -> dict:
@@ -103,7 +103,7 @@ def shard_weights(model: TinyMamba2, tp: int, rank: int) -> dict:
 
 def rank_model(model: TinyMamba2, tp: int, rank: int) -> TinyMamba2:
     """A TinyMamba2 of the rank's shape holding the rank's weights (its layer loop is not used)."""
-    shell = TinyMamba2(rank_config(model.config, tp), vocab_size=model.vocab_size)
+    shell = TinyMamba2(rank_config(model.config, tp, rank), vocab_size=model.vocab_size)
     shell.weights = shard_weights(model, tp, rank)
     return shell
 

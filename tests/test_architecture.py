@@ -21,7 +21,8 @@ FLOORS = [
      "mamba_cache.prefix.policy", "mamba_cache.prefix.stats", "mamba_cache.snapshot", "mamba_cache.traffic",
      "mamba_cache.moving", "mamba_cache.moving.parcel"},
     # kernels (each beside its reference)
-    {"mamba_cache.core.kernels", "mamba_cache.precision.kernels", "mamba_cache.precision.commit_kernels",
+    {"mamba_cache.core.kernels", "mamba_cache.core.rows", "mamba_cache.precision.kernels",
+     "mamba_cache.precision.commit_kernels", "mamba_cache.precision.word_conversions",
      "mamba_cache.precision.quant8_kernels", "mamba_cache.precision.quant8_replay",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
      "mamba_cache.replay.tiles", "mamba_cache.replay.tiled_mamba2", "mamba_cache.replay.tiled_gdn",
@@ -33,6 +34,7 @@ FLOORS = [
      "mamba_cache.core.moving", "mamba_cache.core.manager", "mamba_cache.models.prefill"},
     # the backends (they bind the manager's hooks to kernels) and the prefix store (built on a manager)
     {"mamba_cache.core.numba_backend", "mamba_cache.core.numba_convert", "mamba_cache.core.numba_args",
+     "mamba_cache.core.numba_device",
      "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving", "mamba_cache.core.numba_quant8",
      "mamba_cache.core.numpy_backend",
      "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index"},

@@ -1,7 +1,9 @@
 """The command line as a newcomer meets it: bad input is one line on stderr and exit status 2, printed
 before anything else; absurd sizes get units that fit and a warning."""
 
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import subprocess
@@ -15,11 +17,29 @@ from mamba_cache.presets import PRESETS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args, env=None):
+def cli_process(*args, env=None):
+    """``python -m mamba_cache.cli ARGS`` in a fresh process: the real entry point and its exit status."""
     env = dict(os.environ if env is None else env, PYTHONPATH=ROOT)
     return subprocess.run(
         [sys.executable, "-m", "mamba_cache.cli", *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
     )
+
+
+def cli(*args):
+    """The same call in this process (``main`` with stdout / stderr captured): a fraction of a process start.
+
+    ``main`` returns the exit status or raises ``SystemExit`` with it (argparse's errors), as the
+    entry point's ``sys.exit(main())`` passes on; `cli_process` proves that path end to end.
+    """
+    from mamba_cache.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+    return subprocess.CompletedProcess(["mamba-cache", *args], code or 0, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result, *words):
@@ -89,8 +109,15 @@ def test_plan_budget_grammar(text, nbytes, capsys):
 
 
 def test_plan_refuses_an_unknown_preset_and_command():
-    assert_one_line_error(cli("plan", "--preset", "gpt-5"), "invalid choice: 'gpt-5'")
+    # through the real entry point once: exit status 2, one line on stderr, nothing on stdout
+    assert_one_line_error(cli_process("plan", "--preset", "gpt-5"), "invalid choice: 'gpt-5'")
     assert_one_line_error(cli("frobnicate"), "invalid choice: 'frobnicate'")
+
+
+def test_a_warning_and_a_table_through_the_entry_point():
+    result = cli_process("plan", "--preset", "mamba2-130m", "--budget", "10PiB")
+    assert result.returncode == 0 and "largest batch within 10.00 PiB" in result.stdout, result
+    assert result.stderr.startswith("mamba-cache plan: warning:"), result.stderr
 
 
 def test_huge_budget_uses_pib_and_warns():
@@ -119,7 +146,7 @@ def test_a_plan_that_fits_has_no_warning():
 @pytest.mark.skipif(ON_GPU, reason="checks the message where there is no GPU")
 def test_demo_numba_without_a_gpu_says_so():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    assert_one_line_error(cli("demo", "--backend", "numba", env=env), "--backend numba needs a CUDA GPU")
+    assert_one_line_error(cli_process("demo", "--backend", "numba", env=env), "--backend numba needs a CUDA GPU")
 
 
 def test_demo_refuses_bad_layers():
@@ -335,3 +362,30 @@ def test_commit_mode_table_counts_8bit_scales_with_the_main_pools(capsys):
     replay = next(line for line in lines if line.split()[:1] == ["replay"])
     main = pools["recurrent"] + pools["conv"] + pools["scales"]
     assert re.split(r"\s{2,}", replay.strip())[1:3] == [format_bytes(main), format_bytes(pools["replay_stash"])]
+
+
+def transcripts(page: str) -> list[tuple[list[str], str]]:
+    """Each ``$ mamba-cache ...`` transcript of a docs page: (its arguments, the output shown under it)."""
+    import shlex
+
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        text = f.read()
+    found = []
+    for block in re.findall(r"```text\n(\$ mamba-cache .*?)```", text, re.S):
+        lines = block.splitlines()
+        command = lines.pop(0)
+        while command.endswith("\\"):
+            command = command[:-1] + lines.pop(0)
+        found.append((shlex.split(command)[2:], "\n".join(lines) + "\n"))
+    return found
+
+
+@pytest.mark.parametrize("page", ["docs/concepts/beyond.md"])
+def test_the_plan_transcripts_on_the_pages_are_what_the_cli_prints(page):
+    # a transcript on a page is the output of its command today, not of an older CLI
+    shown = transcripts(page)
+    assert shown, f"no mamba-cache transcript on {page}"
+    for args, output in shown:
+        result = cli(*args)
+        assert result.returncode == 0 and result.stderr == "", result
+        assert result.stdout == output, f"{page}: `mamba-cache {' '.join(args)}` prints:\n{result.stdout}"

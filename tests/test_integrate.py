@@ -137,6 +137,7 @@ def test_tensor_parallel_ranks_commit_alike():
 
     result = integrate_tp.demo(tp=2)
     assert result["heads"] == [2, 2] and result["n_groups"] == 1
+    assert result["ranks"] == [0, 1]  # each rank's config records its rank (export / import read it)
     assert result["conv_dim"] == 2 * 2 + 2 * 1 * 4  # each rank: its x channels, its group's B and C
     assert result["committed"] == [1.0, 2.0] and result["padding"] == [0.0, 0.0]
 

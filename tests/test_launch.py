@@ -42,6 +42,8 @@ def test_parameter_layout_matches_the_compiled_ptx():
             "copy_slot": (w3, w3, types.int32),
             "zero_words": (types.uint64[::1], types.uint16[::1], types.int64),
             "zero_slot": (w3, w3, types.int64, types.int32),
+            "copy_rows_scaled": (*[w3, types.uint64[:, :, ::1]] * 5, *[types.int64] * 4, i1, i1, *[types.int64] * 3),
+            "zero_slot_scaled": (*[w3] * 5, *[types.int64] * 4, types.int32),
         }
         for name, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, sig, cc=(9, 0))
@@ -58,7 +60,9 @@ def test_parameter_layout_matches_the_compiled_ptx():
     assert "scatter_accepted 62 ok" in result.stdout, result.stdout
     assert "scatter_tree 70 ok" in result.stdout, result.stdout
     assert "copy_slot 23 ok" in result.stdout, result.stdout
-    assert result.stdout.count("ok") == 5
+    assert "copy_rows_scaled 131 ok" in result.stdout, result.stdout
+    assert "zero_slot_scaled 60 ok" in result.stdout, result.stdout
+    assert result.stdout.count("ok") == 7
 
 
 def test_ptx_parameter_sizes_reads_widths():

@@ -181,12 +181,15 @@ def test_kernels_compile_to_wide_loads_without_local_memory():
             "copy_slot": (w3, w3, types.int64),
             "zero_words": (types.uint64[::1], types.uint64[::1], types.int64),
             "zero_slot": (w3, w3, types.int64, types.int64),
+            "copy_rows_scaled": (*[w3] * 10, *[types.int64] * 4, i1, i1, *[types.int64] * 3),
+            "zero_slot_scaled": (*[w3] * 5, *[types.int64] * 5),
         }
         for name, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, sig, cc=(9, 0))
             body = ptx[ptx.index(".entry"):]
             assert ".local" not in body, name + " uses local memory"
-            paths = {"scatter_accepted": 2, "scatter_tree": 2, "copy_slot": 1, "zero_words": 2, "zero_slot": 2}[name]
+            paths = {"scatter_accepted": 2, "scatter_tree": 2, "copy_slot": 1, "zero_words": 2, "zero_slot": 2,
+                     "copy_rows_scaled": 5, "zero_slot_scaled": 5}[name]  # fmt: skip
             if not name.startswith("zero"):
                 assert body.count("ld.global.u64") == paths * kernels.WORDS_PER_THREAD, name
             assert body.count("st.global.u64") == paths * kernels.WORDS_PER_THREAD, name
@@ -197,4 +200,4 @@ def test_kernels_compile_to_wide_loads_without_local_memory():
     if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
         pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("ok") == 5
+    assert result.stdout.count("ok") == 7

@@ -714,14 +714,14 @@ def test_tracking_with_mixed_dtypes_converts_into_the_store(rng, main, inter, co
 
 def test_hoisted_philox_matches_the_reference(rng):
     # philox_setup once per thread + philox_group per group == Philox4x32-10 of (g, c1, c2, c3), edge words included
-    from mamba_cache.precision import commit_kernels as ck
+    from mamba_cache.precision import word_conversions as wc
 
     @cuda.jit
     def run(out, groups, c1, c2, c3, k0, k1):
         i = cuda.grid(1)
         if i < groups.shape[0]:
-            st = ck.philox_setup(c1, c2, c3, k0, k1)
-            words = ck.philox_group(groups[i], st)
+            st = wc.philox_setup(c1, c2, c3, k0, k1)
+            words = wc.philox_group(groups[i], st)
             for j in range(4):
                 out[i, j] = words[j]
 
@@ -988,13 +988,13 @@ def test_float16_stochastic_fast_path_flags_nans_whose_sum_wraps():
     # truncating conversion: for a negative NaN that sum passes 2**32. It must wrap quietly (no
     # overflow warning on the simulator's NumPy scalars) and the element must be flagged for the
     # full steps; an ordinary value next to it takes the fast path.
-    from mamba_cache.precision import commit_kernels as ck
+    from mamba_cache.precision import word_conversions as wc
 
     @cuda.jit
     def run(out, xs, rs):
         i = cuda.grid(1)
         if i < xs.shape[0]:
-            h, rare = ck._f16_stochastic_fast(xs[i], rs[i])
+            h, rare = wc.f16_stochastic_fast(xs[i], rs[i])
             out[i, 0] = h
             out[i, 1] = 1 if rare else 0
 
@@ -1012,14 +1012,14 @@ def test_float16_stochastic_fast_path_flag_at_its_bounds():
     # each bound, both signs: the flag must send exactly the outside ones to the full steps (the redo
     # of a flagged group would hide a bound moved inward, and a bound moved outward gives wrong bits
     # only for some random words), and an unflagged result must be the reference's bits.
-    from mamba_cache.precision import commit_kernels as ck
+    from mamba_cache.precision import word_conversions as wc
     from mamba_cache.precision.reference import convert_bits
 
     @cuda.jit
     def run(out, xs, rs):
         i = cuda.grid(1)
         if i < xs.shape[0]:
-            h, rare = ck._f16_stochastic_fast(xs[i], rs[i])
+            h, rare = wc.f16_stochastic_fast(xs[i], rs[i])
             out[i, 0] = h
             out[i, 1] = 1 if rare else 0
 

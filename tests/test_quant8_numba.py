@@ -100,6 +100,47 @@ def test_numba_8bit_slots_move_with_scales(rng):
     assert_same_bits(snapshot(device), snapshot(reference), "restore")
 
 
+@pytest.mark.parametrize(
+    ("conv_dtype", "feedback", "pools"),
+    [("int8", True, 5), ("int8", False, 4), ("bfloat16", True, 4), ("bfloat16", False, 3)],
+)
+def test_numba_8bit_slot_moves_take_one_launch_with_their_scales(rng, monkeypatch, conv_dtype, feedback, pools):
+    # The contract: scales (and the residual) move with their states in the same launch. Count the kernel
+    # launches of a copy_slots, a clear_slot and a prefix insert + restore, and check their bits against NumPy.
+    from mamba_cache.core import launch as launch_module
+    from mamba_cache.prefix import PrefixStateCache
+
+    config = dataclasses.replace(
+        q8_config("float8_e4m3fn", conv_dtype, error_feedback=feedback),
+        **({} if conv_dtype == "int8" else {"intermediate_conv_state_dtype": None}),
+    )
+    reference, device = twin_managers(config, rng)
+    assert len(device._moving_pools()) == pools
+    stores = [PrefixStateCache(manager, entries=2, block_size=4) for manager in (reference, device)]
+    launches = []
+    monkeypatch.setattr(
+        launch_module.DispatcherLaunch,
+        "launch",
+        lambda self, grid, stream, _launch=launch_module.DispatcherLaunch.launch: (
+            launches.append(self),
+            _launch(self, grid, stream),
+        ),
+    )
+    for manager, store, backend in ((reference, stores[0], "numpy"), (device, stores[1], "numba")):
+        before = len(launches)
+        manager.copy_slots(device_int32(backend, [1, 3]), device_int32(backend, [0, 4]))
+        if backend == "numba":
+            assert len(launches) - before == 1, "copy_slots"
+        manager.clear_slot(3)
+        if backend == "numba":
+            assert len(launches) - before == 2, "clear_slot"
+        store.insert(list(range(4)), 2)
+        store.restore(store.match(list(range(5))), 3)
+        if backend == "numba":
+            assert len(launches) - before == 4, "prefix insert and restore"
+    assert_same_bits(snapshot(device), snapshot(reference), "copy, clear, insert and restore")
+
+
 @pytest.mark.parametrize("dtype", QUANT8_DTYPE_NAMES)
 def test_numba_8bit_pools_are_raw_bytes_and_export_scales(dtype):
     device = BACKENDS["numba"](q8_config(dtype))

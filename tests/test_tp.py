@@ -68,7 +68,8 @@ def test_rank_configs_and_weights_partition_the_model():
     config = example.model_config()
     model = example.TinyMamba2(config, seed=0)
     shards = [example.shard_weights(model, 2, r) for r in range(2)]
-    rank_config = example.rank_config(config, 2)
+    rank_config = example.rank_config(config, 2, 1)
+    assert (rank_config.tp_size, rank_config.tp_rank) == (2, 1)
     assert rank_config.conv_dim == shards[0]["conv_weight"].shape[1]
     assert rank_config.recurrent_state_num_heads == shards[0]["a"].shape[1] == 2
     assert np.array_equal(np.concatenate([s["out_proj"] for s in shards], axis=1), model.weights["out_proj"])

@@ -92,3 +92,16 @@ def test_the_committed_plot_is_the_models_current_output():
     from benchmarks.plot_strategies import svg
 
     assert (root / "docs" / "img" / "strategies.svg").read_text() == svg(), "rerun benchmarks/plot_strategies.py"
+
+
+def test_the_strategies_page_holds_the_models_current_table():
+    """The "When each wins" table of docs/concepts/strategies.md is benchmarks/plot_strategies.py's table()."""
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from benchmarks.plot_strategies import table
+
+    page = (root / "docs" / "concepts" / "strategies.md").read_text()
+    assert table() in page, "rerun python benchmarks/plot_strategies.py --table and paste it into the page"

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
+from ..core.rows import accepted_steps, row_slot
 from ..replay import tiled
 from ..replay.kernels import THREADS
 
@@ -81,11 +82,9 @@ def plan_commit(
     if use_tracking:
         track_len[b] = 0
         track_step[b] = -1
-    accepted = 0 if force else accept_lengths[b]
-    if not force and (accepted < 1 or accepted > seq_len):
-        return
-    slot = state_indices[b] if use_indices else b
-    if slot < 0 or slot >= h.shape[0]:
+    accepted = 0 if force else accepted_steps(accept_lengths, b, seq_len)
+    slot = row_slot(state_indices, use_indices, b, h.shape[0])
+    if (accepted == 0 and not force) or slot < 0:
         return
     before = h[slot]
     after = before + accepted

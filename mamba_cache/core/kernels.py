@@ -35,9 +35,9 @@ from __future__ import annotations
 
 from numba import cuda
 
-from .checks import pad_slot_id
 from .launch import MAX_THREADS as MAX_THREADS  # the largest block (the tests read it here)
 from .launch import slot_launch_shape
+from .rows import accepted_steps, is_padding, last_tree_node, row_slot, tracked_step
 
 #: Words each thread copies (its loads are all issued before the stores).
 WORDS_PER_THREAD = 4
@@ -85,9 +85,8 @@ def scatter_accepted(
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``; see the module docstring.
     """
     row = cuda.blockIdx.y
-    accepted = accept_lengths[row]
-    # Compare the int32 before subtracting: INT32_MIN - 1 must not wrap to a valid step.
-    if accepted < 1 or accepted > max_accept:
+    accepted = accepted_steps(accept_lengths, row, max_accept)
+    if accepted == 0:
         return
     _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + (accepted - 1))
 
@@ -116,16 +115,8 @@ def scatter_tree(dst_a, src_a, dst_b, src_b, chunks_a, node_ids, accept_lengths,
     Grid ``(chunks_a + chunks_b, rows, L)``, block ``(threads,)``.
     """
     row = cuda.blockIdx.y
-    width = node_ids.shape[1]
-    count = accept_lengths[row]
-    if count > width:
-        count = width
-    node = -1
-    for j in range(count):  # count <= 0: no iterations
-        candidate = node_ids[row, j]
-        if candidate >= 0:
-            node = candidate
-    if node < 0 or node >= seq_len:
+    node, _ = last_tree_node(node_ids, accept_lengths, row, seq_len)
+    if node < 0:
         return
     _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + node)
 
@@ -180,8 +171,8 @@ def _zero_chunk(dst, chunk):
 @cuda.jit(device=True, inline="always")
 def _commit_chunk(dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, src_row):
     """Copy this block's chunk of intermediate row ``src_row`` into the row's slot, if in range."""
-    slot = state_indices[row] if use_indices else row
-    if slot < 0 or slot >= dst_a.shape[1]:
+    slot = row_slot(state_indices, use_indices, row, dst_a.shape[1])
+    if slot < 0:
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x
@@ -239,6 +230,20 @@ def _copy_chunk(dst, dst_layer, dst_row, src, src_layer, src_row, chunk):
             dst[dst_layer, dst_row, w] = buf[i]
 
 
+@cuda.jit(device=True, inline="always")
+def _row_pair(src_rows, dst_rows, use_rows, src_row, dst_row, src_count, dst_count):
+    """``(s, d)`` of the block's pair (``blockIdx.y``), or ``(-1, -1)`` unless both are in range."""
+    if use_rows:
+        s = src_rows[cuda.blockIdx.y]
+        d = dst_rows[cuda.blockIdx.y]
+    else:
+        s = src_row
+        d = dst_row
+    if s < 0 or s >= src_count or d < 0 or d >= dst_count:
+        return -1, -1
+    return s, d
+
+
 @cuda.jit(cache=False)
 def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows, src_row, dst_row):
     """Copy rows between two stacked word pools, every layer and both state kinds in one launch.
@@ -270,14 +275,8 @@ def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows
 
     Grid ``(chunks_a + chunks_b, n, L)``, block ``(threads,)``; see the module docstring.
     """
-    pair = cuda.blockIdx.y
-    if use_rows:
-        s = src_rows[pair]
-        d = dst_rows[pair]
-    else:
-        s = src_row
-        d = dst_row
-    if s < 0 or s >= src_a.shape[1] or d < 0 or d >= dst_a.shape[1]:
+    s, d = _row_pair(src_rows, dst_rows, use_rows, src_row, dst_row, src_a.shape[1], dst_a.shape[1])
+    if s < 0:
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x
@@ -285,6 +284,88 @@ def copy_rows(dst_a, src_a, dst_b, src_b, chunks_a, src_rows, dst_rows, use_rows
         _copy_chunk(dst_a, layer, d, src_a, layer, s, chunk)
     else:
         _copy_chunk(dst_b, layer, d, src_b, layer, s, chunk - chunks_a)
+
+
+#: The most pools `copy_rows_scaled` and `zero_slot_scaled` move in one launch: an 8-bit cache's two
+#: state kinds, their two scale pools and the recurrent state's error-feedback residual.
+SCALED_POOLS = 5
+
+
+@cuda.jit(cache=False)
+def copy_rows_scaled(
+    d0, s0, d1, s1, d2, s2, d3, s3, d4, s4, end0, end1, end2, end3, src_rows, dst_rows, use_rows, src_row, dst_row
+):  # fmt: skip
+    """`copy_rows` over up to `SCALED_POOLS` pools: an 8-bit cache's states with their scales, in one launch.
+
+    Pair ``i = blockIdx.y`` and layer ``l = blockIdx.z`` as in `copy_rows`, row bounds from pool 0;
+    the x blocks ``[0, end0)`` copy pool 0 (``d0[l, d] = s0[l, s]``), ``[end0, end1)`` pool 1, and so
+    on, ``[end3, ...)`` pool 4. A cache with fewer pools passes its last pool again with an empty
+    block range (``end`` equal to the grid's x size), so those blocks never run:
+
+    ```text
+    blockIdx.x:  0 .. end0-1 | end0 .. end1-1 | end1 .. end2-1   | end2 .. end3-1 | end3 ..
+                 recurrent   | conv           | recurrent scales | conv scales    | residual
+    ```
+
+    ``d0, s0 .. d4, s4`` are the ``[L, R_dst, W_k]`` / ``[L, R_src, W_k]`` words of pool ``k``;
+    ``end0 .. end3`` the cumulative x-block ends of pools 0..3; ``src_rows``, ``dst_rows``,
+    ``use_rows``, ``src_row`` and ``dst_row`` are `copy_rows`'s.
+
+    Grid ``(blocks, n, L)``, block ``(threads,)`` from `launch_shape` over the five slots' words.
+    """
+    s, d = _row_pair(src_rows, dst_rows, use_rows, src_row, dst_row, s0.shape[1], d0.shape[1])
+    if s < 0:
+        return
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < end0:
+        _copy_chunk(d0, layer, d, s0, layer, s, chunk)
+    elif chunk < end1:
+        _copy_chunk(d1, layer, d, s1, layer, s, chunk - end0)
+    elif chunk < end2:
+        _copy_chunk(d2, layer, d, s2, layer, s, chunk - end1)
+    elif chunk < end3:
+        _copy_chunk(d3, layer, d, s3, layer, s, chunk - end2)
+    else:
+        _copy_chunk(d4, layer, d, s4, layer, s, chunk - end3)
+
+
+@cuda.jit(cache=False)
+def zero_slot_scaled(d0, d1, d2, d3, d4, end0, end1, end2, end3, slot):
+    """`zero_slot` over up to `SCALED_POOLS` pools (block ranges as `copy_rows_scaled`), in one launch.
+
+    ``d0 .. d4`` are the ``[L, B, W_k]`` words of pool ``k`` (written), ``end0 .. end3`` the
+    cumulative x-block ends of pools 0..3, ``slot`` the slot (``0 <= slot < B``).
+
+    Grid ``(blocks, 1, L)``, block ``(threads,)``.
+    """
+    layer = cuda.blockIdx.z
+    chunk = cuda.blockIdx.x
+    if chunk < end0:
+        _zero_row(d0, layer, slot, chunk)
+    elif chunk < end1:
+        _zero_row(d1, layer, slot, chunk - end0)
+    elif chunk < end2:
+        _zero_row(d2, layer, slot, chunk - end1)
+    elif chunk < end3:
+        _zero_row(d3, layer, slot, chunk - end2)
+    else:
+        _zero_row(d4, layer, slot, chunk - end3)
+
+
+def scaled_ends(chunks: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """``((end0 .. end3), blocks)`` of `copy_rows_scaled` / `zero_slot_scaled` for pools of ``chunks`` x blocks each.
+
+    ``chunks`` has 2 to `SCALED_POOLS` entries; the missing pools' ends equal the total, so they get no blocks.
+    """
+    if not 2 <= len(chunks) <= SCALED_POOLS:
+        raise ValueError(f"a scaled row launch moves 2 to {SCALED_POOLS} pools, got {len(chunks)}")
+    ends, total = [], 0
+    for count in chunks:
+        total += count
+        ends.append(total)
+    ends += [total] * (SCALED_POOLS - len(chunks))
+    return tuple(ends[: SCALED_POOLS - 1]), total
 
 
 @cuda.jit(cache=False)
@@ -338,15 +419,12 @@ def scatter_tracked(
     """
     row = cuda.blockIdx.y
     accepted = accept_lengths[row]
-    if accepted >= 1 and accepted <= max_accept:
+    if accepted_steps(accept_lengths, row, max_accept) > 0:
         _commit_chunk(
             dst_a, src_a, dst_b, src_b, chunks_a, state_indices, use_indices, row, row * seq_len + (accepted - 1)
         )
-    step = track_steps[row]
-    entry = track_entries[row]
-    if step < 0 or step >= accepted or step >= seq_len or entry < 0 or entry >= track_a.shape[1]:
-        return
-    if use_indices and state_indices[row] == pad_slot_id:  # a padding row tracks nothing
+    step, entry = tracked_step(track_steps, track_entries, row, accepted, seq_len, track_a.shape[1])
+    if step < 0 or is_padding(state_indices, use_indices, row):
         return
     layer = cuda.blockIdx.z
     chunk = cuda.blockIdx.x

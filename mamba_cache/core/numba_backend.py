@@ -18,10 +18,8 @@ no host synchronisation, so they can be captured into a CUDA graph.
 
 from __future__ import annotations
 
-import functools
 import math
-import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from numba import cuda
@@ -29,60 +27,29 @@ from numba import cuda
 from .._config import Config, ConfigError, format_bytes
 from ..replay import tiled as replay_tiled
 from . import kernels, numba_convert, numba_quant8
-from .device import SIMULATOR, DeviceArray, Launch, device_pointer
+from .device import SIMULATOR, Launch, device_pointer
 from .launch import DeviceArg
 from .manager import MambaCacheManagerBase
 from .numba_args import DeviceArguments
 from .numba_checkpoint import CheckpointBinding
+from .numba_device import (
+    StreamRef,
+    aligned_word,
+    current_context_handle,
+    device_empty,
+    device_name,
+    on_device,
+    resolve_device,
+    slot_words,
+    stream_ref,
+    word_dtype,
+)
 from .numba_moving import NumbaParcelHooks
 
-__all__ = ["NumbaMambaCacheManager"]
+__all__ = ["NumbaMambaCacheManager", "device_name"]
 
 #: CUDA limits the y and z grid dimensions (batch rows, layers) to 65535.
 MAX_GRID_YZ = 65535
-
-
-class StreamRef(NamedTuple):
-    """A resolved ``stream`` argument: the Numba stream, its raw handle, and the object given."""
-
-    stream: Any
-    handle: int
-    owner: Any
-
-
-def _stream_ref(stream: Any) -> StreamRef:
-    return StreamRef(stream, 0 if SIMULATOR else int(stream.handle), stream)
-
-
-def _word_dtype(nbytes: int) -> np.dtype:
-    """The widest unsigned word (8, 4, 2 or 1 bytes) that divides ``nbytes``."""
-    for size in (8, 4, 2, 1):
-        if nbytes % size == 0:
-            return np.dtype(f"u{size}")
-    raise AssertionError("unreachable")
-
-
-def _slot_words(pool: Any, rows: int, widest: int = 8) -> Any:
-    """View a stacked pool ``[L, ...]`` as ``[L, rows, W]`` words, W as wide as the slot allows.
-
-    ``widest`` caps the word (a caller's buffer may start at any element: see `_aligned_word`).
-    """
-    layers = pool.shape[0]
-    slot_bytes = pool.size // (layers * rows) * pool.dtype.itemsize
-    flat = pool.reshape(layers, rows, pool.size // (layers * rows))
-    return flat.view(_word_dtype(math.gcd(slot_bytes, widest)))
-
-
-def _aligned_word(array: Any, pointer: int) -> int:
-    """The widest word (8, 4, 2 or 1 bytes) the start of ``array``'s memory is aligned to.
-
-    ``pointer`` is ``device_pointer(array)``, which the caller needs anyway. The pools are
-    allocated aligned, but a caller's output may be a view that starts at any element (a slice of
-    a larger buffer): an 8-byte word access there faults on the GPU (misaligned address). Under
-    the simulator (where ``pointer`` is 0) the address is the host array's.
-    """
-    address = int(array._ary.__array_interface__["data"][0]) if SIMULATOR else pointer
-    return min(8, address & -address) if address else 8
 
 
 class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHooks, MambaCacheManagerBase):
@@ -129,7 +96,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
     ) -> None:
         self._streams: dict[int, Any] = {}
         self._replay_prepare = replay_tiled.prepare if replay_kernels is None else replay_kernels
-        self._gpu, self._context_handle = _resolve_device(device)
+        self._gpu, self._context_handle = resolve_device(device)
         if self._gpu is None:
             super().__init__(config, stream)
             return
@@ -166,7 +133,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
 
     def _run_on_device(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         handle = self._context_handle
-        if handle is None or _current_context_handle() == handle:
+        if handle is None or current_context_handle() == handle:
             return function(*args, **kwargs)
         with self._gpu:
             return function(*args, **kwargs)
@@ -179,7 +146,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         if stream is None:
             ref = self._streams.get(None)
             if ref is None:
-                ref = self._streams[None] = _stream_ref(cuda.default_stream())
+                ref = self._streams[None] = stream_ref(cuda.default_stream())
             return ref
         kind = type(stream)
         if kind is int:
@@ -187,7 +154,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         elif SIMULATOR or hasattr(stream, "auto_synchronize"):  # a numba.cuda stream
             ref = self._streams.get(("numba", id(stream)))
             if ref is None or ref.owner is not stream:
-                ref = self._remember(("numba", id(stream)), _stream_ref(stream))
+                ref = self._remember(("numba", id(stream)), stream_ref(stream))
             return ref
         elif hasattr(stream, "cuda_stream"):  # torch.cuda.Stream (also has __cuda_stream__)
             handle = int(stream.cuda_stream)
@@ -231,7 +198,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
             dtype = np.dtype(np.uint8)
         nbytes = math.prod(shape) * dtype.itemsize
         try:
-            array = cuda.device_array(shape, dtype=dtype)  # not bound to a stream: see _device_empty
+            array = cuda.device_array(shape, dtype=dtype)  # not bound to a stream: see device_empty
         except Exception as exc:  # numba raises CudaAPIError / its own OOM errors
             if "OUT_OF_MEMORY" not in repr(exc) and "out of memory" not in str(exc).lower():
                 raise
@@ -240,7 +207,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
                 f"could not allocate {format_bytes(nbytes)} ({nbytes} bytes) of device memory for a "
                 f"{list(shape)} {dtype.name} pool; {format_bytes(free)} of {format_bytes(total)} free"
             ) from exc
-        words = array.reshape(array.size).view(_word_dtype(array.nbytes))
+        words = array.reshape(array.size).view(word_dtype(array.nbytes))
         (blocks,), threads = kernels.launch_shape(words.shape[0])
         # blocks_a covers the whole grid, so the second pool argument is never touched
         Launch(kernels.zero_words, (words, words, blocks), threads).launch((blocks, 1, 1), stream)
@@ -251,7 +218,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         key = ("zero", id(pool_a), id(pool_b))
         entry = self._launches.get(key)
         if entry is None:
-            words = [p.reshape(p.size).view(_word_dtype(p.nbytes)) for p in (pool_a, pool_b)]
+            words = [p.reshape(p.size).view(word_dtype(p.nbytes)) for p in (pool_a, pool_b)]
             (blocks_a, blocks_b), threads = kernels.launch_shape(words[0].shape[0], words[1].shape[0])
             entry = (Launch(kernels.zero_words, (*words, blocks_a), threads), (blocks_a + blocks_b, 1, 1))
             self._launches[key] = entry
@@ -262,11 +229,11 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         launch.launch(grid, stream)
 
     def _empty(self, shape: tuple, dtype: np.dtype, stream: Any) -> Any:
-        """An uninitialised device array from the stream-ordered allocator (`_device_empty`)."""
-        return _device_empty(shape, dtype, stream)
+        """An uninitialised device array from the stream-ordered allocator (`device_empty`)."""
+        return device_empty(shape, dtype, stream)
 
     def _capture(self, pool: Any, slot: int, stream: Any) -> Any:
-        out = _device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
+        out = device_empty((pool.shape[0], 1, *pool.shape[2:]), pool.dtype, stream)
         self._capture_into(pool, slot, out, stream)
         return self._export(out, self._pool_dtype(pool))
 
@@ -279,11 +246,11 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
     def _capture_into(self, pool: Any, slot: int, out: Any, stream: Any) -> None:
         layers = pool.shape[0]
         pointer = device_pointer(out)  # read once: it sets the word width and the argument
-        word = _aligned_word(out, pointer)
+        word = aligned_word(out, pointer)
         key = ("capture", id(pool), word)
         entry = self._launches.get(key)
         if entry is None:
-            src, dst = _slot_words(pool, pool.shape[1], word), _slot_words(out, 1, word)
+            src, dst = slot_words(pool, pool.shape[1], word), slot_words(out, 1, word)
             (chunks,), threads = kernels.launch_shape(dst.shape[2])
             # The first output only fixes the signature; every launch re-points dst, so the
             # launch need not keep that capture alive (the pool, src, lives with the manager).
@@ -291,7 +258,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
             entry = (launch, (chunks, 1, layers))
             self._launches[key] = entry
         launch, grid = entry
-        dst = _slot_words(out, 1, word) if launch.needs_array else None
+        dst = slot_words(out, 1, word) if launch.needs_array else None
         launch.set_array("dst", DeviceArg(dst, pointer, ()))
         launch.set_scalar("slot", slot)
         launch.launch(grid, stream)
@@ -304,13 +271,13 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         last = self._launches.get("capture_pair")
         if last is None or last[0] is not outs:
             pointers = [device_pointer(o) for o in outs]  # read once: word widths and arguments
-            words = tuple(_aligned_word(o, p) for o, p in zip(outs, pointers, strict=True))
+            words = tuple(aligned_word(o, p) for o, p in zip(outs, pointers, strict=True))
             key = ("capture_pair", *words)
             prepared = self._launches.get(key)
             if prepared is None:
                 pools, slots = self._pools, self._config.max_batch_size
-                src = [_slot_words(pools.recurrent, slots, words[0]), _slot_words(pools.conv, slots, words[1])]
-                dst = [_slot_words(o, 1, w) for o, w in zip(outs, words, strict=True)]
+                src = [slot_words(pools.recurrent, slots, words[0]), slot_words(pools.conv, slots, words[1])]
+                dst = [slot_words(o, 1, w) for o, w in zip(outs, words, strict=True)]
                 (chunks_a, chunks_b), threads = kernels.launch_shape(dst[0].shape[2], dst[1].shape[2])
                 placeholder = self._placeholder().array
                 args = (dst[0], src[0], dst[1], src[1], chunks_a, placeholder, placeholder, 0, 0, 0)
@@ -318,7 +285,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
                 launch = Launch(kernels.copy_rows, args, threads, keep_alive=False)
                 prepared = self._launches[key] = (launch, (chunks_a + chunks_b, 1, pools.recurrent.shape[0]))
             launch = prepared[0]
-            views = [_slot_words(o, 1, w) if launch.needs_array else None for o, w in zip(outs, words, strict=True)]
+            views = [slot_words(o, 1, w) if launch.needs_array else None for o, w in zip(outs, words, strict=True)]
             bound = [DeviceArg(v, p, ()) for v, p in zip(views, pointers, strict=True)]
             last = self._launches["capture_pair"] = (outs, prepared, bound)
         _, (launch, grid), bound = last
@@ -357,8 +324,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         words = []
         for kind in ("recurrent", "conv"):
             words += [
-                _slot_words(getattr(pools, kind), slots),
-                _slot_words(getattr(pools, f"intermediate_{kind}"), steps),
+                slot_words(getattr(pools, kind), slots),
+                slot_words(getattr(pools, f"intermediate_{kind}"), steps),
             ]
         (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
         return words, chunks_a, chunks_b, threads
@@ -429,23 +396,23 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         launch.set_scalar("use_indices", int(indices is not None))
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
-        if len(dst) > 2:  # an 8-bit cache's scales and residuals: one more launch a pair of pools
-            for i in range(0, len(dst), 2):
-                pair = [dst[i : i + 2], src[i : i + 2]]
-                pair = [p * 2 for p in pair] if len(pair[0]) == 1 else pair  # a last single pool: twice
-                self._copy_rows(*pair, src_rows, dst_rows, count, stream)
-            return
-        key = ("copy_rows", id(dst[0]), id(src[0]), id(dst[1]))
+        key = ("copy_rows", *(id(pool) for pool in (*dst, *src)))
         entry = self._launches.get(key)
         if entry is None:
             words = []
             for to, frm in zip(dst, src, strict=True):
-                words += [_slot_words(to, to.shape[1]), _slot_words(frm, frm.shape[1])]
-            (chunks_a, chunks_b), threads = kernels.launch_shape(words[0].shape[2], words[2].shape[2])
+                words += [slot_words(to, to.shape[1]), slot_words(frm, frm.shape[1])]
+            chunks, threads = kernels.launch_shape(*(w.shape[2] for w in words[::2]))
             placeholder = self._placeholder().array
+            rows = (placeholder, placeholder, 0, 0, 0)
+            if len(dst) == 2:  # the state kinds alone
+                kernel, args, blocks = kernels.copy_rows, (*words, chunks[0], *rows), sum(chunks)
+            else:  # an 8-bit cache's scales and residual move in the same launch
+                ends, blocks = kernels.scaled_ends(chunks)
+                padded = words + words[-2:] * (kernels.SCALED_POOLS - len(dst))  # absent pools: no blocks
+                kernel, args = kernels.copy_rows_scaled, (*padded, *ends, *rows)
             # keep_alive holds the pools (so the ids in the key cannot be reused while it lives)
-            launch = Launch(kernels.copy_rows, (*words, chunks_a, placeholder, placeholder, 0, 0, 0), threads)
-            entry = self._launches[key] = (launch, chunks_a + chunks_b, self._config.num_recurrent_layers)
+            entry = self._launches[key] = (Launch(kernel, args, threads), blocks, self._config.num_recurrent_layers)
         launch, blocks, layers = entry
         if isinstance(src_rows, DeviceArg):
             launch.set_array("src_rows", src_rows, shape_changes=True)
@@ -483,7 +450,7 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         entry = self._launches.get(key)
         if entry is None:
             words, chunks_a, chunks_b, threads = self._commit_words()
-            tracks = [_slot_words(track, track.shape[1]) for track in (track_a, track_b)]
+            tracks = [slot_words(track, track.shape[1]) for track in (track_a, track_b)]
             placeholder = self._placeholder().array
             args = (*words, chunks_a, placeholder, placeholder, 0, 1, 1, *tracks, placeholder, placeholder)
             launch = Launch(kernels.scatter_tracked, args, threads)
@@ -548,20 +515,22 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         event.wait(stream.stream)
 
     def _zero_slot(self, slot: int, stream: Any) -> None:
-        pools = self._moving_pools()  # with an 8-bit cache's scales and residuals, a launch a pair
-        for i in range(0, len(pools), 2):
-            pair = (pools[i], pools[i + 1] if i + 1 < len(pools) else pools[i])
-            key = ("zero_slot", id(pair[0]), id(pair[1]))
-            entry = self._launches.get(key)
-            if entry is None:
-                slots = self._config.max_batch_size
-                rec, conv = _slot_words(pair[0], slots), _slot_words(pair[1], slots)
-                (chunks_a, chunks_b), threads = kernels.launch_shape(rec.shape[2], conv.shape[2])
-                launch = Launch(kernels.zero_slot, (rec, conv, chunks_a, 0), threads)
-                entry = self._launches[key] = (launch, (chunks_a + chunks_b, 1, self._config.num_recurrent_layers))
-            launch, grid = entry
-            launch.set_scalar("slot", slot)
-            launch.launch(grid, stream)
+        pools = self._moving_pools()  # with an 8-bit cache's scales and residual, in the same launch
+        key = ("zero_slot", *(id(pool) for pool in pools))
+        entry = self._launches.get(key)
+        if entry is None:
+            words = [slot_words(pool, self._config.max_batch_size) for pool in pools]
+            chunks, threads = kernels.launch_shape(*(w.shape[2] for w in words))
+            if len(words) == 2:
+                launch, blocks = Launch(kernels.zero_slot, (*words, chunks[0], 0), threads), sum(chunks)
+            else:
+                ends, blocks = kernels.scaled_ends(chunks)
+                padded = words + words[-1:] * (kernels.SCALED_POOLS - len(words))  # absent pools: no blocks
+                launch = Launch(kernels.zero_slot_scaled, (*padded, *ends, 0), threads)
+            entry = self._launches[key] = (launch, (blocks, 1, self._config.num_recurrent_layers))
+        launch, grid = entry
+        launch.set_scalar("slot", slot)
+        launch.launch(grid, stream)
 
     def _replay(
         self,
@@ -632,61 +601,6 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         return host
 
 
-def _resolve_device(device: Any) -> tuple[Any, int | None]:
-    """(numba ``cuda.gpus`` entry, its primary context's handle) for ``device``; ``(None, None)`` simulated."""
-    if SIMULATOR:
-        return None, None
-    if device is None:
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
-            ordinal = torch.cuda.current_device()
-        else:
-            ordinal = cuda.get_current_device().id
-    else:
-        index = getattr(device, "index", device)
-        if getattr(device, "type", "cuda") != "cuda":
-            raise TypeError(f"device must be a CUDA device, got {device!r}")
-        if index is None:  # torch.device("cuda") means the current one
-            return _resolve_device(None)
-        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
-            raise TypeError(f"device must be an int ordinal or a torch.device, got {device!r}")
-        ordinal = int(index)
-        if not 0 <= ordinal < len(cuda.gpus):
-            raise ValueError(f"device must be in [0, {len(cuda.gpus)}) (the GPUs present), got {ordinal}")
-    gpu = cuda.gpus[ordinal]
-    with gpu:
-        raw = cuda.current_context().handle  # a ctypes pointer or a cuda.bindings CUcontext
-        handle = int(raw.value or 0) if hasattr(raw, "value") else int(raw)
-    return gpu, handle
-
-
-def _current_context_handle() -> int:
-    global _cuCtxGetCurrent
-    if _cuCtxGetCurrent is None:  # imported once: an import statement per call costs a microsecond
-        from cuda.bindings import driver
-
-        _cuCtxGetCurrent = driver.cuCtxGetCurrent
-    err, context = _cuCtxGetCurrent()
-    return int(context) if not err else 0
-
-
-_cuCtxGetCurrent = None
-
-
-def _on_device(method: Any) -> Any:
-    """Run ``method`` with the manager's device context current (pushed only when another one is)."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        handle = self._context_handle
-        if handle is None or _current_context_handle() == handle:
-            return method(self, *args, **kwargs)
-        with self._gpu:
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
 #: Queries that touch no device memory run as they are; every other public method is wrapped.
 _NO_DEVICE = {
     "num_layers",
@@ -703,41 +617,4 @@ for _name in dir(NumbaMambaCacheManager):
     if not _name.startswith("_") and _name not in _NO_DEVICE:
         _method = getattr(NumbaMambaCacheManager, _name)
         if callable(_method) and not isinstance(_method, type):
-            setattr(NumbaMambaCacheManager, _name, _on_device(_method))
-
-
-def device_name() -> str:
-    """The current CUDA device's name ("CUDA simulator" under the simulator)."""
-    if SIMULATOR:
-        return "CUDA simulator"
-    name = cuda.get_current_device().name
-    return name.decode() if isinstance(name, bytes) else name
-
-
-def _device_empty(shape: tuple, dtype: np.dtype, stream: StreamRef) -> Any:
-    """An uninitialised C-contiguous device array from CUDA's stream-ordered allocator.
-
-    ``cuMemAllocAsync`` on ``stream`` costs a few microseconds and never synchronises, where a
-    plain ``cuMemAlloc``/``cuMemFree`` pair (Numba's default) stalls the whole device on the free.
-    The memory goes back with ``cuMemFreeAsync`` on the same stream once the array is
-    garbage-collected (on the legacy default stream if that stream is gone). The array is not
-    bound to a stream, so its ``__cuda_array_interface__`` names none.
-    """
-    if SIMULATOR:
-        return cuda.device_array(shape, dtype=dtype)
-    from cuda.bindings import driver
-    from numba.cuda.cudadrv.driver import MemoryPointer
-
-    nbytes = math.prod(shape) * dtype.itemsize
-    err, pointer = driver.cuMemAllocAsync(nbytes, stream.handle)
-    if err:
-        raise MemoryError(f"cuMemAllocAsync of {nbytes} bytes failed: {err!r}")
-
-    def free(pointer=pointer, handle=stream.handle):
-        (err,) = driver.cuMemFreeAsync(pointer, handle)
-        if err:
-            driver.cuMemFreeAsync(pointer, 0)
-
-    memory = MemoryPointer(cuda.current_context(), pointer, nbytes, finalizer=free)
-    strides = tuple(int(np.prod(shape[i + 1 :])) * dtype.itemsize for i in range(len(shape)))
-    return DeviceArray(shape, strides, dtype, gpu_data=memory)
+            setattr(NumbaMambaCacheManager, _name, on_device(_method))

@@ -164,7 +164,7 @@ class CheckpointBinding:
         pools = self._moving_pools()  # with an 8-bit cache's scales and residuals
         outs = tuple(self._empty((p.shape[0], 1, *p.shape[2:]), p.dtype, stream) for p in pools)
         self._capture_folded_into(slot, outs, stream)
-        self._forget(outs[2:])  # the scale outputs' row copies: new arrays at every call, not kept
+        self._forget(outs)  # launches keyed on these new arrays: not kept
         config = self._config
         names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
         self._folded_scales = dict(zip(names, outs[2:], strict=True))  # capture_scales reads them
@@ -175,13 +175,12 @@ class CheckpointBinding:
 
     def _capture_folded_into(self, slot: int, targets: tuple, stream: Any) -> None:
         # the checkpoint into the outputs, then the ring onto them: no allocation, graph-capturable
-        self._capture_pair_into(slot, targets[:2], stream)
-        if self._config.quantised_kinds:  # 8-bit values mean nothing without their scales: computed beside them
-            pools = self._moving_pools()[2:]
-            extra = tuple(targets[2:]) or self._ckpt_scratch(pools)
-            twice = 2 if len(extra) == 1 else 1  # a row copy takes two pools (a single one goes twice)
-            self._copy_rows(extra * twice, pools * twice, slot, 0, 1, stream)
-            targets = (*targets[:2], *extra)
+        if self._config.quantised_kinds:  # 8-bit values mean nothing without their scales: one copy of all
+            pools = self._moving_pools()
+            targets = (*targets, *self._ckpt_scratch(pools[len(targets) :]))
+            self._copy_rows(targets, pools, slot, 0, 1, stream)
+        else:
+            self._capture_pair_into(slot, targets, stream)
         self._read_into(targets, slot, 0, 1, False, stream)
 
     def _ckpt_scratch(self, pools: tuple) -> tuple:

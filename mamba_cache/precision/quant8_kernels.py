@@ -30,6 +30,7 @@ import numpy as np
 from numba import cuda
 
 from ..core.device import SIMULATOR
+from ..core.rows import accepted_steps, last_tree_node, row_slot, tracked_step
 from .kernels import convert_bits, float32_bits, float32_from_bits, philox4x32_10
 
 #: The dtype codes of the device functions, in `QUANT8_DTYPE_NAMES` order.
@@ -182,24 +183,19 @@ def philox_word(element, position, layer, kind, seed_lo, seed_hi):
 
 @cuda.jit(device=True)
 def _commit_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, max_accept, slots_total):
-    """(slot, per-step step, tokens taken in) of row ``b``, slot -1 when the row commits nothing (the commit rule)."""
-    a = np.int64(accept[b])
+    """(slot, per-step step, tokens taken in) of row ``b``, slot -1 when the row commits nothing.
+
+    The commit row rule of `mamba_cache.core.rows` (scatter: step ``a - 1`` with ``1 <= a <= max_accept``;
+    tree: the last non-negative accepted node, ``depth + 1`` tokens).
+    """
     if use_nodes:
-        width = nodes.shape[1]
-        upto = a if a < width else width
-        last = -1
-        for j in range(upto if upto > 0 else 0):
-            if nodes[b, j] >= 0:
-                last = j
-        if last < 0 or nodes[b, last] >= seq_len:
-            return -1, 0, 0
-        step, consumed = np.int64(nodes[b, last]), np.int64(last + 1)
+        node, depth = last_tree_node(nodes, accept, b, seq_len)
+        step, consumed = np.int64(node), np.int64(depth + 1)
     else:
+        a = np.int64(accepted_steps(accept, b, max_accept))
         step, consumed = a - 1, a
-        if step < 0 or step >= max_accept:
-            return -1, 0, 0
-    slot = np.int64(state_indices[b]) if use_indices else np.int64(b)
-    if slot < 0 or slot >= slots_total:
+    slot = np.int64(row_slot(state_indices, use_indices, b, slots_total))
+    if step < 0 or slot < 0:
         return -1, 0, 0
     return slot, step, consumed
 
@@ -286,12 +282,12 @@ def commit8(
         b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, max_accept, rec.shape[1]
     )
     drow = slot
-    if tracking:  # the state after step t of the row, into its entry
-        t, drow = np.int64(track_steps[b]), np.int64(track_entries[b])
-        slot = np.int64(state_indices[b]) if use_indices else np.int64(b)
-        if t < 0 or t >= accept[b] or t >= seq_len or drow < 0 or drow >= dst_rec.shape[1] or slot >= rec.shape[1]:
+    if tracking:  # the state after step t of the row, into its entry (the row rule of core.rows)
+        t, entry = tracked_step(track_steps, track_entries, b, accept[b], seq_len, dst_rec.shape[1])
+        if t < 0:
             return
-        step, consumed = t, t + 1
+        slot = np.int64(row_slot(state_indices, use_indices, b, rec.shape[1]))
+        step, consumed, drow = np.int64(t), np.int64(t + 1), np.int64(entry)
     if slot < 0:
         return
     src_row = b * seq_len + step

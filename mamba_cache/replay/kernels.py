@@ -46,6 +46,7 @@ from numba import cuda, float32
 from numba.cuda.cudadrv.error import CudaSupportError
 
 from ..core.device import SIMULATOR
+from ..core.rows import accepted_steps, row_slot, tracked_step, tree_steps
 from ..precision.kernels import (
     bfloat16_rn_bits,
     float32_bits,
@@ -132,23 +133,16 @@ def _step(node_ids, use_nodes, row, seq_len, t):
 def _row_slot(accept_lengths, state_indices, use_indices, seq_len, slots, row, node_ids, use_nodes):
     """(steps, slot) of a row, or (0, -1) when the row commits nothing (padding, out of range).
 
-    A tree row (``use_nodes``) replays ``min(a, M)`` steps, the nodes ``node_ids[row, :min(a, M)]``,
+    The commit row rule of `mamba_cache.core.rows`: a row replays ``a`` steps when ``1 <= a <= V``;
+    a tree row (``use_nodes``) replays ``min(a, M)`` steps, the nodes ``node_ids[row, :min(a, M)]``,
     and is skipped unless every one of them is in ``[0, V)``.
     """
-    accepted = accept_lengths[row]
     if use_nodes:
-        if accepted > node_ids.shape[1]:
-            accepted = node_ids.shape[1]
-        if accepted < 1:
-            return 0, -1
-        for t in range(accepted):
-            node = node_ids[row, t]
-            if node < 0 or node >= seq_len:
-                return 0, -1
-    elif accepted < 1 or accepted > seq_len:
-        return 0, -1
-    slot = state_indices[row] if use_indices else row
-    if slot < 0 or slot >= slots:
+        accepted = tree_steps(node_ids, accept_lengths, row, seq_len)
+    else:
+        accepted = accepted_steps(accept_lengths, row, seq_len)
+    slot = row_slot(state_indices, use_indices, row, slots)
+    if accepted == 0 or slot < 0:
         return 0, -1
     return accepted, slot
 
@@ -186,14 +180,13 @@ def _position(positions, use_positions, row, t):
 
 @cuda.jit(device=True, inline=True)
 def _track(track_entries, track_steps, use_tracking, row, accepted, entries):
-    """(step, entry) whose state the row checkpoints, or (-1, -1): ``0 <= t < a`` and entry in ``[0, P)``."""
+    """(step, entry) whose state the row checkpoints, or (-1, -1): ``0 <= t < a`` and entry in ``[0, P)``.
+
+    `mamba_cache.core.rows.tracked_step` with ``a`` (at most V here) as the step bound.
+    """
     if not use_tracking:
         return -1, -1
-    t = track_steps[row]
-    entry = track_entries[row]
-    if t < 0 or t >= accepted or entry < 0 or entry >= entries:
-        return -1, -1
-    return t, entry
+    return tracked_step(track_steps, track_entries, row, accepted, accepted, entries)
 
 
 @cuda.jit(device=True, inline=True)

@@ -23,7 +23,7 @@ FLOORS = [
     # kernels (each beside its reference)
     {"mamba_cache.core.kernels", "mamba_cache.core.rows", "mamba_cache.precision.kernels",
      "mamba_cache.precision.commit_kernels", "mamba_cache.precision.word_conversions",
-     "mamba_cache.precision.quant8_kernels",
+     "mamba_cache.precision.quant8_kernels", "mamba_cache.precision.quant8_replay",
      "mamba_cache.replay", "mamba_cache.replay.reference", "mamba_cache.replay.kernels", "mamba_cache.replay.tiled",
      "mamba_cache.replay.tiles", "mamba_cache.replay.tiled_mamba2", "mamba_cache.replay.tiled_gdn",
      "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference",

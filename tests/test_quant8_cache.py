@@ -9,7 +9,7 @@ from helpers import REFERENCE, assert_same_bits, golden_generator, snapshot
 
 from mamba_cache import Config, ConfigError, NumpyMambaCacheManager
 from mamba_cache.precision import quant8
-from mamba_cache.precision.quant8 import QUANT8_DTYPE_NAMES
+from mamba_cache.precision.quant8 import QUANT8_DTYPE_NAMES, SLOT_SCALE_POOLS
 from mamba_cache.replay.reference import gdn_step, mamba2_step
 
 F32 = np.float32
@@ -304,9 +304,12 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     from mamba_cache import NumbaMambaCacheManager
     from mamba_cache.prefix import PrefixStateCache
 
-    replay = q8_config("float8_e4m3fn", commit_mode="replay", mixer="gdn")
-    with pytest.raises(ConfigError, match="8-bit states with commit_mode='replay' .mixer 'gdn'.* are not built yet"):
-        NumbaMambaCacheManager(replay)
+    # (the Gated DeltaNet replay commit into an 8-bit state is built: test_quant8_numba compares it with NumPy)
+    conv_only = q8_config("float16", "int8", commit_mode="replay", intermediate_recurrent_state_dtype=None)
+    with pytest.raises(
+        ConfigError, match="commit_mode='replay' and a float16 recurrent state .8-bit conv only. are not"
+    ):
+        NumbaMambaCacheManager(conv_only)
     with pytest.raises(ConfigError, match="recurrent_state_size must be <= 256 for the Numba replay"):
         NumbaMambaCacheManager(q8_config("int8", commit_mode="replay", recurrent_state_size=257))
     mixed = q8_config("int8", "float16", intermediate_conv_state_dtype="float32")
@@ -315,12 +318,24 @@ def test_8bit_paths_not_built_yet_are_refused(tmp_path):
     config = q8_config("float8_e4m3fn")
     manager = NumpyMambaCacheManager(config)
     store = PrefixStateCache(manager, entries=2, block_size=4)
-    before = snapshot(manager)
-    with pytest.raises(ValueError, match="tracking into a prefix store .* not built for 8-bit states"):
-        manager.scatter_mtp_states(
-            np.ones(5, np.int32), store=store, track_entries=np.zeros(5, np.int32), track_steps=np.zeros(5, np.int32)
-        )
-    assert_same_bits(snapshot(manager), before, "refused tracking")
+    entries = [store.reserve(), store.reserve()]
+    before = snapshot(manager) | {f"entry {i}": pool.copy() for i, pool in enumerate(store.entry_pools)}
+    # (tracking into 8-bit entries is built: test_8bit_tracking_stores_the_slot_state_after_the_tracked_step;
+    # a scatter's 8-bit entries are written before its commit, so its refusals come first)
+    for indices, tracked, match in (
+        (None, [entries[0]] * 5, "track_entries must be distinct"),
+        ([0, 0, 1, 2, 3], [entries[0], entries[1], -1, -1, -1], "committing rows must name distinct slots"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            manager.scatter_mtp_states(
+                np.ones(5, np.int32),
+                state_indices=None if indices is None else np.array(indices, np.int32),
+                store=store,
+                track_entries=np.array(tracked, np.int32),
+                track_steps=np.zeros(5, np.int32),
+            )
+        after = snapshot(manager) | {f"entry {i}": pool for i, pool in enumerate(store.entry_pools)}
+        assert_same_bits(after, before, f"refused tracking: {match}")
     with pytest.raises(ValueError, match="has no residual recurrent"):
         manager.get_recurrent_residual(0)
     with pytest.raises(ValueError, match="has no scales recurrent"):
@@ -393,6 +408,52 @@ def test_checkpoint_folds_into_8bit_equal_the_replay_commit(rng, ring):
     assert_same_bits(snapshot(checkpoint), snapshot(replay), f"R = {ring}")
     folded = checkpoint.capture_scales(3)
     assert all(folded[name].tobytes() == replay.capture_scales(3)[name].tobytes() for name in folded)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "gdn"])
+@pytest.mark.parametrize("mode", ["scatter", "replay", "checkpoint"])
+def test_8bit_tracking_stores_the_slot_state_after_the_tracked_step(rng, mode, mixer):
+    """A tracked entry holds the state a commit of ``t + 1`` steps gives the slot: values, scales and residuals."""
+    from mamba_cache.prefix import PrefixStateCache
+
+    common = dict(mixer=mixer, stochastic_rounding=True, error_feedback=True, commit_mode=mode)
+    if mode != "scatter":  # (scatter: float32 / bfloat16 per-step states, quantised by the commit)
+        common |= dict(intermediate_recurrent_state_dtype=None, intermediate_conv_state_dtype=None)
+    config = q8_config("int8", "float8_e4m3fn", **common, **({"history_len": 5} if mode == "checkpoint" else {}))
+    tracking, committing = NumpyMambaCacheManager(config), NumpyMambaCacheManager(config)
+    seed, positions = int(rng.integers(2**31)), rng.integers(0, 1000, 5).astype(np.int32)
+    for manager in (tracking, committing):
+        fill(manager, np.random.default_rng(seed))
+        values = np.random.default_rng(seed + 1)
+        for name, pool in {"checkpoint": manager._history, "replay": manager._stash}.get(mode, {}).items():
+            bits = values.integers(0, 256, pool.shape, dtype=np.uint8).view(pool.dtype) if name == "conv" else None
+            pool[...] = values.uniform(0.25, 1.0, pool.shape).astype(pool.dtype) if bits is None else bits
+        if mode == "checkpoint":
+            manager.set_positions(np.arange(5, dtype=np.int32), positions.astype(np.int64))
+    initial = snapshot(tracking)
+    store = PrefixStateCache(tracking, entries=4, block_size=4)
+    entries = [store.reserve() for _ in range(4)]
+    accept = np.array([3, 2, 0, 3, 1], np.int32)  # checkpoint mode (S = 3, R = 5): rows 0 and 3 fold
+    steps = np.array([1, 0, 0, 2, -1], np.int32)  # rows 2 (a = 0) and 4 (t = -1) track nothing
+    track = dict(store=store, track_entries=np.array([*entries[:2], entries[3], entries[2], entries[3]], np.int32))
+    if mode == "scatter":
+        tracking.scatter_mtp_states(accept, positions=positions, **track, track_steps=steps)
+        committing.scatter_mtp_states(np.array([2, 1, 0, 3, 0], np.int32), positions=positions)
+    elif mode == "replay":
+        tracking.replay_mtp_states(accept, positions=positions, **track, track_steps=steps)
+        committing.replay_mtp_states(np.array([2, 1, 0, 3, 0], np.int32), positions=positions)
+    else:
+        tracking.checkpoint_mtp_states(accept, **track, track_steps=steps)
+        committing.checkpoint_mtp_states(np.array([2, 1, 0, 3, 0], np.int32))
+        committing.materialize(np.arange(5, dtype=np.int32))
+    names = ["recurrent", "conv", *(n for n in SLOT_SCALE_POOLS if n in tracking.scale_pools)]
+    assert len(names) == len(store.entry_pools) == 5
+    want = snapshot(committing)
+    for row, entry in ((0, entries[0]), (1, entries[1]), (3, entries[2])):
+        for name, pool in zip(names, store.entry_pools, strict=True):
+            assert pool[:, entry].tobytes() == want[name][:, row].tobytes(), (row, name)
+        assert store.entry_pools[0][:, entry].tobytes() != initial["recurrent"][:, row].tobytes()
+    assert not any(pool[:, entries[3]].any() for pool in store.entry_pools)  # named only by rows that track nothing
 
 
 def test_8bit_snapshots_round_trip_with_their_scales(rng, tmp_path):

@@ -96,3 +96,44 @@ def test_device_dequantisation_of_every_byte(rng, dtype):
     got = out.copy_to_host()
     nan = np.isnan(expected)
     assert (np.isnan(got) == nan).all() and got[~nan].tobytes() == expected[~nan].tobytes()
+
+
+@pytest.mark.slow  # NVVM over three kernels in a subprocess: 15 s of compiles
+def test_8bit_commit_and_replay_kernels_compile_for_the_gpu():
+    """commit8, replay8_mamba2 and replay8_gdn compile to sm_90 PTX (no GPU needed) with the argument types the
+    backend launches them with (int32 positions for a replay, int64 for the checkpoint fold and reads): the
+    simulator runs Python and would not notice a kernel NVVM refuses (a local array sized by an expression)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import types as pytypes
+        from numba import cuda, types
+        import numba.cuda.dispatcher as dispatcher
+        dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+        from mamba_cache.precision import quant8_kernels as q8k, quant8_replay as q8r
+        u8, f32, u16, i32, i64 = types.uint8, types.float32, types.uint16, types.int32, types.int64
+        A = lambda t, n: types.Array(t, n, "C")
+        main = (A(u8, 4), A(f32, 3), A(u16, 4), A(u8, 4), A(f32, 4))  # values, scales, residual; conv, scales
+        rows = (A(i32, 1), A(i32, 2), A(i32, 1))
+        track = (*main, A(i32, 1), A(i32, 1))
+        mamba2 = (A(f32, 3), A(f32, 3), A(f32, 4))
+        gdn = (A(f32, 3), A(f32, 3), A(f32, 4), A(f32, 4))
+        for name, kernel, fields in (("mamba2", q8r.replay8_mamba2, mamba2), ("gdn", q8r.replay8_gdn, gdn)):
+            for positions in (A(i32, 1), A(i64, 1)):
+                sig = (*main, *fields, A(u8, 3), A(f32, 3), *rows, positions, *track, *(i64,) * 15)
+                cuda.compile_ptx(kernel.py_func, sig, device=False, cc=(9, 0))
+                print(name, positions.dtype)
+        inter = (A(f32, 4), A(f32, 3), A(u8, 4), A(f32, 4), A(u16, 4), A(f32, 4))  # per-step float32 / bfloat16
+        sig = (*main[:3], *inter[:2], *main[3:], *inter[4:], *main, *rows, *(A(i32, 1),) * 3, *(i64,) * 16)
+        cuda.compile_ptx(q8k.commit8.py_func, sig, device=False, cc=(9, 0))
+        print("commit8")
+    """)
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    if "NvvmSupportError" in result.stderr or "libNVVM" in result.stderr:
+        pytest.skip("NVVM is not installed: " + result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:5] == ["mamba2 int32", "mamba2 int64", "gdn int32", "gdn int64", "commit8"]

@@ -4,10 +4,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot
+from helpers import BACKENDS, ON_GPU, SIMULATOR_LONG, assert_same_bits, device_int32, snapshot, to_host
+from numba import cuda
 from test_quant8_cache import fill, q8_config
 
 from mamba_cache.precision import QUANT8_DTYPE_NAMES
+from mamba_cache.precision.quant8 import SLOT_SCALE_POOLS
+from mamba_cache.prefix import PrefixStateCache
 
 #: Smaller than q8_config's default for the simulator: 1 layer, 4 slots, 3 groups of N = 5 (the 70 conv
 #: channels stay: a full block of 64 and a short one).
@@ -55,13 +58,23 @@ def test_numba_8bit_scatter_and_tree_match_numpy(rng, dtype, conv_dtype, overrid
     accept = [3, 0, 2, 1]  # rows 0 and 2 commit; row 3 names slot 5, which does not exist
     slots = [2, 0, 1, 5]
     positions = rng.integers(0, 2**31 - 8, 4).tolist()
+    entries = []
     for manager, backend in ((reference, "numpy"), (device, "numba")):
-        manager.scatter_mtp_states(
+        store = PrefixStateCache(manager, entries=3, block_size=4)
+        reserved = [store.reserve() for _ in range(3)]
+        manager.scatter_mtp_states(  # rows 0 and 2 track steps 1 and 0; row 3's slot does not exist: no entry
             device_int32(backend, accept),
             state_indices=device_int32(backend, slots),
             positions=device_int32(backend, positions),
+            store=store,
+            track_entries=device_int32(backend, [reserved[0], reserved[2], reserved[1], reserved[2]]),
+            track_steps=device_int32(backend, [1, 0, 0, 0]),
         )
+        entries.append(entry_bytes(manager, store))
+        store.close()
     assert_same_bits(snapshot(device), snapshot(reference), "scatter")
+    assert_same_bits(entries[1], entries[0], "tracked entries")
+    assert not any(pool[:, 2].any() for pool in entries[0].values())  # named only by rows that track nothing
     nodes = [[0, 2, -1], [1, -1, -1], [2, 0, 1], [0, 0, 0]]
     for manager, backend in ((reference, "numpy"), (device, "numba")):
         manager.scatter_accepted_tree_states(
@@ -165,8 +178,6 @@ def test_8bit_snapshot_crosses_backends(rng, tmp_path):
 
 
 def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
-    from mamba_cache.prefix import PrefixStateCache
-
     config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
     reference, device = twin_managers(config, rng)
     for manager in (reference, device):
@@ -178,14 +189,22 @@ def test_numba_prefix_store_moves_8bit_entries_with_scales(rng):
     assert_same_bits(snapshot(device), snapshot(reference), "prefix store")
 
 
+#: Gated DeltaNet on the simulator: two value heads of two key heads (k of head i is k[i]).
+GDN = {"mixer": "gdn", "recurrent_state_num_heads": 2, "n_groups": 2}
+
+
 @pytest.mark.parametrize(
     ("dtype", "conv_dtype", "overrides"),
     [
         ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
         pytest.param("float8_e5m2", "bfloat16", {}, marks=SIMULATOR_LONG),
+        ("float8_e4m3fn", "float8_e5m2", {**GDN, "stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("int8", "float16", {**GDN, "recurrent_state_head_dim": 5}, marks=SIMULATOR_LONG),
+        pytest.param("float8_e5m2", "int8", {**GDN, "stochastic_rounding": True}, marks=SIMULATOR_LONG),
     ],
-    ids=["int8-e4m3-stochastic-feedback", "e5m2-bf16"],
-)
+    ids=["int8-e4m3-stochastic-feedback", "e5m2-bf16", "gdn-e4m3-e5m2-stochastic-feedback", "gdn-int8-fp16",
+         "gdn-e5m2-int8-stochastic"],
+)  # fmt: skip
 def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
     config = q8_config(
         dtype,
@@ -193,33 +212,56 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
         commit_mode="replay",
         intermediate_recurrent_state_dtype=None,
         intermediate_conv_state_dtype=None,
-        **SMALL,
-        **overrides,
+        **{**SMALL, **overrides},
     )
     reference, device = twin_managers(config, rng)
-    for name, pool in reference._stash.items():
-        if name == "conv":
-            bits = np.dtype(f"u{pool.dtype.itemsize}")  # moved, never computed: any bit pattern
-            values = rng.integers(0, 2 ** (8 * bits.itemsize), pool.shape, dtype=bits).view(pool.dtype)
-        else:
-            values = rng.uniform(0.25, 1.0, pool.shape).astype(pool.dtype)
-        pool[...] = values
-        device._stash[name].copy_to_device(np.ascontiguousarray(values).view(device._stash[name].dtype))
+    fill_steps(rng, reference, device)
     accept, slots = [3, 0, 2, 9], [2, 0, 1, 3]  # row 3 accepts more than V: untouched
     positions = rng.integers(0, 2**20, 4).tolist()
     nodes = [[0, 2, 1], [1, -1, 0], [2, 2, 2], [1, 0, 2]]
+    entries = []
     for manager, backend in ((reference, "numpy"), (device, "numba")):
-        manager.replay_mtp_states(
+        store = PrefixStateCache(manager, entries=3, block_size=4)
+        reserved = [store.reserve() for _ in range(3)]
+        manager.replay_mtp_states(  # rows 0 and 2 track steps 1 and 0 (rows 1 and 3 commit nothing)
             device_int32(backend, accept),
             state_indices=device_int32(backend, slots),
             positions=device_int32(backend, positions),
+            store=store,
+            track_entries=device_int32(backend, [reserved[0], reserved[2], reserved[1], reserved[2]]),
+            track_steps=device_int32(backend, [1, 0, 0, 0]),
         )
+        entries.append(entry_bytes(manager, store))
         manager.replay_accepted_tree_states(  # a tree commit over the same stash: rows 0, 2, 3, 4 replay a path
             device_int32(backend, nodes),
             device_int32(backend, [3, 2, 1, 3]),
             positions=device_int32(backend, positions),
         )
-    got, want = snapshot(device), snapshot(reference)
+    assert_8bit_close(snapshot(device), snapshot(reference), dtype, "replay")
+    assert_8bit_close(entries[1], entries[0], dtype, "tracked entries")
+
+
+def entry_bytes(manager, store):
+    """A prefix store's entry pools by pool name (``_moving_pools`` order), as `snapshot` shows pools."""
+    names = ["recurrent", "conv", *(n for n in SLOT_SCALE_POOLS if n in manager.scale_pools)]
+    return as_bytes(dict(zip(names, map(to_host, store.entry_pools), strict=True)))
+
+
+def fill_steps(rng, reference, device, name="_stash"):
+    """The same random replay stash (or history ring: ``name="_history"``) in both managers."""
+    for field, pool in getattr(reference, name).items():
+        if field == "conv":
+            bits = np.dtype(f"u{pool.dtype.itemsize}")  # moved, never computed: any bit pattern
+            values = rng.integers(0, 2 ** (8 * bits.itemsize), pool.shape, dtype=bits).view(pool.dtype)
+        else:
+            values = rng.uniform(0.25, 1.0, pool.shape).astype(pool.dtype)
+        pool[...] = values
+        target = getattr(device, name)[field]
+        target.copy_to_device(np.ascontiguousarray(values).view(target.dtype))
+
+
+def assert_8bit_close(got, want, dtype, context):
+    """Numba vs NumPy 8-bit pools: the same bits on the simulator; on a GPU the recurrent state within one step."""
     if ON_GPU:  # conv moves and untouched slots are exact; the recurrent state within one step
         from mamba_cache.precision import quant8
 
@@ -227,31 +269,109 @@ def test_numba_8bit_replay_matches_numpy(rng, dtype, conv_dtype, overrides):
         assert quant8.within_one_step(got["recurrent"], got["scales_recurrent"], stored, want["scales_recurrent"])
         got = {k: v for k, v in got.items() if k not in ("recurrent", "scales_recurrent", "residual_recurrent")}
         want = {k: v for k, v in want.items() if k in got}
-    assert_same_bits(got, want, "replay")
+    assert_same_bits(got, want, context)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "conv_dtype", "overrides"),
+    [
+        ("int8", "float8_e4m3fn", {"stochastic_rounding": True, "error_feedback": True}),
+        pytest.param("float8_e4m3fn", "bfloat16", {}, marks=SIMULATOR_LONG),
+        pytest.param("float8_e5m2", "int8", {**GDN, "stochastic_rounding": True}, marks=SIMULATOR_LONG),
+        pytest.param("int8", "float8_e5m2", {**GDN, "error_feedback": True}, marks=SIMULATOR_LONG),
+    ],
+    ids=["int8-e4m3-stochastic-feedback", "e4m3-bf16", "gdn-e5m2-int8-stochastic", "gdn-int8-e5m2-feedback"],
+)
+def test_numba_8bit_checkpoint_mode_matches_numpy(rng, dtype, conv_dtype, overrides):
+    """Folds, tracking, reads (current_state, capture_*, copy_slots, the prefix store) and materialize, as NumPy."""
+    config = q8_config(
+        dtype,
+        conv_dtype,
+        commit_mode="checkpoint",
+        history_len=4,
+        intermediate_recurrent_state_dtype=None,
+        intermediate_conv_state_dtype=None,
+        **{**SMALL, **overrides},
+    )
+    reference, device = twin_managers(config, rng)
+    fill_steps(rng, reference, device, "_history")
+    positions = rng.integers(0, 2**20, 4).astype(np.int64)
+    tracked = []
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.set_positions(np.arange(4, dtype=np.int32), positions)
+        store = PrefixStateCache(manager, entries=2, block_size=4)
+        reserved = [store.reserve() for _ in range(2)]
+        # S = 3, R = 4: slot 2 takes one step (h = 1), slot 1 two (h' = 2 folds); row 3 (a > V) is untouched;
+        # rows 0 and 2 track their steps 0 and 1 (ring steps 0 and 1 from the checkpoints before the commit)
+        manager.checkpoint_mtp_states(
+            device_int32(backend, [1, 0, 2, 9]),
+            state_indices=device_int32(backend, [2, 0, 1, 3]),
+            store=store,
+            track_entries=device_int32(backend, [reserved[0], reserved[1], reserved[1], reserved[0]]),
+            track_steps=device_int32(backend, [0, 0, 1, 0]),
+        )
+        tracked.append(entry_bytes(manager, store))
+        store.close()
+    assert device.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 1, 0]
+    assert device.checkpoint_positions().tolist() == reference.checkpoint_positions().tolist()
+    assert_8bit_close(snapshot(device), snapshot(reference), dtype, "fold")
+    assert_8bit_close(tracked[1], tracked[0], dtype, "tracked entries")
+    current = []
+    for manager in (reference, device):  # slot 2's folded state (h = 1) and its scales
+        recurrent, conv = manager.current_state(2)
+        state = {"recurrent": np.stack([to_host(a) for a in recurrent]), "conv": np.stack([to_host(a) for a in conv])}
+        current.append(as_bytes(state | {name: to_host(pool) for name, pool in manager.capture_scales(2).items()}))
+    assert current[1]["recurrent"].tobytes() != snapshot(device)["recurrent"][:, 2].tobytes()  # the ring matters
+    assert_8bit_close(current[1], current[0], dtype, "current_state")
+    kept = len(device._launches)
+    device.current_state(2)  # new output arrays each call: nothing more is kept for them
+    assert len(device._launches) == kept
+    outs = tuple(cuda.device_array_like(pool[:, :1]) for pool in (device.pools.recurrent, device.pools.conv))
+    device.capture_states(2, out=outs)  # into the caller's outputs (the scales beside them in a kept scratch)
+    assert [to_host(out).tobytes() for out in outs] == [current[1][kind].tobytes() for kind in ("recurrent", "conv")]
+    entries = []
+    for manager, backend in ((reference, "numpy"), (device, "numba")):
+        manager.copy_slots(device_int32(backend, [2]), device_int32(backend, [0]))  # slot 0 gets the folded state
+        store = PrefixStateCache(manager, entries=1, block_size=4)
+        store.insert(list(range(4)), 2)  # the folded state of slot 2 into the entry, scales and residuals too
+        entries.append(entry_bytes(manager, store))
+        manager.materialize(device_int32(backend, [2, -1]))
+    assert device.history_lengths().tolist() == reference.history_lengths().tolist() == [0, 0, 0, 0]
+    assert_8bit_close(snapshot(device), snapshot(reference), dtype, "copy_slots and materialize")
+    assert_8bit_close(entries[1], entries[0], dtype, "prefix store entry")
+
+
+def as_bytes(arrays):
+    """8-bit values (ml_dtypes or raw) as uint8, scales and residuals as they are: how `snapshot` shows pools."""
+    return {name: a.view(np.uint8) if a.dtype.itemsize == 1 else a for name, a in arrays.items()}
 
 
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        (dict(commit_mode="checkpoint", history_len=3), "commit_mode='checkpoint'"),
-        (dict(commit_mode="replay", mixer="gdn"), "commit_mode='replay'"),
+        (
+            dict(commit_mode="checkpoint", history_len=3, recurrent_state_dtype="float16", conv_state_dtype="int8"),
+            "commit_mode='checkpoint'",
+        ),
+        (dict(commit_mode="replay", recurrent_state_dtype="bfloat16", conv_state_dtype="int8"), "commit_mode='replay'"),
     ],
+    ids=["checkpoint-8bit-conv-only", "replay-8bit-conv-only"],
 )
 def test_numba_refuses_the_8bit_modes_it_does_not_build(overrides, words):
-    """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both)."""
+    """A clear ConfigError naming the mode, before any pool exists (the NumPy reference builds both).
+
+    (The Gated DeltaNet replay commit and checkpoint mode with an 8-bit recurrent state, refused here
+    before, are built: ``test_numba_8bit_replay_matches_numpy`` and
+    ``test_numba_8bit_checkpoint_mode_matches_numpy`` compare them with the NumPy reference.)
+    """
     from mamba_cache import ConfigError, NumbaMambaCacheManager, NumpyMambaCacheManager
     from mamba_cache.presets import PRESETS
 
     config = PRESETS["qwen3-next-80b-a3b" if overrides.get("mixer") == "gdn" else "nemotron-h-8b"].config(
         batch=2, mtp=3
     )
-    config = dataclasses.replace(
-        config,
-        num_recurrent_layers=1,
-        recurrent_state_dtype="int8",
-        intermediate_recurrent_state_dtype=None,
-        **overrides,
-    )
+    fields = {"recurrent_state_dtype": "int8", **overrides}
+    config = dataclasses.replace(config, num_recurrent_layers=1, intermediate_recurrent_state_dtype=None, **fields)
     NumpyMambaCacheManager(config)
     with pytest.raises(ConfigError, match=words):
         NumbaMambaCacheManager(config)

@@ -144,6 +144,10 @@ class CommitOperations:
                 ``intermediate[b, t]`` (``t = track_steps[b]``) of both kinds when
                 ``0 <= t < accept_lengths[b]`` and ``t < V``, converted to the main dtype as the
                 commit converts (a stochastic rounding keyed by position ``positions[b] + t + 1``).
+                With 8-bit states the entry receives what committing ``t + 1`` tokens would give
+                the slot (values, scales, residuals), computed from the slot's window and residual
+                before the commit (on the Numba backend in a launch before it), and a row whose
+                slot is outside ``[0, B)`` tracks nothing.
 
         Raises:
             TypeError: an array is of the wrong kind (a device array for the NumPy backend, a
@@ -395,11 +399,6 @@ class CommitOperations:
         if not isinstance(store, EntryStore):
             raise TypeError(f"store must be a mamba_cache.prefix.PrefixStateCache, got {type(store).__name__}")
         store.check_tracking(self, what)
-        if self._config.quantised_kinds:
-            raise ValueError(
-                f"{what}: tracking into a prefix store (store, track_entries) is not built for 8-bit states yet; "
-                "insert the committed slot with store.insert instead; nothing was changed"
-            )
         checked = []
         for name, array in (("track_entries", track_entries), ("track_steps", track_steps)):
             values, (count,) = self._int32_array(name, array, "[active]", stream)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from .._config import Config, format_bytes
+from ..precision.quant8 import SLOT_SCALE_POOLS
 from .backend import BackendHooks, StatePools
 from .checkpoint import CheckpointOperations
 from .checks import check_index
@@ -411,7 +412,7 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
 
     def _moving_pools(self) -> tuple:
         """The stacked ``[L, B, ...]`` pools a slot's state lives in: recurrent, conv, any 8-bit scales, residuals."""
-        extra = (self._scales.get(n) for n in ("scales_recurrent", "scales_conv", "residual_recurrent"))
+        extra = (self._scales.get(n) for n in SLOT_SCALE_POOLS)
         return (self._pools.recurrent, self._pools.conv, *(p for p in extra if p is not None))
 
     def __copy__(self):

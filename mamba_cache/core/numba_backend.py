@@ -437,6 +437,10 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         stream: Any,
         positions: Any = None,
     ) -> None:
+        if self._config.quantised_kinds:  # the entries first: they read the slots' windows before the commit
+            track = (store.entry_pools, entries, steps)
+            numba_quant8.commit(self, accept, indices, active, seq_len, max_accept, stream, positions, track=track)
+            return numba_quant8.commit(self, accept, indices, active, seq_len, max_accept, stream, positions)
         if self._converting_commit():
             return numba_convert.scatter_tracked(
                 self, accept, indices, active, seq_len, max_accept, store, entries, steps, stream, positions
@@ -539,8 +543,9 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
         positions: Any = None,
         track: Any = None,
     ) -> None:
-        if self._config.quantised_kinds:  # an 8-bit recurrent state (tracking was refused before)
-            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions)
+        if self._config.quantised_kinds:  # an 8-bit recurrent state: values and scales, tracked entries too
+            tracked = None if track is None else (track[0].entry_pools, *track[1:])
+            return numba_quant8.replay(self, accept, indices, active, seq_len, stream, nodes, positions, track=tracked)
         entry = self._launches.get("replay")
         if entry is None:
             entry = self._launches["replay"] = self._replay_prepare(

@@ -17,7 +17,9 @@ import numpy as np
 from numba import cuda
 
 from ..checkpoint import kernels as ckpt
+from ..precision.quant8 import SLOT_SCALE_POOLS
 from ..replay.kernels import THREADS
+from . import numba_quant8
 from .device import Launch, device_pointer
 from .launch import DeviceArg
 
@@ -90,6 +92,9 @@ class CheckpointBinding:
         if track is not None:  # the tracked states, read from the checkpoints before the fold moves them
             store, entries, _ = track
             self._replay_read(store.entry_pools, indices, track_len, track_step, entries, rows, fold_start, stream)
+        if self._config.quantised_kinds:  # an 8-bit recurrent state: its own kernels, values and scales
+            numba_quant8.replay(self, fold_len, indices, rows, config.history_len, stream, None, fold_start, ring=True)
+            return
         launch, blocks, layers = self._ckpt_replay(True)
         launch.set_array("accept_lengths", fold_len, shape_changes=True)
         self._set_indices(launch, indices)
@@ -141,6 +146,11 @@ class CheckpointBinding:
         Row ``i`` replays ``length[i]`` ring steps of its slot (``slots[i]``, or ``i`` for None); nothing
         else is written. ``positions``: each slot's rounding base (``p0``, or ``fold_start`` in a commit).
         """
+        if self._config.quantised_kinds:  # targets: every pool of a slot (`_moving_pools` order), scales included
+            track, seq_len = (targets, entry, step), self._config.history_len
+            numba_quant8.replay(self, length, slots, rows, seq_len, stream, None, positions, ring=True,
+                                write_back=False, track=track)  # fmt: skip
+            return
         launch, blocks, layers = self._ckpt_replay(False)
         launch.set_array("accept_lengths", length, shape_changes=True)
         self._set_indices(launch, slots)
@@ -151,27 +161,44 @@ class CheckpointBinding:
         launch.launch((blocks, rows, layers), stream)
 
     def _folded(self, slot: int, stream: Any) -> tuple:
-        pools = self._pools
-        outs = tuple(self._empty((p.shape[0], 1, *p.shape[2:]), p.dtype, stream) for p in (pools.recurrent, pools.conv))
+        pools = self._moving_pools()  # with an 8-bit cache's scales and residuals
+        outs = tuple(self._empty((p.shape[0], 1, *p.shape[2:]), p.dtype, stream) for p in pools)
         self._capture_folded_into(slot, outs, stream)
+        self._forget(outs)  # launches keyed on these new arrays: not kept
         config = self._config
+        names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
+        self._folded_scales = dict(zip(names, outs[2:], strict=True))  # capture_scales reads them
         return tuple(
             self._export(out, getattr(config, f"{kind}_state_dtype"))
-            for out, kind in zip(outs, ("recurrent", "conv"), strict=True)
+            for out, kind in zip(outs[:2], ("recurrent", "conv"), strict=True)
         )
 
     def _capture_folded_into(self, slot: int, targets: tuple, stream: Any) -> None:
         # the checkpoint into the outputs, then the ring onto them: no allocation, graph-capturable
-        self._capture_pair_into(slot, targets, stream)
+        if self._config.quantised_kinds:  # 8-bit values mean nothing without their scales: one copy of all
+            pools = self._moving_pools()
+            targets = (*targets, *self._ckpt_scratch(pools[len(targets) :]))
+            self._copy_rows(targets, pools, slot, 0, 1, stream)
+        else:
+            self._capture_pair_into(slot, targets, stream)
         self._read_into(targets, slot, 0, 1, False, stream)
 
+    def _ckpt_scratch(self, pools: tuple) -> tuple:
+        """Kept one-slot ``[L, 1, ...]`` device arrays for ``pools``: scales a capture computes but does not return."""
+        key = ("checkpoint_scratch", len(pools))
+        scratch = self._launches.get(key)
+        if scratch is None:
+            scratch = tuple(cuda.device_array((p.shape[0], 1, *p.shape[2:]), p.dtype) for p in pools)
+            self._launches[key] = scratch
+        return scratch
+
     def _copy_folded_into(self, targets: tuple, src: Any, dst: Any, count: int, stream: Any) -> None:
-        main = (self._pools.recurrent, self._pools.conv)
+        main = self._moving_pools()[: len(targets)]
         self._copy_rows(targets, main, src, dst, count, stream)  # the checkpoints, then the rings onto them
         self._read_into(targets, src, dst, count, False, stream)
 
     def _copy_folded(self, src: Any, dst: Any, count: int, stream: Any) -> None:
-        main = (self._pools.recurrent, self._pools.conv)
+        main = self._moving_pools()  # with an 8-bit cache's scales and residuals
         self._copy_rows(main, main, src, dst, count, stream)  # the checkpoints (the state of a source with h = 0)
         self._read_into(main, src, dst, count, True, stream)
 

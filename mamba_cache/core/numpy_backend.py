@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..moving.parcel import ParcelError, adler32_chunks
+from ..precision.quant8 import SLOT_SCALE_POOLS
 from .checks import check_int32_array, pad_slot_id
 from .manager import MambaCacheManagerBase
 
@@ -142,17 +143,8 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         ([`mamba_cache.precision.convert`][mamba_cache.precision.reference.convert]); a stochastic rounding takes the
         state of row ``b`` as having consumed ``positions[b] + consumed[b]`` tokens.
         """
-        active = step.shape[0]
         pools = self._pools
-        slots = np.arange(active) if indices is None else indices.astype(np.int64)
-        ok = ok & (slots >= 0) & (slots < self._config.max_batch_size)
-        rows = np.flatnonzero(ok)
-        targets, counts = np.unique(slots[rows], return_counts=True)
-        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
-            raise ValueError(
-                f"committing rows must name distinct slots; slot {int(targets[counts > 1][0])} is named "
-                f"by {int(counts.max())} rows (state_indices); nothing was changed"
-            )
+        slots, rows = self._commit_rows(ok, indices)
         src_rows = rows * seq_len + step[rows]
         for kind, (pool, inter) in enumerate(
             ((pools.recurrent, pools.intermediate_recurrent), (pools.conv, pools.intermediate_conv))
@@ -181,28 +173,46 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                 position=position,
             )
 
-    def _commit8(self, kind: str, targets: np.ndarray, src_rows: np.ndarray, position: Any, shift: Any) -> None:
+    def _commit_rows(self, ok: np.ndarray, indices: Any) -> tuple:
+        """``(slots, rows)``: each row's slot; the committing rows (``ok``, slot in range); refuses a shared slot."""
+        slots = np.arange(ok.shape[0]) if indices is None else indices.astype(np.int64)
+        ok = ok & (slots >= 0) & (slots < self._config.max_batch_size)
+        rows = np.flatnonzero(ok)
+        targets, counts = np.unique(slots[rows], return_counts=True)
+        if (counts > 1).any():  # the GPU gives no defined winner: the checked reference refuses
+            raise ValueError(
+                f"committing rows must name distinct slots; slot {int(targets[counts > 1][0])} is named "
+                f"by {int(counts.max())} rows (state_indices); nothing was changed"
+            )
+        return slots, rows
+
+    def _commit8(
+        self, kind: str, targets: np.ndarray, src_rows: np.ndarray, position: Any, shift: Any, into: Any = None
+    ) -> None:
         """The scatter / tree commit of one kind into its 8-bit pool (``targets``: slots, ``src_rows``: per-step rows).
 
         8-bit per-step states: values and scales copied. Wider ones: a recurrent state is quantised
         (with its residual fed back under ``error_feedback``); a conv window keeps its stored columns,
         moved ``shift`` places, and takes its ``shift`` new columns quantised
-        ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]).
+        ([`mamba_cache.precision.quant8`][mamba_cache.precision.quant8]). ``into``: ``(values, scales,
+        residual or None, rows)``, where the result goes instead of the slots (a tracked entry: what
+        this commit would give the slot, read from the slot's residual and window).
         """
         from ..precision.quant8 import shift_in_columns, store
 
         config, pools = self._config, self._pools
         pool, inter = getattr(pools, kind), getattr(pools, f"intermediate_{kind}")
         scales = self._scales[f"scales_{kind}"]
-        layers, slots_total = pool.shape[:2]
+        residual = self._scales.get(f"residual_{kind}")
+        out_pool, out_scales, out_residual, out_rows = into or (pool, scales, residual, targets)
+        layers = pool.shape[0]
         if inter.dtype == pool.dtype:  # the plain 8-bit scatter: a copy of the stored values and scales
             inter_scales = self._scales[f"scales_intermediate_{kind}"]
-            for dst, src in ((pool, inter), (scales, inter_scales)):
-                flat = dst.reshape(layers, slots_total, -1)
-                flat[:, targets] = src.reshape(layers, -1, flat.shape[2])[:, src_rows]
+            for dst, src in ((out_pool, inter), (out_scales, inter_scales)):
+                flat = dst.reshape(layers, dst.shape[1], -1)
+                flat[:, out_rows] = src.reshape(layers, -1, flat.shape[2])[:, src_rows]
             return
         states = inter.reshape(layers, -1, *pool.shape[2:])[:, src_rows]
-        residual = self._scales.get(f"residual_{kind}")
         stored = store(
             states,
             pool.dtype,
@@ -214,12 +224,12 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
             residual=None if residual is None else residual[:, targets],
         )
         if kind == "recurrent":
-            pool[:, targets], scales[:, targets] = stored.values, stored.scales
+            out_pool[:, out_rows], out_scales[:, out_rows] = stored.values, stored.scales
             if residual is not None:
-                residual[:, targets] = stored.residual
+                out_residual[:, out_rows] = stored.residual
             return
-        pool[:, targets] = shift_in_columns(pool[:, targets], stored.values, shift)
-        scales[:, targets] = shift_in_columns(scales[:, targets], stored.scales, shift)
+        out_pool[:, out_rows] = shift_in_columns(pool[:, targets], stored.values, shift)
+        out_scales[:, out_rows] = shift_in_columns(scales[:, targets], stored.scales, shift)
 
     def _copy_rows(self, dst: tuple, src: tuple, src_rows: Any, dst_rows: Any, count: int, stream: Any) -> None:
         s, d = _copy_pairs(src_rows, dst_rows, count, src[0].shape[1], dst[0].shape[1], dst is src)
@@ -244,15 +254,24 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         track = (step >= 0) & (step < accept) & (step < seq_len) & (entry >= 0) & (entry < store.entries)
         if indices is not None:  # a padding row tracks nothing (other out-of-range slots still track)
             track &= indices != pad_slot_id
+        quant = bool(self._config.quantised_kinds)
+        if quant:  # an 8-bit entry is computed from its slot's residual and window: the slot must exist
+            slots = np.arange(accept.shape[0]) if indices is None else indices.astype(np.int64)
+            track &= (slots >= 0) & (slots < self._config.max_batch_size)
         rows = np.flatnonzero(track)
         store.check_tracked_entries(entry[rows])
         commit = accept.astype(np.int64) - 1
         ok = (commit >= 0) & (commit < max_accept)
+        if quant:  # the entries before the commit moves the slots' windows (nothing moves if it refuses)
+            self._commit_rows(ok, indices)
+            self._track8(store, rows, slots[rows], entry[rows], step[rows], seq_len, positions)
         self._commit(commit, ok, indices, seq_len, positions, commit + 1)  # may refuse: nothing moved yet
         pools = self._pools
         for kind, (dst, inter) in enumerate(
-            zip(store.entry_pools, (pools.intermediate_recurrent, pools.intermediate_conv), strict=True)
+            zip(store.entry_pools[:2], (pools.intermediate_recurrent, pools.intermediate_conv), strict=True)
         ):
+            if dst.dtype.itemsize == 1:  # an 8-bit kind: tracked above
+                continue
             src = inter.reshape(inter.shape[0], -1, *dst.shape[2:])
             states = src[:, rows * seq_len + step[rows]]
             if dst.dtype != src.dtype:  # the store keeps the main dtype: convert as the commit does
@@ -270,6 +289,18 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
                     position=consumed,
                 ).reshape(states.shape)
             dst[:, entry[rows]] = states
+
+    def _track8(
+        self, store: Any, rows: np.ndarray, slots: np.ndarray, entries: np.ndarray, steps: np.ndarray, seq_len: int,
+        positions: Any,
+    ) -> None:  # fmt: skip
+        """A scatter's tracking into 8-bit entries: entry ``e`` = what committing ``t + 1`` tokens gives the slot."""
+        named = dict(zip(["recurrent", "conv", *(n for n in SLOT_SCALE_POOLS if n in self._scales)], store.entry_pools,
+                         strict=True))  # fmt: skip
+        position = 0 if positions is None else positions.astype(np.int64)[rows] + steps + 1
+        for kind in self._config.quantised_kinds:
+            into = (named[kind], named[f"scales_{kind}"], named.get(f"residual_{kind}"), entries)
+            self._commit8(kind, slots, rows * seq_len + steps, position, steps + 1, into)
 
     def _host_zeros(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
         return np.zeros(shape, dtype=dtype)
@@ -452,9 +483,13 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         store.check_tracked_entries(entry[ok])  # refuses before anything is written
         if not ok.any():
             return
-        recurrent, conv, *_ = self._ring_state(targets[ok], step[ok] + 1)  # 8-bit tracking is refused earlier
+        recurrent, conv, *scales = self._ring_state(targets[ok], step[ok] + 1)
         store.entry_pools[0][:, entry[ok]] = recurrent
         store.entry_pools[1][:, entry[ok]] = conv
+        if scales:  # an 8-bit cache: the entry's scales and residuals follow, in _moving_pools' order
+            names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
+            for target, name in zip(store.entry_pools[2:], names, strict=True):
+                target[:, entry[ok]] = scales[0][name]
 
     def _materialize(self, slots: np.ndarray, count: int, stream: Any) -> None:
         values = slots.astype(np.int64)
@@ -488,7 +523,7 @@ class NumpyMambaCacheManager(MambaCacheManagerBase):
         targets[0][:, d] = recurrent[:, inverse]
         targets[1][:, d] = conv[:, inverse]
         if len(targets) > 2:  # an 8-bit cache's scales and residuals follow, in _moving_pools' order
-            names = [n for n in ("scales_recurrent", "scales_conv", "residual_recurrent") if n in self._scales]
+            names = [n for n in SLOT_SCALE_POOLS if n in self._scales]
             for target, name in zip(targets[2:], names, strict=True):
                 target[:, d] = scales[0][name][:, inverse]
         if into_slots:

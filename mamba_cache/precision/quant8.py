@@ -63,6 +63,7 @@ __all__ = [
     "QUANT8_DTYPE_NAMES",
     "RESIDUAL_DTYPE",
     "SCALE_FLOOR",
+    "SLOT_SCALE_POOLS",
     "Quantised",
     "conv_rounding_bits",
     "conv_scales",
@@ -88,6 +89,9 @@ SCALE_FLOOR = np.float32(2.0**-126)
 CONV_BLOCK = 64
 #: The error-feedback residual's dtype.
 RESIDUAL_DTYPE = np.dtype(ml_dtypes.bfloat16)
+#: The pools beside a slot's 8-bit states, in the order every operation that moves a slot lists them
+#: after the recurrent and conv states (those a cache has: ``Config.scale_pools`` without the per-step ones).
+SLOT_SCALE_POOLS = ("scales_recurrent", "scales_conv", "residual_recurrent")
 
 #: (exponent bits, mantissa bits), largest finite magnitude code and NaN code of the float8 types.
 FP8 = {

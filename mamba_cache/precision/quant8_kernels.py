@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda
 
 from ..core.device import SIMULATOR
-from ..core.rows import accepted_steps, last_tree_node, row_slot, tree_steps
+from ..core.rows import accepted_steps, last_tree_node, row_slot, tracked_step
 from .kernels import convert_bits, float32_bits, float32_from_bits, philox4x32_10
 
 #: The dtype codes of the device functions, in `QUANT8_DTYPE_NAMES` order.
@@ -241,10 +241,13 @@ def commit8(
     # pools: main [L, B, G, n] / per-step [L, B*S, G, n] as stored; scales [L, B, G] / [L, B*S, G]
     rec, rec_scales, rec_residual, inter_rec, inter_rec_scales,
     conv, conv_scales, inter_conv, inter_conv_scales,
-    # the rows: accept_lengths [active], node_ids [active, M], state_indices [active], positions [active]
-    accept, nodes, state_indices, positions,
+    # where the committed state goes: the main pools again, or (tracking) a prefix store's entries [L, P, ...]
+    dst_rec, dst_rec_scales, dst_residual, dst_conv, dst_conv_scales,
+    # the rows: accept_lengths [active], node_ids [active, M], state_indices [active], positions [active],
+    # track_entries / track_steps [active]
+    accept, nodes, state_indices, positions, track_entries, track_steps,
     # scalars
-    use_indices, use_nodes, use_positions, seq_len, max_accept,
+    use_indices, use_nodes, use_positions, tracking, seq_len, max_accept,
     rec_mode, rec_code, rec_src, conv_mode, conv_code, conv_src, feedback, stochastic, seed_lo, seed_hi,
 ):  # fmt: skip
     """The scatter / tree commit of both kinds when one is 8-bit, values and scales in one launch.
@@ -258,7 +261,11 @@ def commit8(
     Row ``b`` commits as the NumPy reference's ``_commit8`` does: an 8-bit per-step state copies its
     bytes and scales (``COMMIT_COPY8``); a wider one is quantised (``COMMIT_QUANTISE``); a kind that
     is not 8-bit and keeps its dtype copies bytes (``COMMIT_BYTES``, pools viewed
-    ``[L, rows, 1, bytes]``).
+    ``[L, rows, 1, bytes]``). The state goes to the ``dst_*`` arrays: the main pools at the slot, or
+    with ``tracking`` (a scatter's tracking, launched before its commit) row ``track_entries[b]`` of a
+    prefix store's entries, the state a commit of ``t + 1 = track_steps[b] + 1`` tokens would give the
+    slot (its residual and old window read from the slot), for ``0 <= t < min(a, V)``, the entry in
+    range and the slot in ``[0, B)``.
 
     Grid ``(x, active, L)``, block ``(threads,)`` (a multiple of 32). One warp a recurrent group or a
     conv block of 64 channels, lane ``l`` taking elements ``l, l + 32, ...`` (coalesced), the group's
@@ -274,6 +281,13 @@ def commit8(
     slot, step, consumed = _commit_row(
         b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, max_accept, rec.shape[1]
     )
+    drow = slot
+    if tracking:  # the state after step t of the row, into its entry (the row rule of core.rows)
+        t, entry = tracked_step(track_steps, track_entries, b, accept[b], seq_len, dst_rec.shape[1])
+        if t < 0:
+            return
+        slot = np.int64(row_slot(state_indices, use_indices, b, rec.shape[1]))
+        step, consumed, drow = np.int64(t), np.int64(t + 1), np.int64(entry)
     if slot < 0:
         return
     src_row = b * seq_len + step
@@ -288,7 +302,7 @@ def commit8(
     groups, size = rec.shape[2], rec.shape[3]
     if rec_mode == COMMIT_BYTES:
         for i in range(start, size, stride):
-            rec[layer, slot, 0, i] = inter_rec[layer, src_row, 0, i]
+            dst_rec[layer, drow, 0, i] = inter_rec[layer, src_row, 0, i]
     amax_buf = cuda.shared.array(COMMIT_THREADS, np.float32)
     flag_buf = cuda.shared.array(COMMIT_THREADS, np.int32)
     rounds = -(-groups // all_warps) if rec_mode != COMMIT_BYTES else 0  # the same count in every warp
@@ -298,9 +312,9 @@ def commit8(
         if rec_mode == COMMIT_COPY8:
             if live:
                 for n in range(lane, size, 32):
-                    rec[layer, slot, g, n] = inter_rec[layer, src_row, g, n]
+                    dst_rec[layer, drow, g, n] = inter_rec[layer, src_row, g, n]
                 if lane == 0:
-                    rec_scales[layer, slot, g] = inter_rec_scales[layer, src_row, g]
+                    dst_rec_scales[layer, drow, g] = inter_rec_scales[layer, src_row, g]
             continue
         amax = np.float32(0.0)
         finite = True
@@ -318,18 +332,18 @@ def commit8(
             if stochastic:
                 r = philox_word(g * size + n, position, layer, 0, seed_lo, seed_hi)
             byte = quantise_code(x, scale, rec_code, stochastic, r)
-            rec[layer, slot, g, n] = byte
+            dst_rec[layer, drow, g, n] = byte
             if feedback:
                 error = np.float32(x - dequantise_code(byte, scale, rec_code))
                 bits = np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
-                rec_residual[layer, slot, g, n] = bits
+                dst_residual[layer, drow, g, n] = bits
         if lane == 0:
-            rec_scales[layer, slot, g] = scale
+            dst_rec_scales[layer, drow, g] = scale
     # conv: a warp a block of 64 channels (two a lane), all K columns in increasing order
     channels, width = conv.shape[2], conv.shape[3]
     if conv_mode == COMMIT_BYTES:
         for i in range(start, width, stride):
-            conv[layer, slot, 0, i] = inter_conv[layer, src_row, 0, i]
+            dst_conv[layer, drow, 0, i] = inter_conv[layer, src_row, 0, i]
         return
     shift = consumed
     blocks = conv_scales.shape[2]
@@ -343,7 +357,7 @@ def commit8(
                 copy8 = conv_mode == COMMIT_COPY8
                 if live:  # each lane its own channels: column j + s is read before this lane overwrites it
                     for c in range(first + lane, last, 32):
-                        conv[layer, slot, c, j] = (
+                        dst_conv[layer, drow, c, j] = (
                             inter_conv[layer, src_row, c, j] if copy8 else conv[layer, slot, c, j + shift]
                         )
                     if lane == 0:
@@ -352,7 +366,7 @@ def commit8(
                             if copy8
                             else conv_scales[layer, slot, block, j + shift]
                         )
-                        conv_scales[layer, slot, block, j] = moved
+                        dst_conv_scales[layer, drow, block, j] = moved
                 continue
             amax = np.float32(0.0)  # a new column, quantised with the words of the token it came with
             finite = True
@@ -370,146 +384,6 @@ def commit8(
                 r = np.uint64(0)
                 if stochastic:
                     r = philox_word(c * width + width - 1, entered, layer, 1, seed_lo, seed_hi)
-                conv[layer, slot, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
+                dst_conv[layer, drow, c, j] = quantise_code(x, scale, conv_code, stochastic, r)
             if lane == 0:
-                conv_scales[layer, slot, block, j] = scale
-
-
-# ---------------------------------------------------------------- the Mamba2 replay commit into an 8-bit state
-
-#: The largest ``N`` the 8-bit replay holds in registers (``N / 32`` elements a lane).
-REPLAY_MAX_N = 256
-
-
-@cuda.jit(device=True)
-def _replay_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, slots_total):
-    """(slot, accepted steps) of replay row ``b``; slot -1 when the row commits nothing (`mamba_cache.core.rows`)."""
-    if use_nodes:
-        a = np.int64(tree_steps(nodes, accept, b, seq_len))
-    else:
-        a = np.int64(accepted_steps(accept, b, seq_len))
-    slot = np.int64(row_slot(state_indices, use_indices, b, slots_total))
-    if a == 0 or slot < 0:
-        return -1, 0
-    return slot, a
-
-
-@cuda.jit(cache=False)
-def replay8_mamba2(
-    # the 8-bit recurrent pool [L, B, H*D, N] (uint8), its scales [L, B, H*D], residual [L, B, H*D, N] (uint16)
-    rec, rec_scales, rec_residual,
-    # the conv window as bytes [L, B, C, K*esz], its scales [L, B, ceil(C/64), K] (8-bit) or a stand-in
-    conv, conv_scales,
-    # the stash, flat per step: dA [L, B*S, H], u [L, B*S, H*D], B [L, B*S, G, N], conv [L, B*S, C*esz],
-    # conv_scales [L, B*S, ceil(C/64)] (8-bit) or a stand-in
-    stash_dA, stash_u, stash_B, stash_conv, stash_conv_scales,
-    accept, nodes, state_indices, positions,
-    use_indices, use_nodes, use_positions, seq_len, heads, rec_code, conv8, esz, feedback, stochastic, seed_lo, seed_hi,
-):  # fmt: skip
-    """The replay commit of a Mamba2 cache whose recurrent pool is 8-bit, both kinds in one launch.
-
-    Row ``b`` replays its accepted steps ``t`` (stash row ``b * V + t``, or ``b * V + nodes[b, t]``
-    for a tree) as [`replay_commit`][mamba_cache.replay.reference.replay_commit] does: the group
-    ``(h, d)`` reads ``stored * scale``, computes ``h * dA + u * B`` in float32 and is stored by the
-    8-bit rule after every step (its residual fed back under error feedback; the words of the
-    state's token count); its conv window takes the stashed columns, moved with their scales when
-    8-bit. Grid ``(x, active, L)``, block ``(COMMIT_THREADS,)``: a warp a recurrent group (each lane
-    ``N / 32`` elements in registers) or a conv block of 64 channels, as in ``commit8``.
-    """
-    b, layer = cuda.blockIdx.y, cuda.blockIdx.z
-    slot, a = _replay_row(b, nodes, accept, state_indices, use_indices, use_nodes, seq_len, rec.shape[1])
-    if slot < 0:
-        return
-    start = np.int64(positions[b]) if use_positions else np.int64(0)
-    lane = cuda.threadIdx.x % 32
-    warps = cuda.blockDim.x // 32
-    first_warp = cuda.blockIdx.x * warps + cuda.threadIdx.x // 32
-    all_warps = cuda.gridDim.x * warps
-    amax_buf = cuda.shared.array(COMMIT_THREADS, np.float32)
-    flag_buf = cuda.shared.array(COMMIT_THREADS, np.int32)
-    groups, size = rec.shape[2], rec.shape[3]
-    per_group = heads // stash_B.shape[2]
-    state = cuda.local.array(REPLAY_MAX_N // 32, np.float32)
-    residual = cuda.local.array(REPLAY_MAX_N // 32, np.float32)
-    stored = cuda.local.array(REPLAY_MAX_N // 32, np.int64)
-    for k in range(-(-groups // all_warps)):  # the same count in every warp (syncthreads inside)
-        g = first_warp + k * all_warps
-        live = g < groups
-        h = g // (groups // heads) if live else 0
-        scale = rec_scales[layer, slot, g] if live else np.float32(1.0)
-        for i in range(REPLAY_MAX_N // 32):
-            n = lane + 32 * i
-            if live and n < size:
-                stored[i] = np.int64(rec[layer, slot, g, n])
-                state[i] = dequantise_code(stored[i], scale, rec_code)
-                residual[i] = (
-                    float32_from_bits(np.uint64(rec_residual[layer, slot, g, n]) << np.uint64(16)) if feedback else 0.0
-                )
-        for t in range(a):
-            row = b * seq_len + (np.int64(nodes[b, t]) if use_nodes else t)
-            amax = np.float32(0.0)
-            finite = True
-            if live:
-                decay = stash_dA[layer, row, h]
-                u = stash_u[layer, row, g]
-                for i in range(REPLAY_MAX_N // 32):
-                    n = lane + 32 * i
-                    if n < size:
-                        x = np.float32(state[i] * decay) + np.float32(u * stash_B[layer, row, h // per_group, n])
-                        if feedback:
-                            x = np.float32(x + residual[i])
-                        state[i] = x  # the value to quantise, for now
-                        amax, finite = amax_step(x, amax, finite)
-            amax, finite = _warp_amax(amax, finite, amax_buf, flag_buf)
-            if not live:
-                continue
-            scale = group_scale(amax, finite, QMAX[rec_code])
-            for i in range(REPLAY_MAX_N // 32):
-                n = lane + 32 * i
-                if n < size:
-                    x = state[i]
-                    r = np.uint64(0)
-                    if stochastic:
-                        r = philox_word(g * size + n, start + t + 1, layer, 0, seed_lo, seed_hi)
-                    stored[i] = quantise_code(x, scale, rec_code, stochastic, r)
-                    state[i] = dequantise_code(stored[i], scale, rec_code)
-                    if feedback:
-                        error = np.float32(x - state[i])
-                        bits = (
-                            np.uint64(0) if error != error else convert_bits(float32_bits(error), 8, 23, 8, 7, False, 0)
-                        )
-                        residual[i] = float32_from_bits(bits << np.uint64(16))
-        if live:
-            for i in range(REPLAY_MAX_N // 32):
-                n = lane + 32 * i
-                if n < size:
-                    rec[layer, slot, g, n] = stored[i]
-                    if feedback:
-                        rec_residual[layer, slot, g, n] = float32_bits(residual[i]) >> np.uint32(16)
-            if lane == 0:
-                rec_scales[layer, slot, g] = scale
-    # conv: column j of the result is column j + a of window ++ stashed columns (increasing j: in place)
-    channels, width = conv.shape[2], conv.shape[3] // esz
-    blocks = -(-channels // 64)
-    for k in range(-(-blocks // all_warps)):
-        block = first_warp + k * all_warps
-        if block >= blocks:
-            continue
-        first = block * 64
-        last = first + 64 if first + 64 < channels else channels
-        for j in range(width):
-            source = j + a
-            if source < width:
-                for c in range(first + lane, last, 32):
-                    for e in range(esz):
-                        conv[layer, slot, c, j * esz + e] = conv[layer, slot, c, source * esz + e]
-                if conv8 and lane == 0:
-                    conv_scales[layer, slot, block, j] = conv_scales[layer, slot, block, source]
-            else:
-                t = source - width
-                row = b * seq_len + (np.int64(nodes[b, t]) if use_nodes else t)
-                for c in range(first + lane, last, 32):
-                    for e in range(esz):
-                        conv[layer, slot, c, j * esz + e] = stash_conv[layer, row, c * esz + e]
-                if conv8 and lane == 0:
-                    conv_scales[layer, slot, block, j] = stash_conv_scales[layer, row, block]
+                dst_conv_scales[layer, drow, block, j] = scale

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..precision.quant8 import SLOT_SCALE_POOLS
 from ..precision.reference import rounds_stochastically
 
 F32 = np.float32
@@ -133,10 +134,12 @@ def replay_commit(
             position and the element).
         seed: ``Config.rounding_seed``.
         track: optional ``(pools, entries, steps, check)``: prefix-store ``(recurrent [L, P, H, D, N],
-            conv [L, P, C, K])``, ``[active]`` int entries and steps, and a callable that refuses a
-            bad set of entries. A committing row with ``0 <= steps[b] < a`` and ``entries[b]`` in
-            ``[0, P)`` copies its states after step ``steps[b]`` (as stored) into that entry; a row
-            that commits nothing tracks nothing.
+            conv [L, P, C, K])`` (then, for an 8-bit cache, the entries of the ``scales`` pools it has:
+            ``scales_recurrent``, ``scales_conv``, ``residual_recurrent``, in that order),
+            ``[active]`` int entries and steps, and a callable that refuses a bad set of entries. A
+            committing row with ``0 <= steps[b] < a`` and ``entries[b]`` in ``[0, P)`` copies its
+            states after step ``steps[b]`` (as stored, with their scales and residuals) into that
+            entry; a row that commits nothing tracks nothing.
         scales: the 8-bit pools beside 8-bit ``recurrent`` / ``conv`` pools (``Config.scale_pools``
             names: ``scales_recurrent [L, B, H, D]``, ``scales_conv [L, B, ceil(C / 64), K]``,
             ``residual_recurrent [L, B, H, D, N]``), updated in place with their states. An 8-bit
@@ -193,8 +196,6 @@ def replay_commit(
     scales = scales or {}
     quant = dtype.itemsize == 1  # an 8-bit recurrent pool: values with scales (and residuals)
     if quant:
-        if track is not None:
-            raise ValueError("tracking into a prefix store is not built for 8-bit states; nothing was changed")
         from ..precision.quant8 import dequantise, store
 
         q_values, q_scales = recurrent[:, targets], scales["scales_recurrent"][:, targets]
@@ -206,6 +207,9 @@ def replay_commit(
     live_shape = (1, rows.size) + (1,) * (state.ndim - 2)
     start = np.zeros(rows.size, np.int64) if positions is None else positions.astype(np.int64)[rows]
     columns = views["conv"][:, rows[:, None], path]  # [L, R, T, C] in replay order
+    column_scales = None  # an 8-bit window: each column's scales move with it
+    if "conv_scales" in views:
+        column_scales = views["conv_scales"][:, rows[:, None], path]  # [L, R, T, ceil(C / 64)]
     track_rows = np.searchsorted(rows, tracked)  # positions of the tracked rows within `rows`
     for t in range(int(a.max())):
         new = step_fn(state, *(views[name][:, rows, path[:, t]] for name in names))
@@ -225,15 +229,22 @@ def replay_commit(
             if q_residual is not None:
                 q_residual = np.where(live, q.residual, q_residual)
             state = np.where(live, dequantise(q.values, q.scales[..., None]), state)
-            continue
-        # stored to the state dtype after every step, exactly as the decode step stores it
-        stored = _store(new, dtype, stochastic, seed, start + t + 1)
-        state = np.where(live, stored.astype(F32), state)
+        else:  # stored to the state dtype after every step, exactly as the decode step stores it
+            stored = _store(new, dtype, stochastic, seed, start + t + 1)
+            state = np.where(live, stored.astype(F32), state)
         at_t = track_rows[step_of[tracked] == t] if tracked.size else track_rows
         if at_t.size:  # the state after step t (as stored) and the window after t + 1 columns
-            entries = entry_of[rows[at_t]]
-            track_pools[0][:, entries] = state[:, at_t].astype(dtype)
-            track_pools[1][:, entries] = conv_after(conv[:, targets[at_t]], columns[:, at_t], np.full(at_t.size, t + 1))
+            entries, shift = entry_of[rows[at_t]], np.full(at_t.size, t + 1)
+            track_pools[0][:, entries] = q_values[:, at_t] if quant else state[:, at_t].astype(dtype)
+            track_pools[1][:, entries] = conv_after(conv[:, targets[at_t]], columns[:, at_t], shift)
+            named = dict(zip([n for n in SLOT_SCALE_POOLS if n in scales], track_pools[2:], strict=True))
+            if quant:  # an 8-bit entry holds the step's scales and residuals as the slot would
+                named["scales_recurrent"][:, entries] = q_scales[:, at_t]
+                if q_residual is not None:
+                    named["residual_recurrent"][:, entries] = q_residual[:, at_t]
+            if column_scales is not None:
+                window_scales = scales["scales_conv"][:, targets[at_t]]
+                named["scales_conv"][:, entries] = conv_after(window_scales, column_scales[:, at_t], shift)
     if quant:
         recurrent[:, targets], scales["scales_recurrent"][:, targets] = q_values, q_scales
         if q_residual is not None:
@@ -241,8 +252,7 @@ def replay_commit(
     else:
         recurrent[:, targets] = state.astype(dtype)
     conv[:, targets] = conv_after(conv[:, targets], columns, a)
-    if "conv_scales" in views:  # an 8-bit window: each column's scales move with it
-        column_scales = views["conv_scales"][:, rows[:, None], path]  # [L, R, T, ceil(C / 64)]
+    if column_scales is not None:
         scales["scales_conv"][:, targets] = conv_after(scales["scales_conv"][:, targets], column_scales, a)
 
 

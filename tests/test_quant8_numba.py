@@ -375,3 +375,32 @@ def test_numba_refuses_the_8bit_modes_it_does_not_build(overrides, words):
     NumpyMambaCacheManager(config)
     with pytest.raises(ConfigError, match=words):
         NumbaMambaCacheManager(config)
+
+
+def test_8bit_offload_and_resume_move_the_scales_and_parcels_are_refused(rng):
+    # Preemption parks a slot's 8-bit values with their scales and residual and resumes them bit for bit,
+    # on both backends; a parcel has no place for scales, so export / import refuse an 8-bit cache (and
+    # checkpoint mode's offload, whose folded scales are not parked) before anything changes.
+    config = q8_config("float8_e4m3fn", "int8", error_feedback=True)
+    reference, device = twin_managers(config, rng)
+    for manager in (reference, device):
+        before = snapshot(manager)
+        handles = manager.offload_slots(np.array([1, -1, 3], np.int32))
+        manager.clear_slot(1)
+        manager.clear_slot(3)
+        manager.resume(handles[2], 1)
+        manager.resume(handles[0], 3)
+        after = snapshot(manager)
+        slot_pools = [n for n in before if n in ("recurrent", "conv") or n.startswith(("scales_", "residual_"))]
+        assert len(slot_pools) == 5  # states, both scale pools, the residual
+        for name in slot_pools:  # slots 1 and 3 swapped in every slot pool, the others unchanged
+            assert after[name][:, 1].tobytes() == before[name][:, 3].tobytes(), name
+            assert after[name][:, 3].tobytes() == before[name][:, 1].tobytes(), name
+            assert np.delete(after[name], [1, 3], 1).tobytes() == np.delete(before[name], [1, 3], 1).tobytes(), name
+        with pytest.raises(ValueError, match="export_slots: not built for 8-bit states .*scales.*nothing changed"):
+            manager.export_slots(np.array([0], np.int32))
+        assert_same_bits(snapshot(manager), after, "refused export")
+    assert_same_bits(snapshot(device), snapshot(reference), "offload and resume")
+    checkpoint = BACKENDS["numpy"](dataclasses.replace(config, commit_mode="checkpoint", history_len=3))
+    with pytest.raises(ValueError, match="offload_slots: not built for 8-bit states .*checkpoint mode"):
+        checkpoint.offload_slots(np.array([0], np.int32))

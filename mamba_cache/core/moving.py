@@ -49,8 +49,8 @@ class _OffloadPool:
     """The manager's own host pool: ``[P, L, ...]`` per state kind, its free list, generations and events."""
 
     def __init__(self, manager: Any, capacity: int) -> None:
-        pools = manager._pools
-        self.host = tuple(manager._host_zeros((capacity, *p.shape[:1], *p.shape[2:]), p.dtype) for p in pools[:2])
+        pools = manager._moving_pools()  # an 8-bit cache's scales and residual park with the states
+        self.host = tuple(manager._host_zeros((capacity, *p.shape[:1], *p.shape[2:]), p.dtype) for p in pools)
         self.capacity = capacity
         self.free = list(range(capacity - 1, -1, -1))
         self.generations = [0] * capacity
@@ -62,6 +62,14 @@ class MovingOperations:
     """``export_slots`` / ``import_slots`` (state parcels) and ``offload_slots`` / ``resume`` (preemption)."""
 
     # ------------------------------------------------------------ arguments
+    def _refuse_8bit(self, what: str, reason: str) -> None:
+        """Refuse ``what`` on a cache with 8-bit states, before anything is read or written."""
+        kinds = self._config.quantised_kinds
+        if kinds:
+            raise ValueError(
+                f"{what}: not built for 8-bit states ({', '.join(kinds)} with scales): {reason}; nothing changed"
+            )
+
     def _host_slots(self, what: str, slots: Any, *, distinct: bool) -> np.ndarray:
         """A host int32 ``[n]`` slot array: each in ``[0, B)`` or ``pad_slot_id``; int64 copy returned."""
         if not isinstance(slots, np.ndarray):
@@ -118,9 +126,11 @@ class MovingOperations:
 
         Raises:
             TypeError / IndexError / ValueError: a bad argument (named), nothing changed.
+            ValueError: a cache with 8-bit states (a parcel has no place for their scales).
             ParcelError: ``dest_tp_size`` cannot split this model's heads or groups.
         """
         self._require_pools("export_slots")
+        self._refuse_8bit("export_slots", "a parcel's layout has no place for their scales")
         resolved = self._stream(stream)
         config = self._config
         rows = self._host_slots("export_slots", slots, distinct=False)
@@ -214,8 +224,10 @@ class MovingOperations:
             ParcelError: another model, dtype, namespace or shard layout, no piece for this rank, a
                 damaged buffer or descriptor; nothing changed.
             TypeError / IndexError / ValueError: a bad ``slots`` or ``parcel`` (named); nothing changed.
+            ValueError: a cache with 8-bit states (a parcel has no place for their scales).
         """
         self._require_pools("import_slots")
+        self._refuse_8bit("import_slots", "a parcel's layout has no place for their scales")
         resolved = self._stream(stream)
         config = self._config
         if not isinstance(parcel, StateParcel):
@@ -305,8 +317,8 @@ class MovingOperations:
     def offload_slots(self, slots: Any, stream: Any = None) -> list:
         """Park the current state of some slots in the manager's host pool (preemption); the slots are unchanged.
 
-        Each state is copied bit for bit (checkpoint mode: the folded state, the ring untouched)
-        on ``stream`` (asynchronous into pinned memory on the Numba backend); the slot may be reused
+        Each state is copied bit for bit (with an 8-bit cache's scales and residual; checkpoint
+        mode: the folded state, the ring untouched) on ``stream`` (asynchronous into pinned memory on the Numba backend); the slot may be reused
         at once for another sequence on the same stream.
 
         Args:
@@ -320,8 +332,11 @@ class MovingOperations:
         Raises:
             MemoryError: the pool has fewer free entries than live rows (nothing parked).
             TypeError / IndexError / ValueError: a bad ``slots`` (named); nothing changed.
+            ValueError: an 8-bit cache in checkpoint mode (its folded scales are not parked).
         """
         self._require_pools("offload_slots")
+        if self._history:
+            self._refuse_8bit("offload_slots", "in checkpoint mode a slot's folded scales are not parked")
         resolved = self._stream(stream)
         rows = self._host_slots("offload_slots", slots, distinct=False)
         if getattr(self, "_offload", None) is None:
@@ -347,7 +362,7 @@ class MovingOperations:
             if self._history:
                 source, row = self._folded(slot, resolved), 0
             else:
-                source, row = (self._pools.recurrent, self._pools.conv), slot
+                source, row = self._moving_pools(), slot  # with any 8-bit scales and residual
             self._entry_to_host(source, row, pool.host, entry, resolved)
             pool.filled[entry] = self._recorded(pool.filled[entry], resolved)
             position = None if positions is None else int(positions[slot])
@@ -380,7 +395,7 @@ class MovingOperations:
             raise LookupError(f"resume: the handle {handle} was used already (a handle is single-use); nothing changed")
         if pool.filled[entry] is not None:
             self._wait_event(pool.filled[entry], resolved)
-        self._host_to_rows(pool.host, entry, (self._pools.recurrent, self._pools.conv), slot, resolved)
+        self._host_to_rows(pool.host, entry, self._moving_pools(), slot, resolved)
         pool.read[entry] = self._recorded(pool.read[entry], resolved)
         pool.generations[entry] += 1
         pool.free.append(entry)

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint test-long docs bench sanitize mutate install clean
+.PHONY: demo test lint test-long docs bench sanitize mutate compile-check install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,6 @@ clean:
 
 mutate: $(STAMP)  # the mutation run of .ci/mutate.py (about ten minutes on two cores, simulator)
 	nice $(PY) .ci/mutate.py
+
+compile-check: $(STAMP)  # no GPU needed: compile for sm_90 every kernel the simulator ran in the kernel tests (about five minutes)
+	nice $(PY) .ci/compile_check.py

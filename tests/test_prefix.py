@@ -749,7 +749,7 @@ def bookkeeping(store):
         list(store._lru),
         list(store._free),
         str(store.stats),
-        {base: {r: dict(checks) for r, checks in lengths.items()} for base, lengths in store._tails.items()},
+        {base: tuple((w, dict(checks)) for w, checks in lengths) for base, lengths in store._tails.items()},
         store._facts.used.tolist(),
     )
 

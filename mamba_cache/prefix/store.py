@@ -170,9 +170,9 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._clock = 0
         self._parent = [-1] * entries  # seglen: the nearest cached ancestor entry on the device
         self._children: dict[int, set] = {}
-        # off-grid keys: block digest d_q -> {tail length r: {check of the tail: entries (either tier)}},
-        # the check a 64-bit hash of the tail's bytes that spares match the digest of a tail that differs
-        self._tails: dict[bytes, dict[int, dict[int, int]]] = {}
+        # off-grid keys: block digest d_q -> ((tail bytes 4 r, {check of the tail: entries (either tier)}), ...),
+        # longest first; the check, a 64-bit hash of the tail's bytes, spares match the digest of a tail that differs
+        self._tails: dict[bytes, tuple[tuple[int, dict[int, int]], ...]] = {}
         self._tail_of: dict[bytes, tuple[bytes, int, int]] = {}
         self._closed = False
         self._keys: list[bytes | None] = [None] * entries

@@ -297,11 +297,23 @@ class PrefixStateCache(KeyIndex, EntryStore):
     def _handle(self, entry: int) -> PrefixHandle:
         return PrefixHandle(entry, self._generations[entry], self._lengths[entry])
 
-    def _take_entry(self, stream: Any, keep: set | frozenset = frozenset()) -> int | None:
-        """A free entry, else the policy's victim among the unpinned published ones (evicted), else None."""
+    def _take_entry(self, stream: Any, keep: set | frozenset = frozenset(), data: Any = None) -> int | None:
+        """A free entry, else the policy's victim among the unpinned published ones (evicted), else None.
+
+        ``data``: the tokens of the checkpoint the entry is for (None: not known yet, a reservation);
+        a policy that ``drops_superseded`` then takes the entry of its nearest cached ancestor if the
+        new checkpoint is about to be that ancestor's one cached extension.
+        """
         if self._free:
             return self._free.pop()
         pins = self._pins
+        if data is not None and self.policy.drops_superseded and self.policy.needs_ancestors:
+            ancestor = self._longest(data, data.shape[0] - 1, device_only=True)
+            if ancestor is not None:
+                entry = ancestor.entry
+                if not self._facts.children[entry] and not pins[entry] and entry not in keep:
+                    self._evict(entry, stream)
+                    return entry
         candidates = (e for e in self._lru if not pins[e] and e not in keep)  # least recent first
         entry = self.policy.victim(candidates, self._facts)
         if entry is not None:
@@ -511,7 +523,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             return present
         if not self._admit(data, kind):
             return None
-        entry = self._take_entry(resolved)
+        entry = self._take_entry(resolved, data=data)
         if entry is None:
             self.stats.dropped_inserts += 1
             return None
@@ -571,7 +583,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
                     taken.add(present.entry)
                 handles[i] = present
                 continue
-            entry = self._take_entry(resolved, keep=taken)
+            entry = self._take_entry(resolved, keep=taken, data=data)
             if entry is None:
                 self.stats.dropped_inserts += 1
                 continue

@@ -383,9 +383,12 @@ class PrefixStateCache(KeyIndex, EntryStore):
                 self._written[entry] = event
 
     def tracked_on(self, stream: Any) -> None:
-        """Called by a commit after it queued a tracking copy into this store on ``stream``."""
+        """Called by a commit (or a chunked prefill) after it queued a write into this store's entries on ``stream``.
+
+        ``stream``: as every call takes it (``None``: the manager's ``default_stream``).
+        """
         if self.host_entries:
-            self._tracked = self._recorded(self._tracked, stream)
+            self._tracked = self._recorded(self._tracked, self.manager._stream(stream))
 
     def _main(self) -> tuple:
         return self.manager._moving_pools()

@@ -550,7 +550,9 @@ class PrefixStateCache(KeyIndex, EntryStore):
             stream: the stream to copy on (ignored by the NumPy backend).
 
         Returns:
-            ``n`` handles (``None`` for dropped inserts and padding rows). A prefix given twice is copied once.
+            ``n`` handles (``None`` for dropped inserts and padding rows). A prefix given twice is copied once;
+            a prefix already present (either tier) is never evicted or dropped by the batch's own
+            inserts, so every handle returned is live.
 
         Raises:
             TypeError / ValueError / IndexError: as [`insert`][mamba_cache.prefix.PrefixStateCache.insert], for any
@@ -573,29 +575,36 @@ class PrefixStateCache(KeyIndex, EntryStore):
                 check_index(f"slots[{i}]", slot, batch)
         prefixes = [self._prefix(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
         handles: list = [None] * len(prefixes)
-        src, dst, taken, planned = [], [], set(), {}
-        for i, (data, key, tail) in enumerate(prefixes):
-            if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
-                continue
-            if key in planned:
-                handles[i] = planned[key]
-                continue
-            present = self._lookup(key)
-            if present is not None:
-                if not present.host:
-                    taken.add(present.entry)
-                handles[i] = present
-                continue
-            entry = self._take_entry(resolved, keep=taken, data=data)
-            if entry is None:
-                self.stats.dropped_inserts += 1
-                continue
-            taken.add(entry)
-            planned[key] = entry
-            src.append(int(slots[i]))
-            dst.append(entry)
-            self._publish(entry, key, data, tail)
-            handles[i] = entry
+        src, dst, taken, planned, held = [], [], set(), {}, []
+        try:
+            for i, (data, key, tail) in enumerate(prefixes):
+                if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
+                    continue
+                if key in planned:
+                    handles[i] = planned[key]
+                    continue
+                present = self._lookup(key)
+                if present is not None:
+                    if present.host:  # pinned for the batch: an offload of a later eviction must not drop it
+                        self._hpins[present.entry] += 1
+                        held.append(present.entry)
+                    else:
+                        taken.add(present.entry)
+                    handles[i] = present
+                    continue
+                entry = self._take_entry(resolved, keep=taken, data=data)
+                if entry is None:
+                    self.stats.dropped_inserts += 1
+                    continue
+                taken.add(entry)
+                planned[key] = entry
+                src.append(int(slots[i]))
+                dst.append(entry)
+                self._publish(entry, key, data, tail)
+                handles[i] = entry
+        finally:
+            for host in held:
+                self._hpins[host] -= 1
         if src:
             src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
             dst_arg, _ = manager._int32_array("prefix_entries", np.array(dst, dtype=np.int32), "[n]", resolved)

@@ -104,6 +104,13 @@ def test_flop_aware_drops_a_superseded_turn_at_once_unless_pinned(rng):
     assert run(at_once=False) == {"a"}
     assert run(at_once=True) == {"turn1"}  # the superseded turn's own entry, no live one
     assert run(at_once=True, pin=True) == {"a"}  # a pinned ancestor is never taken
+    # a branch point (a prefix two requests shared) is not superseded by its first cached extension
+    _, store = make("numpy", rng, entries=3, block_size=4, policy=FlopAware(at_once=True))
+    a, b = (store.insert(o[:3], slot=0) for o in others)  # short and old: the lowest utility
+    shared = store.insert(chat[:10], slot=0, kind="branch_point")
+    store.insert(chat[:25], slot=1, kind="end_of_request")
+    assert store._generations[shared.entry] == shared.generation and store.match(chat[:11]).length == 10
+    assert store._generations[a.entry] != a.generation  # the victim by utility went instead
 
 
 def test_flop_aware_admits_a_block_boundary_only_once_shared(rng):

@@ -116,9 +116,12 @@ class KeyIndex:
         self.stats.rejected_inserts += 1
         return False
 
-    def _publish(self, entry: int, key: bytes, data: np.ndarray, tail: tuple | None) -> PrefixHandle:
+    def _publish(
+        self, entry: int, key: bytes, data: np.ndarray, tail: tuple | None, kind: str | None = None
+    ) -> PrefixHandle:
         length = data.shape[0]
         self._keys[entry] = key
+        self._kinds[entry] = kind
         self._lengths[entry] = length
         self._facts.lengths[entry] = length
         self._generations[entry] += 1

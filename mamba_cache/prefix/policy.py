@@ -23,9 +23,10 @@ Policies, by name:
   the longer one: a chat's earlier turn once the next turn is cached) and goes before any other.
   With ``at_once`` (the default), a full store drops it the moment it is superseded: a new
   checkpoint whose nearest cached ancestor has no other cached extension takes that ancestor's
-  entry (unless it is pinned), instead of evicting another entry now and the superseded one at the
-  next insert (which cost a live entry per insert: on a chat at block size 528 with 11 entries for
-  16 open conversations, 1.42x the baseline's hit tokens without it, 1.62x with it).
+  entry (unless it is pinned, or was inserted as a ``branch_point``: a prefix two requests shared,
+  whose other extensions are yet to come), instead of evicting another entry now and the
+  superseded one at the next insert (which cost a live entry per insert: on a chat at block size
+  528 with 11 entries for 16 open conversations, 1.42x the baseline's hit tokens without it).
   Admission: only checkpoints that can be reused: a checkpoint a placement offers as a plain block
   boundary (kind ``"block"``) is admitted only where the store has seen a second request pass that
   boundary; ends of prompts and requests, branch points and direct inserts (no kind) are admitted.

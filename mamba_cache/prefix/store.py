@@ -176,6 +176,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._tail_of: dict[bytes, tuple[bytes, int, int]] = {}
         self._closed = False
         self._keys: list[bytes | None] = [None] * entries
+        self._kinds: list[str | None] = [None] * entries  # the kind each entry was inserted as
         self._lengths = [0] * entries
         self._generations = [0] * entries
         self._pins = [0] * entries
@@ -302,7 +303,8 @@ class PrefixStateCache(KeyIndex, EntryStore):
 
         ``data``: the tokens of the checkpoint the entry is for (None: not known yet, a reservation);
         a policy that ``drops_superseded`` then takes the entry of its nearest cached ancestor if the
-        new checkpoint is about to be that ancestor's one cached extension.
+        new checkpoint is about to be that ancestor's one cached extension (never one inserted as a
+        branch point: a prefix two requests shared, whose other extensions may come).
         """
         if self._free:
             return self._free.pop()
@@ -311,7 +313,8 @@ class PrefixStateCache(KeyIndex, EntryStore):
             ancestor = self._longest(data, data.shape[0] - 1, device_only=True)
             if ancestor is not None:
                 entry = ancestor.entry
-                if not self._facts.children[entry] and not pins[entry] and entry not in keep:
+                sole = not self._facts.children[entry] and self._kinds[entry] != "branch_point"
+                if sole and not pins[entry] and entry not in keep:
                     self._evict(entry, stream)
                     return entry
         candidates = (e for e in self._lru if not pins[e] and e not in keep)  # least recent first
@@ -329,6 +332,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._unlink(entry)
         self._keys[entry] = None
         self._lengths[entry] = 0
+        self._kinds[entry] = None
         self._facts.lengths[entry] = 0
         self._generations[entry] += 1
         self.stats.evictions += 1
@@ -536,7 +540,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             self._free.append(entry)
             raise
         self._wrote([entry], resolved)
-        return self._publish(entry, key, data, tail)
+        return self._publish(entry, key, data, tail, kind)
 
     @_on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:

@@ -214,6 +214,23 @@ class KeyIndex:
                     return handle
         return None
 
+    def _superseded(self, data: np.ndarray, keep: set | frozenset) -> int | None:
+        """The device entry a new checkpoint after ``data`` supersedes, for a policy that ``drops_superseded``.
+
+        Its nearest cached ancestor, when the new checkpoint is about to be its one cached extension,
+        unless pinned, in ``keep``, or inserted as a branch point (a prefix two requests shared, whose
+        other extensions may still come); else None.
+        """
+        if not (self.policy.drops_superseded and self.policy.needs_ancestors):
+            return None
+        ancestor = self._longest(data, data.shape[0] - 1, device_only=True)
+        if ancestor is None:
+            return None
+        entry = ancestor.entry
+        if self._facts.children[entry] or self._kinds[entry] == "branch_point" or self._pins[entry] or entry in keep:
+            return None
+        return entry
+
     def _device_lookup(self, key: bytes) -> PrefixHandle | None:
         """A device entry's handle for ``key`` (recency untouched), or None."""
         entry = self._index.get(key)

@@ -302,21 +302,15 @@ class PrefixStateCache(KeyIndex, EntryStore):
         """A free entry, else the policy's victim among the unpinned published ones (evicted), else None.
 
         ``data``: the tokens of the checkpoint the entry is for (None: not known yet, a reservation);
-        a policy that ``drops_superseded`` then takes the entry of its nearest cached ancestor if the
-        new checkpoint is about to be that ancestor's one cached extension (never one inserted as a
-        branch point: a prefix two requests shared, whose other extensions may come).
+        a policy that ``drops_superseded`` then takes the entry it supersedes (``_superseded``).
         """
         if self._free:
             return self._free.pop()
         pins = self._pins
-        if data is not None and self.policy.drops_superseded and self.policy.needs_ancestors:
-            ancestor = self._longest(data, data.shape[0] - 1, device_only=True)
-            if ancestor is not None:
-                entry = ancestor.entry
-                sole = not self._facts.children[entry] and self._kinds[entry] != "branch_point"
-                if sole and not pins[entry] and entry not in keep:
-                    self._evict(entry, stream)
-                    return entry
+        entry = None if data is None else self._superseded(data, keep)
+        if entry is not None:
+            self._evict(entry, stream)
+            return entry
         candidates = (e for e in self._lru if not pins[e] and e not in keep)  # least recent first
         entry = self.policy.victim(candidates, self._facts)
         if entry is not None:

@@ -4,7 +4,7 @@ A chunked prefill (`mamba_cache.models.chunked_kernels`) needs working arrays wh
 prompt's length ``T``, its chunk count or its checkpoint count, and a few small inputs on the device
 (the token ids, the checkpoint positions and destinations, the rounding formats). Allocating them per
 call puts ``cuMemAlloc`` calls (and the synchronous copies of ``cuda.to_device``) inside every prefill,
-so the call cannot be captured into a CUDA graph and costs a host sync each time. A `ChunkedScratch`
+so the call could never be captured into a CUDA graph and costs a host sync each time. A `ChunkedScratch`
 keeps one buffer per name, allocated at the first call that needs it (or a larger one) and handed
 out as a view of exactly the rows a call needs; an input is copied (asynchronously, on the given
 stream) only when it differs from the previous call's. So every call after the first of its size

@@ -35,7 +35,8 @@ prefix's owner and length), then ``insert`` at the store's ``positions`` of the 
 and of the whole request (after decode; the last sampled token never counts). It drives the real
 ``PrefixStateCache`` on the NumPy backend with 16-byte states; the only shortcut is that the
 block-digest chain of each stream is memoised (the same digests, not recomputed for every insert of a
-prefix of that stream). Also times ``match`` of a 32k-token prompt, off-grid vs grid-only (same run).
+prefix of that stream). Also times ``match`` of a 32k-token prompt, off-grid vs grid-only (same run);
+``--match-only`` times only that (``<out>/prefix_match-<date>.json`` and ``.txt``).
 Writes ``<out>/prefix_families-<date>.json`` and ``<out>/prefix_families-<date>.svg``; prints the table and
 whether each of the issue's targets is met.
 """
@@ -271,8 +272,11 @@ def main(argv=None, base: Workload | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="'' writes no file")
     parser.add_argument("--families", default="", help="e.g. chat,agentic,fewshot: the trace families instead")
     parser.add_argument("--scale", type=float, default=1.0, help="families: fraction of the documented traffic")
+    parser.add_argument("--match-only", action="store_true", help="only time match of a 32k-token prompt")
     args = parser.parse_args(argv)
     seed = int(np.random.SeedSequence().entropy % 2**32) if args.seed is None else args.seed
+    if args.match_only:
+        return prefix_families.main_match(seed, args.out)
     if args.families:
         return prefix_families.main(args.families.split(","), seed, args.scale, args.out)
     w = dataclasses.replace(

@@ -28,7 +28,8 @@ FLOORS = [
      "mamba_cache.replay.tiles", "mamba_cache.replay.tiled_mamba2", "mamba_cache.replay.tiled_gdn",
      "mamba_cache.prefix.host_copy", "mamba_cache.checkpoint", "mamba_cache.checkpoint.reference",
      "mamba_cache.checkpoint.kernels", "mamba_cache.checkpoint.reading",
-     "mamba_cache.moving.kernels", "mamba_cache.models.chunked", "mamba_cache.models.chunked_kernels"},
+     "mamba_cache.moving.kernels", "mamba_cache.models.chunked", "mamba_cache.models.chunked_kernels",
+     "mamba_cache.models.chunked_scratch"},
     # the backend-neutral manager and its declared backend interface
     {"mamba_cache.core.backend", "mamba_cache.core.slots", "mamba_cache.core.commits", "mamba_cache.core.checkpoint",
      "mamba_cache.core.moving", "mamba_cache.core.manager", "mamba_cache.models.prefill"},

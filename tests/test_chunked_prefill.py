@@ -314,3 +314,44 @@ def test_refusals_in_other_modes(rng):
     with pytest.raises(ValueError, match="commit_mode='checkpoint'"):
         model_c.prefill_chunked(BACKENDS["numpy"](checkpoint), [1, 2], 0)
     assert_same_bits(snapshot(cache), before, "stochastic")
+
+
+# ---------------------------------------------------------------- scratch reused (CUDA-graph capturable)
+@simulator_long(mixer="mamba2")
+@pytest.mark.parametrize("mixer", ["gdn", "mamba2"])
+def test_numba_second_call_allocates_nothing_and_gives_a_fresh_calls_bits(mixer, monkeypatch):
+    """A chunked prefill after the first of its size allocates nothing and waits for nothing, same bits."""
+    from numba import cuda
+
+    rng = np.random.default_rng(SEED)
+    config = config_for(mixer, "float32", batch=3)
+    first, second = rng.integers(0, 32, 7), rng.integers(0, 32, 6)  # the second smaller: views of the buffers
+
+    def build():
+        cache = BACKENDS["numba"](config)
+        return cache, PrefixStateCache(cache, entries=5, block_size=1)
+
+    def call(model, cache, store, prompt, positions, start):
+        entries = [store.reserve() for _ in positions]
+        out = model.prefill_chunked(
+            cache, prompt, 1, chunk_size=4, checkpoints=positions, store=store, entries=entries, position=start
+        )
+        return out
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the second chunked prefill allocated device memory or waited for the device")
+
+    # reused: one model (one scratch) runs both prompts; the second under a ban on allocations and syncs
+    model = MODELS[mixer](config, vocab_size=32, seed=SEED % 997)
+    cache, store = build()
+    call(model, cache, store, first, [2, 4, 7], 0)
+    with monkeypatch.context() as patch:
+        for name in ("device_array", "to_device", "pinned_array", "synchronize"):
+            patch.setattr(cuda, name, refuse)
+        out = call(model, cache, store, second, [3, 5], 7)
+    got = {"out": to_host(out), **snapshot(cache), **store_bits(store)}
+    # fresh: a second model with the same weights (its own first call) runs the second prompt
+    cache, store = build()
+    call(model, cache, store, first, [2, 4, 7], 0)
+    out = call(MODELS[mixer](config, vocab_size=32, seed=SEED % 997), cache, store, second, [3, 5], 7)
+    assert_same_bits(got, {"out": to_host(out), **snapshot(cache), **store_bits(store)}, "reused vs fresh scratch")

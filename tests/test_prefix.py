@@ -290,6 +290,25 @@ def test_insert_many_never_evicts_a_present_entry_it_returns(backend, rng):
     assert state(snapshot(manager), 2) == state(before, 0)
 
 
+def test_insert_many_never_drops_a_host_entry_it_returns(backend, rng):
+    """A full host tier: a batch's prefix present there stays, so its handle is live when returned."""
+    manager, store = make(backend, rng, entries=1, block_size=2, host_entries=1)
+    before = snapshot(manager)
+    store.insert([1, 1], slot=0)
+    store.insert([2, 2], slot=1)  # [1, 1] -> the host tier, now full
+    held = store.match([1, 1, 0])
+    assert held.host
+    # [3, 3] evicts [2, 2] from the device; its offload finds the one host entry held by this batch
+    handles = store.insert_many([[1, 1], [3, 3]], np.array([2, 3], np.int32))
+    assert handles[0] == held and handles[1] is not None and not handles[1].host
+    assert store.match([2, 2, 0]) is None  # dropped (the host tier had no other entry), not [1, 1]
+    store.restore(handles[0], slot=4)  # the returned host handle is still valid
+    assert state(snapshot(manager), 4) == state(before, 0)
+    store.insert([4, 4], slot=3)  # after the batch the host entry is unprotected again: [3, 3] replaces it
+    with pytest.raises(LookupError, match="stale"):
+        store.restore(held, slot=4)
+
+
 def test_block_size_must_cover_a_verify_window(backend):
     manager = BACKENDS[backend](small_config(max_intermediate_seq_len=4))
     with pytest.raises(ConfigError, match=r"block_size must be >= max\(1, max_intermediate_seq_len\) = 4"):
@@ -749,7 +768,7 @@ def bookkeeping(store):
         list(store._lru),
         list(store._free),
         str(store.stats),
-        {base: {r: dict(checks) for r, checks in lengths.items()} for base, lengths in store._tails.items()},
+        {base: tuple((w, dict(checks)) for w, checks in lengths) for base, lengths in store._tails.items()},
         store._facts.used.tolist(),
     )
 

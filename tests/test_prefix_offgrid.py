@@ -72,7 +72,7 @@ def test_off_grid_insert_match_restore(backend, rng):
 
 def tail_count(store) -> int:
     """Off-grid entries the tail index counts (both tiers)."""
-    return sum(n for lengths in store._tails.values() for checks in lengths.values() for n in checks.values())
+    return sum(n for lengths in store._tails.values() for _, checks in lengths for n in checks.values())
 
 
 def test_match_digests_each_block_once_and_only_tails_that_can_match(rng, monkeypatch):
@@ -104,6 +104,23 @@ def test_match_digests_each_block_once_and_only_tails_that_can_match(rng, monkey
     tails.clear(), blocks.clear()
     assert store.match(rng.integers(2000, 3000, size=4000)) is None
     assert blocks == [3999 // 4] and tails == []  # the unrelated 3-token tail under d_0 fails its check
+
+
+def test_tail_lengths_are_tried_longest_first_whatever_their_insert_and_evict_order(rng):
+    _, store = make("numpy", rng, entries=3, block_size=8)
+    prompt = rng.integers(0, 1000, size=20)
+    for n in (9, 13, 11):  # three tails under d_1, inserted out of order
+        store.insert(prompt[:n], slot=0)
+    assert store.match(prompt).length == 13
+    assert store.match(prompt, max_tokens=12).length == 11
+    assert store.match(prompt, max_tokens=10).length == 9
+    assert store.match(prompt).length == 13  # 11 is now the least recent
+    store.insert(rng.integers(2000, 3000, size=16), slot=0)  # evicts 11, the middle length
+    assert store.match(prompt, max_tokens=12).length == 9
+    assert store.match(prompt).length == 13  # the unrelated prefix is now the least recent
+    store.insert(prompt[:15], slot=0)  # a new longest length after the removal
+    assert store.match(prompt).length == 15 and store.match(prompt, max_tokens=14).length == 13
+    assert tail_count(store) == 3
 
 
 def test_evictions_and_the_host_tier_keep_the_tail_index(backend, rng):

@@ -85,6 +85,34 @@ def test_flop_aware_evicts_a_superseded_turn_first_and_a_branch_point_last(rng):
     assert store._generations[shared.entry] == shared.generation
 
 
+def test_flop_aware_drops_a_superseded_turn_at_once_unless_pinned(rng):
+    chat = rng.integers(0, 50, size=40)
+    others = [rng.integers(50 + 50 * i, 99 + 50 * i, size=30) for i in range(2)]
+
+    def run(at_once, pin=False):
+        _, store = make("numpy", rng, entries=3, block_size=4, policy=FlopAware(at_once=at_once))
+        a, b = (store.insert(o, slot=0) for o in others)  # two other conversations, 30 tokens each
+        turn1 = store.insert(chat[:10], slot=1)  # the store is full
+        if pin:
+            store.pin(turn1)
+        turn2 = store.insert(chat[:25], slot=2)  # turn 1's one cached extension
+        alive = {n: store._generations[h.entry] == h.generation for n, h in (("a", a), ("b", b), ("turn1", turn1))}
+        assert store.match(chat).length == 25 and turn2.length == 25
+        return {n for n, ok in alive.items() if not ok}
+
+    # by utility alone the oldest other conversation goes (turn 1 is not superseded yet when the entry is taken)
+    assert run(at_once=False) == {"a"}
+    assert run(at_once=True) == {"turn1"}  # the superseded turn's own entry, no live one
+    assert run(at_once=True, pin=True) == {"a"}  # a pinned ancestor is never taken
+    # a branch point (a prefix two requests shared) is not superseded by its first cached extension
+    _, store = make("numpy", rng, entries=3, block_size=4, policy=FlopAware(at_once=True))
+    a, b = (store.insert(o[:3], slot=0) for o in others)  # short and old: the lowest utility
+    shared = store.insert(chat[:10], slot=0, kind="branch_point")
+    store.insert(chat[:25], slot=1, kind="end_of_request")
+    assert store._generations[shared.entry] == shared.generation and store.match(chat[:11]).length == 10
+    assert store._generations[a.entry] != a.generation  # the victim by utility went instead
+
+
 def test_flop_aware_admits_a_block_boundary_only_once_shared(rng):
     manager, store = make("numpy", rng, entries=3, block_size=4, policy="flop_aware", placement="every_block")
     prompt = rng.integers(0, 100, size=9)

@@ -265,7 +265,7 @@ def check(store, model, pinned):
     assert len(store) == len(model.lru) + len(model.host)
     offgrid = [p for p in (*model.lru, *model.host) if len(p) % BS]
     assert set(store._tail_of) == {key(p) for p in offgrid}, "the tail index names the off-grid prefixes held"
-    counted = sum(n for lengths in store._tails.values() for checks in lengths.values() for n in checks.values())
+    counted = sum(n for lengths in store._tails.values() for _, checks in lengths for n in checks.values())
     assert counted == len(offgrid)
 
 

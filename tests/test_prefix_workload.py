@@ -157,3 +157,9 @@ def test_families_main_writes_new_files_and_times_match(rng, tmp_path, monkeypat
     first, second = sorted(tmp_path.glob("prefix_families-*.json"))  # the second run did not overwrite
     assert json.loads(first.read_text())["records"] == json.loads(second.read_text())["records"]
     assert len(list(tmp_path.glob("prefix_families-*.svg"))) == 2
+    match_only = ["--match-only", "--seed", str(seed), "--out", str(tmp_path)]
+    assert pw.main(match_only) == 0 and pw.main(match_only) == 0
+    assert "off-grid / grid-only" in capsys.readouterr().out
+    runs = sorted(tmp_path.glob("prefix_match-*.json"))
+    assert len(runs) == 2 and all(p.with_suffix(".txt").exists() for p in runs)  # a new file per run
+    assert {json.loads(p.read_text())["meta"]["seed"] for p in runs} == {seed}

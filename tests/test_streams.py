@@ -57,3 +57,19 @@ def test_scatter_waits_for_earlier_work_on_its_stream():
         assert (state[:3] == layer + 7).all(), "the scatter ran before the fill it was queued after"
         assert not state[3:].any()
         assert (captured[layer].copy_to_host() == layer + 7).all()
+
+
+def test_default_stream_is_the_stream_of_a_call_without_one(rng):
+    config = small_config()
+    ref, dev = NumpyMambaCacheManager(config), NumbaMambaCacheManager(config, stream=cuda.stream())
+    assert ref.default_stream is None  # the NumPy backend has no streams
+    stream = dev.default_stream
+    assert stream is not None and dev.default_stream is stream  # resolved once
+    assert dev._stream(stream) == dev._stream(None)  # passing it on is the same as passing nothing
+    with pytest.raises(AttributeError):
+        dev.default_stream = cuda.stream()  # read-only
+    fill_random([ref, dev], rng)
+    ref.clear_states()
+    dev.clear_states(stream=stream)
+    stream.synchronize()
+    assert_same_bits(snapshot(ref), snapshot(dev), "a call on default_stream")

@@ -228,6 +228,16 @@ class MambaCacheManagerBase(SlotOperations, CommitOperations, CheckpointOperatio
             )
         return view
 
+    @property
+    def default_stream(self) -> Any:
+        """The stream a call given ``stream=None`` queues its work on (read-only).
+
+        The Numba backend: ``numba.cuda.default_stream()``, the legacy default stream; the NumPy
+        backend: ``None`` (it has no streams). For work queued beside the cache's own, e.g. a chunked
+        prefill (``TinyMamba2.prefill_chunked``), and for telling a store on which stream it was written.
+        """
+        return getattr(self._stream(None), "stream", None)  # Numba resolves None to a StreamRef
+
     def num_layers(self) -> int:
         """Number of recurrent layers (0 for an empty, closed or moved-from manager)."""
         return self._config.num_recurrent_layers

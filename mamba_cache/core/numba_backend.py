@@ -149,6 +149,8 @@ class NumbaMambaCacheManager(DeviceArguments, CheckpointBinding, NumbaParcelHook
                 ref = self._streams[None] = stream_ref(cuda.default_stream())
             return ref
         kind = type(stream)
+        if kind is StreamRef:  # already resolved (a commit passing its stream on)
+            return stream
         if kind is int:
             handle = stream
         elif SIMULATOR or hasattr(stream, "auto_synchronize"):  # a numba.cuda stream

@@ -92,27 +92,27 @@ def gdn_state(rec, qk, xbc, g, beta, groups, slots, o, inter, step, stash_g, sta
 class NumbaTinyGatedDeltaNet(NumbaTinyMamba2):
     """The device side of a `TinyGatedDeltaNet`."""
 
-    def _chunk_mixer(self, layer, z, xbc, rec, plan, d_every):
+    def _chunk_mixer(self, layer, z, xbc, rec, plan, d_every, scratch):
         """The chunked delta rule over the prompt: ``(o [T, H*N], states after every checkpoint and T)``."""
         config, w = self.model.config, self.weights
         count, chunk = plan.tokens.shape[0], plan.chunk
         heads, dim, size, groups = rec.shape[1], rec.shape[2], rec.shape[3], config.n_groups
         chunks = -(-count // chunk)
-        g = cuda.device_array((count, heads), dtype=np.float32)
-        beta = cuda.device_array((count, heads), dtype=np.float32)
-        qk = cuda.device_array((count, 2 * groups * dim), dtype=np.float32)
-        cs = cuda.device_array((count, heads), dtype=np.float32)
-        inverse = cuda.device_array((chunks, heads, chunk, chunk), dtype=np.float32)
-        wk = cuda.device_array((count, heads, dim), dtype=np.float32)
-        u = cuda.device_array((count, heads, size), dtype=np.float32)
-        states = cuda.device_array((chunks + 1, heads, dim, size), dtype=np.float32)
-        written = cuda.device_array((count, heads, size), dtype=np.float32)
-        o = cuda.device_array((count, heads * size), dtype=np.float32)
-        after = cuda.device_array((d_every.shape[0], heads, dim, size), dtype=np.float32)
+        f32 = np.float32
+        g, beta = scratch.array("g", count, (heads,), f32), scratch.array("beta", count, (heads,), f32)
+        qk = scratch.array("qk", count, (2 * groups * dim,), f32)
+        cs = scratch.array("cs", count, (heads,), f32)
+        inverse = scratch.array("inverse", chunks, (heads, chunk, chunk), f32)
+        wk = scratch.array("wk", count, (heads, dim), f32)
+        u = scratch.array("u", count, (heads, size), f32)
+        states = scratch.array("states", chunks + 1, (heads, dim, size), f32)
+        written = scratch.array("written", count, (heads, size), f32)
+        o = scratch.array("o", count, (heads * size,), f32)
+        after = scratch.array("after", d_every.shape[0], (heads, dim, size), f32)
         grid, threads = _grid(count, max(heads, 2 * groups))
         gdn_gates[grid, threads](z, xbc, w["dt_bias"][layer], w["a"][layer], groups, dim, g, beta, qk)
         grid, threads = _grid(chunks, heads)
-        dt = cuda.device_array((count, heads), dtype=np.float32)  # the gates' softplus (not needed after)
+        dt = scratch.array("dt", count, (heads,), f32)  # the gates' softplus (not needed after)
         chunk_cumsum[grid, threads](z, config.conv_dim, w["dt_bias"][layer], w["a"][layer], chunk, dt, cs)
         grid, threads = _grid(chunks * heads, chunk)
         gdn_solve[grid, threads](qk, beta, cs, chunk, groups, inverse)

@@ -237,7 +237,9 @@ class TinyMamba2:
 
         Returns:
             ``[T, M]`` float32 layer-stack outputs of every prompt token (a host array for NumPy, a
-            device array for Numba).
+            device array for Numba: a buffer of the model's reused scratch, overwritten by its next
+            chunked prefill with the same chunk size on that device; it runs on ``cache.default_stream``
+            and allocates nothing after the first call of its size).
 
         Raises:
             ValueError / IndexError / TypeError: a bad argument (see
@@ -248,7 +250,7 @@ class TinyMamba2:
         )
         out = self._runner(cache)._prefill_chunked(cache, plan)
         if plan.store is not None and plan.positions.size:
-            plan.store.tracked_on(cache._stream(None))
+            plan.store.tracked_on(cache.default_stream)  # the chunked kernels run on it
         return out
 
     def decode_accepted(self, cache: Any, draft_tokens: Any, accept_lengths: Any, positions: Any = None) -> None:

@@ -35,6 +35,7 @@ from .chunked_kernels import (
     ssd_state_passing,
     store_states,
 )
+from .chunked_scratch import ChunkedScratch
 
 
 def _grid(rows: int, cols: int) -> tuple:
@@ -220,6 +221,7 @@ class NumbaTinyMamba2:
     def __init__(self, model) -> None:
         self.model = model
         self.weights = {name: cuda.to_device(np.ascontiguousarray(value)) for name, value in model.weights.items()}
+        self._scratch: dict = {}  # the chunked prefill's, per (device, chunk size)
 
     def _decode(self, cache, tokens: np.ndarray, slots: np.ndarray, step, positions=None, scratch=None, stash=None):
         # A tiny model launches tiny grids on purpose: Numba's low-occupancy warning says nothing here.
@@ -285,43 +287,54 @@ class NumbaTinyMamba2:
             self._decode(cache, np.ascontiguousarray(draft_tokens[:, t]), np.arange(active), t, start + t, scratch)
 
     def _prefill_chunked(self, cache, plan):
-        """The chunked prefill on device arrays (see ``TinyMamba2.prefill_chunked``); returns ``[T, M]`` outputs."""
+        """The chunked prefill on device arrays (see ``TinyMamba2.prefill_chunked``); returns ``[T, M]`` outputs.
+
+        Its working arrays and inputs live in a [`ChunkedScratch`][mamba_cache.models.chunked_scratch.ChunkedScratch]
+        per device and chunk size: a call after the first of its size allocates nothing and copies only
+        the inputs that changed (asynchronously, on the manager's ``default_stream``, which the kernels
+        run on). The returned outputs are that scratch's buffer: read them before the next chunked
+        prefill of this model with the same chunk size on the device.
+        """
+        key = (cache.device_id, plan.chunk)
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            scratch = self._scratch[key] = ChunkedScratch(cache.default_stream)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Grid size .* will likely result in GPU under-utilization")
-            return self._prefill_layers(cache, plan)
+            return self._prefill_layers(cache, plan, scratch)
 
-    def _prefill_layers(self, cache, plan):
+    def _prefill_layers(self, cache, plan, scratch):
         config, w = self.model.config, self.weights
         count, channels = plan.tokens.shape[0], config.conv_dim
         width = self.weights["out_proj"].shape[1]
         seed_lo, seed_hi = config.rounding_seed & 0xFFFFFFFF, config.rounding_seed >> 32
         conv_host = store_formats(config, config.conv_state_dtype, config.intermediate_conv_state_dtype)
-        conv_fmt = cuda.to_device(conv_host)
-        rec_fmt = cuda.to_device(
-            store_formats(config, config.recurrent_state_dtype, config.intermediate_recurrent_state_dtype)
+        conv_fmt = scratch.input("conv_fmt", conv_host)
+        rec_fmt = scratch.input(
+            "rec_fmt", store_formats(config, config.recurrent_state_dtype, config.intermediate_recurrent_state_dtype)
         )
         n = plan.positions.shape[0]
         every = np.append(plan.positions, count).astype(np.int32)  # the checkpoints, then the final state
-        d_every = cuda.to_device(every)
-        d_targets = cuda.to_device(np.append(plan.targets, plan.slot).astype(np.int32))
-        hidden = cuda.device_array((count, width), dtype=np.float32)
-        normed = cuda.device_array((count, width), dtype=np.float32)
-        z = cuda.device_array((count, w["in_proj"].shape[2]), dtype=np.float32)
-        xbc = cuda.device_array((count, channels), dtype=np.float32)
+        d_every = scratch.input("every", every)
+        d_targets = scratch.input("targets", np.append(plan.targets, plan.slot).astype(np.int32))
+        hidden = scratch.array("hidden", count, (width,), np.float32)
+        normed = scratch.array("normed", count, (width,), np.float32)
+        z = scratch.array("z", count, (w["in_proj"].shape[2],), np.float32)
+        xbc = scratch.array("xbc", count, (channels,), np.float32)
         grid, threads = _grid(count, width)
-        embed[grid, threads](cuda.to_device(plan.tokens), w["embedding"], hidden)
+        embed[grid, threads](scratch.input("tokens", plan.tokens), w["embedding"], hidden)
         for layer in range(config.num_recurrent_layers):
             rmsnorm[-(-count // 32), 32](hidden, normed)
             grid, threads = _grid(count, z.shape[1])
             matvec[grid, threads](normed, w["in_proj"][layer], z, False)
             rec, conv = cache.get_recurrent_state(layer), cache.get_conv_state(layer)
-            columns = cuda.device_array((count, channels), dtype=conv.dtype)
+            columns = scratch.array("columns", count, (channels,), conv.dtype)
             grid, threads = _grid(count, channels)
             conv_columns[grid, threads](z, columns, config.conv_kernel, plan.start, conv_fmt, layer, seed_lo, seed_hi)
             conv_chunk[grid, threads](
                 conv, columns, w["conv_weight"][layer], w["conv_bias"][layer], plan.slot, xbc, int(conv_host[3])
             )
-            out, after = self._chunk_mixer(layer, z, xbc, rec, plan, d_every)  # [T, width], [n + 1, H, D, N]
+            out, after = self._chunk_mixer(layer, z, xbc, rec, plan, d_every, scratch)  # [T, width], [n + 1, H, D, N]
             grid, threads = _grid(count, width)
             matvec[grid, threads](out, w["out_proj"][layer], hidden, True)
             pools = (rec, conv) if plan.store is None else tuple(pool[layer] for pool in plan.entry_pools)
@@ -346,18 +359,18 @@ class NumbaTinyMamba2:
                 conv_windows_store[grid, threads](conv, plan.slot, columns, d_every[rows], d_targets[rows], dst_conv)
         return hidden
 
-    def _chunk_mixer(self, layer, z, xbc, rec, plan, d_every):
+    def _chunk_mixer(self, layer, z, xbc, rec, plan, d_every, scratch):
         """Mamba2's SSD over the prompt: ``(y [T, H*D], states after every checkpoint and T [n + 1, H, D, N])``."""
         config, w = self.model.config, self.weights
         count, chunk = plan.tokens.shape[0], plan.chunk
         heads, dim, size = rec.shape[1], rec.shape[2], rec.shape[3]
         chunks = -(-count // chunk)
-        dt = cuda.device_array((count, heads), dtype=np.float32)
-        cs = cuda.device_array((count, heads), dtype=np.float32)
-        local = cuda.device_array((chunks, heads, dim, size), dtype=np.float32)
-        states = cuda.device_array((chunks + 1, heads, dim, size), dtype=np.float32)
-        y = cuda.device_array((count, heads * dim), dtype=np.float32)
-        after = cuda.device_array((d_every.shape[0], heads, dim, size), dtype=np.float32)
+        f32 = np.float32
+        dt, cs = scratch.array("dt", count, (heads,), f32), scratch.array("cs", count, (heads,), f32)
+        local = scratch.array("local", chunks, (heads, dim, size), f32)
+        states = scratch.array("states", chunks + 1, (heads, dim, size), f32)
+        y = scratch.array("y", count, (heads * dim,), f32)
+        after = scratch.array("after", d_every.shape[0], (heads, dim, size), f32)
         bits16 = int(config.recurrent_state_dtype.name == "bfloat16")
         grid, threads = _grid(chunks, heads)
         chunk_cumsum[grid, threads](z, config.conv_dim, w["dt_bias"][layer], w["a"][layer], chunk, dt, cs)

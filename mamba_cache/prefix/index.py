@@ -49,14 +49,26 @@ class KeyIndex:
             return
         base, rest, check = tail
         lengths = self._tails[base]
-        checks = lengths[rest]
+        checks = next(c for width, c in lengths if width == 4 * rest)
         checks[check] -= 1
         if not checks[check]:
             del checks[check]
             if not checks:
-                del lengths[rest]
-                if not lengths:
+                left = tuple(pair for pair in lengths if pair[1] is not checks)
+                if left:
+                    self._tails[base] = left
+                else:
                     del self._tails[base]
+
+    def _add_tail(self, tail: tuple) -> None:
+        """Count an off-grid key ``(d_q, r, check)`` in the index of its block digest (lengths longest first)."""
+        base, rest, check = tail
+        lengths = self._tails.get(base, ())
+        checks = next((c for width, c in lengths if width == 4 * rest), None)
+        if checks is None:
+            checks = {}
+            self._tails[base] = tuple(sorted((*lengths, (4 * rest, checks)), key=lambda pair: -pair[0]))
+        checks[check] = checks.get(check, 0) + 1
 
     def _unlink(self, entry: int) -> None:
         """An evicted entry's children inherit its ancestor (their replay grows by its own)."""
@@ -104,9 +116,12 @@ class KeyIndex:
         self.stats.rejected_inserts += 1
         return False
 
-    def _publish(self, entry: int, key: bytes, data: np.ndarray, tail: tuple | None) -> PrefixHandle:
+    def _publish(
+        self, entry: int, key: bytes, data: np.ndarray, tail: tuple | None, kind: str | None = None
+    ) -> PrefixHandle:
         length = data.shape[0]
         self._keys[entry] = key
+        self._kinds[entry] = kind
         self._lengths[entry] = length
         self._facts.lengths[entry] = length
         self._generations[entry] += 1
@@ -115,8 +130,7 @@ class KeyIndex:
         self._tick(entry)
         if tail is not None:
             self._tail_of[key] = tail
-            checks = self._tails.setdefault(tail[0], {}).setdefault(tail[1], {})
-            checks[tail[2]] = checks.get(tail[2], 0) + 1
+            self._add_tail(tail)
         if self.policy.needs_ancestors:
             ancestor = self._longest(data, length - 1, device_only=True)
             parent = -1 if ancestor is None else ancestor.entry
@@ -181,17 +195,17 @@ class KeyIndex:
         blocks = max(0, limit) // bs
         chain = digest_chain(data, bs, self._root, blocks) if blocks else []
         tails, lookup = self._tails, (self._device_lookup if device_only else self._lookup)
+        raw = data.tobytes() if tails else b""  # one copy of the prompt; a tail's bytes are a slice of it
+        end, step = 4 * limit, 4 * bs  # in bytes
         for q in range(blocks, -1, -1):  # at each q: its tails (longer first), then its block key
             base = chain[q - 1] if q else self._root
             lengths = tails.get(base) if tails else None
             if lengths:
-                at = q * bs
-                for rest in sorted(lengths, reverse=True):
-                    if at + rest <= limit:
-                        piece = data[at : at + rest]
-                        if hash(piece.tobytes()) not in lengths[rest]:
-                            continue  # no stored tail of this length has these tokens
-                        handle = lookup(tail_digest(base, piece))
+                start = q * step
+                for width, checks in lengths:
+                    # a check is a 64-bit hash of a stored tail's bytes: none equal, no stored tail can match
+                    if start + width <= end and hash(raw[start : start + width]) in checks:
+                        handle = lookup(tail_digest(base, data[q * bs : (start + width) // 4]))
                         if handle is not None:
                             return handle
             if q:
@@ -199,6 +213,23 @@ class KeyIndex:
                 if handle is not None:
                     return handle
         return None
+
+    def _superseded(self, data: np.ndarray, keep: set | frozenset) -> int | None:
+        """The device entry a new checkpoint after ``data`` supersedes, for a policy that ``drops_superseded``.
+
+        Its nearest cached ancestor, when the new checkpoint is about to be its one cached extension,
+        unless pinned, in ``keep``, or inserted as a branch point (a prefix two requests shared, whose
+        other extensions may still come); else None.
+        """
+        if not (self.policy.drops_superseded and self.policy.needs_ancestors):
+            return None
+        ancestor = self._longest(data, data.shape[0] - 1, device_only=True)
+        if ancestor is None:
+            return None
+        entry = ancestor.entry
+        if self._facts.children[entry] or self._kinds[entry] == "branch_point" or self._pins[entry] or entry in keep:
+            return None
+        return entry
 
     def _device_lookup(self, key: bytes) -> PrefixHandle | None:
         """A device entry's handle for ``key`` (recency untouched), or None."""

@@ -21,6 +21,12 @@ Policies, by name:
   ancestor) is evicted only when nothing else can be. Ours, stated: an entry with exactly one cached
   extension is superseded by it (every request that would hit it and goes on along the chain hits
   the longer one: a chat's earlier turn once the next turn is cached) and goes before any other.
+  With ``at_once`` (the default), a full store drops it the moment it is superseded: a new
+  checkpoint whose nearest cached ancestor has no other cached extension takes that ancestor's
+  entry (unless it is pinned, or was inserted as a ``branch_point``: a prefix two requests shared,
+  whose other extensions are yet to come), instead of evicting another entry now and the
+  superseded one at the next insert (which cost a live entry per insert: on a chat at block size
+  528 with 11 entries for 16 open conversations, 1.42x the baseline's hit tokens without it).
   Admission: only checkpoints that can be reused: a checkpoint a placement offers as a plain block
   boundary (kind ``"block"``) is admitted only where the store has seen a second request pass that
   boundary; ends of prompts and requests, branch points and direct inserts (no kind) are admitted.
@@ -51,11 +57,15 @@ class Policy:
         needs_ancestors: the store must find each new entry's nearest cached ancestor.
         needs_sharing: the store must keep a radix view of the requests it matched (to tell a
             block boundary a second request passed from one only this request reached).
+        drops_superseded: in a full store, a new checkpoint takes the entry of its nearest cached
+            ancestor when that ancestor has no other cached extension (``victim`` is not asked; only
+            with ``needs_ancestors``, which counts the extensions).
     """
 
     name = "policy"
     needs_ancestors = False
     needs_sharing = False
+    drops_superseded = False
 
     def admit(self, length: int, kind: str | None, shared: bool) -> bool:
         """Whether a checkpoint after ``length`` tokens, offered as ``kind``, may take an entry."""
@@ -118,6 +128,8 @@ class FlopAware(Policy):
             (vectorised over an int64 array); default ``n`` itself (cost linear in the prefix).
         alpha: weight of the FLOP efficiency against recency (Marconi tunes it per workload; 1.0).
         entry_bytes: bytes one entry holds (scales the efficiency; every entry holds the same).
+        at_once: a full store drops a superseded entry the moment it is superseded (its one cached
+            extension takes its entry); False: it goes at the next eviction, as the first victim.
     """
 
     name = "flop_aware"
@@ -125,13 +137,18 @@ class FlopAware(Policy):
     needs_ancestors = True
 
     def __init__(
-        self, flops: Callable[[np.ndarray], np.ndarray] | None = None, alpha: float = 1.0, entry_bytes: int = 1
+        self,
+        flops: Callable[[np.ndarray], np.ndarray] | None = None,
+        alpha: float = 1.0,
+        entry_bytes: int = 1,
+        at_once: bool = True,
     ):
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.flops = flops or (lambda n: n.astype(np.float64))
         self.alpha = float(alpha)
         self.entry_bytes = max(1, int(entry_bytes))
+        self.drops_superseded = bool(at_once)
 
     def admit(self, length: int, kind: str | None, shared: bool) -> bool:
         """Refuse a plain block boundary (kind ``block``) no second request has passed."""
@@ -149,7 +166,7 @@ class FlopAware(Policy):
         return _lowest(candidates, score)
 
     def __repr__(self) -> str:
-        return f"FlopAware(alpha={self.alpha})"
+        return f"FlopAware(alpha={self.alpha}, at_once={self.drops_superseded})"
 
 
 class SegLen(Policy):

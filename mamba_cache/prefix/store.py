@@ -170,12 +170,13 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._clock = 0
         self._parent = [-1] * entries  # seglen: the nearest cached ancestor entry on the device
         self._children: dict[int, set] = {}
-        # off-grid keys: block digest d_q -> {tail length r: {check of the tail: entries (either tier)}},
-        # the check a 64-bit hash of the tail's bytes that spares match the digest of a tail that differs
-        self._tails: dict[bytes, dict[int, dict[int, int]]] = {}
+        # off-grid keys: block digest d_q -> ((tail bytes 4 r, {check of the tail: entries (either tier)}), ...),
+        # longest first; the check, a 64-bit hash of the tail's bytes, spares match the digest of a tail that differs
+        self._tails: dict[bytes, tuple[tuple[int, dict[int, int]], ...]] = {}
         self._tail_of: dict[bytes, tuple[bytes, int, int]] = {}
         self._closed = False
         self._keys: list[bytes | None] = [None] * entries
+        self._kinds: list[str | None] = [None] * entries  # the kind each entry was inserted as
         self._lengths = [0] * entries
         self._generations = [0] * entries
         self._pins = [0] * entries
@@ -297,11 +298,19 @@ class PrefixStateCache(KeyIndex, EntryStore):
     def _handle(self, entry: int) -> PrefixHandle:
         return PrefixHandle(entry, self._generations[entry], self._lengths[entry])
 
-    def _take_entry(self, stream: Any, keep: set | frozenset = frozenset()) -> int | None:
-        """A free entry, else the policy's victim among the unpinned published ones (evicted), else None."""
+    def _take_entry(self, stream: Any, keep: set | frozenset = frozenset(), data: Any = None) -> int | None:
+        """A free entry, else the policy's victim among the unpinned published ones (evicted), else None.
+
+        ``data``: the tokens of the checkpoint the entry is for (None: not known yet, a reservation);
+        a policy that ``drops_superseded`` then takes the entry it supersedes (``_superseded``).
+        """
         if self._free:
             return self._free.pop()
         pins = self._pins
+        entry = None if data is None else self._superseded(data, keep)
+        if entry is not None:
+            self._evict(entry, stream)
+            return entry
         candidates = (e for e in self._lru if not pins[e] and e not in keep)  # least recent first
         entry = self.policy.victim(candidates, self._facts)
         if entry is not None:
@@ -317,6 +326,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._unlink(entry)
         self._keys[entry] = None
         self._lengths[entry] = 0
+        self._kinds[entry] = None
         self._facts.lengths[entry] = 0
         self._generations[entry] += 1
         self.stats.evictions += 1
@@ -371,9 +381,12 @@ class PrefixStateCache(KeyIndex, EntryStore):
                 self._written[entry] = event
 
     def tracked_on(self, stream: Any) -> None:
-        """Called by a commit after it queued a tracking copy into this store on ``stream``."""
+        """Called by a commit (or a chunked prefill) after it queued a write into this store's entries on ``stream``.
+
+        ``stream``: as every call takes it (``None``: the manager's ``default_stream``).
+        """
         if self.host_entries:
-            self._tracked = self._recorded(self._tracked, stream)
+            self._tracked = self._recorded(self._tracked, self.manager._stream(stream))
 
     def _main(self) -> tuple:
         return self.manager._moving_pools()
@@ -511,7 +524,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             return present
         if not self._admit(data, kind):
             return None
-        entry = self._take_entry(resolved)
+        entry = self._take_entry(resolved, data=data)
         if entry is None:
             self.stats.dropped_inserts += 1
             return None
@@ -521,7 +534,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             self._free.append(entry)
             raise
         self._wrote([entry], resolved)
-        return self._publish(entry, key, data, tail)
+        return self._publish(entry, key, data, tail, kind)
 
     @_on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
@@ -535,7 +548,9 @@ class PrefixStateCache(KeyIndex, EntryStore):
             stream: the stream to copy on (ignored by the NumPy backend).
 
         Returns:
-            ``n`` handles (``None`` for dropped inserts and padding rows). A prefix given twice is copied once.
+            ``n`` handles (``None`` for dropped inserts and padding rows). A prefix given twice is copied once;
+            a prefix already present (either tier) is never evicted or dropped by the batch's own
+            inserts, so every handle returned is live.
 
         Raises:
             TypeError / ValueError / IndexError: as [`insert`][mamba_cache.prefix.PrefixStateCache.insert], for any
@@ -558,29 +573,36 @@ class PrefixStateCache(KeyIndex, EntryStore):
                 check_index(f"slots[{i}]", slot, batch)
         prefixes = [self._prefix(f"tokens[{i}]", t) for i, t in enumerate(tokens)]
         handles: list = [None] * len(prefixes)
-        src, dst, taken, planned = [], [], set(), {}
-        for i, (data, key, tail) in enumerate(prefixes):
-            if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
-                continue
-            if key in planned:
-                handles[i] = planned[key]
-                continue
-            present = self._lookup(key)
-            if present is not None:
-                if not present.host:
-                    taken.add(present.entry)
-                handles[i] = present
-                continue
-            entry = self._take_entry(resolved, keep=taken)
-            if entry is None:
-                self.stats.dropped_inserts += 1
-                continue
-            taken.add(entry)
-            planned[key] = entry
-            src.append(int(slots[i]))
-            dst.append(entry)
-            self._publish(entry, key, data, tail)
-            handles[i] = entry
+        src, dst, taken, planned, held = [], [], set(), {}, []
+        try:
+            for i, (data, key, tail) in enumerate(prefixes):
+                if slots[i] == pad_slot_id:  # padding: reads nothing, keys nothing
+                    continue
+                if key in planned:
+                    handles[i] = planned[key]
+                    continue
+                present = self._lookup(key)
+                if present is not None:
+                    if present.host:  # pinned for the batch: an offload of a later eviction must not drop it
+                        self._hpins[present.entry] += 1
+                        held.append(present.entry)
+                    else:
+                        taken.add(present.entry)
+                    handles[i] = present
+                    continue
+                entry = self._take_entry(resolved, keep=taken, data=data)
+                if entry is None:
+                    self.stats.dropped_inserts += 1
+                    continue
+                taken.add(entry)
+                planned[key] = entry
+                src.append(int(slots[i]))
+                dst.append(entry)
+                self._publish(entry, key, data, tail)
+                handles[i] = entry
+        finally:
+            for host in held:
+                self._hpins[host] -= 1
         if src:
             src_arg, _ = manager._int32_array("slots", np.array(src, dtype=np.int32), "[n]", resolved)
             dst_arg, _ = manager._int32_array("prefix_entries", np.array(dst, dtype=np.int32), "[n]", resolved)

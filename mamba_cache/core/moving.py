@@ -318,8 +318,9 @@ class MovingOperations:
         """Park the current state of some slots in the manager's host pool (preemption); the slots are unchanged.
 
         Each state is copied bit for bit (with an 8-bit cache's scales and residual; checkpoint
-        mode: the folded state, the ring untouched) on ``stream`` (asynchronous into pinned memory on the Numba backend); the slot may be reused
-        at once for another sequence on the same stream.
+        mode: the folded state, the ring untouched) on ``stream`` (asynchronous into pinned memory
+        on the Numba backend); the slot may be reused at once for another sequence on the same
+        stream.
 
         Args:
             slots: ``[n]`` int32 host ``numpy.ndarray``, each in ``[0, B)``; ``pad_slot_id`` rows

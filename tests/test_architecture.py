@@ -38,7 +38,7 @@ FLOORS = [
      "mamba_cache.core.numba_device",
      "mamba_cache.core.numba_checkpoint", "mamba_cache.core.numba_moving", "mamba_cache.core.numba_quant8",
      "mamba_cache.core.numpy_backend",
-     "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index"},
+     "mamba_cache.prefix", "mamba_cache.prefix.store", "mamba_cache.prefix.index", "mamba_cache.prefix.tracking"},
 ]  # fmt: skip
 
 

@@ -25,7 +25,6 @@ any copy is queued, and a refused call changes nothing.
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from typing import Any
 
@@ -40,28 +39,12 @@ from .keys import digest_chain, root_digest, tail_digest, token_array
 from .placement import RadixView, make_placement
 from .policy import EntryFacts, Policy, make_policy
 from .stats import BlockSizeGuard, PrefixStats
+from .tracking import TrackedEntries, on_manager_device
 
 __all__ = ["PrefixHandle", "PrefixStateCache", "PrefixStats"]
 
 
-def _on_manager_device(method: Any) -> Any:
-    """Run a store method that touches device memory with its manager's device current.
-
-    A store is used from engine threads and while another GPU's context is current, as its
-    manager is; the manager decides what "its device" means (nothing to do on the NumPy backend).
-    """
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        manager = self.__dict__.get("manager") or (args[0] if args else kwargs.get("manager"))
-        if not isinstance(manager, MambaCacheManagerBase):  # the constructor's own check says what is wrong
-            return method(self, *args, **kwargs)
-        return manager._run_on_device(method, self, *args, **kwargs)
-
-    return wrapper
-
-
-class PrefixStateCache(KeyIndex, EntryStore):
+class PrefixStateCache(TrackedEntries, KeyIndex, EntryStore):
     """``P`` checkpoints of whole-slot recurrent + conv state, keyed by token prefixes of any length.
 
     Args:
@@ -110,7 +93,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         >>> store.restore(handle, slot=1)            # slot 1 now continues from token 16
     """
 
-    @_on_manager_device
+    @on_manager_device
     def __init__(
         self,
         manager: MambaCacheManagerBase,
@@ -221,7 +204,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             f"{format_bytes(self.nbytes)})"
         )
 
-    @_on_manager_device
+    @on_manager_device
     def entry_state(self, entry: int) -> tuple[Any, Any]:
         """Views of one entry: (recurrent ``[L, H, D, N]``, conv ``[L, C, K]``), the backend's arrays."""
         self._check_open("entry_state")
@@ -241,12 +224,6 @@ class PrefixStateCache(KeyIndex, EntryStore):
         The live device (NumPy: host) arrays a tracking commit writes into; ``()`` once closed.
         """
         return self._pools
-
-    def check_tracking(self, manager: Any, what: str) -> None:
-        """Raise ``ValueError`` unless this store is open and belongs to ``manager`` (``what``: the calling commit)."""
-        self._check_open(what)
-        if manager is not self.manager:
-            raise ValueError(f"{what}: store belongs to another manager; nothing was changed")
 
     def _prefix(self, name: str, tokens: Any) -> tuple[np.ndarray, bytes, tuple | None]:
         """Check a prefix of any length >= 1; return (int32 tokens, its key, ``(d_q, r, check)`` if off the grid)."""
@@ -278,21 +255,6 @@ class PrefixStateCache(KeyIndex, EntryStore):
                 f"{handle.generation}, now {generations[entry]}); pin entries you hold across inserts"
             )
         return entry
-
-    def check_tracked_entries(self, entries: np.ndarray) -> None:
-        """NumPy reference: the tracking rows name distinct, reserved entries (``ValueError``)."""
-        values, counts = np.unique(entries, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(
-                f"track_entries must be distinct; entry {int(values[counts > 1][0])} is tracked by "
-                f"{int(counts.max())} rows; nothing was changed"
-            )
-        for entry in values.tolist():
-            if entry not in self._reserved:
-                raise ValueError(
-                    f"track_entries must name entries from reserve(); entry {entry} is not reserved; "
-                    "nothing was changed"
-                )
 
     # ------------------------------------------------------------ bookkeeping
     def _handle(self, entry: int) -> PrefixHandle:
@@ -380,18 +342,10 @@ class PrefixStateCache(KeyIndex, EntryStore):
             for entry in entries:
                 self._written[entry] = event
 
-    def tracked_on(self, stream: Any) -> None:
-        """Called by a commit (or a chunked prefill) after it queued a write into this store's entries on ``stream``.
-
-        ``stream``: as every call takes it (``None``: the manager's ``default_stream``).
-        """
-        if self.host_entries:
-            self._tracked = self._recorded(self._tracked, self.manager._stream(stream))
-
     def _main(self) -> tuple:
         return self.manager._moving_pools()
 
-    @_on_manager_device
+    @on_manager_device
     def restore(self, handle: PrefixHandle, slot: int, stream: Any = None) -> None:
         """Copy a matched entry into live slot ``slot`` (every layer, both kinds), one launch.
 
@@ -421,7 +375,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
             self._read[entry] = self._recorded(self._read[entry], resolved)
         self.manager._positions_restored(slot, [handle.length], resolved)  # checkpoint mode: p0, h = 0
 
-    @_on_manager_device
+    @on_manager_device
     def restore_many(self, handles: Any, slots: Any, stream: Any = None) -> None:
         """Restore ``handles[i]`` into slot ``slots[i]`` for every ``i``, in one launch.
 
@@ -485,7 +439,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         return f"prefix_entries_{id(self)}"  # this store's own staging buffer in the manager
 
     # ------------------------------------------------------------ insert
-    @_on_manager_device
+    @on_manager_device
     def insert(self, tokens: Any, slot: int, stream: Any = None, kind: str | None = None) -> PrefixHandle | None:
         """Record live slot ``slot``'s current state as the state after ``tokens``.
 
@@ -536,7 +490,7 @@ class PrefixStateCache(KeyIndex, EntryStore):
         self._wrote([entry], resolved)
         return self._publish(entry, key, data, tail, kind)
 
-    @_on_manager_device
+    @on_manager_device
     def insert_many(self, tokens: Any, slots: Any, stream: Any = None) -> list:
         """`insert` for ``n`` (prefix, slot) pairs, the copies in one launch.
 
@@ -638,76 +592,6 @@ class PrefixStateCache(KeyIndex, EntryStore):
         """Whether ``entry`` is pinned or reserved (so never evicted)."""
         entry = check_index("entry", entry, self.entries)
         return bool(self._pins[entry]) or entry in self._reserved
-
-    # ------------------------------------------------------------ tracking
-    @_on_manager_device
-    def reserve(self, stream: Any = None) -> int | None:
-        """Take an entry for a checkpoint tracked during speculative decoding (pinned, no key yet).
-
-        Pass it as ``track_entries[b]`` to ``scatter_mtp_states(..., store=self, ...)``; once the accepted lengths are
-        known call [`publish`][mamba_cache.prefix.PrefixStateCache.publish] (the row reached the boundary) or
-        [`release`][mamba_cache.prefix.PrefixStateCache.release].
-
-        Args:
-            stream: the stream of the commit that will fill the entry (an eviction's offload to the
-                host tier is queued on it; ignored by the NumPy backend).
-
-        Returns:
-            The entry index, or ``None`` when every entry is pinned (counted as a dropped insert).
-        """
-        self._check_open("reserve")
-        entry = self._take_entry(self.manager._stream(stream))
-        if entry is None:
-            self.stats.dropped_inserts += 1
-            return None
-        self._generations[entry] += 1
-        self._reserved.add(entry)
-        return entry
-
-    def _check_reserved(self, entry: Any) -> int:
-        entry = check_index("entry", entry, self.entries)
-        if entry not in self._reserved:
-            raise ValueError(f"entry {entry} is not reserved (reserve() it first); nothing was changed")
-        return entry
-
-    def publish(self, entry: int, tokens: Any) -> PrefixHandle:
-        """Key a reserved, filled entry with the prefix it holds the state after, and unpin it.
-
-        If that prefix is already cached elsewhere, the existing entry is refreshed and this one
-        released.
-
-        Args:
-            entry: from [`reserve`][mamba_cache.prefix.PrefixStateCache.reserve], filled by a tracking commit.
-            tokens: ``[n]`` host integer token ids, ``n >= 1``: the prefix up to the tracked position.
-
-        Returns:
-            The handle of the entry that now holds the prefix.
-
-        Raises:
-            ValueError: ``entry`` is not reserved, or ``tokens`` is empty.
-            IndexError / TypeError: ``entry`` out of range / not an integer.
-        """
-        self._check_open("publish")
-        entry = self._check_reserved(entry)
-        data, key, tail = self._prefix("tokens", tokens)
-        self._reserved.discard(entry)
-        existing = self._lookup(key)
-        if existing is not None:
-            self._free.append(entry)
-            return existing
-        return self._publish(entry, key, data, tail)
-
-    def release(self, entry: int) -> None:
-        """Return a reserved entry that tracked nothing (its row stopped before the boundary).
-
-        Raises:
-            ValueError: ``entry`` is not reserved. IndexError / TypeError: out of range / not an integer.
-        """
-        self._check_open("release")
-        entry = self._check_reserved(entry)
-        self._reserved.discard(entry)
-        self._generations[entry] += 1
-        self._free.append(entry)
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:

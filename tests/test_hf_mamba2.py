@@ -73,11 +73,11 @@ def test_8bit_pools_under_the_model(rng):
 
 def test_8bit_study_at_tiny_size(rng):
     example = load_example(QUANT8_EXAMPLE)
-    names = ("float32", "bfloat16 nearest", "e4m3 stochastic", "int8 nearest", "int8 nearest + error feedback")
+    names = ("float32", "bfloat16 nearest", "e4m3 stochastic", "int8 nearest + error feedback")
     result = example.study(
-        steps=6,
+        steps=4,
         batch=2,
-        prompt_len=3,
+        prompt_len=2,
         seed=int(rng.integers(2**31)),
         runs={name: example.RUNS[name] for name in names},
         config=example.study_config(layers=1, heads=2, head_dim=8, state=16),
@@ -85,7 +85,6 @@ def test_8bit_study_at_tiny_size(rng):
     runs = result["runs"]
     assert runs["float32"]["state_error_mean"] == 0.0 and runs["float32"]["teacher_forced_agreement"] == 1.0
     bf16 = runs["bfloat16 nearest"]["state_error_mean"]
-    for name in names[2:]:
+    for name in names[2:]:  # an 8-bit pool costs more than a bfloat16 one, and far less than the state
         assert bf16 < runs[name]["state_error_mean"] < 0.5, name
         assert len(runs[name]["first_divergence"]) == 2
-    assert runs["int8 nearest + error feedback"]["state_error_mean"] != runs["int8 nearest"]["state_error_mean"]

@@ -69,19 +69,19 @@ def as_torch(array):
     return torch.as_tensor(array, device="cuda")
 
 
-def tiny_config(vocab_size: int = 64):
-    """A small ``Mamba2Config``: 2 layers, 4 heads of 8, state 8, one B/C group, conv kernel 4."""
+def tiny_config(vocab_size: int = 64, layers: int = 2, heads: int = 4, head_dim: int = 8, state: int = 8):
+    """A small ``Mamba2Config``: by default 2 layers, 4 heads of 8, state 8; one B/C group, conv kernel 4."""
     from transformers import Mamba2Config
 
     return Mamba2Config(
         vocab_size=vocab_size,
-        hidden_size=16,
-        expand=2,  # intermediate_size 32 = num_heads * head_dim
-        num_heads=4,
-        head_dim=8,
-        state_size=8,
+        hidden_size=heads * head_dim // 2,
+        expand=2,  # intermediate_size = num_heads * head_dim
+        num_heads=heads,
+        head_dim=head_dim,
+        state_size=state,
         n_groups=1,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         conv_kernel=4,
         chunk_size=16,
         pad_token_id=0,
@@ -125,6 +125,12 @@ def pooled_hf_cache(model, manager):
     layers = manager.get_config().num_recurrent_layers
     conv = [as_torch(manager.get_conv_state(i)) for i in range(layers)]
     rec = [as_torch(manager.get_recurrent_state(i)) for i in range(layers)]
+    return hf_cache_over(model, conv, rec), conv, rec
+
+
+def hf_cache_over(model, conv, rec):
+    """The model's own cache object holding per-layer tensors: conv ``[B, C, K]``, recurrent ``[B, H, D, N]``."""
+    layers = len(conv)
     if _transformers_v5():
         from transformers import DynamicCache
 
@@ -134,8 +140,8 @@ def pooled_hf_cache(model, manager):
             layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
             layer.conv_kernel_size[0] = conv[i].shape[-1]
             layer.dtype, layer.device = conv[i].dtype, conv[i].device
-        return hf_cache, conv, rec
-    return _pooled_mamba2_cache_v4(model, conv, rec), conv, rec
+        return hf_cache
+    return _pooled_mamba2_cache_v4(model, conv, rec)
 
 
 def _pooled_mamba2_cache_v4(model, conv, rec):

@@ -18,17 +18,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mamba_cache.demo
 
-# Every test file, two workers; the cases marked `slow` (long only on the CUDA simulator, or long runs) are
-# left to `make test-long`. About 4 minutes on an idle 2-core machine without a GPU (README).
+# Every test file, three workers; the cases marked `slow` (long only on the CUDA simulator, or long runs) are
+# left to `make test-long`. Three workers on two cores: a simulated kernel's threads spend much of their time
+# waiting on each other (and the docs tests on subprocesses), so two workers left the cores idle about 30% of
+# the time (5 min 2 s with two, 3 min 51 s with three on an idle 2-core machine; docs/development.md).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow"
+	$(PY) -m pytest -n 3 -m "not slow"
 
 lint: $(STAMP)  # ruff with the settings in pyproject.toml: lint rules and formatting
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test-long: $(STAMP)  # what `make test` leaves out: the `slow` cases, then the property tests (both backends; the prefix store's model) with 2000 examples
-	$(PY) -m pytest -n 2 -m slow
+	$(PY) -m pytest -n 3 -m slow
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest tests/test_properties.py tests/test_prefix_properties.py --hypothesis-show-statistics
 
 sanitize: $(STAMP)  # GPU only: kernel tests under compute-sanitizer memcheck

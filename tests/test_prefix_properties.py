@@ -168,9 +168,10 @@ class Model:
     def insert_many(self, batch):
         """The instance each item's handle names (None: dropped); the batch's device entries are not evicted by it.
 
-        A host-tier hit is not protected: a later item's offload may push it out (its handle is then stale).
+        A host-tier hit is pinned for the rest of the batch, so no later item's offload pushes it out:
+        every handle returned is live.
         """
-        keep, planned, out = set(), set(), []
+        keep, planned, out, held = set(), set(), [], []
         for prefix in batch:
             if prefix in planned:
                 pass
@@ -178,11 +179,16 @@ class Model:
                 self.refresh(prefix)
                 if prefix in self.lru:
                     keep.add(prefix)
+                else:
+                    self.pins[prefix] += 1
+                    held.append(prefix)
             elif self.take(keep):
                 self.add(prefix)
                 keep.add(prefix)
                 planned.add(prefix)
             out.append(self.instance(prefix))
+        for prefix in held:
+            self.pins[prefix] -= 1
         return out
 
     def reserve(self):
@@ -293,10 +299,8 @@ def test_store_follows_the_model(entries, host_entries, ops):
             handles = store.insert_many([list(p) for p in batch], np.arange(len(batch), dtype=np.int32))
             for prefix, want, handle in zip(batch, model.insert_many(batch), handles, strict=True):
                 assert (handle is None) == (want is None), (batch, handles)
-                if want is not None and model.instance(prefix) == want:
-                    assert handle == current(store, prefix), (batch, handles)
-                elif want is not None:  # a host hit pushed out by a later item's offload: stale
-                    assert not model.cached(prefix) or handle != current(store, prefix), (batch, handles)
+                if want is not None:  # every handle returned is live (a host hit was held for the batch)
+                    assert model.instance(prefix) == want and handle == current(store, prefix), (batch, handles)
         elif kind == "match":
             seq, max_tokens, slot = list(model.pick(op[1])) + op[2], op[3], op[4]
             handle = store.match(seq, max_tokens)
